@@ -1,0 +1,166 @@
+"""Helpers that two or more stages share: parameters, atomic output files, JSON/JSONL, logging.
+
+Nothing here knows about a particular stage. Paths come from dvc.yaml as command-line arguments;
+parameters come from the stage's own section of params.yaml.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+
+class PipelineError(Exception):
+    """A problem the user can fix (bad input file, bad parameter). Printed without a traceback."""
+
+
+def get_logger(name: str) -> logging.Logger:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr
+    )
+    return logging.getLogger(name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters
+
+
+def load_params(stage: str, params_file: str | os.PathLike | None = None) -> dict:
+    """Return the `stage:` section of params.yaml.
+
+    Inside a DVC run this goes through `dvc.api.params_show(stages=stage)`, which returns only what
+    the stage declares in dvc.yaml, so a parameter the stage reads but does not declare fails loudly.
+    With an explicit `params_file` (tests, benchmarks) the YAML file is read directly.
+    """
+    if params_file is None:
+        import dvc.api
+
+        try:
+            params = dvc.api.params_show(stages=stage)
+        except Exception as exc:  # dvc raises many types; the message is what matters
+            raise PipelineError(f"could not read the parameters of stage '{stage}': {exc}") from exc
+    else:
+        import yaml
+
+        path = Path(params_file)
+        try:
+            params = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise PipelineError(f"{path}: parameters file not found") from None
+        except yaml.YAMLError as exc:
+            raise PipelineError(f"{path}: not valid YAML: {exc}") from None
+    if stage not in params:
+        raise PipelineError(f"params.yaml has no '{stage}:' section")
+    return params[stage]
+
+
+def check_params(section: dict, defaults: dict, stage: str) -> dict:
+    """Validate a params section against the stage's defaults: unknown keys and wrong types are errors.
+
+    Returns defaults updated with the section. A default of None accepts any type.
+    """
+    if not isinstance(section, dict):
+        raise PipelineError(f"params.yaml '{stage}:' must be a mapping, got {type(section).__name__}")
+    unknown = sorted(set(section) - set(defaults))
+    if unknown:
+        import difflib
+
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, defaults, n=1)
+            hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        raise PipelineError(
+            f"params.yaml '{stage}:' has unknown key(s) {', '.join(hints)}; known keys: {', '.join(sorted(defaults))}"
+        )
+    merged = dict(defaults)
+    for key, value in section.items():
+        default = defaults[key]
+        if default is not None and value is not None and not _same_kind(value, default):
+            raise PipelineError(
+                f"params.yaml '{stage}.{key}' should be {type(default).__name__} like {default!r}, "
+                f"got {type(value).__name__} {value!r}"
+            )
+        merged[key] = value
+    return merged
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(default))
+
+
+# ----------------------------------------------------------------------------------------------
+# Output files: written to a temporary file in the same directory, then renamed, so a stage killed
+# half-way never leaves a partial file that DVC or the user could take for a good one.
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_text(path, json.dumps(obj, ensure_ascii=False, indent=2, sort_keys=False) + "\n")
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
+    n = 0
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False))
+            f.write("\n")
+            n += 1
+    return n
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Read a JSONL file; a bad line is an error naming the file and line."""
+    rows = []
+    path = Path(path)
+    try:
+        f = open(path, encoding="utf-8")
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: file not found") from None
+    with f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise PipelineError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+    return rows
+
+
+def run_main(main, argv=None) -> None:
+    """Run a stage's main(); a PipelineError prints as one clear line and exits 1, no traceback."""
+    try:
+        main(argv)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -1,0 +1,155 @@
+"""Format: turn each split's pairs into chat conversations for fine-tuning and evaluation.
+
+Inputs:  data/split/{train,valid,test}.parquet (schema in stages/ingest.py)
+Outputs: data/format/{train,valid,test}.jsonl, one object a line:
+           {"id", "book", "chapter", "line", "source", "target",
+            "messages": [{"role": "system", "content": system_prompt}      (only if system_prompt is set)
+                         {"role": "user", "content": [context_template] + user_template},
+                         {"role": "assistant", "content": target}]}
+         train fine-tunes on messages; evaluate prompts with messages[:-1] and scores against `target`.
+         reports/data/format.json: rows per split, mean prompt length, with-context counts, an example.
+Run:     python -m stages.format --split-dir data/split --out data/format --report reports/data/format.json
+         (what `dvc repro format` runs; tests add --params FILE)
+
+With context_sentences N > 0 the user message starts with context_template.format(context=...), the N
+classical sentences just before this one in the same chapter and the same split (in line order, joined
+without a separator, as Chinese text is), when there are any.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+from pathlib import Path
+
+from stages.common import PipelineError, check_params, get_logger, load_params, run_main, write_json, write_jsonl
+
+log = get_logger("format")
+
+DEFAULTS = {
+    "system_prompt": "",
+    "user_template": "{classical}",
+    "context_sentences": 0,
+    "context_template": "上文：{context}\n",
+}
+SPLITS = ("train", "valid", "test")
+COLUMNS = ("id", "corpus", "book", "chapter", "line", "source", "target")
+
+
+def check_templates(params: dict) -> None:
+    """Each template must format with exactly its one field, so a typo fails before any work."""
+    for key, field in (("user_template", "classical"), ("context_template", "context")):
+        template = params[key]
+        if key == "context_template" and params["context_sentences"] == 0:
+            continue
+        if "{" + field + "}" not in template:
+            raise PipelineError(f"params.yaml 'format.{key}' should contain {{{field}}}, got {template!r}")
+        try:
+            template.format(**{field: "x"})
+        except (KeyError, IndexError, ValueError) as exc:
+            raise PipelineError(
+                f"params.yaml 'format.{key}' {template!r} does not format with only {{{field}}} ({exc!r}); "
+                f"write literal braces as {{{{ and }}}}"
+            ) from None
+    if params["context_sentences"] < 0:
+        raise PipelineError(f"params.yaml 'format.context_sentences' should be >= 0, got {params['context_sentences']}")
+
+
+def build_messages(source: str, target: str, context: list[str], params: dict) -> list[dict]:
+    user = params["user_template"].format(classical=source)
+    if context:
+        user = params["context_template"].format(context="".join(context)) + user
+    messages = [{"role": "system", "content": params["system_prompt"]}] if params["system_prompt"] else []
+    messages.append({"role": "user", "content": user})
+    messages.append({"role": "assistant", "content": target})
+    return messages
+
+
+def format_rows(df, params: dict, stats: dict | None = None):
+    """Yield one JSONL object per row of df, in (corpus, book, chapter, line) order; stats gets sums."""
+    stats = {} if stats is None else stats
+    for key in ("prompt_chars", "user_chars", "target_chars", "with_context"):
+        stats.setdefault(key, 0)
+    n = params["context_sentences"]
+    df = df.sort_values(["corpus", "book", "chapter", "line"], kind="stable")
+    previous: collections.deque = collections.deque(maxlen=max(n, 1))
+    last_chapter = None
+    for id_, corpus, book, chapter, line, source, target in zip(
+        *(df[c].tolist() for c in ("id", "corpus", "book", "chapter", "line", "source", "target"))
+    ):
+        if n:
+            if (corpus, book, chapter) != last_chapter:
+                previous.clear()
+                last_chapter = (corpus, book, chapter)
+            context = list(previous)
+            previous.append(source)
+        else:
+            context = []
+        messages = build_messages(source, target, context, params)
+        stats["prompt_chars"] += sum(len(m["content"]) for m in messages[:-1])
+        stats["user_chars"] += len(messages[-2]["content"])
+        stats["target_chars"] += len(target)
+        stats["with_context"] += bool(context)
+        row = {"id": id_, "book": book, "chapter": chapter, "line": line, "source": source, "target": target, "messages": messages}
+        if "example" not in stats and (context or not n):
+            stats["example"] = row  # the first row, or with context_sentences the first that has context
+        yield row
+
+
+def read_split(path: Path):
+    import pandas as pd
+
+    try:
+        df = pd.read_parquet(path)
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: not found; run the split stage first (dvc repro split)") from None
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise PipelineError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(COLUMNS)}")
+    return df
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--split-dir", required=True, help="directory with train/valid/test.parquet")
+    parser.add_argument("--out", required=True, help="directory for train/valid/test.jsonl")
+    parser.add_argument("--report", required=True, help="JSON report to write")
+    parser.add_argument("--params", default=None, help="params.yaml to read instead of DVC's (tests, benchmarks)")
+    args = parser.parse_args(argv)
+
+    params = check_params(load_params("format", args.params), DEFAULTS, "format")
+    check_templates(params)
+    from tqdm import tqdm
+
+    frames = {s: read_split(Path(args.split_dir) / f"{s}.parquet") for s in SPLITS}
+    report = {}
+    example = None
+    for s in SPLITS:
+        stats: dict = {}
+        rows = tqdm(format_rows(frames[s], params, stats), total=len(frames[s]), desc=f"format {s}", unit="row", disable=None)
+        n = write_jsonl(Path(args.out) / f"{s}.jsonl", rows)
+        example = example or stats.get("example")
+        report[s] = {
+            "rows": n,
+            "mean_prompt_chars": round(stats["prompt_chars"] / n, 2) if n else 0,
+            "mean_user_chars": round(stats["user_chars"] / n, 2) if n else 0,
+            "mean_target_chars": round(stats["target_chars"] / n, 2) if n else 0,
+            "with_context": stats["with_context"],
+        }
+        log.info(
+            "%s: %s rows, mean prompt %s chars (system + user), %s with context",
+            s, f"{n:,}", report[s]["mean_prompt_chars"], f"{stats['with_context']:,}",
+        )
+    write_json(
+        args.report,
+        {
+            "rows": {s: r["rows"] for s, r in report.items()},
+            "splits": report,
+            "params": params,
+            "example": example,
+        },
+    )
+
+
+if __name__ == "__main__":
+    run_main(main)

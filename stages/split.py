@@ -1,0 +1,172 @@
+"""Split: assign whole chapters to train / valid / test, then drop from train and valid every pair whose
+classical sentence also appears in test.
+
+Inputs:  data/clean/pairs.parquet (schema in stages/ingest.py)
+Outputs: data/split/train.parquet, valid.parquet, test.parquet (same schema, rows in input order),
+         reports/data/split.json (pairs and chapters per split and per book, leakage dropped)
+Run:     python -m stages.split --pairs data/clean/pairs.parquet --out data/split --report reports/data/split.json
+         (what `dvc repro split` runs; tests add --params FILE)
+
+A chapter ("<corpus>/<book>/<chapter>") never spans two splits. Its split comes from
+sha256("<seed>:<chapter id>") read as a number u in [0, 1): u < test_fraction -> test, u < test_fraction +
+valid_fraction -> valid, else train. Each chapter's draw depends only on its own id and the seed, so
+adding or removing a book never moves another book's chapters. Books in split.test_books go to test whole.
+The fractions are of chapters, not of pairs; chapters vary in size, so the pair shares vary around them.
+
+Leakage check: a classical sentence is compared after dropping everything but letters and digits
+(punctuation, spaces); train/valid pairs whose sentence occurs in test are dropped, and counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import re
+from pathlib import Path
+
+from stages.common import PipelineError, atomic_path, check_params, get_logger, load_params, run_main, write_json
+
+log = get_logger("split")
+
+DEFAULTS = {
+    "seed": 42,
+    "valid_fraction": 0.02,
+    "test_fraction": 0.05,
+    "test_books": [],
+}
+SPLITS = ("train", "valid", "test")
+COLUMNS = ("id", "corpus", "book", "chapter", "line", "source", "target")
+_NOT_WORD = re.compile(r"[^\w\n]|_")  # punctuation, symbols, spaces; keeps CJK, Latin letters and digits
+
+
+def chapter_split(chapter_id: str, seed: int, valid_fraction: float, test_fraction: float) -> str:
+    """The split of one chapter: a pure function of its id and the seed."""
+    digest = hashlib.sha256(f"{seed}:{chapter_id}".encode("utf-8")).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + valid_fraction:
+        return "valid"
+    return "train"
+
+
+def leakage_keys(sentences: list[str]) -> list[str]:
+    """Sentences with punctuation and spaces removed: `王曰：善。` and `王曰 善` both give `王曰善`."""
+    text = "\n".join(s.replace("\n", " ") for s in sentences)
+    return _NOT_WORD.sub("", text).split("\n")
+
+
+def assign_splits(df, seed: int, valid_fraction: float, test_fraction: float, test_books: list[str]) -> list[str]:
+    """-> "train"/"valid"/"test" for each row of df (columns corpus, book, chapter)."""
+    held_out = set(test_books)
+    chapter_ids = (df["corpus"] + "/" + df["book"] + "/" + df["chapter"]).tolist()
+    by_chapter: dict[str, str] = {}
+    for chapter_id, book in zip(chapter_ids, df["book"].tolist()):
+        if chapter_id not in by_chapter:
+            by_chapter[chapter_id] = (
+                "test" if book in held_out else chapter_split(chapter_id, seed, valid_fraction, test_fraction)
+            )
+    return [by_chapter[c] for c in chapter_ids]
+
+
+def check_split_params(params: dict) -> None:
+    for key in ("valid_fraction", "test_fraction"):
+        if not 0 <= params[key] < 1:
+            raise PipelineError(f"params.yaml 'split.{key}' should be in [0, 1), got {params[key]}")
+    if params["valid_fraction"] + params["test_fraction"] >= 1:
+        raise PipelineError("params.yaml 'split.valid_fraction' + 'split.test_fraction' should be below 1 (train needs chapters)")
+    if not all(isinstance(b, str) for b in params["test_books"]):
+        raise PipelineError("params.yaml 'split.test_books' should be a list of book names")
+
+
+def read_pairs(path: str):
+    import pandas as pd
+
+    try:
+        df = pd.read_parquet(path)
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: not found; run the clean stage first (dvc repro clean)") from None
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise PipelineError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(COLUMNS)}")
+    return df
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pairs", required=True, help="clean pairs parquet")
+    parser.add_argument("--out", required=True, help="directory for train/valid/test.parquet")
+    parser.add_argument("--report", required=True, help="JSON report to write")
+    parser.add_argument("--params", default=None, help="params.yaml to read instead of DVC's (tests, benchmarks)")
+    args = parser.parse_args(argv)
+
+    params = check_params(load_params("split", args.params), DEFAULTS, "split")
+    check_split_params(params)
+
+    df = read_pairs(args.pairs)
+    available = sorted(set(df["book"].unique()))
+    missing = sorted(set(params["test_books"]) - set(available))
+    if missing:
+        raise PipelineError(
+            f"params.yaml 'split.test_books': book(s) {', '.join(missing)} not in {args.pairs}; "
+            f"available books: {', '.join(available)}"
+        )
+
+    split = assign_splits(df, params["seed"], params["valid_fraction"], params["test_fraction"], params["test_books"])
+    df["split"] = split
+    keys = leakage_keys(df["source"].tolist())
+    df["key"] = keys
+    test_keys = set(df.loc[df["split"] == "test", "key"])
+    test_keys.discard("")  # a sentence of punctuation only says nothing about leakage
+    leaked = (df["split"] != "test") & df["key"].isin(test_keys)
+    leaked_per_split = {s: int((leaked & (df["split"] == s)).sum()) for s in ("train", "valid")}
+    before = {s: int((df["split"] == s).sum()) for s in SPLITS}
+    df = df[~leaked]
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report_splits, per_book = {}, {}
+    for s in SPLITS:
+        part = df[df["split"] == s].drop(columns=["split", "key"]).reset_index(drop=True)
+        with atomic_path(out / f"{s}.parquet") as tmp:
+            part.to_parquet(tmp, index=False)
+        chapters = part["corpus"] + "/" + part["book"] + "/" + part["chapter"]
+        report_splits[s] = {
+            "pairs": len(part),
+            "chapters": int(chapters.nunique()),
+            "books": int(part["book"].nunique()),
+            "pairs_before_leakage_check": before[s],
+            "dropped_leakage": leaked_per_split.get(s, 0),
+        }
+        for book, n in (part["corpus"] + "/" + part["book"]).value_counts().items():
+            per_book.setdefault(book, dict.fromkeys(SPLITS, 0))[s] = int(n)
+        if len(part) == 0 and s != "train":
+            log.warning("the %s split is empty: too few chapters for %s_fraction (or seed)", s, s)
+    if report_splits["train"]["pairs"] == 0:
+        raise PipelineError("the train split is empty; lower split.valid_fraction/test_fraction or test_books")
+
+    total = sum(r["pairs"] for r in report_splits.values())
+    log.info(
+        "%s pairs: %s",
+        f"{total:,}",
+        "; ".join(f"{s} {r['pairs']:,} ({r['chapters']:,} chapters)" for s, r in report_splits.items()),
+    )
+    log.info(
+        "leakage check: dropped %s train and %s valid pairs whose classical sentence is also in test",
+        f"{leaked_per_split['train']:,}", f"{leaked_per_split['valid']:,}",
+    )
+    write_json(
+        args.report,
+        {
+            "pairs": total,
+            "splits": report_splits,
+            "pair_fractions": {s: round(r["pairs"] / total, 4) for s, r in report_splits.items()},
+            "leakage_dropped": leaked_per_split,
+            "params": params,
+            "pairs_per_book": dict(sorted(per_book.items())),
+        },
+    )
+
+
+if __name__ == "__main__":
+    run_main(main)

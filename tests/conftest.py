@@ -1,0 +1,107 @@
+"""Fixtures for the data stages: tiny NiuTrans-layout corpora, archives of them, params files."""
+
+from __future__ import annotations
+
+import copy
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `pytest` (not `python -m pytest`) from the repo root must import stages
+    sys.path.insert(0, str(REPO))
+
+# A few real-looking pairs with the corpus's quirks: spaces where quotation marks were, traditional
+# characters, a trailing space. Keys are "<book>/<chapter path>".
+CHAPTERS = {
+    "史记/十二本纪/五帝本纪": (
+        ["黄帝者，少典之子，姓公孫，名曰軒轅。", "生而神灵，弱而能言。", "问曰： 若何有？ "],
+        ["黄帝是少典部族的子孙，姓公孙，名叫轩辕。", "他一生下来就很有灵性，很小就会说话。", "问道： 有什么呢？"],
+    ),
+    "史记/七十列传/伯夷列传": (
+        ["夫学者载籍极博，犹考信于六艺。", "诗书虽缺，然虞夏之文可知也。"],
+        ["学者们涉猎的书籍虽然极为广博，但还是要从六艺中考察可信的记载。", "《诗》《书》虽然残缺，但是虞、夏时代的文字还是可以知道的。"],
+    ),
+    "论语/学而篇": (
+        ["子曰：学而时习之，不亦说乎？", "有朋自远方来，不亦乐乎？", "人不知而不愠，不亦君子乎？"],
+        ["孔子说：学了又时常温习，不是很愉快吗？", "有志同道合的人从远方来，不是很令人高兴的吗？", "人家不了解我，我也不怨恨，不也是一个有德的君子吗？"],
+    ),
+}
+N_PAIRS = sum(len(s) for s, _ in CHAPTERS.values())
+
+BASE_PARAMS = {
+    "ingest": {"sources": [], "on_misaligned": "error"},
+    "clean": {"opencc": "t2s", "min_chars": 2, "max_chars": 200, "max_ratio": 4.0, "dedupe": True},
+    "split": {"seed": 42, "valid_fraction": 0.2, "test_fraction": 0.2, "test_books": []},
+    "format": {
+        "system_prompt": "你是翻译家。",
+        "user_template": "翻译：\n{classical}",
+        "context_sentences": 0,
+        "context_template": "上文：{context}\n",
+    },
+}
+
+
+def write_chapters(books_root: Path, chapters: dict, line_end: str = "\n") -> None:
+    for key, (src, tgt) in chapters.items():
+        d = books_root / key
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "source.txt").write_text(line_end.join(src) + line_end, encoding="utf-8", newline="")
+        (d / "target.txt").write_text(line_end.join(tgt) + line_end, encoding="utf-8", newline="")
+        (d / "数据来源.txt").write_text("1、某网站\n", encoding="utf-8")
+
+
+@pytest.fixture
+def make_corpus(tmp_path):
+    """make_corpus(name="corp", chapters=CHAPTERS, bilingual_dir=True, parent=tmp_path) -> corpus directory.
+
+    With bilingual_dir the books sit under <name>/双语数据/ as in the archive; without it, directly in <name>/.
+    """
+
+    def make(name="corp", chapters=None, bilingual_dir=True, parent=None, line_end="\n") -> Path:
+        root = Path(parent or tmp_path) / name
+        books_root = root / "双语数据" if bilingual_dir else root
+        books_root.mkdir(parents=True, exist_ok=True)
+        (root / "README.md").write_text("# test corpus\n", encoding="utf-8")
+        write_chapters(books_root, CHAPTERS if chapters is None else chapters, line_end)
+        return root
+
+    return make
+
+
+def make_archive(src_dir: Path, out: Path) -> Path:
+    """Pack the contents of src_dir (not src_dir itself) into out: .tar, .tar.gz, .tar.xz or .zip."""
+    files = sorted(p for p in src_dir.rglob("*") if p.is_file())
+    if out.name.endswith(".zip"):
+        with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
+            for p in files:
+                zf.write(p, p.relative_to(src_dir).as_posix())
+    else:
+        mode = {".xz": "w:xz", ".gz": "w:gz", ".tar": "w"}[out.suffix]
+        with tarfile.open(out, mode) as tar:
+            for p in files:
+                tar.add(p, p.relative_to(src_dir).as_posix())
+    return out
+
+
+@pytest.fixture
+def write_params(tmp_path):
+    """write_params(**sections) -> path of a params.yaml: BASE_PARAMS with each given section updated."""
+
+    def write(path=None, **sections) -> Path:
+        params = copy.deepcopy(BASE_PARAMS)
+        for name, values in sections.items():
+            params[name].update(values)
+        path = Path(path or tmp_path / "params.yaml")
+        path.write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
+        return path
+
+    return write
+
+
+def niutrans(path, **extra) -> dict:
+    return {"path": str(path), "format": "niutrans", **extra}

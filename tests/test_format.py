@@ -1,0 +1,100 @@
+"""Format: the JSONL contract that train and evaluate read, context sentences, template errors."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from stages import format as fmt
+from stages.common import PipelineError, read_jsonl
+
+PARAMS = {"system_prompt": "你是翻译家。", "user_template": "翻译：\n{classical}", "context_sentences": 0, "context_template": "上文：{context}\n"}
+
+
+def frame(rows):
+    """rows: (book, chapter, line, source)"""
+    return pd.DataFrame(
+        [
+            {"id": f"c/{b}/{ch}#{ln}", "corpus": "c", "book": b, "chapter": ch, "line": ln, "source": s, "target": f"译{s}"}
+            for b, ch, ln, s in rows
+        ]
+    )
+
+
+def test_row_contract():
+    (row,) = fmt.format_rows(frame([("史记", "本纪/五帝本纪", 3, "问曰：若何有？")]), PARAMS)
+    assert row == {
+        "id": "c/史记/本纪/五帝本纪#3",
+        "book": "史记",
+        "chapter": "本纪/五帝本纪",
+        "line": 3,
+        "source": "问曰：若何有？",
+        "target": "译问曰：若何有？",
+        "messages": [
+            {"role": "system", "content": "你是翻译家。"},
+            {"role": "user", "content": "翻译：\n问曰：若何有？"},
+            {"role": "assistant", "content": "译问曰：若何有？"},
+        ],
+    }
+    # evaluate prompts with messages[:-1] and scores against target: the answer is exactly the target
+    assert row["messages"][-1] == {"role": "assistant", "content": row["target"]}
+    assert row["messages"][-2]["role"] == "user"
+
+
+def test_no_system_message_when_prompt_empty():
+    (row,) = fmt.format_rows(frame([("书", "篇", 1, "甲。")]), {**PARAMS, "system_prompt": ""})
+    assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
+
+
+def test_context_is_previous_sentences_of_same_chapter_in_line_order():
+    rows = [("书", "篇二", 1, "丁。"), ("书", "篇一", 3, "丙。"), ("书", "篇一", 1, "甲。"), ("书", "篇一", 2, "乙。"), ("书", "篇一", 5, "戊。")]
+    stats = {}
+    out = {r["id"]: r["messages"][1]["content"] for r in fmt.format_rows(frame(rows), {**PARAMS, "context_sentences": 2}, stats)}
+    assert out["c/书/篇一#1"] == "翻译：\n甲。"  # first of its chapter: no context
+    assert out["c/书/篇一#2"] == "上文：甲。\n翻译：\n乙。"
+    assert out["c/书/篇一#3"] == "上文：甲。乙。\n翻译：\n丙。"
+    assert out["c/书/篇一#5"] == "上文：乙。丙。\n翻译：\n戊。"  # line 4 is not in this split: the previous ones are
+    assert out["c/书/篇二#1"] == "翻译：\n丁。"  # context never crosses chapters
+    assert stats["with_context"] == 3
+    assert stats["example"]["id"] == "c/书/篇一#2"
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"user_template": "翻译：{text}"}, r"should contain \{classical\}"),
+        ({"user_template": "{classical} {0}"}, "does not format"),
+        ({"context_sentences": 2, "context_template": "上文：\n"}, r"should contain \{context\}"),
+        ({"context_sentences": -1}, ">= 0"),
+        ({"system_promt": "x"}, "did you mean 'system_prompt'"),
+    ],
+)
+def test_bad_params(tmp_path, write_params, params, message):
+    with pytest.raises(PipelineError, match=message):
+        fmt.main(["--split-dir", str(tmp_path), "--out", str(tmp_path / "o"), "--report", str(tmp_path / "r.json"), "--params", str(write_params(format=params))])
+
+
+def test_main_writes_splits_and_report(tmp_path, write_params):
+    split_dir = tmp_path / "split"
+    split_dir.mkdir()
+    frame([("书", "篇一", 1, "甲。"), ("书", "篇一", 2, "乙。")]).to_parquet(split_dir / "train.parquet", index=False)
+    frame([("书", "篇二", 1, "丙。")]).to_parquet(split_dir / "valid.parquet", index=False)
+    frame([]).reindex(columns=["id", "corpus", "book", "chapter", "line", "source", "target"]).to_parquet(split_dir / "test.parquet", index=False)
+    out, report = tmp_path / "format", tmp_path / "format.json"
+    fmt.main(["--split-dir", str(split_dir), "--out", str(out), "--report", str(report), "--params", str(write_params(format={"context_sentences": 1}))])
+    train = read_jsonl(out / "train.jsonl")
+    assert [r["id"] for r in train] == ["c/书/篇一#1", "c/书/篇一#2"]
+    assert train[1]["messages"][1]["content"] == "上文：甲。\n翻译：\n乙。"
+    assert read_jsonl(out / "test.jsonl") == []
+    rep = json.loads(report.read_text(encoding="utf-8"))
+    assert rep["rows"] == {"train": 2, "valid": 1, "test": 0}
+    assert rep["splits"]["train"]["with_context"] == 1
+    # mean prompt = system + user characters: (6 + 6) and (6 + 12) -> 15
+    assert rep["splits"]["train"]["mean_prompt_chars"] == 15.0
+
+
+def test_missing_split_says_which_stage(tmp_path, write_params):
+    with pytest.raises(PipelineError, match="train.parquet: not found; run the split stage first"):
+        fmt.main(["--split-dir", str(tmp_path), "--out", str(tmp_path / "o"), "--report", str(tmp_path / "r.json"), "--params", str(write_params())])

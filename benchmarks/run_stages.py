@@ -1,0 +1,63 @@
+"""Run pipeline stages exactly as dvc.yaml declares them, with `-S key=value` overrides, where DVC
+itself cannot run (a GPU machine holding a copy of the working tree but no git history).
+
+    python benchmarks/run_stages.py -S train.backend=unsloth -S ingest.sources.0.path=/data/cm.tar.xz \
+        ingest clean split format train evaluate
+
+Writes the resolved parameters to params.run.yaml (beside params.yaml, or --params-out) and passes
+`--params params.run.yaml` to each stage's command, so the run is what `dvc exp run -S ...` would run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+
+def set_key(params: dict, dotted: str, value: str) -> None:
+    """Apply one `-S a.b.0.c=value` override; the value is parsed as YAML (numbers, lists, null)."""
+    *parents, last = dotted.split(".")
+    node = params
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
+    parsed = yaml.safe_load(value)
+    if isinstance(node, list):
+        node[int(last)] = parsed
+    else:
+        node[last] = parsed
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stages", nargs="+")
+    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--params-out", default="params.run.yaml")
+    args = parser.parse_args(argv)
+
+    params = yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8"))
+    for item in args.set:
+        key, _, value = item.partition("=")
+        set_key(params, key, value)
+    Path(args.params_out).write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    pipeline = yaml.safe_load(Path("dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    for stage in args.stages:
+        cmd = shlex.split(pipeline[stage]["cmd"])
+        if cmd[0] == "python":
+            cmd[0] = sys.executable
+        cmd += ["--params", args.params_out]
+        print(f"==> {stage}: {' '.join(cmd)}", flush=True)
+        start = time.time()
+        result = subprocess.run(cmd)
+        print(f"==> {stage}: exit {result.returncode} after {time.time() - start:.1f} s", flush=True)
+        if result.returncode != 0:
+            raise SystemExit(result.returncode)
+
+
+if __name__ == "__main__":
+    main()

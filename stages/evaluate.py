@@ -1,0 +1,554 @@
+"""Evaluate: translate test sentences with the fine-tuned model and score them against the references.
+
+    data/format/test.jsonl + models/adapter
+      -> reports/metrics.json            BLEU (tokenize=zh) with a bootstrap 95% CI, chrF, signatures, baselines
+      -> reports/evaluate/by_book.csv    BLEU/chrF per book, model and baselines
+      -> reports/evaluate/by_length.csv  BLEU/chrF per source-length bucket (characters)
+      -> reports/evaluate/samples.md     best, worst and a spread of outputs by sentence chrF
+      -> data/evaluate/hypotheses.jsonl  every output with its provenance (id, book, chapter, line)
+
+Run it:  dvc repro evaluate
+   or:   python -m stages.evaluate --test data/format/test.jsonl --model models/adapter \
+             --metrics reports/metrics.json --out-dir reports/evaluate \
+             --hypotheses data/evaluate/hypotheses.jsonl [--params params.yaml]
+
+The prompt of a test row is messages[:-1] (system + user, as in training); the reference is `target`.
+Outputs get the references' treatment before scoring: stages/clean.py's normalisation and OpenCC
+conversion (params `clean.opencc`, declared by this stage in dvc.yaml).
+
+Baselines (params evaluate.baselines) are scored on the same sentences:
+  copy  the classical source unchanged (how far modern Chinese is from the classical text)
+  base  the model before fine-tuning, same prompts (a LoRA adapter is switched off with
+        `disable_adapter()`; a fully fine-tuned model is replaced by the base model)
+
+Generation is batched with left padding, greedy unless evaluate.num_beams > 1, and stops at the
+end-of-turn token. Each sentence gets its own budget, max_new_tokens = factor x source tokens + extra,
+and its output is cut there even when a longer sentence in the batch keeps the batch going, so an
+output never depends on which sentences shared its batch. On a GPU with a model trained by unsloth,
+unsloth's inference mode is used; anywhere else plain transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import math
+import time
+from pathlib import Path
+
+from stages import clean, modeling
+from stages.common import (
+    PipelineError,
+    check_params,
+    get_logger,
+    load_params,
+    read_jsonl,
+    run_main,
+    write_json,
+    write_jsonl,
+    write_text,
+)
+
+log = get_logger("evaluate")
+
+DEFAULTS = {
+    "num_samples": 80,  # test sentences scored (0 = all), drawn by hash of (seed, id)
+    "seed": 0,  # change to draw another sample
+    "batch_size": 16,
+    "num_beams": 1,  # 1 = greedy
+    "max_new_tokens_factor": 2.0,  # max_new_tokens = factor x source tokens + extra
+    "max_new_tokens_extra": 16,
+    "baselines": ["copy", "base"],
+    "bootstrap_resamples": 1000,  # BLEU 95% CI; 0 = no CI
+    "length_buckets": [10, 20, 40],  # upper bounds (source characters) of the length buckets
+    "num_examples": 20,  # sentences in samples.md
+}
+KNOWN_BASELINES = ("copy", "base")
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters and inputs
+
+
+def check_evaluate_params(section: dict) -> dict:
+    p = check_params(section, DEFAULTS, "evaluate")
+    if p["num_samples"] < 0:
+        raise PipelineError(f"evaluate.num_samples must be >= 0 (0 = all), got {p['num_samples']}")
+    for key in ("batch_size", "num_beams"):
+        if p[key] < 1:
+            raise PipelineError(f"evaluate.{key} must be >= 1, got {p[key]}")
+    if p["max_new_tokens_factor"] <= 0 or p["max_new_tokens_extra"] < 0:
+        raise PipelineError("evaluate.max_new_tokens_factor must be > 0 and max_new_tokens_extra >= 0")
+    unknown = [b for b in p["baselines"] if b not in KNOWN_BASELINES]
+    if unknown:
+        raise PipelineError(f"evaluate.baselines: unknown {unknown}; choose from {list(KNOWN_BASELINES)}")
+    bounds = p["length_buckets"]
+    if not bounds or any(not isinstance(b, int) or b < 1 for b in bounds) or bounds != sorted(set(bounds)):
+        raise PipelineError(f"evaluate.length_buckets must be increasing positive integers, got {bounds}")
+    if p["bootstrap_resamples"] < 0 or p["bootstrap_resamples"] == 1:
+        raise PipelineError("evaluate.bootstrap_resamples must be 0 (no CI) or >= 2")
+    return p
+
+
+def check_rows(rows: list[dict], path) -> None:
+    """The format stage's schema: source, target, and messages ending with the assistant's reference."""
+    if not rows:
+        raise PipelineError(f"{path}: no test rows")
+    for n, row in enumerate(rows, 1):
+        missing = [k for k in ("source", "target", "messages") if k not in row]
+        if missing:
+            raise PipelineError(f"{path}: row {n} lacks {missing}")
+        messages = row["messages"]
+        if not isinstance(messages, list) or len(messages) < 2 or messages[-1].get("role") != "assistant":
+            raise PipelineError(f"{path}: row {n}: messages must end with the assistant's reply after a prompt")
+        if messages[-2].get("role") != "user":
+            raise PipelineError(f"{path}: row {n}: the turn before the reference must be the user's")
+
+
+def select_rows(rows: list[dict], num_samples: int, seed: int) -> list[dict]:
+    """A deterministic sample: the rows with the smallest hash of (seed, id), kept in file order.
+
+    Every row has the same chance whatever its book or chapter, so the sample spreads across books in
+    proportion to their size, and a row's selection does not move when other rows are added."""
+    if num_samples == 0 or num_samples >= len(rows):
+        return list(rows)
+
+    def key(item):
+        index, row = item
+        return hashlib.sha1(f"{seed}:{row.get('id', index)}".encode()).hexdigest()
+
+    chosen = sorted(sorted(enumerate(rows), key=key)[:num_samples], key=lambda item: item[0])
+    return [row for _, row in chosen]
+
+
+def postprocess(texts: list[str], opencc_config: str | None) -> list[str]:
+    """What the references went through in the clean stage: its normalisation (NFC, control characters,
+    whitespace, full-width punctuation) and OpenCC conversion with clean.opencc ('none' = no conversion)."""
+    return clean.normalise_lines(list(texts), clean.make_converter(opencc_config))
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: list[list[dict]],
+    sources: list[str],
+    *,
+    batch_size: int = 16,
+    num_beams: int = 1,
+    factor: float = 2.0,
+    extra: int = 16,
+    eos_token_ids: list[int] | None = None,
+    desc: str = "generate",
+) -> tuple[list[str], list[bool]]:
+    """Translate each prompt; returns (texts, hit_limit) in the order of `prompts`.
+
+    Prompts are sorted by length (longest first, so an out-of-memory error shows at once) and
+    batched with left padding; each output is sliced off at the padded input length, cut at the first
+    end-of-turn token and at the sentence's own budget. hit_limit[i] is True when sentence i reached
+    its budget without ending its turn."""
+    import torch
+    from tqdm.auto import tqdm
+
+    if eos_token_ids is None:
+        eos_token_ids = end_of_turn_ids(tokenizer)
+    eos = set(eos_token_ids)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_ids[0]
+    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+    # the chat template writes the special tokens (bos included) itself
+    input_ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    budgets = [
+        math.ceil(factor * len(tokenizer(s, add_special_tokens=False).input_ids)) + extra for s in sources
+    ]
+    order = sorted(range(len(prompts)), key=lambda i: (len(input_ids[i]), budgets[i]), reverse=True)
+    device = next(model.parameters()).device
+    outputs: list[str | None] = [None] * len(prompts)
+    hit_limit = [False] * len(prompts)
+    with torch.inference_mode(), tqdm(total=len(prompts), desc=desc, unit="sent") as bar:
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            width = max(len(input_ids[i]) for i in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):  # left padding: the prompt ends where generation starts
+                ids[row, width - len(input_ids[i]) :] = torch.tensor(input_ids[i])
+                mask[row, width - len(input_ids[i]) :] = 1
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max(budgets[i] for i in batch),
+                do_sample=False,
+                num_beams=num_beams,
+                eos_token_id=list(eos_token_ids),
+                pad_token_id=pad_id,
+            )
+            new_tokens = out[:, width:].tolist()  # slice by input length, never by searching the text
+            for row, i in enumerate(batch):
+                tokens = new_tokens[row][: budgets[i]]
+                end = next((k for k, t in enumerate(tokens) if t in eos), None)
+                if end is None:
+                    hit_limit[i] = True
+                else:
+                    tokens = tokens[:end]
+                text = tokenizer.decode(tokens, skip_special_tokens=True)
+                # a cut in the middle of a character's byte-level tokens decodes to U+FFFD
+                outputs[i] = text.rstrip("\ufffd") if hit_limit[i] else text
+            bar.update(len(batch))
+    return outputs, hit_limit
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Token ids that end the assistant's turn: the chat template's end-of-turn token and eos."""
+    ids = []
+    for token in (modeling.end_of_turn_token(tokenizer), tokenizer.eos_token):
+        if token is not None:
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if token_id is not None and token_id not in ids:
+                ids.append(token_id)
+    if not ids:
+        raise PipelineError("the tokenizer has neither an end-of-turn token nor an eos token to stop generation at")
+    return ids
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading the fine-tuned model (written by the train stage)
+
+
+def read_training_config(model_dir: Path) -> dict:
+    if not model_dir.is_dir():
+        raise PipelineError(f"{model_dir}: model directory not found; run the train stage first (dvc repro train)")
+    path = model_dir / "training_config.json"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: not found; {model_dir} should be written by the train stage") from None
+    except json.JSONDecodeError as exc:
+        raise PipelineError(f"{path}: not valid JSON ({exc.msg})") from None
+    if not cfg.get("model"):
+        raise PipelineError(f"{path}: has no 'model' (the base model the adapter was trained on)")
+    if not (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file():
+        raise PipelineError(f"{model_dir}: neither a LoRA adapter (adapter_config.json) nor a model (config.json)")
+    return cfg
+
+
+def pick_backend(cfg: dict) -> str:
+    """'unsloth' on a GPU when the model was trained with unsloth and unsloth imports, else 'hf'.
+    unsloth must be imported before transformers and peft, so this runs before any model code."""
+    import torch
+
+    if not torch.cuda.is_available() or cfg.get("backend") != "unsloth":
+        return "hf"
+    try:
+        import unsloth  # noqa: F401
+
+        return "unsloth"
+    except Exception as exc:  # ImportError, or unsloth's own errors about the GPU or versions
+        log.warning("unsloth is not usable (%s); generating with plain transformers", exc)
+        return "hf"
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"{model_dir}: no usable tokenizer ({exc})") from None
+    if not tokenizer.chat_template:
+        raise PipelineError(f"{model_dir}: the tokenizer has no chat template; the train stage should save it")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_finetuned(model_dir: Path, cfg: dict, tokenizer, backend: str):
+    """The fine-tuned model, ready to generate. Returns (model, is_adapter)."""
+    import torch
+
+    is_adapter = (model_dir / "adapter_config.json").is_file()
+    if backend == "unsloth":
+        try:
+            from unsloth import FastLanguageModel
+
+            model, _ = FastLanguageModel.from_pretrained(
+                model_name=str(model_dir),
+                max_seq_length=cfg.get("max_seq_length") or 2048,
+                dtype=None,
+                load_in_4bit=bool(cfg.get("load_in_4bit", False)),
+            )
+            FastLanguageModel.for_inference(model)
+            return model, is_adapter
+        except Exception as exc:
+            log.warning("unsloth could not load %s (%s); falling back to transformers", model_dir, exc)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float32
+    if device == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if not is_adapter:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device)
+        return model.eval(), False
+    from peft import PeftModel
+
+    base = modeling.load_model(cfg["model"], dtype=dtype, device=device)
+    if len(tokenizer) > base.get_input_embeddings().num_embeddings:  # the train stage added template tokens
+        base.resize_token_embeddings(len(tokenizer))
+    try:
+        model = PeftModel.from_pretrained(base, str(model_dir))
+    except Exception as exc:
+        raise PipelineError(f"{model_dir}: could not load the adapter onto {cfg['model']}: {exc}") from None
+    if device == "cpu":  # fp32: merging is exact enough, and saves the LoRA side products (~10% on CPU);
+        try:  # disable_adapter() unmerges again for the base baseline
+            model.merge_adapter()
+        except Exception as exc:  # an adapter type peft cannot merge: generate unmerged
+            log.warning("could not merge the adapter (%s); generating unmerged", exc)
+    return model.eval(), True
+
+
+def load_base(cfg: dict, tokenizer, backend: str):
+    """The base model of a fully fine-tuned model, for the `base` baseline."""
+    import torch
+
+    if backend == "unsloth":
+        try:
+            from unsloth import FastLanguageModel
+
+            model, _ = FastLanguageModel.from_pretrained(
+                model_name=modeling.materialize(cfg["model"]),
+                max_seq_length=cfg.get("max_seq_length") or 2048,
+                dtype=None,
+                load_in_4bit=bool(cfg.get("load_in_4bit", False)),
+            )
+            FastLanguageModel.for_inference(model)
+            return model
+        except Exception as exc:
+            log.warning("unsloth could not load the base model (%s); falling back to transformers", exc)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float32
+    if device == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    base = modeling.load_model(cfg["model"], dtype=dtype, device=device)
+    if len(tokenizer) > base.get_input_embeddings().num_embeddings:
+        base.resize_token_embeddings(len(tokenizer))
+    return base.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Scores
+
+
+def score(hypotheses: list[str], references: list[str], n_bootstrap: int = 0) -> dict:
+    """Corpus BLEU (tokenize='zh') and chrF, rounded as sacrebleu prints them, with signatures; with
+    n_bootstrap >= 2 also BLEU's 95% CI (sacrebleu's bootstrap: mean +- half the 2.5-97.5 percentile
+    range of the resampled scores)."""
+    from sacrebleu.metrics import BLEU, CHRF
+
+    bleu, chrf = BLEU(tokenize="zh"), CHRF()
+    refs = [list(references)]
+    b = bleu.corpus_score(list(hypotheses), refs, n_bootstrap=max(n_bootstrap, 1))
+    c = chrf.corpus_score(list(hypotheses), refs)
+    result = {"bleu": round(b.score, 2), "chrf": round(c.score, 2)}
+    if n_bootstrap >= 2:
+        result["bleu_ci95"] = {"low": round(b._mean - b._ci, 2), "high": round(b._mean + b._ci, 2)}
+    result["bleu_signature"] = str(bleu.get_signature())
+    result["chrf_signature"] = str(chrf.get_signature())
+    return result
+
+
+def sentence_chrf(hypotheses: list[str], references: list[str]) -> list[float]:
+    from sacrebleu import sentence_chrf as chrf
+
+    return [round(chrf(h, [r]).score, 2) for h, r in zip(hypotheses, references)]
+
+
+def length_bucket(n_chars: int, bounds: list[int]) -> str:
+    """'1-10', '11-20', '21-40', '41+' for bounds [10, 20, 40]."""
+    low = 1
+    for high in bounds:
+        if n_chars <= high:
+            return f"{low}-{high}"
+        low = high + 1
+    return f"{low}+"
+
+
+def breakdown(groups: list[str], references: list[str], systems: dict[str, list[str]], order: list[str] | None = None):
+    """One row per group: n, bleu, chrf of the model, then <baseline>_bleu, <baseline>_chrf."""
+    rows = []
+    for group in order or sorted(set(groups)):
+        idx = [i for i, g in enumerate(groups) if g == group]
+        if not idx:
+            continue
+        row = {"n": len(idx)}
+        for name, hyps in systems.items():
+            s = score([hyps[i] for i in idx], [references[i] for i in idx])
+            prefix = "" if name == "model" else f"{name}_"
+            row[f"{prefix}bleu"], row[f"{prefix}chrf"] = s["bleu"], s["chrf"]
+        rows.append((group, row))
+    return rows
+
+
+def to_csv(key: str, rows) -> str:
+    buf = io.StringIO()
+    writer = None
+    for group, row in rows:
+        if writer is None:
+            writer = csv.DictWriter(buf, fieldnames=[key, *row], lineterminator="\n")
+            writer.writeheader()
+        writer.writerow({key: group, **row})
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------
+# Samples page
+
+
+def pick_examples(chrf: list[float], n: int) -> dict[str, list[int]]:
+    """Indices for samples.md: the n//4 best and worst by sentence chrF, the rest evenly spread."""
+    ranked = sorted(range(len(chrf)), key=lambda i: (-chrf[i], i))
+    n = min(n, len(ranked))
+    k = n // 4
+    best, worst = ranked[:k], ranked[len(ranked) - k :][::-1] if k else []
+    middle = ranked[k : len(ranked) - k]
+    m = n - 2 * k
+    spread = [middle[round(j * (len(middle) - 1) / max(m - 1, 1))] for j in range(m)] if middle and m else []
+    return {"best": best, "spread": sorted(set(spread), key=lambda i: (-chrf[i], i)), "worst": worst}
+
+
+def render_samples(rows: list[dict], systems: dict[str, list[str]], chrf: dict[str, list[float]], picks, header: str) -> str:
+    def line(text: str) -> str:
+        return text.replace("\n", " ").replace("|", "\\|") if text else "*(empty)*"
+
+    titles = {"best": "Best by sentence chrF", "spread": "A spread from best to worst", "worst": "Worst by sentence chrF"}
+    out = ["# Evaluation samples", "", header, ""]
+    for part in ("best", "spread", "worst"):
+        if not picks[part]:
+            continue
+        out += [f"## {titles[part]}", ""]
+        for i in picks[part]:
+            row = rows[i]
+            where = " · ".join(str(row[k]) for k in ("book", "chapter", "line") if row.get(k) not in (None, ""))
+            scores = f"chrF {chrf['model'][i]:.1f}" + (f" (base {chrf['base'][i]:.1f})" if "base" in chrf else "")
+            out += [f"### {where or row.get('id', i)} — {scores}", "", f"- **id:** `{row.get('id', i)}`"]
+            out.append(f"- **Source:** {line(row['source'])}")
+            out.append(f"- **Reference:** {line(row['target'])}")
+            out.append(f"- **Output:** {line(systems['model'][i])}")
+            if "base" in systems:
+                out.append(f"- **Base output:** {line(systems['base'][i])}")
+            out.append("")
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--test", required=True, type=Path, help="data/format/test.jsonl")
+    parser.add_argument("--model", required=True, type=Path, help="models/adapter (written by the train stage)")
+    parser.add_argument("--metrics", required=True, type=Path, help="reports/metrics.json")
+    parser.add_argument("--out-dir", required=True, type=Path, help="reports/evaluate")
+    parser.add_argument("--hypotheses", required=True, type=Path, help="data/evaluate/hypotheses.jsonl")
+    parser.add_argument("--params", type=Path, default=None, help="read params.yaml directly instead of through DVC")
+    args = parser.parse_args(argv)
+
+    p = check_evaluate_params(load_params("evaluate", args.params))
+    opencc = load_params("clean", args.params).get("opencc", "t2s")  # declared by this stage in dvc.yaml
+    clean.make_converter(opencc)  # an unknown config fails now, not after generating
+    all_rows = read_jsonl(args.test)
+    check_rows(all_rows, args.test)
+    rows = select_rows(all_rows, p["num_samples"], p["seed"])
+    books = sorted({str(r.get("book", "")) for r in rows})
+    log.info("scoring %d of %d test sentences (%d books)", len(rows), len(all_rows), len(books))
+    cfg = read_training_config(args.model)
+
+    sources = [r["source"] for r in rows]
+    references = [r["target"] for r in rows]
+    prompts = [r["messages"][:-1] for r in rows]
+    systems: dict[str, list[str]] = {}
+    limits: dict[str, int] = {}
+    backend = pick_backend(cfg)  # before transformers/peft are imported
+    tokenizer = load_tokenizer(args.model)
+    model, is_adapter = load_finetuned(args.model, cfg, tokenizer, backend)
+    log.info("model: %s (%s on %s, backend %s)", args.model, "LoRA adapter" if is_adapter else "full model",
+             cfg["model"], backend)
+    gen = dict(batch_size=p["batch_size"], num_beams=p["num_beams"], factor=p["max_new_tokens_factor"],
+               extra=p["max_new_tokens_extra"], eos_token_ids=end_of_turn_ids(tokenizer))
+    started = time.perf_counter()
+    raw, hit = generate(model, tokenizer, prompts, sources, desc="fine-tuned", **gen)
+    log.info("fine-tuned: %d sentences in %.0f s", len(rows), time.perf_counter() - started)
+    systems["model"], limits["model"] = postprocess(raw, opencc), sum(hit)
+    if "base" in p["baselines"]:
+        started = time.perf_counter()
+        if is_adapter:
+            with model.disable_adapter():
+                raw, hit = generate(model, tokenizer, prompts, sources, desc="base", **gen)
+        else:
+            del model
+            model = load_base(cfg, tokenizer, backend)
+            raw, hit = generate(model, tokenizer, prompts, sources, desc="base", **gen)
+        log.info("base: %d sentences in %.0f s", len(rows), time.perf_counter() - started)
+        systems["base"], limits["base"] = postprocess(raw, opencc), sum(hit)
+    if "copy" in p["baselines"]:
+        systems["copy"] = list(sources)  # already through the clean stage
+
+    scores = {name: score(hyps, references, p["bootstrap_resamples"]) for name, hyps in systems.items()}
+    model_scores = scores["model"]
+    metrics = {
+        "n_sentences": len(rows),
+        "bleu": model_scores["bleu"],
+        "bleu_ci95": model_scores.get("bleu_ci95"),
+        "chrf": model_scores["chrf"],
+        "bleu_signature": model_scores["bleu_signature"],
+        "chrf_signature": model_scores["chrf_signature"],
+        "hit_max_new_tokens": limits["model"],
+        "baselines": {
+            name: {k: v for k, v in s.items() if not k.endswith("_signature")}
+            | ({"hit_max_new_tokens": limits[name]} if name in limits else {})
+            for name, s in scores.items()
+            if name != "model"
+        },
+    }
+    if metrics["bleu_ci95"] is None:
+        del metrics["bleu_ci95"]
+    for name, s in scores.items():
+        log.info("%-5s BLEU %6.2f  chrF %6.2f", name, s["bleu"], s["chrf"])
+
+    book_rows = breakdown([str(r.get("book", "")) for r in rows], references, systems)
+    order = [length_bucket(b, p["length_buckets"]) for b in [*p["length_buckets"], p["length_buckets"][-1] + 1]]
+    length_rows = breakdown([length_bucket(len(s), p["length_buckets"]) for s in sources], references, systems, order)
+    chrf = {name: sentence_chrf(hyps, references) for name, hyps in systems.items() if name != "copy"}
+    header = (
+        f"{len(rows)} of {len(all_rows)} test sentences (evaluate.num_samples={p['num_samples']}, seed={p['seed']}); "
+        f"model `{args.model}` on `{cfg['model']}`; num_beams={p['num_beams']}; outputs after the clean "
+        f"stage's normalisation and OpenCC. Sentence chrF: sacrebleu `sentence_chrf`. "
+        f"Corpus BLEU {metrics['bleu']:.2f}, chrF {metrics['chrf']:.2f}."
+    )
+    samples = render_samples(rows, systems, chrf, pick_examples(chrf["model"], p["num_examples"]), header)
+
+    hypothesis_rows = []
+    for i, row in enumerate(rows):
+        out = {k: row.get(k) for k in ("id", "book", "chapter", "line")}
+        out |= {"source": row["source"], "reference": row["target"], "hypothesis": systems["model"][i],
+                "chrf": chrf["model"][i]}
+        if "base" in systems:
+            out |= {"base": systems["base"][i], "base_chrf": chrf["base"][i]}
+        hypothesis_rows.append(out)
+
+    write_jsonl(args.hypotheses, hypothesis_rows)
+    write_text(args.out_dir / "by_book.csv", to_csv("book", book_rows))
+    write_text(args.out_dir / "by_length.csv", to_csv("length", length_rows))
+    write_text(args.out_dir / "samples.md", samples)
+    write_json(args.metrics, metrics)
+    log.info("wrote %s, %s/{by_book.csv,by_length.csv,samples.md}, %s", args.metrics, args.out_dir, args.hypotheses)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,810 @@
+"""Train: fine-tune the base model to translate Classical Chinese into modern Chinese (LoRA, QLoRA or full).
+
+    python -m stages.train --train data/format/train.jsonl --valid data/format/valid.jsonl \
+        --out models/adapter --checkpoints models/checkpoints --reports reports/train
+
+Inputs:  data/format/{train,valid}.jsonl, rows {"id", "book", ..., "messages": [system?, user, assistant]}.
+Outputs: models/adapter       the LoRA adapter (or, for method full, the whole model) + tokenizer with its chat
+                              template + training_config.json (the resolved config, train.model included, so
+                              evaluate loads the same base: modeling.load_model(cfg["model"]) + PeftModel).
+         models/checkpoints   Trainer checkpoints; train.resume continues from the last one, a fresh run clears them.
+         reports/train        dvclive plots (loss, eval loss, learning rate, tokens/s by step) and summary.json.
+
+Backends (train.backend): `unsloth` (GPU; imported lazily and before transformers/peft/trl) or `hf`
+(transformers + peft + trl SFTTrainer; the CPU path). `auto` picks unsloth when CUDA is there and it imports.
+
+Loss on the reply only, the same for both backends: each conversation is tokenized here with the chat
+template, prompt = template(messages[:-1], generation prompt), full = template(messages); the completion
+mask is 1 on exactly the assistant text plus its end-of-turn token (found from the template, not hard-coded)
+and 0 on the prompt and anything the template adds after the end-of-turn token. SFTTrainer gets a
+pre-tokenized dataset {input_ids, completion_mask} with completion_only_loss=True and turns the mask into
+labels (-100 elsewhere); unsloth's dataset preparation does the same with the same columns.
+
+Batches are sized in tokens (train.batch_tokens / mean example length = rows a micro-batch) and grouped
+by length, so padding stays small; train.padding_free flattens them instead (see choose_padding_free).
+On CPU the loss is the model's own (trl 1.15's fused LM-head loss needs Triton, i.e. a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import time
+from pathlib import Path
+
+from stages import modeling
+from stages.common import PipelineError, check_params, get_logger, load_params, read_jsonl, run_main, write_json
+
+log = get_logger("train")
+
+DEFAULTS = {  # the types and values params.yaml's train: section is checked against (comments there)
+    "model": "smollm2-135m-instruct",
+    "backend": "auto",  # auto | unsloth | hf
+    "chat_template": None,  # None = the model's own; or a name in modeling.CHAT_TEMPLATES
+    "max_seq_length": 512,
+    "max_train_samples": 0,
+    "load_in_4bit": False,
+    "dtype": "auto",  # auto | bf16 | fp16 | fp32
+    "method": "lora",  # lora | qlora | full
+    "lora_r": 16,
+    "lora_alpha": 32,
+    "lora_dropout": 0.0,
+    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "lora_bias": "none",
+    "use_rslora": False,
+    "gradient_checkpointing": None,  # auto | unsloth | true | false
+    "padding_free": None,  # auto | true | false
+    "batch_tokens": 1024,
+    "batch_size": 8,
+    "gradient_accumulation_steps": 1,
+    "warmup_steps": 3,
+    "max_steps": 30,
+    "epochs": 1.0,
+    "learning_rate": 4e-4,
+    "lr_scheduler": "linear",
+    "weight_decay": 0.01,
+    "optim": "auto",
+    "seed": 3407,
+    "logging_steps": 5,
+    "eval_steps": 15,
+    "eval_samples": 32,
+    "save_steps": 15,
+    "save_total_limit": 2,
+    "resume": False,
+}
+METHODS = ("lora", "qlora", "full")
+BACKENDS = ("auto", "unsloth", "hf")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+LORA_BIASES = ("none", "all", "lora_only")
+FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn2", "kernels-community/flash-attn3")
+# Keys that define what a checkpoint is; train.resume refuses a checkpoint made with other values.
+RUN_IDENTITY = (
+    "model", "chat_template", "method", "load_in_4bit", "lora_r", "lora_alpha", "lora_dropout", "target_modules",
+    "lora_bias", "use_rslora", "max_seq_length", "max_train_samples", "batch_tokens", "batch_size",
+    "gradient_accumulation_steps", "seed",
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters
+
+
+def resolve_config(section: dict) -> dict:
+    """Validate train: params (unknown keys, types, values, model path) before anything heavy runs."""
+    cfg = check_params(section, DEFAULTS, "train")
+    choices = {"backend": BACKENDS, "method": METHODS, "dtype": DTYPES, "lora_bias": LORA_BIASES}
+    for key, allowed in choices.items():
+        if cfg[key] not in allowed:
+            raise PipelineError(f"train.{key} must be one of {', '.join(allowed)}; got {cfg[key]!r}")
+    if cfg["gradient_checkpointing"] is None:
+        cfg["gradient_checkpointing"] = "auto"
+    if cfg["gradient_checkpointing"] not in ("auto", "unsloth", True, False):
+        raise PipelineError(f"train.gradient_checkpointing must be auto, unsloth, true or false; got {cfg['gradient_checkpointing']!r}")
+    if cfg["padding_free"] is None:
+        cfg["padding_free"] = "auto"
+    if cfg["padding_free"] not in ("auto", True, False):
+        raise PipelineError(f"train.padding_free must be auto, true or false; got {cfg['padding_free']!r}")
+    name = cfg["chat_template"]
+    if name is not None and name not in modeling.CHAT_TEMPLATES:
+        raise PipelineError(
+            f"train.chat_template '{name}' is unknown; choose one of: {', '.join(modeling.CHAT_TEMPLATES)} (or null)"
+        )
+    positive = ["max_seq_length", "batch_size", "gradient_accumulation_steps", "lora_r", "logging_steps"]
+    for key in positive:
+        if cfg[key] <= 0:
+            raise PipelineError(f"train.{key} must be > 0; got {cfg[key]}")
+    for key in ["max_train_samples", "batch_tokens", "warmup_steps", "max_steps", "eval_steps", "eval_samples", "save_steps"]:
+        if cfg[key] < 0:
+            raise PipelineError(f"train.{key} must be >= 0; got {cfg[key]}")
+    if cfg["max_steps"] == 0 and cfg["epochs"] <= 0:
+        raise PipelineError("train.max_steps is 0, so train.epochs must be > 0")
+    if not 0.0 <= cfg["lora_dropout"] < 1.0:
+        raise PipelineError(f"train.lora_dropout must be in [0, 1); got {cfg['lora_dropout']}")
+    if cfg["learning_rate"] <= 0:
+        raise PipelineError(f"train.learning_rate must be > 0; got {cfg['learning_rate']}")
+    if cfg["method"] == "qlora":
+        cfg["load_in_4bit"] = True  # qlora = LoRA on a 4-bit base
+    if cfg["method"] == "full" and cfg["load_in_4bit"]:
+        raise PipelineError("train.method full cannot train a 4-bit base; set load_in_4bit: false (or method qlora)")
+    if cfg["resume"] and cfg["save_steps"] == 0:
+        raise PipelineError("train.resume needs checkpoints: set train.save_steps > 0")
+    modeling.resolve_model(cfg["model"])  # a missing file or directory fails here, before any loading
+    return cfg
+
+
+def check_trainer_names(cfg: dict) -> None:
+    """train.lr_scheduler and train.optim against transformers' names; called once the backend is chosen
+    (importing transformers earlier would come before unsloth)."""
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    schedulers = [s.value for s in SchedulerType]
+    if cfg["lr_scheduler"] not in schedulers:
+        raise PipelineError(f"train.lr_scheduler '{cfg['lr_scheduler']}' is unknown; choose one of: {', '.join(schedulers)}")
+    optimizers = [o.value for o in OptimizerNames]
+    if cfg["optim"] != "auto" and cfg["optim"] not in optimizers:
+        raise PipelineError(f"train.optim '{cfg['optim']}' is unknown; auto or one of: {', '.join(optimizers)}")
+
+
+def pick_backend(requested: str) -> str:
+    """unsloth when asked for (it must work) or, for auto, when CUDA is there and it imports; else hf.
+
+    Importing unsloth patches transformers/peft/trl, so it has to happen before they are imported."""
+    import torch
+
+    if requested == "hf":
+        return "hf"
+    if not torch.cuda.is_available():
+        if requested == "unsloth":
+            raise PipelineError("train.backend unsloth needs a CUDA GPU; none is visible (use backend: hf or auto)")
+        return "hf"
+    try:
+        import unsloth  # noqa: F401  (must come before transformers, peft and trl)
+    except Exception as exc:  # ImportError, or unsloth's own errors on an unsupported setup
+        if requested == "unsloth":
+            raise PipelineError(f"train.backend unsloth: `import unsloth` failed: {exc}") from exc
+        log.warning("unsloth is not usable (%s); training with the hf backend", exc)
+        return "hf"
+    return "unsloth"
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenization with the reply-only mask
+
+
+def end_of_turn_id(tokenizer) -> int:
+    token = modeling.end_of_turn_token(tokenizer)
+    token_id = tokenizer.convert_tokens_to_ids(token) if token is not None else None
+    if token_id is None or token_id == tokenizer.unk_token_id and token != tokenizer.unk_token:
+        raise PipelineError(f"the chat template's end-of-turn token {token!r} is not a token of the tokenizer")
+    return token_id
+
+
+def check_messages(messages, where: str) -> None:
+    if not isinstance(messages, list) or len(messages) < 2:
+        raise PipelineError(f"{where}: 'messages' must be a list [system?, user, assistant]")
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise PipelineError(f"{where}: each message needs a string 'role' and 'content'")
+    if messages[-1]["role"] != "assistant":
+        raise PipelineError(f"{where}: the last message must be the assistant's reply, got role {messages[-1]['role']!r}")
+    if messages[-2]["role"] != "user":
+        raise PipelineError(f"{where}: the reply must follow a user message, got role {messages[-2]['role']!r}")
+
+
+def tokenize_conversations(tokenizer, conversations: list[list[dict]], eot_id: int, names: list[str] | None = None):
+    """Tokenize whole conversations; return [(input_ids, completion_mask, retokenized)], the mask 1 on exactly
+    the last assistant reply plus its end-of-turn token.
+
+    The prompt is the template rendering of messages[:-1] with the generation prompt, tokenized as at
+    inference. Its text must be a prefix of the full rendering (else the model would train on a context it
+    never sees). Usually its tokens are a prefix of the full tokenization too; where tokens merge across
+    the boundary (a GPT-2-style pre-tokenizer after Llama-3.1's "\n\n"), the reply is tokenized on its own
+    after the prompt's tokens (retokenized=True): the sequence the model produces at inference."""
+    names = names or [f"conversation {i}" for i in range(len(conversations))]
+    prompts = [tokenizer.apply_chat_template(c[:-1], tokenize=False, add_generation_prompt=True) for c in conversations]
+    fulls = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
+    # The rendered text already holds the template's special tokens (bos included): add none.
+    prompt_ids = tokenizer(prompts, add_special_tokens=False).input_ids
+    full_ids = tokenizer(fulls, add_special_tokens=False).input_ids
+    out = []
+    for name, prompt, full, p, f in zip(names, prompts, fulls, prompt_ids, full_ids):
+        if not full.startswith(prompt):
+            raise PipelineError(
+                f"{name}: the chat template renders the prompt (with the generation prompt) differently from the "
+                f"start of the whole conversation; the tokenized prompt is not a prefix, cannot mask it"
+            )
+        retokenized = f[: len(p)] != p
+        if retokenized:
+            f = p + tokenizer(full[len(prompt) :], add_special_tokens=False).input_ids
+        completion = f[len(p) :]
+        if eot_id not in completion:
+            raise PipelineError(
+                f"{name}: the chat template puts no end-of-turn token ({tokenizer.convert_ids_to_tokens(eot_id)}) "
+                f"after the reply, so the model could not learn to stop; use a chat template that does (train.chat_template)"
+            )
+        end = completion.index(eot_id) + 1  # keep the reply and its end-of-turn token, mask what follows ("\n")
+        mask = [0] * len(p) + [1] * end + [0] * (len(completion) - end)
+        out.append((f, mask, retokenized))
+    return out
+
+
+def build_examples(tokenizer, rows: list[dict], max_seq_length: int, source: str) -> tuple[list[dict], dict]:
+    """Tokenized examples {input_ids, completion_mask} truncated to max_seq_length; an example left with
+    no completion token after truncation is dropped (and counted), never kept with no loss."""
+    for i, row in enumerate(rows):
+        check_messages(row.get("messages"), f"{source}:{i + 1} (id {row.get('id', '?')})")
+    eot_id = end_of_turn_id(tokenizer)
+    names = [f"{source} id {row.get('id', i)}" for i, row in enumerate(rows)]
+    tokenized = tokenize_conversations(tokenizer, [row["messages"] for row in rows], eot_id, names)
+    examples, dropped, truncated = [], 0, 0
+    for ids, mask, _ in tokenized:
+        if len(ids) > max_seq_length:
+            truncated += 1
+            ids, mask = ids[:max_seq_length], mask[:max_seq_length]
+            if not any(mask):
+                dropped += 1
+                continue
+        examples.append({"input_ids": ids, "completion_mask": mask})
+    stats = {
+        "rows": len(rows),
+        "retokenized_at_reply": sum(r for _, _, r in tokenized),
+        "examples": len(examples),
+        "dropped_truncation": dropped,
+        "truncated_kept": truncated - dropped,
+        "tokens": sum(len(e["input_ids"]) for e in examples),
+        "completion_tokens": sum(sum(e["completion_mask"]) for e in examples),
+    }
+    if stats["retokenized_at_reply"]:
+        log.info(
+            "%s: %d conversations tokenize differently across the prompt/reply boundary; their reply is "
+            "tokenized after the prompt's tokens, as the model produces it at inference",
+            source, stats["retokenized_at_reply"],
+        )
+    log.info(
+        "%s: kept %d/%d examples; %d dropped (prompt fills max_seq_length %d, no reply token left), "
+        "%d kept with a truncated reply; %d tokens, %d of them trained (reply + end of turn)",
+        source, stats["examples"], stats["rows"], dropped, max_seq_length, stats["truncated_kept"],
+        stats["tokens"], stats["completion_tokens"],
+    )
+    return examples, stats
+
+
+def rows_per_batch(lengths: list[int], batch_tokens: int, batch_size: int) -> int:
+    """Batch by tokens: rows per micro-batch so that a batch holds ~batch_tokens real tokens
+    (short classical sentences would otherwise leave the GPU launch-bound). batch_tokens 0 = batch_size rows."""
+    if batch_tokens <= 0 or not lengths:
+        return batch_size
+    return max(1, int(batch_tokens / (sum(lengths) / len(lengths))))
+
+
+# ----------------------------------------------------------------------------------------------
+# Model loading, one function per backend
+
+
+def resolve_dtype(cfg: dict, backend: str):
+    import torch
+
+    if not torch.cuda.is_available():
+        if cfg["dtype"] == "bf16":  # CPU autocast; fast only where the CPU has bf16 instructions (AVX512-BF16, AMX)
+            return torch.bfloat16
+        if cfg["dtype"] == "fp16":
+            log.warning("train.dtype fp16 ignored on CPU: training in fp32")
+        return torch.float32
+    if cfg["dtype"] == "auto":
+        if backend == "unsloth":
+            from unsloth import is_bfloat16_supported
+
+            bf16 = is_bfloat16_supported()
+        else:
+            bf16 = torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg["dtype"]]
+
+
+def lora_kwargs(cfg: dict) -> dict:
+    return dict(
+        r=cfg["lora_r"],
+        lora_alpha=cfg["lora_alpha"],
+        lora_dropout=cfg["lora_dropout"],
+        target_modules=list(cfg["target_modules"]),
+        bias=cfg["lora_bias"],
+        use_rslora=cfg["use_rslora"],
+    )
+
+
+def load_unsloth(cfg: dict, dtype):
+    """unsloth's FastLanguageModel: fused kernels, "unsloth" gradient checkpointing, 4-bit via bitsandbytes."""
+    from unsloth import FastLanguageModel
+
+    gc = cfg["gradient_checkpointing"]
+    gc = "unsloth" if gc in ("auto", "unsloth") else bool(gc)
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=modeling.materialize(cfg["model"]),
+        max_seq_length=cfg["max_seq_length"],
+        dtype=dtype,
+        load_in_4bit=cfg["load_in_4bit"],
+        full_finetuning=cfg["method"] == "full",
+        use_gradient_checkpointing=gc,
+        random_state=cfg["seed"],
+    )
+    if cfg["chat_template"]:
+        from unsloth.chat_templates import get_chat_template
+
+        tokenizer = get_chat_template(tokenizer, chat_template=cfg["chat_template"])
+    elif not tokenizer.chat_template:
+        modeling.apply_chat_template_override(tokenizer, None)  # raises: no template and none named
+    if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
+        modeling._fix_special_tokens(tokenizer)
+    if cfg["method"] != "full":
+        model = FastLanguageModel.get_peft_model(
+            model, **lora_kwargs(cfg), use_gradient_checkpointing=gc, random_state=cfg["seed"],
+            max_seq_length=cfg["max_seq_length"],
+        )
+    return model, tokenizer, {"gradient_checkpointing": gc, "added_tokens": []}
+
+
+def load_hf(cfg: dict, dtype, on_gpu: bool):
+    """transformers + peft: the CPU path, and the GPU baseline of benchmarks/train_backends.py."""
+    import torch
+
+    tokenizer = modeling.load_tokenizer(cfg["model"])  # the model's own template, eos = end of turn, a pad token
+    vocab_before = len(tokenizer)
+    if cfg["chat_template"]:
+        modeling.apply_chat_template_override(tokenizer, cfg["chat_template"])
+    added = sorted(i for i in tokenizer.get_vocab().values() if i >= vocab_before)
+    gc = cfg["gradient_checkpointing"]
+    gc = False if gc == "auto" else bool(gc)  # "unsloth" means plain checkpointing here
+    if cfg["load_in_4bit"]:
+        if not on_gpu:
+            raise PipelineError("train.load_in_4bit / method qlora needs a CUDA GPU (bitsandbytes); use method lora on CPU")
+        from peft import prepare_model_for_kbit_training
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            modeling.materialize(cfg["model"]), quantization_config=quant, dtype=dtype, device_map={"": 0}
+        )
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc)
+    else:
+        # full fine-tuning keeps fp32 master weights (bf16/fp16 autocast); LoRA freezes a half-precision base
+        load_dtype = torch.float32 if cfg["method"] == "full" else dtype
+        model = modeling.load_model(cfg["model"], dtype=load_dtype, device="cuda" if on_gpu else "cpu")
+    if added:
+        log.info("chat template %s added %d token(s): resizing the embeddings", cfg["chat_template"], len(added))
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    if cfg["method"] != "full":
+        from peft import LoraConfig, get_peft_model
+        from transformers import set_seed
+
+        set_seed(cfg["seed"])  # LoRA's A matrices start random: seed them, or two runs differ from step 1
+
+        extra = {}
+        if added:  # the new template tokens start as the mean embedding: let LoRA train those rows
+            extra["trainable_token_indices"] = {"embed_tokens": added}
+        peft_config = LoraConfig(task_type="CAUSAL_LM", **lora_kwargs(cfg), **extra)
+        model = get_peft_model(model, peft_config)
+    return model, tokenizer, {"gradient_checkpointing": gc, "added_tokens": added}
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if hasattr(p, "quant_storage") or p.__class__.__name__ == "Params4bit":
+            n *= 2  # bitsandbytes packs two 4-bit values a byte
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+# ----------------------------------------------------------------------------------------------
+# Logging: dvclive (plots declared in dvc.yaml) and token counts
+
+
+def peak_memory_mib() -> tuple[float, str]:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20, "torch.cuda.max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "max RSS"
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def make_trainer_class(base):
+    """The backend's SFTTrainer, counting the real (non-pad) and trained tokens of every micro-batch."""
+
+    class CountingSFTTrainer(base):
+        # running totals kept as device tensors: reading them (int()) waits for the GPU, so only the
+        # logging callback does, not every step
+        _tokens = 0
+        _completion_tokens = 0
+
+        @property
+        def tokens_seen(self) -> int:
+            return int(self._tokens)
+
+        @property
+        def completion_tokens_seen(self) -> int:
+            return int(self._completion_tokens)
+
+        def training_step(self, model, inputs, num_items_in_batch=None, *args, **kwargs):
+            if "attention_mask" in inputs:
+                self._tokens = self._tokens + inputs["attention_mask"].sum()
+            else:  # padding-free: one flattened row, no padding (pad_to_multiple_of is unset)
+                self._tokens = self._tokens + inputs["input_ids"].numel()
+            self._completion_tokens = self._completion_tokens + (inputs["labels"] != -100).sum()
+            return super().training_step(model, inputs, num_items_in_batch, *args, **kwargs)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            head = self.model.get_output_embeddings()
+            if inputs["input_ids"].is_cuda and fused_lm_head_available() and hasattr(head, "bias"):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            # trl 1.15 computes the SFT loss with a Triton kernel (fused LM head), which CPU torch lacks
+            # and which reads lm_head.weight/.bias directly (not there when peft trains added token rows):
+            # use the model's own loss on the same labels (summed over trained tokens / num_items_in_batch).
+            from transformers import Trainer
+
+            inputs = {**inputs, "use_cache": False}  # a cache would hide the padding-free block mask
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    return CountingSFTTrainer
+
+
+def fused_lm_head_available() -> bool:
+    from trl.trainer import utils
+
+    return getattr(utils, "_ChunkedLogProbFunction", None) is not None
+
+
+def open_live(reports: Path):
+    """dvclive logging into reports/ (dvc.yaml declares its plots; dvcyaml=False so it never edits dvc.yaml).
+    Without dvclive (a bare GPU machine running benchmarks) training goes on without plots."""
+    try:
+        from dvclive import Live
+    except ImportError:
+        log.warning("dvclive is not installed: no plots under %s (pip install dvclive)", reports)
+
+        class NoLive:
+            step = 0
+            log_metric = make_summary = end = staticmethod(lambda *args, **kwargs: None)
+
+        return NoLive()
+    return Live(str(reports), dvcyaml=False, save_dvc_exp=False, report=None)
+
+
+def make_live_callback(live, trainer_ref: dict):
+    from transformers import TrainerCallback
+
+    class LiveCallback(TrainerCallback):
+        """Loss, eval loss, learning rate and tokens/s per logging step into dvclive (x = step)."""
+
+        def __init__(self):
+            self.last_time = None
+            self.last_tokens = 0
+            self.history = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.last_time = time.perf_counter()
+            self.train_seconds = 0.0  # training time only (eval excluded), for benchmarks/train_backends.py
+
+        def on_train_end(self, args, state, control, **kwargs):
+            now = time.perf_counter()
+            self.train_seconds += now - self.last_time  # steps after the last logged one
+            self.last_time = now
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = dict(logs or {})
+            trainer = trainer_ref["trainer"]
+            live.step = state.global_step
+            entry = {"step": state.global_step}
+            if "loss" in logs:
+                now = time.perf_counter()
+                log.info("step %d: loss %.4f, %.0f tokens/s", state.global_step, logs["loss"],
+                         (trainer.tokens_seen - self.last_tokens) / max(now - self.last_time, 1e-9))
+                tokens = trainer.tokens_seen - self.last_tokens
+                rate = tokens / max(now - self.last_time, 1e-9)
+                self.train_seconds += now - self.last_time
+                self.last_time, self.last_tokens = now, trainer.tokens_seen
+                entry.update(loss=logs["loss"], learning_rate=logs.get("learning_rate"), tokens_per_s=rate,
+                             tokens=trainer.tokens_seen, completion_tokens=trainer.completion_tokens_seen,
+                             train_seconds=self.train_seconds)
+                live.log_metric("train/loss", float(logs["loss"]))
+                if logs.get("learning_rate") is not None:
+                    live.log_metric("train/learning_rate", float(logs["learning_rate"]))
+                live.log_metric("train/tokens_per_s", round(rate, 1))
+            if "eval_loss" in logs:
+                entry["eval_loss"] = logs["eval_loss"]
+                live.log_metric("eval/loss", float(logs["eval_loss"]))
+                self.last_time = time.perf_counter()  # eval time is not training time
+            if len(entry) > 1:
+                self.history.append(entry)
+                live.make_summary()
+
+    return LiveCallback()
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+
+
+def last_checkpoint(checkpoints: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+
+
+def prepare_checkpoints(cfg: dict, checkpoints: Path) -> str | None:
+    """Return the checkpoint to resume from, or None after clearing old checkpoints for a fresh run."""
+    identity = {k: cfg[k] for k in RUN_IDENTITY}
+    marker = checkpoints / "run_identity.json"
+    if cfg["resume"]:
+        found = last_checkpoint(checkpoints)
+        if found is None:
+            log.info("train.resume: no checkpoint in %s; starting from scratch", checkpoints)
+        else:
+            previous = json.loads(marker.read_text()) if marker.is_file() else None
+            if previous is not None and previous != identity:
+                diff = sorted(k for k in identity if previous.get(k) != identity[k])
+                raise PipelineError(
+                    f"train.resume: the checkpoints in {checkpoints} were made with other values of "
+                    f"{', '.join('train.' + k for k in diff)}; set them back, or resume: false to start again"
+                )
+            log.info("train.resume: continuing from %s", found)
+            return found
+    if checkpoints.exists():
+        shutil.rmtree(checkpoints)
+    checkpoints.mkdir(parents=True)
+    write_json(marker, identity)
+    return None
+
+
+def choose_padding_free(cfg: dict, backend: str, model) -> bool:
+    """auto = padded batches grouped by length, except under flash attention (hf backend).
+
+    Measured on an H200 (unsloth 2026.10.9, SmolLM2-135M architecture, 32k-token batches of ~215-token
+    examples): padded + grouped by length 55k real tokens/s (LoRA; 74k QLoRA) once compiled, unsloth's
+    padding-free path 7-8k. transformers' sdpa/eager mask flattened batches correctly (a block-diagonal
+    mask from position_ids, tests/test_train_masking.py) but attend over the whole flattened batch."""
+    if cfg["padding_free"] != "auto":
+        return bool(cfg["padding_free"])
+    attn = (getattr(model.config, "_attn_implementation", None) or "").split("@")[0].split(":")[0]
+    return backend == "hf" and attn in FLASH_ATTENTION
+
+
+def build_trainer(model, tokenizer, train_examples, valid_examples, cfg: dict, *, rows: int, padding_free: bool,
+                  dtype, optim: str, gradient_checkpointing: bool, output_dir, callbacks=()):
+    """SFTTrainer (unsloth's, once unsloth is imported) on the pre-tokenized examples: the trainer turns
+    completion_mask into labels (-100 off the reply) and its collator pads or flattens the batch."""
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    on_gpu = torch.cuda.is_available()
+    eval_every = cfg["eval_steps"] if valid_examples else 0
+    args = SFTConfig(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=rows,
+        per_device_eval_batch_size=rows,
+        gradient_accumulation_steps=cfg["gradient_accumulation_steps"],
+        max_steps=cfg["max_steps"] if cfg["max_steps"] > 0 else -1,
+        num_train_epochs=cfg["epochs"],
+        learning_rate=cfg["learning_rate"],
+        lr_scheduler_type=cfg["lr_scheduler"],
+        warmup_steps=cfg["warmup_steps"],
+        weight_decay=cfg["weight_decay"],
+        optim=optim,
+        seed=cfg["seed"],
+        data_seed=cfg["seed"],
+        bf16=dtype == torch.bfloat16,
+        fp16=on_gpu and dtype == torch.float16,
+        use_cpu=not on_gpu,
+        gradient_checkpointing=gradient_checkpointing,
+        logging_steps=cfg["logging_steps"],
+        logging_first_step=True,
+        eval_strategy="steps" if eval_every else "no",
+        eval_steps=eval_every or None,
+        save_strategy="steps" if cfg["save_steps"] else "no",
+        save_steps=cfg["save_steps"] or 500,
+        save_total_limit=cfg["save_total_limit"] or None,
+        report_to="none",  # dvclive is ours (Live(dvcyaml=False)); HF would add its own callback
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        completion_only_loss=True,  # labels from our completion_mask (trl and unsloth both honour it)
+        max_length=None,  # truncated in build_examples (trl refuses max_length with padding-free)
+        padding_free=padding_free,
+        packing=False,
+        train_sampling_strategy="random" if padding_free else "group_by_length",
+    )
+    trainer = make_trainer_class(SFTTrainer)(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(train_examples),
+        eval_dataset=Dataset.from_list(valid_examples) if valid_examples else None,
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+    )
+    return trainer
+
+
+def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callbacks=()) -> dict:
+    """Run the stage; returns the summary also written to reports/summary.json. `callbacks`: extra
+    TrainerCallbacks (tests use one to kill a run half-way)."""
+    start = time.perf_counter()
+    out, checkpoints, reports = Path(out), Path(checkpoints), Path(reports)
+    backend = pick_backend(cfg["backend"])  # imports unsloth (if used) before transformers/peft/trl
+    check_trainer_names(cfg)
+
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    train_rows = read_jsonl(train_path)
+    if cfg["max_train_samples"] and cfg["max_train_samples"] < len(train_rows):
+        # a seeded sample in file order, so a quick run still covers every book (the file is in book order)
+        import random
+
+        keep = sorted(random.Random(cfg["seed"]).sample(range(len(train_rows)), cfg["max_train_samples"]))
+        train_rows = [train_rows[i] for i in keep]
+    valid_rows = read_jsonl(valid_path)[: cfg["eval_samples"]] if valid_path and cfg["eval_samples"] else []
+    if not train_rows:
+        raise PipelineError(f"{train_path}: no training rows")
+    resume_from = prepare_checkpoints(cfg, checkpoints)
+
+    dtype = resolve_dtype(cfg, backend)
+    if backend == "unsloth":
+        model, tokenizer, loaded = load_unsloth(cfg, dtype)
+    else:
+        model, tokenizer, loaded = load_hf(cfg, dtype, on_gpu)
+    train_examples, train_stats = build_examples(tokenizer, train_rows, cfg["max_seq_length"], str(train_path))
+    if not train_examples:
+        raise PipelineError(f"{train_path}: every example was dropped by truncation; raise train.max_seq_length")
+    valid_examples, valid_stats = (
+        build_examples(tokenizer, valid_rows, cfg["max_seq_length"], str(valid_path)) if valid_rows else ([], None)
+    )
+
+    lengths = [len(e["input_ids"]) for e in train_examples]
+    mean_length = sum(lengths) / len(lengths)
+    rows = rows_per_batch(lengths, cfg["batch_tokens"], cfg["batch_size"])
+    padding_free = choose_padding_free(cfg, backend, model)
+    optim = cfg["optim"] if cfg["optim"] != "auto" else ("adamw_8bit" if on_gpu else "adamw_torch")
+    log.info(
+        "backend %s on %s, %s, %s; %d rows a micro-batch (~%d tokens; mean example %.0f tokens), %s",
+        backend, device_name(), cfg["method"], str(dtype).replace("torch.", ""), rows, rows * mean_length,
+        mean_length, "padding-free" if padding_free else "padded, grouped by length",
+    )
+
+    live = open_live(reports)
+    trainer_ref = {}
+    live_callback = make_live_callback(live, trainer_ref)
+    trainer = build_trainer(
+        model, tokenizer, train_examples, valid_examples, cfg, rows=rows, padding_free=padding_free, dtype=dtype,
+        optim=optim, gradient_checkpointing=backend == "hf" and bool(loaded["gradient_checkpointing"]),
+        output_dir=checkpoints, callbacks=[live_callback, *callbacks],
+    )
+    trainer_ref["trainer"] = trainer
+    trainable, total = count_parameters(trainer.model)
+    log.info("trainable parameters %s / %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    trainer_time = time.perf_counter() - t0
+    train_time = live_callback.train_seconds  # training steps only: periodic evals excluded
+    evals = [h for h in live_callback.history if "eval_loss" in h]
+    if valid_examples and not (evals and evals[-1]["step"] == trainer.state.global_step):
+        trainer.evaluate()  # logged at the final step by the callback
+        evals = [h for h in live_callback.history if "eval_loss" in h]
+    train_losses = [h["loss"] for h in live_callback.history if "loss" in h]
+
+    resolved = dict(cfg)
+    resolved.update(
+        backend=backend,
+        dtype=str(dtype).replace("torch.", ""),
+        optim=optim,
+        padding_free=padding_free,
+        gradient_checkpointing=loaded["gradient_checkpointing"],
+        rows_per_batch=rows,
+        base_model_path=modeling.materialize(cfg["model"]),
+        vocab_size=len(tokenizer),
+        added_tokens=loaded["added_tokens"],
+        end_of_turn_token=modeling.end_of_turn_token(tokenizer),
+        saved="model" if cfg["method"] == "full" else "adapter",
+    )
+    save_output(trainer.model, tokenizer, resolved, out)
+
+    peak, peak_kind = peak_memory_mib()
+    summary = {
+        "backend": backend,
+        "model": cfg["model"],
+        "method": cfg["method"],
+        "load_in_4bit": cfg["load_in_4bit"],
+        "dtype": resolved["dtype"],
+        "device": device_name(),
+        "trainable_params": trainable,
+        "total_params": total,
+        "steps": trainer.state.global_step,
+        "resumed_from_step": int(Path(resume_from).name.split("-")[-1]) if resume_from else None,
+        "examples": train_stats["examples"],
+        "examples_dropped_truncation": train_stats["dropped_truncation"],
+        "examples_truncated_kept": train_stats["truncated_kept"],
+        "valid_examples": valid_stats["examples"] if valid_stats else 0,
+        "rows_per_batch": rows,
+        "mean_example_tokens": round(mean_length, 1),
+        "padding_free": padding_free,
+        "gradient_checkpointing": loaded["gradient_checkpointing"],
+        "tokens_seen": trainer.tokens_seen,
+        "completion_tokens_seen": trainer.completion_tokens_seen,
+        "train_time_s": round(train_time, 1),
+        "train_time_with_evals_s": round(trainer_time, 1),
+        "wall_time_s": round(time.perf_counter() - start, 1),
+        "tokens_per_s": round(trainer.tokens_seen / max(train_time, 1e-9), 1),
+        "completion_tokens_per_s": round(trainer.completion_tokens_seen / max(train_time, 1e-9), 1),
+        "peak_memory_mib": round(peak, 1),
+        "peak_memory_kind": peak_kind,
+        "final_train_loss": train_losses[-1] if train_losses else None,
+        "mean_train_loss": result.training_loss,
+        "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "train_data": train_stats,
+        "valid_data": valid_stats,
+    }
+    write_json(reports / "summary.json", summary)
+    live.end()
+    summary["history"] = live_callback.history  # returned (benchmarks), not written: dvclive has the plots
+    log.info(
+        "done: %d steps, %s tokens (%s trained) in %.0f s = %.0f tokens/s; final loss %s, eval loss %s; %s %.0f MiB",
+        summary["steps"], f"{summary['tokens_seen']:,}", f"{summary['completion_tokens_seen']:,}", train_time,
+        summary["tokens_per_s"], summary["final_train_loss"], summary["final_eval_loss"], peak_kind, peak,
+    )
+    return summary
+
+
+def save_output(model, tokenizer, resolved: dict, out: Path) -> None:
+    """Adapter (or full model) + tokenizer + training_config.json into a temporary directory, then renamed."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    kwargs = {}
+    if resolved["added_tokens"] and resolved["saved"] == "adapter":
+        # the adapter's trainable_token_indices hold the rows of the added tokens: no need for whole embeddings
+        kwargs["save_embedding_layers"] = False
+    model.save_pretrained(str(tmp), **kwargs)
+    tokenizer.save_pretrained(str(tmp))
+    write_json(tmp / "training_config.json", resolved)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    log.info("saved the %s to %s", resolved["saved"], out)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--train", required=True, help="training JSONL (data/format/train.jsonl)")
+    parser.add_argument("--valid", help="validation JSONL for the eval loss (data/format/valid.jsonl)")
+    parser.add_argument("--out", required=True, help="adapter / model directory (models/adapter)")
+    parser.add_argument("--checkpoints", required=True, help="checkpoint directory (models/checkpoints)")
+    parser.add_argument("--reports", required=True, help="report directory (reports/train)")
+    parser.add_argument("--params", help="read this params.yaml instead of asking DVC (tests, benchmarks)")
+    args = parser.parse_args(argv)
+    cfg = resolve_config(load_params("train", args.params))
+    train(cfg, args.train, args.valid, args.out, args.checkpoints, args.reports)
+
+
+if __name__ == "__main__":
+    run_main(main)

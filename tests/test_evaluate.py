@@ -1,0 +1,421 @@
+"""Tests of the evaluate stage on CPU, offline: a tiny Llama with a character-level tokenizer and a
+chatml template, and a tiny LoRA adapter on it, all built here."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shlex
+import string
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from stages import evaluate
+from stages.common import PipelineError, write_jsonl
+from stages.modeling import CHAT_TEMPLATES
+
+ROOT = Path(__file__).resolve().parents[1]
+SYSTEM = "你是一位精通古汉语的翻译家。"
+PAIRS = [  # (book, chapter, source, target), after the clean stage's t2s
+    ("论语", "学而", "学而时习之，不亦说乎？", "学习了又时常温习和练习，不是很愉快吗？"),
+    ("论语", "学而", "有朋自远方来，不亦乐乎？", "有志同道合的人从远方来，不是很令人高兴的吗？"),
+    ("论语", "学而", "人不知而不愠，不亦君子乎？", "人家不了解我，我也不怨恨，不也是一个有德的君子吗？"),
+    ("论语", "为政", "温故而知新，可以为师矣。", "温习旧知识从而得知新的理解与体会，凭借这一点就可以成为老师了。"),
+    ("孟子", "梁惠王上", "老吾老，以及人之老；幼吾幼，以及人之幼。", "尊敬自己的长辈，从而推广到尊敬别人的长辈；爱护自己的孩子，从而推广到爱护别人的孩子。"),
+    ("孟子", "公孙丑下", "得道者多助，失道者寡助。", "拥有道义的人，帮助他的人就多；失去道义的人，帮助他的人就少。"),
+    ("孟子", "公孙丑下", "天时不如地利，地利不如人和。", "有利的天时比不上有利的地势，有利的地势比不上人心所向。"),
+    ("史记", "伯夷列传", "此何以称焉？", "这又如何颂扬他们呢？"),
+    ("史记", "伯夷列传", "及夏之时，有卞随、务光者。", "到了夏朝，又出现了不接受商汤让位的卞随、务光。"),
+    ("史记", "伯夷列传", "示天下重器，王者大统，传天下若斯之难也。", "这表示天下是极贵重的宝器，帝王是极重要的统绪，所以传授政权是如此地郑重审慎啊！"),
+    ("史记", "伯夷列传", "而说者曰尧让天下于许由，许由不受，耻之逃隐。", "可是诸子杂记里说：唐尧想把天下让给许由，许由不仅不接受，反而以此为耻辱，于是逃走隐居起来。"),
+    ("史记", "伯夷列传", "孔子序列古之仁圣贤人，如吴太伯、伯夷之伦详矣。余以所闻由、光义至高，其文辞不少概见，何哉？", "孔子依次论列古代的仁人、圣人、贤人，如吴太伯、伯夷这些人，都非常详细。我所听说的许由、务光德义是极高的，可是经书里连个大概的记载都没有，这是为什么呢？"),
+    ("史记", "项羽本纪", "项籍少时，学书不成，去。", "项籍小时候，学习认字写字，没有学成。"),
+    ("史记", "项羽本纪", "学剑，又不成。", "放弃了学字，改学击剑，又没有学成。"),
+    ("史记", "项羽本纪", "项梁怒之。", "项梁很生他的气。"),
+    ("史记", "项羽本纪", "剑一人敌，不足学，学万人敌。", "剑也只能抵敌一人，不值得学，要学能抵抗万人的。"),
+]
+TRADITIONAL = "漢國學說們這為與東車馬書長"  # in the vocabulary, so the random model emits some of them
+
+
+def make_rows(pairs=PAIRS) -> list[dict]:
+    rows = []
+    for n, (book, chapter, source, target) in enumerate(pairs, 1):
+        rows.append({
+            "id": f"{book}-{n}", "book": book, "chapter": chapter, "line": n, "source": source, "target": target,
+            "messages": [
+                {"role": "system", "content": SYSTEM},
+                {"role": "user", "content": f"将下面的文言文翻译成现代汉语：\n{source}"},
+                {"role": "assistant", "content": target},
+            ],
+        })
+    return rows
+
+
+def make_tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    text = SYSTEM + "将下面的文言文翻译成现代汉语：\n " + TRADITIONAL + "".join(s + t for _, _, s, t in PAIRS)
+    special = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate(special + sorted(set(text + string.ascii_letters)))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token a character
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<pad>", unk_token="<unk>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tokenizer.chat_template = CHAT_TEMPLATES["chatml"]
+    return tokenizer
+
+
+def make_model(tokenizer, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2, tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and spinning threads are slow on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """models/base-like directory, a LoRA adapter directory and a full fine-tuned model directory."""
+    from peft import LoraConfig, get_peft_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    tokenizer = make_tokenizer()
+    base = make_model(tokenizer)
+    base_dir = root / "base"
+    base.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    training_config = {"model": str(base_dir), "chat_template": None, "max_seq_length": 256, "backend": "hf"}
+
+    torch.manual_seed(1)
+    lora = get_peft_model(
+        make_model(tokenizer),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    adapter_dir = root / "adapter"
+    lora.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    (adapter_dir / "training_config.json").write_text(json.dumps(training_config))
+
+    full_dir = root / "full"
+    make_model(tokenizer, seed=2).save_pretrained(full_dir)
+    tokenizer.save_pretrained(full_dir)
+    (full_dir / "training_config.json").write_text(json.dumps(training_config))
+    return {"tokenizer": tokenizer, "base": base, "base_dir": base_dir, "adapter": adapter_dir, "full": full_dir}
+
+
+def write_params(path: Path, opencc="t2s", **evaluate_params) -> Path:
+    params = {
+        "clean": {"opencc": opencc, "min_chars": 2},
+        "evaluate": {"num_samples": 0, "batch_size": 4, "bootstrap_resamples": 100, "num_examples": 8,
+                     "max_new_tokens_factor": 1.0, "max_new_tokens_extra": 4, **evaluate_params},
+    }
+    path.write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def run_stage(tmp_path: Path, model_dir: Path, rows=None, opencc="t2s", tag="run", **evaluate_params) -> Path:
+    out = tmp_path / tag
+    test = out / "test.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(test, make_rows() if rows is None else rows)
+    evaluate.main([
+        "--test", str(test), "--model", str(model_dir), "--metrics", str(out / "metrics.json"),
+        "--out-dir", str(out / "evaluate"), "--hypotheses", str(out / "hypotheses.jsonl"),
+        "--params", str(write_params(out / "params.yaml", opencc, **evaluate_params)),
+    ])
+    return out
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation
+
+
+def test_batched_generation_with_left_padding_matches_one_at_a_time(tiny):
+    """Mixed prompt lengths in one left-padded batch give exactly what one-at-a-time greedy gives."""
+    rows = make_rows()
+    prompts, sources = [r["messages"][:-1] for r in rows], [r["source"] for r in rows]
+    kwargs = dict(factor=1.0, extra=6)
+    batched, hit_b = evaluate.generate(tiny["base"], tiny["tokenizer"], prompts, sources, batch_size=16, **kwargs)
+    single, hit_s = evaluate.generate(tiny["base"], tiny["tokenizer"], prompts, sources, batch_size=1, **kwargs)
+    assert len({len(s) for s in sources}) > 5  # the batch really mixes lengths
+    assert batched == single and hit_b == hit_s
+    assert all(batched)
+    # the prompt is not in the output: the output is only what the model added after it
+    assert not any("将下面的文言文" in text or "assistant" in text for text in batched)
+
+
+class ScriptedModel(torch.nn.Module):
+    """Stands in for a causal LM: generate() appends a scripted continuation to each prompt, chosen by
+    the prompt's unpadded length, padded like transformers pads finished rows."""
+
+    def __init__(self, scripts: dict[int, list[int]], pad_id: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.scripts, self.pad_id, self.calls = scripts, pad_id, []
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
+        self.calls.append({"shape": tuple(input_ids.shape), "max_new_tokens": max_new_tokens, **kwargs})
+        assert (attention_mask[:, -1] == 1).all(), "left padding: every prompt ends at the last column"
+        rows = []
+        for mask in attention_mask:
+            new = self.scripts[int(mask.sum())][:max_new_tokens]
+            rows.append(new + [self.pad_id] * (max_new_tokens - len(new)))
+        return torch.cat([input_ids, torch.tensor(rows, dtype=torch.long)], dim=1)
+
+
+def test_generation_slices_at_input_length_stops_at_end_of_turn_and_at_budget(tiny):
+    tok = tiny["tokenizer"]
+    eot, pad = tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id
+    ids = lambda text: tok(text, add_special_tokens=False).input_ids  # noqa: E731
+    rows = make_rows()
+    short, long_ = rows[7], rows[11]  # 6 and 47 source characters
+    prompts = [short["messages"][:-1], long_["messages"][:-1]]
+    length = lambda r: len(ids(tok.apply_chat_template(r["messages"][:-1], add_generation_prompt=True, tokenize=False)))  # noqa: E731
+    echo = ids(short["source"])  # the model repeats the prompt's text, within its budget of 1.5 x 6 + 3
+    model = ScriptedModel({
+        length(short): echo + [eot] + ids("天下大乱"),  # ends its turn; what follows is dropped
+        length(long_): ids("天下" * 200),  # never ends its turn: cut at its own budget
+    }, pad)
+    texts, hit = evaluate.generate(model, tok, prompts, [short["source"], long_["source"]],
+                                   batch_size=2, factor=1.5, extra=3, eos_token_ids=[eot])
+    # sliced at the input length, not by searching for the prompt's text
+    assert texts[0] == short["source"] and not hit[0]
+    budget_long = math.ceil(1.5 * len(long_["source"])) + 3  # one token a character
+    assert texts[1] == ("天下" * 200)[:budget_long] and hit[1]
+    # one call for both, with the longer sentence's budget; greedy; stops at the end-of-turn token
+    (call,) = model.calls
+    assert call["max_new_tokens"] == budget_long and call["num_beams"] == 1 and call["do_sample"] is False
+    assert call["eos_token_id"] == [eot]
+
+
+def test_end_of_turn_ids_and_beam_search_run(tiny):
+    tok = tiny["tokenizer"]
+    assert evaluate.end_of_turn_ids(tok) == [tok.convert_tokens_to_ids("<|im_end|>")]
+    rows = make_rows()[:3]
+    texts, _ = evaluate.generate(tiny["base"], tok, [r["messages"][:-1] for r in rows], [r["source"] for r in rows],
+                                 batch_size=3, num_beams=2, factor=0.5, extra=2)
+    assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+
+
+def test_merged_adapter_generates_like_unmerged_and_disable_adapter_gives_the_base(tiny):
+    """On CPU load_finetuned merges the LoRA weights; disable_adapter() must still give the base model."""
+    from peft import PeftModel
+
+    from stages import modeling
+
+    cfg = evaluate.read_training_config(tiny["adapter"])
+    tok = evaluate.load_tokenizer(tiny["adapter"])
+    merged, is_adapter = evaluate.load_finetuned(tiny["adapter"], cfg, tok, "hf")
+    assert is_adapter
+    unmerged = PeftModel.from_pretrained(modeling.load_model(cfg["model"]), str(tiny["adapter"])).eval()
+    rows = make_rows()
+    args = ([r["messages"][:-1] for r in rows], [r["source"] for r in rows])
+    ours = evaluate.generate(merged, tok, *args, factor=1.0, extra=4)
+    assert ours == evaluate.generate(unmerged, tok, *args, factor=1.0, extra=4)
+    with merged.disable_adapter():
+        base = evaluate.generate(merged, tok, *args, factor=1.0, extra=4)
+    assert base == evaluate.generate(tiny["base"], tok, *args, factor=1.0, extra=4) and base != ours
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure functions
+
+
+def test_select_rows_is_deterministic_spread_and_keeps_file_order():
+    rows = [{"id": f"{b}-{i}", "book": b, "line": i} for b in ("论语", "孟子", "史记") for i in range(200)]
+    picked = evaluate.select_rows(rows, 60, seed=0)
+    assert picked == evaluate.select_rows(rows, 60, seed=0)
+    assert len(picked) == 60 and {r["book"] for r in picked} == {"论语", "孟子", "史记"}
+    assert picked != rows[:60] and [rows.index(r) for r in picked] == sorted(rows.index(r) for r in picked)
+    assert evaluate.select_rows(rows, 60, seed=1) != picked
+    assert evaluate.select_rows(rows, 0, seed=0) == rows and evaluate.select_rows(rows, 10_000, seed=0) == rows
+
+
+def test_score_has_zh_signature_and_bootstrap_ci():
+    refs = [t for *_, t in PAIRS]
+    perfect = evaluate.score(refs, refs, n_bootstrap=50)
+    assert perfect["bleu"] == 100.0 and perfect["chrf"] == 100.0
+    assert "tok:zh" in perfect["bleu_signature"] and "bs:50" in perfect["bleu_signature"]
+    assert perfect["chrf_signature"].startswith("nrefs:1|") and "nc:6" in perfect["chrf_signature"]
+    copy = evaluate.score([s for _, _, s, _ in PAIRS], refs, n_bootstrap=200)
+    assert 0 < copy["bleu"] < 100 and copy["bleu_ci95"]["low"] <= copy["bleu"] <= copy["bleu_ci95"]["high"]
+    assert "bleu_ci95" not in evaluate.score(refs, refs)
+
+
+def test_length_buckets():
+    bounds = [10, 20, 40]
+    assert [evaluate.length_bucket(n, bounds) for n in (1, 10, 11, 20, 21, 40, 41, 500)] == [
+        "1-10", "1-10", "11-20", "11-20", "21-40", "21-40", "41+", "41+"]
+
+
+def test_hypotheses_get_the_clean_stage_normalisation_and_opencc():
+    assert evaluate.postprocess(["漢語學說", "  天下\n大乱 ,\t "], "t2s") == ["汉语学说", "天下大乱，"]
+    assert evaluate.postprocess(["漢語"], "none") == ["漢語"]
+    with pytest.raises(PipelineError, match="no-such-config"):
+        evaluate.postprocess(["天下"], "no-such-config")
+
+
+def test_pick_examples_best_worst_spread():
+    chrf = [float(x) for x in range(40)]
+    picks = evaluate.pick_examples(chrf, 8)
+    assert picks["best"] == [39, 38] and picks["worst"] == [0, 1] and len(picks["spread"]) == 4
+    assert set(picks["spread"]).isdisjoint(picks["best"] + picks["worst"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage end to end
+
+
+def test_stage_writes_metrics_breakdowns_samples_and_hypotheses(tiny, tmp_path):
+    from sacrebleu.metrics import BLEU, CHRF
+
+    out = run_stage(tmp_path, tiny["adapter"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_sentences"] == len(PAIRS)
+    for key in ("bleu", "chrf"):
+        assert isinstance(metrics[key], float) and 0 <= metrics[key] <= 100
+    assert "tok:zh" in metrics["bleu_signature"] and "bs:100" in metrics["bleu_signature"]
+    assert "nc:6" in metrics["chrf_signature"]
+    assert metrics["bleu_ci95"]["low"] <= metrics["bleu_ci95"]["high"]
+    assert set(metrics["baselines"]) == {"copy", "base"}
+    # copy baseline = the classical source as the hypothesis
+    sources, refs = [s for _, _, s, _ in PAIRS], [[t for *_, t in PAIRS]]
+    assert metrics["baselines"]["copy"]["bleu"] == round(BLEU(tokenize="zh").corpus_score(sources, refs).score, 2)
+    assert metrics["baselines"]["copy"]["chrf"] == round(CHRF().corpus_score(sources, refs).score, 2)
+
+    hyps = [json.loads(line) for line in (out / "hypotheses.jsonl").read_text().splitlines()]
+    assert [h["id"] for h in hyps] == [r["id"] for r in make_rows()]
+    assert {"book", "chapter", "line", "source", "reference", "hypothesis", "chrf", "base", "base_chrf"} <= set(hyps[0])
+    assert [h["hypothesis"] for h in hyps] != [h["base"] for h in hyps]  # disable_adapter() really switched it off
+    model_scores = evaluate.score([h["hypothesis"] for h in hyps], refs[0])
+    assert (metrics["bleu"], metrics["chrf"]) == (model_scores["bleu"], model_scores["chrf"])
+
+    by_book = read_csv(out / "evaluate" / "by_book.csv")
+    assert list(by_book[0]) == ["book", "n", "bleu", "chrf", "base_bleu", "base_chrf", "copy_bleu", "copy_chrf"]
+    assert {r["book"]: int(r["n"]) for r in by_book} == {"论语": 4, "孟子": 3, "史记": 9}
+    by_length = read_csv(out / "evaluate" / "by_length.csv")
+    assert [r["length"] for r in by_length] == ["1-10", "11-20", "21-40", "41+"]
+    assert sum(int(r["n"]) for r in by_length) == len(PAIRS)
+
+    samples = (out / "evaluate" / "samples.md").read_text()
+    assert "## Best by sentence chrF" in samples and "## Worst by sentence chrF" in samples
+    assert samples.count("- **Source:**") == 8 and samples.count("- **Base output:**") == 8
+    best = max(hyps, key=lambda h: (h["chrf"], -hyps.index(h)))
+    assert samples.index(best["source"]) < samples.index("## Worst")
+
+
+def test_stage_converts_hypotheses_with_clean_opencc(tiny, tmp_path):
+    import opencc
+
+    plain = run_stage(tmp_path, tiny["adapter"], opencc="none", tag="none", baselines=[])
+    converted = run_stage(tmp_path, tiny["adapter"], opencc="t2s", tag="t2s", baselines=[])
+    read = lambda out: [json.loads(l)["hypothesis"] for l in (out / "hypotheses.jsonl").read_text().splitlines()]  # noqa: E731
+    raw, t2s = read(plain), read(converted)
+    assert any(ch in TRADITIONAL for text in raw for ch in text), "the tiny model should emit traditional characters"
+    assert t2s == [opencc.OpenCC("t2s").convert(text) for text in raw] and t2s != raw
+    assert not any(ch in "漢國學說們這為與東車馬書長" for text in t2s for ch in text)
+    assert json.loads((converted / "metrics.json").read_text())["baselines"] == {}
+
+
+def test_full_model_directory_uses_the_base_model_for_the_base_baseline(tiny, tmp_path):
+    out = run_stage(tmp_path, tiny["full"], baselines=["base"], num_samples=6)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_sentences"] == 6 and set(metrics["baselines"]) == {"base"}
+    hyps = [json.loads(line) for line in (out / "hypotheses.jsonl").read_text().splitlines()]
+    # the base outputs are the base model's own greedy outputs
+    rows = {r["id"]: r for r in make_rows()}
+    picked = [rows[h["id"]] for h in hyps]
+    expected, _ = evaluate.generate(tiny["base"], tiny["tokenizer"], [r["messages"][:-1] for r in picked],
+                                    [r["source"] for r in picked], factor=1.0, extra=4)
+    assert [h["base"] for h in hyps] == evaluate.postprocess(expected, "t2s")
+    assert [h["hypothesis"] for h in hyps] != [h["base"] for h in hyps]
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad inputs: one clear line, no traceback
+
+
+def test_missing_test_file_and_model_dir_are_clear_errors(tiny, tmp_path, capsys):
+    from stages.common import run_main
+
+    params = write_params(tmp_path / "params.yaml")
+    args = lambda test, model: ["--test", str(test), "--model", str(model), "--metrics", str(tmp_path / "m.json"),  # noqa: E731
+                                "--out-dir", str(tmp_path / "e"), "--hypotheses", str(tmp_path / "h.jsonl"),
+                                "--params", str(params)]
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(evaluate.main, args(tmp_path / "missing.jsonl", tiny["adapter"]))
+    assert exit_info.value.code == 1
+    assert "missing.jsonl: file not found" in capsys.readouterr().err
+
+    test = tmp_path / "test.jsonl"
+    write_jsonl(test, make_rows())
+    with pytest.raises(PipelineError, match="model directory not found.*train"):
+        evaluate.main(args(test, tmp_path / "no-model"))
+    (tmp_path / "empty-model").mkdir()
+    with pytest.raises(PipelineError, match="training_config.json: not found"):
+        evaluate.main(args(test, tmp_path / "empty-model"))
+    write_jsonl(test, [{"id": "x", "source": "天下", "target": "天下"}])
+    with pytest.raises(PipelineError, match="lacks \\['messages'\\]"):
+        evaluate.main(args(test, tiny["adapter"]))
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_bad_params_are_clear_errors():
+    with pytest.raises(PipelineError, match="unknown key.*num_sample'.*did you mean 'num_samples'"):
+        evaluate.check_evaluate_params({"num_sample": 10})
+    with pytest.raises(PipelineError, match="baselines: unknown"):
+        evaluate.check_evaluate_params({"baselines": ["copy", "oracle"]})
+    with pytest.raises(PipelineError, match="length_buckets"):
+        evaluate.check_evaluate_params({"length_buckets": [20, 10]})
+
+
+# ----------------------------------------------------------------------------------------------
+# The shipped configuration
+
+
+def test_params_and_dvc_yaml_match_the_stage():
+    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    evaluate.check_evaluate_params(params["evaluate"])
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))
+    stage = dvc["stages"]["evaluate"]
+    argv = shlex.split(stage["cmd"])
+    assert argv[:3] == ["python", "-m", "stages.evaluate"]
+    flags = dict(zip(argv[3::2], argv[4::2]))
+    assert set(flags) == {"--test", "--model", "--metrics", "--out-dir", "--hypotheses"}
+    assert {"stages/evaluate.py", "stages/modeling.py", "stages/clean.py", "stages/common.py", flags["--test"], flags["--model"]} <= set(stage["deps"])
+    assert set(stage["params"]) == {"evaluate", "clean.opencc"}
+    assert [next(iter(m)) for m in stage["metrics"]] == [flags["--metrics"]]
+    outs = [o if isinstance(o, str) else next(iter(o)) for o in stage["outs"]]
+    csvs = [f"{flags['--out-dir']}/by_book.csv", f"{flags['--out-dir']}/by_length.csv"]
+    assert set(outs) == {flags["--hypotheses"], *csvs, f"{flags['--out-dir']}/samples.md"}
+    plotted = set()
+    for plot in dvc["plots"]:
+        (spec,) = plot.values()
+        plotted |= set(spec["y"]) if isinstance(spec["y"], dict) else set(plot)
+    assert set(csvs) <= plotted

@@ -1,0 +1,147 @@
+"""export: the merged 16-bit model equals base + adapter and loads with plain transformers; GGUF where
+llama.cpp's tools are found, a clear message where they are not; the stage stays out of plain `dvc repro`."""
+
+from __future__ import annotations
+
+import copy
+import json
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import BASE_PARAMS, REPO
+from test_translate import make_tiny_model
+
+from stages import export
+from stages.common import PipelineError
+
+EXPORT_PARAMS = {"dtype": "bf16", "gguf": True, "gguf_outtype": "auto", "gguf_quantize": "none"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_params(path: Path, **export_params) -> Path:
+    params = copy.deepcopy(BASE_PARAMS)
+    params["export"] = {**EXPORT_PARAMS, **export_params}
+    path.write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def logits(model, ids):
+    import torch
+
+    with torch.inference_mode():
+        return model(input_ids=ids).logits.float()
+
+
+def test_merged_export_matches_base_plus_adapter(tmp_path, monkeypatch):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.delenv("LLAMA_CPP_DIR", raising=False)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no llama.cpp tools
+    adapter = make_tiny_model(tmp_path / "tiny", trainable_tokens=True)
+    out, report = tmp_path / "models" / "export", tmp_path / "reports" / "export.json"
+    export.main(["--model", str(adapter), "--out", str(out), "--report", str(report),
+                 "--params", str(write_params(tmp_path / "params.yaml"))])
+
+    # reference: base + adapter through peft, fp32
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    ids = export.check_input_ids(tokenizer)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny" / "base", dtype=torch.float32)
+    base_logits = logits(base, ids)
+    peft_logits = logits(PeftModel.from_pretrained(base, adapter).eval(), ids)
+    scale = float(peft_logits.abs().max())
+
+    # the export, loaded by plain transformers: bf16 on disk, its tokenizer and chat template beside it
+    hf = out / "hf"
+    merged = AutoModelForCausalLM.from_pretrained(hf)
+    assert merged.dtype == torch.bfloat16
+    merged_logits = logits(merged.float(), ids)
+    error = float((merged_logits - peft_logits).abs().max())
+    effect = float((peft_logits - base_logits).abs().max())
+    assert error < 0.02 * scale, (error, scale)  # bf16 rounding only
+    assert effect > 10 * error, (effect, error)  # the adapter changed the model far beyond that tolerance
+    exported_tok = AutoTokenizer.from_pretrained(hf)
+    assert exported_tok.chat_template == tokenizer.chat_template
+    assert merged.generation_config.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")  # stops at end of turn
+
+    # the fp32 merge itself is exact to float error (what the stage checks before casting)
+    rep = json.loads(report.read_text(encoding="utf-8"))
+    assert rep["merge_check"]["merged"] and rep["merge_check"]["max_abs_logit_diff"] < 1e-4
+    assert rep["hf"]["dtype"] == "bf16" and rep["hf"]["path"] == str(hf)
+
+    # no llama.cpp: no GGUF, a message saying what is missing and how to get it, and the stage succeeded
+    assert rep["gguf"]["files"] == [] and not list(out.glob("*.gguf"))
+    assert "convert_hf_to_gguf.py" in rep["gguf"]["message"] and "LLAMA_CPP_DIR" in rep["gguf"]["message"]
+    assert "git clone" in rep["gguf"]["message"]
+
+    # the exported model carries the training prompt, so translate needs no params.yaml for it
+    cfg = json.loads((hf / "training_config.json").read_text(encoding="utf-8"))
+    assert cfg["prompt"]["format"]["system_prompt"] == BASE_PARAMS["format"]["system_prompt"]
+    assert cfg["prompt"]["opencc"] == "t2s" and cfg["max_seq_length"] == 256
+    assert sorted(p.name for p in out.parent.iterdir()) == ["export"]  # no temporary directory left
+
+
+def test_gguf_with_llama_cpp_tools(tmp_path, monkeypatch):
+    """Fake convert_hf_to_gguf.py and llama-quantize in $LLAMA_CPP_DIR: called with the right arguments."""
+    llama = tmp_path / "llama.cpp"
+    (llama / "build" / "bin").mkdir(parents=True)
+    (llama / "convert_hf_to_gguf.py").write_text(
+        "import sys\nargs = sys.argv[1:]\nassert args[1] == '--outfile' and args[3] == '--outtype', args\n"
+        "open(args[2], 'w').write('GGUF ' + args[0] + ' ' + args[4])\n"
+    )
+    quantize = llama / "build" / "bin" / "llama-quantize"
+    quantize.write_text(f"#!{sys.executable}\nimport sys\nopen(sys.argv[2], 'w').write('Q ' + sys.argv[3])\n")
+    quantize.chmod(quantize.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("LLAMA_CPP_DIR", str(llama))
+    hf = tmp_path / "out" / "hf"
+    hf.mkdir(parents=True)
+    p = {**EXPORT_PARAMS, "gguf_quantize": "Q4_K_M"}
+    result = export.export_gguf(hf, tmp_path / "out", p, export.find_llama_cpp())
+    assert result["files"] == ["model.gguf", "model-Q4_K_M.gguf"]
+    assert (tmp_path / "out" / "model.gguf").read_text() == f"GGUF {hf} auto"
+    assert (tmp_path / "out" / "model-Q4_K_M.gguf").read_text() == "Q Q4_K_M"
+
+    quantize.unlink()  # converter only: the GGUF is written, the quantisation is explained, not failed
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    result = export.export_gguf(hf, tmp_path / "out", p, export.find_llama_cpp())
+    assert result["files"] == ["model.gguf"] and "llama-quantize was not found" in result["message"]
+
+    assert export.export_gguf(hf, tmp_path / "out", {**p, "gguf": False}, {})["files"] == []
+
+
+def test_missing_model_and_bad_params_are_clear_errors(tmp_path):
+    params = write_params(tmp_path / "params.yaml")
+    with pytest.raises(PipelineError, match="model directory not found"):
+        export.main(["--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--report", str(tmp_path / "r.json"),
+                     "--params", str(params)])
+    with pytest.raises(PipelineError, match="export.dtype must be one of bf16, fp16"):
+        export.check_export_params({**EXPORT_PARAMS, "dtype": "fp32"})
+
+
+def test_export_stage_is_out_of_plain_dvc_repro():
+    """`dvc repro` runs the stages of ./dvc.yaml (and what they depend on); export lives in export/dvc.yaml,
+    so only `dvc repro export/dvc.yaml` runs it. Its command must match the script's arguments."""
+    root = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))
+    assert "export" not in root["stages"]
+    stage = yaml.safe_load((REPO / "export" / "dvc.yaml").read_text(encoding="utf-8"))["stages"]["export"]
+    assert stage["wdir"] == ".." and export.PIPELINE_STAGE == "export/dvc.yaml:export"
+    assert stage["cmd"].startswith("python -m stages.export ")
+    assert set(stage["params"]) == {"export", "format", "clean.opencc"}
+    assert "models/adapter" in stage["deps"] and "stages/export.py" in stage["deps"]
+    outs = [o if isinstance(o, str) else next(iter(o)) for o in stage["outs"]]
+    assert outs == ["models/export", "reports/export.json"]
+    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    export.check_export_params(params["export"])

@@ -1,0 +1,277 @@
+"""The train stage end to end on a tiny Llama (hidden 32, 2 layers) and a tiny tokenizer built here:
+LoRA and full fine-tuning save what evaluate loads, the loss is finite and the weights move, a run killed
+half-way and resumed ends where an uninterrupted run ends, and bad params fail before any loading.
+GPU tests (unsloth, QLoRA) skip visibly without CUDA."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from pathlib import Path
+
+from stages import modeling
+from stages import train as train_stage
+from stages.common import PipelineError
+
+REPO = Path(__file__).resolve().parents[1]
+PAIRS = [
+    ("学而时习之，不亦说乎？", "学了又时常温习，不是很愉快吗？"),
+    ("有朋自远方来，不亦乐乎？", "有志同道合的人从远方来，不是很令人高兴的吗？"),
+    ("人不知而不愠，不亦君子乎？", "人家不了解我，我也不怨恨，不也是一个有德的君子吗？"),
+    ("温故而知新，可以为师矣。", "温习旧的知识从而得到新的理解，就可以做老师了。"),
+    ("三人行，必有我师焉。", "几个人一起走，其中必定有可以做我老师的人。"),
+    ("知之为知之，不知为不知，是知也。", "知道就是知道，不知道就是不知道，这才是聪明。"),
+]
+SYSTEM = "你是翻译家。"
+CHATML = modeling.CHAT_TEMPLATES["chatml"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy machine every op would wait for the other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def rows(n: int) -> list[dict]:
+    out = []
+    for i in range(n):
+        src, tgt = PAIRS[i % len(PAIRS)]
+        out.append({
+            "id": f"论语-{i}", "book": "论语", "chapter": "学而", "line": i, "source": src, "target": tgt,
+            "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "翻译：\n" + src},
+                         {"role": "assistant", "content": tgt}],
+        })
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny model directory (config.json + weights + tokenizer with a ChatML template) and JSONL data."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("tiny")
+    texts = [SYSTEM] + [s + t for s, t in PAIRS] + ["system user assistant 翻译：\n"] * 3
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    backend.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.chat_template = CHATML
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    model_dir = root / "tiny-llama"
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    data = root / "format"
+    data.mkdir()
+    for name, n in (("train", 48), ("valid", 8)):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows(n)), encoding="utf-8")
+    return {"model": str(model_dir), "train": data / "train.jsonl", "valid": data / "valid.jsonl"}
+
+
+def run(tiny, tmp_path, name="run", callbacks=(), subprocess=False, **overrides) -> tuple[dict, dict]:
+    """Run the stage through main() with a params.yaml (or train() when callbacks are given; or
+    `python -m stages.train` in a fresh interpreter, for unsloth, which must be imported first)."""
+    params = {
+        "model": tiny["model"], "backend": "hf", "max_seq_length": 128, "batch_tokens": 0, "batch_size": 4,
+        "max_steps": 4, "warmup_steps": 0, "learning_rate": 0.01, "logging_steps": 1, "eval_steps": 2,
+        "eval_samples": 8, "save_steps": 2, "lora_r": 4, "lora_alpha": 8, **overrides,
+    }
+    base = tmp_path / name
+    paths = {"out": base / "adapter", "checkpoints": base / "checkpoints", "reports": base / "reports"}
+    if callbacks:
+        cfg = train_stage.resolve_config(params)
+        train_stage.train(cfg, tiny["train"], tiny["valid"], paths["out"], paths["checkpoints"], paths["reports"], callbacks)
+    else:
+        base.mkdir(parents=True, exist_ok=True)
+        (base / "params.yaml").write_text(yaml.safe_dump({"train": params}, allow_unicode=True), encoding="utf-8")
+        argv = [
+            "--train", str(tiny["train"]), "--valid", str(tiny["valid"]), "--out", str(paths["out"]),
+            "--checkpoints", str(paths["checkpoints"]), "--reports", str(paths["reports"]),
+            "--params", str(base / "params.yaml"),
+        ]
+        if subprocess:
+            import subprocess as sp
+            import sys
+
+            proc = sp.run([sys.executable, "-m", "stages.train", *argv], cwd=REPO, capture_output=True, text=True)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        else:
+            train_stage.main(argv)
+    summary = json.loads((paths["reports"] / "summary.json").read_text())
+    return summary, paths
+
+
+def test_lora_trains_saves_and_loads_like_evaluate(tiny, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    summary, paths = run(tiny, tmp_path)
+    for key in ("backend", "model", "method", "trainable_params", "total_params", "steps", "examples",
+                "examples_dropped_truncation", "tokens_seen", "completion_tokens_seen", "wall_time_s",
+                "tokens_per_s", "completion_tokens_per_s", "peak_memory_mib", "final_train_loss",
+                "final_eval_loss", "device"):
+        assert key in summary, key
+    assert summary["backend"] == "hf" and summary["method"] == "lora" and summary["steps"] == 4
+    assert 0 < summary["trainable_params"] < summary["total_params"]
+    assert summary["examples"] == 48 and summary["examples_dropped_truncation"] == 0
+    assert 0 < summary["completion_tokens_seen"] < summary["tokens_seen"]
+    assert math.isfinite(summary["final_train_loss"]) and math.isfinite(summary["final_eval_loss"])
+    out = paths["out"]
+    cfg = json.loads((out / "training_config.json").read_text())
+    assert cfg["model"] == tiny["model"] and cfg["backend"] == "hf" and cfg["saved"] == "adapter"
+    assert cfg["end_of_turn_token"] == "<|im_end|>"
+    weights = load_file(out / "adapter_model.safetensors")
+    lora_b = [w for k, w in weights.items() if "lora_B" in k]
+    assert lora_b and any(w.abs().sum() > 0 for w in lora_b)  # B starts at zero: training moved it
+    assert not list(out.parent.glob(".adapter.tmp*"))  # written atomically
+    # what the evaluate stage does
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.chat_template == CHATML
+    model = PeftModel.from_pretrained(modeling.load_model(cfg["model"]), out)
+    ids = tokenizer.apply_chat_template(rows(1)[0]["messages"][:-1], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    assert torch.isfinite(model(**ids).logits).all()
+    if importlib.util.find_spec("dvclive") is None:  # a bare GPU machine: the stage trains without plots
+        return
+    # dvclive plots by step, for dvc.yaml
+    loss_tsv = (paths["reports"] / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
+    assert loss_tsv[0] == "step\tloss" and len(loss_tsv) == 1 + 4
+    assert (paths["reports"] / "plots" / "metrics" / "eval" / "loss.tsv").is_file()
+    assert (paths["reports"] / "plots" / "metrics" / "train" / "tokens_per_s.tsv").is_file()
+
+
+def test_full_fine_tuning_changes_the_weights(tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    summary, paths = run(tiny, tmp_path, method="full", learning_rate=0.001, eval_steps=0, save_steps=0)
+    assert summary["method"] == "full" and summary["trainable_params"] == summary["total_params"]
+    assert math.isfinite(summary["final_train_loss"])
+    before = load_file(f"{tiny['model']}/model.safetensors")
+    after = load_file(paths["out"] / "model.safetensors")
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert json.loads((paths["out"] / "training_config.json").read_text())["saved"] == "model"
+
+
+def test_resume_after_a_kill_ends_like_an_uninterrupted_run(tiny, tmp_path):
+    from transformers import TrainerCallback
+
+    class Killed(Exception):
+        pass
+
+    class KillAfterCheckpoint(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise Killed
+
+    common = dict(max_steps=6, save_steps=3, eval_steps=0)
+    whole, _ = run(tiny, tmp_path, "whole", **common)
+    with pytest.raises(Killed):
+        run(tiny, tmp_path, "killed", callbacks=[KillAfterCheckpoint()], **common)
+    again, _ = run(tiny, tmp_path, "again", **common)
+    assert again["final_train_loss"] == whole["final_train_loss"]  # runs repeat (LoRA init is seeded)
+    resumed, paths = run(tiny, tmp_path, "killed", resume=True, **common)
+    assert resumed["resumed_from_step"] == 3 and resumed["steps"] == 6
+    assert resumed["final_train_loss"] == pytest.approx(whole["final_train_loss"], rel=1e-4)
+    assert resumed["final_eval_loss"] == pytest.approx(whole["final_eval_loss"], rel=1e-4)
+    # a fresh run (resume: false) clears the old checkpoints first
+    run(tiny, tmp_path, "killed", max_steps=2, save_steps=0, eval_steps=0)
+    assert not list(paths["checkpoints"].glob("checkpoint-*"))
+
+
+def test_named_template_adds_its_tokens_and_trains_them(tiny, tmp_path):
+    """The tiny tokenizer lacks Llama-3.1's header and end-of-turn tokens: they are added, the embeddings
+    resized, and those rows trained with the adapter; evaluate resizes the base to training_config's vocab_size."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    summary, paths = run(tiny, tmp_path, chat_template="llama-3.1", eval_steps=0)
+    assert math.isfinite(summary["final_train_loss"])
+    cfg = json.loads((paths["out"] / "training_config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(paths["out"])
+    assert cfg["end_of_turn_token"] == "<|eot_id|>" and len(cfg["added_tokens"]) == 3
+    assert len(tokenizer) == cfg["vocab_size"] and "<|start_header_id|>" in tokenizer.chat_template
+    weights = load_file(paths["out"] / "adapter_model.safetensors")
+    assert any("trainable_tokens" in k for k in weights)  # the new rows are part of the adapter
+    assert not any("embed_tokens.base_layer" in k or k.endswith("embed_tokens.weight") for k in weights)
+    ids = tokenizer.apply_chat_template(rows(1)[0]["messages"], return_tensors="pt", return_dict=True)
+    logits = []
+    for seed in (1, 2):  # resizing initialises the new rows at random: the adapter's rows must replace them
+        torch.manual_seed(seed)
+        base = modeling.load_model(cfg["model"])
+        base.resize_token_embeddings(cfg["vocab_size"])
+        model = PeftModel.from_pretrained(base, paths["out"]).eval()
+        logits.append(model(**ids).logits)
+    assert torch.allclose(logits[0], logits[1])
+
+
+def test_resume_refuses_checkpoints_of_another_run(tiny, tmp_path):
+    run(tiny, tmp_path, "a", max_steps=2, eval_steps=0)
+    with pytest.raises(PipelineError, match="lora_r"):
+        run(tiny, tmp_path, "a", max_steps=4, eval_steps=0, resume=True, lora_r=8)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"lerning_rate": 1e-4}, "unknown key.*'lerning_rate' \\(did you mean 'learning_rate'\\?\\)"),
+        ({"chat_template": "vicuna"}, "chat_template 'vicuna' is unknown"),
+        ({"model": "/nonexistent/tiny-model"}, "neither an existing path nor a hub id"),
+        ({"model": "missing.gguf"}, "GGUF file missing.gguf does not exist"),
+        ({"method": "dora"}, "train.method must be one of"),
+        ({"batch_size": "eight"}, "should be int"),
+        ({"max_seq_length": 0}, "max_seq_length must be > 0"),
+        ({"method": "full", "load_in_4bit": True}, "cannot train a 4-bit base"),
+    ],
+)
+def test_bad_params_fail_before_any_loading(tiny, tmp_path, monkeypatch, overrides, message):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("got past parameter checking")
+
+    monkeypatch.setattr(train_stage, "pick_backend", no_loading)
+    with pytest.raises(PipelineError, match=message):
+        run(tiny, tmp_path, **overrides)
+
+
+def test_rows_per_batch_follows_the_token_budget():
+    assert train_stage.rows_per_batch([100, 300], 4096, 8) == 20
+    assert train_stage.rows_per_batch([5000], 4096, 8) == 1
+    assert train_stage.rows_per_batch([100], 0, 8) == 8
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA + unsloth")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
+def test_unsloth_backend_trains(tiny, tmp_path, method):
+    summary, paths = run(tiny, tmp_path, backend="unsloth", method=method, max_steps=3, eval_steps=0,
+                         learning_rate=0.001 if method == "full" else 0.01, subprocess=True)
+    assert summary["backend"] == "unsloth" and summary["padding_free"] is False  # auto: padded, grouped by length
+    assert math.isfinite(summary["final_train_loss"]) and summary["peak_memory_kind"] == "torch.cuda.max_memory_allocated"
+    assert (paths["out"] / "training_config.json").is_file()
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_hf_backend_qlora_on_gpu(tiny, tmp_path):
+    summary, _ = run(tiny, tmp_path, backend="hf", method="qlora", max_steps=3, eval_steps=0, subprocess=True)
+    assert summary["backend"] == "hf" and summary["load_in_4bit"] is True
+    assert math.isfinite(summary["final_train_loss"])

@@ -1,0 +1,250 @@
+"""translate: sentence splitting, one output line per input line, the training prompt, prompt-length
+limits (split at ，、 or a clear error, never truncation), and real runs on a tiny model built here."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from stages import evaluate, translate
+from stages.common import PipelineError, run_main
+from stages.format import build_messages
+
+# Two lines, every sentence end (。！？；), a closing quote after a question mark, and an empty line between.
+PASSAGE = "子曰：“学而时习之，不亦说乎？”有朋自远方来；不亦乐乎！\n\n人不知而不愠，不亦君子乎。"
+PASSAGE_SENTENCES = [["子曰：“学而时习之，不亦说乎？”", "有朋自远方来；", "不亦乐乎！"], [], ["人不知而不愠，不亦君子乎。"]]
+
+
+# ----------------------------------------------------------------------------------------------
+# A tiny model laid out as the train stage writes models/adapter (also used by test_export.py)
+
+
+def make_tokenizer():
+    """Byte-level BPE without merges (any text, ~3 tokens a Chinese character) + ChatML special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from stages.modeling import CHAT_TEMPLATES
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    tokenizer.add_special_tokens(
+        {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "additional_special_tokens": ["<|im_start|>"]}
+    )
+    tokenizer.chat_template = CHAT_TEMPLATES["chatml"]
+    return tokenizer
+
+
+def make_tiny_model(root: Path, max_seq_length: int = 256, trainable_tokens: bool = False, seed: int = 0) -> Path:
+    """root/base (tiny Llama, tied embeddings like SmolLM2) + root/adapter (LoRA with non-zero B weights,
+    tokenizer, training_config.json). Returns the adapter directory."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = make_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    base_dir, adapter_dir = root / "base", root / "adapter"
+    LlamaForCausalLM(config).save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    extra = {"trainable_token_indices": {"embed_tokens": [tokenizer.convert_tokens_to_ids("<|im_start|>")]}} if trainable_tokens else {}
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False,
+                      task_type="CAUSAL_LM", **extra)
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(base_dir), lora)
+    with torch.no_grad():  # a large adapter effect, so that "merged == base + adapter" means something
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "trainable_tokens_delta" in name:
+                param.normal_(0, 0.5)
+    model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    cfg = {"model": str(base_dir), "chat_template": None, "max_seq_length": max_seq_length, "backend": "hf"}
+    (adapter_dir / "training_config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    return adapter_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two torch threads on a busy 2-core machine make generate() 100x slower; one is plenty here."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def echo_generate(monkeypatch):
+    """Replace generation with '译' + the piece, recording the prompts it was given."""
+    calls = []
+
+    def fake(model, tokenizer, prompts, sources, **kwargs):
+        calls.append({"prompts": prompts, "sources": list(sources)})
+        return ["译" + s for s in sources], [False] * len(sources)
+
+    monkeypatch.setattr(evaluate, "generate", fake)
+    return calls
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure functions
+
+
+def test_split_sentences_keeps_punctuation_and_closing_quotes():
+    line = PASSAGE.split("\n")[0]
+    assert translate.split_sentences(line) == PASSAGE_SENTENCES[0]
+    assert translate.split_sentences("何也？！善。余") == ["何也？！", "善。", "余"]
+    assert translate.split_sentences("。开头") == ["。", "开头"]
+    assert translate.split_sentences("") == []
+    for text in (line, "何也？！善。余", "；；甲；", "无标点"):
+        assert "".join(translate.split_sentences(text)) == text
+
+
+def test_fit_sentence_splits_at_commas_then_errors_naming_the_line():
+    fits = lambda s: len(s) <= 8  # noqa: E731  (a prompt budget of 8 characters)
+    sentence = "一二三，四五六、七八九，十一二三四。"
+    pieces = translate.fit_sentence(sentence, fits, "input line 1", "8")
+    assert "".join(pieces) == sentence and all(fits(p) for p in pieces)
+    assert pieces == ["一二三，四五六、", "七八九，", "十一二三四。"]
+    assert translate.fit_sentence("短句。", fits, "x", "8") == ["短句。"]
+    with pytest.raises(PipelineError, match=r"input line 3: the clause '一二三四五六七八九十，'.*too long"):
+        translate.plan_lines(["好。", "", "甲，一二三四五六七八九十，乙。"], fits, "8")
+
+
+def test_split_input_lines_counts_like_wc():
+    assert translate.split_input_lines("a\nb\n") == ["a", "b"]
+    assert translate.split_input_lines("a\r\n\nb") == ["a", "", "b"]
+    assert translate.split_input_lines("") == []
+    assert translate.assemble([["a", "b"], [], ["c"]], ["A", "B", "C"]) == ["AB", "", "C"]
+
+
+def test_context_sentences_as_in_training_and_dropped_oldest_first_when_too_long():
+    fmt = {"system_prompt": "", "user_template": "{classical}", "context_sentences": 2, "context_template": "上文：{context}\n"}
+    chars = lambda messages: sum(len(m["content"]) for m in messages)  # noqa: E731  (a token = a character)
+    prompts = translate.build_prompts(["甲。", "乙。", "丙。", "丁丁丁丁丁丁。"], fmt, chars, max_tokens=12)
+    assert prompts[0] == build_messages("甲。", "", [], fmt)[:-1]
+    assert prompts[2] == build_messages("丙。", "", ["甲。", "乙。"], fmt)[:-1]  # the N previous sentences
+    assert prompts[3] == build_messages("丁丁丁丁丁丁。", "", [], fmt)[:-1]  # 上文：乙。丙。\n + 7 > 12: both dropped
+    assert prompts[1][0]["content"] == "上文：甲。\n乙。"
+
+
+# ----------------------------------------------------------------------------------------------
+# The command, with generation replaced by an echo: alignment and the exact training prompt
+
+
+def test_file_and_stdin_output_aligned_with_input(tiny_adapter, write_params, tmp_path, echo_generate, monkeypatch, capsys):
+    params = write_params()
+    src = tmp_path / "in.txt"
+    src.write_text(PASSAGE + "\n", encoding="utf-8")
+    out = tmp_path / "out.txt"
+    translate.main(["--input", str(src), "--output", str(out), "--model", str(tiny_adapter), "--params", str(params)])
+    expected = ["".join("译" + s for s in sentences) for sentences in PASSAGE_SENTENCES]
+    assert out.read_text(encoding="utf-8").split("\n") == [*expected, ""]  # 3 lines in, 3 lines out
+    assert not list(tmp_path.glob(".out.txt.*"))  # written atomically: no temporary file left
+
+    # the prompts are the training prompts of stages/format.py (system prompt + user template)
+    fmt = {"system_prompt": "你是翻译家。", "user_template": "翻译：\n{classical}", "context_sentences": 0,
+           "context_template": "上文：{context}\n"}
+    call = echo_generate[-1]
+    assert call["sources"] == [s for sentences in PASSAGE_SENTENCES for s in sentences]
+    assert call["prompts"] == [build_messages(s, "", [], fmt)[:-1] for s in call["sources"]]
+
+    # standard input (no trailing newline), output on stdout
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(PASSAGE.encode("utf-8")), encoding="utf-8"))
+    translate.main(["--model", str(tiny_adapter), "--params", str(params)])
+    assert capsys.readouterr().out.split("\n") == [*expected, ""]
+
+    # a sentence as the argument; traditional characters go through clean.opencc (t2s) as in training
+    translate.main(["學而時習之。", "--model", str(tiny_adapter), "--params", str(params)])
+    assert capsys.readouterr().out == "译学而时习之。\n"
+
+
+def test_too_long_sentence_is_split_at_commas_or_a_clear_error(tiny_adapter, write_params, tmp_path, echo_generate):
+    params = write_params()
+    tokenizer = evaluate.load_tokenizer(tiny_adapter)
+    fmt = {"system_prompt": "你是翻译家。", "user_template": "翻译：\n{classical}", "context_sentences": 0,
+           "context_template": ""}
+
+    def prompt_tokens(text):
+        rendered = tokenizer.apply_chat_template(build_messages(text, "", [], fmt)[:-1], add_generation_prompt=True, tokenize=False)
+        return len(tokenizer(rendered, add_special_tokens=False).input_ids)
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for f in tiny_adapter.iterdir():
+        (model / f.name).write_bytes(f.read_bytes())
+    limit = prompt_tokens("一二三四五六七八，")  # nine characters fit, no more
+    cfg = json.loads((model / "training_config.json").read_text())
+    (model / "training_config.json").write_text(json.dumps({**cfg, "max_seq_length": limit}))
+
+    long_line = "一二三四五六七八，一二三四五六七八、一二三四五六七八。"
+    out = tmp_path / "out.txt"
+    translate.main([f"短句。\n{long_line}", "--model", str(model), "--params", str(params), "--output", str(out)])
+    sources = echo_generate[-1]["sources"]
+    assert sources == ["短句。", "一二三四五六七八，", "一二三四五六七八、", "一二三四五六七八。"]
+    assert all(prompt_tokens(s) <= limit for s in sources)
+    assert out.read_text(encoding="utf-8") == "译短句。\n" + "".join("译" + s for s in sources[1:]) + "\n"
+
+    with pytest.raises(PipelineError, match=r"argument line 2: the clause .* too long .* max_seq_length %d" % limit):
+        translate.main(["短句。\n一二三四五六七八九十。", "--model", str(model), "--params", str(params)])
+
+
+def test_missing_model_dir_is_a_clear_error(tmp_path, write_params, capsys):
+    params = write_params()
+    with pytest.raises(SystemExit) as exc:
+        run_main(translate.main, ["学而时习之。", "--model", str(tmp_path / "nope"), "--params", str(params)])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert "nope: model directory not found" in err and "dvc repro train" in err and "Traceback" not in err
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PipelineError, match="training_config.json: not found"):
+        translate.main(["学而时习之。", "--model", str(tmp_path / "empty"), "--params", str(params)])
+
+
+# ----------------------------------------------------------------------------------------------
+# Real generation with the tiny model (its translations are noise; the plumbing is what is tested)
+
+
+def test_tiny_model_file_mode(tiny_adapter, write_params, tmp_path):
+    params = write_params()
+    src, out = tmp_path / "in.txt", tmp_path / "out.txt"
+    src.write_text(PASSAGE + "\n", encoding="utf-8")
+    translate.main(["-i", str(src), "-o", str(out), "--model", str(tiny_adapter), "--params", str(params),
+                    "--max-new-tokens-factor", "0.1", "--batch-size", "2"])
+    lines = out.read_text(encoding="utf-8").split("\n")
+    assert len(lines) == 4 and lines[-1] == ""  # three lines and the final newline
+    assert lines[1] == ""  # the empty line stays empty (the others hold the tiny model's noise, maybe nothing)
+
+
+def test_tiny_model_stdin_command(tiny_adapter, write_params):
+    params = write_params()
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.translate", "--model", str(tiny_adapter), "--params", str(params),
+         "--max-new-tokens-factor", "0.1"],
+        input=PASSAGE.encode("utf-8"), capture_output=True, env=env, cwd=REPO, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert len(proc.stdout.decode("utf-8").split("\n")) == 4  # 3 lines out for 3 lines in
+    assert "translate: 100%" in proc.stderr.decode()  # tqdm's bar, on stderr

@@ -485,7 +485,13 @@ def open_live(reports: Path):
             log_metric = make_summary = end = staticmethod(lambda *args, **kwargs: None)
 
         return NoLive()
-    return Live(str(reports), dvcyaml=False, save_dvc_exp=False, report=None)
+    try:
+        return Live(str(reports), dvcyaml=False, save_dvc_exp=False, report=None)
+    except Exception as exc:  # dvclive 3.49 raises scmrepo's SCMError in a git repo with no commit yet
+        if "Empty git repo" in str(exc):
+            raise PipelineError("this git repository has no commit yet; commit once (git add -A && git commit) "
+                                "before dvc repro, as DVC experiments need a commit too") from None
+        raise
 
 
 def make_live_callback(live, trainer_ref: dict):

@@ -195,6 +195,14 @@ def iter_files(path: Path, show_progress: bool = True):
                         if member.isfile():
                             name = member.name[2:] if member.name.startswith("./") else member.name
                             yield name, (lambda member=member: tar.extractfile(member).read())
+                    # A cut in the tar's zero padding loses no member but is still a broken download:
+                    # read to the end and check that the compressed stream really ended.
+                    stream = tar.fileobj
+                    while stream.read(1 << 20):
+                        pass
+                    decompressor = getattr(stream, "cmp", None)
+                    if decompressor is not None and not getattr(decompressor, "eof", True):
+                        raise EOFError("the compressed stream ends before its end marker")
     except corrupt as exc:
         raise PipelineError(f"{path}: corrupt or truncated archive ({type(exc).__name__}: {exc})") from None
 

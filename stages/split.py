@@ -125,11 +125,9 @@ def main(argv=None) -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report_splits, per_book = {}, {}
+    report_splits, per_book, parts = {}, {}, {}
     for s in SPLITS:
-        part = df[df["split"] == s].drop(columns=["split", "key"]).reset_index(drop=True)
-        with atomic_path(out / f"{s}.parquet") as tmp:
-            part.to_parquet(tmp, index=False)
+        part = parts[s] = df[df["split"] == s].drop(columns=["split", "key"]).reset_index(drop=True)
         chapters = part["corpus"] + "/" + part["book"] + "/" + part["chapter"]
         report_splits[s] = {
             "pairs": len(part),
@@ -143,7 +141,13 @@ def main(argv=None) -> None:
         if len(part) == 0 and s != "train":
             log.warning("the %s split is empty: too few chapters for %s_fraction (or seed)", s, s)
     if report_splits["train"]["pairs"] == 0:
-        raise PipelineError("the train split is empty; lower split.valid_fraction/test_fraction or test_books")
+        raise PipelineError(
+            f"the train split is empty ({len(df):,} pairs in {args.pairs}); lower split.valid_fraction/test_fraction "
+            "or test_books, or if clean kept too few pairs, check clean.min_chars/max_chars/max_ratio"
+        )
+    for s, part in parts.items():  # only once every check passed: a failed run keeps the last good splits
+        with atomic_path(out / f"{s}.parquet") as tmp:
+            part.to_parquet(tmp, index=False)
 
     total = sum(r["pairs"] for r in report_splits.values())
     log.info(

@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 from stages import clean, modeling
+from stages.modeling import read_training_config
 from stages.common import (
     PipelineError,
     check_params,
@@ -218,23 +219,6 @@ def end_of_turn_ids(tokenizer) -> list[int]:
 
 # ----------------------------------------------------------------------------------------------
 # Loading the fine-tuned model (written by the train stage)
-
-
-def read_training_config(model_dir: Path) -> dict:
-    if not model_dir.is_dir():
-        raise PipelineError(f"{model_dir}: model directory not found; run the train stage first (dvc repro train)")
-    path = model_dir / "training_config.json"
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: not found; {model_dir} should be written by the train stage") from None
-    except json.JSONDecodeError as exc:
-        raise PipelineError(f"{path}: not valid JSON ({exc.msg})") from None
-    if not cfg.get("model"):
-        raise PipelineError(f"{path}: has no 'model' (the base model the adapter was trained on)")
-    if not (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file():
-        raise PipelineError(f"{model_dir}: neither a LoRA adapter (adapter_config.json) nor a model (config.json)")
-    return cfg
 
 
 def pick_backend(cfg: dict) -> str:

@@ -33,7 +33,7 @@ import re
 import sys
 import unicodedata
 
-from stages.common import PipelineError, atomic_path, check_params, get_logger, load_params, run_main, write_json
+from stages.common import PipelineError, atomic_path, check_params, get_logger, load_params, read_pairs, run_main, write_json
 
 log = get_logger("clean")
 
@@ -44,7 +44,6 @@ DEFAULTS = {
     "max_ratio": 4.0,
     "dedupe": True,
 }
-COLUMNS = ("id", "corpus", "book", "chapter", "line", "source", "target")
 RULES = ("empty", "too_short", "too_long", "ratio", "duplicate")
 
 # CJK characters and CJK/full-width punctuation: a space next to one of these is dropped, and a
@@ -201,19 +200,6 @@ def check_clean_params(params: dict) -> None:
         raise PipelineError(f"params.yaml 'clean.max_ratio' should be >= 1, got {params['max_ratio']}")
 
 
-def read_pairs(path: str):
-    import pandas as pd
-
-    try:
-        df = pd.read_parquet(path)
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: not found; run the ingest stage first (dvc repro ingest)") from None
-    missing = [c for c in COLUMNS if c not in df.columns]
-    if missing:
-        raise PipelineError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(COLUMNS)}")
-    return df
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pairs", required=True, help="ingest's pairs parquet")
@@ -229,7 +215,7 @@ def main(argv=None) -> None:
     import pandas as pd
     from tqdm import tqdm
 
-    df = read_pairs(args.pairs)
+    df = read_pairs(args.pairs, "ingest")
     n_in = len(df)
     changed = {}
     for side in tqdm(("source", "target"), desc="normalise", unit="side", disable=None):

@@ -160,6 +160,24 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
+# The row schema between the data stages (parquet): provenance first, then the pair.
+PAIR_COLUMNS = ("id", "corpus", "book", "chapter", "line", "source", "target")
+
+
+def read_pairs(path: str | os.PathLike, made_by: str):
+    """Read a pairs parquet written by stage `made_by`; a missing file or column is a clear error."""
+    import pandas as pd
+
+    try:
+        df = pd.read_parquet(path)
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: not found; run the {made_by} stage first (dvc repro {made_by})") from None
+    missing = [c for c in PAIR_COLUMNS if c not in df.columns]
+    if missing:
+        raise PipelineError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(PAIR_COLUMNS)}")
+    return df
+
+
 def run_main(main, argv=None) -> None:
     """Run a stage's main(); a PipelineError prints as one clear line and exits 1, no traceback."""
     try:

@@ -22,7 +22,7 @@ import argparse
 import collections
 from pathlib import Path
 
-from stages.common import PipelineError, check_params, get_logger, load_params, run_main, write_json, write_jsonl
+from stages.common import PipelineError, check_params, get_logger, load_params, read_pairs, run_main, write_json, write_jsonl
 
 log = get_logger("format")
 
@@ -33,7 +33,6 @@ DEFAULTS = {
     "context_template": "上文：{context}\n",
 }
 SPLITS = ("train", "valid", "test")
-COLUMNS = ("id", "corpus", "book", "chapter", "line", "source", "target")
 
 
 def check_templates(params: dict) -> None:
@@ -96,19 +95,6 @@ def format_rows(df, params: dict, stats: dict | None = None):
         yield row
 
 
-def read_split(path: Path):
-    import pandas as pd
-
-    try:
-        df = pd.read_parquet(path)
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: not found; run the split stage first (dvc repro split)") from None
-    missing = [c for c in COLUMNS if c not in df.columns]
-    if missing:
-        raise PipelineError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(COLUMNS)}")
-    return df
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--split-dir", required=True, help="directory with train/valid/test.parquet")
@@ -121,7 +107,7 @@ def main(argv=None) -> None:
     check_templates(params)
     from tqdm import tqdm
 
-    frames = {s: read_split(Path(args.split_dir) / f"{s}.parquet") for s in SPLITS}
+    frames = {s: read_pairs(Path(args.split_dir) / f"{s}.parquet", "split") for s in SPLITS}
     report = {}
     example = None
     for s in SPLITS:

@@ -24,7 +24,7 @@ import hashlib
 import re
 from pathlib import Path
 
-from stages.common import PipelineError, atomic_path, check_params, get_logger, load_params, run_main, write_json
+from stages.common import PipelineError, atomic_path, check_params, get_logger, load_params, read_pairs, run_main, write_json
 
 log = get_logger("split")
 
@@ -35,7 +35,6 @@ DEFAULTS = {
     "test_books": [],
 }
 SPLITS = ("train", "valid", "test")
-COLUMNS = ("id", "corpus", "book", "chapter", "line", "source", "target")
 _NOT_WORD = re.compile(r"[^\w\n]|_")  # punctuation, symbols, spaces; keeps CJK, Latin letters and digits
 
 
@@ -79,19 +78,6 @@ def check_split_params(params: dict) -> None:
         raise PipelineError("params.yaml 'split.test_books' should be a list of book names")
 
 
-def read_pairs(path: str):
-    import pandas as pd
-
-    try:
-        df = pd.read_parquet(path)
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: not found; run the clean stage first (dvc repro clean)") from None
-    missing = [c for c in COLUMNS if c not in df.columns]
-    if missing:
-        raise PipelineError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(COLUMNS)}")
-    return df
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pairs", required=True, help="clean pairs parquet")
@@ -103,7 +89,7 @@ def main(argv=None) -> None:
     params = check_params(load_params("split", args.params), DEFAULTS, "split")
     check_split_params(params)
 
-    df = read_pairs(args.pairs)
+    df = read_pairs(args.pairs, "clean")
     available = sorted(set(df["book"].unique()))
     missing = sorted(set(params["test_books"]) - set(available))
     if missing:

@@ -238,14 +238,8 @@ def pick_backend(cfg: dict) -> str:
 
 
 def load_tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError) as exc:
-        raise PipelineError(f"{model_dir}: no usable tokenizer ({exc})") from None
-    if not tokenizer.chat_template:
-        raise PipelineError(f"{model_dir}: the tokenizer has no chat template; the train stage should save it")
+    """The trained tokenizer, set up for batched generation (left padding)."""
+    tokenizer = modeling.load_trained_tokenizer(model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

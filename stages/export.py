@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 from stages.common import PipelineError, check_params, get_logger, load_params, run_main, write_json
-from stages.modeling import read_training_config
+from stages.modeling import load_trained_tokenizer, read_training_config
 
 log = get_logger("export")
 
@@ -89,18 +89,6 @@ def check_export_params(section: dict) -> dict:
 
 # ----------------------------------------------------------------------------------------------
 # Merge
-
-
-def load_tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError) as exc:
-        raise PipelineError(f"{model_dir}: no usable tokenizer ({exc})") from None
-    if not tokenizer.chat_template:
-        raise PipelineError(f"{model_dir}: the tokenizer has no chat template; the train stage should save it")
-    return tokenizer
 
 
 def load_trained(model_dir: Path, cfg: dict, tokenizer):
@@ -268,7 +256,7 @@ def main(argv=None) -> None:
     cfg = read_training_config(args.model)  # before anything heavy: clear errors when missing
     tools = find_llama_cpp()
 
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = load_trained_tokenizer(args.model)
     model, is_adapter = load_trained(args.model, cfg, tokenizer)
     log.info("%s: %s on %s; merging and saving as %s", args.model, "LoRA adapter" if is_adapter else "full model", cfg["model"], p["dtype"])
     model, check = merge(model, is_adapter, tokenizer)

@@ -232,3 +232,16 @@ def read_training_config(model_dir: Path) -> dict:
     if not (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file():
         raise PipelineError(f"{model_dir}: neither a LoRA adapter (adapter_config.json) nor a model (config.json)")
     return cfg
+
+
+def load_trained_tokenizer(model_dir: Path):
+    """The tokenizer the train stage saved beside the adapter/model, with its chat template."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"{model_dir}: no usable tokenizer ({exc})") from None
+    if not tokenizer.chat_template:
+        raise PipelineError(f"{model_dir}: the tokenizer has no chat template; the train stage should save it")
+    return tokenizer

@@ -23,6 +23,13 @@ labels (-100 elsewhere); unsloth's dataset preparation does the same with the sa
 Batches are sized in tokens (train.batch_tokens / mean example length = rows a micro-batch) and grouped
 by length, so padding stays small; train.padding_free flattens them instead (see choose_padding_free).
 On CPU the loss is the model's own (trl 1.15's fused LM-head loss needs Triton, i.e. a GPU).
+
+Several GPUs (train.num_gpus > 1): the stage launches itself again through torchrun (data-parallel DDP,
+one process per GPU) with the same arguments; both backends train that way (unsloth's DDP is what its
+docs describe: one model per process on cuda:LOCAL_RANK). The batch stays global: train.batch_tokens /
+batch_size are what one optimizer step sees over all GPUs, split evenly, so num_gpus changes the speed,
+not the run. Only rank 0 writes reports/, the adapter and checkpoints' bookkeeping. Launched by hand
+(`torchrun --nproc_per_node N -m stages.train ...`) the stage uses whatever world size torchrun gives it.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ import os
 import platform
 import resource
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -75,6 +84,7 @@ DEFAULTS = {  # the types and values params.yaml's train: section is checked aga
     "save_steps": 15,
     "save_total_limit": 2,
     "resume": False,
+    "num_gpus": 1,  # > 1: relaunch through torchrun, one DDP process per GPU
 }
 METHODS = ("lora", "qlora", "full")
 BACKENDS = ("auto", "unsloth", "hf")
@@ -113,7 +123,7 @@ def resolve_config(section: dict) -> dict:
         raise PipelineError(
             f"train.chat_template '{name}' is unknown; choose one of: {', '.join(modeling.CHAT_TEMPLATES)} (or null)"
         )
-    positive = ["max_seq_length", "batch_size", "gradient_accumulation_steps", "lora_r", "logging_steps"]
+    positive = ["max_seq_length", "batch_size", "gradient_accumulation_steps", "lora_r", "logging_steps", "num_gpus"]
     for key in positive:
         if cfg[key] <= 0:
             raise PipelineError(f"train.{key} must be > 0; got {cfg[key]}")
@@ -170,6 +180,73 @@ def pick_backend(requested: str) -> str:
         log.warning("unsloth is not usable (%s); training with the hf backend", exc)
         return "hf"
     return "unsloth"
+
+
+# ----------------------------------------------------------------------------------------------
+# Several GPUs: torchrun, one process per GPU
+
+
+def world() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) in a plain process."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def launch_command(num_processes: int, argv: list[str]) -> list[str]:
+    """This stage again under torchrun (torch.distributed.run), same arguments, one process per GPU."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_processes}",
+            "-m", "stages.train", *argv]
+
+
+def launch_distributed(cfg: dict, argv: list[str]) -> int:
+    """train.num_gpus > 1 in a plain process: check the GPUs are there, then hand over to torchrun."""
+    import torch
+
+    wanted, visible = cfg["num_gpus"], torch.cuda.device_count()
+    if visible < wanted:
+        raise PipelineError(
+            f"train.num_gpus is {wanted} but {visible} CUDA GPU(s) are visible"
+            f"{' (CUDA_VISIBLE_DEVICES=' + os.environ['CUDA_VISIBLE_DEVICES'] + ')' if 'CUDA_VISIBLE_DEVICES' in os.environ else ''}; "
+            f"set train.num_gpus to at most {max(visible, 1)}"
+        )
+    modeling.materialize(cfg["model"])  # a GGUF is dequantised once here, not by every process at once
+    cmd = launch_command(wanted, argv)
+    log.info("train.num_gpus=%d: launching %s", wanted, " ".join(cmd[1:]))
+    return subprocess.run(cmd).returncode
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def init_distributed(on_gpu: bool) -> None:
+    """The process group, before anything rank 0 must do first (accelerate reuses an initialised one)."""
+    import torch
+    import torch.distributed as dist
+
+    rank, local_rank, size = world()
+    if size == 1 or dist.is_initialized():
+        return
+    if on_gpu:
+        torch.cuda.set_device(local_rank)  # "cuda" now means this process's GPU
+    dist.init_process_group(backend="nccl" if on_gpu else "gloo")
+    if rank != 0:
+        log.setLevel("WARNING")  # one log, from rank 0
+
+
+def summed(value: int) -> int:
+    """A count summed over all processes (itself in a plain process)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return int(value)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    t = torch.tensor([int(value)], dtype=torch.long, device=device)
+    dist.all_reduce(t)
+    return int(t.item())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,6 +400,9 @@ def load_unsloth(cfg: dict, dtype):
 
     gc = cfg["gradient_checkpointing"]
     gc = "unsloth" if gc in ("auto", "unsloth") else bool(gc)
+    extra = {}
+    if world()[2] > 1:  # DDP: each process loads its copy onto its own GPU
+        extra["device_map"] = {"": world()[1]}
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=modeling.materialize(cfg["model"]),
         max_seq_length=cfg["max_seq_length"],
@@ -331,6 +411,7 @@ def load_unsloth(cfg: dict, dtype):
         full_finetuning=cfg["method"] == "full",
         use_gradient_checkpointing=gc,
         random_state=cfg["seed"],
+        **extra,
     )
     if cfg["chat_template"]:
         from unsloth.chat_templates import get_chat_template
@@ -369,7 +450,8 @@ def load_hf(cfg: dict, dtype, on_gpu: bool):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
         )
         model = AutoModelForCausalLM.from_pretrained(
-            modeling.materialize(cfg["model"]), quantization_config=quant, dtype=dtype, device_map={"": 0}
+            modeling.materialize(cfg["model"]), quantization_config=quant, dtype=dtype,
+            device_map={"": world()[1]},
         )
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc)
     else:
@@ -472,18 +554,21 @@ def fused_lm_head_available() -> bool:
     return getattr(utils, "_ChunkedLogProbFunction", None) is not None
 
 
+class NoLive:
+    step = 0
+    log_metric = make_summary = end = staticmethod(lambda *args, **kwargs: None)
+
+
 def open_live(reports: Path):
     """dvclive logging into reports/ (dvc.yaml declares its plots; dvcyaml=False so it never edits dvc.yaml).
-    Without dvclive (a bare GPU machine running benchmarks) training goes on without plots."""
+    Without dvclive (a bare GPU machine running benchmarks) training goes on without plots; under DDP only
+    rank 0 logs."""
+    if world()[0] != 0:
+        return NoLive()
     try:
         from dvclive import Live
     except ImportError:
         log.warning("dvclive is not installed: no plots under %s (pip install dvclive)", reports)
-
-        class NoLive:
-            step = 0
-            log_metric = make_summary = end = staticmethod(lambda *args, **kwargs: None)
-
         return NoLive()
     try:
         return Live(str(reports), dvcyaml=False, save_dvc_exp=False, report=None)
@@ -521,14 +606,15 @@ def make_live_callback(live, trainer_ref: dict):
             entry = {"step": state.global_step}
             if "loss" in logs:
                 now = time.perf_counter()
-                log.info("step %d: loss %.4f, %.0f tokens/s", state.global_step, logs["loss"],
-                         (trainer.tokens_seen - self.last_tokens) / max(now - self.last_time, 1e-9))
-                tokens = trainer.tokens_seen - self.last_tokens
+                # under DDP: this process's share x processes (no collective here; summary.json has exact sums)
+                tokens = (trainer.tokens_seen - self.last_tokens) * world()[2]
                 rate = tokens / max(now - self.last_time, 1e-9)
+                log.info("step %d: loss %.4f, %.0f tokens/s", state.global_step, logs["loss"], rate)
                 self.train_seconds += now - self.last_time
                 self.last_time, self.last_tokens = now, trainer.tokens_seen
                 entry.update(loss=logs["loss"], learning_rate=logs.get("learning_rate"), tokens_per_s=rate,
-                             tokens=trainer.tokens_seen, completion_tokens=trainer.completion_tokens_seen,
+                             tokens=trainer.tokens_seen * world()[2],
+                             completion_tokens=trainer.completion_tokens_seen * world()[2],
                              train_seconds=self.train_seconds)
                 live.log_metric("train/loss", float(logs["loss"]))
                 if logs.get("learning_rate") is not None:
@@ -636,6 +722,7 @@ def build_trainer(model, tokenizer, train_examples, valid_examples, cfg: dict, *
         padding_free=padding_free,
         packing=False,
         train_sampling_strategy="random" if padding_free else "group_by_length",
+        ddp_find_unused_parameters=False if world()[2] > 1 else None,  # LoRA: the frozen base has no grads
     )
     trainer = make_trainer_class(SFTTrainer)(
         model=model,
@@ -659,6 +746,8 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
     import torch
 
     on_gpu = torch.cuda.is_available()
+    init_distributed(on_gpu)
+    rank, _, processes = world()
     train_rows = read_jsonl(train_path)
     if cfg["max_train_samples"] and cfg["max_train_samples"] < len(train_rows):
         # a seeded sample in file order, so a quick run still covers every book (the file is in book order)
@@ -669,7 +758,11 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
     valid_rows = read_jsonl(valid_path)[: cfg["eval_samples"]] if valid_path and cfg["eval_samples"] else []
     if not train_rows:
         raise PipelineError(f"{train_path}: no training rows")
-    resume_from = prepare_checkpoints(cfg, checkpoints)
+    if rank == 0:
+        resume_from = prepare_checkpoints(cfg, checkpoints)
+    barrier()
+    if rank != 0:
+        resume_from = last_checkpoint(checkpoints) if cfg["resume"] else None
 
     dtype = resolve_dtype(cfg, backend)
     if backend == "unsloth":
@@ -685,12 +778,16 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
 
     lengths = [len(e["input_ids"]) for e in train_examples]
     mean_length = sum(lengths) / len(lengths)
-    rows = rows_per_batch(lengths, cfg["batch_tokens"], cfg["batch_size"])
+    global_rows = rows_per_batch(lengths, cfg["batch_tokens"], cfg["batch_size"])
+    # the micro-batch is global: each of the DDP processes takes its share, so one step sees the same
+    # number of rows whatever train.num_gpus is (rounded up to a multiple of the processes)
+    rows = -(-global_rows // processes)
     padding_free = choose_padding_free(cfg, backend, model)
     optim = cfg["optim"] if cfg["optim"] != "auto" else ("adamw_8bit" if on_gpu else "adamw_torch")
     log.info(
-        "backend %s on %s, %s, %s; %d rows a micro-batch (~%d tokens; mean example %.0f tokens), %s",
-        backend, device_name(), cfg["method"], str(dtype).replace("torch.", ""), rows, rows * mean_length,
+        "backend %s on %s%s, %s, %s; %d rows a micro-batch (~%d tokens; mean example %.0f tokens), %s",
+        backend, device_name(), f" x {processes} processes ({rows} rows each)" if processes > 1 else "",
+        cfg["method"], str(dtype).replace("torch.", ""), rows * processes, rows * processes * mean_length,
         mean_length, "padding-free" if padding_free else "padded, grouped by length",
     )
 
@@ -717,6 +814,7 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
         trainer.evaluate()  # logged at the final step by the callback
         evals = [h for h in live_callback.history if "eval_loss" in h]
     train_losses = [h["loss"] for h in live_callback.history if "loss" in h]
+    tokens_seen, completion_tokens_seen = summed(trainer.tokens_seen), summed(trainer.completion_tokens_seen)
 
     resolved = dict(cfg)
     resolved.update(
@@ -725,14 +823,16 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
         optim=optim,
         padding_free=padding_free,
         gradient_checkpointing=loaded["gradient_checkpointing"],
-        rows_per_batch=rows,
+        rows_per_batch=rows * processes,
+        processes=processes,
         base_model_path=modeling.materialize(cfg["model"]),
         vocab_size=len(tokenizer),
         added_tokens=loaded["added_tokens"],
         end_of_turn_token=modeling.end_of_turn_token(tokenizer),
         saved="model" if cfg["method"] == "full" else "adapter",
     )
-    save_output(trainer.model, tokenizer, resolved, out)
+    if rank == 0:
+        save_output(trainer.model, tokenizer, resolved, out)
 
     peak, peak_kind = peak_memory_mib()
     summary = {
@@ -742,6 +842,7 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
         "load_in_4bit": cfg["load_in_4bit"],
         "dtype": resolved["dtype"],
         "device": device_name(),
+        "processes": processes,  # DDP processes (GPUs); 1 = a plain run
         "trainable_params": trainable,
         "total_params": total,
         "steps": trainer.state.global_step,
@@ -750,18 +851,18 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
         "examples_dropped_truncation": train_stats["dropped_truncation"],
         "examples_truncated_kept": train_stats["truncated_kept"],
         "valid_examples": valid_stats["examples"] if valid_stats else 0,
-        "rows_per_batch": rows,
+        "rows_per_batch": rows * processes,
         "mean_example_tokens": round(mean_length, 1),
         "padding_free": padding_free,
         "gradient_checkpointing": loaded["gradient_checkpointing"],
-        "tokens_seen": trainer.tokens_seen,
-        "completion_tokens_seen": trainer.completion_tokens_seen,
+        "tokens_seen": tokens_seen,
+        "completion_tokens_seen": completion_tokens_seen,
         "train_time_s": round(train_time, 1),
         "train_time_with_evals_s": round(trainer_time, 1),
         "wall_time_s": round(time.perf_counter() - start, 1),
-        "tokens_per_s": round(trainer.tokens_seen / max(train_time, 1e-9), 1),
-        "completion_tokens_per_s": round(trainer.completion_tokens_seen / max(train_time, 1e-9), 1),
-        "peak_memory_mib": round(peak, 1),
+        "tokens_per_s": round(tokens_seen / max(train_time, 1e-9), 1),
+        "completion_tokens_per_s": round(completion_tokens_seen / max(train_time, 1e-9), 1),
+        "peak_memory_mib": round(peak, 1),  # per GPU (rank 0's) under DDP
         "peak_memory_kind": peak_kind,
         "final_train_loss": train_losses[-1] if train_losses else None,
         "mean_train_loss": result.training_loss,
@@ -769,8 +870,10 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
         "train_data": train_stats,
         "valid_data": valid_stats,
     }
-    write_json(reports / "summary.json", summary)
+    if rank == 0:
+        write_json(reports / "summary.json", summary)
     live.end()
+    barrier()  # the adapter is on disk before any process returns
     summary["history"] = live_callback.history  # returned (benchmarks), not written: dvclive has the plots
     log.info(
         "done: %d steps, %s tokens (%s trained) in %.0f s = %.0f tokens/s; final loss %s, eval loss %s; %s %.0f MiB",
@@ -809,7 +912,16 @@ def main(argv=None) -> None:
     parser.add_argument("--params", help="read this params.yaml instead of asking DVC (tests, benchmarks)")
     args = parser.parse_args(argv)
     cfg = resolve_config(load_params("train", args.params))
+    if cfg["num_gpus"] > 1 and world()[2] == 1:
+        code = launch_distributed(cfg, sys.argv[1:] if argv is None else list(argv))
+        if code:
+            raise PipelineError(f"the {cfg['num_gpus']}-process torchrun run failed (exit {code}); its log is above")
+        return
     train(cfg, args.train, args.valid, args.out, args.checkpoints, args.reports)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

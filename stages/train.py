@@ -214,6 +214,19 @@ def launch_distributed(cfg: dict, argv: list[str]) -> int:
     return subprocess.run(cmd).returncode
 
 
+def pin_one_gpu() -> None:
+    """train.num_gpus 1 on a machine with several GPUs: make only the first visible one visible. Otherwise
+    transformers' Trainer wraps the model in nn.DataParallel over all of them, which trl refuses (seen on a
+    2 x H100 machine). Must run before CUDA is initialised; a run under torchrun is left alone."""
+    if world()[2] > 1:
+        return
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    first = visible.split(",")[0].strip() if visible is not None else "0"
+    if visible != first:
+        os.environ["CUDA_VISIBLE_DEVICES"] = first
+        log.info("train.num_gpus is 1: training on GPU %s only (CUDA_VISIBLE_DEVICES=%s)", first, first)
+
+
 def barrier() -> None:
     import torch.distributed as dist
 
@@ -917,6 +930,8 @@ def main(argv=None) -> None:
         if code:
             raise PipelineError(f"the {cfg['num_gpus']}-process torchrun run failed (exit {code}); its log is above")
         return
+    if cfg["num_gpus"] == 1:
+        pin_one_gpu()
     train(cfg, args.train, args.valid, args.out, args.checkpoints, args.reports)
     import torch.distributed as dist
 

@@ -76,3 +76,23 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tiny, tmp_path)
     assert (base / "adapter" / "model.safetensors").is_file()
     assert sorted(p.name for p in (base / "checkpoints").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
     assert proc.stderr.count("done: 6 steps") == 1
+
+
+@pytest.mark.parametrize("visible, expected", [(None, "0"), ("2,3", "2"), ("1", "1"), ("", "")])
+def test_one_gpu_runs_see_one_gpu(monkeypatch, visible, expected):
+    """num_gpus 1 with several GPUs visible: Trainer would wrap the model in nn.DataParallel, which trl
+    refuses ("does not support nn.DataParallel", seen on 2 x H100): the stage keeps the first one only."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    train_stage.pin_one_gpu()
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == expected
+
+
+def test_a_torchrun_worker_keeps_its_gpus(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    train_stage.pin_one_gpu()
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"

@@ -33,7 +33,7 @@ import re
 import sys
 import unicodedata
 
-from stages.common import PipelineError, atomic_path, check_params, get_logger, load_params, read_pairs, run_main, write_json
+from stages.common import PipelineError, atomic_outputs, check_params, get_logger, load_params, read_pairs, run_main, write_json
 
 log = get_logger("clean")
 
@@ -237,29 +237,27 @@ def main(argv=None) -> None:
     if kept == 0:
         raise PipelineError(f"clean kept no pairs out of {n_in:,}; check clean.min_chars/max_chars/max_ratio")
 
-    with atomic_path(args.out) as tmp:
-        kept_df.to_parquet(tmp, index=False)
     dropped_per_book = (
         pd.DataFrame({"book": df["corpus"] + "/" + df["book"], "reason": reason})[reason != ""]
         .groupby(["book", "reason"]).size().unstack(fill_value=0)
     )
-    write_json(
-        args.report,
-        {
-            "pairs_in": n_in,
-            "pairs_kept": kept,
-            "pairs_dropped": n_in - kept,
-            "dropped": dropped,
-            "normalised": changed,
-            "params": params,
-            "kept_per_book": {k: int(v) for k, v in (kept_df["corpus"] + "/" + kept_df["book"]).value_counts().sort_index().items()},
-            "dropped_per_book": {b: {r: int(n) for r, n in row.items() if n} for b, row in dropped_per_book.iterrows()},
-            "chars_mean": {
-                "source": round(float(kept_df["source"].str.len().mean()), 2),
-                "target": round(float(kept_df["target"].str.len().mean()), 2),
-            },
+    report = {
+        "pairs_in": n_in,
+        "pairs_kept": kept,
+        "pairs_dropped": n_in - kept,
+        "dropped": dropped,
+        "normalised": changed,
+        "params": params,
+        "kept_per_book": {k: int(v) for k, v in (kept_df["corpus"] + "/" + kept_df["book"]).value_counts().sort_index().items()},
+        "dropped_per_book": {b: {r: int(n) for r, n in row.items() if n} for b, row in dropped_per_book.iterrows()},
+        "chars_mean": {
+            "source": round(float(kept_df["source"].str.len().mean()), 2),
+            "target": round(float(kept_df["target"].str.len().mean()), 2),
         },
-    )
+    }
+    with atomic_outputs(args.out, args.report) as (out_tmp, report_tmp):  # both change together, or neither
+        kept_df.to_parquet(out_tmp, index=False)
+        write_json(report_tmp, report)
     log.info("wrote %s", args.out)
 
 

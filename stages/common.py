@@ -103,23 +103,48 @@ def _same_kind(value: Any, default: Any) -> bool:
 # half-way never leaves a partial file that DVC or the user could take for a good one.
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
-    path = Path(path)
+def _temp_beside(path: Path) -> Path:
+    """An empty temporary file in path's directory (so the final rename stays on one filesystem)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions open() would
-    tmp_path = Path(tmp)
+    return Path(tmp)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
+    with atomic_outputs(path) as (tmp,):
+        yield tmp
+
+
+@contextlib.contextmanager
+def atomic_outputs(*paths: str | os.PathLike) -> Iterator[list[Path]]:
+    """Yield one temporary path per output; rename them all onto their outputs only if the whole block succeeds.
+
+    A stage writes all its outputs (data and report) inside one block, after computing them, so a failure
+    anywhere (even between writing the data and writing the report) leaves every last good output as it
+    was and no temporary file behind:
+
+        with atomic_outputs(args.out, args.report) as (out, report):
+            df.to_parquet(out)
+            write_json(report, summary)
+    """
+    targets = [Path(p) for p in paths]
+    temps: list[Path] = []
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
+        for target in targets:
+            temps.append(_temp_beside(target))
+        yield temps
+        for tmp, target in zip(temps, targets):  # renames only: the outputs change together, at the very end
+            os.replace(tmp, target)
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        for tmp in temps:
+            if tmp.exists():
+                tmp.unlink()
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -146,17 +171,32 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     rows = []
     path = Path(path)
     try:
-        f = open(path, encoding="utf-8")
+        f = open(path, "rb")
     except FileNotFoundError:
-        raise PipelineError(f"{path}: file not found") from None
+        raise PipelineError(f"{path}: file not found; check the path, or run the stage that writes it (dvc repro)") from None
     with f:
-        for lineno, line in enumerate(f, 1):
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a BOM is harmless
+            except UnicodeDecodeError as exc:
+                raise PipelineError(
+                    f"{path}:{lineno}: not UTF-8 ({exc.reason} at byte {exc.start} of the line); convert the file to UTF-8 (e.g. iconv -f GBK -t UTF-8)"
+                ) from None
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise PipelineError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                raise PipelineError(
+                    f"{path}:{lineno}: not valid JSON ({exc.msg}); fix or delete that line, or rewrite the file "
+                    "with the stage that writes it (dvc repro)"
+                ) from None
+            if not isinstance(row, dict):
+                raise PipelineError(
+                    f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}; fix or delete that line, "
+                    "or rewrite the file with the stage that writes it (dvc repro)"
+                )
+            rows.append(row)
     return rows
 
 
@@ -172,6 +212,10 @@ def read_pairs(path: str | os.PathLike, made_by: str):
         df = pd.read_parquet(path)
     except FileNotFoundError:
         raise PipelineError(f"{path}: not found; run the {made_by} stage first (dvc repro {made_by})") from None
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError: a truncated or foreign file
+        raise PipelineError(
+            f"{path}: not a readable parquet file ({exc}); rebuild it with dvc repro {made_by}"
+        ) from None
     missing = [c for c in PAIR_COLUMNS if c not in df.columns]
     if missing:
         raise PipelineError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(PAIR_COLUMNS)}")

@@ -15,7 +15,8 @@ The merge runs on CPU in fp32 (peft merge_and_unload), then checks that the merg
 base + adapter on a test prompt before casting to 16 bits: a merge that changed the model fails the stage.
 A fully fine-tuned model (config.json instead of adapter_config.json) is only cast and saved. The output
 loads with plain transformers (AutoModelForCausalLM / AutoTokenizer), generation stopping at the end of
-turn. Everything is written into a temporary directory and renamed onto models/export at the end.
+turn. Everything is written into a temporary directory and renamed onto models/export at the end, the
+report right after it, so a failed export leaves the last good model directory and report as they were.
 Missing llama.cpp tooling is not an error: the message says what is missing and how to get it, and goes
 into the report too.
 """
@@ -30,7 +31,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stages.common import PipelineError, check_params, get_logger, load_params, run_main, write_json
+from stages.common import PipelineError, atomic_outputs, check_params, get_logger, load_params, run_main, write_json
 from stages.modeling import load_trained_tokenizer, read_training_config
 
 log = get_logger("export")
@@ -79,11 +80,11 @@ def read_params(params_file: Path | None) -> dict:
 def check_export_params(section: dict) -> dict:
     p = check_params(section, DEFAULTS, "export")
     if p["dtype"] not in DTYPES:
-        raise PipelineError(f"export.dtype must be one of {', '.join(DTYPES)}; got {p['dtype']!r}")
+        raise PipelineError(f"params.yaml: export.dtype must be one of {', '.join(DTYPES)}; got {p['dtype']!r}")
     if p["gguf_outtype"] not in GGUF_OUTTYPES:
-        raise PipelineError(f"export.gguf_outtype must be one of {', '.join(GGUF_OUTTYPES)}; got {p['gguf_outtype']!r}")
+        raise PipelineError(f"params.yaml: export.gguf_outtype must be one of {', '.join(GGUF_OUTTYPES)}; got {p['gguf_outtype']!r}")
     if not p["gguf_quantize"] or not str(p["gguf_quantize"]).replace("_", "").isalnum():
-        raise PipelineError(f"export.gguf_quantize must be none or a llama-quantize type such as Q4_K_M; got {p['gguf_quantize']!r}")
+        raise PipelineError(f"params.yaml: export.gguf_quantize must be none or a llama-quantize type such as Q4_K_M; got {p['gguf_quantize']!r}")
     return p
 
 
@@ -272,14 +273,7 @@ def main(argv=None) -> None:
         hf = save_hf(model, tokenizer, cfg, prompt, p["dtype"], args.model, tmp / "hf")
         del model
         gguf = export_gguf(tmp / "hf", tmp, p, tools)
-        replace_dir(tmp, args.out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    (log.info if gguf["files"] else log.warning)("GGUF: %s", gguf["message"])
-    write_json(
-        args.report,
-        {
+        report = {
             "model": str(args.model),
             "base_model": cfg["model"],
             "kind": "LoRA adapter merged into its base" if is_adapter else "full model, cast",
@@ -287,8 +281,15 @@ def main(argv=None) -> None:
             "merge_check": check,
             "gguf": {**gguf, "files": [str(args.out / f) for f in gguf["files"]]},
             "params": p,
-        },
-    )
+        }
+        # the report is written first and renamed last, once the new model directory is in place
+        with atomic_outputs(args.report) as (report_tmp,):
+            write_json(report_tmp, report)
+            replace_dir(tmp, args.out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    (log.info if gguf["files"] else log.warning)("GGUF: %s", gguf["message"])
     log.info("wrote %s/hf%s and %s", args.out, "".join(f", {f}" for f in gguf["files"]), args.report)
 
 

@@ -22,7 +22,7 @@ import argparse
 import collections
 from pathlib import Path
 
-from stages.common import PipelineError, check_params, get_logger, load_params, read_pairs, run_main, write_json, write_jsonl
+from stages.common import PipelineError, atomic_outputs, check_params, get_logger, load_params, read_pairs, run_main, write_json, write_jsonl
 
 log = get_logger("format")
 
@@ -110,32 +110,33 @@ def main(argv=None) -> None:
     frames = {s: read_pairs(Path(args.split_dir) / f"{s}.parquet", "split") for s in SPLITS}
     report = {}
     example = None
-    for s in SPLITS:
-        stats: dict = {}
-        rows = tqdm(format_rows(frames[s], params, stats), total=len(frames[s]), desc=f"format {s}", unit="row", disable=None)
-        n = write_jsonl(Path(args.out) / f"{s}.jsonl", rows)
-        example = example or stats.get("example")
-        report[s] = {
-            "rows": n,
-            "mean_prompt_chars": round(stats["prompt_chars"] / n, 2) if n else 0,
-            "mean_user_chars": round(stats["user_chars"] / n, 2) if n else 0,
-            "mean_target_chars": round(stats["target_chars"] / n, 2) if n else 0,
-            "with_context": stats["with_context"],
-        }
-        log.info(
-            "%s: %s rows, mean prompt %s chars (system + user), %s with context",
-            s, f"{n:,}", report[s]["mean_prompt_chars"], f"{stats['with_context']:,}",
+    outputs = [Path(args.out) / f"{s}.jsonl" for s in SPLITS] + [args.report]
+    with atomic_outputs(*outputs) as (*split_tmps, report_tmp):  # all change together, or none
+        for s, tmp in zip(SPLITS, split_tmps):
+            stats: dict = {}
+            rows = tqdm(format_rows(frames[s], params, stats), total=len(frames[s]), desc=f"format {s}", unit="row", disable=None)
+            n = write_jsonl(tmp, rows)
+            example = example or stats.get("example")
+            report[s] = {
+                "rows": n,
+                "mean_prompt_chars": round(stats["prompt_chars"] / n, 2) if n else 0,
+                "mean_user_chars": round(stats["user_chars"] / n, 2) if n else 0,
+                "mean_target_chars": round(stats["target_chars"] / n, 2) if n else 0,
+                "with_context": stats["with_context"],
+            }
+            log.info(
+                "%s: %s rows, mean prompt %s chars (system + user), %s with context",
+                s, f"{n:,}", report[s]["mean_prompt_chars"], f"{stats['with_context']:,}",
+            )
+        write_json(
+            report_tmp,
+            {
+                "rows": {s: r["rows"] for s, r in report.items()},
+                "splits": report,
+                "params": params,
+                "example": example,
+            },
         )
-    write_json(
-        args.report,
-        {
-            "rows": {s: r["rows"] for s, r in report.items()},
-            "splits": report,
-            "params": params,
-            "example": example,
-        },
-    )
-
 
 if __name__ == "__main__":
     run_main(main)

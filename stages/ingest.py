@@ -37,7 +37,7 @@ import zipfile
 import zlib
 from pathlib import Path
 
-from stages.common import PipelineError, atomic_path, check_params, get_logger, load_params, run_main, write_json
+from stages.common import PipelineError, atomic_outputs, check_params, get_logger, load_params, run_main, write_json
 
 log = get_logger("ingest")
 
@@ -548,24 +548,22 @@ def main(argv=None) -> None:
             "target": pa.array(columns["target"], pa.string()),
         }
     )
-    with atomic_path(args.out) as tmp:
-        pq.write_table(table, tmp)
     per_book_all = collections.Counter()
     for s in report_sources:
         for book, n in s["pairs_per_book"].items():
             per_book_all[f"{s['corpus']}/{book}"] += n
-    write_json(
-        args.report,
-        {
-            "pairs": total,
-            "books": len(per_book_all),
-            "files_read": sum(s["files_read"] for s in report_sources),
-            "files_skipped": sum(s["files_skipped"] for s in report_sources),
-            "on_misaligned": params["on_misaligned"],
-            "sources": report_sources,
-            "pairs_per_book": dict(sorted(per_book_all.items())),
-        },
-    )
+    report = {
+        "pairs": total,
+        "books": len(per_book_all),
+        "files_read": sum(s["files_read"] for s in report_sources),
+        "files_skipped": sum(s["files_skipped"] for s in report_sources),
+        "on_misaligned": params["on_misaligned"],
+        "sources": report_sources,
+        "pairs_per_book": dict(sorted(per_book_all.items())),
+    }
+    with atomic_outputs(args.out, args.report) as (out_tmp, report_tmp):  # both change together, or neither
+        pq.write_table(table, out_tmp)
+        write_json(report_tmp, report)
     log.info("wrote %s pairs to %s", f"{total:,}", args.out)
 
 

@@ -24,7 +24,7 @@ import hashlib
 import re
 from pathlib import Path
 
-from stages.common import PipelineError, atomic_path, check_params, get_logger, load_params, read_pairs, run_main, write_json
+from stages.common import PipelineError, atomic_outputs, check_params, get_logger, load_params, read_pairs, run_main, write_json
 
 log = get_logger("split")
 
@@ -110,7 +110,6 @@ def main(argv=None) -> None:
     df = df[~leaked]
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     report_splits, per_book, parts = {}, {}, {}
     for s in SPLITS:
         part = parts[s] = df[df["split"] == s].drop(columns=["split", "key"]).reset_index(drop=True)
@@ -131,10 +130,6 @@ def main(argv=None) -> None:
             f"the train split is empty ({len(df):,} pairs in {args.pairs}); lower split.valid_fraction/test_fraction "
             "or test_books, or if clean kept too few pairs, check clean.min_chars/max_chars/max_ratio"
         )
-    for s, part in parts.items():  # only once every check passed: a failed run keeps the last good splits
-        with atomic_path(out / f"{s}.parquet") as tmp:
-            part.to_parquet(tmp, index=False)
-
     total = sum(r["pairs"] for r in report_splits.values())
     log.info(
         "%s pairs: %s",
@@ -145,17 +140,19 @@ def main(argv=None) -> None:
         "leakage check: dropped %s train and %s valid pairs whose classical sentence is also in test",
         f"{leaked_per_split['train']:,}", f"{leaked_per_split['valid']:,}",
     )
-    write_json(
-        args.report,
-        {
-            "pairs": total,
-            "splits": report_splits,
-            "pair_fractions": {s: round(r["pairs"] / total, 4) for s, r in report_splits.items()},
-            "leakage_dropped": leaked_per_split,
-            "params": params,
-            "pairs_per_book": dict(sorted(per_book.items())),
-        },
-    )
+    report = {
+        "pairs": total,
+        "splits": report_splits,
+        "pair_fractions": {s: round(r["pairs"] / total, 4) for s, r in report_splits.items()},
+        "leakage_dropped": leaked_per_split,
+        "params": params,
+        "pairs_per_book": dict(sorted(per_book.items())),
+    }
+    # only once every check passed, and all together: a failed run keeps the last good splits and report
+    with atomic_outputs(*(out / f"{s}.parquet" for s in parts), args.report) as (*part_tmps, report_tmp):
+        for part, tmp in zip(parts.values(), part_tmps):
+            part.to_parquet(tmp, index=False)
+        write_json(report_tmp, report)
 
 
 if __name__ == "__main__":

@@ -183,9 +183,9 @@ def read_input(text: str | None, input_path: str | None) -> tuple[str, str]:
         try:
             data = Path(input_path).read_bytes()
         except FileNotFoundError:
-            raise PipelineError(f"{input_path}: input file not found") from None
+            raise PipelineError(f"{input_path}: input file not found; check the path (or give '-' to read standard input)") from None
         except IsADirectoryError:
-            raise PipelineError(f"{input_path}: is a directory, not a text file") from None
+            raise PipelineError(f"{input_path}: is a directory; give a UTF-8 text file to --input") from None
         name = input_path
     else:
         if input_path is None and sys.stdin.isatty():
@@ -195,7 +195,7 @@ def read_input(text: str | None, input_path: str | None) -> tuple[str, str]:
     try:
         return data.decode("utf-8-sig"), name
     except UnicodeDecodeError as exc:
-        raise PipelineError(f"{name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise PipelineError(f"{name}: not UTF-8 text ({exc.reason} at byte {exc.start}); convert it first, e.g. iconv -f GBK -t UTF-8") from None
 
 
 def write_output(lines: list[str], output: str | None) -> None:

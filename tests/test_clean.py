@@ -48,12 +48,14 @@ def test_opencc_config_forms(config):
     assert make_converter(config).convert("汉") in ("汉", "漢")
 
 
+@pytest.mark.bad_input
 def test_unknown_opencc_config_lists_valid_ones():
     with pytest.raises(PipelineError) as err:
         make_converter("t2x")
     assert "'t2x'" in str(err.value) and "t2s" in str(err.value) and "s2twp" in str(err.value)
 
 
+@pytest.mark.bad_input
 def test_unknown_opencc_config_fails_before_reading(tmp_path, write_params):
     params = write_params(clean={"opencc": "simplified"})
     with pytest.raises(PipelineError, match="unknown OpenCC config 'simplified'"):
@@ -85,6 +87,7 @@ def run_clean(tmp_path, write_params, rows, **clean_params):
     return pd.read_parquet(out), json.loads(report.read_text(encoding="utf-8"))
 
 
+@pytest.mark.bad_input
 def test_filters_count_each_rule(tmp_path, write_params):
     rows = [
         ("问曰： 若何有？ ", "问道： 有什么呢？"),  # kept, normalised
@@ -115,6 +118,7 @@ def test_dedupe_off_and_opencc_none(tmp_path, write_params):
     assert df["source"].tolist() == ["黄帝姓公孫。"] * 2 and report["dropped"]["duplicate"] == 0
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     "clean_params, message",
     [
@@ -130,6 +134,7 @@ def test_bad_params(tmp_path, write_params, clean_params, message):
         clean.main(["--pairs", "x", "--out", str(tmp_path / "o"), "--report", str(tmp_path / "r"), "--params", str(params)])
 
 
+@pytest.mark.bad_input
 def test_missing_input_says_which_stage(tmp_path, write_params):
     with pytest.raises(PipelineError, match="run the ingest stage first"):
         clean.main(["--pairs", str(tmp_path / "nope.parquet"), "--out", str(tmp_path / "o"), "--report", str(tmp_path / "r"), "--params", str(write_params())])

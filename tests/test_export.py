@@ -122,6 +122,7 @@ def test_gguf_with_llama_cpp_tools(tmp_path, monkeypatch):
     assert export.export_gguf(hf, tmp_path / "out", {**p, "gguf": False}, {})["files"] == []
 
 
+@pytest.mark.bad_input
 def test_missing_model_and_bad_params_are_clear_errors(tmp_path):
     params = write_params(tmp_path / "params.yaml")
     with pytest.raises(PipelineError, match="model directory not found"):

@@ -61,6 +61,7 @@ def test_context_is_previous_sentences_of_same_chapter_in_line_order():
     assert stats["example"]["id"] == "c/书/篇一#2"
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     "params, message",
     [
@@ -95,6 +96,7 @@ def test_main_writes_splits_and_report(tmp_path, write_params):
     assert rep["splits"]["train"]["mean_prompt_chars"] == 15.0
 
 
+@pytest.mark.bad_input
 def test_missing_split_says_which_stage(tmp_path, write_params):
     with pytest.raises(PipelineError, match="train.parquet: not found; run the split stage first"):
         fmt.main(["--split-dir", str(tmp_path), "--out", str(tmp_path / "o"), "--report", str(tmp_path / "r.json"), "--params", str(write_params())])

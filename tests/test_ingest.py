@@ -60,6 +60,7 @@ def test_archive_with_top_folder_named_like_it(tmp_path, make_corpus, write_para
     assert set(df["book"]) == {"史记", "论语"} and len(df) == N_PAIRS
 
 
+@pytest.mark.bad_input
 def test_bom_and_crlf_are_silent(tmp_path, make_corpus, write_params):
     plain = make_corpus("corp", parent=tmp_path / "plain")
     crlf = make_corpus("corp", parent=tmp_path / "crlf", line_end="\r\n")
@@ -71,6 +72,7 @@ def test_bom_and_crlf_are_silent(tmp_path, make_corpus, write_params):
     assert report["files_skipped"] == 0
 
 
+@pytest.mark.bad_input
 def test_blank_lines(tmp_path, make_corpus, write_params):
     chapters = {"书/篇": (["甲乙丙。", "", "", "丁戊己。", "", ""], ["甲乙丙啊。", "只有译文。", "", "丁戊己啊。"])}
     df, report = run_ingest(tmp_path, write_params, [niutrans(make_corpus(chapters=chapters))])
@@ -92,6 +94,7 @@ def test_bitext_where_source_and_target_are_absent(tmp_path, make_corpus, write_
     assert df["target"].tolist()[1:] == ["庄暴来见孟子。", "王告诉我他喜欢音乐。"]
 
 
+@pytest.mark.bad_input
 def test_malformed_bitext_names_file_and_line(tmp_path, make_corpus, write_params):
     root = make_corpus(chapters={})
     d = root / "双语数据/孟子/梁惠王下"
@@ -107,6 +110,7 @@ def misaligned_corpus(make_corpus):
     return root
 
 
+@pytest.mark.bad_input
 def test_misaligned_error_names_file_and_counts(tmp_path, make_corpus, write_params):
     with pytest.raises(PipelineError) as err:
         run_ingest(tmp_path, write_params, [niutrans(misaligned_corpus(make_corpus))], on_misaligned="error")
@@ -115,6 +119,7 @@ def test_misaligned_error_names_file_and_counts(tmp_path, make_corpus, write_par
     assert "3 lines" in message and "but 1 in" in message and "on_misaligned: skip" in message
 
 
+@pytest.mark.bad_input
 def test_misaligned_skip_is_counted(tmp_path, make_corpus, write_params):
     df, report = run_ingest(tmp_path, write_params, [niutrans(misaligned_corpus(make_corpus))], on_misaligned="skip")
     assert "论语" not in set(df["book"]) and len(df) == N_PAIRS - 3
@@ -124,6 +129,7 @@ def test_misaligned_skip_is_counted(tmp_path, make_corpus, write_params):
     assert report["sources"][0]["skipped_by_reason"] == {"misaligned": 1}
 
 
+@pytest.mark.bad_input
 def test_missing_target_is_misaligned(tmp_path, make_corpus, write_params):
     root = make_corpus()
     (root / "双语数据/论语/学而篇/target.txt").unlink()
@@ -133,6 +139,7 @@ def test_missing_target_is_misaligned(tmp_path, make_corpus, write_params):
     assert len(df) == N_PAIRS - 3 and report["files_skipped"] == 1
 
 
+@pytest.mark.bad_input
 def test_empty_file_is_a_counted_skip(tmp_path, make_corpus, write_params):
     root = make_corpus()
     (root / "双语数据/论语/学而篇/source.txt").write_bytes(b"")
@@ -142,6 +149,7 @@ def test_empty_file_is_a_counted_skip(tmp_path, make_corpus, write_params):
     assert report["sources"][0]["skipped_files"][0]["file"].endswith("论语/学而篇/source.txt")
 
 
+@pytest.mark.bad_input
 def test_non_utf8_names_file_line_and_encoding_option(tmp_path, make_corpus, write_params):
     root = make_corpus()
     (root / "双语数据/论语/学而篇/target.txt").write_bytes("第一行。\n第二行。\n第三行。\n".encode("gbk"))
@@ -151,6 +159,7 @@ def test_non_utf8_names_file_line_and_encoding_option(tmp_path, make_corpus, wri
     assert "论语/学而篇/target.txt:1:" in message and "not valid utf-8" in message and "encoding" in message
 
 
+@pytest.mark.bad_input
 def test_gbk_source_with_encoding_option(tmp_path, write_params):
     f = tmp_path / "gbk.tsv"
     f.write_bytes("子曰：学而时习之。\t孔子说：学习并时常温习。\n".encode("gbk"))
@@ -158,6 +167,7 @@ def test_gbk_source_with_encoding_option(tmp_path, write_params):
     assert df["source"].tolist() == ["子曰：学而时习之。"]
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("suffix", [".tar.xz", ".tar.gz", ".zip"])
 def test_truncated_archive_names_archive(tmp_path, make_corpus, write_params, suffix):
     archive = make_archive(make_corpus(parent=tmp_path / "dir"), tmp_path / f"corp{suffix}")
@@ -167,6 +177,7 @@ def test_truncated_archive_names_archive(tmp_path, make_corpus, write_params, su
         run_ingest(tmp_path, write_params, [niutrans(archive)])
 
 
+@pytest.mark.bad_input
 def test_garbage_archive_names_archive(tmp_path, write_params):
     archive = tmp_path / "junk.tar.xz"
     archive.write_bytes(b"this is not an archive at all" * 10)
@@ -174,6 +185,7 @@ def test_garbage_archive_names_archive(tmp_path, write_params):
         run_ingest(tmp_path, write_params, [niutrans(archive)])
 
 
+@pytest.mark.bad_input
 def test_book_filter(tmp_path, make_corpus, write_params):
     root = make_corpus()
     df, report = run_ingest(tmp_path, write_params, [niutrans(root, books=["论语"])])
@@ -183,6 +195,7 @@ def test_book_filter(tmp_path, make_corpus, write_params):
     assert "孟子" in str(err.value) and "available books: 史记, 论语" in str(err.value)
 
 
+@pytest.mark.bad_input
 def test_book_filter_on_archive_lists_books(tmp_path, make_corpus, write_params):
     archive = make_archive(make_corpus(parent=tmp_path / "dir"), tmp_path / "corp.tar.gz")
     with pytest.raises(PipelineError, match="available books: 史记, 论语"):
@@ -205,6 +218,7 @@ def test_tsv_without_header_uses_file_name_and_line_chunks(tmp_path, write_param
     assert df["id"].iloc[0] == "extra/extra/lines-1-100#1"
 
 
+@pytest.mark.bad_input
 def test_tsv_bad_line_names_file_and_line(tmp_path, write_params):
     f = tmp_path / "bad.tsv"
     f.write_text("甲。\t甲啊。\n乙。 乙啊。\n", encoding="utf-8")
@@ -212,6 +226,7 @@ def test_tsv_bad_line_names_file_and_line(tmp_path, write_params):
         run_ingest(tmp_path, write_params, [{"path": str(f), "format": "tsv"}])
 
 
+@pytest.mark.bad_input
 def test_jsonl(tmp_path, write_params):
     f = tmp_path / "more.jsonl"
     rows = [{"source": "学而时习之。", "target": "学习并时常温习。", "book": "论语", "chapter": "学而"}, {"source": "甲。", "target": "甲啊。"}]
@@ -220,6 +235,7 @@ def test_jsonl(tmp_path, write_params):
     assert df["id"].tolist() == ["more/more/lines-1-100#2", "more/论语/学而#1"]
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     "line, message",
     [('{"source": "甲。", "target": ', "not valid JSON"), ('{"source": "甲。"}', "no 'target' field"), ('["甲", "乙"]', "expected a JSON object"), ('{"source": 1, "target": "乙"}', "'source' should be a string")],
@@ -231,6 +247,7 @@ def test_jsonl_bad_line_names_file_and_line(tmp_path, write_params, line, messag
         run_ingest(tmp_path, write_params, [{"path": str(f), "format": "jsonl"}])
 
 
+@pytest.mark.bad_input
 def test_empty_tsv_is_a_counted_skip(tmp_path, make_corpus, write_params):
     f = tmp_path / "empty.tsv"
     f.write_text("", encoding="utf-8")
@@ -239,6 +256,7 @@ def test_empty_tsv_is_a_counted_skip(tmp_path, make_corpus, write_params):
     assert report["sources"][1]["skipped_files"] == [{"file": str(f), "reason": "empty file"}]
 
 
+@pytest.mark.bad_input
 def test_several_sources_and_name_clash(tmp_path, make_corpus, write_params):
     a = make_corpus("corp", parent=tmp_path / "a")
     b = make_corpus("corp", parent=tmp_path / "b")
@@ -248,6 +266,7 @@ def test_several_sources_and_name_clash(tmp_path, make_corpus, write_params):
     assert len(df) == 2 * N_PAIRS and [s["corpus"] for s in report["sources"]] == ["corp", "corp2"]
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     "ingest_params, message",
     [
@@ -266,6 +285,7 @@ def test_bad_params_are_clear_errors(tmp_path, write_params, ingest_params, mess
         ingest.main(["--out", str(tmp_path / "p.parquet"), "--report", str(tmp_path / "r.json"), "--params", str(params)])
 
 
+@pytest.mark.bad_input
 def test_cli_error_is_one_line_without_traceback(tmp_path, write_params):
     params = write_params(ingest={"sources": [{"path": str(tmp_path / "missing"), "format": "niutrans"}]})
     proc = subprocess.run(

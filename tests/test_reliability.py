@@ -1,6 +1,7 @@
 """Reliability gaps not covered by the per-stage tests: a 100,000-character line, a corpus that cleaning
-empties, GBK in the NiuTrans layout, a failed run keeping the last good output and report, and
-`python -m stages.<x>` printing one `error:` line (no traceback) for bad params."""
+empties, GBK in the NiuTrans layout, a failed run keeping the last good output and report (also when it
+fails between writing the data and the report: common.atomic_outputs), and `python -m stages.<x>` printing
+one `error:` line (no traceback) for bad params (more stages: test_cli_errors.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import yaml
 from conftest import CHAPTERS, N_PAIRS, REPO, niutrans
 
 from stages import clean, ingest, split
-from stages.common import PipelineError
+from stages import format as format_stage
+from stages.common import PipelineError, atomic_outputs
 
 
 def run_ingest(tmp_path, write_params, sources):
@@ -49,6 +51,7 @@ def no_temp_files(directory: Path) -> bool:
 # Bad corpora
 
 
+@pytest.mark.bad_input
 def test_100k_character_line_is_ingested_then_dropped_by_clean_as_too_long(tmp_path, make_corpus, write_params):
     chapters = dict(CHAPTERS)
     src, tgt = chapters["论语/学而篇"]
@@ -68,6 +71,7 @@ def test_100k_character_line_is_ingested_then_dropped_by_clean_as_too_long(tmp_p
     assert cleaned["source"].str.len().max() <= 200
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     "rows, clean_params",
     [
@@ -87,6 +91,7 @@ def test_corpus_emptied_by_clean_is_a_clear_error_and_writes_nothing(tmp_path, w
     assert not out.exists() or no_temp_files(out)
 
 
+@pytest.mark.bad_input
 def test_empty_clean_output_given_to_split_is_a_clear_error(tmp_path, write_params):
     pairs = tmp_path / "pairs.parquet"
     pairs_frame([("甲乙", "丙丁")]).iloc[:0].to_parquet(pairs, index=False)  # same schema, no rows
@@ -97,6 +102,7 @@ def test_empty_clean_output_given_to_split_is_a_clear_error(tmp_path, write_para
     assert not list(out.glob("*.parquet")) and not (tmp_path / "split.json").exists()
 
 
+@pytest.mark.bad_input
 def test_gbk_niutrans_corpus_needs_the_encoding_option(tmp_path, make_corpus, write_params):
     root = make_corpus()
     for f in root.rglob("*.txt"):
@@ -124,6 +130,7 @@ def good_clean(tmp_path, write_params):
     return pairs, out, before
 
 
+@pytest.mark.bad_input
 def test_clean_failing_on_its_data_keeps_the_last_good_output(good_clean, write_params, tmp_path):
     pairs, out, before = good_clean
     with pytest.raises(PipelineError, match="kept no pairs"):
@@ -164,6 +171,7 @@ def test_clean_report_write_failing_leaves_no_partial_report(good_clean, write_p
     assert no_temp_files(out)
 
 
+@pytest.mark.bad_input
 def test_split_failing_keeps_the_last_good_splits_and_report(tmp_path, write_params):
     pairs = tmp_path / "pairs.parquet"
     rows = [(f"第{i}句之文也。", f"第{i}句的译文。") for i in range(12)]
@@ -180,6 +188,70 @@ def test_split_failing_keeps_the_last_good_splits_and_report(tmp_path, write_par
     assert snapshot(out) == before and report.read_bytes() == report_before and no_temp_files(tmp_path)
 
 
+def test_atomic_outputs_renames_all_or_none(tmp_path):
+    data, report = tmp_path / "d" / "pairs.parquet", tmp_path / "r" / "report.json"
+    with atomic_outputs(data, report) as (d, r):
+        d.write_bytes(b"old data")
+        r.write_bytes(b"old report")
+    with pytest.raises(RuntimeError):
+        with atomic_outputs(data, report) as (d, r):
+            d.write_bytes(b"new data")
+            raise RuntimeError("died before the report")
+    assert data.read_bytes() == b"old data" and report.read_bytes() == b"old report" and no_temp_files(tmp_path)
+    with atomic_outputs(data, report) as (d, r):
+        d.write_bytes(b"new data")
+        r.write_bytes(b"new report")
+    assert data.read_bytes() == b"new data" and report.read_bytes() == b"new report" and no_temp_files(tmp_path)
+
+
+def data_stage_runs(tmp_path, make_corpus, write_params):
+    """{stage: (module, argv(params) -> list, good params, other params)}: each stage's inputs made by the stages
+    before it; every output (data and report) of a stage lands under tmp_path/<stage>."""
+    ing, cln, spl = tmp_path / "ingest", tmp_path / "clean", tmp_path / "split"
+    ingest_params = write_params(tmp_path / "ingest.yaml", ingest={"sources": [niutrans(make_corpus())]})
+    ingest.main(["--out", str(ing / "pairs.parquet"), "--report", str(ing / "ingest.json"), "--params", str(ingest_params)])
+    clean.main(clean_argv(ing / "pairs.parquet", cln, write_params()))
+    split.main(["--pairs", str(cln / "pairs.parquet"), "--out", str(spl / "data"), "--report", str(spl / "split.json"),
+                "--params", str(write_params())])
+    return {
+        "ingest": (ingest, lambda p: ["--out", str(ing / "pairs.parquet"), "--report", str(ing / "ingest.json"), "--params", str(p)],
+                   ingest_params, write_params(tmp_path / "other-ingest.yaml", ingest={"sources": [niutrans(make_corpus(), books=["论语"])]})),
+        "clean": (clean, lambda p: clean_argv(ing / "pairs.parquet", cln, p),
+                  write_params(), write_params(tmp_path / "other-clean.yaml", clean={"opencc": "none"})),
+        "split": (split, lambda p: ["--pairs", str(cln / "pairs.parquet"), "--out", str(spl / "data"), "--report",
+                                    str(spl / "split.json"), "--params", str(p)],
+                  write_params(), write_params(tmp_path / "other-split.yaml", split={"test_books": ["论语"]})),
+        "format": (format_stage, lambda p: ["--split-dir", str(spl / "data"), "--out", str(tmp_path / "format" / "data"),
+                                            "--report", str(tmp_path / "format" / "format.json"), "--params", str(p)],
+                   write_params(), write_params(tmp_path / "other-format.yaml", format={"system_prompt": "另一个提示。"})),
+    }
+
+
+@pytest.mark.parametrize("stage", ["ingest", "clean", "split", "format"])
+def test_failure_between_data_and_report_keeps_both_last_good_outputs(stage, tmp_path, make_corpus, write_params, monkeypatch):
+    """The data file(s) and the report of a stage change together or not at all (common.atomic_outputs)."""
+    module, argv, good, other = data_stage_runs(tmp_path, make_corpus, write_params)[stage]
+    module.main(argv(good))
+    out = tmp_path / stage
+    before = snapshot(out)
+    assert len(before) >= 2  # data and report
+
+    def die(path, obj):  # the data is written by now; the report never is
+        assert any(p.name.endswith(".tmp") for p in out.rglob("*")), "data should sit in a temporary file by now"
+        raise OSError("disk full")
+
+    monkeypatch.setattr(module, "write_json", die)
+    with pytest.raises(OSError, match="disk full"):
+        module.main(argv(other))
+    assert snapshot(out) == before and no_temp_files(out)
+
+    monkeypatch.undo()  # the same run without the failure does change both: the check above was not vacuous
+    module.main(argv(other))
+    after = snapshot(out)
+    assert set(after) == set(before) and all(after[k] != before[k] for k in before if k.endswith(".json"))
+    assert any(after[k] != before[k] for k in before if not k.endswith(".json"))
+
+
 # ----------------------------------------------------------------------------------------------
 # `python -m stages.<x>` with bad params: one `error:` line, exit 1, no traceback, nothing written
 
@@ -192,6 +264,7 @@ def run_cli(stage, args, tmp_path):
     return errors[0]
 
 
+@pytest.mark.bad_input
 def test_cli_ingest_misspelled_key(tmp_path, write_params):
     params = write_params(ingest={"sorces": []})
     error = run_cli("ingest", ["--out", str(tmp_path / "p.parquet"), "--report", str(tmp_path / "r.json"), "--params", str(params)], tmp_path)
@@ -199,6 +272,7 @@ def test_cli_ingest_misspelled_key(tmp_path, write_params):
     assert not (tmp_path / "p.parquet").exists()
 
 
+@pytest.mark.bad_input
 def test_cli_clean_unknown_opencc_config(tmp_path, write_params):
     params = write_params(clean={"opencc": "t2x"})
     error = run_cli("clean", ["--pairs", str(tmp_path / "missing.parquet"), "--out", str(tmp_path / "o.parquet"),
@@ -206,6 +280,7 @@ def test_cli_clean_unknown_opencc_config(tmp_path, write_params):
     assert "unknown OpenCC config 't2x'" in error and "t2s" in error  # checked before reading the input
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     "overrides, message",
     [

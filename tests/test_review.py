@@ -126,6 +126,7 @@ def test_review_of_a_dvc_experiment_by_name(repo, capsys):
     assert "| `bleu` | 10.00 | 12.50 | **+2.50** |" in md and "| 论语 | 40 | 11.00 | 14.00 | **+3.00** |" in md
 
 
+@pytest.mark.bad_input
 def test_no_metrics_and_bad_revision(repo):
     assert "No evaluation metrics" in review.render({}, {}, "a", "b")
     with pytest.raises(PipelineError, match="neither a git revision nor a DVC experiment"):

@@ -95,6 +95,7 @@ def test_test_books_are_held_out_whole(tmp_path, write_params):
     assert report["pairs_per_book"]["c/论语"] == {"train": 0, "valid": 0, "test": 15}
 
 
+@pytest.mark.bad_input
 def test_unknown_test_book_lists_books(tmp_path, write_params):
     with pytest.raises(PipelineError, match="孟子.*available books: 史记, 论语"):
         run_split(tmp_path, write_params, corpus_frame({"史记": 3, "论语": 2}), test_books=["孟子"])
@@ -117,6 +118,7 @@ def test_leakage_keys():
     assert leakage_keys(["王曰：善。", "王曰 善", "。。", "A, b_c"]) == ["王曰善", "王曰善", "", "Abc"]
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     "split_params, message",
     [({"test_fraction": 1.0}, r"\[0, 1\)"), ({"valid_fraction": 0.6, "test_fraction": 0.5}, "below 1"), ({"sed": 1}, "did you mean 'seed'"), ({"seed": "42"}, "should be int")],

@@ -221,12 +221,14 @@ def test_named_template_adds_its_tokens_and_trains_them(tiny, tmp_path):
     assert torch.allclose(logits[0], logits[1])
 
 
+@pytest.mark.bad_input
 def test_resume_refuses_checkpoints_of_another_run(tiny, tmp_path):
     run(tiny, tmp_path, "a", max_steps=2, eval_steps=0)
     with pytest.raises(PipelineError, match="lora_r"):
         run(tiny, tmp_path, "a", max_steps=4, eval_steps=0, resume=True, lora_r=8)
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

@@ -184,6 +184,7 @@ def test_a_whole_dataloader_batch_has_no_prompt_labels(tmp_path):
     assert (keep & (batch["attention_mask"] == 0)).sum() == 0  # nor a pad position
 
 
+@pytest.mark.bad_input
 def test_truncation_drops_examples_with_no_reply_left_and_counts_them(tmp_path):
     tok = make_tokenizer("chatml")
     rows = [{"id": str(i), "messages": c} for i, c in enumerate(CONVERSATIONS)]
@@ -220,6 +221,7 @@ def test_tokens_merging_across_the_reply_boundary_follow_inference():
         assert tok.decode(ids) == tok.apply_chat_template(conversation, tokenize=False)
 
 
+@pytest.mark.bad_input
 def test_prompt_that_is_not_a_prefix_is_an_error():
     tok = make_tokenizer("chatml")
     # the generation prompt differs from how the full conversation renders the assistant header
@@ -231,6 +233,7 @@ def test_prompt_that_is_not_a_prefix_is_an_error():
         train_stage.tokenize_conversations(tok, CONVERSATIONS, train_stage.end_of_turn_id(tok))
 
 
+@pytest.mark.bad_input
 def test_template_without_end_of_turn_is_an_error():
     tok = make_tokenizer("chatml")
     tok.chat_template = (
@@ -241,6 +244,7 @@ def test_template_without_end_of_turn_is_an_error():
         train_stage.build_examples(tok, [{"id": "a", "messages": CONVERSATIONS[0]}], 512, "test")
 
 
+@pytest.mark.bad_input
 def test_bad_messages_are_named():
     tok = make_tokenizer("chatml")
     rows = [{"id": "x1", "messages": CONVERSATIONS[0][:-1]}]  # no reply

@@ -120,6 +120,7 @@ def test_split_sentences_keeps_punctuation_and_closing_quotes():
         assert "".join(translate.split_sentences(text)) == text
 
 
+@pytest.mark.bad_input
 def test_fit_sentence_splits_at_commas_then_errors_naming_the_line():
     fits = lambda s: len(s) <= 8  # noqa: E731  (a prompt budget of 8 characters)
     sentence = "一二三，四五六、七八九，十一二三四。"
@@ -179,6 +180,7 @@ def test_file_and_stdin_output_aligned_with_input(tiny_adapter, write_params, tm
     assert capsys.readouterr().out == "译学而时习之。\n"
 
 
+@pytest.mark.bad_input
 def test_too_long_sentence_is_split_at_commas_or_a_clear_error(tiny_adapter, write_params, tmp_path, echo_generate):
     params = write_params()
     tokenizer = evaluate.load_tokenizer(tiny_adapter)
@@ -209,6 +211,7 @@ def test_too_long_sentence_is_split_at_commas_or_a_clear_error(tiny_adapter, wri
         translate.main(["短句。\n一二三四五六七八九十。", "--model", str(model), "--params", str(params)])
 
 
+@pytest.mark.bad_input
 def test_missing_model_dir_is_a_clear_error(tmp_path, write_params, capsys):
     params = write_params()
     with pytest.raises(SystemExit) as exc:

@@ -1,0 +1,118 @@
+"""A failed `dvc repro` must not change the last good reports/: in a fresh git + DVC repo (as in
+test_pipeline_e2e.py), a good run, then a middle stage failing (train, on a bad parameter) and the first
+stage failing (ingest, on a line appended to one side of a corpus chapter).
+
+Each failure must print one clear `error:` line (no traceback), leave every report of the other stages
+byte-identical and write no new file under reports/. The failing stage's own reports: DVC deletes a
+stage's outputs before running it unless dvc.yaml marks them `persist: true`; so each is either
+byte-identical (persist) or absent (never partial or new), and `git checkout -- reports` restores the
+last good ones.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from test_pipeline_e2e import REPO, run, slice_corpus, tiny_model
+
+pytestmark = [pytest.mark.slow, pytest.mark.bad_input, pytest.mark.skipif(shutil.which("git") is None, reason="needs git")]
+
+
+def snapshot(directory: Path) -> dict:
+    return {p.relative_to(directory.parent).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def stage_outputs(repo: Path, stage: str) -> dict[str, bool]:
+    """{path: persist} of every output (outs, metrics, plots) dvc.yaml declares for the stage."""
+    spec = yaml.safe_load((repo / "dvc.yaml").read_text(encoding="utf-8"))["stages"][stage]
+    outs = {}
+    for kind in ("outs", "metrics", "plots"):
+        for entry in spec.get(kind, []):
+            path, opts = (entry, {}) if isinstance(entry, str) else next(iter(entry.items()))
+            outs[path] = bool((opts or {}).get("persist"))
+    return outs
+
+
+def repro_fails(repo: Path, env: dict, stage: str, message: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output[-3000:]
+    assert f"failed to reproduce '{stage}'" in output, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], output[-3000:]
+    return errors[0]
+
+
+def check_reports_kept(repo: Path, env: dict, before: dict, failed_stage: str) -> None:
+    after = snapshot(repo / "reports")
+    assert set(after) <= set(before), f"new files under reports/: {sorted(set(after) - set(before))}"
+    owned = stage_outputs(repo, failed_stage)
+    removed = []
+    for path, data in before.items():
+        owner = next((o for o in owned if path == o or path.startswith(o.rstrip("/") + "/")), None)
+        if owner is not None and not owned[owner]:
+            assert path not in after, f"{path}: the failed stage's report should be gone, not kept or rewritten"
+            removed.append(path)
+        else:
+            assert after.get(path) == data, f"{path} changed or vanished after '{failed_stage}' failed"
+    # git sees only deletions (nothing modified), and restores the last good reports byte for byte
+    status = run(["git", "status", "--porcelain", "--", "reports"], repo, env).stdout.splitlines()
+    assert sorted(line[3:] for line in status) == sorted(removed) and all(line[:2] == " D" for line in status), status
+    run(["git", "checkout", "--", "reports"], repo, env)
+    assert snapshot(repo / "reports") == before
+
+
+def test_failed_repro_keeps_the_last_good_reports(tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(REPO / "stages", repo / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
+    corpus = repo / "data/corpus/classical-modern"
+    texts = slice_corpus(corpus)
+    model = tiny_model(tmp_path / "tiny-llama", texts)
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    params["split"].update(valid_fraction=0.2, test_fraction=0.25)
+    params["format"]["system_prompt"] = "翻译。"
+    params["train"].update(model=str(model), max_steps=2, warmup_steps=0, batch_tokens=0, batch_size=4,
+                           eval_steps=0, eval_samples=2, save_steps=0, logging_steps=1)
+    params["evaluate"].update(num_samples=3, batch_size=3, baselines=["copy"], bootstrap_resamples=0, num_examples=2)
+    params_path = repo / "params.yaml"
+    params_path.write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
+               DVC_NO_ANALYTICS="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env.pop("PYTHONPATH", None)
+    dvc = [sys.executable, "-m", "dvc"]
+    run(["git", "init", "-q"], repo, env)
+    run(dvc + ["init", "-q"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "project"], repo, env)
+    run(dvc + ["repro"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "good run"], repo, env)
+    before = snapshot(repo / "reports")
+    assert {"reports/data/ingest.json", "reports/data/clean.json", "reports/train/summary.json", "reports/metrics.json",
+            "reports/evaluate/samples.md"} <= set(before)
+
+    # 1. A middle stage fails: train, on an unknown chat template (ingest .. format are up to date and do not run)
+    params["train"]["chat_template"] = "vicuna"
+    params_path.write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    repro_fails(repo, env, "train", "chat_template 'vicuna' is unknown")
+    check_reports_kept(repo, env, before, "train")
+    run(["git", "checkout", "--", "params.yaml"], repo, env)
+
+    # 2. A bad corpus: one line more in a chapter's source.txt than in its target.txt; ingest fails
+    source = sorted(corpus.rglob("source.txt"))[0]
+    with open(source, "a", encoding="utf-8") as f:
+        f.write("此句无译文。\n")
+    error = repro_fails(repo, env, "ingest", "misaligned")
+    assert "source.txt" in error and "ingest.on_misaligned" in error  # the file, and what to do
+    check_reports_kept(repo, env, before, "ingest")

@@ -65,9 +65,10 @@ def tiny_model(dest: Path, texts: list[str]) -> Path:
     return dest
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
-def test_dvc_repro_end_to_end_then_an_experiment(tmp_path):
+def make_project(tmp_path: Path, train: dict | None = None, evaluate: dict | None = None):
+    """A git + DVC repo at tmp_path/repo holding this project's stages/, dvc.yaml and params.yaml (scaled down
+    to the 史记 slice and a tiny model at an absolute path, so queued experiments in .dvc/tmp/exps find it too),
+    all committed. `train` / `evaluate` update those params sections. Returns (repo, env, dvc command)."""
     repo = tmp_path / "repo"
     shutil.copytree(REPO / "stages", repo / "stages", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
@@ -79,9 +80,12 @@ def test_dvc_repro_end_to_end_then_an_experiment(tmp_path):
     params["format"]["system_prompt"] = "翻译。"
     params["train"].update(model=str(model), max_steps=3, warmup_steps=0, batch_tokens=0, batch_size=4,
                            eval_steps=2, eval_samples=4, save_steps=2, logging_steps=1, learning_rate=0.01)
+    params["train"].update(train or {})
     params["evaluate"].update(num_samples=6, batch_size=6, bootstrap_resamples=50, num_examples=4)
+    params["evaluate"].update(evaluate or {})
     (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
 
+    # The venv's bin on PATH: stages run `python -m ...`, and dvc's queue workers are spawned as `dvc`.
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
                DVC_NO_ANALYTICS="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -91,6 +95,13 @@ def test_dvc_repro_end_to_end_then_an_experiment(tmp_path):
     run(dvc + ["init", "-q"], repo, env)
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "project"], repo, env)
+    return repo, env, dvc
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_dvc_repro_end_to_end_then_an_experiment(tmp_path):
+    repo, env, dvc = make_project(tmp_path)
     proc = run(dvc + ["repro"], repo, env)
     for stage in ("ingest", "clean", "split", "format", "train", "evaluate"):
         assert f"Running stage '{stage}'" in proc.stdout

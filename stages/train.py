@@ -572,10 +572,28 @@ class NoLive:
     log_metric = make_summary = end = staticmethod(lambda *args, **kwargs: None)
 
 
+def staging_dir(reports: Path) -> Path:
+    """Where this run's reports grow (dvclive writes as training goes) until they replace `reports` at the
+    end: a run that fails or is killed leaves the last good reports/train as they were (and is git-ignored)."""
+    return reports.with_name(f".{reports.name}.tmp")
+
+
+def publish_reports(staging: Path, reports: Path) -> None:
+    """Swap the finished run's report directory in for the last one (two renames)."""
+    old = reports.with_name(f".{reports.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if reports.exists():
+        os.replace(reports, old)
+    os.replace(staging, reports)
+    if old.exists():
+        shutil.rmtree(old)
+
+
 def open_live(reports: Path):
-    """dvclive logging into reports/ (dvc.yaml declares its plots; dvcyaml=False so it never edits dvc.yaml).
-    Without dvclive (a bare GPU machine running benchmarks) training goes on without plots; under DDP only
-    rank 0 logs."""
+    """dvclive logging into `reports` (the staging directory; dvc.yaml declares its plots; dvcyaml=False so
+    it never edits dvc.yaml). Without dvclive (a bare GPU machine running benchmarks) training goes on
+    without plots; under DDP only rank 0 logs."""
     if world()[0] != 0:
         return NoLive()
     try:
@@ -804,7 +822,10 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
         mean_length, "padding-free" if padding_free else "padded, grouped by length",
     )
 
-    live = open_live(reports)
+    staging = staging_dir(reports)
+    if rank == 0 and staging.exists():
+        shutil.rmtree(staging)  # what a killed run left
+    live = open_live(staging)
     trainer_ref = {}
     live_callback = make_live_callback(live, trainer_ref)
     trainer = build_trainer(
@@ -883,9 +904,11 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
         "train_data": train_stats,
         "valid_data": valid_stats,
     }
-    if rank == 0:
-        write_json(reports / "summary.json", summary)
     live.end()
+    if rank == 0:
+        staging.mkdir(parents=True, exist_ok=True)  # without dvclive only summary.json goes there
+        write_json(staging / "summary.json", summary)
+        publish_reports(staging, reports)
     barrier()  # the adapter is on disk before any process returns
     summary["history"] = live_callback.history  # returned (benchmarks), not written: dvclive has the plots
     log.info(

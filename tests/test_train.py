@@ -277,3 +277,30 @@ def test_hf_backend_qlora_on_gpu(tiny, tmp_path):
     summary, _ = run(tiny, tmp_path, backend="hf", method="qlora", max_steps=3, eval_steps=0, subprocess=True)
     assert summary["backend"] == "hf" and summary["load_in_4bit"] is True
     assert math.isfinite(summary["final_train_loss"])
+
+
+@pytest.mark.bad_input
+def test_a_failed_run_leaves_the_last_reports_as_they_were(tiny, tmp_path):
+    """dvclive writes as training goes: into a staging directory, swapped in only when the run ends."""
+    from transformers import TrainerCallback
+
+    class Killed(Exception):
+        pass
+
+    class KillAtStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise Killed
+
+    _, paths = run(tiny, tmp_path, "r", eval_steps=0, save_steps=0)
+    before = {p: p.read_bytes() for p in sorted(paths["reports"].rglob("*")) if p.is_file()}
+    assert paths["reports"] / "summary.json" in before
+    with pytest.raises(Killed):
+        run(tiny, tmp_path, "r", callbacks=[KillAtStep()], eval_steps=0, save_steps=0, learning_rate=0.02)
+    after = {p: p.read_bytes() for p in sorted(paths["reports"].rglob("*")) if p.is_file()}
+    assert after == before
+    # the next good run replaces them, and clears what the killed one left
+    summary, _ = run(tiny, tmp_path, "r", eval_steps=0, save_steps=0, learning_rate=0.02)
+    assert summary["steps"] == 4
+    assert not train_stage.staging_dir(paths["reports"]).exists()
+    assert (paths["reports"] / "summary.json").read_bytes() != before[paths["reports"] / "summary.json"]

@@ -1,23 +1,29 @@
-"""Benchmark: the evaluate stage's batched generation against one sentence at a time (the notebook's way).
+"""Benchmark: the evaluate stage's generation against transformers' batched generate() and against one
+sentence at a time (the notebook's way).
 
     PYTHONPATH=. .venv/bin/python benchmarks/generation.py            # SmolLM2-135M-Instruct, 64 sentences
+    PYTHONPATH=. .venv/bin/python benchmarks/generation.py --model smollm2-135m-instruct --model models/adapter
     PYTHONPATH=. .venv/bin/python benchmarks/generation.py --model models/adapter --test data/format/test.jsonl
       -> reports/benchmarks/generation.json and generation.md
 
 Same model, same sentences, same prompts (params.yaml format: system prompt + user template), same
 greedy decoding, same end-of-turn stop and the same per-sentence budget (evaluate.max_new_tokens_factor
-x source tokens + extra). The only difference is the batching:
-  ours           stages.evaluate.generate: sorted by length, left-padded batches of evaluate.batch_size
+x source tokens + extra). What differs is how the sentences are run:
+  stage          stages.evaluate.generate: sorted by length, batches of evaluate.batch_size; on CPU its
+                 own greedy loop (the shared prompt prefix computed once, finished rows leave the batch)
+  hf batched     the same batches through transformers' generate() (the stage's way before; beam search
+                 and GPU still use it)
   one at a time  apply_chat_template -> generate -> decode, one sentence per call
 The sentences are a fixed sample of the committed corpus (data/corpus/...), hashed by path and line,
-so the benchmark needs no pipeline output; --test takes them from a test.jsonl instead.
+so the benchmark needs no pipeline output; --test takes them from a test.jsonl instead. Each --model
+(a train.model spec, or a directory the train stage wrote) gets its own table: the base model rambles
+to its budget, a fine-tuned one ends its turn, and the stage's loop gains most on the latter.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import math
 import os
 import platform
 import shlex
@@ -101,10 +107,59 @@ def loadavg() -> float | None:
         return None
 
 
+def load_model(spec: str):
+    """(model, tokenizer) of a train.model spec, or of a directory written by the train stage."""
+    import torch
+
+    if Path(spec).is_dir() and (Path(spec) / "training_config.json").is_file():
+        cfg = evaluate.read_training_config(Path(spec))
+        tokenizer = evaluate.load_tokenizer(Path(spec))
+        model, _ = evaluate.load_finetuned(Path(spec), cfg, tokenizer, evaluate.pick_backend(cfg))
+        return model, tokenizer
+    tokenizer = modeling.load_tokenizer(spec)
+    tokenizer.padding_side = "left"
+    return modeling.load_model(spec, device="cuda" if torch.cuda.is_available() else "cpu").eval(), tokenizer
+
+
+def bench(spec: str, prompts, sources, ev: dict, batch_size: int) -> dict:
+    """The three ways on one model, one after the other in this process; outputs compared to one at a time."""
+    model, tokenizer = load_model(spec)
+    eos_ids = evaluate.end_of_turn_ids(tokenizer)
+    factor, extra = ev["max_new_tokens_factor"], ev["max_new_tokens_extra"]
+    _, budgets = evaluate.encode(tokenizer, prompts, sources, factor, extra)
+    gen = dict(batch_size=batch_size, factor=factor, extra=extra, eos_token_ids=eos_ids)
+    for loop in ("own", "hf"):  # warm-up
+        evaluate.generate(model, tokenizer, prompts[:2], sources[:2], **{**gen, "batch_size": 2, "extra": 1},
+                          desc="warm-up", loop=loop)
+    seconds, texts, load = {}, {}, {"start": loadavg()}
+    for name, run in (
+        ("stage", lambda: evaluate.generate(model, tokenizer, prompts, sources, **gen, desc=f"stage ({batch_size})")[0]),
+        ("hf_batched", lambda: evaluate.generate(model, tokenizer, prompts, sources, **gen, loop="hf",
+                                                 desc=f"hf generate ({batch_size})")[0]),
+        ("one_at_a_time", lambda: one_at_a_time(model, tokenizer, prompts, budgets, eos_ids)),
+    ):
+        started = time.perf_counter()
+        texts[name] = run()
+        seconds[name] = time.perf_counter() - started
+        load[f"after_{name}"] = loadavg()
+
+    def summary(name):
+        tokens = sum(len(tokenizer(t, add_special_tokens=False).input_ids) for t in texts[name])
+        return {"seconds": round(seconds[name], 1), "sentences_per_s": round(len(texts[name]) / seconds[name], 3),
+                "output_tokens": tokens, "output_tokens_per_s": round(tokens / seconds[name], 1),
+                "speedup_vs_one_at_a_time": round(seconds["one_at_a_time"] / seconds[name], 2),
+                "identical_to_one_at_a_time": sum(a == b for a, b in zip(texts[name], texts["one_at_a_time"]))}
+
+    del model
+    return {"model": spec, "budget_tokens_total": sum(budgets), **{name: summary(name) for name in seconds},
+            "stage_vs_hf_batched": round(seconds["hf_batched"] / seconds["stage"], 2), "loadavg_1min": load}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=None, help="a train.model spec (default: params.yaml train.model) "
-                        "or a directory written by the train stage (models/adapter)")
+    parser.add_argument("--model", action="append", default=None,
+                        help="a train.model spec or a directory written by the train stage (models/adapter); "
+                        "repeat for several (default: params.yaml train.model)")
     parser.add_argument("--test", type=Path, default=None, help="take the sentences from this test.jsonl")
     parser.add_argument("--n", type=int, default=64, help="sentences")
     parser.add_argument("--batch-size", type=int, default=None, help="default: params.yaml evaluate.batch_size")
@@ -112,13 +167,11 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=Path("reports/benchmarks/generation"), help="writes OUT.json and OUT.md")
     args = parser.parse_args(argv)
 
-    import torch
-
     params = yaml.safe_load(args.params.read_text(encoding="utf-8"))
     ev = evaluate.check_evaluate_params(params.get("evaluate", {}))
     fmt = params["format"]
     batch_size = args.batch_size or ev["batch_size"]
-    spec = args.model or params["train"]["model"]
+    specs = args.model or [params["train"]["model"]]
 
     if args.test:
         rows = evaluate.select_rows(read_jsonl(args.test), args.n, ev["seed"])
@@ -129,50 +182,14 @@ def main(argv=None) -> None:
                     {"role": "user", "content": fmt["user_template"].format(classical=r["source"])}] for r in rows]
     sources = [r["source"] for r in rows]
 
-    if Path(spec).is_dir() and (Path(spec) / "training_config.json").is_file():
-        cfg = evaluate.read_training_config(Path(spec))
-        tokenizer = evaluate.load_tokenizer(Path(spec))
-        model, _ = evaluate.load_finetuned(Path(spec), cfg, tokenizer, evaluate.pick_backend(cfg))
-    else:
-        tokenizer = modeling.load_tokenizer(spec)
-        tokenizer.padding_side = "left"
-        model = modeling.load_model(spec, device="cuda" if torch.cuda.is_available() else "cpu").eval()
-    eos_ids = evaluate.end_of_turn_ids(tokenizer)
-    factor, extra = ev["max_new_tokens_factor"], ev["max_new_tokens_extra"]
-    budgets = [math.ceil(factor * len(tokenizer(s, add_special_tokens=False).input_ids)) + extra for s in sources]
-
-    evaluate.generate(model, tokenizer, prompts[:2], sources[:2], batch_size=2, factor=factor, extra=1,
-                      eos_token_ids=eos_ids, desc="warm-up")
-    results = {}
-    load = {"start": loadavg()}
-    started = time.perf_counter()
-    ours, _ = evaluate.generate(model, tokenizer, prompts, sources, batch_size=batch_size, factor=factor,
-                                extra=extra, eos_token_ids=eos_ids, desc=f"batched ({batch_size})")
-    results["batched"] = time.perf_counter() - started
-    load["after_batched"] = loadavg()
-    started = time.perf_counter()
-    single = one_at_a_time(model, tokenizer, prompts, budgets, eos_ids)
-    results["one_at_a_time"] = time.perf_counter() - started
-    load["end"] = loadavg()
-
-    def summary(seconds, texts):
-        tokens = sum(len(tokenizer(t, add_special_tokens=False).input_ids) for t in texts)
-        return {"seconds": round(seconds, 1), "sentences_per_s": round(len(texts) / seconds, 3),
-                "output_tokens": tokens, "output_tokens_per_s": round(tokens / seconds, 1)}
-
     report = {
         "command": " ".join(["PYTHONPATH=. python benchmarks/generation.py", *map(shlex.quote, argv or sys.argv[1:])]),
-        "model": spec,
         "sentences": len(rows),
         "source": str(args.test) if args.test else f"{CORPUS} (fixed hash sample)",
-        "decoding": {"greedy": True, "max_new_tokens": f"ceil({factor} x source tokens) + {extra}",
-                     "budget_tokens_total": sum(budgets)},
-        "batched": {"batch_size": batch_size, **summary(results["batched"], ours)},
-        "one_at_a_time": summary(results["one_at_a_time"], single),
-        "speedup": round(results["one_at_a_time"] / results["batched"], 2),
-        "identical_outputs": sum(a == b for a, b in zip(ours, single)),
+        "decoding": {"greedy": True, "max_new_tokens": f"ceil({ev['max_new_tokens_factor']} x source tokens) + "
+                     f"{ev['max_new_tokens_extra']}", "batch_size": batch_size},
+        "runs": [bench(spec, prompts, sources, ev, batch_size) for spec in specs],
         "machine": machine_info(),
-        "loadavg_1min": load,
     }
     write_json(args.out.with_suffix(".json"), report)
     write_text(args.out.with_suffix(".md"), render(report))
@@ -180,32 +197,40 @@ def main(argv=None) -> None:
 
 
 def render(report: dict) -> str:
-    b, s, m, load, n = report["batched"], report["one_at_a_time"], report["machine"], report["loadavg_1min"], report["sentences"]
-    same = f"Identical outputs: {report['identical_outputs']}/{n}" + (
-        "." if report["identical_outputs"] == n else " (the rest differ by float rounding with padding in the batch)."
-    )
-    return "\n".join([
-        "# Generation benchmark: batched vs one sentence at a time",
+    m, n, bs = report["machine"], report["sentences"], report["decoding"]["batch_size"]
+    out = [
+        "# Generation benchmark: the evaluate stage vs transformers' generate(), batched and one at a time",
         "",
         f"`{report['command']}`",
         "",
-        f"Model `{report['model']}`, {n} sentences ({report['source']}), greedy, budget "
-        f"{report['decoding']['max_new_tokens']} tokens, stop at the end-of-turn token.",
-        "",
-        "| | sentences/s | output tokens/s | seconds |",
-        "|---|---:|---:|---:|",
-        f"| batched, batch {b['batch_size']} (stages/evaluate.py) | {b['sentences_per_s']:.3f} | {b['output_tokens_per_s']:.1f} | {b['seconds']:.1f} |",
-        f"| one at a time (the notebook's loop) | {s['sentences_per_s']:.3f} | {s['output_tokens_per_s']:.1f} | {s['seconds']:.1f} |",
-        "",
-        f"**Speed-up: {report['speedup']:.2f}x.** {same}",
+        f"{n} sentences ({report['source']}), greedy, budget {report['decoding']['max_new_tokens']} tokens, stop at "
+        "the end-of-turn token. The three ways ran one after the other in one process: compare rows of one table.",
+    ]
+    names = {"stage": f"stage: own greedy loop, batch {bs} (stages/evaluate.py)",
+             "hf_batched": f"transformers generate(), batch {bs} (the stage before)",
+             "one_at_a_time": "one at a time (the notebook's loop)"}
+    for run in report["runs"]:
+        load = run["loadavg_1min"]
+        out += ["", f"## `{run['model']}`", "",
+                "| | sentences/s | output tokens/s | seconds | speed-up | identical outputs |",
+                "|---|---:|---:|---:|---:|---:|"]
+        for key, label in names.items():
+            r = run[key]
+            out.append(f"| {label} | {r['sentences_per_s']:.3f} | {r['output_tokens_per_s']:.1f} | {r['seconds']:.1f} | "
+                       f"{r['speedup_vs_one_at_a_time']:.2f}x | {r['identical_to_one_at_a_time']}/{n} |")
+        out += ["", f"**Stage vs transformers' batched generate(): {run['stage_vs_hf_batched']:.2f}x; vs one at a time: "
+                f"{run['stage']['speedup_vs_one_at_a_time']:.2f}x.** Output tokens {run['one_at_a_time']['output_tokens']} "
+                f"of a budget of {run['budget_tokens_total']}. 1-minute load average: "
+                + ", ".join(f"{k} {v}" for k, v in load.items()) + "."]
+    out += [
         "",
         f"Machine: {m['cpu']}, {m['cpu_count']} CPUs, {m['torch_threads']} torch threads, GPU: {m['gpu']}; "
-        f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}; {m['platform']}.",
-        f"1-minute load average {load['start']} at the start and {load['end']} at the end: the benchmark itself "
-        f"keeps {m['torch_threads']} threads busy, more means other processes shared the CPUs. Both ways ran "
-        "one after the other in the same process: compare the two rows, not separate runs.",
+        f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}; {m['platform']}. "
+        f"The benchmark keeps {m['torch_threads']} threads busy: a load average above that means other processes "
+        "shared the CPUs.",
         "",
-    ])
+    ]
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -134,7 +134,8 @@ def write_params(path: Path, opencc="t2s", **evaluate_params) -> Path:
     return path
 
 
-def run_stage(tmp_path: Path, model_dir: Path, rows=None, opencc="t2s", tag="run", **evaluate_params) -> Path:
+def run_stage(tmp_path: Path, model_dir: Path, rows=None, opencc="t2s", tag="run", base_outputs=None,
+              **evaluate_params) -> Path:
     out = tmp_path / tag
     test = out / "test.jsonl"
     out.mkdir(parents=True, exist_ok=True)
@@ -143,6 +144,7 @@ def run_stage(tmp_path: Path, model_dir: Path, rows=None, opencc="t2s", tag="run
         "--test", str(test), "--model", str(model_dir), "--metrics", str(out / "metrics.json"),
         "--out-dir", str(out / "evaluate"), "--hypotheses", str(out / "hypotheses.jsonl"),
         "--params", str(write_params(out / "params.yaml", opencc, **evaluate_params)),
+        *(["--base-outputs", str(base_outputs)] if base_outputs else []),
     ])
     return out
 
@@ -168,6 +170,44 @@ def test_batched_generation_with_left_padding_matches_one_at_a_time(tiny):
     assert all(batched)
     # the prompt is not in the output: the output is only what the model added after it
     assert not any("将下面的文言文" in text or "assistant" in text for text in batched)
+
+
+def one_at_a_time(model, tok, prompts, budgets, eot):
+    """The notebook's way: plain transformers generate(), one unpadded prompt a call."""
+    texts, hits = [], []
+    for messages, budget in zip(prompts, budgets):
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        out = model.generate(**ids, max_new_tokens=budget, do_sample=False, eos_token_id=[eot],
+                             pad_token_id=tok.pad_token_id)[0, ids["input_ids"].shape[1]:].tolist()
+        hits.append(eot not in out)
+        texts.append(tok.decode(out[: out.index(eot)] if eot in out else out, skip_special_tokens=True))
+    return texts, hits
+
+
+def test_own_greedy_loop_matches_transformers_generate_one_sentence_at_a_time(tiny):
+    """The CPU loop (shared prefix computed once, finished rows dropped) gives exactly what plain
+    generate() gives one prompt at a time, for rows that end their turn at different steps and rows
+    cut at their budget, in batches that mix them."""
+    tok = tiny["tokenizer"]
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    model = make_model(tok, seed=3)
+    with torch.no_grad():  # make the random model end its turn now and then (5 of 16, after 1 to 27 tokens)
+        model.lm_head.weight[eot] *= 2.0
+    rows = make_rows()
+    prompts, sources = [r["messages"][:-1] for r in rows], [r["source"] for r in rows]
+    _, budgets = evaluate.encode(tok, prompts, sources, 1.0, 6)
+    expected = one_at_a_time(model, tok, prompts, budgets, eot)
+    assert 3 <= sum(expected[1]) <= len(rows) - 3, "want some rows ending their turn and some hitting the budget"
+    ended = [len(tok(t, add_special_tokens=False).input_ids) for t, hit in zip(*expected) if not hit]
+    assert len(set(ended)) > 2, "rows should end their turn at different steps"
+    for batch_size in (16, 5, 1):
+        assert evaluate.generate(model, tok, prompts, sources, batch_size=batch_size, factor=1.0, extra=6,
+                                 eos_token_ids=[eot], loop="own") == expected
+    assert evaluate.generate(model, tok, prompts, sources, batch_size=16, factor=1.0, extra=6, eos_token_ids=[eot],
+                             loop="hf") == expected
+    length, cache = evaluate.shared_prefix(model, evaluate.encode(tok, prompts, sources, 1.0, 6)[0])
+    assert length == len(tok(tok.apply_chat_template([prompts[0][0]], tokenize=False) + "<|im_start|>user\n将下面的文言文翻译成现代汉语：\n",
+                             add_special_tokens=False).input_ids) and cache.get_seq_length() == length
 
 
 class ScriptedModel(torch.nn.Module):
@@ -203,7 +243,7 @@ def test_generation_slices_at_input_length_stops_at_end_of_turn_and_at_budget(ti
         length(long_): ids("天下" * 200),  # never ends its turn: cut at its own budget
     }, pad)
     texts, hit = evaluate.generate(model, tok, prompts, [short["source"], long_["source"]],
-                                   batch_size=2, factor=1.5, extra=3, eos_token_ids=[eot])
+                                   batch_size=2, factor=1.5, extra=3, eos_token_ids=[eot], loop="hf")
     # sliced at the input length, not by searching for the prompt's text
     assert texts[0] == short["source"] and not hit[0]
     budget_long = math.ceil(1.5 * len(long_["source"])) + 3  # one token a character
@@ -274,6 +314,7 @@ def test_length_buckets():
         "1-10", "1-10", "11-20", "11-20", "21-40", "21-40", "41+", "41+"]
 
 
+@pytest.mark.bad_input
 def test_hypotheses_get_the_clean_stage_normalisation_and_opencc():
     assert evaluate.postprocess(["漢語學說", "  天下\n大乱 ,\t "], "t2s") == ["汉语学说", "天下大乱，"]
     assert evaluate.postprocess(["漢語"], "none") == ["漢語"]
@@ -357,10 +398,104 @@ def test_full_model_directory_uses_the_base_model_for_the_base_baseline(tiny, tm
     assert [h["hypothesis"] for h in hyps] != [h["base"] for h in hyps]
 
 
+@pytest.fixture
+def count_generated(monkeypatch):
+    """{desc: sentences generated} of every evaluate.generate call the stage makes."""
+    counts: dict[str, int] = {}
+    real = evaluate.generate
+
+    def counting(model, tokenizer, prompts, *args, desc="generate", **kwargs):
+        counts[desc] = counts.get(desc, 0) + len(prompts)
+        return real(model, tokenizer, prompts, *args, desc=desc, **kwargs)
+
+    monkeypatch.setattr(evaluate, "generate", counting)
+    return counts
+
+
+def another_adapter(tiny, path: Path) -> Path:
+    """A second LoRA adapter on the same tiny base, as another train.* param would give."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(7)
+    lora = get_peft_model(evaluate.modeling.load_model(str(tiny["base_dir"])),
+                          LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora.save_pretrained(path)
+    tiny["tokenizer"].save_pretrained(path)
+    (path / "training_config.json").write_text((tiny["adapter"] / "training_config.json").read_text())
+    return path
+
+
+def test_base_outputs_are_reused_by_a_run_with_another_adapter(tiny, tmp_path, count_generated):
+    cache = tmp_path / "base_outputs.jsonl"
+    first = run_stage(tmp_path, tiny["adapter"], tag="first", base_outputs=cache)
+    assert count_generated == {"base": len(PAIRS), "fine-tuned": len(PAIRS)}
+    entries = [json.loads(line) for line in cache.read_text().splitlines()]
+    assert len(entries) == len(PAIRS) and {e["id"] for e in entries} == {r["id"] for r in make_rows()}
+
+    count_generated.clear()
+    second = run_stage(tmp_path, another_adapter(tiny, tmp_path / "adapter2"), tag="second", base_outputs=cache)
+    assert count_generated == {"fine-tuned": len(PAIRS)}  # no base sentence generated, no base model loaded
+    metrics = [json.loads((out / "metrics.json").read_text()) for out in (first, second)]
+    assert metrics[0]["baselines"] == metrics[1]["baselines"]  # base (and copy) scores identical
+    hyps = [[json.loads(line) for line in (out / "hypotheses.jsonl").read_text().splitlines()] for out in (first, second)]
+    assert [h["base"] for h in hyps[0]] == [h["base"] for h in hyps[1]]
+    assert [h["hypothesis"] for h in hyps[0]] != [h["hypothesis"] for h in hyps[1]]  # the adapter did change
+
+    # the cached outputs are what the base model generates without a cache
+    count_generated.clear()
+    fresh = run_stage(tmp_path, tiny["adapter"], tag="fresh")
+    assert count_generated == {"base": len(PAIRS), "fine-tuned": len(PAIRS)}
+    assert json.loads((fresh / "metrics.json").read_text()) == metrics[0]
+
+
+def test_base_outputs_regenerate_only_what_the_cache_lacks(tiny, tmp_path, count_generated):
+    cache = tmp_path / "base_outputs.jsonl"
+    run_stage(tmp_path, tiny["adapter"], tag="six", base_outputs=cache, num_samples=6)
+    assert count_generated["base"] == 6
+    count_generated.clear()
+    run_stage(tmp_path, tiny["adapter"], tag="all", base_outputs=cache)  # a bigger sample: the 6 are reused
+    assert count_generated["base"] == len(PAIRS) - 6
+    count_generated.clear()
+    run_stage(tmp_path, tiny["adapter"], tag="budget", base_outputs=cache, max_new_tokens_extra=5)
+    assert count_generated["base"] == len(PAIRS)  # another budget: other outputs
+    count_generated.clear()
+    rows = make_rows()
+    for row in rows:
+        row["messages"][0]["content"] = "翻译。"
+    run_stage(tmp_path, tiny["adapter"], rows=rows, tag="prompt", base_outputs=cache)
+    assert count_generated["base"] == len(PAIRS)  # another system prompt: other outputs
+    count_generated.clear()
+    run_stage(tmp_path, tiny["full"], tag="full", base_outputs=cache)  # same base model, same prompts
+    assert count_generated == {"fine-tuned": len(PAIRS)}
+    assert len(cache.read_text().splitlines()) == 3 * len(PAIRS)  # every entry is kept
+
+    assert evaluate.read_base_outputs(tmp_path / "missing.jsonl") == {}
+    cache.write_text("not json\n")
+    assert evaluate.read_base_outputs(cache) == {}  # a broken cache is rebuilt, not an error
+    no_base = tmp_path / "no_base.jsonl"
+    run_stage(tmp_path, tiny["adapter"], tag="no-base", base_outputs=no_base, baselines=["copy"])
+    assert no_base.read_text() == ""  # DVC expects its declared output even when the base baseline is off
+
+
+def test_base_identity_follows_the_base_model_and_how_it_runs(tiny, tmp_path):
+    cfg = evaluate.read_training_config(tiny["adapter"])
+    tok = tiny["tokenizer"]
+    identity = evaluate.base_identity(cfg, tok, "hf")
+    assert identity == evaluate.base_identity(cfg, tok, "hf") != evaluate.base_identity(cfg, tok, "unsloth")
+    other = tmp_path / "other-base"
+    make_model(tok, seed=5).save_pretrained(other)
+    assert evaluate.base_identity({**cfg, "model": str(other)}, tok, "hf") != identity
+    keys = evaluate.base_output_keys(identity, [[1, 2], [1, 2], [1, 3]], [5, 6, 5], 1, [3])
+    assert len(set(keys)) == 3 and keys[0] == evaluate.base_output_keys(identity, [[1, 2]], [5], 1, [3])[0]
+    assert keys[0] not in evaluate.base_output_keys(identity, [[1, 2]], [5], 2, [3])  # beams
+    assert keys[0] not in evaluate.base_output_keys(identity, [[1, 2]], [5], 1, [4])  # stop token
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad inputs: one clear line, no traceback
 
 
+@pytest.mark.bad_input
 def test_missing_test_file_and_model_dir_are_clear_errors(tiny, tmp_path, capsys):
     from stages.common import run_main
 
@@ -386,6 +521,7 @@ def test_missing_test_file_and_model_dir_are_clear_errors(tiny, tmp_path, capsys
     assert not (tmp_path / "m.json").exists()
 
 
+@pytest.mark.bad_input
 def test_bad_params_are_clear_errors():
     with pytest.raises(PipelineError, match="unknown key.*num_sample'.*did you mean 'num_samples'"):
         evaluate.check_evaluate_params({"num_sample": 10})
@@ -407,13 +543,15 @@ def test_params_and_dvc_yaml_match_the_stage():
     argv = shlex.split(stage["cmd"])
     assert argv[:3] == ["python", "-m", "stages.evaluate"]
     flags = dict(zip(argv[3::2], argv[4::2]))
-    assert set(flags) == {"--test", "--model", "--metrics", "--out-dir", "--hypotheses"}
+    assert set(flags) == {"--test", "--model", "--metrics", "--out-dir", "--hypotheses", "--base-outputs"}
     assert {"stages/evaluate.py", "stages/modeling.py", "stages/clean.py", "stages/common.py", flags["--test"], flags["--model"]} <= set(stage["deps"])
     assert set(stage["params"]) == {"evaluate", "clean.opencc"}
     assert [next(iter(m)) for m in stage["metrics"]] == [flags["--metrics"]]
     outs = [o if isinstance(o, str) else next(iter(o)) for o in stage["outs"]]
     csvs = [f"{flags['--out-dir']}/by_book.csv", f"{flags['--out-dir']}/by_length.csv"]
-    assert set(outs) == {flags["--hypotheses"], *csvs, f"{flags['--out-dir']}/samples.md"}
+    assert set(outs) == {flags["--hypotheses"], flags["--base-outputs"], *csvs, f"{flags['--out-dir']}/samples.md"}
+    (cache,) = [o[flags["--base-outputs"]] for o in stage["outs"] if isinstance(o, dict) and flags["--base-outputs"] in o]
+    assert cache == {"persist": True, "cache": False}  # kept between runs, so a new adapter reuses the base outputs
     plotted = set()
     for plot in dvc["plots"]:
         (spec,) = plot.values()

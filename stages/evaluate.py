@@ -53,6 +53,7 @@ from stages import clean, modeling
 from stages.modeling import read_training_config
 from stages.common import (
     PipelineError,
+    atomic_outputs,
     check_params,
     get_logger,
     load_params,
@@ -700,11 +701,15 @@ def main(argv=None) -> None:
             out |= {"base": systems["base"][i], "base_chrf": chrf["base"][i]}
         hypothesis_rows.append(out)
 
-    write_jsonl(args.hypotheses, hypothesis_rows)
-    write_text(args.out_dir / "by_book.csv", to_csv("book", book_rows))
-    write_text(args.out_dir / "by_length.csv", to_csv("length", length_rows))
-    write_text(args.out_dir / "samples.md", samples)
-    write_json(args.metrics, metrics)
+    # the five outputs change together or not at all (a failure while writing leaves the last good ones)
+    outputs = [args.hypotheses, args.out_dir / "by_book.csv", args.out_dir / "by_length.csv",
+               args.out_dir / "samples.md", args.metrics]
+    with atomic_outputs(*outputs) as (hypotheses_tmp, book_tmp, length_tmp, samples_tmp, metrics_tmp):
+        write_jsonl(hypotheses_tmp, hypothesis_rows)
+        write_text(book_tmp, to_csv("book", book_rows))
+        write_text(length_tmp, to_csv("length", length_rows))
+        write_text(samples_tmp, samples)
+        write_json(metrics_tmp, metrics)
     log.info("wrote %s, %s/{by_book.csv,by_length.csv,samples.md}, %s", args.metrics, args.out_dir, args.hypotheses)
 
 

@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -145,6 +146,18 @@ def atomic_outputs(*paths: str | os.PathLike) -> Iterator[list[Path]]:
         for tmp in temps:
             if tmp.exists():
                 tmp.unlink()
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Put the finished tmp directory at out; the old out is removed only once the new one is in place."""
+    old = out.with_name(f".{out.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -31,7 +31,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stages.common import PipelineError, atomic_outputs, check_params, get_logger, load_params, run_main, write_json
+from stages.common import (
+    PipelineError, atomic_outputs, check_params, get_logger, load_params, replace_dir, run_main, write_json,
+)
 from stages.modeling import load_trained_tokenizer, read_training_config
 
 log = get_logger("export")
@@ -225,18 +227,6 @@ def export_gguf(hf_dir: Path, out: Path, p: dict, tools: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-
-
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Put the finished tmp directory at out; the old out is removed only once the new one is in place."""
-    old = out.with_name(f".{out.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def main(argv=None) -> None:

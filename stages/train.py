@@ -46,7 +46,9 @@ import time
 from pathlib import Path
 
 from stages import modeling
-from stages.common import PipelineError, check_params, get_logger, load_params, read_jsonl, run_main, write_json
+from stages.common import (
+    PipelineError, check_params, get_logger, load_params, read_jsonl, replace_dir, run_main, write_json,
+)
 
 log = get_logger("train")
 
@@ -578,18 +580,6 @@ def staging_dir(reports: Path) -> Path:
     return reports.with_name(f".{reports.name}.tmp")
 
 
-def publish_reports(staging: Path, reports: Path) -> None:
-    """Swap the finished run's report directory in for the last one (two renames)."""
-    old = reports.with_name(f".{reports.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if reports.exists():
-        os.replace(reports, old)
-    os.replace(staging, reports)
-    if old.exists():
-        shutil.rmtree(old)
-
-
 def open_live(reports: Path):
     """dvclive logging into `reports` (the staging directory; dvc.yaml declares its plots; dvcyaml=False so
     it never edits dvc.yaml). Without dvclive (a bare GPU machine running benchmarks) training goes on
@@ -908,7 +898,7 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
     if rank == 0:
         staging.mkdir(parents=True, exist_ok=True)  # without dvclive only summary.json goes there
         write_json(staging / "summary.json", summary)
-        publish_reports(staging, reports)
+        replace_dir(staging, reports)
     barrier()  # the adapter is on disk before any process returns
     summary["history"] = live_callback.history  # returned (benchmarks), not written: dvclive has the plots
     log.info(
@@ -932,9 +922,7 @@ def save_output(model, tokenizer, resolved: dict, out: Path) -> None:
     model.save_pretrained(str(tmp), **kwargs)
     tokenizer.save_pretrained(str(tmp))
     write_json(tmp / "training_config.json", resolved)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    replace_dir(tmp, out)
     log.info("saved the %s to %s", resolved["saved"], out)
 
 

@@ -9,7 +9,6 @@ deletes a stage's other outputs before running it), with no file added.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_pipeline_e2e import REPO, run, slice_corpus, tiny_model
+from test_pipeline_e2e import make_project, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.bad_input, pytest.mark.skipif(shutil.which("git") is None, reason="needs git")]
 
@@ -49,31 +48,14 @@ def check_reports_kept(repo: Path, env: dict, before: dict, failed_stage: str) -
 
 
 def test_failed_repro_keeps_the_last_good_reports(tmp_path):
-    repo = tmp_path / "repo"
-    shutil.copytree(REPO / "stages", repo / "stages", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
+    repo, env, dvc = make_project(
+        tmp_path,
+        train=dict(max_steps=2, eval_steps=0, eval_samples=2, save_steps=0),
+        evaluate=dict(num_samples=3, batch_size=3, baselines=["copy"], bootstrap_resamples=0, num_examples=2),
+    )
     corpus = repo / "data/corpus/classical-modern"
-    texts = slice_corpus(corpus)
-    model = tiny_model(tmp_path / "tiny-llama", texts)
-
-    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
-    params["split"].update(valid_fraction=0.2, test_fraction=0.25)
-    params["format"]["system_prompt"] = "翻译。"
-    params["train"].update(model=str(model), max_steps=2, warmup_steps=0, batch_tokens=0, batch_size=4,
-                           eval_steps=0, eval_samples=2, save_steps=0, logging_steps=1)
-    params["evaluate"].update(num_samples=3, batch_size=3, baselines=["copy"], bootstrap_resamples=0, num_examples=2)
     params_path = repo / "params.yaml"
-    params_path.write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
-
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
-               DVC_NO_ANALYTICS="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    env.pop("PYTHONPATH", None)
-    dvc = [sys.executable, "-m", "dvc"]
-    run(["git", "init", "-q"], repo, env)
-    run(dvc + ["init", "-q"], repo, env)
-    run(["git", "add", "-A"], repo, env)
-    run(["git", "commit", "-qm", "project"], repo, env)
+    params = yaml.safe_load(params_path.read_text(encoding="utf-8"))
     run(dvc + ["repro"], repo, env)
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "good run"], repo, env)

@@ -168,21 +168,26 @@ def test_full_fine_tuning_changes_the_weights(tiny, tmp_path):
     assert json.loads((paths["out"] / "training_config.json").read_text())["saved"] == "model"
 
 
-def test_resume_after_a_kill_ends_like_an_uninterrupted_run(tiny, tmp_path):
+class Killed(Exception):
+    """What kill_at's callback raises: a run stopped half-way."""
+
+
+def kill_at(step: int, event: str):
+    """A TrainerCallback that raises Killed at `event` (on_save, on_step_end, ...) of step `step`."""
     from transformers import TrainerCallback
 
-    class Killed(Exception):
-        pass
+    def hook(self, args, state, control, **kwargs):
+        if state.global_step == step:
+            raise Killed
 
-    class KillAfterCheckpoint(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            if state.global_step == 3:
-                raise Killed
+    return type("Kill", (TrainerCallback,), {event: hook})()
 
+
+def test_resume_after_a_kill_ends_like_an_uninterrupted_run(tiny, tmp_path):
     common = dict(max_steps=6, save_steps=3, eval_steps=0)
     whole, _ = run(tiny, tmp_path, "whole", **common)
     with pytest.raises(Killed):
-        run(tiny, tmp_path, "killed", callbacks=[KillAfterCheckpoint()], **common)
+        run(tiny, tmp_path, "killed", callbacks=[kill_at(3, "on_save")], **common)
     again, _ = run(tiny, tmp_path, "again", **common)
     assert again["final_train_loss"] == whole["final_train_loss"]  # runs repeat (LoRA init is seeded)
     resumed, paths = run(tiny, tmp_path, "killed", resume=True, **common)
@@ -282,21 +287,11 @@ def test_hf_backend_qlora_on_gpu(tiny, tmp_path):
 @pytest.mark.bad_input
 def test_a_failed_run_leaves_the_last_reports_as_they_were(tiny, tmp_path):
     """dvclive writes as training goes: into a staging directory, swapped in only when the run ends."""
-    from transformers import TrainerCallback
-
-    class Killed(Exception):
-        pass
-
-    class KillAtStep(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 2:
-                raise Killed
-
     _, paths = run(tiny, tmp_path, "r", eval_steps=0, save_steps=0)
     before = {p: p.read_bytes() for p in sorted(paths["reports"].rglob("*")) if p.is_file()}
     assert paths["reports"] / "summary.json" in before
     with pytest.raises(Killed):
-        run(tiny, tmp_path, "r", callbacks=[KillAtStep()], eval_steps=0, save_steps=0, learning_rate=0.02)
+        run(tiny, tmp_path, "r", callbacks=[kill_at(2, "on_step_end")], eval_steps=0, save_steps=0, learning_rate=0.02)
     after = {p: p.read_bytes() for p in sorted(paths["reports"].rglob("*")) if p.is_file()}
     assert after == before
     # the next good run replaces them, and clears what the killed one left

@@ -32,10 +32,15 @@ def get_logger(name: str) -> logging.Logger:
 # Parameters
 
 
-def load_params(stage: str, params_file: str | os.PathLike | None = None) -> dict:
-    """Return the `stage:` section of params.yaml.
+def load_params(stage: str, params_file: str | os.PathLike | None = None, *, dvc_stage: str | None = None) -> dict:
+    """Return the `stage:` section of params.yaml (load_sections for a stage that reads several)."""
+    return load_sections(dvc_stage or stage, [stage], params_file)[stage]
 
-    Inside a DVC run this goes through `dvc.api.params_show(stages=stage)`, which returns only what
+
+def load_sections(dvc_stage: str, sections: list[str], params_file: str | os.PathLike | None = None) -> dict:
+    """Return {section: params} for the sections (or `section.key`s) a stage reads.
+
+    Inside a DVC run this goes through `dvc.api.params_show(stages=dvc_stage)`, which returns only what
     the stage declares in dvc.yaml, so a parameter the stage reads but does not declare fails loudly.
     With an explicit `params_file` (tests, benchmarks) the YAML file is read directly.
     """
@@ -43,9 +48,9 @@ def load_params(stage: str, params_file: str | os.PathLike | None = None) -> dic
         import dvc.api
 
         try:
-            params = dvc.api.params_show(stages=stage)
+            params = dvc.api.params_show(stages=dvc_stage)
         except Exception as exc:  # dvc raises many types; the message is what matters
-            raise PipelineError(f"could not read the parameters of stage '{stage}': {exc}") from exc
+            raise PipelineError(f"could not read the parameters of stage '{dvc_stage}': {exc}") from exc
     else:
         import yaml
 
@@ -56,9 +61,13 @@ def load_params(stage: str, params_file: str | os.PathLike | None = None) -> dic
             raise PipelineError(f"{path}: parameters file not found") from None
         except yaml.YAMLError as exc:
             raise PipelineError(f"{path}: not valid YAML: {exc}") from None
-    if stage not in params:
-        raise PipelineError(f"params.yaml has no '{stage}:' section")
-    return params[stage]
+    out = {}
+    for name in sections:
+        section, _, key = name.partition(".")
+        if section not in params or (key and key not in (params[section] or {})):
+            raise PipelineError(f"params.yaml has no '{name}'" + ("" if key else ":") + f" (stage {dvc_stage} reads it)")
+        out[section] = {key: params[section][key]} if key else params[section]
+    return out
 
 
 def check_params(section: dict, defaults: dict, stage: str) -> dict:

@@ -15,8 +15,8 @@ Run it:  dvc repro evaluate
              [--base-outputs data/evaluate/base_outputs.jsonl] [--params params.yaml]
 
 The prompt of a test row is messages[:-1] (system + user, as in training); the reference is `target`.
-Outputs get the references' treatment before scoring: stages/clean.py's normalisation and OpenCC
-conversion (params `clean.opencc`, declared by this stage in dvc.yaml).
+Outputs get the references' treatment before scoring: stages/text.py's normalisation and the OpenCC
+conversion the model was trained with (its training_config.json `prompt.opencc`, recorded by train).
 
 Baselines (params evaluate.baselines) are scored on the same sentences:
   copy  the classical source unchanged (how far modern Chinese is from the classical text)
@@ -27,15 +27,10 @@ cached) under a hash of all of these (base_identity + base_output_keys); a run g
 sentences it lacks. A new adapter (another train.* param) regenerates the fine-tuned outputs only.
 Deleting the file is always safe: it is rebuilt on the next run.
 
-Generation is batched with left padding, greedy unless evaluate.num_beams > 1, and stops at the
-end-of-turn token. Each sentence gets its own budget, max_new_tokens = factor x source tokens + extra,
-and its output is cut there even when a longer sentence in the batch keeps the batch going, so an
-output never depends on which sentences shared its batch. On a GPU with a model trained by unsloth,
-unsloth's inference mode is used; anywhere else plain transformers. Greedy decoding on CPU runs this
-stage's own loop (greedy_batch: the prompt prefix that all sentences share is computed once, and a
-sentence leaves the batch when it ends), which gives transformers' generate() outputs token for token,
-1.4x (base model) to 1.9x (fine-tuned) faster here (reports/benchmarks/generation.md); beam search and
-GPUs use generate().
+Generation is stages/modeling.py's generate(): batched with left padding, greedy unless
+evaluate.num_beams > 1, stops at the end-of-turn token, each sentence cut at its own budget
+(max_new_tokens = factor x source tokens + extra); on CPU greedy decoding runs modeling.greedy_batch
+(reports/benchmarks/generation.md).
 """
 
 from __future__ import annotations
@@ -45,12 +40,10 @@ import csv
 import hashlib
 import io
 import json
-import math
 import time
 from pathlib import Path
 
-from stages import clean, modeling
-from stages.modeling import read_training_config
+from stages import modeling, text
 from stages.common import (
     PipelineError,
     atomic_outputs,
@@ -138,286 +131,8 @@ def select_rows(rows: list[dict], num_samples: int, seed: int) -> list[dict]:
 
 def postprocess(texts: list[str], opencc_config: str | None) -> list[str]:
     """What the references went through in the clean stage: its normalisation (NFC, control characters,
-    whitespace, full-width punctuation) and OpenCC conversion with clean.opencc ('none' = no conversion)."""
-    return clean.normalise_lines(list(texts), clean.make_converter(opencc_config))
-
-
-# ----------------------------------------------------------------------------------------------
-# Generation
-
-
-def generate(
-    model,
-    tokenizer,
-    prompts: list[list[dict]],
-    sources: list[str],
-    *,
-    batch_size: int = 16,
-    num_beams: int = 1,
-    factor: float = 2.0,
-    extra: int = 16,
-    eos_token_ids: list[int] | None = None,
-    desc: str = "generate",
-    loop: str = "auto",
-) -> tuple[list[str], list[bool]]:
-    """Translate each prompt; returns (texts, hit_limit) in the order of `prompts`.
-
-    Prompts are sorted by length (longest first, so an out-of-memory error shows at once) and
-    batched with left padding; each output is sliced off at the padded input length, cut at the first
-    end-of-turn token and at the sentence's own budget. hit_limit[i] is True when sentence i reached
-    its budget without ending its turn.
-
-    loop: "own" = greedy_batch below (greedy only), "hf" = transformers' generate(), "auto" = own for
-    greedy decoding on CPU, hf otherwise (beam search; GPU, where unsloth patches generation)."""
-    import torch
-    from tqdm.auto import tqdm
-
-    if eos_token_ids is None:
-        eos_token_ids = end_of_turn_ids(tokenizer)
-    eos = set(eos_token_ids)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_ids[0]
-    input_ids, budgets = encode(tokenizer, prompts, sources, factor, extra)
-    order = sorted(range(len(prompts)), key=lambda i: (len(input_ids[i]), budgets[i]), reverse=True)
-    device = next(model.parameters()).device
-    if loop == "auto":
-        loop = "own" if num_beams == 1 and device.type == "cpu" else "hf"
-    if loop == "own" and num_beams != 1:
-        raise PipelineError("the own generation loop is greedy only; use loop='hf' for beam search")
-    outputs: list[str | None] = [None] * len(prompts)
-    hit_limit = [False] * len(prompts)
-    with torch.inference_mode(), tqdm(total=len(prompts), desc=desc, unit="sent") as bar:
-        prefix = shared_prefix(model, input_ids) if loop == "own" else None
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            if loop == "own":
-                new_tokens = greedy_batch(model, [input_ids[i] for i in batch], [budgets[i] for i in batch],
-                                          eos, pad_id, prefix)
-            else:
-                width = max(len(input_ids[i]) for i in batch)
-                ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, i in enumerate(batch):  # left padding: the prompt ends where generation starts
-                    ids[row, width - len(input_ids[i]) :] = torch.tensor(input_ids[i])
-                    mask[row, width - len(input_ids[i]) :] = 1
-                out = model.generate(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    max_new_tokens=max(budgets[i] for i in batch),
-                    do_sample=False,
-                    num_beams=num_beams,
-                    eos_token_id=list(eos_token_ids),
-                    pad_token_id=pad_id,
-                )
-                new_tokens = out[:, width:].tolist()  # slice by input length, never by searching the text
-            for row, i in enumerate(batch):
-                tokens = new_tokens[row][: budgets[i]]
-                end = next((k for k, t in enumerate(tokens) if t in eos), None)
-                if end is None:
-                    hit_limit[i] = True
-                else:
-                    tokens = tokens[:end]
-                text = tokenizer.decode(tokens, skip_special_tokens=True)
-                # a cut in the middle of a character's byte-level tokens decodes to U+FFFD
-                outputs[i] = text.rstrip("\ufffd") if hit_limit[i] else text
-            bar.update(len(batch))
-    return outputs, hit_limit
-
-
-def shared_prefix(model, input_ids: list[list[int]]):
-    """(length, KV cache) of the token prefix that every prompt shares (chat template + system prompt +
-    instruction: 112 of ~156 tokens with the default params), computed once; (0, None) if there is none.
-    At least one token of each prompt is left out of it, so each prompt has logits to start from."""
-    from transformers import DynamicCache
-    import torch
-
-    first, length = input_ids[0], min(len(ids) for ids in input_ids) - 1
-    for ids in input_ids:
-        length = next((k for k in range(length) if ids[k] != first[k]), length)
-    if length < 1:
-        return 0, None
-    cache = DynamicCache(config=model.config)
-    device = next(model.parameters()).device
-    model(input_ids=torch.tensor([first[:length]], device=device), past_key_values=cache, use_cache=True,
-          logits_to_keep=1)
-    return length, cache
-
-
-def greedy_batch(model, input_ids: list[list[int]], budgets: list[int], eos: set[int], pad_id: int, prefix=(0, None)):
-    """Greedy decoding of one batch; returns each row's new tokens, ending at its first end-of-turn
-    token or at its budget. What the CPU saves over transformers' generate() (same outputs, see
-    tests/test_evaluate.py and reports/benchmarks/generation.md):
-      - the shared prefix's keys and values are computed once (shared_prefix) and copied into each
-        batch; each row is laid out [prefix | padding | rest of its prompt], and its attention mask and
-        position ids (cumulated mask) make that the same computation as the unpadded prompt;
-      - a row leaves the batch (and its KV cache) when it ends its turn or reaches its own budget,
-        instead of being carried to the end of the longest row."""
-    import torch
-    from transformers import DynamicCache
-
-    device = next(model.parameters()).device
-    p, prefix_cache = prefix
-    rows = len(input_ids)
-    width = max(len(ids) for ids in input_ids) - p
-    ids = torch.full((rows, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((rows, p + width), dtype=torch.long)
-    mask[:, :p] = 1
-    for row, prompt in enumerate(input_ids):
-        rest = prompt[p:]
-        ids[row, width - len(rest) :] = torch.tensor(rest)
-        mask[row, p + width - len(rest) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, p:]
-    cache = DynamicCache(config=model.config)
-    if prefix_cache is not None:
-        for layer_idx, layer in enumerate(prefix_cache.layers):
-            cache.update(layer.keys.expand(rows, -1, -1, -1).contiguous(),
-                         layer.values.expand(rows, -1, -1, -1).contiguous(), layer_idx)
-    ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
-                logits_to_keep=1)
-    position = positions[:, -1]
-    new_tokens: list[list[int]] = [[] for _ in range(rows)]
-    alive = list(range(rows))  # rows still generating, in the order of the tensors' batch dimension
-    while True:
-        next_ids = out.logits[:, -1].argmax(-1)
-        keep = []
-        for k, (row, token) in enumerate(zip(alive, next_ids.tolist())):
-            new_tokens[row].append(token)
-            if token not in eos and len(new_tokens[row]) < budgets[row]:
-                keep.append(k)
-        if not keep:
-            return new_tokens
-        if len(keep) < len(alive):
-            index = torch.tensor(keep, device=device)
-            cache.batch_select_indices(index)
-            mask, position, next_ids = mask[index], position[index], next_ids[index]
-            alive = [alive[k] for k in keep]
-        mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
-        position = position + 1
-        out = model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=position[:, None],
-                    past_key_values=cache, use_cache=True)
-
-
-def encode(tokenizer, prompts: list[list[dict]], sources: list[str], factor: float, extra: int):
-    """(input_ids, budgets): each prompt's token ids and its max_new_tokens = ceil(factor x source tokens) + extra."""
-    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
-    # the chat template writes the special tokens (bos included) itself
-    input_ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
-    budgets = [math.ceil(factor * len(tokenizer(s, add_special_tokens=False).input_ids)) + extra for s in sources]
-    return input_ids, budgets
-
-
-def end_of_turn_ids(tokenizer) -> list[int]:
-    """Token ids that end the assistant's turn: the chat template's end-of-turn token and eos."""
-    ids = []
-    for token in (modeling.end_of_turn_token(tokenizer), tokenizer.eos_token):
-        if token is not None:
-            token_id = tokenizer.convert_tokens_to_ids(token)
-            if token_id is not None and token_id not in ids:
-                ids.append(token_id)
-    if not ids:
-        raise PipelineError("the tokenizer has neither an end-of-turn token nor an eos token to stop generation at")
-    return ids
-
-
-# ----------------------------------------------------------------------------------------------
-# Loading the fine-tuned model (written by the train stage)
-
-
-def pick_backend(cfg: dict) -> str:
-    """'unsloth' on a GPU when the model was trained with unsloth and unsloth imports, else 'hf'.
-    unsloth must be imported before transformers and peft, so this runs before any model code."""
-    import torch
-
-    if not torch.cuda.is_available() or cfg.get("backend") != "unsloth":
-        return "hf"
-    try:
-        import unsloth  # noqa: F401
-
-        return "unsloth"
-    except Exception as exc:  # ImportError, or unsloth's own errors about the GPU or versions
-        log.warning("unsloth is not usable (%s); generating with plain transformers", exc)
-        return "hf"
-
-
-def load_tokenizer(model_dir: Path):
-    """The trained tokenizer, set up for batched generation (left padding)."""
-    tokenizer = modeling.load_trained_tokenizer(model_dir)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    return tokenizer
-
-
-def device_and_dtype():
-    """cuda in bf16 (fp16 where bf16 is missing), else cpu in fp32 (bf16 on CPU changes greedy outputs)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return "cpu", torch.float32
-    return "cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def load_finetuned(model_dir: Path, cfg: dict, tokenizer, backend: str):
-    """The fine-tuned model, ready to generate. Returns (model, is_adapter)."""
-    is_adapter = (model_dir / "adapter_config.json").is_file()
-    if backend == "unsloth":
-        try:
-            from unsloth import FastLanguageModel
-
-            model, _ = FastLanguageModel.from_pretrained(
-                model_name=str(model_dir),
-                max_seq_length=cfg.get("max_seq_length") or 2048,
-                dtype=None,
-                load_in_4bit=bool(cfg.get("load_in_4bit", False)),
-            )
-            FastLanguageModel.for_inference(model)
-            return model, is_adapter
-        except Exception as exc:
-            log.warning("unsloth could not load %s (%s); falling back to transformers", model_dir, exc)
-    device, dtype = device_and_dtype()
-    if not is_adapter:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device)
-        return model.eval(), False
-    from peft import PeftModel
-
-    base = modeling.load_model(cfg["model"], dtype=dtype, device=device)
-    if len(tokenizer) > base.get_input_embeddings().num_embeddings:  # the train stage added template tokens
-        base.resize_token_embeddings(len(tokenizer))
-    try:
-        model = PeftModel.from_pretrained(base, str(model_dir))
-    except Exception as exc:
-        raise PipelineError(f"{model_dir}: could not load the adapter onto {cfg['model']}: {exc}") from None
-    if device == "cpu":  # fp32: merging is exact enough, and saves the LoRA side products (~10% on CPU);
-        try:  # disable_adapter() would unmerge again
-            model.merge_adapter()
-        except Exception as exc:  # an adapter type peft cannot merge: generate unmerged
-            log.warning("could not merge the adapter (%s); generating unmerged", exc)
-    return model.eval(), True
-
-
-def load_base(cfg: dict, tokenizer, backend: str):
-    """The base model (train.model) for the `base` baseline, with the trained tokenizer's vocabulary."""
-    if backend == "unsloth":
-        try:
-            from unsloth import FastLanguageModel
-
-            model, _ = FastLanguageModel.from_pretrained(
-                model_name=modeling.materialize(cfg["model"]),
-                max_seq_length=cfg.get("max_seq_length") or 2048,
-                dtype=None,
-                load_in_4bit=bool(cfg.get("load_in_4bit", False)),
-            )
-            FastLanguageModel.for_inference(model)
-            return model
-        except Exception as exc:
-            log.warning("unsloth could not load the base model (%s); falling back to transformers", exc)
-    device, dtype = device_and_dtype()
-    base = modeling.load_model(cfg["model"], dtype=dtype, device=device)
-    if len(tokenizer) > base.get_input_embeddings().num_embeddings:
-        base.resize_token_embeddings(len(tokenizer))
-    return base.eval()
+    whitespace, full-width punctuation) and OpenCC conversion with the model's recorded config ('none' = none)."""
+    return text.normalise_lines(list(texts), text.make_converter(opencc_config))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -448,7 +163,7 @@ def base_identity(cfg: dict, tokenizer, backend: str) -> str:
             files["snapshot"] = Path(config).parent.name if isinstance(config, str) else None
         except Exception:
             files["snapshot"] = None
-    device, dtype = device_and_dtype()
+    device, dtype = modeling.device_and_dtype()
     identity = {
         "model": cfg["model"], "files": files, "vocab": len(tokenizer), "backend": backend, "device": device,
         "dtype": str(dtype), "load_in_4bit": bool(cfg.get("load_in_4bit", False)),
@@ -599,29 +314,29 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     p = check_evaluate_params(load_params("evaluate", args.params))
-    opencc = load_params("clean", args.params).get("opencc", "t2s")  # declared by this stage in dvc.yaml
-    clean.make_converter(opencc)  # an unknown config fails now, not after generating
     all_rows = read_jsonl(args.test)
     check_rows(all_rows, args.test)
     rows = select_rows(all_rows, p["num_samples"], p["seed"])
     books = sorted({str(r.get("book", "")) for r in rows})
     log.info("scoring %d of %d test sentences (%d books)", len(rows), len(all_rows), len(books))
-    cfg = read_training_config(args.model)
+    trained = modeling.load_trained(args.model, model=False)  # config, prompt, tokenizer: cheap checks first
+    cfg, tokenizer, backend = trained.config, trained.tokenizer, trained.backend
+    opencc = trained.prompt["opencc"]  # the references' OpenCC conversion, as recorded by train
+    text.make_converter(opencc)  # an unknown config fails now, not after generating
 
     sources = [r["source"] for r in rows]
     references = [r["target"] for r in rows]
     prompts = [r["messages"][:-1] for r in rows]
     systems: dict[str, list[str]] = {}
     limits: dict[str, int] = {}
-    backend = pick_backend(cfg)  # before transformers/peft are imported
-    tokenizer = load_tokenizer(args.model)
     gen = dict(batch_size=p["batch_size"], num_beams=p["num_beams"], factor=p["max_new_tokens_factor"],
-               extra=p["max_new_tokens_extra"], eos_token_ids=end_of_turn_ids(tokenizer))
+               extra=p["max_new_tokens_extra"], eos_token_ids=modeling.end_of_turn_ids(tokenizer))
 
     base_raw = base_hit = None
     if "base" in p["baselines"]:  # first, so the base model is out of memory before the fine-tuned one loads
         started = time.perf_counter()
-        input_ids, budgets = encode(tokenizer, prompts, sources, gen["factor"], gen["extra"])
+        input_ids = modeling.prompt_ids(tokenizer, prompts)
+        budgets = modeling.token_budgets(tokenizer, sources, gen["factor"], gen["extra"])
         identity = base_identity(cfg, tokenizer, backend)
         keys = base_output_keys(identity, input_ids, budgets, p["num_beams"], gen["eos_token_ids"])
         cache = read_base_outputs(args.base_outputs)
@@ -631,12 +346,12 @@ def main(argv=None) -> None:
         todo = [i for key, i in first.items() if key not in cache]
         reused = sum(key in cache for key in keys)
         if todo:
-            base = load_base(cfg, tokenizer, backend)
-            raw, hit = generate(base, tokenizer, [prompts[i] for i in todo], [sources[i] for i in todo],
-                                desc="base", **gen)
+            base = modeling.load_base(trained)
+            raw, hit = modeling.generate(base, tokenizer, [prompts[i] for i in todo], [sources[i] for i in todo],
+                                         desc="base", **gen)
             del base
-            for i, text, h in zip(todo, raw, hit):
-                cache[keys[i]] = {"key": keys[i], "id": rows[i].get("id"), "output": text, "hit_limit": h}
+            for i, text_, h in zip(todo, raw, hit):
+                cache[keys[i]] = {"key": keys[i], "id": rows[i].get("id"), "output": text_, "hit_limit": h}
             if args.base_outputs is not None:  # every entry kept: switching back to an older sample costs nothing
                 write_jsonl(args.base_outputs, cache.values())
         base_raw, base_hit = [cache[k]["output"] for k in keys], [cache[k]["hit_limit"] for k in keys]
@@ -646,11 +361,11 @@ def main(argv=None) -> None:
     if args.base_outputs is not None and not args.base_outputs.exists():  # a declared output, even when unused
         write_jsonl(args.base_outputs, [])
 
-    model, is_adapter = load_finetuned(args.model, cfg, tokenizer, backend)
-    log.info("model: %s (%s on %s, backend %s)", args.model, "LoRA adapter" if is_adapter else "full model",
+    model = modeling.load_trained_model(trained)
+    log.info("model: %s (%s on %s, backend %s)", args.model, "LoRA adapter" if trained.is_adapter else "full model",
              cfg["model"], backend)
     started = time.perf_counter()
-    raw, hit = generate(model, tokenizer, prompts, sources, desc="fine-tuned", **gen)
+    raw, hit = modeling.generate(model, tokenizer, prompts, sources, desc="fine-tuned", **gen)
     log.info("fine-tuned: %d sentences in %.0f s", len(rows), time.perf_counter() - started)
     systems["model"], limits["model"] = postprocess(raw, opencc), sum(hit)
     if base_raw is not None:

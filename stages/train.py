@@ -47,7 +47,7 @@ from pathlib import Path
 
 from stages import modeling
 from stages.common import (
-    PipelineError, check_params, get_logger, load_params, read_jsonl, replace_dir, run_main, write_json,
+    PipelineError, check_params, get_logger, load_sections, read_jsonl, replace_dir, run_main, write_json,
 )
 
 log = get_logger("train")
@@ -148,6 +148,17 @@ def resolve_config(section: dict) -> dict:
     return cfg
 
 
+def resolve_prompt(fmt: dict, opencc) -> dict:
+    """The prompt this model is trained with, recorded in training_config.json so that evaluate, translate and
+    export read it from the model, never from a params.yaml edited since: params format: and clean.opencc."""
+    from stages import text
+
+    fmt = check_params(fmt, {"system_prompt": "", "user_template": "", "context_sentences": 0, "context_template": ""}, "format")
+    modeling.check_templates(fmt)
+    text.make_converter(opencc)  # an unknown OpenCC config fails before training, not in evaluate
+    return {"format": fmt, "opencc": opencc}
+
+
 def check_trainer_names(cfg: dict) -> None:
     """train.lr_scheduler and train.optim against transformers' names; called once the backend is chosen
     (importing transformers earlier would come before unsloth)."""
@@ -160,28 +171,6 @@ def check_trainer_names(cfg: dict) -> None:
     optimizers = [o.value for o in OptimizerNames]
     if cfg["optim"] != "auto" and cfg["optim"] not in optimizers:
         raise PipelineError(f"train.optim '{cfg['optim']}' is unknown; auto or one of: {', '.join(optimizers)}")
-
-
-def pick_backend(requested: str) -> str:
-    """unsloth when asked for (it must work) or, for auto, when CUDA is there and it imports; else hf.
-
-    Importing unsloth patches transformers/peft/trl, so it has to happen before they are imported."""
-    import torch
-
-    if requested == "hf":
-        return "hf"
-    if not torch.cuda.is_available():
-        if requested == "unsloth":
-            raise PipelineError("train.backend unsloth needs a CUDA GPU; none is visible (use backend: hf or auto)")
-        return "hf"
-    try:
-        import unsloth  # noqa: F401  (must come before transformers, peft and trl)
-    except Exception as exc:  # ImportError, or unsloth's own errors on an unsupported setup
-        if requested == "unsloth":
-            raise PipelineError(f"train.backend unsloth: `import unsloth` failed: {exc}") from exc
-        log.warning("unsloth is not usable (%s); training with the hf backend", exc)
-        return "hf"
-    return "unsloth"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,14 +257,6 @@ def summed(value: int) -> int:
 # Tokenization with the reply-only mask
 
 
-def end_of_turn_id(tokenizer) -> int:
-    token = modeling.end_of_turn_token(tokenizer)
-    token_id = tokenizer.convert_tokens_to_ids(token) if token is not None else None
-    if token_id is None or token_id == tokenizer.unk_token_id and token != tokenizer.unk_token:
-        raise PipelineError(f"the chat template's end-of-turn token {token!r} is not a token of the tokenizer")
-    return token_id
-
-
 def check_messages(messages, where: str) -> None:
     if not isinstance(messages, list) or len(messages) < 2:
         raise PipelineError(f"{where}: 'messages' must be a list [system?, user, assistant]")
@@ -289,39 +270,19 @@ def check_messages(messages, where: str) -> None:
 
 
 def tokenize_conversations(tokenizer, conversations: list[list[dict]], eot_id: int, names: list[str] | None = None):
-    """Tokenize whole conversations; return [(input_ids, completion_mask, retokenized)], the mask 1 on exactly
-    the last assistant reply plus its end-of-turn token.
-
-    The prompt is the template rendering of messages[:-1] with the generation prompt, tokenized as at
-    inference. Its text must be a prefix of the full rendering (else the model would train on a context it
-    never sees). Usually its tokens are a prefix of the full tokenization too; where tokens merge across
-    the boundary (a GPT-2-style pre-tokenizer after Llama-3.1's "\n\n"), the reply is tokenized on its own
-    after the prompt's tokens (retokenized=True): the sequence the model produces at inference."""
+    """Tokenize whole conversations (modeling.encode_messages: the prompt exactly as at inference); return
+    [(input_ids, completion_mask, retokenized)], the mask 1 on exactly the last assistant reply plus its
+    end-of-turn token, 0 on the prompt and on anything the template adds after the end-of-turn token."""
     names = names or [f"conversation {i}" for i in range(len(conversations))]
-    prompts = [tokenizer.apply_chat_template(c[:-1], tokenize=False, add_generation_prompt=True) for c in conversations]
-    fulls = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
-    # The rendered text already holds the template's special tokens (bos included): add none.
-    prompt_ids = tokenizer(prompts, add_special_tokens=False).input_ids
-    full_ids = tokenizer(fulls, add_special_tokens=False).input_ids
     out = []
-    for name, prompt, full, p, f in zip(names, prompts, fulls, prompt_ids, full_ids):
-        if not full.startswith(prompt):
-            raise PipelineError(
-                f"{name}: the chat template renders the prompt (with the generation prompt) differently from the "
-                f"start of the whole conversation; the tokenized prompt is not a prefix, cannot mask it"
-            )
-        retokenized = f[: len(p)] != p
-        if retokenized:
-            f = p + tokenizer(full[len(prompt) :], add_special_tokens=False).input_ids
-        completion = f[len(p) :]
-        if eot_id not in completion:
+    for name, (prompt, reply, retokenized) in zip(names, modeling.encode_messages(tokenizer, conversations, names)):
+        if eot_id not in reply:
             raise PipelineError(
                 f"{name}: the chat template puts no end-of-turn token ({tokenizer.convert_ids_to_tokens(eot_id)}) "
                 f"after the reply, so the model could not learn to stop; use a chat template that does (train.chat_template)"
             )
-        end = completion.index(eot_id) + 1  # keep the reply and its end-of-turn token, mask what follows ("\n")
-        mask = [0] * len(p) + [1] * end + [0] * (len(completion) - end)
-        out.append((f, mask, retokenized))
+        end = reply.index(eot_id) + 1  # keep the reply and its end-of-turn token, mask what follows ("\n")
+        out.append((prompt + reply, [0] * len(prompt) + [1] * end + [0] * (len(reply) - end), retokenized))
     return out
 
 
@@ -330,7 +291,7 @@ def build_examples(tokenizer, rows: list[dict], max_seq_length: int, source: str
     no completion token after truncation is dropped (and counted), never kept with no loss."""
     for i, row in enumerate(rows):
         check_messages(row.get("messages"), f"{source}:{i + 1} (id {row.get('id', '?')})")
-    eot_id = end_of_turn_id(tokenizer)
+    eot_id = modeling.end_of_turn_id(tokenizer)
     names = [f"{source} id {row.get('id', i)}" for i, row in enumerate(rows)]
     tokenized = tokenize_conversations(tokenizer, [row["messages"] for row in rows], eot_id, names)
     examples, dropped, truncated = [], 0, 0
@@ -756,12 +717,12 @@ def build_trainer(model, tokenizer, train_examples, valid_examples, cfg: dict, *
     return trainer
 
 
-def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callbacks=()) -> dict:
-    """Run the stage; returns the summary also written to reports/summary.json. `callbacks`: extra
-    TrainerCallbacks (tests use one to kill a run half-way)."""
+def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callbacks=(), *, prompt: dict) -> dict:
+    """Run the stage; returns the summary also written to reports/summary.json. `prompt`: resolve_prompt's,
+    saved with the model. `callbacks`: extra TrainerCallbacks (tests use one to kill a run half-way)."""
     start = time.perf_counter()
     out, checkpoints, reports = Path(out), Path(checkpoints), Path(reports)
-    backend = pick_backend(cfg["backend"])  # imports unsloth (if used) before transformers/peft/trl
+    backend = modeling.pick_backend(cfg["backend"])  # imports unsloth (if used) before transformers/peft/trl
     check_trainer_names(cfg)
 
     import torch
@@ -854,6 +815,7 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
         added_tokens=loaded["added_tokens"],
         end_of_turn_token=modeling.end_of_turn_token(tokenizer),
         saved="model" if cfg["method"] == "full" else "adapter",
+        prompt=prompt,  # what evaluate, translate and export build their prompts from
     )
     if rank == 0:
         save_output(trainer.model, tokenizer, resolved, out)
@@ -935,7 +897,9 @@ def main(argv=None) -> None:
     parser.add_argument("--reports", required=True, help="report directory (reports/train)")
     parser.add_argument("--params", help="read this params.yaml instead of asking DVC (tests, benchmarks)")
     args = parser.parse_args(argv)
-    cfg = resolve_config(load_params("train", args.params))
+    params = load_sections("train", ["train", "format", "clean.opencc"], args.params)
+    cfg = resolve_config(params["train"])
+    prompt = resolve_prompt(params["format"], params["clean"]["opencc"])
     if cfg["num_gpus"] > 1 and world()[2] == 1:
         code = launch_distributed(cfg, sys.argv[1:] if argv is None else list(argv))
         if code:
@@ -943,7 +907,7 @@ def main(argv=None) -> None:
         return
     if cfg["num_gpus"] == 1:
         pin_one_gpu()
-    train(cfg, args.train, args.valid, args.out, args.checkpoints, args.reports)
+    train(cfg, args.train, args.valid, args.out, args.checkpoints, args.reports, prompt=prompt)
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from stages import clean
-from stages.clean import make_converter, normalise_lines, normalise_text
+from stages.text import make_converter, normalise_lines, normalise_text
 from stages.common import PipelineError
 
 

@@ -155,7 +155,6 @@ def test_cli_translate_bad_input(tmp_path, case):
     else:
         extra = ["--batch-size", "0"]
         expected = ["--batch-size must be >= 1"]
-    error = run_cli("translate", "--input", text, "--output", out, "--model", model,
-                    "--params", params_file(tmp_path), *extra)
+    error = run_cli("translate", "--input", text, "--output", out, "--model", model, *extra)
     assert all(e in error for e in expected), error
     assert not out.exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import math
 import shlex
 import string
@@ -14,7 +15,8 @@ import pytest
 import torch
 import yaml
 
-from stages import evaluate
+from stages import evaluate, modeling
+from conftest import BASE_PARAMS
 from stages.common import PipelineError, write_jsonl
 from stages.modeling import CHAT_TEMPLATES
 
@@ -105,7 +107,8 @@ def tiny(tmp_path_factory):
     base_dir = root / "base"
     base.save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
-    training_config = {"model": str(base_dir), "chat_template": None, "max_seq_length": 256, "backend": "hf"}
+    training_config = {"model": str(base_dir), "chat_template": None, "max_seq_length": 256, "backend": "hf",
+                       "prompt": {"format": BASE_PARAMS["format"], "opencc": "t2s"}}
 
     torch.manual_seed(1)
     lora = get_peft_model(
@@ -124,9 +127,8 @@ def tiny(tmp_path_factory):
     return {"tokenizer": tokenizer, "base": base, "base_dir": base_dir, "adapter": adapter_dir, "full": full_dir}
 
 
-def write_params(path: Path, opencc="t2s", **evaluate_params) -> Path:
+def write_params(path: Path, **evaluate_params) -> Path:
     params = {
-        "clean": {"opencc": opencc, "min_chars": 2},
         "evaluate": {"num_samples": 0, "batch_size": 4, "bootstrap_resamples": 100, "num_examples": 8,
                      "max_new_tokens_factor": 1.0, "max_new_tokens_extra": 4, **evaluate_params},
     }
@@ -140,10 +142,15 @@ def run_stage(tmp_path: Path, model_dir: Path, rows=None, opencc="t2s", tag="run
     test = out / "test.jsonl"
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(test, make_rows() if rows is None else rows)
+    cfg = json.loads((model_dir / "training_config.json").read_text())
+    if cfg["prompt"]["opencc"] != opencc:  # a model trained with another clean.opencc: a copy recording it
+        model_dir = shutil.copytree(model_dir, out / "model")
+        cfg["prompt"]["opencc"] = opencc
+        (model_dir / "training_config.json").write_text(json.dumps(cfg))
     evaluate.main([
         "--test", str(test), "--model", str(model_dir), "--metrics", str(out / "metrics.json"),
         "--out-dir", str(out / "evaluate"), "--hypotheses", str(out / "hypotheses.jsonl"),
-        "--params", str(write_params(out / "params.yaml", opencc, **evaluate_params)),
+        "--params", str(write_params(out / "params.yaml", **evaluate_params)),
         *(["--base-outputs", str(base_outputs)] if base_outputs else []),
     ])
     return out
@@ -163,8 +170,8 @@ def test_batched_generation_with_left_padding_matches_one_at_a_time(tiny):
     rows = make_rows()
     prompts, sources = [r["messages"][:-1] for r in rows], [r["source"] for r in rows]
     kwargs = dict(factor=1.0, extra=6)
-    batched, hit_b = evaluate.generate(tiny["base"], tiny["tokenizer"], prompts, sources, batch_size=16, **kwargs)
-    single, hit_s = evaluate.generate(tiny["base"], tiny["tokenizer"], prompts, sources, batch_size=1, **kwargs)
+    batched, hit_b = modeling.generate(tiny["base"], tiny["tokenizer"], prompts, sources, batch_size=16, **kwargs)
+    single, hit_s = modeling.generate(tiny["base"], tiny["tokenizer"], prompts, sources, batch_size=1, **kwargs)
     assert len({len(s) for s in sources}) > 5  # the batch really mixes lengths
     assert batched == single and hit_b == hit_s
     assert all(batched)
@@ -195,17 +202,17 @@ def test_own_greedy_loop_matches_transformers_generate_one_sentence_at_a_time(ti
         model.lm_head.weight[eot] *= 2.0
     rows = make_rows()
     prompts, sources = [r["messages"][:-1] for r in rows], [r["source"] for r in rows]
-    _, budgets = evaluate.encode(tok, prompts, sources, 1.0, 6)
+    budgets = modeling.token_budgets(tok, sources, 1.0, 6)
     expected = one_at_a_time(model, tok, prompts, budgets, eot)
     assert 3 <= sum(expected[1]) <= len(rows) - 3, "want some rows ending their turn and some hitting the budget"
     ended = [len(tok(t, add_special_tokens=False).input_ids) for t, hit in zip(*expected) if not hit]
     assert len(set(ended)) > 2, "rows should end their turn at different steps"
     for batch_size in (16, 5, 1):
-        assert evaluate.generate(model, tok, prompts, sources, batch_size=batch_size, factor=1.0, extra=6,
+        assert modeling.generate(model, tok, prompts, sources, batch_size=batch_size, factor=1.0, extra=6,
                                  eos_token_ids=[eot], loop="own") == expected
-    assert evaluate.generate(model, tok, prompts, sources, batch_size=16, factor=1.0, extra=6, eos_token_ids=[eot],
+    assert modeling.generate(model, tok, prompts, sources, batch_size=16, factor=1.0, extra=6, eos_token_ids=[eot],
                              loop="hf") == expected
-    length, cache = evaluate.shared_prefix(model, evaluate.encode(tok, prompts, sources, 1.0, 6)[0])
+    length, cache = modeling.shared_prefix(model, modeling.prompt_ids(tok, prompts))
     assert length == len(tok(tok.apply_chat_template([prompts[0][0]], tokenize=False) + "<|im_start|>user\n将下面的文言文翻译成现代汉语：\n",
                              add_special_tokens=False).input_ids) and cache.get_seq_length() == length
 
@@ -242,7 +249,7 @@ def test_generation_slices_at_input_length_stops_at_end_of_turn_and_at_budget(ti
         length(short): echo + [eot] + ids("天下大乱"),  # ends its turn; what follows is dropped
         length(long_): ids("天下" * 200),  # never ends its turn: cut at its own budget
     }, pad)
-    texts, hit = evaluate.generate(model, tok, prompts, [short["source"], long_["source"]],
+    texts, hit = modeling.generate(model, tok, prompts, [short["source"], long_["source"]],
                                    batch_size=2, factor=1.5, extra=3, eos_token_ids=[eot], loop="hf")
     # sliced at the input length, not by searching for the prompt's text
     assert texts[0] == short["source"] and not hit[0]
@@ -256,9 +263,9 @@ def test_generation_slices_at_input_length_stops_at_end_of_turn_and_at_budget(ti
 
 def test_end_of_turn_ids_and_beam_search_run(tiny):
     tok = tiny["tokenizer"]
-    assert evaluate.end_of_turn_ids(tok) == [tok.convert_tokens_to_ids("<|im_end|>")]
+    assert modeling.end_of_turn_ids(tok) == [tok.convert_tokens_to_ids("<|im_end|>")]
     rows = make_rows()[:3]
-    texts, _ = evaluate.generate(tiny["base"], tok, [r["messages"][:-1] for r in rows], [r["source"] for r in rows],
+    texts, _ = modeling.generate(tiny["base"], tok, [r["messages"][:-1] for r in rows], [r["source"] for r in rows],
                                  batch_size=3, num_beams=2, factor=0.5, extra=2)
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
 
@@ -269,18 +276,18 @@ def test_merged_adapter_generates_like_unmerged_and_disable_adapter_gives_the_ba
 
     from stages import modeling
 
-    cfg = evaluate.read_training_config(tiny["adapter"])
-    tok = evaluate.load_tokenizer(tiny["adapter"])
-    merged, is_adapter = evaluate.load_finetuned(tiny["adapter"], cfg, tok, "hf")
+    cfg = modeling.read_training_config(tiny["adapter"])
+    trained = modeling.load_trained(tiny["adapter"], backend="hf")
+    tok, merged, is_adapter = trained.tokenizer, trained.model, trained.is_adapter
     assert is_adapter
     unmerged = PeftModel.from_pretrained(modeling.load_model(cfg["model"]), str(tiny["adapter"])).eval()
     rows = make_rows()
     args = ([r["messages"][:-1] for r in rows], [r["source"] for r in rows])
-    ours = evaluate.generate(merged, tok, *args, factor=1.0, extra=4)
-    assert ours == evaluate.generate(unmerged, tok, *args, factor=1.0, extra=4)
+    ours = modeling.generate(merged, tok, *args, factor=1.0, extra=4)
+    assert ours == modeling.generate(unmerged, tok, *args, factor=1.0, extra=4)
     with merged.disable_adapter():
-        base = evaluate.generate(merged, tok, *args, factor=1.0, extra=4)
-    assert base == evaluate.generate(tiny["base"], tok, *args, factor=1.0, extra=4) and base != ours
+        base = modeling.generate(merged, tok, *args, factor=1.0, extra=4)
+    assert base == modeling.generate(tiny["base"], tok, *args, factor=1.0, extra=4) and base != ours
 
 
 # ----------------------------------------------------------------------------------------------
@@ -392,7 +399,7 @@ def test_full_model_directory_uses_the_base_model_for_the_base_baseline(tiny, tm
     # the base outputs are the base model's own greedy outputs
     rows = {r["id"]: r for r in make_rows()}
     picked = [rows[h["id"]] for h in hyps]
-    expected, _ = evaluate.generate(tiny["base"], tiny["tokenizer"], [r["messages"][:-1] for r in picked],
+    expected, _ = modeling.generate(tiny["base"], tiny["tokenizer"], [r["messages"][:-1] for r in picked],
                                     [r["source"] for r in picked], factor=1.0, extra=4)
     assert [h["base"] for h in hyps] == evaluate.postprocess(expected, "t2s")
     assert [h["hypothesis"] for h in hyps] != [h["base"] for h in hyps]
@@ -402,13 +409,13 @@ def test_full_model_directory_uses_the_base_model_for_the_base_baseline(tiny, tm
 def count_generated(monkeypatch):
     """{desc: sentences generated} of every evaluate.generate call the stage makes."""
     counts: dict[str, int] = {}
-    real = evaluate.generate
+    real = modeling.generate
 
     def counting(model, tokenizer, prompts, *args, desc="generate", **kwargs):
         counts[desc] = counts.get(desc, 0) + len(prompts)
         return real(model, tokenizer, prompts, *args, desc=desc, **kwargs)
 
-    monkeypatch.setattr(evaluate, "generate", counting)
+    monkeypatch.setattr(modeling, "generate", counting)
     return counts
 
 
@@ -417,7 +424,7 @@ def another_adapter(tiny, path: Path) -> Path:
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(7)
-    lora = get_peft_model(evaluate.modeling.load_model(str(tiny["base_dir"])),
+    lora = get_peft_model(modeling.load_model(str(tiny["base_dir"])),
                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     lora.save_pretrained(path)
     tiny["tokenizer"].save_pretrained(path)
@@ -478,7 +485,7 @@ def test_base_outputs_regenerate_only_what_the_cache_lacks(tiny, tmp_path, count
 
 
 def test_base_identity_follows_the_base_model_and_how_it_runs(tiny, tmp_path):
-    cfg = evaluate.read_training_config(tiny["adapter"])
+    cfg = modeling.read_training_config(tiny["adapter"])
     tok = tiny["tokenizer"]
     identity = evaluate.base_identity(cfg, tok, "hf")
     assert identity == evaluate.base_identity(cfg, tok, "hf") != evaluate.base_identity(cfg, tok, "unsloth")
@@ -544,8 +551,9 @@ def test_params_and_dvc_yaml_match_the_stage():
     assert argv[:3] == ["python", "-m", "stages.evaluate"]
     flags = dict(zip(argv[3::2], argv[4::2]))
     assert set(flags) == {"--test", "--model", "--metrics", "--out-dir", "--hypotheses", "--base-outputs"}
-    assert {"stages/evaluate.py", "stages/modeling.py", "stages/clean.py", "stages/common.py", flags["--test"], flags["--model"]} <= set(stage["deps"])
-    assert set(stage["params"]) == {"evaluate", "clean.opencc"}
+    assert {"stages/evaluate.py", "stages/modeling.py", "stages/text.py", "stages/common.py", flags["--test"], flags["--model"]} <= set(stage["deps"])
+    assert "stages/clean.py" not in stage["deps"]  # evaluate imports library modules only
+    assert set(stage["params"]) == {"evaluate"}  # the OpenCC config comes with the model
     assert [next(iter(m)) for m in stage["metrics"]] == [flags["--metrics"]]
     outs = [o if isinstance(o, str) else next(iter(o)) for o in stage["outs"]]
     csvs = [f"{flags['--out-dir']}/by_book.csv", f"{flags['--out-dir']}/by_length.csv"]

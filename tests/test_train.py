@@ -29,6 +29,9 @@ PAIRS = [
     ("知之为知之，不知为不知，是知也。", "知道就是知道，不知道就是不知道，这才是聪明。"),
 ]
 SYSTEM = "你是翻译家。"
+# the params train records as the model's prompt (format:, clean.opencc), as in the rows below
+PROMPT = {"format": {"system_prompt": SYSTEM, "user_template": "翻译：\n{classical}", "context_sentences": 0,
+                     "context_template": "上文：{context}\n"}, "clean": {"opencc": "t2s"}}
 CHATML = modeling.CHAT_TEMPLATES["chatml"]
 
 
@@ -95,10 +98,12 @@ def run(tiny, tmp_path, name="run", callbacks=(), subprocess=False, **overrides)
     paths = {"out": base / "adapter", "checkpoints": base / "checkpoints", "reports": base / "reports"}
     if callbacks:
         cfg = train_stage.resolve_config(params)
-        train_stage.train(cfg, tiny["train"], tiny["valid"], paths["out"], paths["checkpoints"], paths["reports"], callbacks)
+        prompt = train_stage.resolve_prompt(PROMPT["format"], PROMPT["clean"]["opencc"])
+        train_stage.train(cfg, tiny["train"], tiny["valid"], paths["out"], paths["checkpoints"], paths["reports"], callbacks,
+                          prompt=prompt)
     else:
         base.mkdir(parents=True, exist_ok=True)
-        (base / "params.yaml").write_text(yaml.safe_dump({"train": params}, allow_unicode=True), encoding="utf-8")
+        (base / "params.yaml").write_text(yaml.safe_dump({"train": params, **PROMPT}, allow_unicode=True), encoding="utf-8")
         argv = [
             "--train", str(tiny["train"]), "--valid", str(tiny["valid"]), "--out", str(paths["out"]),
             "--checkpoints", str(paths["checkpoints"]), "--reports", str(paths["reports"]),
@@ -251,7 +256,7 @@ def test_bad_params_fail_before_any_loading(tiny, tmp_path, monkeypatch, overrid
     def no_loading(*args, **kwargs):
         raise AssertionError("got past parameter checking")
 
-    monkeypatch.setattr(train_stage, "pick_backend", no_loading)
+    monkeypatch.setattr(modeling, "pick_backend", no_loading)
     with pytest.raises(PipelineError, match=message):
         run(tiny, tmp_path, **overrides)
 

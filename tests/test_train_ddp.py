@@ -17,7 +17,7 @@ import yaml
 
 from stages import train as train_stage
 from stages.common import PipelineError
-from test_train import REPO, run, tiny  # noqa: F401  (tiny: the module-scoped fixture)
+from test_train import PROMPT, REPO, run, tiny  # noqa: F401  (tiny: the module-scoped fixture)
 
 
 def test_launch_command_is_torchrun_with_the_same_arguments():
@@ -49,7 +49,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tiny, tmp_path)
     base.mkdir()
     params = {"model": tiny["model"], "backend": "hf", "max_seq_length": 128, "batch_tokens": 0, "warmup_steps": 0,
               "logging_steps": 1, "eval_samples": 8, "lora_r": 4, "lora_alpha": 8, **common}
-    (base / "params.yaml").write_text(yaml.safe_dump({"train": params}, allow_unicode=True), encoding="utf-8")
+    (base / "params.yaml").write_text(yaml.safe_dump({"train": params, **PROMPT}, allow_unicode=True), encoding="utf-8")
     argv = ["--train", str(tiny["train"]), "--valid", str(tiny["valid"]), "--out", str(base / "adapter"),
             "--checkpoints", str(base / "checkpoints"), "--reports", str(base / "reports"),
             "--params", str(base / "params.yaml")]

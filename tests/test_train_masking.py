@@ -114,7 +114,7 @@ def trainer_for(tok, examples, padding_free: bool, tmp_path):
 @pytest.mark.parametrize("name", list(TEMPLATES))
 def test_template_masks_exactly_the_reply_and_end_of_turn(name):
     tok = make_tokenizer(name)
-    eot_id = train_stage.end_of_turn_id(tok)
+    eot_id = modeling.end_of_turn_id(tok)
     for conversation, (ids, mask, retokenized) in zip(
         CONVERSATIONS, train_stage.tokenize_conversations(tok, CONVERSATIONS, eot_id)
     ):
@@ -188,7 +188,7 @@ def test_a_whole_dataloader_batch_has_no_prompt_labels(tmp_path):
 def test_truncation_drops_examples_with_no_reply_left_and_counts_them(tmp_path):
     tok = make_tokenizer("chatml")
     rows = [{"id": str(i), "messages": c} for i, c in enumerate(CONVERSATIONS)]
-    full = train_stage.tokenize_conversations(tok, CONVERSATIONS, train_stage.end_of_turn_id(tok))
+    full = train_stage.tokenize_conversations(tok, CONVERSATIONS, modeling.end_of_turn_id(tok))
     prompt_lengths = [m.index(1) for _, m, _ in full]
     limit = sorted(prompt_lengths)[1]  # the longest prompt(s) fill it: no reply token left
     examples, stats = train_stage.build_examples(tok, rows, limit, "test")
@@ -210,7 +210,7 @@ def test_tokens_merging_across_the_reply_boundary_follow_inference():
     before the reply. The prompt keeps its inference tokens; the reply is tokenized after them."""
     tok = make_tokenizer("llama-3.1", split=GPT2)
     eot = modeling.end_of_turn_token(tok)
-    results = train_stage.tokenize_conversations(tok, CONVERSATIONS, train_stage.end_of_turn_id(tok))
+    results = train_stage.tokenize_conversations(tok, CONVERSATIONS, modeling.end_of_turn_id(tok))
     assert any(r for _, _, r in results)
     for conversation, (ids, mask, _) in zip(CONVERSATIONS, results):
         prompt = tok.apply_chat_template(conversation[:-1], tokenize=False, add_generation_prompt=True)
@@ -230,7 +230,7 @@ def test_prompt_that_is_not_a_prefix_is_an_error():
     )
     assert CHATML_BROKEN != modeling.CHAT_TEMPLATES["chatml"]
     with pytest.raises(PipelineError, match="renders the prompt"):
-        train_stage.tokenize_conversations(tok, CONVERSATIONS, train_stage.end_of_turn_id(tok))
+        train_stage.tokenize_conversations(tok, CONVERSATIONS, modeling.end_of_turn_id(tok))
 
 
 @pytest.mark.bad_input

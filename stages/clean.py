@@ -32,16 +32,16 @@ from __future__ import annotations
 import argparse
 
 from stages.text import make_converter, normalise_lines
-from stages.common import PipelineError, atomic_outputs, check_params, get_logger, load_params, read_pairs, run_main, write_json
+from stages.common import Bool, Float, Int, PipelineError, Str, atomic_outputs, check_params, get_logger, load_params, read_pairs, run_main, write_json
 
 log = get_logger("clean")
 
-DEFAULTS = {
-    "opencc": "t2s",  # OpenCC config name (t2s, s2t, t2tw, ...) or none
-    "min_chars": 2,
-    "max_chars": 200,
-    "max_ratio": 4.0,
-    "dedupe": True,
+SCHEMA = {  # values and their comments: params.yaml
+    "opencc": Str(),  # an OpenCC config name (t2s, s2t, t2tw, ...) or none: checked by text.make_converter
+    "min_chars": Int(min=0),
+    "max_chars": Int(min=1),
+    "max_ratio": Float(min=1),
+    "dedupe": Bool(),
 }
 RULES = ("empty", "too_short", "too_long", "ratio", "duplicate")
 
@@ -91,7 +91,7 @@ def main(argv=None) -> None:
     parser.add_argument("--params", default=None, help="params.yaml to read instead of DVC's (tests, benchmarks)")
     args = parser.parse_args(argv)
 
-    params = check_params(load_params("clean", args.params), DEFAULTS, "clean")
+    params = check_params(load_params("clean", args.params), SCHEMA, "clean")
     check_clean_params(params)
     converter = make_converter(params["opencc"])  # before any work: a typo fails at once
 

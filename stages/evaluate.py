@@ -47,6 +47,9 @@ from stages import modeling, text
 from stages.common import (
     PipelineError,
     atomic_outputs,
+    Float,
+    Int,
+    ListOf,
     check_params,
     get_logger,
     load_params,
@@ -59,17 +62,17 @@ from stages.common import (
 
 log = get_logger("evaluate")
 
-DEFAULTS = {
-    "num_samples": 300,  # test sentences scored (0 = all), drawn by hash of (seed, id)
-    "seed": 0,  # change to draw another sample
-    "batch_size": 16,
-    "num_beams": 1,  # 1 = greedy
-    "max_new_tokens_factor": 2.0,  # max_new_tokens = factor x source tokens + extra
-    "max_new_tokens_extra": 16,
-    "baselines": ["copy", "base"],
-    "bootstrap_resamples": 1000,  # BLEU 95% CI; 0 = no CI
-    "length_buckets": [10, 20, 40],  # upper bounds (source characters) of the length buckets
-    "num_examples": 20,  # sentences in samples.md
+SCHEMA = {  # values and their comments: params.yaml
+    "num_samples": Int(min=0),  # 0 = all
+    "seed": Int(),
+    "batch_size": Int(min=1),
+    "num_beams": Int(min=1),
+    "max_new_tokens_factor": Float(above=0),
+    "max_new_tokens_extra": Int(min=0),
+    "baselines": ListOf(str),  # of KNOWN_BASELINES
+    "bootstrap_resamples": Int(min=0),  # 0 or >= 2
+    "length_buckets": ListOf(int),  # increasing
+    "num_examples": Int(min=0),
 }
 KNOWN_BASELINES = ("copy", "base")
 
@@ -79,14 +82,7 @@ KNOWN_BASELINES = ("copy", "base")
 
 
 def check_evaluate_params(section: dict) -> dict:
-    p = check_params(section, DEFAULTS, "evaluate")
-    if p["num_samples"] < 0:
-        raise PipelineError(f"evaluate.num_samples must be >= 0 (0 = all), got {p['num_samples']}")
-    for key in ("batch_size", "num_beams"):
-        if p[key] < 1:
-            raise PipelineError(f"evaluate.{key} must be >= 1, got {p[key]}")
-    if p["max_new_tokens_factor"] <= 0 or p["max_new_tokens_extra"] < 0:
-        raise PipelineError("evaluate.max_new_tokens_factor must be > 0 and max_new_tokens_extra >= 0")
+    p = check_params(section, SCHEMA, "evaluate")
     unknown = [b for b in p["baselines"] if b not in KNOWN_BASELINES]
     if unknown:
         raise PipelineError(f"evaluate.baselines: unknown {unknown}; choose from {list(KNOWN_BASELINES)}")

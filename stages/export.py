@@ -32,21 +32,21 @@ import sys
 from pathlib import Path
 
 from stages.common import (
-    PipelineError, atomic_outputs, check_params, get_logger, load_params, replace_dir, run_main, write_json,
+    Bool, PipelineError, Str, atomic_outputs, check_params, get_logger, load_params, replace_dir, run_main, write_json,
 )
 from stages import modeling
 
 log = get_logger("export")
 
 PIPELINE_STAGE = "export/dvc.yaml:export"  # its own pipeline file: plain `dvc repro` leaves it alone
-DEFAULTS = {
-    "dtype": "bf16",  # bf16 | fp16: the merged weights (bf16 keeps fp32's range; fp16 for GPUs without bf16)
-    "gguf": True,  # also write GGUF where llama.cpp's convert_hf_to_gguf.py is found
-    "gguf_outtype": "auto",  # convert_hf_to_gguf.py --outtype: auto (= the weights' dtype), f32, f16, bf16, q8_0
-    "gguf_quantize": "none",  # none, or a llama-quantize type such as Q4_K_M (needs the llama-quantize binary)
-}
 DTYPES = ("bf16", "fp16")
 GGUF_OUTTYPES = ("auto", "f32", "f16", "bf16", "q8_0")
+SCHEMA = {  # values and their comments: params.yaml
+    "dtype": Str(*DTYPES),
+    "gguf": Bool(),
+    "gguf_outtype": Str(*GGUF_OUTTYPES),
+    "gguf_quantize": Str(),  # none or a llama-quantize type: check_export_params
+}
 CHECK_TEXT = "学而时习之，不亦说乎？"
 GET_LLAMA_CPP = (
     "to get it: git clone --depth 1 https://github.com/ggml-org/llama.cpp && export LLAMA_CPP_DIR=$PWD/llama.cpp "
@@ -64,11 +64,7 @@ GET_QUANTIZE = (
 
 
 def check_export_params(section: dict) -> dict:
-    p = check_params(section, DEFAULTS, "export")
-    if p["dtype"] not in DTYPES:
-        raise PipelineError(f"params.yaml: export.dtype must be one of {', '.join(DTYPES)}; got {p['dtype']!r}")
-    if p["gguf_outtype"] not in GGUF_OUTTYPES:
-        raise PipelineError(f"params.yaml: export.gguf_outtype must be one of {', '.join(GGUF_OUTTYPES)}; got {p['gguf_outtype']!r}")
+    p = check_params(section, SCHEMA, "export")
     if not p["gguf_quantize"] or not str(p["gguf_quantize"]).replace("_", "").isalnum():
         raise PipelineError(f"params.yaml: export.gguf_quantize must be none or a llama-quantize type such as Q4_K_M; got {p['gguf_quantize']!r}")
     return p

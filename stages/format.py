@@ -22,17 +22,12 @@ import argparse
 import collections
 from pathlib import Path
 
-from stages.modeling import build_messages, check_templates
+from stages.modeling import PROMPT_SCHEMA, build_messages, check_templates
 from stages.common import PipelineError, atomic_outputs, check_params, get_logger, load_params, read_pairs, run_main, write_json, write_jsonl
 
 log = get_logger("format")
 
-DEFAULTS = {
-    "system_prompt": "",
-    "user_template": "{classical}",
-    "context_sentences": 0,
-    "context_template": "上文：{context}\n",
-}
+SCHEMA = PROMPT_SCHEMA  # modeling's: train records these values with the model
 SPLITS = ("train", "valid", "test")
 
 
@@ -75,7 +70,7 @@ def main(argv=None) -> None:
     parser.add_argument("--params", default=None, help="params.yaml to read instead of DVC's (tests, benchmarks)")
     args = parser.parse_args(argv)
 
-    params = check_params(load_params("format", args.params), DEFAULTS, "format")
+    params = check_params(load_params("format", args.params), SCHEMA, "format")
     check_templates(params)
     from tqdm import tqdm
 

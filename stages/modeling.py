@@ -30,7 +30,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from stages.common import PipelineError, get_logger
+from stages.common import Int, PipelineError, Str, get_logger
 
 log = get_logger("modeling")
 
@@ -265,7 +265,13 @@ def load_trained_tokenizer(model_dir: Path):
 # The prompt: source sentence -> messages (format writes them, translate builds them for new text),
 # messages -> token ids (train, evaluate and translate alike), and the tokens that end a turn.
 
-PROMPT_KEYS = ("system_prompt", "user_template", "context_sentences", "context_template")
+PROMPT_SCHEMA = {  # params.yaml format: (values and comments there)
+    "system_prompt": Str(),  # "" = no system message (SmolLM2's template then adds its own)
+    "user_template": Str(),  # with {classical}: check_templates
+    "context_sentences": Int(min=0),
+    "context_template": Str(),  # with {context} when context_sentences > 0
+}
+PROMPT_KEYS = tuple(PROMPT_SCHEMA)
 
 
 def check_templates(params: dict) -> None:

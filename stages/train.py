@@ -47,52 +47,52 @@ from pathlib import Path
 
 from stages import modeling
 from stages.common import (
-    PipelineError, check_params, get_logger, load_sections, read_jsonl, replace_dir, run_main, write_json,
+    Bool, Float, Int, ListOf, OneOf, PipelineError, Str, check_params, get_logger, load_sections, read_jsonl, replace_dir, run_main, write_json,
 )
 
 log = get_logger("train")
 
-DEFAULTS = {  # the types and values params.yaml's train: section is checked against (comments there)
-    "model": "smollm2-135m-instruct",
-    "backend": "auto",  # auto | unsloth | hf
-    "chat_template": None,  # None = the model's own; or a name in modeling.CHAT_TEMPLATES
-    "max_seq_length": 512,
-    "max_train_samples": 0,
-    "load_in_4bit": False,
-    "dtype": "auto",  # auto | bf16 | fp16 | fp32
-    "method": "lora",  # lora | qlora | full
-    "lora_r": 16,
-    "lora_alpha": 32,
-    "lora_dropout": 0.0,
-    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "lora_bias": "none",
-    "use_rslora": False,
-    "gradient_checkpointing": None,  # auto | unsloth | true | false
-    "padding_free": None,  # auto | true | false
-    "batch_tokens": 1024,
-    "batch_size": 8,
-    "gradient_accumulation_steps": 1,
-    "warmup_steps": 3,
-    "max_steps": 30,
-    "epochs": 1.0,
-    "learning_rate": 4e-4,
-    "lr_scheduler": "linear",
-    "weight_decay": 0.01,
-    "optim": "auto",
-    "seed": 3407,
-    "logging_steps": 5,
-    "eval_steps": 15,
-    "eval_samples": 32,
-    "save_steps": 15,
-    "save_total_limit": 2,
-    "resume": False,
-    "num_gpus": 1,  # > 1: relaunch through torchrun, one DDP process per GPU
-}
 METHODS = ("lora", "qlora", "full")
 BACKENDS = ("auto", "unsloth", "hf")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 LORA_BIASES = ("none", "all", "lora_only")
 FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn2", "kernels-community/flash-attn3")
+SCHEMA = {  # values and their comments: params.yaml's train: section
+    "model": Str(),  # built-in name, hub id, directory or .gguf: modeling.resolve_model
+    "backend": Str(*BACKENDS),
+    "chat_template": Str(null=True),  # null or a name in modeling.CHAT_TEMPLATES
+    "max_seq_length": Int(above=0),
+    "max_train_samples": Int(min=0),
+    "load_in_4bit": Bool(),
+    "dtype": Str(*DTYPES),
+    "method": Str(*METHODS),
+    "lora_r": Int(above=0),
+    "lora_alpha": Float(above=0),
+    "lora_dropout": Float(min=0, below=1),
+    "target_modules": ListOf(str),
+    "lora_bias": Str(*LORA_BIASES),
+    "use_rslora": Bool(),
+    "gradient_checkpointing": OneOf("auto", "unsloth", True, False),
+    "padding_free": OneOf("auto", True, False),
+    "batch_tokens": Int(min=0),
+    "batch_size": Int(above=0),
+    "gradient_accumulation_steps": Int(above=0),
+    "warmup_steps": Int(min=0),
+    "max_steps": Int(min=0),
+    "epochs": Float(min=0),  # > 0 when max_steps is 0
+    "learning_rate": Float(above=0),
+    "lr_scheduler": Str(),  # a transformers SchedulerType: check_trainer_names
+    "weight_decay": Float(min=0),
+    "optim": Str(),  # auto or a transformers OptimizerNames: check_trainer_names
+    "seed": Int(),
+    "logging_steps": Int(above=0),
+    "eval_steps": Int(min=0),
+    "eval_samples": Int(min=0),
+    "save_steps": Int(min=0),
+    "save_total_limit": Int(min=0),
+    "resume": Bool(),
+    "num_gpus": Int(above=0),
+}
 # Keys that define what a checkpoint is; train.resume refuses a checkpoint made with other values.
 RUN_IDENTITY = (
     "model", "chat_template", "method", "load_in_4bit", "lora_r", "lora_alpha", "lora_dropout", "target_modules",
@@ -107,37 +107,14 @@ RUN_IDENTITY = (
 
 def resolve_config(section: dict) -> dict:
     """Validate train: params (unknown keys, types, values, model path) before anything heavy runs."""
-    cfg = check_params(section, DEFAULTS, "train")
-    choices = {"backend": BACKENDS, "method": METHODS, "dtype": DTYPES, "lora_bias": LORA_BIASES}
-    for key, allowed in choices.items():
-        if cfg[key] not in allowed:
-            raise PipelineError(f"train.{key} must be one of {', '.join(allowed)}; got {cfg[key]!r}")
-    if cfg["gradient_checkpointing"] is None:
-        cfg["gradient_checkpointing"] = "auto"
-    if cfg["gradient_checkpointing"] not in ("auto", "unsloth", True, False):
-        raise PipelineError(f"train.gradient_checkpointing must be auto, unsloth, true or false; got {cfg['gradient_checkpointing']!r}")
-    if cfg["padding_free"] is None:
-        cfg["padding_free"] = "auto"
-    if cfg["padding_free"] not in ("auto", True, False):
-        raise PipelineError(f"train.padding_free must be auto, true or false; got {cfg['padding_free']!r}")
+    cfg = check_params(section, SCHEMA, "train")
     name = cfg["chat_template"]
     if name is not None and name not in modeling.CHAT_TEMPLATES:
         raise PipelineError(
             f"train.chat_template '{name}' is unknown; choose one of: {', '.join(modeling.CHAT_TEMPLATES)} (or null)"
         )
-    positive = ["max_seq_length", "batch_size", "gradient_accumulation_steps", "lora_r", "logging_steps", "num_gpus"]
-    for key in positive:
-        if cfg[key] <= 0:
-            raise PipelineError(f"train.{key} must be > 0; got {cfg[key]}")
-    for key in ["max_train_samples", "batch_tokens", "warmup_steps", "max_steps", "eval_steps", "eval_samples", "save_steps"]:
-        if cfg[key] < 0:
-            raise PipelineError(f"train.{key} must be >= 0; got {cfg[key]}")
     if cfg["max_steps"] == 0 and cfg["epochs"] <= 0:
         raise PipelineError("train.max_steps is 0, so train.epochs must be > 0")
-    if not 0.0 <= cfg["lora_dropout"] < 1.0:
-        raise PipelineError(f"train.lora_dropout must be in [0, 1); got {cfg['lora_dropout']}")
-    if cfg["learning_rate"] <= 0:
-        raise PipelineError(f"train.learning_rate must be > 0; got {cfg['learning_rate']}")
     if cfg["method"] == "qlora":
         cfg["load_in_4bit"] = True  # qlora = LoRA on a 4-bit base
     if cfg["method"] == "full" and cfg["load_in_4bit"]:
@@ -153,7 +130,7 @@ def resolve_prompt(fmt: dict, opencc) -> dict:
     export read it from the model, never from a params.yaml edited since: params format: and clean.opencc."""
     from stages import text
 
-    fmt = check_params(fmt, {"system_prompt": "", "user_template": "", "context_sentences": 0, "context_template": ""}, "format")
+    fmt = check_params(fmt, modeling.PROMPT_SCHEMA, "format")
     modeling.check_templates(fmt)
     text.make_converter(opencc)  # an unknown OpenCC config fails before training, not in evaluate
     return {"format": fmt, "opencc": opencc}

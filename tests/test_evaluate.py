@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from stages import evaluate, modeling
-from conftest import BASE_PARAMS
+from conftest import BASE_PARAMS, shipped
 from stages.common import PipelineError, write_jsonl
 from stages.modeling import CHAT_TEMPLATES
 
@@ -129,8 +129,8 @@ def tiny(tmp_path_factory):
 
 def write_params(path: Path, **evaluate_params) -> Path:
     params = {
-        "evaluate": {"num_samples": 0, "batch_size": 4, "bootstrap_resamples": 100, "num_examples": 8,
-                     "max_new_tokens_factor": 1.0, "max_new_tokens_extra": 4, **evaluate_params},
+        "evaluate": shipped("evaluate", **{"num_samples": 0, "batch_size": 4, "bootstrap_resamples": 100, "num_examples": 8,
+                                       "max_new_tokens_factor": 1.0, "max_new_tokens_extra": 4, **evaluate_params}),
     }
     path.write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
     return path
@@ -531,11 +531,11 @@ def test_missing_test_file_and_model_dir_are_clear_errors(tiny, tmp_path, capsys
 @pytest.mark.bad_input
 def test_bad_params_are_clear_errors():
     with pytest.raises(PipelineError, match="unknown key.*num_sample'.*did you mean 'num_samples'"):
-        evaluate.check_evaluate_params({"num_sample": 10})
+        evaluate.check_evaluate_params({**shipped("evaluate"), "num_sample": 10})
     with pytest.raises(PipelineError, match="baselines: unknown"):
-        evaluate.check_evaluate_params({"baselines": ["copy", "oracle"]})
+        evaluate.check_evaluate_params(shipped("evaluate", baselines=["copy", "oracle"]))
     with pytest.raises(PipelineError, match="length_buckets"):
-        evaluate.check_evaluate_params({"length_buckets": [20, 10]})
+        evaluate.check_evaluate_params(shipped("evaluate", length_buckets=[20, 10]))
 
 
 # ----------------------------------------------------------------------------------------------

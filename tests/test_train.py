@@ -18,6 +18,7 @@ from pathlib import Path
 from stages import modeling
 from stages import train as train_stage
 from stages.common import PipelineError
+from conftest import shipped
 
 REPO = Path(__file__).resolve().parents[1]
 PAIRS = [
@@ -86,14 +87,17 @@ def tiny(tmp_path_factory):
     return {"model": str(model_dir), "train": data / "train.jsonl", "valid": data / "valid.jsonl"}
 
 
+def tiny_train_params(model: str, **overrides) -> dict:
+    """The shipped train: section, sized for the tiny model (4 steps of 4 rows, eval and checkpoint every 2)."""
+    tiny = dict(model=model, backend="hf", max_seq_length=128, batch_tokens=0, batch_size=4, max_steps=4, warmup_steps=0,
+                learning_rate=0.01, logging_steps=1, eval_steps=2, eval_samples=8, save_steps=2, lora_r=4, lora_alpha=8)
+    return shipped("train", **{**tiny, **overrides})
+
+
 def run(tiny, tmp_path, name="run", callbacks=(), subprocess=False, **overrides) -> tuple[dict, dict]:
     """Run the stage through main() with a params.yaml (or train() when callbacks are given; or
     `python -m stages.train` in a fresh interpreter, for unsloth, which must be imported first)."""
-    params = {
-        "model": tiny["model"], "backend": "hf", "max_seq_length": 128, "batch_tokens": 0, "batch_size": 4,
-        "max_steps": 4, "warmup_steps": 0, "learning_rate": 0.01, "logging_steps": 1, "eval_steps": 2,
-        "eval_samples": 8, "save_steps": 2, "lora_r": 4, "lora_alpha": 8, **overrides,
-    }
+    params = {**tiny_train_params(tiny["model"]), **overrides}
     base = tmp_path / name
     paths = {"out": base / "adapter", "checkpoints": base / "checkpoints", "reports": base / "reports"}
     if callbacks:

@@ -14,6 +14,7 @@ import torch
 from stages import modeling
 from stages import train as train_stage
 from stages.common import PipelineError
+from conftest import shipped
 
 # SmolLM2-Instruct's own template (from its tokenizer_config.json): ChatML plus a default system prompt.
 SMOLLM2_TEMPLATE = (
@@ -104,7 +105,7 @@ def trainer_for(tok, examples, padding_free: bool, tmp_path):
     torch.manual_seed(0)  # the same tiny model every call
     config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, pad_token_id=tok.pad_token_id)
-    cfg = dict(train_stage.DEFAULTS, max_steps=1, eval_steps=0, save_steps=0)
+    cfg = shipped("train", max_steps=1, eval_steps=0, save_steps=0)
     return train_stage.build_trainer(
         LlamaForCausalLM(config), tok, examples, [], cfg, rows=len(examples), padding_free=padding_free,
         dtype=torch.float32, optim="adamw_torch", gradient_checkpointing=False, output_dir=tmp_path / "ckpt",

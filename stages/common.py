@@ -68,7 +68,10 @@ def load_sections(dvc_stage: str, sections: list[str], params_file: str | os.Pat
         section, _, key = name.partition(".")
         if section not in params or (key and key not in (params[section] or {})):
             raise PipelineError(f"params.yaml has no '{name}'" + ("" if key else ":") + f" (stage {dvc_stage} reads it)")
-        out[section] = {key: params[section][key]} if key else params[section]
+        if key:
+            out.setdefault(section, {})[key] = params[section][key]
+        else:
+            out[section] = params[section]
     return out
 
 

@@ -1,12 +1,11 @@
 """Evaluate: translate test sentences with the fine-tuned model and score them against the references.
 
-    data/format/test.jsonl + models/adapter
+    data/format/test.jsonl + models/adapter + data/evaluate/base_outputs.jsonl (stage evaluate_base, below)
       -> reports/metrics.json            BLEU (tokenize=zh) with a bootstrap 95% CI, chrF, signatures, baselines
       -> reports/evaluate/by_book.csv    BLEU/chrF per book, model and baselines
       -> reports/evaluate/by_length.csv  BLEU/chrF per source-length bucket (characters)
       -> reports/evaluate/samples.md     best, worst and a spread of outputs by sentence chrF
       -> data/evaluate/hypotheses.jsonl  every output with its provenance (id, book, chapter, line)
-      <-> data/evaluate/base_outputs.jsonl the base baseline's outputs, reused by later runs (see below)
 
 Run it:  dvc repro evaluate
    or:   python -m stages.evaluate --test data/format/test.jsonl --model models/adapter \
@@ -21,11 +20,12 @@ conversion the model was trained with (its training_config.json `prompt.opencc`,
 Baselines (params evaluate.baselines) are scored on the same sentences:
   copy  the classical source unchanged (how far modern Chinese is from the classical text)
   base  the model before fine-tuning (train.model, loaded on its own), same prompts
-The base model's outputs depend only on the base model, the prompt, its token budget and the decoding
-settings, never on the fine-tuned model, so they are kept in --base-outputs (dvc.yaml: persist, not
-cached) under a hash of all of these (base_identity + base_output_keys); a run generates only the
-sentences it lacks. A new adapter (another train.* param) regenerates the fine-tuned outputs only.
-Deleting the file is always safe: it is rebuilt on the next run.
+The base baseline's outputs depend only on the base model, the sample, the prompt and the generation
+settings, never on the fine-tuned model: they come from the stage evaluate_base (this module too), which
+DVC skips while only train.* params change, and restores from its run cache when they change back:
+
+    python -m stages.evaluate base --test data/format/test.jsonl --base models/base \
+        --out data/evaluate/base_outputs.jsonl
 
 Generation is stages/modeling.py's generate(): batched with left padding, greedy unless
 evaluate.num_beams > 1, stops at the end-of-turn token, each sentence cut at its own budget
@@ -40,6 +40,7 @@ import csv
 import hashlib
 import io
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -53,6 +54,7 @@ from stages.common import (
     check_params,
     get_logger,
     load_params,
+    load_sections,
     read_jsonl,
     run_main,
     write_json,
@@ -132,61 +134,60 @@ def postprocess(texts: list[str], opencc_config: str | None) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# The base model's outputs, cached: they change only with the base model, the prompt and the
-# generation settings, not with the fine-tuned model, so a new adapter regenerates only its own.
+# The base baseline (stage evaluate_base): its outputs depend on the base model, the test sample, the prompt
+# and the generation settings, never on the fine-tuned model, so they are a stage of their own that DVC
+# skips (or restores from its run cache) while only train.* params change.
+
+BASE_KEYS = ("num_samples", "seed", "num_beams", "max_new_tokens_factor", "max_new_tokens_extra", "baselines", "batch_size")
 
 
-def base_identity(cfg: dict, tokenizer, backend: str) -> str:
-    """A hash of what the base model's outputs depend on besides the prompt and its budget: the base
-    model's weights and config (file contents; a hub id by its cached snapshot's commit), the vocabulary
-    size (the train stage may add template tokens), how it runs (backend, device, dtype, 4-bit) and the
-    torch and transformers versions."""
-    import torch
-    import transformers
-
-    location = modeling.materialize(cfg["model"])
-    files = {}
-    if Path(location).is_dir():
-        for path in sorted(Path(location).iterdir()):
-            if path.suffix in (".safetensors", ".bin", ".pt") or path.name in ("config.json", "generation_config.json"):
-                with open(path, "rb") as f:
-                    files[path.name] = hashlib.file_digest(f, "sha256").hexdigest()
-    else:  # a hub id: the commit of the snapshot transformers loaded it from, when it is in the local cache
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            config = try_to_load_from_cache(location, "config.json")
-            files["snapshot"] = Path(config).parent.name if isinstance(config, str) else None
-        except Exception:
-            files["snapshot"] = None
-    device, dtype = modeling.device_and_dtype()
-    identity = {
-        "model": cfg["model"], "files": files, "vocab": len(tokenizer), "backend": backend, "device": device,
-        "dtype": str(dtype), "load_in_4bit": bool(cfg.get("load_in_4bit", False)),
-        "torch": torch.__version__, "transformers": transformers.__version__,
-    }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+def base_tokenizer(model: str, chat_template: str | None):
+    """The tokenizer train's hf path builds (the model's own, or train.chat_template), left padding."""
+    tokenizer = modeling.load_tokenizer(model, chat_template)
+    tokenizer.padding_side = "left"
+    return tokenizer
 
 
-def base_output_keys(identity: str, input_ids: list[list[int]], budgets: list[int], num_beams: int,
-                     eos_token_ids: list[int]) -> list[str]:
-    """One key a sentence: the base model's identity, the prompt's token ids (so the test row, the
-    format params and the chat template), its token budget, the beam count and the stop tokens."""
-    return [
-        hashlib.sha256(json.dumps([identity, ids, budget, num_beams, list(eos_token_ids)]).encode()).hexdigest()
-        for ids, budget in zip(input_ids, budgets)
-    ]
+def base_main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="evaluate_base: the base model's outputs on the evaluated sample")
+    parser.add_argument("--test", required=True, type=Path, help="data/format/test.jsonl")
+    parser.add_argument("--base", required=True, type=Path, help="models/base (written by the base stage)")
+    parser.add_argument("--out", required=True, type=Path, help="data/evaluate/base_outputs.jsonl")
+    parser.add_argument("--params", type=Path, default=None, help="read params.yaml directly instead of through DVC")
+    args = parser.parse_args(argv)
+    names = [f"evaluate.{k}" for k in BASE_KEYS] + ["train.model", "train.chat_template", "train.backend"]
+    params = load_sections("evaluate_base", names, args.params)
+    p = check_params({k: params["evaluate"][k] for k in BASE_KEYS}, {k: SCHEMA[k] for k in BASE_KEYS}, "evaluate")
+    train = params["train"]
+    if not (args.base / "base.json").is_file():
+        raise PipelineError(f"{args.base}/base.json: not found; run the base stage first (dvc repro base)")
+    rows = select_rows(read_jsonl(args.test), p["num_samples"], p["seed"]) if "base" in p["baselines"] else []
+    check_rows(rows or [{"source": "", "target": "", "messages": [{"role": "user"}, {"role": "assistant"}]}], args.test)
+    out_rows = []
+    if rows:
+        backend = modeling.pick_backend("auto" if train["backend"] != "hf" else "hf")
+        tokenizer = base_tokenizer(train["model"], train["chat_template"])
+        model = modeling.load_base({"model": train["model"]}, tokenizer, backend)
+        started = time.perf_counter()
+        raw, hit = modeling.generate(
+            model, tokenizer, [r["messages"][:-1] for r in rows], [r["source"] for r in rows], desc="base",
+            batch_size=p["batch_size"], num_beams=p["num_beams"], factor=p["max_new_tokens_factor"],
+            extra=p["max_new_tokens_extra"], eos_token_ids=modeling.end_of_turn_ids(tokenizer),
+        )
+        log.info("base: %d sentences in %.0f s", len(rows), time.perf_counter() - started)
+        out_rows = [{"id": r.get("id"), "output": text_, "hit_limit": h} for r, text_, h in zip(rows, raw, hit)]
+    write_jsonl(args.out, out_rows)  # raw outputs: evaluate gives them the references' normalisation
+    log.info("wrote %d base outputs to %s", len(out_rows), args.out)
 
 
-def read_base_outputs(path: Path | None) -> dict[str, dict]:
-    """key -> {"output", "hit_limit", ...} from the cache file; missing or unreadable = empty."""
-    if path is None or not path.is_file():
-        return {}
-    try:
-        return {row["key"]: row for row in read_jsonl(path) if {"key", "output", "hit_limit"} <= set(row)}
-    except PipelineError as exc:
-        log.warning("ignoring the base-output cache (%s); regenerating", exc)
-        return {}
+def read_base_outputs(path: Path, rows: list[dict]) -> tuple[list[str], list[bool]]:
+    """The evaluate_base stage's outputs for these rows, in their order; a missing sentence is an error."""
+    by_id = {r["id"]: r for r in read_jsonl(path) if {"id", "output", "hit_limit"} <= set(r)}
+    missing = [r.get("id") for r in rows if r.get("id") not in by_id]
+    if missing:
+        raise PipelineError(f"{path}: no base output for {len(missing)} evaluated sentence(s) (e.g. {missing[0]}); "
+                            f"rerun the evaluate_base stage (dvc repro evaluate_base)")
+    return [by_id[r["id"]]["output"] for r in rows], [by_id[r["id"]]["hit_limit"] for r in rows]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,6 +299,9 @@ def render_samples(rows: list[dict], systems: dict[str, list[str]], chrf: dict[s
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["base"]:  # python -m stages.evaluate base ...: the evaluate_base stage
+        return base_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--test", required=True, type=Path, help="data/format/test.jsonl")
     parser.add_argument("--model", required=True, type=Path, help="models/adapter (written by the train stage)")
@@ -305,7 +309,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out-dir", required=True, type=Path, help="reports/evaluate")
     parser.add_argument("--hypotheses", required=True, type=Path, help="data/evaluate/hypotheses.jsonl")
     parser.add_argument("--base-outputs", type=Path, default=None,
-                        help="data/evaluate/base_outputs.jsonl: the base model's outputs, reused across runs (default: none)")
+                        help="data/evaluate/base_outputs.jsonl: the evaluate_base stage's outputs (needed for baseline base)")
     parser.add_argument("--params", type=Path, default=None, help="read params.yaml directly instead of through DVC")
     args = parser.parse_args(argv)
 
@@ -329,33 +333,10 @@ def main(argv=None) -> None:
                extra=p["max_new_tokens_extra"], eos_token_ids=modeling.end_of_turn_ids(tokenizer))
 
     base_raw = base_hit = None
-    if "base" in p["baselines"]:  # first, so the base model is out of memory before the fine-tuned one loads
-        started = time.perf_counter()
-        input_ids = modeling.prompt_ids(tokenizer, prompts)
-        budgets = modeling.token_budgets(tokenizer, sources, gen["factor"], gen["extra"])
-        identity = base_identity(cfg, tokenizer, backend)
-        keys = base_output_keys(identity, input_ids, budgets, p["num_beams"], gen["eos_token_ids"])
-        cache = read_base_outputs(args.base_outputs)
-        first = {}  # a sentence twice in the sample is generated once
-        for i, key in enumerate(keys):
-            first.setdefault(key, i)
-        todo = [i for key, i in first.items() if key not in cache]
-        reused = sum(key in cache for key in keys)
-        if todo:
-            base = modeling.load_base(trained)
-            raw, hit = modeling.generate(base, tokenizer, [prompts[i] for i in todo], [sources[i] for i in todo],
-                                         desc="base", **gen)
-            del base
-            for i, text_, h in zip(todo, raw, hit):
-                cache[keys[i]] = {"key": keys[i], "id": rows[i].get("id"), "output": text_, "hit_limit": h}
-            if args.base_outputs is not None:  # every entry kept: switching back to an older sample costs nothing
-                write_jsonl(args.base_outputs, cache.values())
-        base_raw, base_hit = [cache[k]["output"] for k in keys], [cache[k]["hit_limit"] for k in keys]
-        log.info("base: %d sentences, %d from %s, %d generated in %.0f s", len(rows), reused, args.base_outputs,
-                 len(todo), time.perf_counter() - started)
-
-    if args.base_outputs is not None and not args.base_outputs.exists():  # a declared output, even when unused
-        write_jsonl(args.base_outputs, [])
+    if "base" in p["baselines"]:  # generated by the evaluate_base stage, on the same sample
+        if args.base_outputs is None:
+            raise PipelineError("evaluate.baselines has base: pass --base-outputs (the evaluate_base stage's file)")
+        base_raw, base_hit = read_base_outputs(args.base_outputs, rows)
 
     model = modeling.load_trained_model(trained)
     log.info("model: %s (%s on %s, backend %s)", args.model, "LoRA adapter" if trained.is_adapter else "full model",

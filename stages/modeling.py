@@ -4,7 +4,7 @@
   - the prompt: build_messages (a sentence -> messages, used by format and translate), encode_messages
     (messages -> token ids: the one function for training and inference), end_of_turn_id(s) (stop tokens);
   - a trained model directory: load_trained (config + the prompt it was trained with + tokenizer + model),
-    load_base (its base, for the `base` baseline), pick_backend (unsloth or hf);
+    load_base (a base model, for the `base` baseline), pick_backend (unsloth or hf);
   - generation: generate (batched, left padding; on CPU greedy its own loop greedy_batch).
 
 `train.model` may be:
@@ -126,6 +126,8 @@ def materialize(spec: str, cache_dir: Path = BASE_CACHE) -> str:
     stamp = {"gguf": source, "size": stat.st_size, "mtime": int(stat.st_mtime)}
     if marker.is_file() and json.loads(marker.read_text()) == stamp:
         return str(target)
+    if target.parent.resolve() == BASE_CACHE.resolve() and Path("dvc.yaml").is_file():
+        log.warning("%s is missing or stale; in the pipeline the base stage writes it (dvc repro base)", target)
     log.info("dequantising %s into a plain model directory %s (once)", source, target)
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -484,17 +486,16 @@ def load_trained_model(trained: Trained, device=None, dtype=None, merge: bool = 
     return model.eval()
 
 
-def load_base(trained: Trained):
-    """The base model a trained model started from (training_config.json `model`), with the trained
-    tokenizer's vocabulary: the `base` baseline."""
-    cfg = trained.config
-    if trained.backend == "unsloth":
+def load_base(cfg: dict, tokenizer, backend: str):
+    """The base model cfg["model"] as released (16-bit, not 4-bit) with the tokenizer's vocabulary (a named
+    chat template may add tokens): the `base` baseline, ready to generate."""
+    if backend == "unsloth":
         try:
             from unsloth import FastLanguageModel
 
             model, _ = FastLanguageModel.from_pretrained(
                 model_name=materialize(cfg["model"]), max_seq_length=cfg.get("max_seq_length") or 2048,
-                dtype=None, load_in_4bit=bool(cfg.get("load_in_4bit", False)),
+                dtype=None, load_in_4bit=False,
             )
             FastLanguageModel.for_inference(model)
             return model
@@ -502,8 +503,8 @@ def load_base(trained: Trained):
             log.warning("unsloth could not load the base model (%s); falling back to transformers", exc)
     device, dtype = device_and_dtype()
     base = load_model(cfg["model"], dtype=dtype, device=device)
-    if len(trained.tokenizer) > base.get_input_embeddings().num_embeddings:
-        base.resize_token_embeddings(len(trained.tokenizer))
+    if len(tokenizer) > base.get_input_embeddings().num_embeddings:
+        base.resize_token_embeddings(len(tokenizer))
     return base.eval()
 
 

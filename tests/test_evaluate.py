@@ -127,8 +127,9 @@ def tiny(tmp_path_factory):
     return {"tokenizer": tokenizer, "base": base, "base_dir": base_dir, "adapter": adapter_dir, "full": full_dir}
 
 
-def write_params(path: Path, **evaluate_params) -> Path:
+def write_params(path: Path, base_model: str = "", **evaluate_params) -> Path:
     params = {
+        "train": shipped("train", model=base_model, chat_template=None, backend="hf"),
         "evaluate": shipped("evaluate", **{"num_samples": 0, "batch_size": 4, "bootstrap_resamples": 100, "num_examples": 8,
                                        "max_new_tokens_factor": 1.0, "max_new_tokens_extra": 4, **evaluate_params}),
     }
@@ -136,8 +137,20 @@ def write_params(path: Path, **evaluate_params) -> Path:
     return path
 
 
+def run_base(test: Path, out: Path, params: Path, base_dir: Path) -> Path:
+    """The base and evaluate_base stages, as dvc.yaml runs them: models/base, then the base outputs."""
+    from stages import base
+
+    base.main(["--out", str(out / "models-base"), "--params", str(params)])
+    base_outputs = out / "base_outputs.jsonl"
+    evaluate.main(["base", "--test", str(test), "--base", str(out / "models-base"), "--out", str(base_outputs),
+                   "--params", str(params)])
+    return base_outputs
+
+
 def run_stage(tmp_path: Path, model_dir: Path, rows=None, opencc="t2s", tag="run", base_outputs=None,
               **evaluate_params) -> Path:
+    """evaluate_base (unless base_outputs are given) then evaluate, in tmp_path/tag."""
     out = tmp_path / tag
     test = out / "test.jsonl"
     out.mkdir(parents=True, exist_ok=True)
@@ -147,11 +160,13 @@ def run_stage(tmp_path: Path, model_dir: Path, rows=None, opencc="t2s", tag="run
         model_dir = shutil.copytree(model_dir, out / "model")
         cfg["prompt"]["opencc"] = opencc
         (model_dir / "training_config.json").write_text(json.dumps(cfg))
+    params = write_params(out / "params.yaml", base_model=cfg["model"], **evaluate_params)
+    if base_outputs is None:
+        base_outputs = run_base(test, out, params, Path(cfg["model"]))
     evaluate.main([
         "--test", str(test), "--model", str(model_dir), "--metrics", str(out / "metrics.json"),
         "--out-dir", str(out / "evaluate"), "--hypotheses", str(out / "hypotheses.jsonl"),
-        "--params", str(write_params(out / "params.yaml", **evaluate_params)),
-        *(["--base-outputs", str(base_outputs)] if base_outputs else []),
+        "--params", str(params), "--base-outputs", str(base_outputs),
     ])
     return out
 
@@ -433,14 +448,16 @@ def another_adapter(tiny, path: Path) -> Path:
 
 
 def test_base_outputs_are_reused_by_a_run_with_another_adapter(tiny, tmp_path, count_generated):
-    cache = tmp_path / "base_outputs.jsonl"
-    first = run_stage(tmp_path, tiny["adapter"], tag="first", base_outputs=cache)
+    """evaluate_base generates the base outputs once; evaluate with any adapter only reads them (in the
+    pipeline DVC skips evaluate_base while only train.* params change)."""
+    first = run_stage(tmp_path, tiny["adapter"], tag="first")
     assert count_generated == {"base": len(PAIRS), "fine-tuned": len(PAIRS)}
-    entries = [json.loads(line) for line in cache.read_text().splitlines()]
-    assert len(entries) == len(PAIRS) and {e["id"] for e in entries} == {r["id"] for r in make_rows()}
+    base_outputs = tmp_path / "first" / "base_outputs.jsonl"
+    entries = [json.loads(line) for line in base_outputs.read_text().splitlines()]
+    assert [e["id"] for e in entries] == [r["id"] for r in make_rows()]
 
     count_generated.clear()
-    second = run_stage(tmp_path, another_adapter(tiny, tmp_path / "adapter2"), tag="second", base_outputs=cache)
+    second = run_stage(tmp_path, another_adapter(tiny, tmp_path / "adapter2"), tag="second", base_outputs=base_outputs)
     assert count_generated == {"fine-tuned": len(PAIRS)}  # no base sentence generated, no base model loaded
     metrics = [json.loads((out / "metrics.json").read_text()) for out in (first, second)]
     assert metrics[0]["baselines"] == metrics[1]["baselines"]  # base (and copy) scores identical
@@ -448,61 +465,16 @@ def test_base_outputs_are_reused_by_a_run_with_another_adapter(tiny, tmp_path, c
     assert [h["base"] for h in hyps[0]] == [h["base"] for h in hyps[1]]
     assert [h["hypothesis"] for h in hyps[0]] != [h["hypothesis"] for h in hyps[1]]  # the adapter did change
 
-    # the cached outputs are what the base model generates without a cache
-    count_generated.clear()
-    fresh = run_stage(tmp_path, tiny["adapter"], tag="fresh")
-    assert count_generated == {"base": len(PAIRS), "fine-tuned": len(PAIRS)}
-    assert json.loads((fresh / "metrics.json").read_text()) == metrics[0]
-
-
-def test_base_outputs_regenerate_only_what_the_cache_lacks(tiny, tmp_path, count_generated):
-    cache = tmp_path / "base_outputs.jsonl"
-    run_stage(tmp_path, tiny["adapter"], tag="six", base_outputs=cache, num_samples=6)
-    assert count_generated["base"] == 6
-    count_generated.clear()
-    run_stage(tmp_path, tiny["adapter"], tag="all", base_outputs=cache)  # a bigger sample: the 6 are reused
-    assert count_generated["base"] == len(PAIRS) - 6
-    count_generated.clear()
-    run_stage(tmp_path, tiny["adapter"], tag="budget", base_outputs=cache, max_new_tokens_extra=5)
-    assert count_generated["base"] == len(PAIRS)  # another budget: other outputs
-    count_generated.clear()
-    rows = make_rows()
-    for row in rows:
-        row["messages"][0]["content"] = "翻译。"
-    run_stage(tmp_path, tiny["adapter"], rows=rows, tag="prompt", base_outputs=cache)
-    assert count_generated["base"] == len(PAIRS)  # another system prompt: other outputs
-    count_generated.clear()
-    run_stage(tmp_path, tiny["full"], tag="full", base_outputs=cache)  # same base model, same prompts
-    assert count_generated == {"fine-tuned": len(PAIRS)}
-    assert len(cache.read_text().splitlines()) == 3 * len(PAIRS)  # every entry is kept
-
-    assert evaluate.read_base_outputs(tmp_path / "missing.jsonl") == {}
-    cache.write_text("not json\n")
-    assert evaluate.read_base_outputs(cache) == {}  # a broken cache is rebuilt, not an error
-    no_base = tmp_path / "no_base.jsonl"
-    run_stage(tmp_path, tiny["adapter"], tag="no-base", base_outputs=no_base, baselines=["copy"])
-    assert no_base.read_text() == ""  # DVC expects its declared output even when the base baseline is off
-
-
-def test_base_identity_follows_the_base_model_and_how_it_runs(tiny, tmp_path):
-    cfg = modeling.read_training_config(tiny["adapter"])
-    tok = tiny["tokenizer"]
-    identity = evaluate.base_identity(cfg, tok, "hf")
-    assert identity == evaluate.base_identity(cfg, tok, "hf") != evaluate.base_identity(cfg, tok, "unsloth")
-    other = tmp_path / "other-base"
-    make_model(tok, seed=5).save_pretrained(other)
-    assert evaluate.base_identity({**cfg, "model": str(other)}, tok, "hf") != identity
-    keys = evaluate.base_output_keys(identity, [[1, 2], [1, 2], [1, 3]], [5, 6, 5], 1, [3])
-    assert len(set(keys)) == 3 and keys[0] == evaluate.base_output_keys(identity, [[1, 2]], [5], 1, [3])[0]
-    assert keys[0] not in evaluate.base_output_keys(identity, [[1, 2]], [5], 2, [3])  # beams
-    assert keys[0] not in evaluate.base_output_keys(identity, [[1, 2]], [5], 1, [4])  # stop token
-
-
-# ----------------------------------------------------------------------------------------------
-# Bad inputs: one clear line, no traceback
-
 
 @pytest.mark.bad_input
+def test_base_outputs_must_cover_the_sample(tiny, tmp_path):
+    six = run_stage(tmp_path, tiny["adapter"], tag="six", num_samples=6)
+    with pytest.raises(PipelineError, match="no base output for .* rerun the evaluate_base stage"):
+        run_stage(tmp_path, tiny["adapter"], tag="all", base_outputs=six / "base_outputs.jsonl")
+    no_base = run_stage(tmp_path, tiny["adapter"], tag="no-base", baselines=["copy"])
+    assert (no_base / "base_outputs.jsonl").read_text() == ""  # DVC expects its declared output even when off
+
+
 def test_missing_test_file_and_model_dir_are_clear_errors(tiny, tmp_path, capsys):
     from stages.common import run_main
 
@@ -555,11 +527,25 @@ def test_params_and_dvc_yaml_match_the_stage():
     assert "stages/clean.py" not in stage["deps"]  # evaluate imports library modules only
     assert set(stage["params"]) == {"evaluate"}  # the OpenCC config comes with the model
     assert [next(iter(m)) for m in stage["metrics"]] == [flags["--metrics"]]
-    outs = [o if isinstance(o, str) else next(iter(o)) for o in stage["outs"]]
+    outs = [o if isinstance(o, str) else next(iter(o)) for o in stage["outs"] + stage["plots"]]
     csvs = [f"{flags['--out-dir']}/by_book.csv", f"{flags['--out-dir']}/by_length.csv"]
-    assert set(outs) == {flags["--hypotheses"], flags["--base-outputs"], *csvs, f"{flags['--out-dir']}/samples.md"}
-    (cache,) = [o[flags["--base-outputs"]] for o in stage["outs"] if isinstance(o, dict) and flags["--base-outputs"] in o]
-    assert cache == {"persist": True, "cache": False}  # kept between runs, so a new adapter reuses the base outputs
+    assert set(outs) == {flags["--hypotheses"], *csvs, f"{flags['--out-dir']}/samples.md"}
+    # DVC's run cache is off for a stage with a plain (not metric or plot) output marked cache: false
+    assert all(isinstance(o, str) or next(iter(o.values())).get("cache", True) for o in stage["outs"])
+    assert flags["--base-outputs"] in stage["deps"]
+    # the base outputs: an ordinary cached stage, skipped while only train.* params change
+    base = dvc["stages"]["evaluate_base"]
+    base_argv = shlex.split(base["cmd"])
+    assert base_argv[:4] == ["python", "-m", "stages.evaluate", "base"]
+    base_flags = dict(zip(base_argv[4::2], base_argv[5::2]))
+    assert base["outs"] == [base_flags["--out"]] and base_flags["--out"] == flags["--base-outputs"]
+    assert base_flags["--base"] in base["deps"] and flags["--test"] in base["deps"]
+    assert not [p for p in base["params"] if p.startswith("train.") and p not in
+                ("train.model", "train.chat_template", "train.backend")]
+    assert {f"evaluate.{k}" for k in evaluate.BASE_KEYS} <= set(base["params"])
+    for name, spec in dvc["stages"].items():  # persist would turn off DVC's run cache
+        assert not any(isinstance(o, dict) and next(iter(o.values())).get("persist")
+                       for o in spec.get("outs", []) + spec.get("metrics", []) + spec.get("plots", [])), name
     plotted = set()
     for plot in dvc["plots"]:
         (spec,) = plot.values()

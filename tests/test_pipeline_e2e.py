@@ -103,7 +103,7 @@ def make_project(tmp_path: Path, train: dict | None = None, evaluate: dict | Non
 def test_dvc_repro_end_to_end_then_an_experiment(tmp_path):
     repo, env, dvc = make_project(tmp_path)
     proc = run(dvc + ["repro"], repo, env)
-    for stage in ("ingest", "clean", "split", "format", "train", "evaluate"):
+    for stage in ("ingest", "clean", "split", "format", "base", "train", "evaluate_base", "evaluate"):
         assert f"Running stage '{stage}'" in proc.stdout
 
     metrics = json.loads((repo / "reports/metrics.json").read_text(encoding="utf-8"))
@@ -120,6 +120,14 @@ def test_dvc_repro_end_to_end_then_an_experiment(tmp_path):
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "baseline"], repo, env)
     assert "Running stage" not in run(dvc + ["repro"], repo, env).stdout
-    run(dvc + ["exp", "run", "-S", "train.learning_rate=0.05", "-n", "lr05"], repo, env)
+    first = {p: (repo / p).read_bytes() for p in ("reports/metrics.json", "reports/train/summary.json")}
+    proc = run(dvc + ["exp", "run", "-S", "train.learning_rate=0.05", "-n", "lr05"], repo, env)
+    assert "Running stage 'train'" in proc.stdout and "Running stage 'evaluate_base'" not in proc.stdout
     diff = run(dvc + ["exp", "show", "--csv"], repo, env).stdout
     assert "lr05" in diff and "train.learning_rate" in diff
+
+    # Back to the first parameter set: DVC's run cache restores train's and evaluate's outputs, nothing runs
+    proc = run(dvc + ["exp", "run", "-S", "train.learning_rate=0.01", "-n", "back"], repo, env)
+    assert "Running stage" not in proc.stdout, proc.stdout
+    assert "Stage 'train' is cached - skipping run" in proc.stdout and "Stage 'evaluate' is cached" in proc.stdout
+    assert {p: (repo / p).read_bytes() for p in first} == first

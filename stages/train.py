@@ -837,6 +837,7 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
     if rank == 0:
         staging.mkdir(parents=True, exist_ok=True)  # without dvclive only summary.json goes there
         write_json(staging / "summary.json", summary)
+        write_json(staging / "metrics.json", headline_metrics(staging / "metrics.json", summary))
         replace_dir(staging, reports)
     barrier()  # the adapter is on disk before any process returns
     summary["history"] = live_callback.history  # returned (benchmarks), not written: dvclive has the plots
@@ -846,6 +847,13 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
         summary["tokens_per_s"], summary["final_train_loss"], summary["final_eval_loss"], peak_kind, peak,
     )
     return summary
+
+
+def headline_metrics(live_summary: Path, summary: dict) -> dict:
+    """reports/train/metrics.json, what `dvc metrics diff` and `dvc exp show` compare: dvclive's last values
+    (train.loss, eval.loss, ...) and the run's trained tokens/s and wall time; the rest is in summary.json."""
+    metrics = json.loads(live_summary.read_text(encoding="utf-8")) if live_summary.is_file() else {}
+    return {**metrics, "tokens_per_s": summary["tokens_per_s"], "wall_time_s": summary["wall_time_s"]}
 
 
 def save_output(model, tokenizer, resolved: dict, out: Path) -> None:

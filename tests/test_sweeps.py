@@ -85,7 +85,7 @@ def test_queued_sweep_runs_two_at_a_time_then_exp_show_and_diff_compare(tmp_path
             metrics = data["metrics"]
             assert metrics["reports/metrics.json"]["data"]["bleu"] >= 0
             assert metrics["reports/metrics.json"]["data"]["n_sentences"] == 4
-            assert metrics["reports/train/summary.json"]["data"]["steps"] == 2
+            assert metrics["reports/train/metrics.json"]["data"]["step"] == 2
             assert metrics["reports/train/metrics.json"]["data"]["train"]["loss"] > 0
         losses = [rows[n]["data"]["metrics"]["reports/train/metrics.json"]["data"]["train"]["loss"] for n in NAMES]
         assert losses[0] != losses[1], "the two learning rates trained the same model"

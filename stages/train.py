@@ -694,118 +694,113 @@ def build_trainer(model, tokenizer, train_examples, valid_examples, cfg: dict, *
     return trainer
 
 
-def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callbacks=(), *, prompt: dict) -> dict:
-    """Run the stage; returns the summary also written to reports/summary.json. `prompt`: resolve_prompt's,
-    saved with the model. `callbacks`: extra TrainerCallbacks (tests use one to kill a run half-way)."""
-    start = time.perf_counter()
-    out, checkpoints, reports = Path(out), Path(checkpoints), Path(reports)
-    backend = modeling.pick_backend(cfg["backend"])  # imports unsloth (if used) before transformers/peft/trl
-    check_trainer_names(cfg)
-
-    import torch
-
-    on_gpu = torch.cuda.is_available()
-    init_distributed(on_gpu)
-    rank, _, processes = world()
+def read_rows(cfg: dict, train_path, valid_path) -> tuple[list[dict], list[dict]]:
+    """The training rows (train.max_train_samples: a seeded sample kept in file order, so a quick run still
+    covers every book) and the first train.eval_samples validation rows."""
     train_rows = read_jsonl(train_path)
     if cfg["max_train_samples"] and cfg["max_train_samples"] < len(train_rows):
-        # a seeded sample in file order, so a quick run still covers every book (the file is in book order)
         import random
 
         keep = sorted(random.Random(cfg["seed"]).sample(range(len(train_rows)), cfg["max_train_samples"]))
         train_rows = [train_rows[i] for i in keep]
-    valid_rows = read_jsonl(valid_path)[: cfg["eval_samples"]] if valid_path and cfg["eval_samples"] else []
     if not train_rows:
         raise PipelineError(f"{train_path}: no training rows")
-    if rank == 0:
-        resume_from = prepare_checkpoints(cfg, checkpoints)
-    barrier()
-    if rank != 0:
-        resume_from = last_checkpoint(checkpoints) if cfg["resume"] else None
+    valid_rows = read_jsonl(valid_path)[: cfg["eval_samples"]] if valid_path and cfg["eval_samples"] else []
+    return train_rows, valid_rows
 
-    dtype = resolve_dtype(cfg, backend)
+
+def resume_point(cfg: dict, checkpoints: Path) -> str | None:
+    """Rank 0 clears or checks the checkpoints (prepare_checkpoints); the other ranks follow it."""
+    resume_from = prepare_checkpoints(cfg, checkpoints) if world()[0] == 0 else None
+    barrier()
+    if world()[0] != 0:
+        resume_from = last_checkpoint(checkpoints) if cfg["resume"] else None
+    return resume_from
+
+
+def load_model_and_tokenizer(cfg: dict, backend: str, dtype, on_gpu: bool):
+    """(model ready to train (LoRA wrapped unless method full), tokenizer, what loading decided)."""
     if backend == "unsloth":
-        model, tokenizer, loaded = load_unsloth(cfg, dtype)
-    else:
-        model, tokenizer, loaded = load_hf(cfg, dtype, on_gpu)
+        return load_unsloth(cfg, dtype)
+    return load_hf(cfg, dtype, on_gpu)
+
+
+def build_datasets(tokenizer, cfg: dict, train_rows, valid_rows, train_path, valid_path):
+    """Tokenized train and valid examples with their stats (build_examples)."""
     train_examples, train_stats = build_examples(tokenizer, train_rows, cfg["max_seq_length"], str(train_path))
     if not train_examples:
         raise PipelineError(f"{train_path}: every example was dropped by truncation; raise train.max_seq_length")
     valid_examples, valid_stats = (
         build_examples(tokenizer, valid_rows, cfg["max_seq_length"], str(valid_path)) if valid_rows else ([], None)
     )
+    return train_examples, train_stats, valid_examples, valid_stats
 
-    lengths = [len(e["input_ids"]) for e in train_examples]
+
+def batch_plan(cfg: dict, backend: str, model, examples: list[dict], dtype, on_gpu: bool) -> dict:
+    """Rows a micro-batch per process, padding-free or not, the optimizer; logged in one line. The micro-batch
+    is global: each DDP process takes its share, so a step sees the same rows whatever train.num_gpus is."""
+    processes = world()[2]
+    lengths = [len(e["input_ids"]) for e in examples]
     mean_length = sum(lengths) / len(lengths)
-    global_rows = rows_per_batch(lengths, cfg["batch_tokens"], cfg["batch_size"])
-    # the micro-batch is global: each of the DDP processes takes its share, so one step sees the same
-    # number of rows whatever train.num_gpus is (rounded up to a multiple of the processes)
-    rows = -(-global_rows // processes)
-    padding_free = choose_padding_free(cfg, backend, model)
-    optim = cfg["optim"] if cfg["optim"] != "auto" else ("adamw_8bit" if on_gpu else "adamw_torch")
+    rows = -(-rows_per_batch(lengths, cfg["batch_tokens"], cfg["batch_size"]) // processes)
+    plan = {"rows": rows, "processes": processes, "mean_length": mean_length,
+            "padding_free": choose_padding_free(cfg, backend, model),
+            "optim": cfg["optim"] if cfg["optim"] != "auto" else ("adamw_8bit" if on_gpu else "adamw_torch")}
     log.info(
         "backend %s on %s%s, %s, %s; %d rows a micro-batch (~%d tokens; mean example %.0f tokens), %s",
         backend, device_name(), f" x {processes} processes ({rows} rows each)" if processes > 1 else "",
         cfg["method"], str(dtype).replace("torch.", ""), rows * processes, rows * processes * mean_length,
-        mean_length, "padding-free" if padding_free else "padded, grouped by length",
+        mean_length, "padding-free" if plan["padding_free"] else "padded, grouped by length",
     )
+    return plan
 
-    staging = staging_dir(reports)
-    if rank == 0 and staging.exists():
-        shutil.rmtree(staging)  # what a killed run left
-    live = open_live(staging)
-    trainer_ref = {}
-    live_callback = make_live_callback(live, trainer_ref)
-    trainer = build_trainer(
-        model, tokenizer, train_examples, valid_examples, cfg, rows=rows, padding_free=padding_free, dtype=dtype,
-        optim=optim, gradient_checkpointing=backend == "hf" and bool(loaded["gradient_checkpointing"]),
-        output_dir=checkpoints, callbacks=[live_callback, *callbacks],
-    )
-    trainer_ref["trainer"] = trainer
-    trainable, total = count_parameters(trainer.model)
-    log.info("trainable parameters %s / %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
-    if on_gpu:
+def run_training(trainer, live_callback, resume_from, evaluate_at_end: bool) -> dict:
+    """trainer.train(), then an eval at the final step if the last periodic one was earlier; the times and
+    losses the summary reports."""
+    import torch
+
+    if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
     trainer_time = time.perf_counter() - t0
-    train_time = live_callback.train_seconds  # training steps only: periodic evals excluded
     evals = [h for h in live_callback.history if "eval_loss" in h]
-    if valid_examples and not (evals and evals[-1]["step"] == trainer.state.global_step):
+    if evaluate_at_end and not (evals and evals[-1]["step"] == trainer.state.global_step):
         trainer.evaluate()  # logged at the final step by the callback
         evals = [h for h in live_callback.history if "eval_loss" in h]
-    train_losses = [h["loss"] for h in live_callback.history if "loss" in h]
+    return {"result": result, "trainer_time": trainer_time, "train_time": live_callback.train_seconds, "evals": evals,
+            "train_losses": [h["loss"] for h in live_callback.history if "loss" in h]}
+
+
+def resolved_config(cfg: dict, prompt: dict, backend: str, dtype, plan: dict, loaded: dict, tokenizer) -> dict:
+    """training_config.json: the params as run, what auto resolved to, and the prompt the model was trained with."""
+    return {
+        **cfg, "backend": backend, "dtype": str(dtype).replace("torch.", ""), "optim": plan["optim"],
+        "padding_free": plan["padding_free"], "gradient_checkpointing": loaded["gradient_checkpointing"],
+        "rows_per_batch": plan["rows"] * plan["processes"], "processes": plan["processes"],
+        "base_model_path": modeling.materialize(cfg["model"]), "vocab_size": len(tokenizer),
+        "added_tokens": loaded["added_tokens"], "end_of_turn_token": modeling.end_of_turn_token(tokenizer),
+        "saved": "model" if cfg["method"] == "full" else "adapter",
+        "prompt": prompt,  # what evaluate, translate and export build their prompts from
+    }
+
+
+def run_summary(cfg: dict, resolved: dict, plan: dict, run: dict, trainer, stats: tuple, resume_from, start: float) -> dict:
+    """reports/train/summary.json: everything about the run; headline_metrics picks what DVC compares."""
+    train_stats, valid_stats = stats
+    trainable, total = count_parameters(trainer.model)
     tokens_seen, completion_tokens_seen = summed(trainer.tokens_seen), summed(trainer.completion_tokens_seen)
-
-    resolved = dict(cfg)
-    resolved.update(
-        backend=backend,
-        dtype=str(dtype).replace("torch.", ""),
-        optim=optim,
-        padding_free=padding_free,
-        gradient_checkpointing=loaded["gradient_checkpointing"],
-        rows_per_batch=rows * processes,
-        processes=processes,
-        base_model_path=modeling.materialize(cfg["model"]),
-        vocab_size=len(tokenizer),
-        added_tokens=loaded["added_tokens"],
-        end_of_turn_token=modeling.end_of_turn_token(tokenizer),
-        saved="model" if cfg["method"] == "full" else "adapter",
-        prompt=prompt,  # what evaluate, translate and export build their prompts from
-    )
-    if rank == 0:
-        save_output(trainer.model, tokenizer, resolved, out)
-
+    train_time = run["train_time"]  # training steps only: periodic evals excluded
     peak, peak_kind = peak_memory_mib()
-    summary = {
-        "backend": backend,
+    return {
+        "backend": resolved["backend"],
         "model": cfg["model"],
         "method": cfg["method"],
         "load_in_4bit": cfg["load_in_4bit"],
         "dtype": resolved["dtype"],
         "device": device_name(),
-        "processes": processes,  # DDP processes (GPUs); 1 = a plain run
+        "processes": plan["processes"],  # DDP processes (GPUs); 1 = a plain run
         "trainable_params": trainable,
         "total_params": total,
         "steps": trainer.state.global_step,
@@ -814,39 +809,88 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
         "examples_dropped_truncation": train_stats["dropped_truncation"],
         "examples_truncated_kept": train_stats["truncated_kept"],
         "valid_examples": valid_stats["examples"] if valid_stats else 0,
-        "rows_per_batch": rows * processes,
-        "mean_example_tokens": round(mean_length, 1),
-        "padding_free": padding_free,
-        "gradient_checkpointing": loaded["gradient_checkpointing"],
+        "rows_per_batch": resolved["rows_per_batch"],
+        "mean_example_tokens": round(plan["mean_length"], 1),
+        "padding_free": plan["padding_free"],
+        "gradient_checkpointing": resolved["gradient_checkpointing"],
         "tokens_seen": tokens_seen,
         "completion_tokens_seen": completion_tokens_seen,
         "train_time_s": round(train_time, 1),
-        "train_time_with_evals_s": round(trainer_time, 1),
+        "train_time_with_evals_s": round(run["trainer_time"], 1),
         "wall_time_s": round(time.perf_counter() - start, 1),
         "tokens_per_s": round(tokens_seen / max(train_time, 1e-9), 1),
         "completion_tokens_per_s": round(completion_tokens_seen / max(train_time, 1e-9), 1),
         "peak_memory_mib": round(peak, 1),  # per GPU (rank 0's) under DDP
         "peak_memory_kind": peak_kind,
-        "final_train_loss": train_losses[-1] if train_losses else None,
-        "mean_train_loss": result.training_loss,
-        "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "final_train_loss": run["train_losses"][-1] if run["train_losses"] else None,
+        "mean_train_loss": run["result"].training_loss,
+        "final_eval_loss": run["evals"][-1]["eval_loss"] if run["evals"] else None,
         "train_data": train_stats,
         "valid_data": valid_stats,
     }
+
+
+def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callbacks=(), *, prompt: dict) -> dict:
+    """Run the stage; returns the summary also written to reports/summary.json. `prompt`: resolve_prompt's,
+    saved with the model. `callbacks`: extra TrainerCallbacks (tests use one to kill a run half-way)."""
+    start = time.perf_counter()
+    out, checkpoints, reports = Path(out), Path(checkpoints), Path(reports)
+    backend = modeling.pick_backend(cfg["backend"])  # imports unsloth (if used) before transformers/peft/trl
+    check_trainer_names(cfg)
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    init_distributed(on_gpu)
+    train_rows, valid_rows = read_rows(cfg, train_path, valid_path)
+    resume_from = resume_point(cfg, checkpoints)
+
+    dtype = resolve_dtype(cfg, backend)
+    model, tokenizer, loaded = load_model_and_tokenizer(cfg, backend, dtype, on_gpu)
+    # (a step that changes the tokenizer, e.g. extending the vocabulary, goes here: before the examples)
+    train_examples, train_stats, valid_examples, valid_stats = build_datasets(
+        tokenizer, cfg, train_rows, valid_rows, train_path, valid_path)
+    plan = batch_plan(cfg, backend, model, train_examples, dtype, on_gpu)
+
+    staging = staging_dir(reports)
+    if world()[0] == 0 and staging.exists():
+        shutil.rmtree(staging)  # what a killed run left
+    live = open_live(staging)
+    trainer_ref = {}
+    live_callback = make_live_callback(live, trainer_ref)
+    trainer = trainer_ref["trainer"] = build_trainer(
+        model, tokenizer, train_examples, valid_examples, cfg, rows=plan["rows"], padding_free=plan["padding_free"],
+        dtype=dtype, optim=plan["optim"], gradient_checkpointing=backend == "hf" and bool(loaded["gradient_checkpointing"]),
+        output_dir=checkpoints, callbacks=[live_callback, *callbacks],
+    )
+    trainable, total = count_parameters(trainer.model)
+    log.info("trainable parameters %s / %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    run = run_training(trainer, live_callback, resume_from, evaluate_at_end=bool(valid_examples))
+
+    resolved = resolved_config(cfg, prompt, backend, dtype, plan, loaded, tokenizer)
+    if world()[0] == 0:
+        save_output(trainer.model, tokenizer, resolved, out)
+    summary = run_summary(cfg, resolved, plan, run, trainer, (train_stats, valid_stats), resume_from, start)
     live.end()
-    if rank == 0:
-        staging.mkdir(parents=True, exist_ok=True)  # without dvclive only summary.json goes there
-        write_json(staging / "summary.json", summary)
-        write_json(staging / "metrics.json", headline_metrics(staging / "metrics.json", summary))
-        replace_dir(staging, reports)
+    if world()[0] == 0:
+        write_reports(staging, reports, summary)
     barrier()  # the adapter is on disk before any process returns
     summary["history"] = live_callback.history  # returned (benchmarks), not written: dvclive has the plots
     log.info(
         "done: %d steps, %s tokens (%s trained) in %.0f s = %.0f tokens/s; final loss %s, eval loss %s; %s %.0f MiB",
-        summary["steps"], f"{summary['tokens_seen']:,}", f"{summary['completion_tokens_seen']:,}", train_time,
-        summary["tokens_per_s"], summary["final_train_loss"], summary["final_eval_loss"], peak_kind, peak,
+        summary["steps"], f"{summary['tokens_seen']:,}", f"{summary['completion_tokens_seen']:,}",
+        summary["train_time_s"], summary["tokens_per_s"], summary["final_train_loss"], summary["final_eval_loss"],
+        summary["peak_memory_kind"], summary["peak_memory_mib"],
     )
     return summary
+
+
+def write_reports(staging: Path, reports: Path, summary: dict) -> None:
+    """summary.json and the headline metrics.json beside dvclive's plots, then the staging directory replaces
+    reports/train: a run that failed before this point leaves the last good reports as they were."""
+    staging.mkdir(parents=True, exist_ok=True)  # without dvclive only summary.json goes there
+    write_json(staging / "summary.json", summary)
+    write_json(staging / "metrics.json", headline_metrics(staging / "metrics.json", summary))
+    replace_dir(staging, reports)
 
 
 def headline_metrics(live_summary: Path, summary: dict) -> dict:

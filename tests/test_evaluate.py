@@ -17,6 +17,7 @@ import yaml
 
 from stages import evaluate, modeling
 from conftest import BASE_PARAMS, shipped
+from tiny import char_tokenizer, tiny_llama
 from stages.common import PipelineError, write_jsonl
 from stages.modeling import CHAT_TEMPLATES
 
@@ -58,33 +59,11 @@ def make_rows(pairs=PAIRS) -> list[dict]:
 
 
 def make_tokenizer():
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    text = SYSTEM + "将下面的文言文翻译成现代汉语：\n " + TRADITIONAL + "".join(s + t for _, _, s, t in PAIRS)
-    special = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
-    vocab = {t: i for i, t in enumerate(special + sorted(set(text + string.ascii_letters)))}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token a character
-    backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<pad>", unk_token="<unk>",
-        additional_special_tokens=["<|im_start|>"],
-    )
-    tokenizer.chat_template = CHAT_TEMPLATES["chatml"]
-    return tokenizer
+    return char_tokenizer(SYSTEM + "将下面的文言文翻译成现代汉语：\n " + TRADITIONAL + "".join(s + t for _, _, s, t in PAIRS))
 
 
 def make_model(tokenizer, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2, tie_word_embeddings=False,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(tokenizer, seed, initializer_range=0.2, tie_word_embeddings=False, bos_token_id=None)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -42,25 +42,10 @@ def slice_corpus(dest: Path, chapters: int = 12, lines: int = 12) -> list[str]:
 
 def tiny_model(dest: Path, texts: list[str]) -> Path:
     """A 2-layer Llama with a BPE tokenizer trained on the slice (so characters are single tokens)."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from tiny import bpe_tokenizer, tiny_llama
 
-    from stages.modeling import CHAT_TEMPLATES
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    backend.train_from_iterator(texts + ["system user assistant\n"] * 5, trainers.BpeTrainer(
-        vocab_size=3000, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tok.chat_template = CHAT_TEMPLATES["chatml"]
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(dest)
+    tok = bpe_tokenizer(texts + ["system user assistant\n"] * 5, vocab_size=3000)
+    tiny_llama(tok).save_pretrained(dest)
     tok.save_pretrained(dest)
     return dest
 

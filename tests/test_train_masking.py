@@ -15,6 +15,7 @@ from stages import modeling
 from stages import train as train_stage
 from stages.common import PipelineError
 from conftest import shipped
+from tiny import tiny_llama
 
 # SmolLM2-Instruct's own template (from its tokenizer_config.json): ChatML plus a default system prompt.
 SMOLLM2_TEMPLATE = (
@@ -100,14 +101,11 @@ def expected_trained(tok, conversation) -> list[int]:
 
 
 def trainer_for(tok, examples, padding_free: bool, tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)  # the same tiny model every call
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, pad_token_id=tok.pad_token_id)
+    model = tiny_llama(tok, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                       tie_word_embeddings=False).train()  # the same tiny model every call (seed 0)
     cfg = shipped("train", max_steps=1, eval_steps=0, save_steps=0)
     return train_stage.build_trainer(
-        LlamaForCausalLM(config), tok, examples, [], cfg, rows=len(examples), padding_free=padding_free,
+        model, tok, examples, [], cfg, rows=len(examples), padding_free=padding_free,
         dtype=torch.float32, optim="adamw_torch", gradient_checkpointing=False, output_dir=tmp_path / "ckpt",
     )
 

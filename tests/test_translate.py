@@ -17,6 +17,7 @@ from stages import modeling, translate
 from stages.common import PipelineError, run_main
 from stages.modeling import build_messages
 from conftest import BASE_PARAMS
+from tiny import byte_tokenizer, tiny_llama
 
 # Two lines, every sentence end (。！？；), a closing quote after a question mark, and an empty line between.
 PASSAGE = "子曰：“学而时习之，不亦说乎？”有朋自远方来；不亦乐乎！\n\n人不知而不愠，不亦君子乎。"
@@ -27,23 +28,7 @@ PASSAGE_SENTENCES = [["子曰：“学而时习之，不亦说乎？”", "有�
 # A tiny model laid out as the train stage writes models/adapter (also used by test_export.py)
 
 
-def make_tokenizer():
-    """Byte-level BPE without merges (any text, ~3 tokens a Chinese character) + ChatML special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from stages.modeling import CHAT_TEMPLATES
-
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
-    tokenizer.add_special_tokens(
-        {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "additional_special_tokens": ["<|im_start|>"]}
-    )
-    tokenizer.chat_template = CHAT_TEMPLATES["chatml"]
-    return tokenizer
+make_tokenizer = byte_tokenizer
 
 
 def make_tiny_model(root: Path, max_seq_length: int = 256, trainable_tokens: bool = False, seed: int = 0) -> Path:
@@ -54,14 +39,8 @@ def make_tiny_model(root: Path, max_seq_length: int = 256, trainable_tokens: boo
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = make_tokenizer()
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
     base_dir, adapter_dir = root / "base", root / "adapter"
-    LlamaForCausalLM(config).save_pretrained(base_dir)
+    tiny_llama(tokenizer, seed, max_position_embeddings=1024, bos_token_id=None).save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
     extra = {"trainable_token_indices": {"embed_tokens": [tokenizer.convert_tokens_to_ids("<|im_start|>")]}} if trainable_tokens else {}
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False,

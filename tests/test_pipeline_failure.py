@@ -5,7 +5,8 @@ stage failing (ingest, on a line appended to one side of a corpus chapter).
 Each failure must print one clear `error:` line (no traceback); every other stage's reports stay byte-identical
 and no file is added. The failing stage's own reports are deleted by DVC before it runs (no output is
 `persist: true`, so that DVC's run cache works: the trade-off dvc.yaml and the README explain); the stages
-write them only at the very end, so none is ever half-written, and `git checkout -- reports` restores them.
+write them only at the very end, so none is ever half-written, and `git checkout -- reports; dvc checkout`
+restores them.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def check_reports_kept(repo: Path, env: dict, before: dict, failed_stage: str, o
     assert all(path.startswith(own) for path in removed), f"removed after '{failed_stage}' failed: {removed}"
     changed = [path for path in after if after[path] != before[path]]
     assert not changed, f"changed after '{failed_stage}' failed: {changed}"
-    run(["git", "checkout", "--", "reports"], repo, env)
+    run(["git", "checkout", "--", "reports"], repo, env)  # the git-tracked reports
+    run([sys.executable, "-m", "dvc", "checkout"], repo, env)  # the DVC-cached ones (summary.json, samples.md)
     assert snapshot(repo / "reports") == before
     assert run(["git", "status", "--porcelain", "--", "reports"], repo, env).stdout == ""
 

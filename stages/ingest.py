@@ -22,6 +22,14 @@ Run:     python -m stages.ingest --out data/ingest/pairs.parquet --report report
 A UTF-8 BOM and CRLF line endings are accepted silently; trailing blank lines are ignored; a line that
 is blank on both sides is not a pair and is skipped (counted); a pair blank on one side is kept for
 clean to drop and count.
+
+Links and odd files (niutrans): hard links and symlinks are read where they resolve inside the corpus
+directory or archive (a linked book directory is a book under the link's name); a link pointing outside
+it, a dangling link, a link loop, a FIFO, socket or device file, a directory named source.txt, an archive
+member whose path climbs out with '..', and a file over MAX_FILE_BYTES (1 GiB) are never opened: they are
+counted in the report's skipped_by_reason, with the chapter whose pair they break. Nothing outside the
+corpus root is read. A cut or damaged archive is one `error:` line naming it, wherever the damage is
+(gzip, xz and bz2 CRCs are checked; a plain .tar has none).
 """
 
 from __future__ import annotations
@@ -476,16 +484,15 @@ def iter_files(path: Path, wanted=lambda rel: True, show_progress: bool = True):
     `load()` returns the bytes (None where problem says why the file cannot be read); for a streamed tar
     it must be called before the next item (or never). `wanted(rel)` says which link targets a tar must
     read again in a second pass. A corrupt or cut archive is one PipelineError, whenever it shows."""
-    kind = _archive_kind(path) if path.is_file() else "dir"
-    if kind == "dir":
+    if path.is_dir():
         yield from _iter_dir(path, show_progress)
         return
-    if kind is None:
+    kind = _archive_kind(path)
+    if kind is None or not path.is_file():
+        what = "" if path.is_file() else f" (it is a {_mode_name(path.stat().st_mode)})"
         raise PipelineError(
-            f"{path}: a niutrans source must be a directory or an archive ({', '.join(ARCHIVE_SUFFIXES)})"
+            f"{path}: a niutrans source must be a directory or an archive ({', '.join(ARCHIVE_SUFFIXES)}){what}"
         )
-    if not stat.S_ISREG(path.stat().st_mode):
-        raise PipelineError(f"{path}: not a regular file")
 
     def guarded(load):
         def read():
@@ -509,6 +516,8 @@ CORRUPT = (tarfile.TarError, zipfile.BadZipFile, EOFError, lzma.LZMAError, zlib.
 def _corrupt(path: Path, exc: BaseException) -> PipelineError:
     if isinstance(exc, RuntimeError) and "password" in str(exc):
         return PipelineError(f"{path}: encrypted archive ({exc}); unpack it and give the directory as the source")
+    if isinstance(exc, NotImplementedError):
+        return PipelineError(f"{path}: {exc} (an unusual zip method, or a damaged archive); unpack it and give the directory")
     return PipelineError(
         f"{path}: corrupt or truncated archive ({type(exc).__name__}: {exc}); download it again"
     )

@@ -714,3 +714,40 @@ def test_ingest_killed_mid_run_leaves_only_ignored_temp_files(tmp_path, make_cor
     assert left and all(name.endswith(".partial.tmp") for name in left)
     assert ingest_cli(tmp_path, params).returncode == 0
     assert sorted(p.name for p in out_dir.iterdir()) == ["p.parquet", "r.json"]
+
+
+@pytest.mark.bad_input
+def test_tar_bz2_cut_anywhere_is_one_clear_error(tmp_path, make_corpus, write_params):
+    archive = gnu_tar(big_corpus(make_corpus, tmp_path / "dir"), tmp_path / "corp.tar.bz2", "-j")
+    data = archive.read_bytes()
+    run_ingest(tmp_path, write_params, [niutrans(archive)])
+    for cut in cut_points(len(data))[::2]:
+        archive.write_bytes(data[:cut])
+        with pytest.raises(PipelineError, match=r"corp\.tar\.bz2: corrupt or truncated archive"):
+            run_ingest(tmp_path, write_params, [niutrans(archive)])
+
+
+@pytest.mark.bad_input
+def test_niutrans_source_that_is_a_fifo_is_a_clear_error(tmp_path, write_params):
+    fifo = tmp_path / "corp.tar.xz"
+    os.mkfifo(fifo)
+    proc = ingest_cli(tmp_path, write_params(ingest={"sources": [niutrans(fifo)]}))
+    assert proc.returncode == 1 and f"error: {fifo}: a niutrans source must be a directory or an archive" in proc.stderr
+    assert "(it is a fifo)" in proc.stderr
+
+
+@pytest.mark.bad_input
+def test_tar_hard_link_to_a_missing_member_is_counted(tmp_path, write_params):
+    archive = tmp_path / "corp.tar"
+    with tarfile.open(archive, "w") as tar:
+        for name, text in (("双语数据/论语/学而篇/source.txt", "甲。\n"), ("双语数据/论语/学而篇/target.txt", "甲啊。\n"),
+                           ("双语数据/论语/为政篇/source.txt", "乙。\n")):
+            info = tarfile.TarInfo(name)
+            info.size = len(text.encode())
+            tar.addfile(info, io.BytesIO(text.encode()))
+        info = tarfile.TarInfo("双语数据/论语/为政篇/target.txt")
+        info.type, info.linkname = tarfile.LNKTYPE, "双语数据/论语/别处/target.txt"
+        tar.addfile(info)
+    df, report = run_ingest(tmp_path, write_params, [niutrans(archive)])
+    assert df["id"].tolist() == ["corp/论语/学而篇#1"]
+    assert report["sources"][0]["skipped_by_reason"] == {"dangling link": 1, "partner skipped": 1}

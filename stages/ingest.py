@@ -757,7 +757,8 @@ def parse_jsonl(text: str, where: str, default_book: str) -> list[tuple[str, str
             raise PipelineError(f"{where}:{lineno}: expected a JSON object with source and target, got {type(obj).__name__}")
         for key in ("source", "target", "book", "chapter"):
             if key in ("source", "target") and key not in obj:
-                raise PipelineError(f"{where}:{lineno}: no '{key}' field (has {', '.join(obj) or 'none'})")
+                keys = ", ".join(k.encode("utf-8", "backslashreplace").decode() for k in obj)
+                raise PipelineError(f"{where}:{lineno}: no '{key}' field (has {keys or 'none'})")
             value = obj.get(key)
             if (value is not None or key in ("source", "target")) and not isinstance(value, str):
                 got = "null" if value is None else f"{type(value).__name__} {json.dumps(value, ensure_ascii=False)[:40]}"

@@ -637,6 +637,7 @@ def test_line_source_that_is_a_fifo_or_directory_is_a_clear_error(tmp_path, writ
         ('{"source": "甲", "target": "乙\\udfff"}', "'target' holds a lone surrogate"),
         ('{"source": "甲", "target": "乙", "book": "\\ud83d"}', "'book' holds a lone surrogate"),
         ('{"source": NaN, "target": "乙"}', "'source' should be a string, got float"),
+        ('{"\\ud800": "甲", "target": "乙"}', "no 'source' field (has \\ud800, target)"),
     ],
 )
 def test_jsonl_null_non_string_and_surrogate_fields_name_file_and_line(tmp_path, write_params, line, message):

@@ -52,12 +52,20 @@ def load_params(stage: str, params_file: str | os.PathLike | None = None) -> dic
         import yaml
 
         path = Path(params_file)
+        if path.exists() and not path.is_file():  # a directory; a FIFO would block
+            raise PipelineError(f"{path}: not a regular file; --params takes a params.yaml file")
         try:
-            params = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            params = yaml.safe_load(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise PipelineError(f"{path}: parameters file not found") from None
+        except UnicodeDecodeError as exc:
+            raise PipelineError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+        except OSError as exc:
+            raise PipelineError(f"{path}: cannot read the parameters file ({exc.strerror})") from None
         except yaml.YAMLError as exc:
             raise PipelineError(f"{path}: not valid YAML: {exc}") from None
+        if params is None:
+            raise PipelineError(f"{path}: empty; expected one section a stage (ingest:, clean:, ...)")
         if not isinstance(params, dict):
             raise PipelineError(
                 f"{path}: the top level should be a mapping of stage sections (ingest:, clean:, ...), "

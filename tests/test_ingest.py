@@ -665,7 +665,22 @@ def test_params_file_whose_top_level_is_not_a_mapping_is_one_line(tmp_path, text
     proc = ingest_cli(tmp_path, params)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: ")
-    assert f"{params}: the top level should be a mapping" in proc.stderr or "has no 'ingest:' section" in proc.stderr
+    assert f"{params}: the top level should be a mapping" in proc.stderr or f"{params}: empty" in proc.stderr
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("kind", ["directory", "fifo", "gbk"])
+def test_params_file_that_is_not_a_readable_text_file_is_one_line(tmp_path, kind):
+    params = tmp_path / "params.yaml"
+    if kind == "directory":
+        params.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(params)  # opening it would block
+    else:
+        params.write_bytes("ingest:\n  sources: []  # 古文\n".encode("gbk"))
+    proc = ingest_cli(tmp_path, params, timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith(f"error: {params}: ")
 
 
 @pytest.mark.bad_input
@@ -752,3 +767,12 @@ def test_tar_hard_link_to_a_missing_member_is_counted(tmp_path, write_params):
     df, report = run_ingest(tmp_path, write_params, [niutrans(archive)])
     assert df["id"].tolist() == ["corp/论语/学而篇#1"]
     assert report["sources"][0]["skipped_by_reason"] == {"dangling link": 1, "partner skipped": 1}
+
+
+@pytest.mark.bad_input
+def test_corpus_root_given_through_a_symlink_reads_links_inside_it(tmp_path, make_corpus, write_params):
+    root = linked_tree(tmp_path, make_corpus)
+    alias = tmp_path / "alias"
+    alias.symlink_to(root, target_is_directory=True)
+    df, report = run_ingest(tmp_path, write_params, [niutrans(alias)])
+    check_linked(df, report)

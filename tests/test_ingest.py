@@ -776,3 +776,13 @@ def test_corpus_root_given_through_a_symlink_reads_links_inside_it(tmp_path, mak
     alias.symlink_to(root, target_is_directory=True)
     df, report = run_ingest(tmp_path, write_params, [niutrans(alias)])
     check_linked(df, report)
+
+
+@pytest.mark.bad_input
+def test_zip_windows_separators_absolute_and_climbing_member_names(tmp_path, write_params):
+    files = {"双语数据\\论语\\学而篇\\source.txt": "甲。\n", "双语数据\\论语\\学而篇\\target.txt": "甲啊。\n",
+             "/双语数据/孟子/篇/source.txt": "乙。\n", "/双语数据/孟子/篇/target.txt": "乙啊。\n",
+             "../双语数据/庄子/篇/source.txt": "丙。\n", "双语数据/庄子/篇/target.txt": "丙啊。\n"}
+    df, report = run_ingest(tmp_path, write_params, [niutrans(zip_with_links(tmp_path / "corp.zip", files, {}))])
+    assert df["id"].tolist() == ["corp/孟子/篇#1", "corp/论语/学而篇#1"]
+    assert report["sources"][0]["skipped_by_reason"] == {"member path outside the archive": 1, "partner skipped": 1}

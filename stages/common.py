@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import json
 import math
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -57,17 +59,31 @@ def load_sections(dvc_stage: str, sections: list[str], params_file: str | os.Pat
         import yaml
 
         path = Path(params_file)
+        if path.exists() and not path.is_file():  # a directory; a FIFO would block
+            raise PipelineError(f"{path}: not a regular file; --params takes a params.yaml file")
         try:
-            params = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            params = yaml.safe_load(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise PipelineError(f"{path}: parameters file not found") from None
+        except UnicodeDecodeError as exc:
+            raise PipelineError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+        except OSError as exc:
+            raise PipelineError(f"{path}: cannot read the parameters file ({exc.strerror})") from None
         except yaml.YAMLError as exc:
             raise PipelineError(f"{path}: not valid YAML: {exc}") from None
+        if params is None:
+            raise PipelineError(f"{path}: empty; expected one section a stage (ingest:, clean:, ...)")
+        if not isinstance(params, dict):
+            raise PipelineError(
+                f"{path}: the top level should be a mapping of stage sections (ingest:, clean:, ...), "
+                f"got {type(params).__name__} {str(params)[:40]!r}"
+            )
     out = {}
     for name in sections:
         section, _, key = name.partition(".")
         if section not in params or (key and key not in (params[section] or {})):
-            raise PipelineError(f"params.yaml has no '{name}'" + ("" if key else ":") + f" (stage {dvc_stage} reads it)")
+            what = f"'{section}:' section" if not key else f"'{name}'"
+            raise PipelineError(f"params.yaml has no {what} (stage {dvc_stage} reads it)")
         if key:
             out.setdefault(section, {})[key] = params[section][key]
         else:
@@ -194,10 +210,10 @@ def check_params(section: dict, schema: dict[str, Param], stage: str) -> dict:
 
 def check_entry(entry: dict, defaults: dict, where: str) -> dict:
     """A list entry whose keys are optional by design (ingest.sources[i]): unknown keys and wrong types are
-    errors; missing keys take the defaults given."""
+    errors (null passes: the stage checks it); missing keys take the defaults given."""
     if not isinstance(entry, dict):
         raise PipelineError(f"params.yaml '{where}:' must be a mapping, got {type(entry).__name__}")
-    schema = {key: Param((type(value),)) for key, value in defaults.items()}
+    schema = {key: Param((type(value),), null=True) for key, value in defaults.items()}
     return check_params({**defaults, **entry}, schema, where)
 
 
@@ -206,15 +222,41 @@ def check_entry(entry: dict, defaults: dict, where: str) -> dict:
 # half-way never leaves a partial file that DVC or the user could take for a good one.
 
 
+TEMP_SUFFIX = ".partial.tmp"  # .<output name>.<pid>-<random>.partial.tmp; .gitignore keeps these out of git
+
+
 def _temp_beside(path: Path) -> Path:
-    """An empty temporary file in path's directory (so the final rename stays on one filesystem)."""
+    """An empty temporary file in path's directory (so the final rename stays on one filesystem).
+
+    Temporaries of the same output left by a killed run (kill -9: no `finally` ran) are removed first,
+    unless the process named in them is still alive (a concurrent writer)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        middle = stale.name[len(path.name) + 2 : -len(".tmp")]
+        pid = middle.split("-", 1)[0]
+        if stale.name.endswith(TEMP_SUFFIX) and not (pid.isdigit() and _alive(int(pid))):
+            stale.unlink(missing_ok=True)
+        elif re.fullmatch(r"[a-z0-9_]{8}", middle) and stale.is_file():  # an earlier version's mkstemp name
+            stale.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions open() would
     return Path(tmp)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process pid runs now (this process's own pid in a name is a stale one's, reused)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextlib.contextmanager

@@ -894,10 +894,16 @@ def write_reports(staging: Path, reports: Path, summary: dict) -> None:
 
 
 def headline_metrics(live_summary: Path, summary: dict) -> dict:
-    """reports/train/metrics.json, what `dvc metrics diff` and `dvc exp show` compare: dvclive's last values
-    (train.loss, eval.loss, ...) and the run's trained tokens/s and wall time; the rest is in summary.json."""
-    metrics = json.loads(live_summary.read_text(encoding="utf-8")) if live_summary.is_file() else {}
-    return {**metrics, "tokens_per_s": summary["tokens_per_s"], "wall_time_s": summary["wall_time_s"]}
+    """reports/train/metrics.json, what `dvc metrics diff` and `dvc exp show` compare: the final train and eval
+    loss (dvclive's last values), the step, the run's trained tokens/s and wall time. The learning rate and the
+    per-interval tokens/s stay in the plots (a metric train.learning_rate would also crowd out the param of
+    that name in `dvc exp show`); everything else is in summary.json."""
+    live = json.loads(live_summary.read_text(encoding="utf-8")) if live_summary.is_file() else {}
+    metrics = {"train": {"loss": summary["final_train_loss"]}}
+    if summary["final_eval_loss"] is not None:
+        metrics["eval"] = {"loss": summary["final_eval_loss"]}
+    return {**metrics, "step": live.get("step", summary["steps"]), "tokens_per_s": summary["tokens_per_s"],
+            "wall_time_s": summary["wall_time_s"]}
 
 
 def save_output(model, tokenizer, resolved: dict, out: Path) -> None:

@@ -2,7 +2,7 @@
 itself cannot run (a GPU machine holding a copy of the working tree but no git history).
 
     python benchmarks/run_stages.py -S train.backend=unsloth -S ingest.sources.0.path=/data/cm.tar.xz \
-        ingest clean split format train evaluate
+        ingest clean split format base train evaluate_base evaluate
 
 Writes the resolved parameters to params.run.yaml (beside params.yaml, or --params-out) and passes
 `--params params.run.yaml` to each stage's command, so the run is what `dvc exp run -S ...` would run.

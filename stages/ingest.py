@@ -52,14 +52,11 @@ import zlib
 from pathlib import Path
 from typing import NamedTuple
 
-from stages.common import PipelineError, atomic_outputs, check_params, get_logger, load_params, run_main, write_json
+from stages.common import ListOf, PipelineError, Str, atomic_outputs, check_entry, check_params, get_logger, load_params, run_main, write_json
 
 log = get_logger("ingest")
 
-DEFAULTS = {
-    "sources": [],
-    "on_misaligned": "error",  # error | skip
-}
+SCHEMA = {"sources": ListOf(dict), "on_misaligned": Str("error", "skip")}  # values and comments: params.yaml
 SOURCE_DEFAULTS = {
     "path": "",
     "format": "niutrans",  # niutrans | tsv | jsonl
@@ -834,7 +831,7 @@ def check_sources(params: dict) -> list[dict]:
         raise PipelineError("params.yaml 'ingest.sources' should be a non-empty list of {path, format, ...}")
     sources = []
     for i, entry in enumerate(params["sources"]):
-        src = check_params(entry, SOURCE_DEFAULTS, f"ingest.sources[{i}]")
+        src = check_entry(entry, SOURCE_DEFAULTS, f"ingest.sources[{i}]")
         if not src["path"]:
             raise PipelineError(f"params.yaml 'ingest.sources[{i}]' has no path")
         if src["format"] not in FORMATS:
@@ -872,7 +869,7 @@ def main(argv=None) -> None:
     parser.add_argument("--params", default=None, help="params.yaml to read instead of DVC's (tests, benchmarks)")
     args = parser.parse_args(argv)
 
-    params = check_params(load_params("ingest", args.params), DEFAULTS, "ingest")
+    params = check_params(load_params("ingest", args.params), SCHEMA, "ingest")
     sources = check_sources(params)
 
     import pyarrow as pa

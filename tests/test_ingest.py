@@ -279,7 +279,7 @@ def test_several_sources_and_name_clash(tmp_path, make_corpus, write_params):
     "ingest_params, message",
     [
         ({"on_misalinged": "skip"}, "did you mean 'on_misaligned'"),
-        ({"on_misaligned": "ignore"}, "should be error or skip"),
+        ({"on_misaligned": "ignore"}, "ingest.on_misaligned must be one of error, skip"),
         ({"sources": [{"path": "x", "format": "csv"}]}, "format' should be one of niutrans, tsv, jsonl"),
         ({"sources": [{"path": "x", "fromat": "tsv"}]}, "did you mean 'format'"),
         ({"sources": [{"path": "does/not/exist"}]}, "does/not/exist: not found"),

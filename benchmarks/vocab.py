@@ -74,7 +74,7 @@ def conversation(classical: str, modern: str) -> list[dict]:
             {"role": "assistant", "content": modern}]
 
 
-def mean_tokens(tokenizer, texts: list[str], batch: int = 8192) -> float:
+def mean_tokens(tokenizer, texts: list[str], batch: int = 4096) -> float:
     total = 0
     for i in range(0, len(texts), batch):
         total += sum(len(ids) for ids in tokenizer(texts[i : i + batch], add_special_tokens=False).input_ids)
@@ -106,6 +106,7 @@ def main(argv=None) -> None:
         extended[p] = copy.deepcopy(tokenizer)
         vocab.extend_tokenizer(extended[p], chosen[p])
     timings["count_choose_extend_s"] = round(time.perf_counter() - t, 1)
+    print("count_choose_extend_s", timings["count_choose_extend_s"], file=sys.stderr, flush=True)
 
     t = time.perf_counter()
     per_cjk = {"base": vocab.tokens_per_cjk_char(tokenizer, texts)}
@@ -114,6 +115,7 @@ def main(argv=None) -> None:
         per_cjk[name] = vocab.tokens_per_cjk_char(extended[p], texts)
         per_char[name] = vocab.tokens_per_char(extended[p], texts)
     timings["tokens_per_char_s"] = round(time.perf_counter() - t, 1)
+    print("tokens_per_char_s", timings["tokens_per_char_s"], file=sys.stderr, flush=True)
 
     t = time.perf_counter()
     parts = chat_template_parts(tokenizer)
@@ -125,6 +127,7 @@ def main(argv=None) -> None:
     for p, name in ((False, "ideographs_only"), (True, "ideographs_and_punctuation")):
         per_example[name] = mean_tokens(extended[p], examples)
     timings["examples_s"] = round(time.perf_counter() - t, 1)
+    print("examples_s", timings["examples_s"], file=sys.stderr, flush=True)
 
     punct = [c for c in chosen[True] if not vocab.IDEOGRAPH_RE.match(c)]
     ideographs_seen = sum(1 for c in counts[True] if vocab.IDEOGRAPH_RE.match(c))

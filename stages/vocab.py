@@ -69,10 +69,11 @@ def _count_tokens(tokenizer, texts, batch: int = 256) -> int:
     newline is its own pre-token and one token in a byte-level BPE; without that, one call per text)."""
     sep_ids = tokenizer("\n", add_special_tokens=False).input_ids
     if len(sep_ids) != 1 or any("\n" in t for t in texts):
-        return sum(len(ids) for ids in tokenizer(list(texts), add_special_tokens=False).input_ids)
+        return sum(len(ids) for i in range(0, len(texts), batch)
+                   for ids in tokenizer(list(texts[i : i + batch]), add_special_tokens=False).input_ids)
     chunks = ["\n".join(texts[i : i + batch]) for i in range(0, len(texts), batch)]
-    encoded = tokenizer(chunks, add_special_tokens=False).input_ids
-    return sum(len(ids) - ids.count(sep_ids[0]) for ids in encoded)
+    return sum(len(ids) - ids.count(sep_ids[0]) for i in range(0, len(chunks), 64)
+               for ids in tokenizer(chunks[i : i + 64], add_special_tokens=False).input_ids)
 
 
 def tokens_per_cjk_char(tokenizer, texts) -> float:
@@ -89,7 +90,9 @@ def tokens_per_char(tokenizer, texts) -> float:
     """Tokens per character of the whole texts (punctuation, digits and Latin included)."""
     texts = list(texts)
     chars = sum(len(t) for t in texts)
-    return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids) / chars if chars else 0.0
+    tokens = sum(len(ids) for i in range(0, len(texts), 4096)
+                 for ids in tokenizer(texts[i : i + 4096], add_special_tokens=False).input_ids)
+    return tokens / chars if chars else 0.0
 
 
 def choose_new_tokens(counts: Counter, tokenizer, min_count: int) -> list[str]:
@@ -225,47 +228,52 @@ def _module_name(model, module) -> str:
     return next(name.rsplit(".", 1)[-1] for name, m in model.named_modules() if m is module)
 
 
-def lora_vocab_kwargs(model, added: list[int], method: str) -> dict:
-    """The LoraConfig arguments that make peft train the new tokens' rows (nothing for method full, which
-    trains everything, or when no token was added).
+def lora_vocab_kwargs(model, added: list[int], method: str, backend: str = "hf") -> dict:
+    """The LoraConfig (hf) or FastLanguageModel.get_peft_model (unsloth) arguments that make the new tokens'
+    rows train; nothing for method full, which trains everything, or when no token was added.
 
-    peft's trainable_token_indices (peft >= 0.15) trains exactly those rows (a delta of len(added) x hidden)
-    and, with tied embeddings, ties the lm_head to them; untied, the lm_head gets its own rows.
-    modules_to_save=[embed_tokens, lm_head] would train and save the whole matrices instead
-    (tests/test_vocab.py measures both)."""
+    hf: peft's trainable_token_indices (peft >= 0.15) trains exactly those rows (a delta of len(added) x hidden)
+    and, with tied embeddings, ties the lm_head to them; untied, the lm_head gets its own rows. Chosen over
+    modules_to_save=[embed_tokens, lm_head], which trains and saves the whole matrices
+    (reports/benchmarks/vocab_peft.json measures both).
+    unsloth: modules_to_save=[embed_tokens, lm_head], what its get_peft_model turns on by itself after
+    add_new_tokens (extend_unsloth); not tested here (no GPU)."""
     if method == "full" or not added:
         return {}
-    embed = _module_name(model, model.get_input_embeddings())
-    indices = {embed: list(added)}
+    embed_module = model.get_input_embeddings()
     head = model.get_output_embeddings()
-    if head is not None and head.weight is not model.get_input_embeddings().weight:
+    untied = head is not None and head.weight is not embed_module.weight
+    if backend == "unsloth":
+        return {"modules_to_save": [_module_name(model, embed_module)] + ([_module_name(model, head)] if head is not None else [])}
+    indices = {_module_name(model, embed_module): list(added)}
+    if untied:
         indices[_module_name(model, head)] = list(added)
     return {"trainable_token_indices": indices}
 
 
 def extend_unsloth(model, tokenizer, new_tokens: list[str]) -> list[int]:
-    """The unsloth (GPU) path: unsloth_zoo's add_new_tokens(model, tokenizer, new_tokens=..., method="mean")
-    adds the tokens, resizes, fixes config.vocab_size, re-ties, and flags the model so that unsloth's
-    get_peft_model trains embed_tokens and lm_head (modules_to_save) itself. Its rows start as the mean of
-    all embeddings; they are then set to the mean of each character's byte pieces, as on the hf path,
-    and the decoder is fixed as extend_tokenizer does. Import unsloth before transformers (train does)."""
+    """The unsloth (GPU) path, before FastLanguageModel.get_peft_model: unsloth's
+    add_new_tokens(model, tokenizer, new_tokens=..., method="mean") adds the tokens, resizes, fixes
+    config.vocab_size, re-ties, and flags the model so that get_peft_model trains embed_tokens and lm_head
+    (modules_to_save). Its new rows are the mean of ALL embeddings (its "interpolation" looks the pieces up
+    after adding, i.e. finds the new token itself), so they are then set to the mean of each character's
+    byte pieces as on the hf path, and the decoder is fixed and checked as extend_tokenizer does.
+    Import unsloth lazily: it raises without a GPU (train imports it before transformers)."""
     if not new_tokens:
         return []
-    from unsloth import add_new_tokens  # lazily: `import unsloth` raises without a GPU
-
-    pieces = piece_ids(tokenizer, new_tokens)
-    add_new_tokens(model, tokenizer, new_tokens=list(new_tokens), method="mean")
-    extend_tokenizer(tokenizer, new_tokens)  # already added: the decoder fix and the round-trip check
-    ids = tokenizer.convert_tokens_to_ids(list(new_tokens))
     import torch
+    from unsloth import add_new_tokens
 
-    head = model.get_output_embeddings()
+    pieces = piece_ids(tokenizer, new_tokens)  # before adding: the base vocabulary's byte pieces
+    add_new_tokens(model, tokenizer, new_tokens=list(new_tokens), method="mean")
+    extend_tokenizer(tokenizer, new_tokens)  # adds nothing now: the decoder fix and the round-trip check
+    ids = tokenizer.convert_tokens_to_ids(list(new_tokens))
     weights = [model.get_input_embeddings().weight]
+    head = model.get_output_embeddings()
     if head is not None and head.weight is not weights[0]:
         weights.append(head.weight)
     with torch.no_grad():
-        for weight in weights:
-            # rows of the byte pieces, read from the resized matrix (they are unchanged there)
-            weight[torch.tensor(ids, device=weight.device)] = torch.stack(
-                [weight[p].float().mean(0) for p in pieces]).to(weight.dtype)
+        for weight in weights:  # the byte pieces' rows are unchanged by the resize
+            index = torch.tensor(ids, device=weight.device)
+            weight[index] = torch.stack([weight[p].float().mean(0) for p in pieces]).to(weight.dtype)
     return ids

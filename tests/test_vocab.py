@@ -150,6 +150,8 @@ def test_round_trip_on_corpus_and_synthetic_text(extended, texts):
     tok, new_tokens, _ = extended
     for text in texts + SYNTHETIC:
         assert tok.decode(tok(text, add_special_tokens=False).input_ids) == text
+    ids = tok(texts[:50], add_special_tokens=False).input_ids
+    assert tok.batch_decode(ids, skip_special_tokens=True) == texts[:50]  # as generation output is decoded
     # the new tokens are used, one id each
     assert len(tok(new_tokens[0], add_special_tokens=False).input_ids) == 1
 
@@ -328,3 +330,30 @@ def test_a_tiny_model_trains_with_the_extended_vocabulary(base, extended, pairs,
     assert not torch.equal(after, before)  # the new rows trained
     if tied:
         assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
+def test_unsloth_gets_modules_to_save(base, extended):
+    """unsloth's get_peft_model trains embed_tokens and lm_head as modules_to_save after add_new_tokens."""
+    tok, new_tokens, _ = extended
+    model = tiny_llama(len(base), True)
+    ids = vocab.extend_embeddings(model, tok, new_tokens, base)
+    assert vocab.lora_vocab_kwargs(model, ids, "lora", backend="unsloth") == {"modules_to_save": ["embed_tokens", "lm_head"]}
+    assert vocab.lora_vocab_kwargs(model, ids, "full", backend="unsloth") == {}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA + unsloth")
+def test_unsloth_extension_starts_rows_as_byte_piece_means(base, extended):
+    import unsloth  # noqa: F401  (before transformers' model classes are used)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, new_tokens, _ = extended
+    tok = copy.deepcopy(base)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(base), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    before = model.get_input_embeddings().weight.detach().clone()
+    ids = vocab.extend_unsloth(model, tok, new_tokens[:50])
+    emb = model.get_input_embeddings().weight
+    for token, i in zip(new_tokens[:50], ids):
+        torch.testing.assert_close(emb[i], before[base(token, add_special_tokens=False).input_ids].mean(0))
+    assert tok.decode(tok("之，" + new_tokens[0], add_special_tokens=False).input_ids) == "之，" + new_tokens[0]

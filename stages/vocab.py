@@ -6,16 +6,16 @@ a character on this corpus. Adding every CJK character seen >= 5 times in the tr
 a character; each new embedding row starts as the mean of the base tokenizer's byte pieces for that
 character, so the model starts from what it already knows of the character.
 
-A library module, used by train (and nothing else needs it: the extended tokenizer is saved beside the
-model, so evaluate, translate and export read the vocabulary back from there). The calls, in train, after
-loading model + tokenizer and before building examples and before get_peft_model:
+A library module, used by train (nothing else needs it: the extended tokenizer is saved beside the model,
+and evaluate, translate and export read the vocabulary back from there and resize the base to it). In train,
+after loading model + tokenizer (and any chat-template tokens), before building examples and get_peft_model:
 
-    new_tokens, stats = vocab.decide(cfg["extend_vocab"], tokenizer, train_texts)   # train texts only
-    if new_tokens:
-        base = copy.deepcopy(tokenizer)                     # the byte pieces come from the base vocabulary
-        vocab.extend_tokenizer(tokenizer, new_tokens)
-        ids = vocab.extend_embeddings(model, tokenizer, new_tokens, base)
-    ... LoraConfig(..., **vocab.lora_vocab_kwargs(model, ids, cfg["method"]))
+    texts = [m["content"] for row in train_rows for m in row["messages"]]     # the train split only
+    new_tokens, stats = vocab.decide(cfg["extend_vocab"], tokenizer, texts)
+    pieces = vocab.piece_ids(tokenizer, new_tokens)      # the base vocabulary's byte pieces, before adding
+    vocab.extend_tokenizer(tokenizer, new_tokens)
+    ids = vocab.extend_embeddings(model, tokenizer, new_tokens, pieces)
+    LoraConfig(..., **vocab.lora_vocab_kwargs(model, template_added + ids, cfg["method"]))
 
 Measured on the whole corpus: benchmarks/vocab.py -> reports/benchmarks/vocab.json.
 """
@@ -106,10 +106,11 @@ def choose_new_tokens(counts: Counter, tokenizer, min_count: int) -> list[str]:
 
 
 def parse_setting(setting) -> int | None:
-    """train.extend_vocab -> the minimum count (None: decide by the tokens per character, 0: no extension)."""
-    if setting == "auto":
+    """train.extend_vocab -> the minimum count (None: decide by the tokens per character, 0: no extension).
+    Unset (None: train's DEFAULTS holds None, as the key takes a string or an int) means auto."""
+    if setting == "auto" or setting is None:
         return None
-    if setting == "none" or setting is None:
+    if setting == "none":
         return 0
     if isinstance(setting, int) and not isinstance(setting, bool) and setting >= 1:
         return setting
@@ -173,6 +174,8 @@ def extend_tokenizer(tokenizer, new_tokens: list[str]) -> int:
     byte symbols as its UTF-8 text, which is what an added CJK character is; the round trip is checked."""
     from tokenizers import AddedToken, decoders
 
+    if not new_tokens:
+        return 0
     added = tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in new_tokens])
     if is_byte_level(tokenizer):
         decoder = json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder") or {}
@@ -200,6 +203,8 @@ def extend_embeddings(model, tokenizer, new_tokens: list[str], base) -> list[int
     adapter, so a padded size would not match there."""
     import torch
 
+    if not new_tokens:
+        return []
     pieces = base if isinstance(base, list) else piece_ids(base, new_tokens)
     ids = tokenizer.convert_tokens_to_ids(list(new_tokens))
     old_rows = model.get_input_embeddings().weight.shape[0]  # resize_token_embeddings rewrites config.vocab_size

@@ -263,6 +263,18 @@ def test_new_rows_start_as_the_mean_of_their_byte_pieces(base, extended, tied):
     assert (head is emb) == tied
 
 
+def test_piece_ids_taken_before_extending_give_the_same_rows(base, extended):
+    """train's order: piece_ids on the base tokenizer, then extend_tokenizer in place, then extend_embeddings."""
+    _, new_tokens, _ = extended
+    tok = copy.deepcopy(base)
+    pieces = vocab.piece_ids(tok, new_tokens)
+    vocab.extend_tokenizer(tok, new_tokens)
+    one, two = tiny_llama(len(base), True), tiny_llama(len(base), True)
+    assert vocab.extend_embeddings(one, tok, new_tokens, pieces) == vocab.extend_embeddings(two, tok, new_tokens, base)
+    assert torch.equal(one.get_input_embeddings().weight, two.get_input_embeddings().weight)
+    assert vocab.extend_tokenizer(tok, []) == 0 and vocab.extend_embeddings(one, tok, [], base) == []
+
+
 @pytest.mark.bad_input
 def test_embeddings_before_the_tokenizer_is_extended_is_an_error(base):
     model = tiny_llama(len(base), True)

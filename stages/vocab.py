@@ -184,7 +184,8 @@ def extend_tokenizer(tokenizer, new_tokens: list[str]) -> int:
     sample = "".join(new_tokens[:2000])
     back = tokenizer.decode(tokenizer(sample, add_special_tokens=False).input_ids)
     if back != sample:
-        bad = next((t for t in new_tokens if tokenizer.decode(tokenizer(t, add_special_tokens=False).input_ids) != t), "?")
+        encoded = tokenizer(list(new_tokens), add_special_tokens=False).input_ids
+        bad = next((t for t, ids in zip(new_tokens, encoded) if tokenizer.decode(ids) != t), "?")
         raise PipelineError(f"the extended tokenizer does not decode its new token {bad!r} back to itself")
     return added
 
@@ -249,7 +250,8 @@ def lora_vocab_kwargs(model, added: list[int], method: str, backend: str = "hf")
     head = model.get_output_embeddings()
     untied = head is not None and head.weight is not embed_module.weight
     if backend == "unsloth":
-        return {"modules_to_save": [_module_name(model, embed_module)] + ([_module_name(model, head)] if head is not None else [])}
+        modules = [embed_module] + ([head] if head is not None else [])
+        return {"modules_to_save": [_module_name(model, m) for m in modules]}
     indices = {_module_name(model, embed_module): list(added)}
     if untied:
         indices[_module_name(model, head)] = list(added)

@@ -207,7 +207,8 @@ def test_reply_mask_stays_exact_with_the_extended_vocabulary(extended, pairs):
         reply = row["messages"][-1]["content"]
         start = text.rindex(reply + eot)
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        expected = [i for i, (a, b) in enumerate(enc.offset_mapping) if start <= a and b <= start + len(reply + eot) and b > a]
+        end = start + len(reply + eot)
+        expected = [i for i, (a, b) in enumerate(enc.offset_mapping) if start <= a and b <= end and b > a]
         trained = (labels != -100).nonzero().flatten().tolist()
         assert trained == expected
         assert torch.equal(labels[trained], ids[trained])
@@ -296,11 +297,14 @@ def test_lora_kwargs_train_the_new_rows(base, extended, tied):
         kwargs = vocab.lora_vocab_kwargs(model, ids, "lora")
         extra = kwargs if option == "indices" else {"modules_to_save": ["embed_tokens", "lm_head"],
                                                    "ensure_weight_tying": tied}
-        peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"], **extra))
+        config = LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"], **extra)
+        peft_model = get_peft_model(model, config)
         counts[option] = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
         if option == "indices":
-            deltas = sum(p.numel() for n, p in peft_model.named_parameters() if "trainable_tokens_delta" in n and p.requires_grad)
-            assert vocab.lora_vocab_kwargs(model, ids, "full") == {} and vocab.lora_vocab_kwargs(model, [], "lora") == {}
+            deltas = sum(p.numel() for n, p in peft_model.named_parameters()
+                         if "trainable_tokens_delta" in n and p.requires_grad)
+            assert vocab.lora_vocab_kwargs(model, ids, "full") == {}
+            assert vocab.lora_vocab_kwargs(model, [], "lora") == {}
     expected = {"embed_tokens": ids} if tied else {"embed_tokens": ids, "lm_head": ids}
     assert kwargs == {"trainable_token_indices": expected}
     assert deltas == len(ids) * 32 * (1 if tied else 2)  # hidden 32
@@ -349,10 +353,12 @@ def test_unsloth_gets_modules_to_save(base, extended):
     tok, new_tokens, _ = extended
     model = tiny_llama(len(base), True)
     ids = vocab.extend_embeddings(model, tok, new_tokens, base)
-    assert vocab.lora_vocab_kwargs(model, ids, "lora", backend="unsloth") == {"modules_to_save": ["embed_tokens", "lm_head"]}
+    expected = {"modules_to_save": ["embed_tokens", "lm_head"]}
+    assert vocab.lora_vocab_kwargs(model, ids, "lora", backend="unsloth") == expected
     assert vocab.lora_vocab_kwargs(model, ids, "full", backend="unsloth") == {}
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA + unsloth")
 def test_unsloth_extension_starts_rows_as_byte_piece_means(base, extended):
     import unsloth  # noqa: F401  (before transformers' model classes are used)

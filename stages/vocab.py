@@ -17,7 +17,12 @@ after loading model + tokenizer (and any chat-template tokens), before building 
     ids = vocab.extend_embeddings(model, tokenizer, new_tokens, pieces)
     LoraConfig(..., **vocab.lora_vocab_kwargs(model, template_added + ids, cfg["method"]))
 
-Measured on the whole corpus: benchmarks/vocab.py -> reports/benchmarks/vocab.json.
+Measured on the whole corpus (585,678 pairs, both sides, min count 5; benchmarks/vocab.py ->
+reports/benchmarks/vocab.json): 7,776 new tokens (7,765 ideographs + 11 punctuation marks); tokens per CJK
+ideograph 2.00 -> 1.00, per character 1.870 -> 1.000 (ideographs only: 1.008); a formatted example
+(system prompt, user template, reply) 156.8 -> 93.0 tokens (ideographs only: 93.4). Punctuation is in
+because it helps a little (0.8% fewer tokens) for 11 tokens; the CJK punctuation already one token
+(，。：“”、) is not added again.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ CJK_IDEOGRAPHS = (
 # and the general punctuation Chinese text uses (“”‘’…—). Spaces (U+3000, U+2000-200F) are left out:
 # whitespace as an added token would take spaces away from the BPE's merges.
 CJK_PUNCTUATION = ((0x3001, 0x303F), (0xFF01, 0xFF65), (0x2010, 0x2027), (0x2030, 0x205E))
-AUTO_MIN_COUNT = 5  # issue 13: characters seen >= 5 times -> ~7,500 tokens on the whole corpus
+AUTO_MIN_COUNT = 5  # issue 13: characters seen >= 5 times -> 7,776 tokens on the whole corpus
 AUTO_THRESHOLD = 1.3  # auto extends when the base tokenizer spends more than this many tokens per CJK character
 
 

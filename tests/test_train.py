@@ -369,3 +369,15 @@ def test_extended_vocabulary_trains_saves_and_translates(tiny_bytes, tmp_path, m
 def test_bad_extend_vocab_is_one_clear_error(tiny, value):
     with pytest.raises(PipelineError, match="extend_vocab"):
         train_stage.resolve_config(tiny_train_params(tiny["model"], extend_vocab=value))
+
+
+def test_parallel_tokenizing_gives_the_serial_examples_in_order(tiny, monkeypatch):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny["model"])
+    data = rows(40)
+    serial, serial_stats = train_stage.build_examples(tokenizer, data, 128, "train")
+    monkeypatch.setattr(train_stage, "PARALLEL_ROWS", 10)
+    monkeypatch.setattr(train_stage.os, "cpu_count", lambda: 3)
+    parallel, parallel_stats = train_stage.build_examples(tokenizer, data, 128, "train")
+    assert parallel == serial and parallel_stats == serial_stats

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -62,7 +63,9 @@ def load_sections(dvc_stage: str, sections: list[str], params_file: str | os.Pat
         if path.exists() and not path.is_file():  # a directory; a FIFO would block
             raise PipelineError(f"{path}: not a regular file; --params takes a params.yaml file")
         try:
-            params = yaml.safe_load(path.read_text(encoding="utf-8"))
+            params = yaml.load(path.read_text(encoding="utf-8"), Loader=unique_key_loader())
+        except DuplicateKey as exc:
+            raise PipelineError(f"{path}:{exc}") from None
         except FileNotFoundError:
             raise PipelineError(f"{path}: parameters file not found") from None
         except UnicodeDecodeError as exc:
@@ -89,6 +92,38 @@ def load_sections(dvc_stage: str, sections: list[str], params_file: str | os.Pat
         else:
             out[section] = params[section]
     return out
+
+
+class DuplicateKey(Exception):
+    """A mapping of params.yaml names a key twice (yaml.safe_load would silently keep the last)."""
+
+
+def unique_key_loader():
+    """A yaml.SafeLoader that refuses a key given twice in one mapping (DVC's ruamel.yaml refuses it too)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        """Also reads 1e-4 as a number, as YAML 1.2 and DVC do (PyYAML's YAML 1.1 reads it as a string)."""
+
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:  # an unhashable key: SafeLoader's own error follows
+                    continue
+                if first is not key_node.start_mark:
+                    raise DuplicateKey(
+                        f"{key_node.start_mark.line + 1}: the key '{key}' is given twice in one mapping (first on line "
+                        f"{first.line + 1}); YAML would silently keep the last one: keep one"
+                    )
+            return super().construct_mapping(node, deep=deep)
+
+    UniqueKeyLoader.add_implicit_resolver(
+        "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+    )
+    return UniqueKeyLoader
 
 
 # What a key may hold. params.yaml holds the values (one source of truth); a stage holds a schema: for each
@@ -124,6 +159,8 @@ class Param:
             return f"should be {self.describe()}, got {type(value).__name__} {value!r}"
         if isinstance(value, float) and not math.isfinite(value):
             return f"must be a finite number, got {value!r}"
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**53 and self.max is None:
+            return f"is out of range ({value}); a count or seed here is well below 2**53"
         if self.min is not None and value < self.min:
             return f"must be >= {_show(self.min)}; got {value!r}"
         if self.max is not None and value > self.max:
@@ -242,7 +279,11 @@ def _temp_beside(path: Path) -> Path:
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions open() would
+    try:  # mkstemp makes 0600: give the file the existing output's permissions, or those open() would
+        mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o666 & ~umask
+    except OSError:
+        mode = 0o666 & ~umask
+    os.chmod(tmp, mode)
     return Path(tmp)
 
 
@@ -384,5 +425,19 @@ def run_main(main, argv=None) -> None:
     try:
         main(argv)
     except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(f"error: {exc}")
         raise SystemExit(1) from None
+
+
+def print_error(message: str) -> None:
+    """One line on stderr whatever it holds: a lone surrogate (a file name or argument that was not UTF-8) or a
+    character the terminal's encoding lacks is written as a backslash escape, never a UnicodeEncodeError."""
+    stream = sys.stderr
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    safe = message.encode(encoding, errors="backslashreplace").decode(encoding, errors="replace")
+    try:
+        stream.write(safe + "\n")
+        stream.flush()
+    except UnicodeError:  # a stream that still refuses it: plain ASCII
+        stream.write(message.encode("ascii", errors="backslashreplace").decode("ascii") + "\n")
+        stream.flush()

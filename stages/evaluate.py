@@ -86,6 +86,8 @@ KNOWN_BASELINES = ("copy", "base")
 def check_evaluate_params(section: dict) -> dict:
     p = check_params(section, SCHEMA, "evaluate")
     unknown = [b for b in p["baselines"] if b not in KNOWN_BASELINES]
+    if len(set(p["baselines"])) != len(p["baselines"]):
+        raise PipelineError(f"evaluate.baselines: {p['baselines']} names one twice; give each once")
     if unknown:
         raise PipelineError(f"evaluate.baselines: unknown {unknown}; choose from {list(KNOWN_BASELINES)}")
     bounds = p["length_buckets"]

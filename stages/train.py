@@ -69,7 +69,7 @@ SCHEMA = {  # values and their comments: params.yaml's train: section
     "lora_r": Int(above=0),
     "lora_alpha": Float(above=0),
     "lora_dropout": Float(min=0, below=1),
-    "target_modules": ListOf(str),
+    "target_modules": ListOf(str),  # not empty; names of the model's modules: check_target_modules
     "lora_bias": Str(*LORA_BIASES),
     "use_rslora": Bool(),
     "gradient_checkpointing": OneOf("auto", "unsloth", True, False),
@@ -80,11 +80,11 @@ SCHEMA = {  # values and their comments: params.yaml's train: section
     "warmup_steps": Int(min=0),
     "max_steps": Int(min=0),
     "epochs": Float(min=0),  # > 0 when max_steps is 0
-    "learning_rate": Float(above=0),
+    "learning_rate": Float(above=0, max=1),
     "lr_scheduler": Str(),  # a transformers SchedulerType: check_trainer_names
     "weight_decay": Float(min=0),
     "optim": Str(),  # auto or a transformers OptimizerNames: check_trainer_names
-    "seed": Int(),
+    "seed": Int(min=0, max=2**32 - 1),  # numpy's range (transformers.set_seed seeds numpy too)
     "logging_steps": Int(above=0),
     "eval_steps": Int(min=0),
     "eval_samples": Int(min=0),
@@ -113,6 +113,9 @@ def resolve_config(section: dict) -> dict:
         raise PipelineError(
             f"train.chat_template '{name}' is unknown; choose one of: {', '.join(modeling.CHAT_TEMPLATES)} (or null)"
         )
+    modules = cfg["target_modules"]
+    if not modules or not all(m.strip() for m in modules) or len(set(modules)) != len(modules):
+        raise PipelineError(f"train.target_modules must be a list of distinct module names (LoRA trains those), got {modules!r}")
     if cfg["max_steps"] == 0 and cfg["epochs"] <= 0:
         raise PipelineError("train.max_steps is 0, so train.epochs must be > 0")
     if cfg["method"] == "qlora":

@@ -153,6 +153,41 @@ def check_trainer_names(cfg: dict) -> None:
         raise PipelineError(f"train.optim '{cfg['optim']}' is unknown; auto or one of: {', '.join(optimizers)}")
 
 
+LORA_LAYERS = ("Linear", "Embedding", "Conv1d", "Conv2d", "Conv1D")  # module classes peft's LoRA wraps
+
+
+def model_modules(spec: str) -> dict[str, str]:
+    """{module name: class name} of train.model, built from its config alone on the meta device (no weights are
+    read: instant). A GGUF is dequantised first (modeling.materialize, cached), as loading it would."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    location = modeling.materialize(spec)
+    try:
+        config = AutoConfig.from_pretrained(location)
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"train.model: cannot read the config of {spec} ({exc})") from None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {name: type(module).__name__ for name, module in model.named_modules() if name}
+
+
+def check_target_modules(cfg: dict, modules: dict[str, str]) -> None:
+    """Each train.target_modules name must match a layer LoRA can wrap, as peft matches a list: the module's full
+    name or its last dotted parts (q_proj, self_attn.q_proj). peft itself fails only when none matches, and
+    trains the others silently otherwise."""
+    if cfg["method"] == "full":
+        return
+    wrappable = [name for name, kind in modules.items() if kind in LORA_LAYERS]
+    unknown = [key for key in cfg["target_modules"] if not any(n == key or n.endswith("." + key) for n in wrappable)]
+    if unknown:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, kind in modules.items() if kind == "Linear"})
+        raise PipelineError(
+            f"train.target_modules: {', '.join(map(repr, unknown))} match(es) no layer of {cfg['model']}; its linear "
+            f"modules are: {', '.join(linear)}"
+        )
+
+
 # ----------------------------------------------------------------------------------------------
 # Several GPUs: torchrun, one process per GPU
 
@@ -840,6 +875,7 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
     out, checkpoints, reports = Path(out), Path(checkpoints), Path(reports)
     backend = modeling.pick_backend(cfg["backend"])  # imports unsloth (if used) before transformers/peft/trl
     check_trainer_names(cfg)
+    check_target_modules(cfg, model_modules(cfg["model"]))  # from the config alone, before data and weights
     import torch
 
     on_gpu = torch.cuda.is_available()

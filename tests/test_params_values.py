@@ -176,3 +176,63 @@ def test_numbers_read_as_dvc_reads_them_and_quoted_numbers_are_strings(tmp_path)
     assert section["learning_rate"] == 1e-4 and section["weight_decay"] == 0.05  # YAML 1.1 would give '1e-4'
     with pytest.raises(PipelineError, match="train.epochs should be float, got str '2'"):
         check_params(shipped("train", epochs=section["epochs"]), train.SCHEMA, "train")
+
+
+# ----------------------------------------------------------------------------------------------
+# train.target_modules against the model's own modules: from its config alone, before any data or weights
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from tiny import byte_tokenizer, tiny_llama
+
+    path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    tokenizer = byte_tokenizer()
+    tiny_llama(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def train_argv(tmp_path, model, **overrides):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"train": shipped("train", model=str(model), backend="hf", **overrides),
+                                      "format": BASE_PARAMS["format"], "clean": BASE_PARAMS["clean"]}, allow_unicode=True),
+                      encoding="utf-8")
+    return ["--train", str(tmp_path / "train.jsonl"), "--out", str(tmp_path / "adapter"), "--checkpoints",
+            str(tmp_path / "ckpt"), "--reports", str(tmp_path / "reports"), "--params", str(params)]
+
+
+@pytest.mark.parametrize("modules, unknown", [
+    (["q_proj", "attn_out"], "'attn_out'"),
+    (["query_key_value"], "'query_key_value'"),  # another architecture's name
+    (["layers"], "'layers'"),  # a module, but not a layer LoRA wraps
+    (["q_proj", "Q_PROJ"], "'Q_PROJ'"),
+])
+def test_target_modules_that_match_no_layer_fail_before_data_and_weights(tmp_path, tiny_model, monkeypatch, modules, unknown):
+    from stages import modeling
+
+    def never(*args, **kwargs):
+        raise AssertionError("read data or loaded a model before checking train.target_modules")
+
+    monkeypatch.setattr(train, "read_rows", never)
+    monkeypatch.setattr(modeling, "load_model", never)
+    with pytest.raises(PipelineError) as err:
+        train.main(train_argv(tmp_path, tiny_model, target_modules=modules))
+    message = str(err.value)
+    assert message.startswith(f"train.target_modules: {unknown} match(es) no layer of {tiny_model}")
+    assert "its linear modules are: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj" in message
+
+
+def test_target_modules_match_as_peft_matches(tiny_model):
+    modules = train.model_modules(str(tiny_model))
+    for names in (["q_proj", "v_proj"], ["self_attn.q_proj"], ["model.layers.0.mlp.down_proj"], ["embed_tokens"]):
+        train.check_target_modules({"method": "lora", "model": "m", "target_modules": names}, modules)
+    train.check_target_modules({"method": "full", "model": "m", "target_modules": ["nothing"]}, modules)  # unused
+
+
+def test_cli_lora_alpha_zero_one_error_line_nothing_written(tmp_path, tiny_model):
+    from test_cli_errors import run_cli
+
+    error = run_cli("train", *train_argv(tmp_path, tiny_model, lora_alpha=0))
+    assert error == "error: params.yaml: train.lora_alpha must be > 0; got 0"
+    assert not [p.name for p in tmp_path.iterdir() if p.name != "params.yaml"]

@@ -262,6 +262,28 @@ def check_entry(entry: dict, defaults: dict, where: str) -> dict:
 TEMP_SUFFIX = ".partial.tmp"  # .<output name>.<pid>-<random>.partial.tmp; .gitignore keeps these out of git
 
 
+def check_output_path(path: str | os.PathLike, *, directory: bool = False) -> None:
+    """An output a stage writes at its end, checked at its start (before minutes or hours of work): not a directory
+    where a file goes (nor a file where a directory goes), not below a regular file, and in a place where this
+    process can create files (a probe file, so that root on a read-only filesystem or under /proc fails too)."""
+    path = Path(path)
+    if directory and path.exists() and not path.is_dir():
+        raise PipelineError(f"{path}: is a file, but this output is a directory; remove or move the file, or give another path")
+    if not directory and path.exists() and not path.is_file():  # a rename would replace /dev/null with a file
+        raise PipelineError(f"{path}: is {file_kind(path.stat().st_mode)}, but this output is a file; give a file name")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent  # missing directories are made when the output is written
+    if not parent.is_dir():
+        raise PipelineError(f"{path}: {parent} is a file, not a directory; give an output path in a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".probe-", suffix=TEMP_SUFFIX, dir=parent)
+    except OSError as exc:
+        raise PipelineError(f"{path}: cannot write in {parent} ({exc.strerror}); give another output path") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def _temp_beside(path: Path) -> Path:
     """An empty temporary file in path's directory (so the final rename stays on one filesystem).
 
@@ -323,8 +345,14 @@ def atomic_outputs(*paths: str | os.PathLike) -> Iterator[list[Path]]:
     temps: list[Path] = []
     try:
         for target in targets:
-            temps.append(_temp_beside(target))
+            try:
+                temps.append(_temp_beside(target))
+            except OSError as exc:  # below a regular file, a read-only place: the stage's check_output_path says so earlier
+                raise PipelineError(f"{target}: cannot write this output ({exc.strerror})") from None
         yield temps
+        for target in targets:  # before any rename: a rename would replace /dev/null with a file
+            if target.exists() and not target.is_file():
+                raise PipelineError(f"{target}: is {file_kind(target.stat().st_mode)}, but this output is a file; give a file name")
         for tmp, target in zip(temps, targets):  # renames only: the outputs change together, at the very end
             os.replace(tmp, target)
     finally:
@@ -369,9 +397,14 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     rows = []
     path = Path(path)
     try:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):  # a directory cannot be read, a FIFO would wait for a writer, a device never end
+            raise PipelineError(f"{path}: not a regular file ({file_kind(mode)}); give the JSONL file")
         f = open(path, "rb")
     except FileNotFoundError:
         raise PipelineError(f"{path}: file not found; check the path, or run the stage that writes it (dvc repro)") from None
+    except OSError as exc:  # a path through a regular file, a link loop, no permission
+        raise PipelineError(f"{path}: cannot open the file ({exc.strerror})") from None
     with f:
         for lineno, raw in enumerate(f, 1):
             try:
@@ -396,6 +429,15 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
                 )
             rows.append(row)
     return rows
+
+
+def file_kind(mode: int) -> str:
+    """'a directory', 'a named pipe', ... for an os.stat mode that is not a regular file's."""
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a regular file"
 
 
 # The row schema between the data stages (parquet): provenance first, then the pair.

@@ -48,6 +48,7 @@ from stages import modeling, text
 from stages.common import (
     PipelineError,
     atomic_outputs,
+    check_output_path,
     Float,
     Int,
     ListOf,
@@ -157,6 +158,7 @@ def base_main(argv=None) -> None:
     parser.add_argument("--out", required=True, type=Path, help="data/evaluate/base_outputs.jsonl")
     parser.add_argument("--params", type=Path, default=None, help="read params.yaml directly instead of through DVC")
     args = parser.parse_args(argv)
+    check_output_path(args.out)  # before the model runs, not after
     names = [f"evaluate.{k}" for k in BASE_KEYS] + ["train.model", "train.chat_template", "train.backend"]
     params = load_sections("evaluate_base", names, args.params)
     p = check_params({k: params["evaluate"][k] for k in BASE_KEYS}, {k: SCHEMA[k] for k in BASE_KEYS}, "evaluate")
@@ -314,6 +316,8 @@ def main(argv=None) -> None:
                         help="data/evaluate/base_outputs.jsonl: the evaluate_base stage's outputs (needed for baseline base)")
     parser.add_argument("--params", type=Path, default=None, help="read params.yaml directly instead of through DVC")
     args = parser.parse_args(argv)
+    for path, directory in ((args.metrics, False), (args.hypotheses, False), (args.out_dir, True)):
+        check_output_path(path, directory=directory)  # before the model runs, not after
 
     p = check_evaluate_params(load_params("evaluate", args.params))
     all_rows = read_jsonl(args.test)

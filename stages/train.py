@@ -47,7 +47,7 @@ from pathlib import Path
 
 from stages import modeling
 from stages.common import (
-    Bool, Float, Int, ListOf, OneOf, PipelineError, Str, check_params, get_logger, load_sections, read_jsonl, replace_dir, run_main, write_json,
+    Bool, Float, Int, ListOf, OneOf, PipelineError, Str, check_output_path, check_params, get_logger, load_sections, read_jsonl, replace_dir, run_main, write_json,
 )
 
 log = get_logger("train")
@@ -971,6 +971,8 @@ def main(argv=None) -> None:
     parser.add_argument("--reports", required=True, help="report directory (reports/train)")
     parser.add_argument("--params", help="read this params.yaml instead of asking DVC (tests, benchmarks)")
     args = parser.parse_args(argv)
+    for path in (args.out, args.checkpoints, args.reports):
+        check_output_path(path, directory=True)  # before training, not after
     params = load_sections("train", ["train", "format", "clean.opencc"], args.params)
     cfg = resolve_config(params["train"])
     prompt = resolve_prompt(params["format"], params["clean"]["opencc"])

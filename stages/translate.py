@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Callable
 
 from stages import modeling, text as text_lib
-from stages.common import PipelineError, get_logger, run_main, write_text
+from stages.common import PipelineError, file_kind, get_logger, run_main, write_text
 
 log = get_logger("translate")
 
@@ -211,14 +211,6 @@ def read_input(text: str | None, input_path: str | None) -> tuple[str, str]:
         return data.decode("utf-8-sig"), name
     except UnicodeDecodeError as exc:
         raise PipelineError(f"{name}: not UTF-8 text ({exc.reason} at byte {exc.start}); convert it first, e.g. iconv -f GBK -t UTF-8") from None
-
-
-def file_kind(mode: int) -> str:
-    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
-        if test(mode):
-            return kind
-    return "not a regular file"
 
 
 def check_input_file(input_path: str) -> None:

@@ -348,6 +348,7 @@ def atomic_outputs(*paths: str | os.PathLike) -> Iterator[list[Path]]:
             try:
                 temps.append(_temp_beside(target))
             except OSError as exc:  # below a regular file, a read-only place: the stage's check_output_path says so earlier
+                check_output_path(target)  # says why, if it can
                 raise PipelineError(f"{target}: cannot write this output ({exc.strerror})") from None
         yield temps
         for target in targets:  # before any rename: a rename would replace /dev/null with a file

@@ -136,7 +136,8 @@ class Param:
 
     kinds: Python types accepted (int is accepted where float is; bool is never an int here);
     choices: the allowed values (any kind); min/max: inclusive bounds; above/below: exclusive bounds;
-    items: the type of each element of a list; null: None accepted."""
+    items: the type of each element of a list; null: None accepted. NaN and infinities are never accepted, nor
+    an int of 2**53 or more in size where no max is given (no count or seed here is that large)."""
 
     kinds: tuple
     choices: tuple = ()

@@ -70,7 +70,7 @@ SCHEMA = {  # values and their comments: params.yaml
     "seed": Int(),
     "batch_size": Int(min=1),
     "num_beams": Int(min=1),
-    "max_new_tokens_factor": Float(above=0),
+    "max_new_tokens_factor": Float(above=0, max=100),  # more would let a sentence that never stops run for hours
     "max_new_tokens_extra": Int(min=0),
     "baselines": ListOf(str),  # of KNOWN_BASELINES
     "bootstrap_resamples": Int(min=0),  # 0 or >= 2

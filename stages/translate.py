@@ -50,6 +50,7 @@ from stages.common import PipelineError, file_kind, get_logger, run_main, write_
 log = get_logger("translate")
 
 DEFAULT_MODEL = "models/adapter"
+MAX_FACTOR = 100.0  # --max-new-tokens-factor: a translation 100 x its source's tokens is no translation
 SENTENCE_END = "。！？；"
 CLAUSE_END = "，、"
 CLOSERS = "”’」』）》〉】〕\"'"  # a closing quote or bracket after the end punctuation stays with the sentence
@@ -328,8 +329,9 @@ def main(argv=None) -> None:
     parser.add_argument("--max-new-tokens-factor", type=float, default=3.0,
                         help="each sentence may produce factor x its own tokens + 16 tokens")
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.max_new_tokens_factor <= 0:
-        raise PipelineError("--batch-size must be >= 1 and --max-new-tokens-factor > 0")
+    if args.batch_size < 1 or not 0 < args.max_new_tokens_factor <= MAX_FACTOR:  # NaN fails this too
+        raise PipelineError(f"--batch-size must be >= 1 and --max-new-tokens-factor in (0, {MAX_FACTOR}]; got "
+                            f"{args.batch_size} and {args.max_new_tokens_factor}")
 
     # 1. what to translate, with what (cheap checks first: no model is loaded before they pass)
     text, source_name = read_input(args.text, args.input)

@@ -110,6 +110,7 @@ RANGES = [
     ("evaluate", "batch_size", 0),
     ("evaluate", "num_beams", 0),
     ("evaluate", "max_new_tokens_factor", 0),
+    ("evaluate", "max_new_tokens_factor", 1e6),  # a sentence that never ends its turn would run for hours
     ("evaluate", "max_new_tokens_extra", -1),
     ("evaluate", "bootstrap_resamples", 1),
     ("evaluate", "bootstrap_resamples", -1),

@@ -242,3 +242,11 @@ def test_cli_input_file_name_not_utf8(tmp_path):
     err = proc.stderr.decode("utf-8")
     assert proc.returncode == 1 and "Traceback" not in err, err
     assert err.rstrip("\n").splitlines()[-1] == f"error: {tmp_path}/\\udcff\\udcfe.txt: input file not found; check the path (or give '-' to read standard input)"
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("flags", [["--max-new-tokens-factor", "nan"], ["--max-new-tokens-factor", "inf"],
+                                   ["--max-new-tokens-factor", "-1"], ["--max-new-tokens-factor", "1e9"],
+                                   ["--batch-size", "0"], ["--batch-size", "-3"]])
+def test_bad_generation_flags_are_one_clear_error(tmp_path, flags):
+    refused(tmp_path, ["学而时习之。", *flags], r"--batch-size must be >= 1 and --max-new-tokens-factor in \(0, 100.0\]")

@@ -167,8 +167,12 @@ def model_modules(spec: str) -> dict[str, str]:
         config = AutoConfig.from_pretrained(location)
     except (OSError, ValueError) as exc:
         raise PipelineError(f"train.model: cannot read the config of {spec} ({exc})") from None
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as exc:  # an architecture that cannot be built this way: loading will tell, peft will check
+        log.warning("could not list the modules of %s from its config (%s); train.target_modules not checked", spec, exc)
+        return {}
     return {name: type(module).__name__ for name, module in model.named_modules() if name}
 
 
@@ -176,7 +180,7 @@ def check_target_modules(cfg: dict, modules: dict[str, str]) -> None:
     """Each train.target_modules name must match a layer LoRA can wrap, as peft matches a list: the module's full
     name or its last dotted parts (q_proj, self_attn.q_proj). peft itself fails only when none matches, and
     trains the others silently otherwise."""
-    if cfg["method"] == "full":
+    if cfg["method"] == "full" or not modules:
         return
     wrappable = [name for name, kind in modules.items() if kind in LORA_LAYERS]
     unknown = [key for key in cfg["target_modules"] if not any(n == key or n.endswith("." + key) for n in wrappable)]

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -62,7 +63,9 @@ def load_sections(dvc_stage: str, sections: list[str], params_file: str | os.Pat
         if path.exists() and not path.is_file():  # a directory; a FIFO would block
             raise PipelineError(f"{path}: not a regular file; --params takes a params.yaml file")
         try:
-            params = yaml.safe_load(path.read_text(encoding="utf-8"))
+            params = yaml.load(path.read_text(encoding="utf-8"), Loader=unique_key_loader())
+        except DuplicateKey as exc:
+            raise PipelineError(f"{path}:{exc}") from None
         except FileNotFoundError:
             raise PipelineError(f"{path}: parameters file not found") from None
         except UnicodeDecodeError as exc:
@@ -91,6 +94,38 @@ def load_sections(dvc_stage: str, sections: list[str], params_file: str | os.Pat
     return out
 
 
+class DuplicateKey(Exception):
+    """A mapping of params.yaml names a key twice (yaml.safe_load would silently keep the last)."""
+
+
+def unique_key_loader():
+    """A yaml.SafeLoader that refuses a key given twice in one mapping (DVC's ruamel.yaml refuses it too)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        """Also reads 1e-4 as a number, as YAML 1.2 and DVC do (PyYAML's YAML 1.1 reads it as a string)."""
+
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:  # an unhashable key: SafeLoader's own error follows
+                    continue
+                if first is not key_node.start_mark:
+                    raise DuplicateKey(
+                        f"{key_node.start_mark.line + 1}: the key '{key}' is given twice in one mapping (first on line "
+                        f"{first.line + 1}); YAML would silently keep the last one: keep one"
+                    )
+            return super().construct_mapping(node, deep=deep)
+
+    UniqueKeyLoader.add_implicit_resolver(
+        "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+    )
+    return UniqueKeyLoader
+
+
 # What a key may hold. params.yaml holds the values (one source of truth); a stage holds a schema: for each
 # key its type and, where it matters, its choices and range. Missing, unknown and misspelled keys are errors.
 
@@ -101,7 +136,8 @@ class Param:
 
     kinds: Python types accepted (int is accepted where float is; bool is never an int here);
     choices: the allowed values (any kind); min/max: inclusive bounds; above/below: exclusive bounds;
-    items: the type of each element of a list; null: None accepted."""
+    items: the type of each element of a list; null: None accepted. NaN and infinities are never accepted, nor
+    an int of 2**53 or more in size where no max is given (no count or seed here is that large)."""
 
     kinds: tuple
     choices: tuple = ()
@@ -124,6 +160,8 @@ class Param:
             return f"should be {self.describe()}, got {type(value).__name__} {value!r}"
         if isinstance(value, float) and not math.isfinite(value):
             return f"must be a finite number, got {value!r}"
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**53 and self.max is None:
+            return f"is out of range ({value}); a count or seed here is well below 2**53"
         if self.min is not None and value < self.min:
             return f"must be >= {_show(self.min)}; got {value!r}"
         if self.max is not None and value > self.max:
@@ -225,6 +263,28 @@ def check_entry(entry: dict, defaults: dict, where: str) -> dict:
 TEMP_SUFFIX = ".partial.tmp"  # .<output name>.<pid>-<random>.partial.tmp; .gitignore keeps these out of git
 
 
+def check_output_path(path: str | os.PathLike, *, directory: bool = False) -> None:
+    """An output a stage writes at its end, checked at its start (before minutes or hours of work): not a directory
+    where a file goes (nor a file where a directory goes), not below a regular file, and in a place where this
+    process can create files (a probe file, so that root on a read-only filesystem or under /proc fails too)."""
+    path = Path(path)
+    if directory and path.exists() and not path.is_dir():
+        raise PipelineError(f"{path}: is a file, but this output is a directory; remove or move the file, or give another path")
+    if not directory and path.exists() and not path.is_file():  # a rename would replace /dev/null with a file
+        raise PipelineError(f"{path}: is {file_kind(path.stat().st_mode)}, but this output is a file; give a file name")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent  # missing directories are made when the output is written
+    if not parent.is_dir():
+        raise PipelineError(f"{path}: {parent} is a file, not a directory; give an output path in a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".probe-", suffix=TEMP_SUFFIX, dir=parent)
+    except OSError as exc:
+        raise PipelineError(f"{path}: cannot write in {parent} ({exc.strerror}); give another output path") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def _temp_beside(path: Path) -> Path:
     """An empty temporary file in path's directory (so the final rename stays on one filesystem).
 
@@ -242,7 +302,11 @@ def _temp_beside(path: Path) -> Path:
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions open() would
+    try:  # mkstemp makes 0600: give the file the existing output's permissions, or those open() would
+        mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o666 & ~umask
+    except OSError:
+        mode = 0o666 & ~umask
+    os.chmod(tmp, mode)
     return Path(tmp)
 
 
@@ -282,8 +346,15 @@ def atomic_outputs(*paths: str | os.PathLike) -> Iterator[list[Path]]:
     temps: list[Path] = []
     try:
         for target in targets:
-            temps.append(_temp_beside(target))
+            try:
+                temps.append(_temp_beside(target))
+            except OSError as exc:  # below a regular file, a read-only place: the stage's check_output_path says so earlier
+                check_output_path(target)  # says why, if it can
+                raise PipelineError(f"{target}: cannot write this output ({exc.strerror})") from None
         yield temps
+        for target in targets:  # before any rename: a rename would replace /dev/null with a file
+            if target.exists() and not target.is_file():
+                raise PipelineError(f"{target}: is {file_kind(target.stat().st_mode)}, but this output is a file; give a file name")
         for tmp, target in zip(temps, targets):  # renames only: the outputs change together, at the very end
             os.replace(tmp, target)
     finally:
@@ -328,9 +399,14 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     rows = []
     path = Path(path)
     try:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):  # a directory cannot be read, a FIFO would wait for a writer, a device never end
+            raise PipelineError(f"{path}: not a regular file ({file_kind(mode)}); give the JSONL file")
         f = open(path, "rb")
     except FileNotFoundError:
         raise PipelineError(f"{path}: file not found; check the path, or run the stage that writes it (dvc repro)") from None
+    except OSError as exc:  # a path through a regular file, a link loop, no permission
+        raise PipelineError(f"{path}: cannot open the file ({exc.strerror})") from None
     with f:
         for lineno, raw in enumerate(f, 1):
             try:
@@ -355,6 +431,15 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
                 )
             rows.append(row)
     return rows
+
+
+def file_kind(mode: int) -> str:
+    """'a directory', 'a named pipe', ... for an os.stat mode that is not a regular file's."""
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a regular file"
 
 
 # The row schema between the data stages (parquet): provenance first, then the pair.
@@ -384,5 +469,19 @@ def run_main(main, argv=None) -> None:
     try:
         main(argv)
     except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(f"error: {exc}")
         raise SystemExit(1) from None
+
+
+def print_error(message: str) -> None:
+    """One line on stderr whatever it holds: a lone surrogate (a file name or argument that was not UTF-8) or a
+    character the terminal's encoding lacks is written as a backslash escape, never a UnicodeEncodeError."""
+    stream = sys.stderr
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    safe = message.encode(encoding, errors="backslashreplace").decode(encoding, errors="replace")
+    try:
+        stream.write(safe + "\n")
+        stream.flush()
+    except UnicodeError:  # a stream that still refuses it: plain ASCII
+        stream.write(message.encode("ascii", errors="backslashreplace").decode("ascii") + "\n")
+        stream.flush()

@@ -48,6 +48,7 @@ from stages import modeling, text
 from stages.common import (
     PipelineError,
     atomic_outputs,
+    check_output_path,
     Float,
     Int,
     ListOf,
@@ -69,7 +70,7 @@ SCHEMA = {  # values and their comments: params.yaml
     "seed": Int(),
     "batch_size": Int(min=1),
     "num_beams": Int(min=1),
-    "max_new_tokens_factor": Float(above=0),
+    "max_new_tokens_factor": Float(above=0, max=100),  # more would let a sentence that never stops run for hours
     "max_new_tokens_extra": Int(min=0),
     "baselines": ListOf(str),  # of KNOWN_BASELINES
     "bootstrap_resamples": Int(min=0),  # 0 or >= 2
@@ -86,6 +87,8 @@ KNOWN_BASELINES = ("copy", "base")
 def check_evaluate_params(section: dict) -> dict:
     p = check_params(section, SCHEMA, "evaluate")
     unknown = [b for b in p["baselines"] if b not in KNOWN_BASELINES]
+    if len(set(p["baselines"])) != len(p["baselines"]):
+        raise PipelineError(f"evaluate.baselines: {p['baselines']} names one twice; give each once")
     if unknown:
         raise PipelineError(f"evaluate.baselines: unknown {unknown}; choose from {list(KNOWN_BASELINES)}")
     bounds = p["length_buckets"]
@@ -155,6 +158,7 @@ def base_main(argv=None) -> None:
     parser.add_argument("--out", required=True, type=Path, help="data/evaluate/base_outputs.jsonl")
     parser.add_argument("--params", type=Path, default=None, help="read params.yaml directly instead of through DVC")
     args = parser.parse_args(argv)
+    check_output_path(args.out)  # before the model runs, not after
     names = [f"evaluate.{k}" for k in BASE_KEYS] + ["train.model", "train.chat_template", "train.backend"]
     params = load_sections("evaluate_base", names, args.params)
     p = check_params({k: params["evaluate"][k] for k in BASE_KEYS}, {k: SCHEMA[k] for k in BASE_KEYS}, "evaluate")
@@ -312,6 +316,8 @@ def main(argv=None) -> None:
                         help="data/evaluate/base_outputs.jsonl: the evaluate_base stage's outputs (needed for baseline base)")
     parser.add_argument("--params", type=Path, default=None, help="read params.yaml directly instead of through DVC")
     args = parser.parse_args(argv)
+    for path, directory in ((args.metrics, False), (args.hypotheses, False), (args.out_dir, True)):
+        check_output_path(path, directory=directory)  # before the model runs, not after
 
     p = check_evaluate_params(load_params("evaluate", args.params))
     all_rows = read_jsonl(args.test)

@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 from stages.common import (
-    Bool, PipelineError, Str, atomic_outputs, check_params, get_logger, load_params, replace_dir, run_main, write_json,
+    Bool, PipelineError, Str, atomic_outputs, check_output_path, check_params, get_logger, load_params, replace_dir, run_main, write_json,
 )
 from stages import modeling
 
@@ -194,6 +194,8 @@ def main(argv=None) -> None:
     parser.add_argument("--report", required=True, type=Path, help="JSON report (reports/export.json)")
     parser.add_argument("--params", type=Path, default=None, help="read this params.yaml instead of asking DVC (tests)")
     args = parser.parse_args(argv)
+    check_output_path(args.out, directory=True)  # before the merge, not after
+    check_output_path(args.report)
 
     p = check_export_params(load_params("export", args.params, dvc_stage=PIPELINE_STAGE))
     trained = modeling.load_trained(args.model, model=False, backend="hf")  # before anything heavy: clear errors

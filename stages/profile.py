@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stages.common import PipelineError, run_main
+from stages.common import DuplicateKey, PipelineError, run_main, unique_key_loader
 
 PROFILES = Path("profiles")
 
@@ -32,7 +32,13 @@ def read_profile(name: str, root: Path = PROFILES) -> dict:
         known = sorted(p.stem for p in root.glob("*.yaml")) if root.is_dir() else []
         raise PipelineError(f"{path}: no such profile (profiles here: {', '.join(known) or 'none'})")
     try:
-        profile = yaml.safe_load(path.read_text(encoding="utf-8"))
+        profile = yaml.load(path.read_text(encoding="utf-8"), Loader=unique_key_loader())  # 1e-4 a number, as DVC reads it
+    except DuplicateKey as exc:
+        raise PipelineError(f"{path}:{exc}") from None
+    except UnicodeDecodeError as exc:
+        raise PipelineError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise PipelineError(f"{path}: cannot read the profile ({exc.strerror})") from None
     except yaml.YAMLError as exc:
         raise PipelineError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(profile, dict) or not profile:

@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stages.common import PipelineError, run_main, write_text
+from stages.common import PipelineError, check_output_path, run_main, write_text
 
 # Metrics in the order a reviewer reads them; any other metric follows in dvc's order.
 FIRST = ["bleu", "bleu_ci95.low", "bleu_ci95.high", "chrf", "n_sentences", "hit_max_new_tokens"]
@@ -188,6 +188,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the Markdown here (default: stdout)")
     parser.add_argument("--repo", type=Path, default=Path("."), help="repository root")
     args = parser.parse_args(argv)
+    if args.out:
+        check_output_path(args.out)
 
     old = resolve_rev(args.old, args.repo)
     new = resolve_rev(args.new, args.repo) if args.new else None

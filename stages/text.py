@@ -78,6 +78,11 @@ def normalise_lines(lines: list[str], converter=None, counts: dict | None = None
     once a line (a line's own newlines were whitespace and become spaces first).
     """
     counts = {} if counts is None else counts
+    if not lines:  # "\n".join of no line would be one empty line
+        for key in ("nfc_lines", "control_chars_removed", "whitespace_chars_removed", "punctuation_made_full_width",
+                    "opencc_lines_changed"):
+            counts[key] = counts.get(key, 0)
+        return []
     lines = [s if s is not None else "" for s in lines]
     n_nfc = 0
     for i, s in enumerate(lines):

@@ -47,7 +47,7 @@ from pathlib import Path
 
 from stages import modeling, vocab
 from stages.common import (
-    Bool, Float, Int, ListOf, OneOf, Param, PipelineError, Str, check_params, get_logger, load_sections, read_jsonl, replace_dir, run_main, write_json,
+    Bool, Float, Int, ListOf, OneOf, Param, PipelineError, Str, check_output_path, check_params, get_logger, load_sections, read_jsonl, replace_dir, run_main, write_json,
 )
 
 log = get_logger("train")
@@ -69,7 +69,7 @@ SCHEMA = {  # values and their comments: params.yaml's train: section
     "lora_r": Int(above=0),
     "lora_alpha": Float(above=0),
     "lora_dropout": Float(min=0, below=1),
-    "target_modules": ListOf(str),
+    "target_modules": ListOf(str),  # not empty; names of the model's modules: check_target_modules
     "lora_bias": Str(*LORA_BIASES),
     "use_rslora": Bool(),
     "gradient_checkpointing": OneOf("auto", "unsloth", True, False),
@@ -80,11 +80,11 @@ SCHEMA = {  # values and their comments: params.yaml's train: section
     "warmup_steps": Int(min=0),
     "max_steps": Int(min=0),
     "epochs": Float(min=0),  # > 0 when max_steps is 0
-    "learning_rate": Float(above=0),
+    "learning_rate": Float(above=0, max=1),
     "lr_scheduler": Str(),  # a transformers SchedulerType: check_trainer_names
     "weight_decay": Float(min=0),
     "optim": Str(),  # auto or a transformers OptimizerNames: check_trainer_names
-    "seed": Int(),
+    "seed": Int(min=0, max=2**32 - 1),  # numpy's range (transformers.set_seed seeds numpy too)
     "logging_steps": Int(above=0),
     "eval_steps": Int(min=0),
     "eval_samples": Int(min=0),
@@ -114,6 +114,9 @@ def resolve_config(section: dict) -> dict:
         raise PipelineError(
             f"train.chat_template '{name}' is unknown; choose one of: {', '.join(modeling.CHAT_TEMPLATES)} (or null)"
         )
+    modules = cfg["target_modules"]
+    if not modules or not all(m.strip() for m in modules) or len(set(modules)) != len(modules):
+        raise PipelineError(f"train.target_modules must be a list of distinct module names (LoRA trains those), got {modules!r}")
     vocab.parse_setting(cfg["extend_vocab"])  # auto | none | a minimum count >= 1
     if cfg["max_steps"] == 0 and cfg["epochs"] <= 0:
         raise PipelineError("train.max_steps is 0, so train.epochs must be > 0")
@@ -150,6 +153,45 @@ def check_trainer_names(cfg: dict) -> None:
     optimizers = [o.value for o in OptimizerNames]
     if cfg["optim"] != "auto" and cfg["optim"] not in optimizers:
         raise PipelineError(f"train.optim '{cfg['optim']}' is unknown; auto or one of: {', '.join(optimizers)}")
+
+
+LORA_LAYERS = ("Linear", "Embedding", "Conv1d", "Conv2d", "Conv1D")  # module classes peft's LoRA wraps
+
+
+def model_modules(spec: str) -> dict[str, str]:
+    """{module name: class name} of train.model, built from its config alone on the meta device (no weights are
+    read: instant). A GGUF is dequantised first (modeling.materialize, cached), as loading it would."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    location = modeling.materialize(spec)
+    try:
+        config = AutoConfig.from_pretrained(location)
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"train.model: cannot read the config of {spec} ({exc})") from None
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as exc:  # an architecture that cannot be built this way: loading will tell, peft will check
+        log.warning("could not list the modules of %s from its config (%s); train.target_modules not checked", spec, exc)
+        return {}
+    return {name: type(module).__name__ for name, module in model.named_modules() if name}
+
+
+def check_target_modules(cfg: dict, modules: dict[str, str]) -> None:
+    """Each train.target_modules name must match a layer LoRA can wrap, as peft matches a list: the module's full
+    name or its last dotted parts (q_proj, self_attn.q_proj). peft itself fails only when none matches, and
+    trains the others silently otherwise."""
+    if cfg["method"] == "full" or not modules:
+        return
+    wrappable = [name for name, kind in modules.items() if kind in LORA_LAYERS]
+    unknown = [key for key in cfg["target_modules"] if not any(n == key or n.endswith("." + key) for n in wrappable)]
+    if unknown:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, kind in modules.items() if kind == "Linear"})
+        raise PipelineError(
+            f"train.target_modules: {', '.join(map(repr, unknown))} match(es) no layer of {cfg['model']}; its linear "
+            f"modules are: {', '.join(linear)}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -903,6 +945,7 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
     out, checkpoints, reports = Path(out), Path(checkpoints), Path(reports)
     backend = modeling.pick_backend(cfg["backend"])  # imports unsloth (if used) before transformers/peft/trl
     check_trainer_names(cfg)
+    check_target_modules(cfg, model_modules(cfg["model"]))  # from the config alone, before data and weights
     import torch
 
     on_gpu = torch.cuda.is_available()
@@ -997,6 +1040,8 @@ def main(argv=None) -> None:
     parser.add_argument("--reports", required=True, help="report directory (reports/train)")
     parser.add_argument("--params", help="read this params.yaml instead of asking DVC (tests, benchmarks)")
     args = parser.parse_args(argv)
+    for path in (args.out, args.checkpoints, args.reports):
+        check_output_path(path, directory=True)  # before training, not after
     params = load_sections("train", ["train", "format", "clean.opencc"], args.params)
     cfg = resolve_config(params["train"])
     prompt = resolve_prompt(params["format"], params["clean"]["opencc"])

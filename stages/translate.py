@@ -22,7 +22,11 @@ In order:
   5. Generation is modeling.generate, as in evaluate: batched longest first, left padding, greedy, stops at the
      end-of-turn token, each output sliced at the padded input length; a tqdm bar on stderr.
   6. The translations of a line's sentences are joined into one output line, so the output has exactly
-     as many lines as the input (an empty line stays empty). Written to stdout or, atomically, to --output.
+     as many lines as the input (empty input, empty output). A piece with nothing to translate (only
+     punctuation or symbols) passes through as it is; so does a line with none (empty, spaces, ……).
+     Written to stdout or, atomically (temporary file + rename, the file's mode kept), to --output; through
+     a symlink to its target; to a device such as /dev/null in place. --output is checked before the model
+     is loaded: never the input file (under any name), a directory, or a place that cannot be written.
 
 Device: CUDA when available (bf16 or fp16; unsloth's inference for a model trained with unsloth), else
 CPU in fp32. Everything is local: no network.
@@ -31,17 +35,22 @@ CPU in fp32. Everything is local: no network.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import re
+import stat
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
 
 from stages import modeling, text as text_lib
-from stages.common import PipelineError, get_logger, run_main, write_text
+from stages.common import PipelineError, file_kind, get_logger, run_main, write_text
 
 log = get_logger("translate")
 
 DEFAULT_MODEL = "models/adapter"
+MAX_FACTOR = 100.0  # --max-new-tokens-factor: a translation 100 x its source's tokens is no translation
 SENTENCE_END = "。！？；"
 CLAUSE_END = "，、"
 CLOSERS = "”’」』）》〉】〕\"'"  # a closing quote or bracket after the end punctuation stays with the sentence
@@ -90,25 +99,46 @@ def fit_sentence(sentence: str, fits: Callable[[str], bool], where: str, limit_h
     return pieces
 
 
+_TEXT = re.compile("[\\w\ue000-\uf8ff]")  # a letter, digit or CJK character (the corpus keeps rare ones in the PUA)
+
+
+def has_text(piece: str) -> bool:
+    """Whether a piece has anything to translate; one of only punctuation, spaces or symbols passes through as it is."""
+    return _TEXT.search(piece) is not None
+
+
 def plan_lines(lines: list[str], fits: Callable[[str], bool], limit_hint: str, source_name: str = "input") -> list[list[str]]:
-    """Per input line, the pieces to translate (sentences, or parts of too-long sentences)."""
+    """Per input line, its pieces (sentences, or parts of too-long sentences); those without text (has_text) are
+    kept, to pass through untranslated."""
     planned = []
     for number, line in enumerate(lines, 1):
         pieces = []
         for sentence in split_sentences(line):
+            if not has_text(sentence):
+                pieces.append(sentence)
+                continue
             pieces.extend(fit_sentence(sentence, fits, f"{source_name} line {number}", limit_hint))
         planned.append(pieces)
     return planned
 
 
-def assemble(planned: list[list[str]], translations: list[str]) -> list[str]:
-    """Join each line's translated pieces (in order, no separator, as Chinese is written): one output
-    line per input line."""
-    assert len(translations) == sum(len(p) for p in planned), "one translation per piece"
+def assemble(planned: list[list[str]], translations: list[str], originals: list[str] | None = None) -> list[str]:
+    """Join each line's pieces (in order, no separator, as Chinese is written): a piece with text is replaced by
+    the next translation, one without stays as it is; one output line per input line. A line with nothing to
+    translate is its original (the input line before normalisation) where originals are given."""
+    assert len(translations) == sum(has_text(p) for pieces in planned for p in pieces), "one translation per piece with text"
     out, k = [], 0
-    for pieces in planned:
-        out.append("".join(translations[k : k + len(pieces)]))
-        k += len(pieces)
+    for n, pieces in enumerate(planned):
+        joined = []
+        for piece in pieces:
+            if has_text(piece):
+                joined.append(translations[k])
+                k += 1
+            else:
+                joined.append(piece)
+        if originals is not None and not any(has_text(p) for p in pieces):
+            joined = [originals[n]]
+        out.append("".join(joined))
     return out
 
 
@@ -150,19 +180,28 @@ def build_prompts(pieces: list[str], fmt: dict, count_tokens: Callable[[list[dic
 # Input and output
 
 
+PIPE_PATHS = ("/dev/stdin", "/dev/fd/", "/proc/self/fd/")  # `--input <(cmd)` names a pipe like these
+
+
 def read_input(text: str | None, input_path: str | None) -> tuple[str, str]:
     """(text, a name for messages): the positional text, the --input file ('-' = stdin), or stdin."""
     if text is not None and input_path is not None:
         raise PipelineError("give the text either as an argument or with --input, not both")
     if text is not None:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # bytes that were not UTF-8 reach argv as lone surrogates
+            raise PipelineError(
+                f"the text argument is not UTF-8 (character {exc.start + 1}); give UTF-8 text, or convert a file "
+                f"with iconv and pass it with --input"
+            ) from None
         return text, "argument"
     if input_path is not None and input_path != "-":
+        check_input_file(input_path)
         try:
             data = Path(input_path).read_bytes()
-        except FileNotFoundError:
-            raise PipelineError(f"{input_path}: input file not found; check the path (or give '-' to read standard input)") from None
-        except IsADirectoryError:
-            raise PipelineError(f"{input_path}: is a directory; give a UTF-8 text file to --input") from None
+        except OSError as exc:  # a file that vanished or cannot be read since the check
+            raise PipelineError(f"{input_path}: cannot read the input file ({exc.strerror})") from None
         name = input_path
     else:
         if input_path is None and sys.stdin.isatty():
@@ -175,14 +214,103 @@ def read_input(text: str | None, input_path: str | None) -> tuple[str, str]:
         raise PipelineError(f"{name}: not UTF-8 text ({exc.reason} at byte {exc.start}); convert it first, e.g. iconv -f GBK -t UTF-8") from None
 
 
-def write_output(lines: list[str], output: str | None) -> None:
-    text = "".join(line + "\n" for line in lines)
+def check_input_file(input_path: str) -> None:
+    """A regular file (or a pipe that `--input <(cmd)` names); anything else is one clear error, before reading:
+    a directory cannot be read, a named pipe would wait for a writer, a device could be endless."""
+    try:
+        mode = os.stat(input_path).st_mode
+    except FileNotFoundError:
+        raise PipelineError(f"{input_path}: input file not found; check the path (or give '-' to read standard input)") from None
+    except OSError as exc:  # a link loop, a path through a regular file, a name too long, no permission
+        raise PipelineError(f"{input_path}: cannot open the input file ({exc.strerror})") from None
+    if stat.S_ISREG(mode) or input_path.startswith(PIPE_PATHS):
+        return
+    raise PipelineError(f"{input_path}: is {file_kind(mode)}; give a UTF-8 text file to --input, or pipe the text "
+                        f"on standard input")
+
+
+@dataclasses.dataclass(frozen=True)
+class Output:
+    """Where translations go: path None = stdout; atomic = a regular file (written beside, then renamed), else
+    a device or pipe written in place (/dev/null stays a device). A symlink's target is written (the link stays)."""
+
+    path: Path | None
+    atomic: bool = True
+
+
+def check_output(output: str | None, input_path: str | None) -> Output:
+    """The --output, checked before any model is loaded: never the input file itself (under any name: another
+    spelling, a symlink, a hard link, stdin redirected from it), never a directory or a path below a regular
+    file, and a place this process can really create files in (a probe file, so root on a read-only place fails too)."""
     if output is None or output == "-":
+        return Output(None)
+    if not output:
+        raise PipelineError("--output is empty; give a file name, or leave it out to write to standard output")
+    path = Path(output)
+    try:
+        st = os.stat(path)  # through a symlink
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:  # a link loop, a path through a regular file, a name too long
+        raise PipelineError(f"{output}: cannot write the output there ({exc.strerror})") from None
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path  # write through a link, keep the link
+    if st is not None:
+        if same_file(st, input_path):
+            shown = "standard input" if input_path in (None, "-") else f"the input file {input_path}"
+            raise PipelineError(f"{output}: is {shown}; writing the translation there would replace the text being "
+                                f"translated. Give another --output")
+        if stat.S_ISREG(st.st_mode):
+            probe_directory(output, target.parent)
+            return Output(target)
+        if stat.S_ISCHR(st.st_mode) or stat.S_ISFIFO(st.st_mode):
+            return Output(target, atomic=False)  # /dev/null, /dev/stdout, a pipe: written in place
+        raise PipelineError(f"{output}: is {file_kind(st.st_mode)}; --output takes a file name (or '-' for standard output)")
+    directory = target.parent
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent  # missing directories are made when the output is written
+    if not directory.is_dir():
+        raise PipelineError(f"{output}: {directory} is a file, not a directory; give an --output in a directory")
+    probe_directory(output, directory)
+    return Output(target)
+
+
+def same_file(st: os.stat_result, input_path: str | None) -> bool:
+    """Whether the output (stat st) is the input: the --input file, or a file standard input is redirected from."""
+    try:
+        if input_path not in (None, "-"):
+            other = os.stat(input_path)
+        else:
+            other = os.fstat(sys.stdin.fileno())
+    except (OSError, AttributeError, ValueError):  # no stdin (closed, replaced by a test)
+        return False
+    return stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == (other.st_dev, other.st_ino)
+
+
+def probe_directory(output: str, directory: Path) -> None:
+    """Create and remove a temporary file in directory: permissions, a read-only filesystem, /proc and /sys all
+    fail here, before the model is loaded, as they would at the end."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".translate-probe-", dir=directory)
+    except OSError as exc:
+        raise PipelineError(f"{output}: cannot write in {directory} ({exc.strerror}); give another --output") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def write_output(lines: list[str], output: Output) -> None:
+    text = "".join(line + "\n" for line in lines)
+    if output.path is None:
         sys.stdout.flush()
         sys.stdout.buffer.write(text.encode("utf-8"))
         sys.stdout.buffer.flush()
+    elif output.atomic:
+        write_text(output.path, text)  # temporary file + rename: never a half-written output; the file's mode kept
     else:
-        write_text(output, text)  # temporary file + rename: never a half-written output
+        try:
+            with open(output.path, "wb") as f:
+                f.write(text.encode("utf-8"))
+        except OSError as exc:
+            raise PipelineError(f"{output.path}: cannot write the output ({exc.strerror})") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,11 +329,13 @@ def main(argv=None) -> None:
     parser.add_argument("--max-new-tokens-factor", type=float, default=3.0,
                         help="each sentence may produce factor x its own tokens + 16 tokens")
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.max_new_tokens_factor <= 0:
-        raise PipelineError("--batch-size must be >= 1 and --max-new-tokens-factor > 0")
+    if args.batch_size < 1 or not 0 < args.max_new_tokens_factor <= MAX_FACTOR:  # NaN fails this too
+        raise PipelineError(f"--batch-size must be >= 1 and --max-new-tokens-factor in (0, {MAX_FACTOR}]; got "
+                            f"{args.batch_size} and {args.max_new_tokens_factor}")
 
     # 1. what to translate, with what (cheap checks first: no model is loaded before they pass)
     text, source_name = read_input(args.text, args.input)
+    output = check_output(args.output, args.input if args.text is None else "")
     model_dir = args.model
     if not model_dir.is_dir():
         raise PipelineError(
@@ -216,7 +346,8 @@ def main(argv=None) -> None:
     cfg, tokenizer = trained.config, trained.tokenizer
     fmt, opencc = trained.prompt["format"], trained.prompt["opencc"]  # what the model was trained with
     converter = text_lib.make_converter(opencc)
-    lines = text_lib.normalise_lines(split_input_lines(text), converter)
+    originals = split_input_lines(text)
+    lines = text_lib.normalise_lines(originals, converter)
 
     def count_tokens(messages: list[dict]) -> int:  # as generate tokenizes a prompt
         return len(modeling.prompt_ids(tokenizer, [messages])[0])
@@ -228,14 +359,14 @@ def main(argv=None) -> None:
     )
     limit_hint = f"max_seq_length {max_tokens} tokens ({model_dir}/training_config.json)"
     planned = plan_lines(lines, fits, limit_hint, source_name)
-    pieces = [p for line_pieces in planned for p in line_pieces]
+    pieces = [p for line_pieces in planned for p in line_pieces if has_text(p)]
     split_up = sum(len(line_pieces) > len(split_sentences(line)) for line, line_pieces in zip(lines, planned))
     log.info(
         "%d line(s), %d piece(s) to translate%s; prompt from %s/training_config.json",
         len(lines), len(pieces), f" ({split_up} line(s) with a sentence split at ，、 to fit)" if split_up else "", model_dir,
     )
     if not pieces:
-        write_output(lines, args.output)  # nothing but empty lines: no model needed
+        write_output(assemble(planned, [], originals), output)  # nothing to translate: no model needed
         return
 
     # 3. generate
@@ -249,13 +380,13 @@ def main(argv=None) -> None:
     )
     translations = text_lib.normalise_lines(raw, converter)  # one line each, the training targets' script
     if any(hit_limit):
-        piece_line = [n for n, line_pieces in enumerate(planned, 1) for _ in line_pieces]
+        piece_line = [n for n, line_pieces in enumerate(planned, 1) for p in line_pieces if has_text(p)]
         cut = sorted({piece_line[i] for i, hit in enumerate(hit_limit) if hit})
         log.warning(
             "%d translation(s) reached the token budget without ending, so may be cut short (%s line(s) %s); "
             "raise --max-new-tokens-factor", sum(hit_limit), source_name, ", ".join(map(str, cut[:20])),
         )
-    write_output(assemble(planned, translations), args.output)
+    write_output(assemble(planned, translations, originals), output)
     if args.output:
         log.info("wrote %d line(s) to %s", len(lines), args.output)
 

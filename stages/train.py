@@ -36,16 +36,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import resource
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from stages import modeling
+from stages import distributed, modeling
+from stages.distributed import barrier, pin_one_gpu, summed, world
 from stages.common import (
     Bool, Float, Int, ListOf, OneOf, PipelineError, Str, check_params, get_logger, load_sections, read_jsonl, replace_dir, run_main, write_json,
 )
@@ -148,86 +147,6 @@ def check_trainer_names(cfg: dict) -> None:
     optimizers = [o.value for o in OptimizerNames]
     if cfg["optim"] != "auto" and cfg["optim"] not in optimizers:
         raise PipelineError(f"train.optim '{cfg['optim']}' is unknown; auto or one of: {', '.join(optimizers)}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Several GPUs: torchrun, one process per GPU
-
-
-def world() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) in a plain process."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def launch_command(num_processes: int, argv: list[str]) -> list[str]:
-    """This stage again under torchrun (torch.distributed.run), same arguments, one process per GPU."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_processes}",
-            "-m", "stages.train", *argv]
-
-
-def launch_distributed(cfg: dict, argv: list[str]) -> int:
-    """train.num_gpus > 1 in a plain process: check the GPUs are there, then hand over to torchrun."""
-    import torch
-
-    wanted, visible = cfg["num_gpus"], torch.cuda.device_count()
-    if visible < wanted:
-        raise PipelineError(
-            f"train.num_gpus is {wanted} but {visible} CUDA GPU(s) are visible"
-            f"{' (CUDA_VISIBLE_DEVICES=' + os.environ['CUDA_VISIBLE_DEVICES'] + ')' if 'CUDA_VISIBLE_DEVICES' in os.environ else ''}; "
-            f"set train.num_gpus to at most {max(visible, 1)}"
-        )
-    modeling.materialize(cfg["model"])  # a GGUF is dequantised once here, not by every process at once
-    cmd = launch_command(wanted, argv)
-    log.info("train.num_gpus=%d: launching %s", wanted, " ".join(cmd[1:]))
-    return subprocess.run(cmd).returncode
-
-
-def pin_one_gpu() -> None:
-    """train.num_gpus 1 on a machine with several GPUs: make only the first visible one visible. Otherwise
-    transformers' Trainer wraps the model in nn.DataParallel over all of them, which trl refuses (seen on a
-    2 x H100 machine). Must run before CUDA is initialised; a run under torchrun is left alone."""
-    if world()[2] > 1:
-        return
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    first = visible.split(",")[0].strip() if visible is not None else "0"
-    if visible != first:
-        os.environ["CUDA_VISIBLE_DEVICES"] = first
-        log.info("train.num_gpus is 1: training on GPU %s only (CUDA_VISIBLE_DEVICES=%s)", first, first)
-
-
-def barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def init_distributed(on_gpu: bool) -> None:
-    """The process group, before anything rank 0 must do first (accelerate reuses an initialised one)."""
-    import torch
-    import torch.distributed as dist
-
-    rank, local_rank, size = world()
-    if size == 1 or dist.is_initialized():
-        return
-    if on_gpu:
-        torch.cuda.set_device(local_rank)  # "cuda" now means this process's GPU
-    dist.init_process_group(backend="nccl" if on_gpu else "gloo")
-    if rank != 0:
-        log.setLevel("WARNING")  # one log, from rank 0
-
-
-def summed(value: int) -> int:
-    """A count summed over all processes (itself in a plain process)."""
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return int(value)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    t = torch.tensor([int(value)], dtype=torch.long, device=device)
-    dist.all_reduce(t)
-    return int(t.item())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -840,7 +759,7 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
     import torch
 
     on_gpu = torch.cuda.is_available()
-    init_distributed(on_gpu)
+    distributed.init_distributed(on_gpu, quiet=[log])
     train_rows, valid_rows = read_rows(cfg, train_path, valid_path)
     resume_from = resume_point(cfg, checkpoints)
 
@@ -935,18 +854,15 @@ def main(argv=None) -> None:
     params = load_sections("train", ["train", "format", "clean.opencc"], args.params)
     cfg = resolve_config(params["train"])
     prompt = resolve_prompt(params["format"], params["clean"]["opencc"])
-    if cfg["num_gpus"] > 1 and world()[2] == 1:
-        code = launch_distributed(cfg, sys.argv[1:] if argv is None else list(argv))
-        if code:
-            raise PipelineError(f"the {cfg['num_gpus']}-process torchrun run failed (exit {code}); its log is above")
+    if cfg["num_gpus"] > 1 and world()[2] == 1:  # relaunch under torchrun, one process per GPU
+        distributed.check_gpus("train.num_gpus", cfg["num_gpus"])
+        modeling.materialize(cfg["model"])  # a GGUF is dequantised once here, not by every process at once
+        distributed.launch("stages.train", "train.num_gpus", cfg["num_gpus"], sys.argv[1:] if argv is None else list(argv))
         return
     if cfg["num_gpus"] == 1:
         pin_one_gpu()
     train(cfg, args.train, args.valid, args.out, args.checkpoints, args.reports, prompt=prompt)
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    distributed.finish()
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import sys
 import pytest
 import yaml
 
+from stages import distributed
 from stages import train as train_stage
 from stages.common import PipelineError
 from conftest import shipped
@@ -22,7 +23,7 @@ from test_train import PROMPT, REPO, run, tiny, tiny_train_params  # noqa: F401 
 
 
 def test_launch_command_is_torchrun_with_the_same_arguments():
-    cmd = train_stage.launch_command(4, ["--train", "t.jsonl", "--out", "models/adapter"])
+    cmd = distributed.launch_command("stages.train", 4, ["--train", "t.jsonl", "--out", "models/adapter"])
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert "--standalone" in cmd and "--nproc_per_node=4" in cmd
     assert cmd[-6:] == ["-m", "stages.train", "--train", "t.jsonl", "--out", "models/adapter"]
@@ -55,7 +56,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tiny, tmp_path)
             "--params", str(base / "params.yaml")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     # exactly the command train.num_gpus=2 launches on a machine with two GPUs
-    proc = subprocess.run(train_stage.launch_command(2, argv), cwd=REPO, env=env, capture_output=True, text=True,
+    proc = subprocess.run(distributed.launch_command("stages.train", 2, argv), cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     two = json.loads((base / "reports" / "summary.json").read_text())
@@ -87,12 +88,12 @@ def test_one_gpu_runs_see_one_gpu(monkeypatch, visible, expected):
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     else:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
-    train_stage.pin_one_gpu()
+    distributed.pin_one_gpu()
     assert os.environ["CUDA_VISIBLE_DEVICES"] == expected
 
 
 def test_a_torchrun_worker_keeps_its_gpus(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
-    train_stage.pin_one_gpu()
+    distributed.pin_one_gpu()
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import shutil
@@ -50,10 +51,10 @@ import sys
 import time
 from pathlib import Path
 
-from stages import distributed, modeling
+from stages import distributed, modeling, vocab
 from stages.distributed import barrier, pin_one_gpu, summed, world
 from stages.common import (
-    Bool, Float, Int, ListOf, OneOf, PipelineError, Str, check_params, get_logger, load_sections, read_jsonl, replace_dir, run_main, write_json,
+    Bool, Float, Int, ListOf, OneOf, Param, PipelineError, Str, check_params, get_logger, load_sections, read_jsonl, replace_dir, run_main, write_json,
 )
 
 log = get_logger("train")
@@ -99,12 +100,13 @@ SCHEMA = {  # values and their comments: params.yaml's train: section
     "resume": Bool(),
     "num_gpus": Int(above=0),
     "fsdp": Bool(),  # shard the model over the num_gpus processes: check_fsdp
+    "extend_vocab": Param((str, int)),  # auto | none | a minimum count: vocab.parse_setting (resolve_config)
 }
 # Keys that define what a checkpoint is; train.resume refuses a checkpoint made with other values.
 RUN_IDENTITY = (
     "model", "chat_template", "method", "load_in_4bit", "lora_r", "lora_alpha", "lora_dropout", "target_modules",
     "lora_bias", "use_rslora", "max_seq_length", "max_train_samples", "batch_tokens", "batch_size",
-    "gradient_accumulation_steps", "seed",
+    "gradient_accumulation_steps", "seed", "extend_vocab",
 )
 
 
@@ -120,6 +122,7 @@ def resolve_config(section: dict) -> dict:
         raise PipelineError(
             f"train.chat_template '{name}' is unknown; choose one of: {', '.join(modeling.CHAT_TEMPLATES)} (or null)"
         )
+    vocab.parse_setting(cfg["extend_vocab"])  # auto | none | a minimum count >= 1
     if cfg["max_steps"] == 0 and cfg["epochs"] <= 0:
         raise PipelineError("train.max_steps is 0, so train.epochs must be > 0")
     if cfg["method"] == "qlora":
@@ -262,6 +265,39 @@ def tokenize_conversations(tokenizer, conversations: list[list[dict]], eot_id: i
     return out
 
 
+PARALLEL_ROWS = 20_000  # rows per process at least before tokenizing goes parallel (the whole corpus: 543k rows)
+_WORKER: tuple = ()  # (tokenizer, eot_id) for the forked tokenizing processes
+
+
+def _tokenize_chunk(chunk):
+    conversations, names = chunk
+    tokenizer, eot_id = _WORKER
+    return tokenize_conversations(tokenizer, conversations, eot_id, names)
+
+
+def tokenize_in_parallel(tokenizer, conversations: list[list[dict]], eot_id: int, names: list[str]):
+    """tokenize_conversations over contiguous chunks in forked processes (one per CPU core, at least
+    PARALLEL_ROWS rows each), results in the input order: rendering the chat template is Python (Jinja), and
+    one process takes minutes for the whole corpus, which on a lent GPU is minutes of GPU time."""
+    processes = min(os.cpu_count() or 1, len(conversations) // PARALLEL_ROWS)
+    if processes < 2 or "fork" not in __import__("multiprocessing").get_all_start_methods():
+        return tokenize_conversations(tokenizer, conversations, eot_id, names)
+    import multiprocessing
+
+    global _WORKER
+    _WORKER = (tokenizer, eot_id)
+    size = -(-len(conversations) // processes)
+    chunks = [(conversations[i : i + size], names[i : i + size]) for i in range(0, len(conversations), size)]
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process; the processes are the parallelism
+    try:
+        with multiprocessing.get_context("fork").Pool(processes) as pool:
+            parts = pool.map(_tokenize_chunk, chunks)
+    finally:
+        _WORKER = ()
+    log.info("tokenized %d conversations in %d processes", len(conversations), processes)
+    return [item for part in parts for item in part]
+
+
 def build_examples(tokenizer, rows: list[dict], max_seq_length: int, source: str) -> tuple[list[dict], dict]:
     """Tokenized examples {input_ids, completion_mask} truncated to max_seq_length; an example left with
     no completion token after truncation is dropped (and counted), never kept with no loss."""
@@ -269,7 +305,7 @@ def build_examples(tokenizer, rows: list[dict], max_seq_length: int, source: str
         check_messages(row.get("messages"), f"{source}:{i + 1} (id {row.get('id', '?')})")
     eot_id = modeling.end_of_turn_id(tokenizer)
     names = [f"{source} id {row.get('id', i)}" for i, row in enumerate(rows)]
-    tokenized = tokenize_conversations(tokenizer, [row["messages"] for row in rows], eot_id, names)
+    tokenized = tokenize_in_parallel(tokenizer, [row["messages"] for row in rows], eot_id, names)
     examples, dropped, truncated = [], 0, 0
     for ids, mask, _ in tokenized:
         if len(ids) > max_seq_length:
@@ -346,8 +382,9 @@ def lora_kwargs(cfg: dict) -> dict:
     )
 
 
-def load_unsloth(cfg: dict, dtype):
-    """unsloth's FastLanguageModel: fused kernels, "unsloth" gradient checkpointing, 4-bit via bitsandbytes."""
+def load_unsloth(cfg: dict, dtype, texts: list[str]):
+    """unsloth's FastLanguageModel: fused kernels, "unsloth" gradient checkpointing, 4-bit via bitsandbytes;
+    the vocabulary extended from `texts` (train.extend_vocab) before LoRA wraps the model."""
     from unsloth import FastLanguageModel
 
     gc = cfg["gradient_checkpointing"]
@@ -373,16 +410,18 @@ def load_unsloth(cfg: dict, dtype):
         modeling.apply_chat_template_override(tokenizer, None)  # raises: no template and none named
     if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
         modeling._fix_special_tokens(tokenizer)
+    new_ids, vocab_stats = extend_vocabulary(cfg, model, tokenizer, texts, "unsloth")
     if cfg["method"] != "full":
         model = FastLanguageModel.get_peft_model(
             model, **lora_kwargs(cfg), use_gradient_checkpointing=gc, random_state=cfg["seed"],
-            max_seq_length=cfg["max_seq_length"],
+            max_seq_length=cfg["max_seq_length"], **vocab.lora_vocab_kwargs(model, new_ids, cfg["method"], "unsloth"),
         )
-    return model, tokenizer, {"gradient_checkpointing": gc, "added_tokens": []}
+    return model, tokenizer, {"gradient_checkpointing": gc, "added_tokens": [], "vocab": vocab_stats}
 
 
-def load_hf(cfg: dict, dtype, on_gpu: bool):
-    """transformers + peft: the CPU path, and the GPU baseline of benchmarks/train_backends.py."""
+def load_hf(cfg: dict, dtype, on_gpu: bool, texts: list[str]):
+    """transformers + peft: the CPU path, and the GPU baseline of benchmarks/train_backends.py; the vocabulary
+    extended from `texts` (train.extend_vocab) before LoRA wraps the model."""
     import torch
 
     tokenizer = modeling.load_tokenizer(cfg["model"])  # the model's own template, eos = end of turn, a pad token
@@ -415,18 +454,38 @@ def load_hf(cfg: dict, dtype, on_gpu: bool):
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.eos_token_id = tokenizer.eos_token_id
+    new_ids, vocab_stats = extend_vocabulary(cfg, model, tokenizer, texts, "hf")
     if cfg["method"] != "full":
         from peft import LoraConfig, get_peft_model
         from transformers import set_seed
 
         set_seed(cfg["seed"])  # LoRA's A matrices start random: seed them, or two runs differ from step 1
 
-        extra = {}
-        if added:  # the new template tokens start as the mean embedding: let LoRA train those rows
-            extra["trainable_token_indices"] = {"embed_tokens": added}
+        # new rows (template tokens, whole characters) start untrained: LoRA trains exactly those rows too
+        extra = vocab.lora_vocab_kwargs(model, added + new_ids, cfg["method"])
         peft_config = LoraConfig(task_type="CAUSAL_LM", **lora_kwargs(cfg), **extra)
         model = get_peft_model(model, peft_config)
-    return model, tokenizer, {"gradient_checkpointing": gc, "added_tokens": added}
+    return model, tokenizer, {"gradient_checkpointing": gc, "added_tokens": added + new_ids, "vocab": vocab_stats}
+
+
+def extend_vocabulary(cfg: dict, model, tokenizer, texts: list[str], backend: str) -> tuple[list[int], dict]:
+    """train.extend_vocab: the training texts' frequent CJK characters become whole tokens (stages/vocab.py),
+    each new embedding row the mean of its byte pieces; (new ids, stats for training_config and the summary).
+    The extended tokenizer is saved with the model, so evaluate, translate and export load exactly it."""
+    new_tokens, stats = vocab.decide(cfg["extend_vocab"], tokenizer, texts)
+    if not new_tokens:
+        return [], stats
+    if backend == "unsloth" and cfg["method"] != "full":  # unsloth's add_new_tokens flags embed/lm_head to train
+        return vocab.extend_unsloth(model, tokenizer, new_tokens), stats
+    pieces = vocab.piece_ids(tokenizer, new_tokens)  # the base vocabulary's byte pieces, before adding
+    vocab.extend_tokenizer(tokenizer, new_tokens)
+    return vocab.extend_embeddings(model, tokenizer, new_tokens, pieces), stats
+
+
+def training_texts(rows: list[dict]) -> list[str]:
+    """Every message of the training rows, each distinct text once (the system prompt is in every row)."""
+    return list(dict.fromkeys(m["content"] for row in rows for m in row["messages"] if isinstance(m, dict)
+                              and isinstance(m.get("content"), str)))
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -681,6 +740,7 @@ def build_trainer(model, tokenizer, train_examples, valid_examples, cfg: dict, *
         packing=False,
         train_sampling_strategy="random" if padding_free else "group_by_length",
         ddp_find_unused_parameters=False if world()[2] > 1 and not cfg["fsdp"] else None,  # LoRA: the frozen base has no grads
+        dataset_num_proc=min(os.cpu_count() or 1, 16) if len(train_examples) >= 2 * PARALLEL_ROWS else None,
     )
     trainer = make_trainer_class(SFTTrainer)(
         model=model,
@@ -717,11 +777,13 @@ def resume_point(cfg: dict, checkpoints: Path) -> str | None:
     return resume_from
 
 
-def load_model_and_tokenizer(cfg: dict, backend: str, dtype, on_gpu: bool):
-    """(model ready to train (LoRA wrapped unless method full), tokenizer, what loading decided)."""
+def load_model_and_tokenizer(cfg: dict, backend: str, dtype, on_gpu: bool, train_rows: list[dict]):
+    """(model ready to train (vocabulary extended from the train rows if so set, LoRA wrapped unless method
+    full), tokenizer, what loading decided)."""
+    texts = training_texts(train_rows)  # the train split only: never a character seen only in valid or test
     if backend == "unsloth":
-        return load_unsloth(cfg, dtype)
-    return load_hf(cfg, dtype, on_gpu)
+        return load_unsloth(cfg, dtype, texts)
+    return load_hf(cfg, dtype, on_gpu, texts)
 
 
 def build_datasets(tokenizer, cfg: dict, train_rows, valid_rows, train_path, valid_path):
@@ -780,6 +842,7 @@ def resolved_config(cfg: dict, prompt: dict, backend: str, dtype, plan: dict, lo
         "rows_per_batch": plan["rows"] * plan["processes"], "processes": plan["processes"],
         "base_model_path": modeling.materialize(cfg["model"]), "vocab_size": len(tokenizer),
         "added_tokens": loaded["added_tokens"], "end_of_turn_token": modeling.end_of_turn_token(tokenizer),
+        "extend_vocab": loaded["vocab"],  # what train.extend_vocab decided: tokens added, tokens per character
         "saved": "model" if cfg["method"] == "full" else "adapter",
         "prompt": prompt,  # what evaluate, translate and export build their prompts from
     }
@@ -811,6 +874,10 @@ def run_summary(cfg: dict, resolved: dict, plan: dict, run: dict, trainer, stats
         "valid_examples": valid_stats["examples"] if valid_stats else 0,
         "rows_per_batch": resolved["rows_per_batch"],
         "mean_example_tokens": round(plan["mean_length"], 1),
+        "extend_vocab": cfg["extend_vocab"],
+        "added_tokens": resolved["extend_vocab"]["added"],
+        "tokens_per_cjk_char": [resolved["extend_vocab"].get("tokens_per_cjk_char_before"),
+                                resolved["extend_vocab"].get("tokens_per_cjk_char_after")],
         "padding_free": plan["padding_free"],
         "gradient_checkpointing": resolved["gradient_checkpointing"],
         "tokens_seen": tokens_seen,
@@ -845,8 +912,7 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
     resume_from = resume_point(cfg, checkpoints)
 
     dtype = resolve_dtype(cfg, backend)
-    model, tokenizer, loaded = load_model_and_tokenizer(cfg, backend, dtype, on_gpu)
-    # (a step that changes the tokenizer, e.g. extending the vocabulary, goes here: before the examples)
+    model, tokenizer, loaded = load_model_and_tokenizer(cfg, backend, dtype, on_gpu, train_rows)
     train_examples, train_stats, valid_examples, valid_stats = build_datasets(
         tokenizer, cfg, train_rows, valid_rows, train_path, valid_path)
     plan = batch_plan(cfg, backend, model, train_examples, dtype, on_gpu)

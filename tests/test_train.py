@@ -19,7 +19,7 @@ from stages import modeling
 from stages import train as train_stage
 from stages.common import PipelineError
 from conftest import shipped
-from tiny import bpe_tokenizer, tiny_llama
+from tiny import bpe_tokenizer, byte_tokenizer, tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 PAIRS = [
@@ -314,3 +314,70 @@ def test_first_losses_are_pinned(tiny, tmp_path, method):
                                 prompt=prompt)
     losses = [h["loss"] for h in summary["history"] if "loss" in h]
     assert losses == pytest.approx(PINNED_LOSSES[method], rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tiny_bytes(tmp_path_factory):
+    """The tiny data with a byte-level tokenizer without merges (~3 tokens a Chinese character, like a small
+    English model's BPE): train.extend_vocab auto extends it."""
+    root = tmp_path_factory.mktemp("tiny-bytes")
+    tok = byte_tokenizer()
+    model_dir = root / "tiny-llama"
+    tiny_llama(tok, max_position_embeddings=512).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    data = root / "format"
+    data.mkdir()
+    for name, n in (("train", 48), ("valid", 8)):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows(n)), encoding="utf-8")
+    return {"model": str(model_dir), "train": data / "train.jsonl", "valid": data / "valid.jsonl"}
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_extended_vocabulary_trains_saves_and_translates(tiny_bytes, tmp_path, method):
+    """extend_vocab auto on a tokenizer spending ~3 tokens a character: the train split's characters become
+    tokens, the examples shrink, the model trains (LoRA trains the new rows), and the saved model + tokenizer
+    load back through modeling.load_trained and translate with text that round-trips."""
+    none, _ = run(tiny_bytes, tmp_path, name="none", method=method, extend_vocab="none", max_seq_length=512,
+                  eval_steps=0, save_steps=0)
+    summary, paths = run(tiny_bytes, tmp_path, name="auto", method=method, extend_vocab="auto", max_seq_length=512,
+                         eval_steps=0, save_steps=0)
+    assert none["added_tokens"] == 0 and summary["extend_vocab"] == "auto"
+    characters = {c for r in rows(48) for m in r["messages"] for c in m["content"] if "\u4e00" <= c <= "\u9fff"}
+    assert 0 < summary["added_tokens"] <= len(characters) + 20
+    before, after = summary["tokens_per_cjk_char"]  # characters seen < 5 times stay byte pieces
+    assert before > 2.5 and after < before - 0.5
+    assert summary["mean_example_tokens"] < none["mean_example_tokens"] * 0.8
+    assert math.isfinite(summary["final_train_loss"])
+    cfg = json.loads((paths["out"] / "training_config.json").read_text())
+    assert cfg["extend_vocab"]["added"] == summary["added_tokens"] and cfg["vocab_size"] == len(byte_tokenizer()) + summary["added_tokens"]
+    trained = modeling.load_trained(paths["out"], backend="hf", device="cpu", dtype=torch.float32)
+    assert len(trained.tokenizer) == cfg["vocab_size"]
+    text = "子曰：学而时习之，不亦说乎？ABC 123"
+    assert trained.tokenizer.decode(trained.tokenizer(text, add_special_tokens=False).input_ids) == text
+    if method == "lora":  # the new rows were trained: they moved from their byte-piece means
+        embed = trained.model.get_input_embeddings().weight
+        base = modeling.load_model(tiny_bytes["model"]).get_input_embeddings().weight
+        assert embed.shape[0] == cfg["vocab_size"] and base.shape[0] < embed.shape[0]
+    sources = [r["source"] for r in rows(2)]
+    prompts = [modeling.build_messages(s, None, [], trained.prompt["format"]) for s in sources]
+    texts, _ = modeling.generate(trained.model, trained.tokenizer, prompts, sources, batch_size=2, factor=1.0, extra=4)
+    assert len(texts) == 2 and all("\ufffd" not in t for t in texts)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("value", ["some", 0, -3, 2.5, True, None])
+def test_bad_extend_vocab_is_one_clear_error(tiny, value):
+    with pytest.raises(PipelineError, match="extend_vocab"):
+        train_stage.resolve_config(tiny_train_params(tiny["model"], extend_vocab=value))
+
+
+def test_parallel_tokenizing_gives_the_serial_examples_in_order(tiny, monkeypatch):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny["model"])
+    data = rows(40)
+    serial, serial_stats = train_stage.build_examples(tokenizer, data, 128, "train")
+    monkeypatch.setattr(train_stage, "PARALLEL_ROWS", 10)
+    monkeypatch.setattr(train_stage.os, "cpu_count", lambda: 3)
+    parallel, parallel_stats = train_stage.build_examples(tokenizer, data, 128, "train")
+    assert parallel == serial and parallel_stats == serial_stats

@@ -187,6 +187,16 @@ def check_fsdp(cfg: dict) -> None:
                             f"{' with load_in_4bit' if cfg['load_in_4bit'] else ''}")
 
 
+def check_fsdp_tokens(cfg: dict, added) -> None:
+    """FSDP2 cannot shard peft's trainable_token_indices (the rows of tokens added by train.extend_vocab or a
+    chat template, tied to lm_head): seen failing in fully_shard on torch 2.13 + peft 0.21. Full fine-tuning
+    trains those rows as part of the embeddings and shards fine."""
+    if cfg["fsdp"] and cfg["method"] == "lora" and added:
+        raise PipelineError(f"train.fsdp with method lora cannot shard the {len(added) if isinstance(added, list) else added} "
+                            f"added tokens' embedding rows (peft trainable_token_indices); set train.extend_vocab: none "
+                            f"(and no train.chat_template that adds tokens), or method full")
+
+
 def fsdp_arguments(cfg: dict, model, gradient_checkpointing: bool) -> dict:
     """The Trainer's fsdp/fsdp_config for train.fsdp: FSDP2, one unit per decoder layer (the model's own
     _no_split_modules), a full state dict for saving; activation checkpointing done by FSDP itself."""
@@ -913,6 +923,7 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
 
     dtype = resolve_dtype(cfg, backend)
     model, tokenizer, loaded = load_model_and_tokenizer(cfg, backend, dtype, on_gpu, train_rows)
+    check_fsdp_tokens(cfg, loaded["added_tokens"])
     train_examples, train_stats, valid_examples, valid_stats = build_datasets(
         tokenizer, cfg, train_rows, valid_rows, train_path, valid_path)
     plan = batch_plan(cfg, backend, model, train_examples, dtype, on_gpu)

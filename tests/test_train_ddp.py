@@ -19,7 +19,7 @@ from stages import distributed
 from stages import train as train_stage
 from stages.common import PipelineError
 from conftest import shipped
-from test_train import PROMPT, REPO, run, tiny, tiny_train_params  # noqa: F401  (tiny: the module-scoped fixture)
+from test_train import PROMPT, REPO, run, tiny, tiny_bytes, tiny_train_params  # noqa: F401  (tiny*: module-scoped fixtures)
 
 
 def test_launch_command_is_torchrun_with_the_same_arguments():
@@ -126,7 +126,7 @@ def run_two(tiny, base, **params) -> tuple[dict, subprocess.CompletedProcess]:  
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(distributed.launch_command("stages.train", 2, argv), cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, "\n".join(line for line in proc.stderr.splitlines() if "rank1]" in line)[-6000:]
     return json.loads((base / "reports" / "summary.json").read_text()), proc
 
 
@@ -176,3 +176,32 @@ def test_fsdp_over_two_processes_trains_like_ddp_and_one_and_saves_one_model(tin
         assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)  # B starts at zero
         trained = modeling.load_trained(saved, backend="hf")
         assert trained.is_adapter and trained.model is not None
+
+
+def test_fsdp_with_an_extended_vocabulary_saves_a_model_that_loads(tiny_bytes, tmp_path):  # noqa: F811
+    """train.extend_vocab adds the train split's characters as tokens (full: resized embeddings); sharded, the
+    saved model holds them and loads back through modeling.load_trained."""
+    from stages import modeling
+
+    summary, _ = run_two(tiny_bytes, tmp_path / "fsdp", fsdp=True, method="full", extend_vocab="auto",
+                         max_seq_length=512, max_steps=2, eval_steps=0, save_steps=0)
+    assert summary["fsdp"] is True and summary["added_tokens"] > 0
+    trained = modeling.load_trained(tmp_path / "fsdp" / "adapter", backend="hf")
+    assert trained.model.get_input_embeddings().num_embeddings == len(trained.tokenizer)
+
+
+@pytest.mark.bad_input
+def test_fsdp_lora_with_added_tokens_is_one_clear_error(tiny_bytes, tmp_path):  # noqa: F811
+    base = tmp_path / "lora"
+    base.mkdir()
+    params = tiny_train_params(tiny_bytes["model"], num_gpus=2, fsdp=True, method="lora", extend_vocab="auto",
+                               max_seq_length=512, max_steps=2, eval_steps=0, save_steps=0)
+    (base / "params.yaml").write_text(yaml.safe_dump({"train": params, **PROMPT}, allow_unicode=True), encoding="utf-8")
+    argv = ["--train", str(tiny_bytes["train"]), "--valid", str(tiny_bytes["valid"]), "--out", str(base / "adapter"),
+            "--checkpoints", str(base / "checkpoints"), "--reports", str(base / "reports"), "--params", str(base / "params.yaml")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(distributed.launch_command("stages.train", 2, argv), cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "error: train.fsdp with method lora cannot shard the" in proc.stderr
+    assert "set train.extend_vocab: none" in proc.stderr

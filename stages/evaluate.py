@@ -31,6 +31,13 @@ Generation is stages/modeling.py's generate(): batched with left padding, greedy
 evaluate.num_beams > 1, stops at the end-of-turn token, each sentence cut at its own budget
 (max_new_tokens = factor x source tokens + extra); on CPU greedy decoding runs modeling.greedy_batch
 (reports/benchmarks/generation.md).
+
+Several GPUs (evaluate.num_gpus > 1, both stages): the command starts itself again under torchrun, one
+process per GPU (stages/distributed.py, as train.num_gpus does); each process generates every
+num_gpus-th batch of the length-sorted sentences, the outputs are gathered in their original order and
+rank 0 alone scores and writes, so the reports are byte for byte those of one process
+(tests/test_evaluate_ddp.py: two gloo processes on CPU). `torchrun --nproc_per_node N -m stages.evaluate ...`
+by hand works too.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ import sys
 import time
 from pathlib import Path
 
-from stages import modeling, text
+from stages import distributed, modeling, text
 from stages.common import (
     PipelineError,
     atomic_outputs,
@@ -76,6 +83,7 @@ SCHEMA = {  # values and their comments: params.yaml
     "bootstrap_resamples": Int(min=0),  # 0 or >= 2
     "length_buckets": ListOf(int),  # increasing
     "num_examples": Int(min=0),
+    "num_gpus": Int(above=0),  # > 1: generation sharded over that many GPUs (torchrun); metrics as with 1
 }
 KNOWN_BASELINES = ("copy", "base")
 
@@ -137,11 +145,40 @@ def postprocess(texts: list[str], opencc_config: str | None) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Several GPUs (evaluate.num_gpus): the same command under torchrun, one process per GPU; each generates its
+# shard (modeling.generate's `shard`: whole batches of the length-sorted sentences, dealt out in turn), the
+# outputs are gathered in their original order (distributed.gather_shards) and rank 0 alone scores and writes,
+# so the reports are those of one process.
+
+
+def relaunched(num_gpus: int, argv: list[str]) -> bool:
+    """evaluate.num_gpus > 1 in a plain process: run this same command under torchrun (True: it is done).
+    Under torchrun (launched so, or by hand): join the process group and go on with whatever world size."""
+    if num_gpus > 1 and distributed.world()[2] == 1:
+        distributed.launch("stages.evaluate", "evaluate.num_gpus", num_gpus, argv)
+        return True
+    import torch
+
+    distributed.init_distributed(torch.cuda.is_available(), quiet=[log, modeling.log])
+    return False
+
+
+def generate_sharded(model, tokenizer, prompts, sources, **gen) -> tuple[list[str], list[bool]]:
+    """modeling.generate over all processes: this one's shard, then everyone's outputs in prompt order."""
+    rank, _, processes = distributed.world()
+    raw, hit = modeling.generate(model, tokenizer, prompts, sources, shard=(rank, processes), **gen)
+    raw, hit = distributed.gather_shards(raw, hit)
+    distributed.finish()  # what follows is rank 0's alone
+    return raw, hit
+
+
+# ----------------------------------------------------------------------------------------------
 # The base baseline (stage evaluate_base): its outputs depend on the base model, the test sample, the prompt
 # and the generation settings, never on the fine-tuned model, so they are a stage of their own that DVC
 # skips (or restores from its run cache) while only train.* params change.
 
-BASE_KEYS = ("num_samples", "seed", "num_beams", "max_new_tokens_factor", "max_new_tokens_extra", "baselines", "batch_size")
+BASE_KEYS = ("num_samples", "seed", "num_beams", "max_new_tokens_factor", "max_new_tokens_extra", "baselines", "batch_size",
+             "num_gpus")
 
 
 def base_tokenizer(model: str, chat_template: str | None):
@@ -163,6 +200,8 @@ def base_main(argv=None) -> None:
     params = load_sections("evaluate_base", names, args.params)
     p = check_params({k: params["evaluate"][k] for k in BASE_KEYS}, {k: SCHEMA[k] for k in BASE_KEYS}, "evaluate")
     train = params["train"]
+    if "base" in p["baselines"] and relaunched(p["num_gpus"], ["base", *(sys.argv[2:] if argv is None else argv)]):
+        return
     if not (args.base / "base.json").is_file():
         raise PipelineError(f"{args.base}/base.json: not found; run the base stage first (dvc repro base)")
     rows = select_rows(read_jsonl(args.test), p["num_samples"], p["seed"]) if "base" in p["baselines"] else []
@@ -173,13 +212,15 @@ def base_main(argv=None) -> None:
         tokenizer = base_tokenizer(train["model"], train["chat_template"])
         model = modeling.load_base({"model": train["model"]}, tokenizer, backend)
         started = time.perf_counter()
-        raw, hit = modeling.generate(
+        raw, hit = generate_sharded(
             model, tokenizer, [r["messages"][:-1] for r in rows], [r["source"] for r in rows], desc="base",
             batch_size=p["batch_size"], num_beams=p["num_beams"], factor=p["max_new_tokens_factor"],
             extra=p["max_new_tokens_extra"], eos_token_ids=modeling.end_of_turn_ids(tokenizer),
         )
         log.info("base: %d sentences in %.0f s", len(rows), time.perf_counter() - started)
         out_rows = [{"id": r.get("id"), "output": text_, "hit_limit": h} for r, text_, h in zip(rows, raw, hit)]
+    if not distributed.is_main():
+        return
     write_jsonl(args.out, out_rows)  # raw outputs: evaluate gives them the references' normalisation
     log.info("wrote %d base outputs to %s", len(out_rows), args.out)
 
@@ -320,6 +361,8 @@ def main(argv=None) -> None:
         check_output_path(path, directory=directory)  # before the model runs, not after
 
     p = check_evaluate_params(load_params("evaluate", args.params))
+    if relaunched(p["num_gpus"], argv):
+        return
     all_rows = read_jsonl(args.test)
     check_rows(all_rows, args.test)
     rows = select_rows(all_rows, p["num_samples"], p["seed"])
@@ -348,7 +391,9 @@ def main(argv=None) -> None:
     log.info("model: %s (%s on %s, backend %s)", args.model, "LoRA adapter" if trained.is_adapter else "full model",
              cfg["model"], backend)
     started = time.perf_counter()
-    raw, hit = modeling.generate(model, tokenizer, prompts, sources, desc="fine-tuned", **gen)
+    raw, hit = generate_sharded(model, tokenizer, prompts, sources, desc="fine-tuned", **gen)
+    if not distributed.is_main():
+        return
     log.info("fine-tuned: %d sentences in %.0f s", len(rows), time.perf_counter() - started)
     systems["model"], limits["model"] = postprocess(raw, opencc), sum(hit)
     if base_raw is not None:

@@ -457,7 +457,7 @@ def load_trained_model(trained: Trained, device=None, dtype=None, merge: bool = 
 
             model, _ = FastLanguageModel.from_pretrained(
                 model_name=str(model_dir), max_seq_length=cfg.get("max_seq_length") or 2048, dtype=None,
-                load_in_4bit=bool(cfg.get("load_in_4bit", False)),
+                load_in_4bit=bool(cfg.get("load_in_4bit", False)), **own_gpu(),
             )
             FastLanguageModel.for_inference(model)
             return model
@@ -495,7 +495,7 @@ def load_base(cfg: dict, tokenizer, backend: str):
 
             model, _ = FastLanguageModel.from_pretrained(
                 model_name=materialize(cfg["model"]), max_seq_length=cfg.get("max_seq_length") or 2048,
-                dtype=None, load_in_4bit=False,
+                dtype=None, load_in_4bit=False, **own_gpu(),
             )
             FastLanguageModel.for_inference(model)
             return model
@@ -506,6 +506,13 @@ def load_base(cfg: dict, tokenizer, backend: str):
     if len(tokenizer) > base.get_input_embeddings().num_embeddings:
         base.resize_token_embeddings(len(tokenizer))
     return base.eval()
+
+
+def own_gpu() -> dict:
+    """unsloth's loading argument under torchrun (evaluate.num_gpus > 1): each process on its own GPU."""
+    from stages.distributed import world
+
+    return {"device_map": {"": world()[1]}} if world()[2] > 1 else {}
 
 
 def device_and_dtype():
@@ -534,6 +541,7 @@ def generate(
     eos_token_ids: list[int] | None = None,
     desc: str = "generate",
     loop: str = "auto",
+    shard: tuple[int, int] = (0, 1),
 ) -> tuple[list[str], list[bool]]:
     """Translate each prompt; returns (texts, hit_limit) in the order of `prompts`.
 
@@ -543,7 +551,13 @@ def generate(
     its budget without ending its turn.
 
     loop: "own" = greedy_batch below (greedy only), "hf" = transformers' generate(), "auto" = own for
-    greedy decoding on CPU, hf otherwise (beam search; GPU, where unsloth patches generation)."""
+    greedy decoding on CPU, hf otherwise (beam search; GPU, where unsloth patches generation).
+
+    shard=(rank, processes) (evaluate.num_gpus): this process runs only batches rank, rank + processes, ...
+    of the length-sorted batches, the others' places come back None (distributed.gather_shards fills them).
+    Whole batches, cut as one process cuts them, with the shared prefix of all prompts: every sentence is
+    computed with the same padded batch as in a one-process run, and the longest batches go one to each
+    process, so the shards take about as long as each other."""
     import torch
     from tqdm.auto import tqdm
 
@@ -558,12 +572,13 @@ def generate(
         loop = "own" if num_beams == 1 and device.type == "cpu" else "hf"
     if loop == "own" and num_beams != 1:
         raise PipelineError("the own generation loop is greedy only; use loop='hf' for beam search")
+    rank, processes = shard
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)][rank::processes]
     outputs: list[str | None] = [None] * len(prompts)
-    hit_limit = [False] * len(prompts)
-    with torch.inference_mode(), tqdm(total=len(prompts), desc=desc, unit="sent") as bar:
-        prefix = shared_prefix(model, input_ids) if loop == "own" else None
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
+    hit_limit: list[bool | None] = [None] * len(prompts)
+    with torch.inference_mode(), tqdm(total=sum(map(len, batches)), desc=desc, unit="sent") as bar:
+        prefix = shared_prefix(model, input_ids) if loop == "own" and batches else None
+        for batch in batches:
             if loop == "own":
                 new_tokens = greedy_batch(model, [input_ids[i] for i in batch], [budgets[i] for i in batch],
                                           eos, pad_id, prefix)
@@ -587,9 +602,8 @@ def generate(
             for row, i in enumerate(batch):
                 tokens = new_tokens[row][: budgets[i]]
                 end = next((k for k, t in enumerate(tokens) if t in eos), None)
-                if end is None:
-                    hit_limit[i] = True
-                else:
+                hit_limit[i] = end is None
+                if end is not None:
                     tokens = tokens[:end]
                 text = tokenizer.decode(tokens, skip_special_tokens=True)
                 # a cut in the middle of a character's byte-level tokens decodes to U+FFFD

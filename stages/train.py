@@ -30,6 +30,13 @@ docs describe: one model per process on cuda:LOCAL_RANK). The batch stays global
 batch_size are what one optimizer step sees over all GPUs, split evenly, so num_gpus changes the speed,
 not the run. Only rank 0 writes reports/, the adapter and checkpoints' bookkeeping. Launched by hand
 (`torchrun --nproc_per_node N -m stages.train ...`) the stage uses whatever world size torchrun gives it.
+The launch helpers live in stages/distributed.py (evaluate shards its generation with them).
+
+A model too big for one GPU with its batch (train.fsdp: true, with num_gpus > 1, hf backend, method full or
+lora): the same processes shard its weights, gradients and optimizer state (FSDP2 through the Trainer's
+fsdp/fsdp_config, one unit per decoder layer) instead of each holding a copy; rank 0 saves the whole model
+gathered from the shards. tests/test_train_ddp.py runs it over two gloo processes on CPU: the same losses and
+weights as DDP.
 """
 
 from __future__ import annotations
@@ -40,12 +47,12 @@ import os
 import platform
 import resource
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from stages import modeling, vocab
+from stages import distributed, modeling, vocab
+from stages.distributed import barrier, pin_one_gpu, summed, world
 from stages.common import (
     Bool, Float, Int, ListOf, OneOf, Param, PipelineError, Str, check_output_path, check_params, get_logger, load_sections, read_jsonl, replace_dir, run_main, write_json,
 )
@@ -92,6 +99,7 @@ SCHEMA = {  # values and their comments: params.yaml's train: section
     "save_total_limit": Int(min=0),
     "resume": Bool(),
     "num_gpus": Int(above=0),
+    "fsdp": Bool(),  # shard the model over the num_gpus processes: check_fsdp
     "extend_vocab": Param((str, int)),  # auto | none | a minimum count: vocab.parse_setting (resolve_config)
 }
 # Keys that define what a checkpoint is; train.resume refuses a checkpoint made with other values.
@@ -126,6 +134,7 @@ def resolve_config(section: dict) -> dict:
         raise PipelineError("train.method full cannot train a 4-bit base; set load_in_4bit: false (or method qlora)")
     if cfg["resume"] and cfg["save_steps"] == 0:
         raise PipelineError("train.resume needs checkpoints: set train.save_steps > 0")
+    check_fsdp(cfg)
     modeling.resolve_model(cfg["model"])  # a missing file or directory fails here, before any loading
     return cfg
 
@@ -195,83 +204,84 @@ def check_target_modules(cfg: dict, modules: dict[str, str]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Several GPUs: torchrun, one process per GPU
+# Sharded training (train.fsdp): a model whose weights, gradients and optimizer state do not fit on one GPU
+#
+# What the engines offer: transformers' Trainer (so trl's SFTTrainer) takes `fsdp` + `fsdp_config` and hands
+# them to accelerate, which wraps the model in PyTorch's FSDP2 (`fully_shard`, one unit per decoder layer):
+# parameters, gradients and optimizer state are split over the processes and each layer is gathered only
+# while it computes. That fits this stage as it is (torchrun already starts one process per GPU), so
+# train.fsdp is that switch. unsloth has no FSDP (its multi-GPU mode is DDP, a whole model per GPU), and a
+# 4-bit base (qlora) is bitsandbytes' format, which this path does not shard. DeepSpeed ZeRO-3 would do the
+# same job through another package and config file; FSDP2 ships with torch.
 
 
-def world() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) in a plain process."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def launch_command(num_processes: int, argv: list[str]) -> list[str]:
-    """This stage again under torchrun (torch.distributed.run), same arguments, one process per GPU."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_processes}",
-            "-m", "stages.train", *argv]
-
-
-def launch_distributed(cfg: dict, argv: list[str]) -> int:
-    """train.num_gpus > 1 in a plain process: check the GPUs are there, then hand over to torchrun."""
-    import torch
-
-    wanted, visible = cfg["num_gpus"], torch.cuda.device_count()
-    if visible < wanted:
-        raise PipelineError(
-            f"train.num_gpus is {wanted} but {visible} CUDA GPU(s) are visible"
-            f"{' (CUDA_VISIBLE_DEVICES=' + os.environ['CUDA_VISIBLE_DEVICES'] + ')' if 'CUDA_VISIBLE_DEVICES' in os.environ else ''}; "
-            f"set train.num_gpus to at most {max(visible, 1)}"
-        )
-    modeling.materialize(cfg["model"])  # a GGUF is dequantised once here, not by every process at once
-    cmd = launch_command(wanted, argv)
-    log.info("train.num_gpus=%d: launching %s", wanted, " ".join(cmd[1:]))
-    return subprocess.run(cmd).returncode
-
-
-def pin_one_gpu() -> None:
-    """train.num_gpus 1 on a machine with several GPUs: make only the first visible one visible. Otherwise
-    transformers' Trainer wraps the model in nn.DataParallel over all of them, which trl refuses (seen on a
-    2 x H100 machine). Must run before CUDA is initialised; a run under torchrun is left alone."""
-    if world()[2] > 1:
+def check_fsdp(cfg: dict) -> None:
+    """train.fsdp needs several processes, the hf backend and a 16/32-bit model (method full or lora)."""
+    if not cfg["fsdp"]:
         return
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    first = visible.split(",")[0].strip() if visible is not None else "0"
-    if visible != first:
-        os.environ["CUDA_VISIBLE_DEVICES"] = first
-        log.info("train.num_gpus is 1: training on GPU %s only (CUDA_VISIBLE_DEVICES=%s)", first, first)
+    if cfg["num_gpus"] < 2:
+        raise PipelineError("train.fsdp shards the model over several GPUs: set train.num_gpus > 1 (or fsdp: false)")
+    if cfg["backend"] == "unsloth":
+        raise PipelineError("train.fsdp: unsloth does not support FSDP (its multi-GPU mode is DDP); "
+                            "set train.backend: hf (or auto, which means hf with fsdp)")
+    if cfg["method"] not in ("full", "lora") or cfg["load_in_4bit"]:
+        raise PipelineError(f"train.fsdp shards 16/32-bit weights: method full or lora, not {cfg['method']}"
+                            f"{' with load_in_4bit' if cfg['load_in_4bit'] else ''}")
 
 
-def barrier() -> None:
-    import torch.distributed as dist
+def check_fsdp_tokens(cfg: dict, added) -> None:
+    """FSDP2 cannot shard peft's trainable_token_indices (the rows of tokens added by train.extend_vocab or a
+    chat template, tied to lm_head): seen failing in fully_shard on torch 2.13 + peft 0.21. Full fine-tuning
+    trains those rows as part of the embeddings and shards fine."""
+    if cfg["fsdp"] and cfg["method"] == "lora" and added:
+        raise PipelineError(f"train.fsdp with method lora cannot shard the {len(added) if isinstance(added, list) else added} "
+                            f"added tokens' embedding rows (peft trainable_token_indices); set train.extend_vocab: none "
+                            f"(and no train.chat_template that adds tokens), or method full")
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+
+def fsdp_arguments(cfg: dict, model, gradient_checkpointing: bool) -> dict:
+    """The Trainer's fsdp/fsdp_config for train.fsdp: FSDP2, one unit per decoder layer (the model's own
+    _no_split_modules), a full state dict for saving; activation checkpointing done by FSDP itself."""
+    if not cfg["fsdp"]:
+        return {"gradient_checkpointing": gradient_checkpointing}
+    layers = sorted(set(getattr(getattr(model, "get_base_model", lambda: model)(), "_no_split_modules", None) or []))
+    if not layers:
+        raise PipelineError(f"train.fsdp: {type(model).__name__} names no decoder layer class (_no_split_modules) to shard by")
+    config = {"version": 2, "transformer_layer_cls_to_wrap": layers, "state_dict_type": "FULL_STATE_DICT",
+              "reshard_after_forward": True, "activation_checkpointing": gradient_checkpointing}
+    return {"fsdp": True, "fsdp_config": config, "gradient_checkpointing": False}
 
 
-def init_distributed(on_gpu: bool) -> None:
-    """The process group, before anything rank 0 must do first (accelerate reuses an initialised one)."""
-    import torch
-    import torch.distributed as dist
+def allow_fsdp_on_cpu() -> None:
+    """accelerate turns FSDP on only for accelerators and silently runs DDP for CPU processes; FSDP2 itself
+    runs on CPU over gloo (how the tests run train.fsdp without a GPU), so let it through there."""
+    import accelerate.state
+    from accelerate.utils import DistributedType
 
-    rank, local_rank, size = world()
-    if size == 1 or dist.is_initialized():
+    state = accelerate.state.AcceleratorState
+    if getattr(state.__init__, "fsdp_on_cpu", False):
         return
-    if on_gpu:
-        torch.cuda.set_device(local_rank)  # "cuda" now means this process's GPU
-    dist.init_process_group(backend="nccl" if on_gpu else "gloo")
-    if rank != 0:
-        log.setLevel("WARNING")  # one log, from rank 0
+    original = state.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, fsdp_plugin
+
+    init.fsdp_on_cpu = True
+    state.__init__ = init
 
 
-def summed(value: int) -> int:
-    """A count summed over all processes (itself in a plain process)."""
-    import torch
-    import torch.distributed as dist
+def full_state_dict(model) -> dict:
+    """The whole model's weights gathered from the FSDP shards, on CPU (a collective: every process calls it;
+    rank 0 saves them)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    if not (dist.is_available() and dist.is_initialized()):
-        return int(value)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    t = torch.tensor([int(value)], dtype=torch.long, device=device)
-    dist.all_reduce(t)
-    return int(t.item())
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # a tied weight (lm_head = embeddings) comes back under both names: keep the first, as save_pretrained does
+    first = {name for name, _ in model.named_parameters()}
+    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - first
+    return {name: value for name, value in state.items() if name not in tied}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -765,7 +775,7 @@ def build_trainer(model, tokenizer, train_examples, valid_examples, cfg: dict, *
         bf16=dtype == torch.bfloat16,
         fp16=on_gpu and dtype == torch.float16,
         use_cpu=not on_gpu,
-        gradient_checkpointing=gradient_checkpointing,
+        **fsdp_arguments(cfg, model, gradient_checkpointing),
         logging_steps=cfg["logging_steps"],
         logging_first_step=True,
         eval_strategy="steps" if eval_every else "no",
@@ -781,7 +791,7 @@ def build_trainer(model, tokenizer, train_examples, valid_examples, cfg: dict, *
         padding_free=padding_free,
         packing=False,
         train_sampling_strategy="random" if padding_free else "group_by_length",
-        ddp_find_unused_parameters=False if world()[2] > 1 else None,  # LoRA: the frozen base has no grads
+        ddp_find_unused_parameters=False if world()[2] > 1 and not cfg["fsdp"] else None,  # LoRA: the frozen base has no grads
         dataset_num_proc=min(os.cpu_count() or 1, 16) if len(train_examples) >= 2 * PARALLEL_ROWS else None,
     )
     trainer = make_trainer_class(SFTTrainer)(
@@ -905,6 +915,7 @@ def run_summary(cfg: dict, resolved: dict, plan: dict, run: dict, trainer, stats
         "dtype": resolved["dtype"],
         "device": device_name(),
         "processes": plan["processes"],  # DDP processes (GPUs); 1 = a plain run
+        "fsdp": cfg["fsdp"],  # the model sharded over the processes (FSDP2) instead of copied (DDP)
         "trainable_params": trainable,
         "total_params": total,
         "steps": trainer.state.global_step,
@@ -943,18 +954,19 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
     saved with the model. `callbacks`: extra TrainerCallbacks (tests use one to kill a run half-way)."""
     start = time.perf_counter()
     out, checkpoints, reports = Path(out), Path(checkpoints), Path(reports)
-    backend = modeling.pick_backend(cfg["backend"])  # imports unsloth (if used) before transformers/peft/trl
+    backend = modeling.pick_backend("hf" if cfg["fsdp"] else cfg["backend"])  # imports unsloth (if used) first
     check_trainer_names(cfg)
     check_target_modules(cfg, model_modules(cfg["model"]))  # from the config alone, before data and weights
     import torch
 
     on_gpu = torch.cuda.is_available()
-    init_distributed(on_gpu)
+    distributed.init_distributed(on_gpu, quiet=[log])
     train_rows, valid_rows = read_rows(cfg, train_path, valid_path)
     resume_from = resume_point(cfg, checkpoints)
 
     dtype = resolve_dtype(cfg, backend)
     model, tokenizer, loaded = load_model_and_tokenizer(cfg, backend, dtype, on_gpu, train_rows)
+    check_fsdp_tokens(cfg, loaded["added_tokens"])
     train_examples, train_stats, valid_examples, valid_stats = build_datasets(
         tokenizer, cfg, train_rows, valid_rows, train_path, valid_path)
     plan = batch_plan(cfg, backend, model, train_examples, dtype, on_gpu)
@@ -965,18 +977,23 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
     live = open_live(staging)
     trainer_ref = {}
     live_callback = make_live_callback(live, trainer_ref)
+    if cfg["fsdp"] and not on_gpu:
+        allow_fsdp_on_cpu()
     trainer = trainer_ref["trainer"] = build_trainer(
         model, tokenizer, train_examples, valid_examples, cfg, rows=plan["rows"], padding_free=plan["padding_free"],
         dtype=dtype, optim=plan["optim"], gradient_checkpointing=backend == "hf" and bool(loaded["gradient_checkpointing"]),
         output_dir=checkpoints, callbacks=[live_callback, *callbacks],
     )
+    if cfg["fsdp"] and not trainer.is_fsdp_enabled:  # never a silent DDP run in its place
+        raise PipelineError("train.fsdp is true but accelerate did not turn FSDP on")
     trainable, total = count_parameters(trainer.model)
     log.info("trainable parameters %s / %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     run = run_training(trainer, live_callback, resume_from, evaluate_at_end=bool(valid_examples))
 
     resolved = resolved_config(cfg, prompt, backend, dtype, plan, loaded, tokenizer)
+    state_dict = full_state_dict(trainer.model) if cfg["fsdp"] else None  # every process takes part
     if world()[0] == 0:
-        save_output(trainer.model, tokenizer, resolved, out)
+        save_output(trainer.model, tokenizer, resolved, out, state_dict)
     summary = run_summary(cfg, resolved, plan, run, trainer, (train_stats, valid_stats), resume_from, start)
     live.end()
     if world()[0] == 0:
@@ -1014,8 +1031,9 @@ def headline_metrics(live_summary: Path, summary: dict) -> dict:
             "wall_time_s": summary["wall_time_s"]}
 
 
-def save_output(model, tokenizer, resolved: dict, out: Path) -> None:
-    """Adapter (or full model) + tokenizer + training_config.json into a temporary directory, then renamed."""
+def save_output(model, tokenizer, resolved: dict, out: Path, state_dict: dict | None = None) -> None:
+    """Adapter (or full model) + tokenizer + training_config.json into a temporary directory, then renamed.
+    state_dict: the weights gathered from FSDP shards (full_state_dict), else the model's own."""
     tmp = out.with_name(f".{out.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -1024,6 +1042,8 @@ def save_output(model, tokenizer, resolved: dict, out: Path) -> None:
     if resolved["added_tokens"] and resolved["saved"] == "adapter":
         # the adapter's trainable_token_indices hold the rows of the added tokens: no need for whole embeddings
         kwargs["save_embedding_layers"] = False
+    if state_dict is not None:
+        kwargs["state_dict"] = state_dict
     model.save_pretrained(str(tmp), **kwargs)
     tokenizer.save_pretrained(str(tmp))
     write_json(tmp / "training_config.json", resolved)
@@ -1045,18 +1065,15 @@ def main(argv=None) -> None:
     params = load_sections("train", ["train", "format", "clean.opencc"], args.params)
     cfg = resolve_config(params["train"])
     prompt = resolve_prompt(params["format"], params["clean"]["opencc"])
-    if cfg["num_gpus"] > 1 and world()[2] == 1:
-        code = launch_distributed(cfg, sys.argv[1:] if argv is None else list(argv))
-        if code:
-            raise PipelineError(f"the {cfg['num_gpus']}-process torchrun run failed (exit {code}); its log is above")
+    if cfg["num_gpus"] > 1 and world()[2] == 1:  # relaunch under torchrun, one process per GPU
+        distributed.check_gpus("train.num_gpus", cfg["num_gpus"])
+        modeling.materialize(cfg["model"])  # a GGUF is dequantised once here, not by every process at once
+        distributed.launch("stages.train", "train.num_gpus", cfg["num_gpus"], sys.argv[1:] if argv is None else list(argv))
         return
     if cfg["num_gpus"] == 1:
         pin_one_gpu()
     train(cfg, args.train, args.valid, args.out, args.checkpoints, args.reports, prompt=prompt)
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    distributed.finish()
 
 
 if __name__ == "__main__":

@@ -15,14 +15,15 @@ import sys
 import pytest
 import yaml
 
+from stages import distributed
 from stages import train as train_stage
 from stages.common import PipelineError
 from conftest import shipped
-from test_train import PROMPT, REPO, run, tiny, tiny_train_params  # noqa: F401  (tiny: the module-scoped fixture)
+from test_train import PROMPT, REPO, run, tiny, tiny_bytes, tiny_train_params  # noqa: F401  (tiny*: module-scoped fixtures)
 
 
 def test_launch_command_is_torchrun_with_the_same_arguments():
-    cmd = train_stage.launch_command(4, ["--train", "t.jsonl", "--out", "models/adapter"])
+    cmd = distributed.launch_command("stages.train", 4, ["--train", "t.jsonl", "--out", "models/adapter"])
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert "--standalone" in cmd and "--nproc_per_node=4" in cmd
     assert cmd[-6:] == ["-m", "stages.train", "--train", "t.jsonl", "--out", "models/adapter"]
@@ -55,7 +56,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tiny, tmp_path)
             "--params", str(base / "params.yaml")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     # exactly the command train.num_gpus=2 launches on a machine with two GPUs
-    proc = subprocess.run(train_stage.launch_command(2, argv), cwd=REPO, env=env, capture_output=True, text=True,
+    proc = subprocess.run(distributed.launch_command("stages.train", 2, argv), cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     two = json.loads((base / "reports" / "summary.json").read_text())
@@ -87,12 +88,120 @@ def test_one_gpu_runs_see_one_gpu(monkeypatch, visible, expected):
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     else:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
-    train_stage.pin_one_gpu()
+    distributed.pin_one_gpu()
     assert os.environ["CUDA_VISIBLE_DEVICES"] == expected
 
 
 def test_a_torchrun_worker_keeps_its_gpus(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
-    train_stage.pin_one_gpu()
+    distributed.pin_one_gpu()
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"
+
+
+# ----------------------------------------------------------------------------------------------
+# train.fsdp: the model sharded over the processes (FSDP2 through the Trainer), here on CPU over gloo
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("overrides, message", [
+    (dict(num_gpus=1), r"train.fsdp shards the model over several GPUs: set train.num_gpus > 1"),
+    (dict(num_gpus=2, backend="unsloth"), r"train.fsdp: unsloth does not support FSDP"),
+    (dict(num_gpus=2, method="qlora"), r"train.fsdp shards 16/32-bit weights: method full or lora, not qlora"),
+    (dict(num_gpus=2, method="lora", load_in_4bit=True), r"method full or lora, not lora with load_in_4bit"),
+])
+def test_fsdp_needs_several_processes_hf_and_16_bit_weights(tiny, overrides, message):  # noqa: F811
+    with pytest.raises(PipelineError, match=message):
+        train_stage.resolve_config(shipped("train", model=tiny["model"], fsdp=True, **overrides))
+
+
+def run_two(tiny, base, **params) -> tuple[dict, subprocess.CompletedProcess]:  # noqa: F811
+    """The stage over two gloo processes, exactly the command train.num_gpus=2 launches on two GPUs."""
+    base.mkdir()
+    params = tiny_train_params(tiny["model"], num_gpus=2, **params)
+    (base / "params.yaml").write_text(yaml.safe_dump({"train": params, **PROMPT}, allow_unicode=True), encoding="utf-8")
+    argv = ["--train", str(tiny["train"]), "--valid", str(tiny["valid"]), "--out", str(base / "adapter"),
+            "--checkpoints", str(base / "checkpoints"), "--reports", str(base / "reports"),
+            "--params", str(base / "params.yaml")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(distributed.launch_command("stages.train", 2, argv), cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, "\n".join(line for line in proc.stderr.splitlines() if "rank1]" in line)[-6000:]
+    return json.loads((base / "reports" / "summary.json").read_text()), proc
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_fsdp_over_two_processes_trains_like_ddp_and_one_and_saves_one_model(tiny, tmp_path, method):  # noqa: F811
+    """FSDP2 changes where the weights live, not the arithmetic: the same run as DDP over the same processes
+    (same batches) to float precision, and as one process (other batch order) within the DDP test's margin."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    common = dict(max_steps=6, batch_size=8, eval_steps=0, save_steps=0, learning_rate=0.003 if method == "full" else 0.03,
+                  method=method)
+    one, _ = run(tiny, tmp_path, "one", **common)
+    ddp, _ = run_two(tiny, tmp_path / "ddp", **common)
+    two, proc = run_two(tiny, tmp_path / "fsdp", fsdp=True, **common)
+    assert two["fsdp"] is True and ddp["fsdp"] is False and two["processes"] == 2 and two["steps"] == 6
+    assert two["tokens_seen"] == ddp["tokens_seen"] == one["tokens_seen"]
+    assert two["final_eval_loss"] == pytest.approx(ddp["final_eval_loss"], rel=1e-4)
+    assert two["final_train_loss"] == pytest.approx(ddp["final_train_loss"], rel=1e-4)
+    start = math.log(400)
+    drop = start - one["final_eval_loss"]
+    assert drop > (0.2 if method == "full" else 0.05)  # rank-4 LoRA on a random model learns less
+    # (seen, eval loss from 5.99: full 5.54 one process; LoRA 5.919 one process, 5.884 DDP and FSDP alike)
+    assert abs(two["final_eval_loss"] - one["final_eval_loss"]) < 0.5 * drop
+    assert proc.stderr.count("done: 6 steps") == 1  # one writer
+    # one saved model, whole (not a shard), that loads back and is what was trained
+    saved = tmp_path / "fsdp" / "adapter"
+    if method == "full":
+        weights = load_file(saved / "model.safetensors")
+        reference = AutoModelForCausalLM.from_pretrained(tiny["model"]).state_dict()
+        assert {k: tuple(v.shape) for k, v in weights.items()} == {k: tuple(reference[k].shape) for k in weights}
+        ddp_weights = load_file(tmp_path / "ddp" / "adapter" / "model.safetensors")
+        assert "lm_head.weight" not in weights  # tied to the embeddings, saved once as transformers does
+        assert weights.keys() == ddp_weights.keys()
+        assert all(torch.allclose(weights[k], ddp_weights[k], atol=1e-5) for k in weights)
+        loaded = AutoModelForCausalLM.from_pretrained(saved)
+        assert not torch.equal(loaded.model.layers[0].self_attn.q_proj.weight,
+                               reference["model.layers.0.self_attn.q_proj.weight"])
+    else:
+        from stages import modeling
+
+        weights = load_file(saved / "adapter_model.safetensors")
+        ddp_weights = load_file(tmp_path / "ddp" / "adapter" / "adapter_model.safetensors")
+        assert weights.keys() == ddp_weights.keys() and all("lora_" in k for k in weights)
+        assert all(torch.allclose(weights[k], ddp_weights[k], atol=1e-5) for k in weights)
+        assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)  # B starts at zero
+        trained = modeling.load_trained(saved, backend="hf")
+        assert trained.is_adapter and trained.model is not None
+
+
+def test_fsdp_with_an_extended_vocabulary_saves_a_model_that_loads(tiny_bytes, tmp_path):  # noqa: F811
+    """train.extend_vocab adds the train split's characters as tokens (full: resized embeddings); sharded, the
+    saved model holds them and loads back through modeling.load_trained."""
+    from stages import modeling
+
+    summary, _ = run_two(tiny_bytes, tmp_path / "fsdp", fsdp=True, method="full", extend_vocab="auto",
+                         max_seq_length=512, max_steps=2, eval_steps=0, save_steps=0)
+    assert summary["fsdp"] is True and summary["added_tokens"] > 0
+    trained = modeling.load_trained(tmp_path / "fsdp" / "adapter", backend="hf")
+    assert trained.model.get_input_embeddings().num_embeddings == len(trained.tokenizer)
+
+
+@pytest.mark.bad_input
+def test_fsdp_lora_with_added_tokens_is_one_clear_error(tiny_bytes, tmp_path):  # noqa: F811
+    base = tmp_path / "lora"
+    base.mkdir()
+    params = tiny_train_params(tiny_bytes["model"], num_gpus=2, fsdp=True, method="lora", extend_vocab="auto",
+                               max_seq_length=512, max_steps=2, eval_steps=0, save_steps=0)
+    (base / "params.yaml").write_text(yaml.safe_dump({"train": params, **PROMPT}, allow_unicode=True), encoding="utf-8")
+    argv = ["--train", str(tiny_bytes["train"]), "--valid", str(tiny_bytes["valid"]), "--out", str(base / "adapter"),
+            "--checkpoints", str(base / "checkpoints"), "--reports", str(base / "reports"), "--params", str(base / "params.yaml")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(distributed.launch_command("stages.train", 2, argv), cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "error: train.fsdp with method lora cannot shard the" in proc.stderr
+    assert "set train.extend_vocab: none" in proc.stderr

@@ -37,6 +37,25 @@ def get_logger(name: str) -> logging.Logger:
 # Parameters
 
 
+def read_yaml_file(path: Path, what: str):
+    """A YAML file's content, numbers such as 1e-4 read as DVC reads them and a key given twice an error; every
+    failure one line naming the file (what: "parameters file", "profile")."""
+    import yaml
+
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=unique_key_loader())
+    except DuplicateKey as exc:
+        raise PipelineError(f"{path}:{exc}") from None
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: {what} not found") from None
+    except UnicodeDecodeError as exc:
+        raise PipelineError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise PipelineError(f"{path}: cannot read the {what} ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"{path}: not valid YAML: {exc}") from None
+
+
 def load_params(stage: str, params_file: str | os.PathLike | None = None, *, dvc_stage: str | None = None) -> dict:
     """Return the `stage:` section of params.yaml (load_sections for a stage that reads several)."""
     return load_sections(dvc_stage or stage, [stage], params_file)[stage]
@@ -62,18 +81,7 @@ def load_sections(dvc_stage: str, sections: list[str], params_file: str | os.Pat
         path = Path(params_file)
         if path.exists() and not path.is_file():  # a directory; a FIFO would block
             raise PipelineError(f"{path}: not a regular file; --params takes a params.yaml file")
-        try:
-            params = yaml.load(path.read_text(encoding="utf-8"), Loader=unique_key_loader())
-        except DuplicateKey as exc:
-            raise PipelineError(f"{path}:{exc}") from None
-        except FileNotFoundError:
-            raise PipelineError(f"{path}: parameters file not found") from None
-        except UnicodeDecodeError as exc:
-            raise PipelineError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
-        except OSError as exc:
-            raise PipelineError(f"{path}: cannot read the parameters file ({exc.strerror})") from None
-        except yaml.YAMLError as exc:
-            raise PipelineError(f"{path}: not valid YAML: {exc}") from None
+        params = read_yaml_file(path, "parameters file")
         if params is None:
             raise PipelineError(f"{path}: empty; expected one section a stage (ingest:, clean:, ...)")
         if not isinstance(params, dict):

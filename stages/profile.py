@@ -18,29 +18,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stages.common import DuplicateKey, PipelineError, run_main, unique_key_loader
+from stages.common import PipelineError, read_yaml_file, run_main
 
 PROFILES = Path("profiles")
 
 
 def read_profile(name: str, root: Path = PROFILES) -> dict:
     """The profile's {dotted key: value}; a name or a path to a .yaml file."""
-    import yaml
-
     path = Path(name) if name.endswith((".yaml", ".yml")) else root / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in root.glob("*.yaml")) if root.is_dir() else []
         raise PipelineError(f"{path}: no such profile (profiles here: {', '.join(known) or 'none'})")
-    try:
-        profile = yaml.load(path.read_text(encoding="utf-8"), Loader=unique_key_loader())  # 1e-4 a number, as DVC reads it
-    except DuplicateKey as exc:
-        raise PipelineError(f"{path}:{exc}") from None
-    except UnicodeDecodeError as exc:
-        raise PipelineError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
-    except OSError as exc:
-        raise PipelineError(f"{path}: cannot read the profile ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise PipelineError(f"{path}: not valid YAML: {exc}") from None
+    profile = read_yaml_file(path, "profile")
     if not isinstance(profile, dict) or not profile:
         raise PipelineError(f"{path}: a profile is a mapping of params keys (e.g. train.epochs: 2) to values")
     for key, value in profile.items():

@@ -70,7 +70,7 @@ def llama_translate(path: Path, tokenizer, prompts, budgets, threads: int) -> di
     llm = gguf.load_llama(path, n_ctx=n_ctx, n_threads=threads)
     gguf.translate(llm, tokenizer, prompts[:1], max_new_tokens=4)  # warm-up
     result = gguf.translate(llm, tokenizer, prompts, max_new_tokens=budgets)
-    del llm
+    llm.close()
     return result
 
 

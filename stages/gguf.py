@@ -370,8 +370,39 @@ def stop_ids(tokenizer) -> list[int]:
     return ids
 
 
-def load_llama(gguf_path: Path, n_ctx: int = 2048, n_threads: int | None = None):
-    """A llama_cpp.Llama on the GGUF (CPU), quiet."""
+def cpu_has_amx() -> bool:
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return "amx_int8" in flags.split()
+
+
+@contextlib.contextmanager
+def model_params(**overrides):
+    """Llama() builds its llama_model_params from llama_model_default_params() and exposes only some of them;
+    this sets others (e.g. use_extra_bufts) for the Llama() calls inside the block."""
+    import llama_cpp.llama_cpp as low
+
+    default = low.llama_model_default_params
+
+    def patched():
+        params = default()
+        for key, value in overrides.items():
+            setattr(params, key, value)
+        return params
+
+    low.llama_model_default_params = patched
+    try:
+        yield
+    finally:
+        low.llama_model_default_params = default
+
+
+def load_llama(gguf_path: Path, n_ctx: int = 2048, n_threads: int | None = None, extra_buffers: bool | None = None):
+    """A llama_cpp.Llama on the GGUF (CPU), quiet. extra_buffers: llama.cpp's repacked/AMX weight buffers;
+    None = on unless the CPU has AMX: a native build's AMX kernel (ggml_backend_amx_mul_mat) crashed with
+    SIGSEGV on quantized types (Q8_0, Q4_K_M) on the AMX machine this was written on (llama-cpp-python 0.3.36)."""
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -379,8 +410,11 @@ def load_llama(gguf_path: Path, n_ctx: int = 2048, n_threads: int | None = None)
     if not Path(gguf_path).is_file():
         raise PipelineError(f"{gguf_path}: GGUF file not found")
     threads = n_threads or os.cpu_count() or 1
+    extra = (not cpu_has_amx()) if extra_buffers is None else extra_buffers
     try:
-        return Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=0, verbose=False)
+        with model_params(use_extra_bufts=extra):
+            return Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=0,
+                         verbose=False)
     except ValueError as exc:  # llama-cpp-python: "Failed to load model from file: ..."
         raise PipelineError(f"{gguf_path}: llama.cpp could not load it ({exc})") from None
 

@@ -93,12 +93,17 @@ def messages(sentence: str) -> list[dict]:
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"翻译：\n{sentence}"}]
 
 
-def hf_greedy(model_dir: Path, tokenizer) -> list[list[int]]:
-    """transformers' greedy new tokens for each sentence (fp32, one at a time), cut before the stop token."""
+def hf_greedy(model_dir: Path, tokenizer, weights_dtype=None) -> list[list[int]]:
+    """transformers' greedy new tokens for each sentence (fp32, one at a time), cut before the stop token;
+    with weights_dtype, the weights rounded to it first (what the GGUF file holds)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if weights_dtype is not None:
+        with torch.no_grad():
+            for param in model.parameters():
+                param.copy_(param.to(weights_dtype).float())
     stops = gguf.stop_ids(tokenizer)
     outputs = []
     for sentence in SENTENCES:
@@ -118,9 +123,11 @@ def converter():
 
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory):
+    import torch
+
     tokenizer = smollm2_tokenizer()
     model_dir = make_model_dir(tmp_path_factory.mktemp("plain") / "hf", tokenizer)
-    return model_dir, tokenizer, hf_greedy(model_dir, tokenizer)
+    return model_dir, tokenizer, {"f32": hf_greedy(model_dir, tokenizer), "f16": hf_greedy(model_dir, tokenizer, torch.float16)}
 
 
 def llama_greedy(path: Path, tokenizer):
@@ -160,6 +167,7 @@ def test_plain_byte_level_keeps_encoding(plain):
 @pytest.mark.parametrize("outtype", ["f32", "f16"])
 def test_converted_model_decodes_like_transformers(plain, converter, tmp_path, outtype):
     model_dir, tokenizer, expected = plain
+    expected = expected[outtype]  # f16: transformers with the same f16-rounded weights as the file
     info = gguf.convert(model_dir, tmp_path / f"model-{outtype}.gguf", outtype)
     meta = gguf.read_metadata(tmp_path / f"model-{outtype}.gguf")
     assert (meta["tokenizer.ggml.model"], meta["tokenizer.ggml.pre"], info["tokenizer_pre"]) == ("gpt2", "smollm", "smollm")
@@ -177,6 +185,7 @@ def test_converted_model_decodes_like_transformers(plain, converter, tmp_path, o
 @needs_llama_cpp
 def test_quantized_q8_0_loads_and_runs(plain, converter, tmp_path):
     model_dir, tokenizer, expected = plain
+    expected = expected["f16"]
     f16 = gguf.convert(model_dir, tmp_path / "model-f16.gguf", "f16")
     q8 = gguf.quantize(tmp_path / "model-f16.gguf", tmp_path / "model-Q8_0.gguf", "q8_0")
     assert q8["qtype"] == "Q8_0" and q8["bytes"] < 0.75 * f16["bytes"]

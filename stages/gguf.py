@@ -113,6 +113,16 @@ def installed_version() -> str:
         raise PipelineError(f"{PACKAGE} is not installed; {INSTALL}") from None
 
 
+def missing() -> str | None:
+    """None when the gguf extra is installed; else what is missing and how to install it (for callers that
+    treat GGUF as optional, like the export stage)."""
+    import importlib.util
+
+    absent = [name for name, module in ((PACKAGE, "llama_cpp"), ("sentencepiece", "sentencepiece"))
+              if importlib.util.find_spec(module) is None]
+    return f"{', '.join(absent)} not installed; {INSTALL}" if absent else None
+
+
 def cache_root() -> Path:
     base = os.environ.get("WENYAN_MT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wenyan-mt"
     return Path(base)
@@ -457,8 +467,9 @@ def tokenize(llm, text: str) -> list[int]:
 
 
 def ollama_template(tokenizer) -> str:
-    """An Ollama (Go template) TEMPLATE equal to the tokenizer's chat template for one optional system message,
-    one user message and the generation prompt. Derived by rendering the chat template with placeholders:
+    """An Ollama (Go template) TEMPLATE equal to the tokenizer's chat template for a system message, a user
+    message and the generation prompt (the Modelfile always sets SYSTEM; without one the template leaves the
+    system turn out, where some chat templates put a default one). Derived by rendering the chat template with placeholders:
     the system block is everything before the user turn, ending after the system turn's end-of-turn token
     (and the newlines that follow it)."""
     from stages.modeling import end_of_turn_token

@@ -292,3 +292,25 @@ def test_modelfile_template_renders_the_chat_template(template):
     eot = TEMPLATE_SPECIAL_TOKENS[template or "chatml"][-1]
     assert f'PARAMETER stop "{eot}"' in text.splitlines()
     assert "PARAMETER temperature 0" in text.splitlines()
+
+
+@pytest.mark.bad_input
+def test_setup_rejects_a_bad_sdist(tmp_path, monkeypatch):
+    import tarfile
+
+    monkeypatch.setenv("WENYAN_MT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "junk.tar.gz").write_bytes(b"not a tarball")
+    with pytest.raises(PipelineError, match="not a readable llama-cpp-python sdist"):
+        gguf.setup("0.0.0", tmp_path / "junk.tar.gz")
+    (tmp_path / "README.md").write_text("x")
+    with tarfile.open(tmp_path / "other.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "README.md", "other-1.0/README.md")
+    with pytest.raises(PipelineError, match="has no vendor/llama.cpp/convert_hf_to_gguf.py"):
+        gguf.setup("0.0.0", tmp_path / "other.tar.gz")
+    assert not (tmp_path / "cache" / "llama.cpp-0.0.0").exists()
+
+
+def test_missing_names_what_to_install(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    assert gguf.missing().startswith("llama-cpp-python not installed; pip install -e '.[gguf]'")

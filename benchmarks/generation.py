@@ -9,7 +9,7 @@ sentence at a time (the notebook's way).
 Same model, same sentences, same prompts (params.yaml format: system prompt + user template), same
 greedy decoding, same end-of-turn stop and the same per-sentence budget (evaluate.max_new_tokens_factor
 x source tokens + extra). What differs is how the sentences are run:
-  stage          stages.evaluate.generate: sorted by length, batches of evaluate.batch_size; on CPU its
+  stage          stages.modeling.generate: sorted by length, batches of evaluate.batch_size; on CPU its
                  own greedy loop (the shared prompt prefix computed once, finished rows leave the batch)
   hf batched     the same batches through transformers' generate() (the stage's way before; beam search
                  and GPU still use it)
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import yaml
 
-from stages import clean, evaluate, modeling
+from stages import evaluate, modeling, text
 from stages.common import PipelineError, read_jsonl, write_json, write_text
 
 CORPUS = Path("data/corpus/classical-modern/双语数据")
@@ -41,7 +41,7 @@ CORPUS = Path("data/corpus/classical-modern/双语数据")
 
 def corpus_sentences(n: int, opencc: str) -> list[dict]:
     """n (source, target) lines of the committed corpus with the smallest hash of (file, line)."""
-    converter = clean.make_converter(opencc)
+    converter = text.make_converter(opencc)
     rows = []
     for source_file in sorted(CORPUS.rglob("source.txt")):
         target_file = source_file.with_name("target.txt")
@@ -57,8 +57,8 @@ def corpus_sentences(n: int, opencc: str) -> list[dict]:
         raise PipelineError(f"{CORPUS}: no source.txt/target.txt pairs found")
     rows = [row for _, row in sorted(rows)[:n]]
     for side in ("source", "target"):  # what the clean stage does to them
-        for row, text in zip(rows, clean.normalise_lines([r[side] for r in rows], converter)):
-            row[side] = text
+        for row, normalised in zip(rows, text.normalise_lines([r[side] for r in rows], converter)):
+            row[side] = normalised
     return rows
 
 
@@ -112,10 +112,8 @@ def load_model(spec: str):
     import torch
 
     if Path(spec).is_dir() and (Path(spec) / "training_config.json").is_file():
-        cfg = evaluate.read_training_config(Path(spec))
-        tokenizer = evaluate.load_tokenizer(Path(spec))
-        model, _ = evaluate.load_finetuned(Path(spec), cfg, tokenizer, evaluate.pick_backend(cfg))
-        return model, tokenizer
+        trained = modeling.load_trained(Path(spec))
+        return trained.model, trained.tokenizer
     tokenizer = modeling.load_tokenizer(spec)
     tokenizer.padding_side = "left"
     return modeling.load_model(spec, device="cuda" if torch.cuda.is_available() else "cpu").eval(), tokenizer
@@ -124,17 +122,17 @@ def load_model(spec: str):
 def bench(spec: str, prompts, sources, ev: dict, batch_size: int) -> dict:
     """The three ways on one model, one after the other in this process; outputs compared to one at a time."""
     model, tokenizer = load_model(spec)
-    eos_ids = evaluate.end_of_turn_ids(tokenizer)
+    eos_ids = modeling.end_of_turn_ids(tokenizer)
     factor, extra = ev["max_new_tokens_factor"], ev["max_new_tokens_extra"]
-    _, budgets = evaluate.encode(tokenizer, prompts, sources, factor, extra)
+    budgets = modeling.token_budgets(tokenizer, sources, factor, extra)
     gen = dict(batch_size=batch_size, factor=factor, extra=extra, eos_token_ids=eos_ids)
     for loop in ("own", "hf"):  # warm-up
-        evaluate.generate(model, tokenizer, prompts[:2], sources[:2], **{**gen, "batch_size": 2, "extra": 1},
+        modeling.generate(model, tokenizer, prompts[:2], sources[:2], **{**gen, "batch_size": 2, "extra": 1},
                           desc="warm-up", loop=loop)
     seconds, texts, load = {}, {}, {"start": loadavg()}
     for name, run in (
-        ("stage", lambda: evaluate.generate(model, tokenizer, prompts, sources, **gen, desc=f"stage ({batch_size})")[0]),
-        ("hf_batched", lambda: evaluate.generate(model, tokenizer, prompts, sources, **gen, loop="hf",
+        ("stage", lambda: modeling.generate(model, tokenizer, prompts, sources, **gen, desc=f"stage ({batch_size})")[0]),
+        ("hf_batched", lambda: modeling.generate(model, tokenizer, prompts, sources, **gen, loop="hf",
                                                  desc=f"hf generate ({batch_size})")[0]),
         ("one_at_a_time", lambda: one_at_a_time(model, tokenizer, prompts, budgets, eos_ids)),
     ):

@@ -2,7 +2,7 @@
 itself cannot run (a GPU machine holding a copy of the working tree but no git history).
 
     python benchmarks/run_stages.py -S train.backend=unsloth -S ingest.sources.0.path=/data/cm.tar.xz \
-        ingest clean split format train evaluate
+        ingest clean split format base train evaluate_base evaluate
 
 Writes the resolved parameters to params.run.yaml (beside params.yaml, or --params-out) and passes
 `--params params.run.yaml` to each stage's command, so the run is what `dvc exp run -S ...` would run.
@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def set_key(params: dict, dotted: str, value: str) -> None:
@@ -37,10 +39,16 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stages", nargs="+")
     parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--profile", help="a profile of profiles/ (e.g. gpu), applied before the -S overrides")
     parser.add_argument("--params-out", default="params.run.yaml")
     args = parser.parse_args(argv)
 
     params = yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8"))
+    if args.profile:
+        from stages.profile import read_profile
+
+        for key, value in read_profile(args.profile).items():
+            set_key(params, key, yaml.safe_dump(value, allow_unicode=True))
     for item in args.set:
         key, _, value = item.partition("=")
         set_key(params, key, value)

@@ -42,9 +42,10 @@ DEFAULT_CONFIGS = "unsloth-lora,hf-lora,unsloth-qlora,hf-qlora"
 def run_one(name: str, args) -> dict:
     """In the child process: one training run, measured after the warm-up steps."""
     from stages import train as train_stage  # imports no transformers/trl: unsloth (if used) still comes first
-    from stages.common import load_params
+    from stages.common import load_sections
 
-    section = dict(load_params("train", args.params))
+    params = load_sections("train", ["train", "format", "clean.opencc"], args.params)
+    section = dict(params["train"])
     section.update(CONFIGS[name])
     section.update(
         model=args.model or section["model"], max_steps=args.steps, logging_steps=1, eval_steps=0, save_steps=0,
@@ -57,7 +58,8 @@ def run_one(name: str, args) -> dict:
     cfg = train_stage.resolve_config(section)
     with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
         tmp = Path(tmp)
-        summary = train_stage.train(cfg, args.train, None, tmp / "out", tmp / "checkpoints", tmp / "reports")
+        summary = train_stage.train(cfg, args.train, None, tmp / "out", tmp / "checkpoints", tmp / "reports",
+                                    prompt=train_stage.resolve_prompt(params["format"], params["clean"]["opencc"]))
     history = [h for h in summary["history"] if "tokens" in h]
     if len(history) <= args.warmup_steps + 1:
         raise SystemExit(f"{name}: only {len(history)} logged steps; raise --steps above --warmup-steps")

@@ -7,9 +7,13 @@ parameters come from the stage's own section of params.yaml.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import glob
 import json
+import math
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -32,10 +36,15 @@ def get_logger(name: str) -> logging.Logger:
 # Parameters
 
 
-def load_params(stage: str, params_file: str | os.PathLike | None = None) -> dict:
-    """Return the `stage:` section of params.yaml.
+def load_params(stage: str, params_file: str | os.PathLike | None = None, *, dvc_stage: str | None = None) -> dict:
+    """Return the `stage:` section of params.yaml (load_sections for a stage that reads several)."""
+    return load_sections(dvc_stage or stage, [stage], params_file)[stage]
 
-    Inside a DVC run this goes through `dvc.api.params_show(stages=stage)`, which returns only what
+
+def load_sections(dvc_stage: str, sections: list[str], params_file: str | os.PathLike | None = None) -> dict:
+    """Return {section: params} for the sections (or `section.key`s) a stage reads.
+
+    Inside a DVC run this goes through `dvc.api.params_show(stages=dvc_stage)`, which returns only what
     the stage declares in dvc.yaml, so a parameter the stage reads but does not declare fails loudly.
     With an explicit `params_file` (tests, benchmarks) the YAML file is read directly.
     """
@@ -43,60 +52,169 @@ def load_params(stage: str, params_file: str | os.PathLike | None = None) -> dic
         import dvc.api
 
         try:
-            params = dvc.api.params_show(stages=stage)
+            params = dvc.api.params_show(stages=dvc_stage)
         except Exception as exc:  # dvc raises many types; the message is what matters
-            raise PipelineError(f"could not read the parameters of stage '{stage}': {exc}") from exc
+            raise PipelineError(f"could not read the parameters of stage '{dvc_stage}': {exc}") from exc
     else:
         import yaml
 
         path = Path(params_file)
+        if path.exists() and not path.is_file():  # a directory; a FIFO would block
+            raise PipelineError(f"{path}: not a regular file; --params takes a params.yaml file")
         try:
-            params = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            params = yaml.safe_load(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise PipelineError(f"{path}: parameters file not found") from None
+        except UnicodeDecodeError as exc:
+            raise PipelineError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+        except OSError as exc:
+            raise PipelineError(f"{path}: cannot read the parameters file ({exc.strerror})") from None
         except yaml.YAMLError as exc:
             raise PipelineError(f"{path}: not valid YAML: {exc}") from None
-    if stage not in params:
-        raise PipelineError(f"params.yaml has no '{stage}:' section")
-    return params[stage]
+        if params is None:
+            raise PipelineError(f"{path}: empty; expected one section a stage (ingest:, clean:, ...)")
+        if not isinstance(params, dict):
+            raise PipelineError(
+                f"{path}: the top level should be a mapping of stage sections (ingest:, clean:, ...), "
+                f"got {type(params).__name__} {str(params)[:40]!r}"
+            )
+    out = {}
+    for name in sections:
+        section, _, key = name.partition(".")
+        if section not in params or (key and key not in (params[section] or {})):
+            what = f"'{section}:' section" if not key else f"'{name}'"
+            raise PipelineError(f"params.yaml has no {what} (stage {dvc_stage} reads it)")
+        if key:
+            out.setdefault(section, {})[key] = params[section][key]
+        else:
+            out[section] = params[section]
+    return out
 
 
-def check_params(section: dict, defaults: dict, stage: str) -> dict:
-    """Validate a params section against the stage's defaults: unknown keys and wrong types are errors.
+# What a key may hold. params.yaml holds the values (one source of truth); a stage holds a schema: for each
+# key its type and, where it matters, its choices and range. Missing, unknown and misspelled keys are errors.
 
-    Returns defaults updated with the section. A default of None accepts any type.
-    """
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """The type(s) a params.yaml key may hold, with optional choices, bounds and list item type.
+
+    kinds: Python types accepted (int is accepted where float is; bool is never an int here);
+    choices: the allowed values (any kind); min/max: inclusive bounds; above/below: exclusive bounds;
+    items: the type of each element of a list; null: None accepted."""
+
+    kinds: tuple
+    choices: tuple = ()
+    min: float | None = None
+    max: float | None = None
+    above: float | None = None
+    below: float | None = None
+    items: type | None = None
+    null: bool = False
+
+    def problem(self, value: Any) -> str | None:
+        """Why value does not fit, or None."""
+        if value is None:
+            return None if self.null else f"should be {self.describe()}, got null"
+        if self.choices:  # exactly one of these values (True is not 1)
+            if any(value == c and type(value) is type(c) for c in self.choices):
+                return None
+            return f"must be one of {', '.join(map(_show, self.choices))}; got {value!r}"
+        if not any(_is_kind(value, kind) for kind in self.kinds):
+            return f"should be {self.describe()}, got {type(value).__name__} {value!r}"
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"must be a finite number, got {value!r}"
+        if self.min is not None and value < self.min:
+            return f"must be >= {_show(self.min)}; got {value!r}"
+        if self.max is not None and value > self.max:
+            return f"must be <= {_show(self.max)}; got {value!r}"
+        if self.above is not None and value <= self.above:
+            return f"must be > {_show(self.above)}; got {value!r}"
+        if self.below is not None and value >= self.below:
+            return f"must be < {_show(self.below)}; got {value!r}"
+        if self.items is not None and not all(_is_kind(v, self.items) for v in value):
+            return f"should be a list of {self.items.__name__}, got {value!r}"
+        return None
+
+    def describe(self) -> str:
+        return " or ".join(("a list of " + self.items.__name__) if k is list and self.items else k.__name__ for k in self.kinds)
+
+
+def _show(value: Any) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _is_kind(value: Any, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def Int(min=None, max=None, above=None, below=None) -> Param:
+    return Param((int,), min=min, max=max, above=above, below=below)
+
+
+def Float(min=None, max=None, above=None, below=None) -> Param:
+    """A finite number (NaN and infinities are errors); an int is accepted."""
+    return Param((float,), min=min, max=max, above=above, below=below)
+
+
+def Str(*choices: str, null: bool = False) -> Param:
+    return Param((str,), choices=choices, null=null)
+
+
+def Bool() -> Param:
+    return Param((bool,))
+
+
+def ListOf(kind: type) -> Param:
+    return Param((list,), items=kind)
+
+
+def OneOf(*choices, null: bool = False) -> Param:
+    """Exactly one of these values (e.g. auto, true, false)."""
+    return Param((), choices=choices, null=null)
+
+
+
+def check_params(section: dict, schema: dict[str, Param], stage: str) -> dict:
+    """Validate a params section against the stage's schema: every key present, none unknown, each value fits.
+
+    Returns a copy of the section. A misspelled key is reported with the closest known key."""
     if not isinstance(section, dict):
         raise PipelineError(f"params.yaml '{stage}:' must be a mapping, got {type(section).__name__}")
-    unknown = sorted(set(section) - set(defaults))
+    unknown = sorted(set(section) - set(schema))
     if unknown:
         import difflib
 
         hints = []
         for key in unknown:
-            close = difflib.get_close_matches(key, defaults, n=1)
+            close = difflib.get_close_matches(key, schema, n=1)
             hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
         raise PipelineError(
-            f"params.yaml '{stage}:' has unknown key(s) {', '.join(hints)}; known keys: {', '.join(sorted(defaults))}"
+            f"params.yaml '{stage}:' has unknown key(s) {', '.join(hints)}; known keys: {', '.join(sorted(schema))}"
         )
-    merged = dict(defaults)
-    for key, value in section.items():
-        default = defaults[key]
-        if default is not None and value is not None and not _same_kind(value, default):
-            raise PipelineError(
-                f"params.yaml '{stage}.{key}' should be {type(default).__name__} like {default!r}, "
-                f"got {type(value).__name__} {value!r}"
-            )
-        merged[key] = value
-    return merged
+    missing = [key for key in schema if key not in section]
+    if missing:
+        raise PipelineError(
+            f"params.yaml '{stage}:' lacks key(s) {', '.join(missing)}; params.yaml holds every value (see the shipped one)"
+        )
+    for key, param in schema.items():
+        problem = param.problem(section[key])
+        if problem:
+            raise PipelineError(f"params.yaml: {stage}.{key} {problem}")
+    return dict(section)
 
 
-def _same_kind(value: Any, default: Any) -> bool:
-    if isinstance(default, bool) or isinstance(value, bool):
-        return isinstance(value, bool) and isinstance(default, bool)
-    if isinstance(default, float):
-        return isinstance(value, (int, float))
-    return isinstance(value, type(default))
+def check_entry(entry: dict, defaults: dict, where: str) -> dict:
+    """A list entry whose keys are optional by design (ingest.sources[i]): unknown keys and wrong types are
+    errors (null passes: the stage checks it); missing keys take the defaults given."""
+    if not isinstance(entry, dict):
+        raise PipelineError(f"params.yaml '{where}:' must be a mapping, got {type(entry).__name__}")
+    schema = {key: Param((type(value),), null=True) for key, value in defaults.items()}
+    return check_params({**defaults, **entry}, schema, where)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,15 +222,41 @@ def _same_kind(value: Any, default: Any) -> bool:
 # half-way never leaves a partial file that DVC or the user could take for a good one.
 
 
+TEMP_SUFFIX = ".partial.tmp"  # .<output name>.<pid>-<random>.partial.tmp; .gitignore keeps these out of git
+
+
 def _temp_beside(path: Path) -> Path:
-    """An empty temporary file in path's directory (so the final rename stays on one filesystem)."""
+    """An empty temporary file in path's directory (so the final rename stays on one filesystem).
+
+    Temporaries of the same output left by a killed run (kill -9: no `finally` ran) are removed first,
+    unless the process named in them is still alive (a concurrent writer)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        middle = stale.name[len(path.name) + 2 : -len(".tmp")]
+        pid = middle.split("-", 1)[0]
+        if stale.name.endswith(TEMP_SUFFIX) and not (pid.isdigit() and _alive(int(pid))):
+            stale.unlink(missing_ok=True)
+        elif re.fullmatch(r"[a-z0-9_]{8}", middle) and stale.is_file():  # an earlier version's mkstemp name
+            stale.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions open() would
     return Path(tmp)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process pid runs now (this process's own pid in a name is a stale one's, reused)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextlib.contextmanager

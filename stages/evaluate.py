@@ -1,12 +1,11 @@
 """Evaluate: translate test sentences with the fine-tuned model and score them against the references.
 
-    data/format/test.jsonl + models/adapter
+    data/format/test.jsonl + models/adapter + data/evaluate/base_outputs.jsonl (stage evaluate_base, below)
       -> reports/metrics.json            BLEU (tokenize=zh) with a bootstrap 95% CI, chrF, signatures, baselines
       -> reports/evaluate/by_book.csv    BLEU/chrF per book, model and baselines
       -> reports/evaluate/by_length.csv  BLEU/chrF per source-length bucket (characters)
       -> reports/evaluate/samples.md     best, worst and a spread of outputs by sentence chrF
       -> data/evaluate/hypotheses.jsonl  every output with its provenance (id, book, chapter, line)
-      <-> data/evaluate/base_outputs.jsonl the base baseline's outputs, reused by later runs (see below)
 
 Run it:  dvc repro evaluate
    or:   python -m stages.evaluate --test data/format/test.jsonl --model models/adapter \
@@ -15,27 +14,23 @@ Run it:  dvc repro evaluate
              [--base-outputs data/evaluate/base_outputs.jsonl] [--params params.yaml]
 
 The prompt of a test row is messages[:-1] (system + user, as in training); the reference is `target`.
-Outputs get the references' treatment before scoring: stages/clean.py's normalisation and OpenCC
-conversion (params `clean.opencc`, declared by this stage in dvc.yaml).
+Outputs get the references' treatment before scoring: stages/text.py's normalisation and the OpenCC
+conversion the model was trained with (its training_config.json `prompt.opencc`, recorded by train).
 
 Baselines (params evaluate.baselines) are scored on the same sentences:
   copy  the classical source unchanged (how far modern Chinese is from the classical text)
   base  the model before fine-tuning (train.model, loaded on its own), same prompts
-The base model's outputs depend only on the base model, the prompt, its token budget and the decoding
-settings, never on the fine-tuned model, so they are kept in --base-outputs (dvc.yaml: persist, not
-cached) under a hash of all of these (base_identity + base_output_keys); a run generates only the
-sentences it lacks. A new adapter (another train.* param) regenerates the fine-tuned outputs only.
-Deleting the file is always safe: it is rebuilt on the next run.
+The base baseline's outputs depend only on the base model, the sample, the prompt and the generation
+settings, never on the fine-tuned model: they come from the stage evaluate_base (this module too), which
+DVC skips while only train.* params change, and restores from its run cache when they change back:
 
-Generation is batched with left padding, greedy unless evaluate.num_beams > 1, and stops at the
-end-of-turn token. Each sentence gets its own budget, max_new_tokens = factor x source tokens + extra,
-and its output is cut there even when a longer sentence in the batch keeps the batch going, so an
-output never depends on which sentences shared its batch. On a GPU with a model trained by unsloth,
-unsloth's inference mode is used; anywhere else plain transformers. Greedy decoding on CPU runs this
-stage's own loop (greedy_batch: the prompt prefix that all sentences share is computed once, and a
-sentence leaves the batch when it ends), which gives transformers' generate() outputs token for token,
-1.4x (base model) to 1.9x (fine-tuned) faster here (reports/benchmarks/generation.md); beam search and
-GPUs use generate().
+    python -m stages.evaluate base --test data/format/test.jsonl --base models/base \
+        --out data/evaluate/base_outputs.jsonl
+
+Generation is stages/modeling.py's generate(): batched with left padding, greedy unless
+evaluate.num_beams > 1, stops at the end-of-turn token, each sentence cut at its own budget
+(max_new_tokens = factor x source tokens + extra); on CPU greedy decoding runs modeling.greedy_batch
+(reports/benchmarks/generation.md).
 """
 
 from __future__ import annotations
@@ -45,18 +40,21 @@ import csv
 import hashlib
 import io
 import json
-import math
+import sys
 import time
 from pathlib import Path
 
-from stages import clean, modeling
-from stages.modeling import read_training_config
+from stages import modeling, text
 from stages.common import (
     PipelineError,
     atomic_outputs,
+    Float,
+    Int,
+    ListOf,
     check_params,
     get_logger,
     load_params,
+    load_sections,
     read_jsonl,
     run_main,
     write_json,
@@ -66,17 +64,17 @@ from stages.common import (
 
 log = get_logger("evaluate")
 
-DEFAULTS = {
-    "num_samples": 300,  # test sentences scored (0 = all), drawn by hash of (seed, id)
-    "seed": 0,  # change to draw another sample
-    "batch_size": 16,
-    "num_beams": 1,  # 1 = greedy
-    "max_new_tokens_factor": 2.0,  # max_new_tokens = factor x source tokens + extra
-    "max_new_tokens_extra": 16,
-    "baselines": ["copy", "base"],
-    "bootstrap_resamples": 1000,  # BLEU 95% CI; 0 = no CI
-    "length_buckets": [10, 20, 40],  # upper bounds (source characters) of the length buckets
-    "num_examples": 20,  # sentences in samples.md
+SCHEMA = {  # values and their comments: params.yaml
+    "num_samples": Int(min=0),  # 0 = all
+    "seed": Int(),
+    "batch_size": Int(min=1),
+    "num_beams": Int(min=1),
+    "max_new_tokens_factor": Float(above=0),
+    "max_new_tokens_extra": Int(min=0),
+    "baselines": ListOf(str),  # of KNOWN_BASELINES
+    "bootstrap_resamples": Int(min=0),  # 0 or >= 2
+    "length_buckets": ListOf(int),  # increasing
+    "num_examples": Int(min=0),
 }
 KNOWN_BASELINES = ("copy", "base")
 
@@ -86,14 +84,7 @@ KNOWN_BASELINES = ("copy", "base")
 
 
 def check_evaluate_params(section: dict) -> dict:
-    p = check_params(section, DEFAULTS, "evaluate")
-    if p["num_samples"] < 0:
-        raise PipelineError(f"evaluate.num_samples must be >= 0 (0 = all), got {p['num_samples']}")
-    for key in ("batch_size", "num_beams"):
-        if p[key] < 1:
-            raise PipelineError(f"evaluate.{key} must be >= 1, got {p[key]}")
-    if p["max_new_tokens_factor"] <= 0 or p["max_new_tokens_extra"] < 0:
-        raise PipelineError("evaluate.max_new_tokens_factor must be > 0 and max_new_tokens_extra >= 0")
+    p = check_params(section, SCHEMA, "evaluate")
     unknown = [b for b in p["baselines"] if b not in KNOWN_BASELINES]
     if unknown:
         raise PipelineError(f"evaluate.baselines: unknown {unknown}; choose from {list(KNOWN_BASELINES)}")
@@ -138,344 +129,65 @@ def select_rows(rows: list[dict], num_samples: int, seed: int) -> list[dict]:
 
 def postprocess(texts: list[str], opencc_config: str | None) -> list[str]:
     """What the references went through in the clean stage: its normalisation (NFC, control characters,
-    whitespace, full-width punctuation) and OpenCC conversion with clean.opencc ('none' = no conversion)."""
-    return clean.normalise_lines(list(texts), clean.make_converter(opencc_config))
+    whitespace, full-width punctuation) and OpenCC conversion with the model's recorded config ('none' = none)."""
+    return text.normalise_lines(list(texts), text.make_converter(opencc_config))
 
 
 # ----------------------------------------------------------------------------------------------
-# Generation
+# The base baseline (stage evaluate_base): its outputs depend on the base model, the test sample, the prompt
+# and the generation settings, never on the fine-tuned model, so they are a stage of their own that DVC
+# skips (or restores from its run cache) while only train.* params change.
+
+BASE_KEYS = ("num_samples", "seed", "num_beams", "max_new_tokens_factor", "max_new_tokens_extra", "baselines", "batch_size")
 
 
-def generate(
-    model,
-    tokenizer,
-    prompts: list[list[dict]],
-    sources: list[str],
-    *,
-    batch_size: int = 16,
-    num_beams: int = 1,
-    factor: float = 2.0,
-    extra: int = 16,
-    eos_token_ids: list[int] | None = None,
-    desc: str = "generate",
-    loop: str = "auto",
-) -> tuple[list[str], list[bool]]:
-    """Translate each prompt; returns (texts, hit_limit) in the order of `prompts`.
-
-    Prompts are sorted by length (longest first, so an out-of-memory error shows at once) and
-    batched with left padding; each output is sliced off at the padded input length, cut at the first
-    end-of-turn token and at the sentence's own budget. hit_limit[i] is True when sentence i reached
-    its budget without ending its turn.
-
-    loop: "own" = greedy_batch below (greedy only), "hf" = transformers' generate(), "auto" = own for
-    greedy decoding on CPU, hf otherwise (beam search; GPU, where unsloth patches generation)."""
-    import torch
-    from tqdm.auto import tqdm
-
-    if eos_token_ids is None:
-        eos_token_ids = end_of_turn_ids(tokenizer)
-    eos = set(eos_token_ids)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_ids[0]
-    input_ids, budgets = encode(tokenizer, prompts, sources, factor, extra)
-    order = sorted(range(len(prompts)), key=lambda i: (len(input_ids[i]), budgets[i]), reverse=True)
-    device = next(model.parameters()).device
-    if loop == "auto":
-        loop = "own" if num_beams == 1 and device.type == "cpu" else "hf"
-    if loop == "own" and num_beams != 1:
-        raise PipelineError("the own generation loop is greedy only; use loop='hf' for beam search")
-    outputs: list[str | None] = [None] * len(prompts)
-    hit_limit = [False] * len(prompts)
-    with torch.inference_mode(), tqdm(total=len(prompts), desc=desc, unit="sent") as bar:
-        prefix = shared_prefix(model, input_ids) if loop == "own" else None
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            if loop == "own":
-                new_tokens = greedy_batch(model, [input_ids[i] for i in batch], [budgets[i] for i in batch],
-                                          eos, pad_id, prefix)
-            else:
-                width = max(len(input_ids[i]) for i in batch)
-                ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, i in enumerate(batch):  # left padding: the prompt ends where generation starts
-                    ids[row, width - len(input_ids[i]) :] = torch.tensor(input_ids[i])
-                    mask[row, width - len(input_ids[i]) :] = 1
-                out = model.generate(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    max_new_tokens=max(budgets[i] for i in batch),
-                    do_sample=False,
-                    num_beams=num_beams,
-                    eos_token_id=list(eos_token_ids),
-                    pad_token_id=pad_id,
-                )
-                new_tokens = out[:, width:].tolist()  # slice by input length, never by searching the text
-            for row, i in enumerate(batch):
-                tokens = new_tokens[row][: budgets[i]]
-                end = next((k for k, t in enumerate(tokens) if t in eos), None)
-                if end is None:
-                    hit_limit[i] = True
-                else:
-                    tokens = tokens[:end]
-                text = tokenizer.decode(tokens, skip_special_tokens=True)
-                # a cut in the middle of a character's byte-level tokens decodes to U+FFFD
-                outputs[i] = text.rstrip("\ufffd") if hit_limit[i] else text
-            bar.update(len(batch))
-    return outputs, hit_limit
-
-
-def shared_prefix(model, input_ids: list[list[int]]):
-    """(length, KV cache) of the token prefix that every prompt shares (chat template + system prompt +
-    instruction: 112 of ~156 tokens with the default params), computed once; (0, None) if there is none.
-    At least one token of each prompt is left out of it, so each prompt has logits to start from."""
-    from transformers import DynamicCache
-    import torch
-
-    first, length = input_ids[0], min(len(ids) for ids in input_ids) - 1
-    for ids in input_ids:
-        length = next((k for k in range(length) if ids[k] != first[k]), length)
-    if length < 1:
-        return 0, None
-    cache = DynamicCache(config=model.config)
-    device = next(model.parameters()).device
-    model(input_ids=torch.tensor([first[:length]], device=device), past_key_values=cache, use_cache=True,
-          logits_to_keep=1)
-    return length, cache
-
-
-def greedy_batch(model, input_ids: list[list[int]], budgets: list[int], eos: set[int], pad_id: int, prefix=(0, None)):
-    """Greedy decoding of one batch; returns each row's new tokens, ending at its first end-of-turn
-    token or at its budget. What the CPU saves over transformers' generate() (same outputs, see
-    tests/test_evaluate.py and reports/benchmarks/generation.md):
-      - the shared prefix's keys and values are computed once (shared_prefix) and copied into each
-        batch; each row is laid out [prefix | padding | rest of its prompt], and its attention mask and
-        position ids (cumulated mask) make that the same computation as the unpadded prompt;
-      - a row leaves the batch (and its KV cache) when it ends its turn or reaches its own budget,
-        instead of being carried to the end of the longest row."""
-    import torch
-    from transformers import DynamicCache
-
-    device = next(model.parameters()).device
-    p, prefix_cache = prefix
-    rows = len(input_ids)
-    width = max(len(ids) for ids in input_ids) - p
-    ids = torch.full((rows, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((rows, p + width), dtype=torch.long)
-    mask[:, :p] = 1
-    for row, prompt in enumerate(input_ids):
-        rest = prompt[p:]
-        ids[row, width - len(rest) :] = torch.tensor(rest)
-        mask[row, p + width - len(rest) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, p:]
-    cache = DynamicCache(config=model.config)
-    if prefix_cache is not None:
-        for layer_idx, layer in enumerate(prefix_cache.layers):
-            cache.update(layer.keys.expand(rows, -1, -1, -1).contiguous(),
-                         layer.values.expand(rows, -1, -1, -1).contiguous(), layer_idx)
-    ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
-                logits_to_keep=1)
-    position = positions[:, -1]
-    new_tokens: list[list[int]] = [[] for _ in range(rows)]
-    alive = list(range(rows))  # rows still generating, in the order of the tensors' batch dimension
-    while True:
-        next_ids = out.logits[:, -1].argmax(-1)
-        keep = []
-        for k, (row, token) in enumerate(zip(alive, next_ids.tolist())):
-            new_tokens[row].append(token)
-            if token not in eos and len(new_tokens[row]) < budgets[row]:
-                keep.append(k)
-        if not keep:
-            return new_tokens
-        if len(keep) < len(alive):
-            index = torch.tensor(keep, device=device)
-            cache.batch_select_indices(index)
-            mask, position, next_ids = mask[index], position[index], next_ids[index]
-            alive = [alive[k] for k in keep]
-        mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
-        position = position + 1
-        out = model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=position[:, None],
-                    past_key_values=cache, use_cache=True)
-
-
-def encode(tokenizer, prompts: list[list[dict]], sources: list[str], factor: float, extra: int):
-    """(input_ids, budgets): each prompt's token ids and its max_new_tokens = ceil(factor x source tokens) + extra."""
-    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
-    # the chat template writes the special tokens (bos included) itself
-    input_ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
-    budgets = [math.ceil(factor * len(tokenizer(s, add_special_tokens=False).input_ids)) + extra for s in sources]
-    return input_ids, budgets
-
-
-def end_of_turn_ids(tokenizer) -> list[int]:
-    """Token ids that end the assistant's turn: the chat template's end-of-turn token and eos."""
-    ids = []
-    for token in (modeling.end_of_turn_token(tokenizer), tokenizer.eos_token):
-        if token is not None:
-            token_id = tokenizer.convert_tokens_to_ids(token)
-            if token_id is not None and token_id not in ids:
-                ids.append(token_id)
-    if not ids:
-        raise PipelineError("the tokenizer has neither an end-of-turn token nor an eos token to stop generation at")
-    return ids
-
-
-# ----------------------------------------------------------------------------------------------
-# Loading the fine-tuned model (written by the train stage)
-
-
-def pick_backend(cfg: dict) -> str:
-    """'unsloth' on a GPU when the model was trained with unsloth and unsloth imports, else 'hf'.
-    unsloth must be imported before transformers and peft, so this runs before any model code."""
-    import torch
-
-    if not torch.cuda.is_available() or cfg.get("backend") != "unsloth":
-        return "hf"
-    try:
-        import unsloth  # noqa: F401
-
-        return "unsloth"
-    except Exception as exc:  # ImportError, or unsloth's own errors about the GPU or versions
-        log.warning("unsloth is not usable (%s); generating with plain transformers", exc)
-        return "hf"
-
-
-def load_tokenizer(model_dir: Path):
-    """The trained tokenizer, set up for batched generation (left padding)."""
-    tokenizer = modeling.load_trained_tokenizer(model_dir)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+def base_tokenizer(model: str, chat_template: str | None):
+    """The tokenizer train's hf path builds (the model's own, or train.chat_template), left padding."""
+    tokenizer = modeling.load_tokenizer(model, chat_template)
     tokenizer.padding_side = "left"
     return tokenizer
 
 
-def device_and_dtype():
-    """cuda in bf16 (fp16 where bf16 is missing), else cpu in fp32 (bf16 on CPU changes greedy outputs)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return "cpu", torch.float32
-    return "cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def load_finetuned(model_dir: Path, cfg: dict, tokenizer, backend: str):
-    """The fine-tuned model, ready to generate. Returns (model, is_adapter)."""
-    is_adapter = (model_dir / "adapter_config.json").is_file()
-    if backend == "unsloth":
-        try:
-            from unsloth import FastLanguageModel
-
-            model, _ = FastLanguageModel.from_pretrained(
-                model_name=str(model_dir),
-                max_seq_length=cfg.get("max_seq_length") or 2048,
-                dtype=None,
-                load_in_4bit=bool(cfg.get("load_in_4bit", False)),
-            )
-            FastLanguageModel.for_inference(model)
-            return model, is_adapter
-        except Exception as exc:
-            log.warning("unsloth could not load %s (%s); falling back to transformers", model_dir, exc)
-    device, dtype = device_and_dtype()
-    if not is_adapter:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device)
-        return model.eval(), False
-    from peft import PeftModel
-
-    base = modeling.load_model(cfg["model"], dtype=dtype, device=device)
-    if len(tokenizer) > base.get_input_embeddings().num_embeddings:  # the train stage added template tokens
-        base.resize_token_embeddings(len(tokenizer))
-    try:
-        model = PeftModel.from_pretrained(base, str(model_dir))
-    except Exception as exc:
-        raise PipelineError(f"{model_dir}: could not load the adapter onto {cfg['model']}: {exc}") from None
-    if device == "cpu":  # fp32: merging is exact enough, and saves the LoRA side products (~10% on CPU);
-        try:  # disable_adapter() would unmerge again
-            model.merge_adapter()
-        except Exception as exc:  # an adapter type peft cannot merge: generate unmerged
-            log.warning("could not merge the adapter (%s); generating unmerged", exc)
-    return model.eval(), True
+def base_main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="evaluate_base: the base model's outputs on the evaluated sample")
+    parser.add_argument("--test", required=True, type=Path, help="data/format/test.jsonl")
+    parser.add_argument("--base", required=True, type=Path, help="models/base (written by the base stage)")
+    parser.add_argument("--out", required=True, type=Path, help="data/evaluate/base_outputs.jsonl")
+    parser.add_argument("--params", type=Path, default=None, help="read params.yaml directly instead of through DVC")
+    args = parser.parse_args(argv)
+    names = [f"evaluate.{k}" for k in BASE_KEYS] + ["train.model", "train.chat_template", "train.backend"]
+    params = load_sections("evaluate_base", names, args.params)
+    p = check_params({k: params["evaluate"][k] for k in BASE_KEYS}, {k: SCHEMA[k] for k in BASE_KEYS}, "evaluate")
+    train = params["train"]
+    if not (args.base / "base.json").is_file():
+        raise PipelineError(f"{args.base}/base.json: not found; run the base stage first (dvc repro base)")
+    rows = select_rows(read_jsonl(args.test), p["num_samples"], p["seed"]) if "base" in p["baselines"] else []
+    check_rows(rows or [{"source": "", "target": "", "messages": [{"role": "user"}, {"role": "assistant"}]}], args.test)
+    out_rows = []
+    if rows:
+        backend = modeling.pick_backend("auto" if train["backend"] != "hf" else "hf")
+        tokenizer = base_tokenizer(train["model"], train["chat_template"])
+        model = modeling.load_base({"model": train["model"]}, tokenizer, backend)
+        started = time.perf_counter()
+        raw, hit = modeling.generate(
+            model, tokenizer, [r["messages"][:-1] for r in rows], [r["source"] for r in rows], desc="base",
+            batch_size=p["batch_size"], num_beams=p["num_beams"], factor=p["max_new_tokens_factor"],
+            extra=p["max_new_tokens_extra"], eos_token_ids=modeling.end_of_turn_ids(tokenizer),
+        )
+        log.info("base: %d sentences in %.0f s", len(rows), time.perf_counter() - started)
+        out_rows = [{"id": r.get("id"), "output": text_, "hit_limit": h} for r, text_, h in zip(rows, raw, hit)]
+    write_jsonl(args.out, out_rows)  # raw outputs: evaluate gives them the references' normalisation
+    log.info("wrote %d base outputs to %s", len(out_rows), args.out)
 
 
-def load_base(cfg: dict, tokenizer, backend: str):
-    """The base model (train.model) for the `base` baseline, with the trained tokenizer's vocabulary."""
-    if backend == "unsloth":
-        try:
-            from unsloth import FastLanguageModel
-
-            model, _ = FastLanguageModel.from_pretrained(
-                model_name=modeling.materialize(cfg["model"]),
-                max_seq_length=cfg.get("max_seq_length") or 2048,
-                dtype=None,
-                load_in_4bit=bool(cfg.get("load_in_4bit", False)),
-            )
-            FastLanguageModel.for_inference(model)
-            return model
-        except Exception as exc:
-            log.warning("unsloth could not load the base model (%s); falling back to transformers", exc)
-    device, dtype = device_and_dtype()
-    base = modeling.load_model(cfg["model"], dtype=dtype, device=device)
-    if len(tokenizer) > base.get_input_embeddings().num_embeddings:
-        base.resize_token_embeddings(len(tokenizer))
-    return base.eval()
-
-
-# ----------------------------------------------------------------------------------------------
-# The base model's outputs, cached: they change only with the base model, the prompt and the
-# generation settings, not with the fine-tuned model, so a new adapter regenerates only its own.
-
-
-def base_identity(cfg: dict, tokenizer, backend: str) -> str:
-    """A hash of what the base model's outputs depend on besides the prompt and its budget: the base
-    model's weights and config (file contents; a hub id by its cached snapshot's commit), the vocabulary
-    size (the train stage may add template tokens), how it runs (backend, device, dtype, 4-bit) and the
-    torch and transformers versions."""
-    import torch
-    import transformers
-
-    location = modeling.materialize(cfg["model"])
-    files = {}
-    if Path(location).is_dir():
-        for path in sorted(Path(location).iterdir()):
-            if path.suffix in (".safetensors", ".bin", ".pt") or path.name in ("config.json", "generation_config.json"):
-                with open(path, "rb") as f:
-                    files[path.name] = hashlib.file_digest(f, "sha256").hexdigest()
-    else:  # a hub id: the commit of the snapshot transformers loaded it from, when it is in the local cache
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            config = try_to_load_from_cache(location, "config.json")
-            files["snapshot"] = Path(config).parent.name if isinstance(config, str) else None
-        except Exception:
-            files["snapshot"] = None
-    device, dtype = device_and_dtype()
-    identity = {
-        "model": cfg["model"], "files": files, "vocab": len(tokenizer), "backend": backend, "device": device,
-        "dtype": str(dtype), "load_in_4bit": bool(cfg.get("load_in_4bit", False)),
-        "torch": torch.__version__, "transformers": transformers.__version__,
-    }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-
-
-def base_output_keys(identity: str, input_ids: list[list[int]], budgets: list[int], num_beams: int,
-                     eos_token_ids: list[int]) -> list[str]:
-    """One key a sentence: the base model's identity, the prompt's token ids (so the test row, the
-    format params and the chat template), its token budget, the beam count and the stop tokens."""
-    return [
-        hashlib.sha256(json.dumps([identity, ids, budget, num_beams, list(eos_token_ids)]).encode()).hexdigest()
-        for ids, budget in zip(input_ids, budgets)
-    ]
-
-
-def read_base_outputs(path: Path | None) -> dict[str, dict]:
-    """key -> {"output", "hit_limit", ...} from the cache file; missing or unreadable = empty."""
-    if path is None or not path.is_file():
-        return {}
-    try:
-        return {row["key"]: row for row in read_jsonl(path) if {"key", "output", "hit_limit"} <= set(row)}
-    except PipelineError as exc:
-        log.warning("ignoring the base-output cache (%s); regenerating", exc)
-        return {}
+def read_base_outputs(path: Path, rows: list[dict]) -> tuple[list[str], list[bool]]:
+    """The evaluate_base stage's outputs for these rows, in their order; a missing sentence is an error."""
+    by_id = {r["id"]: r for r in read_jsonl(path) if {"id", "output", "hit_limit"} <= set(r)}
+    missing = [r.get("id") for r in rows if r.get("id") not in by_id]
+    if missing:
+        raise PipelineError(f"{path}: no base output for {len(missing)} evaluated sentence(s) (e.g. {missing[0]}); "
+                            f"rerun the evaluate_base stage (dvc repro evaluate_base)")
+    return [by_id[r["id"]]["output"] for r in rows], [by_id[r["id"]]["hit_limit"] for r in rows]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -587,6 +299,9 @@ def render_samples(rows: list[dict], systems: dict[str, list[str]], chrf: dict[s
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["base"]:  # python -m stages.evaluate base ...: the evaluate_base stage
+        return base_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--test", required=True, type=Path, help="data/format/test.jsonl")
     parser.add_argument("--model", required=True, type=Path, help="models/adapter (written by the train stage)")
@@ -594,63 +309,40 @@ def main(argv=None) -> None:
     parser.add_argument("--out-dir", required=True, type=Path, help="reports/evaluate")
     parser.add_argument("--hypotheses", required=True, type=Path, help="data/evaluate/hypotheses.jsonl")
     parser.add_argument("--base-outputs", type=Path, default=None,
-                        help="data/evaluate/base_outputs.jsonl: the base model's outputs, reused across runs (default: none)")
+                        help="data/evaluate/base_outputs.jsonl: the evaluate_base stage's outputs (needed for baseline base)")
     parser.add_argument("--params", type=Path, default=None, help="read params.yaml directly instead of through DVC")
     args = parser.parse_args(argv)
 
     p = check_evaluate_params(load_params("evaluate", args.params))
-    opencc = load_params("clean", args.params).get("opencc", "t2s")  # declared by this stage in dvc.yaml
-    clean.make_converter(opencc)  # an unknown config fails now, not after generating
     all_rows = read_jsonl(args.test)
     check_rows(all_rows, args.test)
     rows = select_rows(all_rows, p["num_samples"], p["seed"])
     books = sorted({str(r.get("book", "")) for r in rows})
     log.info("scoring %d of %d test sentences (%d books)", len(rows), len(all_rows), len(books))
-    cfg = read_training_config(args.model)
+    trained = modeling.load_trained(args.model, model=False)  # config, prompt, tokenizer: cheap checks first
+    cfg, tokenizer, backend = trained.config, trained.tokenizer, trained.backend
+    opencc = trained.prompt["opencc"]  # the references' OpenCC conversion, as recorded by train
+    text.make_converter(opencc)  # an unknown config fails now, not after generating
 
     sources = [r["source"] for r in rows]
     references = [r["target"] for r in rows]
     prompts = [r["messages"][:-1] for r in rows]
     systems: dict[str, list[str]] = {}
     limits: dict[str, int] = {}
-    backend = pick_backend(cfg)  # before transformers/peft are imported
-    tokenizer = load_tokenizer(args.model)
     gen = dict(batch_size=p["batch_size"], num_beams=p["num_beams"], factor=p["max_new_tokens_factor"],
-               extra=p["max_new_tokens_extra"], eos_token_ids=end_of_turn_ids(tokenizer))
+               extra=p["max_new_tokens_extra"], eos_token_ids=modeling.end_of_turn_ids(tokenizer))
 
     base_raw = base_hit = None
-    if "base" in p["baselines"]:  # first, so the base model is out of memory before the fine-tuned one loads
-        started = time.perf_counter()
-        input_ids, budgets = encode(tokenizer, prompts, sources, gen["factor"], gen["extra"])
-        identity = base_identity(cfg, tokenizer, backend)
-        keys = base_output_keys(identity, input_ids, budgets, p["num_beams"], gen["eos_token_ids"])
-        cache = read_base_outputs(args.base_outputs)
-        first = {}  # a sentence twice in the sample is generated once
-        for i, key in enumerate(keys):
-            first.setdefault(key, i)
-        todo = [i for key, i in first.items() if key not in cache]
-        reused = sum(key in cache for key in keys)
-        if todo:
-            base = load_base(cfg, tokenizer, backend)
-            raw, hit = generate(base, tokenizer, [prompts[i] for i in todo], [sources[i] for i in todo],
-                                desc="base", **gen)
-            del base
-            for i, text, h in zip(todo, raw, hit):
-                cache[keys[i]] = {"key": keys[i], "id": rows[i].get("id"), "output": text, "hit_limit": h}
-            if args.base_outputs is not None:  # every entry kept: switching back to an older sample costs nothing
-                write_jsonl(args.base_outputs, cache.values())
-        base_raw, base_hit = [cache[k]["output"] for k in keys], [cache[k]["hit_limit"] for k in keys]
-        log.info("base: %d sentences, %d from %s, %d generated in %.0f s", len(rows), reused, args.base_outputs,
-                 len(todo), time.perf_counter() - started)
+    if "base" in p["baselines"]:  # generated by the evaluate_base stage, on the same sample
+        if args.base_outputs is None:
+            raise PipelineError("evaluate.baselines has base: pass --base-outputs (the evaluate_base stage's file)")
+        base_raw, base_hit = read_base_outputs(args.base_outputs, rows)
 
-    if args.base_outputs is not None and not args.base_outputs.exists():  # a declared output, even when unused
-        write_jsonl(args.base_outputs, [])
-
-    model, is_adapter = load_finetuned(args.model, cfg, tokenizer, backend)
-    log.info("model: %s (%s on %s, backend %s)", args.model, "LoRA adapter" if is_adapter else "full model",
+    model = modeling.load_trained_model(trained)
+    log.info("model: %s (%s on %s, backend %s)", args.model, "LoRA adapter" if trained.is_adapter else "full model",
              cfg["model"], backend)
     started = time.perf_counter()
-    raw, hit = generate(model, tokenizer, prompts, sources, desc="fine-tuned", **gen)
+    raw, hit = modeling.generate(model, tokenizer, prompts, sources, desc="fine-tuned", **gen)
     log.info("fine-tuned: %d sentences in %.0f s", len(rows), time.perf_counter() - started)
     systems["model"], limits["model"] = postprocess(raw, opencc), sum(hit)
     if base_raw is not None:

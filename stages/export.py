@@ -32,21 +32,21 @@ import sys
 from pathlib import Path
 
 from stages.common import (
-    PipelineError, atomic_outputs, check_params, get_logger, load_params, replace_dir, run_main, write_json,
+    Bool, PipelineError, Str, atomic_outputs, check_params, get_logger, load_params, replace_dir, run_main, write_json,
 )
-from stages.modeling import load_trained_tokenizer, read_training_config
+from stages import modeling
 
 log = get_logger("export")
 
 PIPELINE_STAGE = "export/dvc.yaml:export"  # its own pipeline file: plain `dvc repro` leaves it alone
-DEFAULTS = {
-    "dtype": "bf16",  # bf16 | fp16: the merged weights (bf16 keeps fp32's range; fp16 for GPUs without bf16)
-    "gguf": True,  # also write GGUF where llama.cpp's convert_hf_to_gguf.py is found
-    "gguf_outtype": "auto",  # convert_hf_to_gguf.py --outtype: auto (= the weights' dtype), f32, f16, bf16, q8_0
-    "gguf_quantize": "none",  # none, or a llama-quantize type such as Q4_K_M (needs the llama-quantize binary)
-}
 DTYPES = ("bf16", "fp16")
 GGUF_OUTTYPES = ("auto", "f32", "f16", "bf16", "q8_0")
+SCHEMA = {  # values and their comments: params.yaml
+    "dtype": Str(*DTYPES),
+    "gguf": Bool(),
+    "gguf_outtype": Str(*GGUF_OUTTYPES),
+    "gguf_quantize": Str(),  # none or a llama-quantize type: check_export_params
+}
 CHECK_TEXT = "学而时习之，不亦说乎？"
 GET_LLAMA_CPP = (
     "to get it: git clone --depth 1 https://github.com/ggml-org/llama.cpp && export LLAMA_CPP_DIR=$PWD/llama.cpp "
@@ -63,28 +63,8 @@ GET_QUANTIZE = (
 # Parameters
 
 
-def read_params(params_file: Path | None) -> dict:
-    """The sections this stage reads: export, format and clean (opencc), recorded with the model."""
-    if params_file is not None:
-        return {s: load_params(s, params_file) for s in ("export", "format", "clean")}
-    import dvc.api
-
-    try:
-        params = dvc.api.params_show(stages=PIPELINE_STAGE)
-    except Exception as exc:  # dvc raises many types; the message is what matters
-        raise PipelineError(f"could not read the parameters of stage '{PIPELINE_STAGE}': {exc}") from exc
-    missing = [s for s in ("export", "format", "clean") if s not in params]
-    if missing:
-        raise PipelineError(f"export/dvc.yaml: the export stage should declare the params {', '.join(missing)}")
-    return params
-
-
 def check_export_params(section: dict) -> dict:
-    p = check_params(section, DEFAULTS, "export")
-    if p["dtype"] not in DTYPES:
-        raise PipelineError(f"params.yaml: export.dtype must be one of {', '.join(DTYPES)}; got {p['dtype']!r}")
-    if p["gguf_outtype"] not in GGUF_OUTTYPES:
-        raise PipelineError(f"params.yaml: export.gguf_outtype must be one of {', '.join(GGUF_OUTTYPES)}; got {p['gguf_outtype']!r}")
+    p = check_params(section, SCHEMA, "export")
     if not p["gguf_quantize"] or not str(p["gguf_quantize"]).replace("_", "").isalnum():
         raise PipelineError(f"params.yaml: export.gguf_quantize must be none or a llama-quantize type such as Q4_K_M; got {p['gguf_quantize']!r}")
     return p
@@ -94,34 +74,12 @@ def check_export_params(section: dict) -> dict:
 # Merge
 
 
-def load_trained(model_dir: Path, cfg: dict, tokenizer):
-    """(model in fp32 on CPU, is_adapter): base + PeftModel for an adapter, else the full model."""
-    import torch
-
-    if not (model_dir / "adapter_config.json").is_file():
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval(), False
-    from peft import PeftModel
-
-    from stages import modeling
-
-    base = modeling.load_model(cfg["model"], dtype=torch.float32, device="cpu")
-    if len(tokenizer) > base.get_input_embeddings().num_embeddings:  # the train stage added template tokens
-        base.resize_token_embeddings(len(tokenizer))
-    try:
-        model = PeftModel.from_pretrained(base, str(model_dir))
-    except Exception as exc:
-        raise PipelineError(f"{model_dir}: could not load the adapter onto {cfg['model']}: {exc}") from None
-    return model.eval(), True
-
-
 def check_input_ids(tokenizer):
     """A short chat prompt, tokenized as generation sees it, for the merge check."""
     import torch
 
-    text = tokenizer.apply_chat_template([{"role": "user", "content": CHECK_TEXT}], add_generation_prompt=True, tokenize=False)
-    return torch.tensor([tokenizer(text + CHECK_TEXT, add_special_tokens=False).input_ids])
+    ids = modeling.prompt_ids(tokenizer, [[{"role": "user", "content": CHECK_TEXT}]])[0]
+    return torch.tensor([ids + tokenizer(CHECK_TEXT, add_special_tokens=False).input_ids])
 
 
 def merge(model, is_adapter: bool, tokenizer) -> tuple[object, dict]:
@@ -146,7 +104,7 @@ def merge(model, is_adapter: bool, tokenizer) -> tuple[object, dict]:
     return merged, check
 
 
-def save_hf(model, tokenizer, cfg: dict, prompt: dict, dtype_name: str, model_dir: Path, out: Path) -> dict:
+def save_hf(model, tokenizer, cfg: dict, dtype_name: str, model_dir: Path, out: Path) -> dict:
     """16-bit weights + tokenizer (chat template) + training_config.json, loadable by plain transformers."""
     import torch
 
@@ -158,7 +116,7 @@ def save_hf(model, tokenizer, cfg: dict, prompt: dict, dtype_name: str, model_di
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     exported = {"from": str(model_dir), "dtype": dtype_name}
-    write_json(out / "training_config.json", {**cfg, "prompt": prompt, "exported": exported})
+    write_json(out / "training_config.json", {**cfg, "exported": exported})  # the prompt travels on
     return {
         "parameters": sum(p.numel() for p in model.parameters()),
         "bytes": sum(f.stat().st_size for f in out.iterdir() if f.is_file()),
@@ -237,18 +195,14 @@ def main(argv=None) -> None:
     parser.add_argument("--params", type=Path, default=None, help="read this params.yaml instead of asking DVC (tests)")
     args = parser.parse_args(argv)
 
-    params = read_params(args.params)
-    p = check_export_params(params["export"])
-    from stages import format as format_stage
-
-    fmt = check_params(params["format"], format_stage.DEFAULTS, "format")
-    format_stage.check_templates(fmt)
-    prompt = {"format": fmt, "opencc": params["clean"].get("opencc", "t2s")}
-    cfg = read_training_config(args.model)  # before anything heavy: clear errors when missing
+    p = check_export_params(load_params("export", args.params, dvc_stage=PIPELINE_STAGE))
+    trained = modeling.load_trained(args.model, model=False, backend="hf")  # before anything heavy: clear errors
+    cfg, tokenizer, is_adapter = trained.config, trained.tokenizer, trained.is_adapter
     tools = find_llama_cpp()
 
-    tokenizer = load_trained_tokenizer(args.model)
-    model, is_adapter = load_trained(args.model, cfg, tokenizer)
+    import torch
+
+    model = modeling.load_trained_model(trained, device="cpu", dtype=torch.float32, merge=False)
     log.info("%s: %s on %s; merging and saving as %s", args.model, "LoRA adapter" if is_adapter else "full model", cfg["model"], p["dtype"])
     model, check = merge(model, is_adapter, tokenizer)
     if is_adapter:
@@ -260,7 +214,7 @@ def main(argv=None) -> None:
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        hf = save_hf(model, tokenizer, cfg, prompt, p["dtype"], args.model, tmp / "hf")
+        hf = save_hf(model, tokenizer, cfg, p["dtype"], args.model, tmp / "hf")
         del model
         gguf = export_gguf(tmp / "hf", tmp, p, tools)
         report = {

@@ -22,46 +22,13 @@ import argparse
 import collections
 from pathlib import Path
 
+from stages.modeling import PROMPT_SCHEMA, build_messages, check_templates
 from stages.common import PipelineError, atomic_outputs, check_params, get_logger, load_params, read_pairs, run_main, write_json, write_jsonl
 
 log = get_logger("format")
 
-DEFAULTS = {
-    "system_prompt": "",
-    "user_template": "{classical}",
-    "context_sentences": 0,
-    "context_template": "上文：{context}\n",
-}
+SCHEMA = PROMPT_SCHEMA  # modeling's: train records these values with the model
 SPLITS = ("train", "valid", "test")
-
-
-def check_templates(params: dict) -> None:
-    """Each template must format with exactly its one field, so a typo fails before any work."""
-    for key, field in (("user_template", "classical"), ("context_template", "context")):
-        template = params[key]
-        if key == "context_template" and params["context_sentences"] == 0:
-            continue
-        if "{" + field + "}" not in template:
-            raise PipelineError(f"params.yaml 'format.{key}' should contain {{{field}}}, got {template!r}")
-        try:
-            template.format(**{field: "x"})
-        except (KeyError, IndexError, ValueError) as exc:
-            raise PipelineError(
-                f"params.yaml 'format.{key}' {template!r} does not format with only {{{field}}} ({exc!r}); "
-                f"write literal braces as {{{{ and }}}}"
-            ) from None
-    if params["context_sentences"] < 0:
-        raise PipelineError(f"params.yaml 'format.context_sentences' should be >= 0, got {params['context_sentences']}")
-
-
-def build_messages(source: str, target: str, context: list[str], params: dict) -> list[dict]:
-    user = params["user_template"].format(classical=source)
-    if context:
-        user = params["context_template"].format(context="".join(context)) + user
-    messages = [{"role": "system", "content": params["system_prompt"]}] if params["system_prompt"] else []
-    messages.append({"role": "user", "content": user})
-    messages.append({"role": "assistant", "content": target})
-    return messages
 
 
 def format_rows(df, params: dict, stats: dict | None = None):
@@ -103,7 +70,7 @@ def main(argv=None) -> None:
     parser.add_argument("--params", default=None, help="params.yaml to read instead of DVC's (tests, benchmarks)")
     args = parser.parse_args(argv)
 
-    params = check_params(load_params("format", args.params), DEFAULTS, "format")
+    params = check_params(load_params("format", args.params), SCHEMA, "format")
     check_templates(params)
     from tqdm import tqdm
 

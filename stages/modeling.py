@@ -1,4 +1,11 @@
-"""Finding and loading the base model and its tokenizer; shared by train, evaluate (and translate).
+"""The model library: what train, evaluate, translate and export share (no stage imports another stage).
+
+  - the base model: resolve_model / materialize / load_tokenizer / load_model (below);
+  - the prompt: build_messages (a sentence -> messages, used by format and translate), encode_messages
+    (messages -> token ids: the one function for training and inference), end_of_turn_id(s) (stop tokens);
+  - a trained model directory: load_trained (config + the prompt it was trained with + tokenizer + model),
+    load_base (a base model, for the `base` baseline), pick_backend (unsloth or hf);
+  - generation: generate (batched, left padding; on CPU greedy its own loop greedy_batch).
 
 `train.model` may be:
   - the built-in offline default `smollm2-135m-instruct` (the GGUF file that the PyPI package
@@ -14,13 +21,16 @@ later load is a plain `from_pretrained`.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
+import math
 import os
 import re
 from pathlib import Path
+from typing import Any
 
-from stages.common import PipelineError, get_logger
+from stages.common import Int, PipelineError, Str, get_logger
 
 log = get_logger("modeling")
 
@@ -116,6 +126,8 @@ def materialize(spec: str, cache_dir: Path = BASE_CACHE) -> str:
     stamp = {"gguf": source, "size": stat.st_size, "mtime": int(stat.st_mtime)}
     if marker.is_file() and json.loads(marker.read_text()) == stamp:
         return str(target)
+    if target.parent.resolve() == BASE_CACHE.resolve() and Path("dvc.yaml").is_file():
+        log.warning("%s is missing or stale; in the pipeline the base stage writes it (dvc repro base)", target)
     log.info("dequantising %s into a plain model directory %s (once)", source, target)
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -229,6 +241,10 @@ def read_training_config(model_dir: Path) -> dict:
         raise PipelineError(f"{path}: not valid JSON ({exc.msg})") from None
     if not cfg.get("model"):
         raise PipelineError(f"{path}: has no 'model' (the base model the adapter was trained on)")
+    prompt = cfg.get("prompt")
+    if not isinstance(prompt, dict) or "opencc" not in prompt or set(PROMPT_KEYS) - set(prompt.get("format") or {}):
+        raise PipelineError(f"{path}: has no complete 'prompt' (format params + opencc, recorded by the train stage "
+                            f"since the prompt travels with the model); retrain it (dvc repro train)")
     if not (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file():
         raise PipelineError(f"{model_dir}: neither a LoRA adapter (adapter_config.json) nor a model (config.json)")
     return cfg
@@ -245,3 +261,412 @@ def load_trained_tokenizer(model_dir: Path):
     if not tokenizer.chat_template:
         raise PipelineError(f"{model_dir}: the tokenizer has no chat template; the train stage should save it")
     return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# The prompt: source sentence -> messages (format writes them, translate builds them for new text),
+# messages -> token ids (train, evaluate and translate alike), and the tokens that end a turn.
+
+PROMPT_SCHEMA = {  # params.yaml format: (values and comments there)
+    "system_prompt": Str(),  # "" = no system message (SmolLM2's template then adds its own)
+    "user_template": Str(),  # with {classical}: check_templates
+    "context_sentences": Int(min=0),
+    "context_template": Str(),  # with {context} when context_sentences > 0
+}
+PROMPT_KEYS = tuple(PROMPT_SCHEMA)
+
+
+def check_templates(params: dict) -> None:
+    """Each template must format with exactly its one field, so a typo fails before any work."""
+    for key, field in (("user_template", "classical"), ("context_template", "context")):
+        template = params[key]
+        if key == "context_template" and params["context_sentences"] == 0:
+            continue
+        if "{" + field + "}" not in template:
+            raise PipelineError(f"params.yaml 'format.{key}' should contain {{{field}}}, got {template!r}")
+        try:
+            template.format(**{field: "x"})
+        except (KeyError, IndexError, ValueError) as exc:
+            raise PipelineError(
+                f"params.yaml 'format.{key}' {template!r} does not format with only {{{field}}} ({exc!r}); "
+                f"write literal braces as {{{{ and }}}}"
+            ) from None
+    if params["context_sentences"] < 0:
+        raise PipelineError(f"params.yaml 'format.context_sentences' should be >= 0, got {params['context_sentences']}")
+
+
+def build_messages(source: str, target: str | None, context: list[str], params: dict) -> list[dict]:
+    """[system?, user, assistant] for a pair; target None = the prompt only (inference)."""
+    user = params["user_template"].format(classical=source)
+    if context:
+        user = params["context_template"].format(context="".join(context)) + user
+    messages = [{"role": "system", "content": params["system_prompt"]}] if params["system_prompt"] else []
+    messages.append({"role": "user", "content": user})
+    if target is not None:
+        messages.append({"role": "assistant", "content": target})
+    return messages
+
+
+def encode_messages(tokenizer, conversations: list[list[dict]], names: list[str] | None = None):
+    """The one messages -> token ids function, for training and inference alike.
+
+    Returns [(prompt_ids, reply_ids, retokenized)]. The prompt is the template rendering of the messages
+    before the assistant's reply, with the generation prompt: what the model sees at inference. A
+    conversation that ends with the assistant's reply (training) also gets the reply's ids; one that ends
+    with the user's turn (inference) gets reply_ids None.
+
+    The prompt's text must be a prefix of the whole conversation's rendering (else the model would train on
+    a context it never sees). Usually its tokens are a prefix of the whole tokenization too; where tokens
+    merge across the boundary (a GPT-2-style pre-tokenizer after Llama-3.1's "\n\n"), the reply is
+    tokenized on its own after the prompt's tokens (retokenized=True): the sequence the model produces."""
+    names = names or [f"conversation {i}" for i in range(len(conversations))]
+    with_reply = [bool(c) and c[-1].get("role") == "assistant" for c in conversations]
+    prompts = [tokenizer.apply_chat_template(c[:-1] if r else c, tokenize=False, add_generation_prompt=True)
+               for c, r in zip(conversations, with_reply)]
+    # The rendered text already holds the template's special tokens (bos included): add none.
+    prompt_ids = tokenizer(prompts, add_special_tokens=False).input_ids if prompts else []
+    trained = [i for i, r in enumerate(with_reply) if r]
+    fulls = {i: tokenizer.apply_chat_template(conversations[i], tokenize=False) for i in trained}
+    full_ids = dict(zip(trained, tokenizer([fulls[i] for i in trained], add_special_tokens=False).input_ids)) if trained else {}
+    out = []
+    for i, (name, prompt, p) in enumerate(zip(names, prompts, prompt_ids)):
+        if i not in fulls:
+            out.append((p, None, False))
+            continue
+        full, f = fulls[i], full_ids[i]
+        if not full.startswith(prompt):
+            raise PipelineError(
+                f"{name}: the chat template renders the prompt (with the generation prompt) differently from the "
+                f"start of the whole conversation; the tokenized prompt is not a prefix, cannot mask it"
+            )
+        retokenized = f[: len(p)] != p
+        reply = tokenizer(full[len(prompt) :], add_special_tokens=False).input_ids if retokenized else f[len(p) :]
+        out.append((p, reply, retokenized))
+    return out
+
+
+def prompt_ids(tokenizer, prompts: list[list[dict]]) -> list[list[int]]:
+    """The generation prompt's token ids of each conversation (system? + user)."""
+    return [p for p, _, _ in encode_messages(tokenizer, prompts)]
+
+
+def token_budgets(tokenizer, sources: list[str], factor: float, extra: int) -> list[int]:
+    """max_new_tokens of each sentence: ceil(factor x its source tokens) + extra."""
+    return [math.ceil(factor * len(tokenizer(s, add_special_tokens=False).input_ids)) + extra for s in sources]
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The id of the chat template's end-of-turn token (the last trained token of a reply)."""
+    token = end_of_turn_token(tokenizer)
+    token_id = tokenizer.convert_tokens_to_ids(token) if token is not None else None
+    if token_id is None or token_id == tokenizer.unk_token_id and token != tokenizer.unk_token:
+        raise PipelineError(f"the chat template's end-of-turn token {token!r} is not a token of the tokenizer")
+    return token_id
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Token ids that end the assistant's turn: the chat template's end-of-turn token and eos."""
+    ids = []
+    for token in (end_of_turn_token(tokenizer), tokenizer.eos_token):
+        if token is not None:
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if token_id is not None and token_id not in ids:
+                ids.append(token_id)
+    if not ids:
+        raise PipelineError("the tokenizer has neither an end-of-turn token nor an eos token to stop generation at")
+    return ids
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend and loading a trained model (the train stage's output directory)
+
+
+def pick_backend(requested: str) -> str:
+    """'unsloth' or 'hf' for a requested backend (train.backend, or what a trained model was trained with).
+
+    hf = plain transformers; unsloth = unsloth, which must work when asked for by name; auto = unsloth
+    when CUDA is there and it imports, else hf. Importing unsloth patches transformers/peft/trl, so this
+    runs before they are imported."""
+    import torch
+
+    if requested == "hf":
+        return "hf"
+    if not torch.cuda.is_available():
+        if requested == "unsloth":
+            raise PipelineError("backend unsloth needs a CUDA GPU; none is visible (use backend: hf or auto)")
+        return "hf"
+    try:
+        import unsloth  # noqa: F401  (must come before transformers, peft and trl)
+    except Exception as exc:  # ImportError, or unsloth's own errors on an unsupported setup
+        if requested == "unsloth":
+            raise PipelineError(f"backend unsloth: `import unsloth` failed: {exc}") from exc
+        log.warning("unsloth is not usable (%s); using plain transformers", exc)
+        return "hf"
+    return "unsloth"
+
+
+def inference_backend(cfg: dict) -> str:
+    """unsloth's inference for a model trained with unsloth where it works (never required), else hf."""
+    return pick_backend("auto" if cfg.get("backend") == "unsloth" else "hf")
+
+
+@dataclasses.dataclass
+class Trained:
+    """A trained model directory as train wrote it: its config, the prompt it was trained with (format
+    params + OpenCC config), its tokenizer (left padding, for batched generation) and, once loaded, the model."""
+
+    path: Path
+    config: dict
+    tokenizer: Any
+    backend: str
+    model: Any = None
+    is_adapter: bool = False
+
+    @property
+    def prompt(self) -> dict:
+        """{"format": {system_prompt, user_template, context_sentences, context_template}, "opencc": ...}"""
+        return self.config["prompt"]
+
+
+def load_trained(model_dir: Path, *, model: bool = True, backend: str | None = None, device=None, dtype=None,
+                 merge: bool = True) -> Trained:
+    """Everything a trained model directory holds, read back from there only (never from params.yaml).
+
+    model=False: config, prompt and tokenizer only (cheap checks first). backend None = inference_backend.
+    device/dtype default to device_and_dtype(); merge folds a LoRA adapter into its base on CPU."""
+    model_dir = Path(model_dir)
+    cfg = read_training_config(model_dir)
+    if backend is None:
+        backend = inference_backend(cfg)  # before transformers/peft are imported
+    tokenizer = load_trained_tokenizer(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    trained = Trained(model_dir, cfg, tokenizer, backend, is_adapter=(model_dir / "adapter_config.json").is_file())
+    if model:
+        trained.model = load_trained_model(trained, device=device, dtype=dtype, merge=merge)
+    return trained
+
+
+def load_trained_model(trained: Trained, device=None, dtype=None, merge: bool = True):
+    """The fine-tuned model, ready to generate: base + PeftModel for an adapter, else the full model."""
+    model_dir, cfg, tokenizer = trained.path, trained.config, trained.tokenizer
+    if trained.backend == "unsloth":
+        try:
+            from unsloth import FastLanguageModel
+
+            model, _ = FastLanguageModel.from_pretrained(
+                model_name=str(model_dir), max_seq_length=cfg.get("max_seq_length") or 2048, dtype=None,
+                load_in_4bit=bool(cfg.get("load_in_4bit", False)),
+            )
+            FastLanguageModel.for_inference(model)
+            return model
+        except Exception as exc:
+            log.warning("unsloth could not load %s (%s); falling back to transformers", model_dir, exc)
+    auto_device, auto_dtype = device_and_dtype()
+    device, dtype = device or auto_device, dtype or auto_dtype
+    if not trained.is_adapter:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
+    from peft import PeftModel
+
+    base = load_model(cfg["model"], dtype=dtype, device=device)
+    if len(tokenizer) > base.get_input_embeddings().num_embeddings:  # the train stage added template tokens
+        base.resize_token_embeddings(len(tokenizer))
+    try:
+        model = PeftModel.from_pretrained(base, str(model_dir))
+    except Exception as exc:
+        raise PipelineError(f"{model_dir}: could not load the adapter onto {cfg['model']}: {exc}") from None
+    if merge and device == "cpu":  # fp32: merging is exact enough, and saves the LoRA side products (~10% on CPU);
+        try:  # disable_adapter() would unmerge again
+            model.merge_adapter()
+        except Exception as exc:  # an adapter type peft cannot merge: generate unmerged
+            log.warning("could not merge the adapter (%s); generating unmerged", exc)
+    return model.eval()
+
+
+def load_base(cfg: dict, tokenizer, backend: str):
+    """The base model cfg["model"] as released (16-bit, not 4-bit) with the tokenizer's vocabulary (a named
+    chat template may add tokens): the `base` baseline, ready to generate."""
+    if backend == "unsloth":
+        try:
+            from unsloth import FastLanguageModel
+
+            model, _ = FastLanguageModel.from_pretrained(
+                model_name=materialize(cfg["model"]), max_seq_length=cfg.get("max_seq_length") or 2048,
+                dtype=None, load_in_4bit=False,
+            )
+            FastLanguageModel.for_inference(model)
+            return model
+        except Exception as exc:
+            log.warning("unsloth could not load the base model (%s); falling back to transformers", exc)
+    device, dtype = device_and_dtype()
+    base = load_model(cfg["model"], dtype=dtype, device=device)
+    if len(tokenizer) > base.get_input_embeddings().num_embeddings:
+        base.resize_token_embeddings(len(tokenizer))
+    return base.eval()
+
+
+def device_and_dtype():
+    """cuda in bf16 (fp16 where bf16 is missing), else cpu in fp32 (bf16 on CPU changes greedy outputs)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu", torch.float32
+    return "cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation: batched, left padding, stops at the end of turn; on CPU greedy, this module's own loop
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: list[list[dict]],
+    sources: list[str],
+    *,
+    batch_size: int = 16,
+    num_beams: int = 1,
+    factor: float = 2.0,
+    extra: int = 16,
+    eos_token_ids: list[int] | None = None,
+    desc: str = "generate",
+    loop: str = "auto",
+) -> tuple[list[str], list[bool]]:
+    """Translate each prompt; returns (texts, hit_limit) in the order of `prompts`.
+
+    Prompts are sorted by length (longest first, so an out-of-memory error shows at once) and
+    batched with left padding; each output is sliced off at the padded input length, cut at the first
+    end-of-turn token and at the sentence's own budget. hit_limit[i] is True when sentence i reached
+    its budget without ending its turn.
+
+    loop: "own" = greedy_batch below (greedy only), "hf" = transformers' generate(), "auto" = own for
+    greedy decoding on CPU, hf otherwise (beam search; GPU, where unsloth patches generation)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    if eos_token_ids is None:
+        eos_token_ids = end_of_turn_ids(tokenizer)
+    eos = set(eos_token_ids)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_ids[0]
+    input_ids, budgets = prompt_ids(tokenizer, prompts), token_budgets(tokenizer, sources, factor, extra)
+    order = sorted(range(len(prompts)), key=lambda i: (len(input_ids[i]), budgets[i]), reverse=True)
+    device = next(model.parameters()).device
+    if loop == "auto":
+        loop = "own" if num_beams == 1 and device.type == "cpu" else "hf"
+    if loop == "own" and num_beams != 1:
+        raise PipelineError("the own generation loop is greedy only; use loop='hf' for beam search")
+    outputs: list[str | None] = [None] * len(prompts)
+    hit_limit = [False] * len(prompts)
+    with torch.inference_mode(), tqdm(total=len(prompts), desc=desc, unit="sent") as bar:
+        prefix = shared_prefix(model, input_ids) if loop == "own" else None
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            if loop == "own":
+                new_tokens = greedy_batch(model, [input_ids[i] for i in batch], [budgets[i] for i in batch],
+                                          eos, pad_id, prefix)
+            else:
+                width = max(len(input_ids[i]) for i in batch)
+                ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, i in enumerate(batch):  # left padding: the prompt ends where generation starts
+                    ids[row, width - len(input_ids[i]) :] = torch.tensor(input_ids[i])
+                    mask[row, width - len(input_ids[i]) :] = 1
+                out = model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    max_new_tokens=max(budgets[i] for i in batch),
+                    do_sample=False,
+                    num_beams=num_beams,
+                    eos_token_id=list(eos_token_ids),
+                    pad_token_id=pad_id,
+                )
+                new_tokens = out[:, width:].tolist()  # slice by input length, never by searching the text
+            for row, i in enumerate(batch):
+                tokens = new_tokens[row][: budgets[i]]
+                end = next((k for k, t in enumerate(tokens) if t in eos), None)
+                if end is None:
+                    hit_limit[i] = True
+                else:
+                    tokens = tokens[:end]
+                text = tokenizer.decode(tokens, skip_special_tokens=True)
+                # a cut in the middle of a character's byte-level tokens decodes to U+FFFD
+                outputs[i] = text.rstrip("\ufffd") if hit_limit[i] else text
+            bar.update(len(batch))
+    return outputs, hit_limit
+
+
+def shared_prefix(model, input_ids: list[list[int]]):
+    """(length, KV cache) of the token prefix that every prompt shares (chat template + system prompt +
+    instruction: 112 of ~156 tokens with the default params), computed once; (0, None) if there is none.
+    At least one token of each prompt is left out of it, so each prompt has logits to start from."""
+    from transformers import DynamicCache
+    import torch
+
+    first, length = input_ids[0], min(len(ids) for ids in input_ids) - 1
+    for ids in input_ids:
+        length = next((k for k in range(length) if ids[k] != first[k]), length)
+    if length < 1:
+        return 0, None
+    cache = DynamicCache(config=model.config)
+    device = next(model.parameters()).device
+    model(input_ids=torch.tensor([first[:length]], device=device), past_key_values=cache, use_cache=True,
+          logits_to_keep=1)
+    return length, cache
+
+
+def greedy_batch(model, input_ids: list[list[int]], budgets: list[int], eos: set[int], pad_id: int, prefix=(0, None)):
+    """Greedy decoding of one batch; returns each row's new tokens, ending at its first end-of-turn
+    token or at its budget. What the CPU saves over transformers' generate() (same outputs, see
+    tests/test_evaluate.py and reports/benchmarks/generation.md):
+      - the shared prefix's keys and values are computed once (shared_prefix) and copied into each
+        batch; each row is laid out [prefix | padding | rest of its prompt], and its attention mask and
+        position ids (cumulated mask) make that the same computation as the unpadded prompt;
+      - a row leaves the batch (and its KV cache) when it ends its turn or reaches its own budget,
+        instead of being carried to the end of the longest row."""
+    import torch
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    p, prefix_cache = prefix
+    rows = len(input_ids)
+    width = max(len(ids) for ids in input_ids) - p
+    ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((rows, p + width), dtype=torch.long)
+    mask[:, :p] = 1
+    for row, prompt in enumerate(input_ids):
+        rest = prompt[p:]
+        ids[row, width - len(rest) :] = torch.tensor(rest)
+        mask[row, p + width - len(rest) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, p:]
+    cache = DynamicCache(config=model.config)
+    if prefix_cache is not None:
+        for layer_idx, layer in enumerate(prefix_cache.layers):
+            cache.update(layer.keys.expand(rows, -1, -1, -1).contiguous(),
+                         layer.values.expand(rows, -1, -1, -1).contiguous(), layer_idx)
+    ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+                logits_to_keep=1)
+    position = positions[:, -1]
+    new_tokens: list[list[int]] = [[] for _ in range(rows)]
+    alive = list(range(rows))  # rows still generating, in the order of the tensors' batch dimension
+    while True:
+        next_ids = out.logits[:, -1].argmax(-1)
+        keep = []
+        for k, (row, token) in enumerate(zip(alive, next_ids.tolist())):
+            new_tokens[row].append(token)
+            if token not in eos and len(new_tokens[row]) < budgets[row]:
+                keep.append(k)
+        if not keep:
+            return new_tokens
+        if len(keep) < len(alive):
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            mask, position, next_ids = mask[index], position[index], next_ids[index]
+            alive = [alive[k] for k in keep]
+        mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
+        position = position + 1
+        out = model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=position[:, None],
+                    past_key_values=cache, use_cache=True)

@@ -24,15 +24,15 @@ import hashlib
 import re
 from pathlib import Path
 
-from stages.common import PipelineError, atomic_outputs, check_params, get_logger, load_params, read_pairs, run_main, write_json
+from stages.common import Float, Int, ListOf, PipelineError, atomic_outputs, check_params, get_logger, load_params, read_pairs, run_main, write_json
 
 log = get_logger("split")
 
-DEFAULTS = {
-    "seed": 42,
-    "valid_fraction": 0.02,
-    "test_fraction": 0.05,
-    "test_books": [],
+SCHEMA = {  # values and their comments: params.yaml
+    "seed": Int(),
+    "valid_fraction": Float(min=0, below=1),  # with test_fraction below 1: check_split_params
+    "test_fraction": Float(min=0, below=1),
+    "test_books": ListOf(str),
 }
 SPLITS = ("train", "valid", "test")
 _NOT_WORD = re.compile(r"[^\w\n]|_")  # punctuation, symbols, spaces; keeps CJK, Latin letters and digits
@@ -86,7 +86,7 @@ def main(argv=None) -> None:
     parser.add_argument("--params", default=None, help="params.yaml to read instead of DVC's (tests, benchmarks)")
     args = parser.parse_args(argv)
 
-    params = check_params(load_params("split", args.params), DEFAULTS, "split")
+    params = check_params(load_params("split", args.params), SCHEMA, "split")
     check_split_params(params)
 
     df = read_pairs(args.pairs, "clean")

@@ -47,52 +47,52 @@ from pathlib import Path
 
 from stages import modeling
 from stages.common import (
-    PipelineError, check_params, get_logger, load_params, read_jsonl, replace_dir, run_main, write_json,
+    Bool, Float, Int, ListOf, OneOf, PipelineError, Str, check_params, get_logger, load_sections, read_jsonl, replace_dir, run_main, write_json,
 )
 
 log = get_logger("train")
 
-DEFAULTS = {  # the types and values params.yaml's train: section is checked against (comments there)
-    "model": "smollm2-135m-instruct",
-    "backend": "auto",  # auto | unsloth | hf
-    "chat_template": None,  # None = the model's own; or a name in modeling.CHAT_TEMPLATES
-    "max_seq_length": 512,
-    "max_train_samples": 0,
-    "load_in_4bit": False,
-    "dtype": "auto",  # auto | bf16 | fp16 | fp32
-    "method": "lora",  # lora | qlora | full
-    "lora_r": 16,
-    "lora_alpha": 32,
-    "lora_dropout": 0.0,
-    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "lora_bias": "none",
-    "use_rslora": False,
-    "gradient_checkpointing": None,  # auto | unsloth | true | false
-    "padding_free": None,  # auto | true | false
-    "batch_tokens": 1024,
-    "batch_size": 8,
-    "gradient_accumulation_steps": 1,
-    "warmup_steps": 3,
-    "max_steps": 30,
-    "epochs": 1.0,
-    "learning_rate": 4e-4,
-    "lr_scheduler": "linear",
-    "weight_decay": 0.01,
-    "optim": "auto",
-    "seed": 3407,
-    "logging_steps": 5,
-    "eval_steps": 15,
-    "eval_samples": 32,
-    "save_steps": 15,
-    "save_total_limit": 2,
-    "resume": False,
-    "num_gpus": 1,  # > 1: relaunch through torchrun, one DDP process per GPU
-}
 METHODS = ("lora", "qlora", "full")
 BACKENDS = ("auto", "unsloth", "hf")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 LORA_BIASES = ("none", "all", "lora_only")
 FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn2", "kernels-community/flash-attn3")
+SCHEMA = {  # values and their comments: params.yaml's train: section
+    "model": Str(),  # built-in name, hub id, directory or .gguf: modeling.resolve_model
+    "backend": Str(*BACKENDS),
+    "chat_template": Str(null=True),  # null or a name in modeling.CHAT_TEMPLATES
+    "max_seq_length": Int(above=0),
+    "max_train_samples": Int(min=0),
+    "load_in_4bit": Bool(),
+    "dtype": Str(*DTYPES),
+    "method": Str(*METHODS),
+    "lora_r": Int(above=0),
+    "lora_alpha": Float(above=0),
+    "lora_dropout": Float(min=0, below=1),
+    "target_modules": ListOf(str),
+    "lora_bias": Str(*LORA_BIASES),
+    "use_rslora": Bool(),
+    "gradient_checkpointing": OneOf("auto", "unsloth", True, False),
+    "padding_free": OneOf("auto", True, False),
+    "batch_tokens": Int(min=0),
+    "batch_size": Int(above=0),
+    "gradient_accumulation_steps": Int(above=0),
+    "warmup_steps": Int(min=0),
+    "max_steps": Int(min=0),
+    "epochs": Float(min=0),  # > 0 when max_steps is 0
+    "learning_rate": Float(above=0),
+    "lr_scheduler": Str(),  # a transformers SchedulerType: check_trainer_names
+    "weight_decay": Float(min=0),
+    "optim": Str(),  # auto or a transformers OptimizerNames: check_trainer_names
+    "seed": Int(),
+    "logging_steps": Int(above=0),
+    "eval_steps": Int(min=0),
+    "eval_samples": Int(min=0),
+    "save_steps": Int(min=0),
+    "save_total_limit": Int(min=0),
+    "resume": Bool(),
+    "num_gpus": Int(above=0),
+}
 # Keys that define what a checkpoint is; train.resume refuses a checkpoint made with other values.
 RUN_IDENTITY = (
     "model", "chat_template", "method", "load_in_4bit", "lora_r", "lora_alpha", "lora_dropout", "target_modules",
@@ -107,37 +107,14 @@ RUN_IDENTITY = (
 
 def resolve_config(section: dict) -> dict:
     """Validate train: params (unknown keys, types, values, model path) before anything heavy runs."""
-    cfg = check_params(section, DEFAULTS, "train")
-    choices = {"backend": BACKENDS, "method": METHODS, "dtype": DTYPES, "lora_bias": LORA_BIASES}
-    for key, allowed in choices.items():
-        if cfg[key] not in allowed:
-            raise PipelineError(f"train.{key} must be one of {', '.join(allowed)}; got {cfg[key]!r}")
-    if cfg["gradient_checkpointing"] is None:
-        cfg["gradient_checkpointing"] = "auto"
-    if cfg["gradient_checkpointing"] not in ("auto", "unsloth", True, False):
-        raise PipelineError(f"train.gradient_checkpointing must be auto, unsloth, true or false; got {cfg['gradient_checkpointing']!r}")
-    if cfg["padding_free"] is None:
-        cfg["padding_free"] = "auto"
-    if cfg["padding_free"] not in ("auto", True, False):
-        raise PipelineError(f"train.padding_free must be auto, true or false; got {cfg['padding_free']!r}")
+    cfg = check_params(section, SCHEMA, "train")
     name = cfg["chat_template"]
     if name is not None and name not in modeling.CHAT_TEMPLATES:
         raise PipelineError(
             f"train.chat_template '{name}' is unknown; choose one of: {', '.join(modeling.CHAT_TEMPLATES)} (or null)"
         )
-    positive = ["max_seq_length", "batch_size", "gradient_accumulation_steps", "lora_r", "logging_steps", "num_gpus"]
-    for key in positive:
-        if cfg[key] <= 0:
-            raise PipelineError(f"train.{key} must be > 0; got {cfg[key]}")
-    for key in ["max_train_samples", "batch_tokens", "warmup_steps", "max_steps", "eval_steps", "eval_samples", "save_steps"]:
-        if cfg[key] < 0:
-            raise PipelineError(f"train.{key} must be >= 0; got {cfg[key]}")
     if cfg["max_steps"] == 0 and cfg["epochs"] <= 0:
         raise PipelineError("train.max_steps is 0, so train.epochs must be > 0")
-    if not 0.0 <= cfg["lora_dropout"] < 1.0:
-        raise PipelineError(f"train.lora_dropout must be in [0, 1); got {cfg['lora_dropout']}")
-    if cfg["learning_rate"] <= 0:
-        raise PipelineError(f"train.learning_rate must be > 0; got {cfg['learning_rate']}")
     if cfg["method"] == "qlora":
         cfg["load_in_4bit"] = True  # qlora = LoRA on a 4-bit base
     if cfg["method"] == "full" and cfg["load_in_4bit"]:
@@ -146,6 +123,17 @@ def resolve_config(section: dict) -> dict:
         raise PipelineError("train.resume needs checkpoints: set train.save_steps > 0")
     modeling.resolve_model(cfg["model"])  # a missing file or directory fails here, before any loading
     return cfg
+
+
+def resolve_prompt(fmt: dict, opencc) -> dict:
+    """The prompt this model is trained with, recorded in training_config.json so that evaluate, translate and
+    export read it from the model, never from a params.yaml edited since: params format: and clean.opencc."""
+    from stages import text
+
+    fmt = check_params(fmt, modeling.PROMPT_SCHEMA, "format")
+    modeling.check_templates(fmt)
+    text.make_converter(opencc)  # an unknown OpenCC config fails before training, not in evaluate
+    return {"format": fmt, "opencc": opencc}
 
 
 def check_trainer_names(cfg: dict) -> None:
@@ -160,28 +148,6 @@ def check_trainer_names(cfg: dict) -> None:
     optimizers = [o.value for o in OptimizerNames]
     if cfg["optim"] != "auto" and cfg["optim"] not in optimizers:
         raise PipelineError(f"train.optim '{cfg['optim']}' is unknown; auto or one of: {', '.join(optimizers)}")
-
-
-def pick_backend(requested: str) -> str:
-    """unsloth when asked for (it must work) or, for auto, when CUDA is there and it imports; else hf.
-
-    Importing unsloth patches transformers/peft/trl, so it has to happen before they are imported."""
-    import torch
-
-    if requested == "hf":
-        return "hf"
-    if not torch.cuda.is_available():
-        if requested == "unsloth":
-            raise PipelineError("train.backend unsloth needs a CUDA GPU; none is visible (use backend: hf or auto)")
-        return "hf"
-    try:
-        import unsloth  # noqa: F401  (must come before transformers, peft and trl)
-    except Exception as exc:  # ImportError, or unsloth's own errors on an unsupported setup
-        if requested == "unsloth":
-            raise PipelineError(f"train.backend unsloth: `import unsloth` failed: {exc}") from exc
-        log.warning("unsloth is not usable (%s); training with the hf backend", exc)
-        return "hf"
-    return "unsloth"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,14 +234,6 @@ def summed(value: int) -> int:
 # Tokenization with the reply-only mask
 
 
-def end_of_turn_id(tokenizer) -> int:
-    token = modeling.end_of_turn_token(tokenizer)
-    token_id = tokenizer.convert_tokens_to_ids(token) if token is not None else None
-    if token_id is None or token_id == tokenizer.unk_token_id and token != tokenizer.unk_token:
-        raise PipelineError(f"the chat template's end-of-turn token {token!r} is not a token of the tokenizer")
-    return token_id
-
-
 def check_messages(messages, where: str) -> None:
     if not isinstance(messages, list) or len(messages) < 2:
         raise PipelineError(f"{where}: 'messages' must be a list [system?, user, assistant]")
@@ -289,39 +247,19 @@ def check_messages(messages, where: str) -> None:
 
 
 def tokenize_conversations(tokenizer, conversations: list[list[dict]], eot_id: int, names: list[str] | None = None):
-    """Tokenize whole conversations; return [(input_ids, completion_mask, retokenized)], the mask 1 on exactly
-    the last assistant reply plus its end-of-turn token.
-
-    The prompt is the template rendering of messages[:-1] with the generation prompt, tokenized as at
-    inference. Its text must be a prefix of the full rendering (else the model would train on a context it
-    never sees). Usually its tokens are a prefix of the full tokenization too; where tokens merge across
-    the boundary (a GPT-2-style pre-tokenizer after Llama-3.1's "\n\n"), the reply is tokenized on its own
-    after the prompt's tokens (retokenized=True): the sequence the model produces at inference."""
+    """Tokenize whole conversations (modeling.encode_messages: the prompt exactly as at inference); return
+    [(input_ids, completion_mask, retokenized)], the mask 1 on exactly the last assistant reply plus its
+    end-of-turn token, 0 on the prompt and on anything the template adds after the end-of-turn token."""
     names = names or [f"conversation {i}" for i in range(len(conversations))]
-    prompts = [tokenizer.apply_chat_template(c[:-1], tokenize=False, add_generation_prompt=True) for c in conversations]
-    fulls = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
-    # The rendered text already holds the template's special tokens (bos included): add none.
-    prompt_ids = tokenizer(prompts, add_special_tokens=False).input_ids
-    full_ids = tokenizer(fulls, add_special_tokens=False).input_ids
     out = []
-    for name, prompt, full, p, f in zip(names, prompts, fulls, prompt_ids, full_ids):
-        if not full.startswith(prompt):
-            raise PipelineError(
-                f"{name}: the chat template renders the prompt (with the generation prompt) differently from the "
-                f"start of the whole conversation; the tokenized prompt is not a prefix, cannot mask it"
-            )
-        retokenized = f[: len(p)] != p
-        if retokenized:
-            f = p + tokenizer(full[len(prompt) :], add_special_tokens=False).input_ids
-        completion = f[len(p) :]
-        if eot_id not in completion:
+    for name, (prompt, reply, retokenized) in zip(names, modeling.encode_messages(tokenizer, conversations, names)):
+        if eot_id not in reply:
             raise PipelineError(
                 f"{name}: the chat template puts no end-of-turn token ({tokenizer.convert_ids_to_tokens(eot_id)}) "
                 f"after the reply, so the model could not learn to stop; use a chat template that does (train.chat_template)"
             )
-        end = completion.index(eot_id) + 1  # keep the reply and its end-of-turn token, mask what follows ("\n")
-        mask = [0] * len(p) + [1] * end + [0] * (len(completion) - end)
-        out.append((f, mask, retokenized))
+        end = reply.index(eot_id) + 1  # keep the reply and its end-of-turn token, mask what follows ("\n")
+        out.append((prompt + reply, [0] * len(prompt) + [1] * end + [0] * (len(reply) - end), retokenized))
     return out
 
 
@@ -330,7 +268,7 @@ def build_examples(tokenizer, rows: list[dict], max_seq_length: int, source: str
     no completion token after truncation is dropped (and counted), never kept with no loss."""
     for i, row in enumerate(rows):
         check_messages(row.get("messages"), f"{source}:{i + 1} (id {row.get('id', '?')})")
-    eot_id = end_of_turn_id(tokenizer)
+    eot_id = modeling.end_of_turn_id(tokenizer)
     names = [f"{source} id {row.get('id', i)}" for i, row in enumerate(rows)]
     tokenized = tokenize_conversations(tokenizer, [row["messages"] for row in rows], eot_id, names)
     examples, dropped, truncated = [], 0, 0
@@ -756,117 +694,113 @@ def build_trainer(model, tokenizer, train_examples, valid_examples, cfg: dict, *
     return trainer
 
 
-def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callbacks=()) -> dict:
-    """Run the stage; returns the summary also written to reports/summary.json. `callbacks`: extra
-    TrainerCallbacks (tests use one to kill a run half-way)."""
-    start = time.perf_counter()
-    out, checkpoints, reports = Path(out), Path(checkpoints), Path(reports)
-    backend = pick_backend(cfg["backend"])  # imports unsloth (if used) before transformers/peft/trl
-    check_trainer_names(cfg)
-
-    import torch
-
-    on_gpu = torch.cuda.is_available()
-    init_distributed(on_gpu)
-    rank, _, processes = world()
+def read_rows(cfg: dict, train_path, valid_path) -> tuple[list[dict], list[dict]]:
+    """The training rows (train.max_train_samples: a seeded sample kept in file order, so a quick run still
+    covers every book) and the first train.eval_samples validation rows."""
     train_rows = read_jsonl(train_path)
     if cfg["max_train_samples"] and cfg["max_train_samples"] < len(train_rows):
-        # a seeded sample in file order, so a quick run still covers every book (the file is in book order)
         import random
 
         keep = sorted(random.Random(cfg["seed"]).sample(range(len(train_rows)), cfg["max_train_samples"]))
         train_rows = [train_rows[i] for i in keep]
-    valid_rows = read_jsonl(valid_path)[: cfg["eval_samples"]] if valid_path and cfg["eval_samples"] else []
     if not train_rows:
         raise PipelineError(f"{train_path}: no training rows")
-    if rank == 0:
-        resume_from = prepare_checkpoints(cfg, checkpoints)
-    barrier()
-    if rank != 0:
-        resume_from = last_checkpoint(checkpoints) if cfg["resume"] else None
+    valid_rows = read_jsonl(valid_path)[: cfg["eval_samples"]] if valid_path and cfg["eval_samples"] else []
+    return train_rows, valid_rows
 
-    dtype = resolve_dtype(cfg, backend)
+
+def resume_point(cfg: dict, checkpoints: Path) -> str | None:
+    """Rank 0 clears or checks the checkpoints (prepare_checkpoints); the other ranks follow it."""
+    resume_from = prepare_checkpoints(cfg, checkpoints) if world()[0] == 0 else None
+    barrier()
+    if world()[0] != 0:
+        resume_from = last_checkpoint(checkpoints) if cfg["resume"] else None
+    return resume_from
+
+
+def load_model_and_tokenizer(cfg: dict, backend: str, dtype, on_gpu: bool):
+    """(model ready to train (LoRA wrapped unless method full), tokenizer, what loading decided)."""
     if backend == "unsloth":
-        model, tokenizer, loaded = load_unsloth(cfg, dtype)
-    else:
-        model, tokenizer, loaded = load_hf(cfg, dtype, on_gpu)
+        return load_unsloth(cfg, dtype)
+    return load_hf(cfg, dtype, on_gpu)
+
+
+def build_datasets(tokenizer, cfg: dict, train_rows, valid_rows, train_path, valid_path):
+    """Tokenized train and valid examples with their stats (build_examples)."""
     train_examples, train_stats = build_examples(tokenizer, train_rows, cfg["max_seq_length"], str(train_path))
     if not train_examples:
         raise PipelineError(f"{train_path}: every example was dropped by truncation; raise train.max_seq_length")
     valid_examples, valid_stats = (
         build_examples(tokenizer, valid_rows, cfg["max_seq_length"], str(valid_path)) if valid_rows else ([], None)
     )
+    return train_examples, train_stats, valid_examples, valid_stats
 
-    lengths = [len(e["input_ids"]) for e in train_examples]
+
+def batch_plan(cfg: dict, backend: str, model, examples: list[dict], dtype, on_gpu: bool) -> dict:
+    """Rows a micro-batch per process, padding-free or not, the optimizer; logged in one line. The micro-batch
+    is global: each DDP process takes its share, so a step sees the same rows whatever train.num_gpus is."""
+    processes = world()[2]
+    lengths = [len(e["input_ids"]) for e in examples]
     mean_length = sum(lengths) / len(lengths)
-    global_rows = rows_per_batch(lengths, cfg["batch_tokens"], cfg["batch_size"])
-    # the micro-batch is global: each of the DDP processes takes its share, so one step sees the same
-    # number of rows whatever train.num_gpus is (rounded up to a multiple of the processes)
-    rows = -(-global_rows // processes)
-    padding_free = choose_padding_free(cfg, backend, model)
-    optim = cfg["optim"] if cfg["optim"] != "auto" else ("adamw_8bit" if on_gpu else "adamw_torch")
+    rows = -(-rows_per_batch(lengths, cfg["batch_tokens"], cfg["batch_size"]) // processes)
+    plan = {"rows": rows, "processes": processes, "mean_length": mean_length,
+            "padding_free": choose_padding_free(cfg, backend, model),
+            "optim": cfg["optim"] if cfg["optim"] != "auto" else ("adamw_8bit" if on_gpu else "adamw_torch")}
     log.info(
         "backend %s on %s%s, %s, %s; %d rows a micro-batch (~%d tokens; mean example %.0f tokens), %s",
         backend, device_name(), f" x {processes} processes ({rows} rows each)" if processes > 1 else "",
         cfg["method"], str(dtype).replace("torch.", ""), rows * processes, rows * processes * mean_length,
-        mean_length, "padding-free" if padding_free else "padded, grouped by length",
+        mean_length, "padding-free" if plan["padding_free"] else "padded, grouped by length",
     )
+    return plan
 
-    staging = staging_dir(reports)
-    if rank == 0 and staging.exists():
-        shutil.rmtree(staging)  # what a killed run left
-    live = open_live(staging)
-    trainer_ref = {}
-    live_callback = make_live_callback(live, trainer_ref)
-    trainer = build_trainer(
-        model, tokenizer, train_examples, valid_examples, cfg, rows=rows, padding_free=padding_free, dtype=dtype,
-        optim=optim, gradient_checkpointing=backend == "hf" and bool(loaded["gradient_checkpointing"]),
-        output_dir=checkpoints, callbacks=[live_callback, *callbacks],
-    )
-    trainer_ref["trainer"] = trainer
-    trainable, total = count_parameters(trainer.model)
-    log.info("trainable parameters %s / %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
-    if on_gpu:
+def run_training(trainer, live_callback, resume_from, evaluate_at_end: bool) -> dict:
+    """trainer.train(), then an eval at the final step if the last periodic one was earlier; the times and
+    losses the summary reports."""
+    import torch
+
+    if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
     trainer_time = time.perf_counter() - t0
-    train_time = live_callback.train_seconds  # training steps only: periodic evals excluded
     evals = [h for h in live_callback.history if "eval_loss" in h]
-    if valid_examples and not (evals and evals[-1]["step"] == trainer.state.global_step):
+    if evaluate_at_end and not (evals and evals[-1]["step"] == trainer.state.global_step):
         trainer.evaluate()  # logged at the final step by the callback
         evals = [h for h in live_callback.history if "eval_loss" in h]
-    train_losses = [h["loss"] for h in live_callback.history if "loss" in h]
+    return {"result": result, "trainer_time": trainer_time, "train_time": live_callback.train_seconds, "evals": evals,
+            "train_losses": [h["loss"] for h in live_callback.history if "loss" in h]}
+
+
+def resolved_config(cfg: dict, prompt: dict, backend: str, dtype, plan: dict, loaded: dict, tokenizer) -> dict:
+    """training_config.json: the params as run, what auto resolved to, and the prompt the model was trained with."""
+    return {
+        **cfg, "backend": backend, "dtype": str(dtype).replace("torch.", ""), "optim": plan["optim"],
+        "padding_free": plan["padding_free"], "gradient_checkpointing": loaded["gradient_checkpointing"],
+        "rows_per_batch": plan["rows"] * plan["processes"], "processes": plan["processes"],
+        "base_model_path": modeling.materialize(cfg["model"]), "vocab_size": len(tokenizer),
+        "added_tokens": loaded["added_tokens"], "end_of_turn_token": modeling.end_of_turn_token(tokenizer),
+        "saved": "model" if cfg["method"] == "full" else "adapter",
+        "prompt": prompt,  # what evaluate, translate and export build their prompts from
+    }
+
+
+def run_summary(cfg: dict, resolved: dict, plan: dict, run: dict, trainer, stats: tuple, resume_from, start: float) -> dict:
+    """reports/train/summary.json: everything about the run; headline_metrics picks what DVC compares."""
+    train_stats, valid_stats = stats
+    trainable, total = count_parameters(trainer.model)
     tokens_seen, completion_tokens_seen = summed(trainer.tokens_seen), summed(trainer.completion_tokens_seen)
-
-    resolved = dict(cfg)
-    resolved.update(
-        backend=backend,
-        dtype=str(dtype).replace("torch.", ""),
-        optim=optim,
-        padding_free=padding_free,
-        gradient_checkpointing=loaded["gradient_checkpointing"],
-        rows_per_batch=rows * processes,
-        processes=processes,
-        base_model_path=modeling.materialize(cfg["model"]),
-        vocab_size=len(tokenizer),
-        added_tokens=loaded["added_tokens"],
-        end_of_turn_token=modeling.end_of_turn_token(tokenizer),
-        saved="model" if cfg["method"] == "full" else "adapter",
-    )
-    if rank == 0:
-        save_output(trainer.model, tokenizer, resolved, out)
-
+    train_time = run["train_time"]  # training steps only: periodic evals excluded
     peak, peak_kind = peak_memory_mib()
-    summary = {
-        "backend": backend,
+    return {
+        "backend": resolved["backend"],
         "model": cfg["model"],
         "method": cfg["method"],
         "load_in_4bit": cfg["load_in_4bit"],
         "dtype": resolved["dtype"],
         "device": device_name(),
-        "processes": processes,  # DDP processes (GPUs); 1 = a plain run
+        "processes": plan["processes"],  # DDP processes (GPUs); 1 = a plain run
         "trainable_params": trainable,
         "total_params": total,
         "steps": trainer.state.global_step,
@@ -875,38 +809,101 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
         "examples_dropped_truncation": train_stats["dropped_truncation"],
         "examples_truncated_kept": train_stats["truncated_kept"],
         "valid_examples": valid_stats["examples"] if valid_stats else 0,
-        "rows_per_batch": rows * processes,
-        "mean_example_tokens": round(mean_length, 1),
-        "padding_free": padding_free,
-        "gradient_checkpointing": loaded["gradient_checkpointing"],
+        "rows_per_batch": resolved["rows_per_batch"],
+        "mean_example_tokens": round(plan["mean_length"], 1),
+        "padding_free": plan["padding_free"],
+        "gradient_checkpointing": resolved["gradient_checkpointing"],
         "tokens_seen": tokens_seen,
         "completion_tokens_seen": completion_tokens_seen,
         "train_time_s": round(train_time, 1),
-        "train_time_with_evals_s": round(trainer_time, 1),
+        "train_time_with_evals_s": round(run["trainer_time"], 1),
         "wall_time_s": round(time.perf_counter() - start, 1),
         "tokens_per_s": round(tokens_seen / max(train_time, 1e-9), 1),
         "completion_tokens_per_s": round(completion_tokens_seen / max(train_time, 1e-9), 1),
         "peak_memory_mib": round(peak, 1),  # per GPU (rank 0's) under DDP
         "peak_memory_kind": peak_kind,
-        "final_train_loss": train_losses[-1] if train_losses else None,
-        "mean_train_loss": result.training_loss,
-        "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "final_train_loss": run["train_losses"][-1] if run["train_losses"] else None,
+        "mean_train_loss": run["result"].training_loss,
+        "final_eval_loss": run["evals"][-1]["eval_loss"] if run["evals"] else None,
         "train_data": train_stats,
         "valid_data": valid_stats,
     }
+
+
+def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callbacks=(), *, prompt: dict) -> dict:
+    """Run the stage; returns the summary also written to reports/summary.json. `prompt`: resolve_prompt's,
+    saved with the model. `callbacks`: extra TrainerCallbacks (tests use one to kill a run half-way)."""
+    start = time.perf_counter()
+    out, checkpoints, reports = Path(out), Path(checkpoints), Path(reports)
+    backend = modeling.pick_backend(cfg["backend"])  # imports unsloth (if used) before transformers/peft/trl
+    check_trainer_names(cfg)
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    init_distributed(on_gpu)
+    train_rows, valid_rows = read_rows(cfg, train_path, valid_path)
+    resume_from = resume_point(cfg, checkpoints)
+
+    dtype = resolve_dtype(cfg, backend)
+    model, tokenizer, loaded = load_model_and_tokenizer(cfg, backend, dtype, on_gpu)
+    # (a step that changes the tokenizer, e.g. extending the vocabulary, goes here: before the examples)
+    train_examples, train_stats, valid_examples, valid_stats = build_datasets(
+        tokenizer, cfg, train_rows, valid_rows, train_path, valid_path)
+    plan = batch_plan(cfg, backend, model, train_examples, dtype, on_gpu)
+
+    staging = staging_dir(reports)
+    if world()[0] == 0 and staging.exists():
+        shutil.rmtree(staging)  # what a killed run left
+    live = open_live(staging)
+    trainer_ref = {}
+    live_callback = make_live_callback(live, trainer_ref)
+    trainer = trainer_ref["trainer"] = build_trainer(
+        model, tokenizer, train_examples, valid_examples, cfg, rows=plan["rows"], padding_free=plan["padding_free"],
+        dtype=dtype, optim=plan["optim"], gradient_checkpointing=backend == "hf" and bool(loaded["gradient_checkpointing"]),
+        output_dir=checkpoints, callbacks=[live_callback, *callbacks],
+    )
+    trainable, total = count_parameters(trainer.model)
+    log.info("trainable parameters %s / %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    run = run_training(trainer, live_callback, resume_from, evaluate_at_end=bool(valid_examples))
+
+    resolved = resolved_config(cfg, prompt, backend, dtype, plan, loaded, tokenizer)
+    if world()[0] == 0:
+        save_output(trainer.model, tokenizer, resolved, out)
+    summary = run_summary(cfg, resolved, plan, run, trainer, (train_stats, valid_stats), resume_from, start)
     live.end()
-    if rank == 0:
-        staging.mkdir(parents=True, exist_ok=True)  # without dvclive only summary.json goes there
-        write_json(staging / "summary.json", summary)
-        replace_dir(staging, reports)
+    if world()[0] == 0:
+        write_reports(staging, reports, summary)
     barrier()  # the adapter is on disk before any process returns
     summary["history"] = live_callback.history  # returned (benchmarks), not written: dvclive has the plots
     log.info(
         "done: %d steps, %s tokens (%s trained) in %.0f s = %.0f tokens/s; final loss %s, eval loss %s; %s %.0f MiB",
-        summary["steps"], f"{summary['tokens_seen']:,}", f"{summary['completion_tokens_seen']:,}", train_time,
-        summary["tokens_per_s"], summary["final_train_loss"], summary["final_eval_loss"], peak_kind, peak,
+        summary["steps"], f"{summary['tokens_seen']:,}", f"{summary['completion_tokens_seen']:,}",
+        summary["train_time_s"], summary["tokens_per_s"], summary["final_train_loss"], summary["final_eval_loss"],
+        summary["peak_memory_kind"], summary["peak_memory_mib"],
     )
     return summary
+
+
+def write_reports(staging: Path, reports: Path, summary: dict) -> None:
+    """summary.json and the headline metrics.json beside dvclive's plots, then the staging directory replaces
+    reports/train: a run that failed before this point leaves the last good reports as they were."""
+    staging.mkdir(parents=True, exist_ok=True)  # without dvclive only summary.json goes there
+    write_json(staging / "summary.json", summary)
+    write_json(staging / "metrics.json", headline_metrics(staging / "metrics.json", summary))
+    replace_dir(staging, reports)
+
+
+def headline_metrics(live_summary: Path, summary: dict) -> dict:
+    """reports/train/metrics.json, what `dvc metrics diff` and `dvc exp show` compare: the final train and eval
+    loss (dvclive's last values), the step, the run's trained tokens/s and wall time. The learning rate and the
+    per-interval tokens/s stay in the plots (a metric train.learning_rate would also crowd out the param of
+    that name in `dvc exp show`); everything else is in summary.json."""
+    live = json.loads(live_summary.read_text(encoding="utf-8")) if live_summary.is_file() else {}
+    metrics = {"train": {"loss": summary["final_train_loss"]}}
+    if summary["final_eval_loss"] is not None:
+        metrics["eval"] = {"loss": summary["final_eval_loss"]}
+    return {**metrics, "step": live.get("step", summary["steps"]), "tokens_per_s": summary["tokens_per_s"],
+            "wall_time_s": summary["wall_time_s"]}
 
 
 def save_output(model, tokenizer, resolved: dict, out: Path) -> None:
@@ -935,7 +932,9 @@ def main(argv=None) -> None:
     parser.add_argument("--reports", required=True, help="report directory (reports/train)")
     parser.add_argument("--params", help="read this params.yaml instead of asking DVC (tests, benchmarks)")
     args = parser.parse_args(argv)
-    cfg = resolve_config(load_params("train", args.params))
+    params = load_sections("train", ["train", "format", "clean.opencc"], args.params)
+    cfg = resolve_config(params["train"])
+    prompt = resolve_prompt(params["format"], params["clean"]["opencc"])
     if cfg["num_gpus"] > 1 and world()[2] == 1:
         code = launch_distributed(cfg, sys.argv[1:] if argv is None else list(argv))
         if code:
@@ -943,7 +942,7 @@ def main(argv=None) -> None:
         return
     if cfg["num_gpus"] == 1:
         pin_one_gpu()
-    train(cfg, args.train, args.valid, args.out, args.checkpoints, args.reports)
+    train(cfg, args.train, args.valid, args.out, args.checkpoints, args.reports, prompt=prompt)
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -10,17 +10,16 @@ train stage's base + LoRA adapter, or its fully fine-tuned model) by default, or
 export stage's merged model), or any directory with the train stage's training_config.json.
 
 In order:
-  1. Each input line is normalised as the training sources were (stages/clean.py: whitespace,
-     full-width punctuation, OpenCC per clean.opencc).
+  1. Each input line is normalised as the training sources were (stages/text.py: whitespace,
+     full-width punctuation, OpenCC with the config the model was trained with).
   2. Each line is split into sentences after 。！？； (a closing quote or bracket stays with its sentence).
   3. A sentence whose prompt is longer than max_seq_length tokens (training_config.json: the length the
      model was trained on) is split further after ，、 into the longest runs of clauses that fit; a clause
      that still does not fit is an error naming the input line. Nothing is ever truncated.
-  4. Each prompt is the training prompt (stages/format.py's build_messages: format.system_prompt,
-     format.user_template and, with format.context_sentences N, the N previous sentences of the input as
-     context), with settings from --params (default params.yaml), or, for an exported model, from the
-     prompt recorded in its training_config.json.
-  5. Generation is stages/evaluate.py's: batched longest first, left padding, greedy, stops at the
+  4. Each prompt is the training prompt (modeling.build_messages with the system prompt, user template
+     and, with context_sentences N, the N previous sentences of the input as context), read from the
+     `prompt` the train stage recorded in the model's training_config.json, never from params.yaml.
+  5. Generation is modeling.generate, as in evaluate: batched longest first, left padding, greedy, stops at the
      end-of-turn token, each output sliced at the padded input length; a tqdm bar on stderr.
   6. The translations of a line's sentences are joined into one output line, so the output has exactly
      as many lines as the input (an empty line stays empty). Written to stdout or, atomically, to --output.
@@ -37,7 +36,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from stages.common import PipelineError, check_params, get_logger, load_params, run_main, write_text
+from stages import modeling, text as text_lib
+from stages.common import PipelineError, get_logger, run_main, write_text
 
 log = get_logger("translate")
 
@@ -124,34 +124,11 @@ def split_input_lines(text: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Prompts: exactly the training prompts (stages/format.py)
-
-
-def prompt_settings(cfg: dict, model_dir: Path, params_file: Path | None) -> tuple[dict, str | None, str]:
-    """(format params, clean.opencc, where they came from). An explicit --params wins; then the prompt an
-    exported model records in training_config.json; then ./params.yaml."""
-    from stages import format as format_stage
-
-    recorded = cfg.get("prompt")
-    if params_file is None and recorded:
-        fmt, opencc, origin = recorded.get("format", {}), recorded.get("opencc"), f"{model_dir}/training_config.json"
-    else:
-        path = Path(params_file or "params.yaml")
-        if not path.is_file():
-            raise PipelineError(
-                f"{path}: not found; translate builds its prompts from params.yaml's format: and clean.opencc "
-                f"(the settings the model was trained with): run it from the project directory or pass --params FILE"
-            )
-        fmt, opencc, origin = load_params("format", path), load_params("clean", path).get("opencc", "t2s"), str(path)
-    fmt = check_params(fmt, format_stage.DEFAULTS, "format")
-    format_stage.check_templates(fmt)
-    return fmt, opencc, origin
+# Prompts: exactly the training prompts (modeling.build_messages, settings from training_config.json)
 
 
 def prompt_messages(piece: str, context: list[str], fmt: dict) -> list[dict]:
-    from stages.format import build_messages
-
-    return build_messages(piece, "", context, fmt)[:-1]  # without the assistant's turn
+    return modeling.build_messages(piece, None, context, fmt)  # the prompt only: no assistant turn
 
 
 def build_prompts(pieces: list[str], fmt: dict, count_tokens: Callable[[list[dict]], int], max_tokens: int | None) -> list[list[dict]]:
@@ -220,8 +197,6 @@ def main(argv=None) -> None:
     parser.add_argument("--output", "-o", help="write here (atomically) instead of to stdout")
     parser.add_argument("--model", "-m", type=Path, default=Path(DEFAULT_MODEL),
                         help=f"adapter or model directory (default {DEFAULT_MODEL}; or models/export/hf)")
-    parser.add_argument("--params", type=Path, default=None,
-                        help="params.yaml with the training prompt (format:, clean.opencc); default ./params.yaml")
     parser.add_argument("--batch-size", type=int, default=16, help="sentences per generation batch")
     parser.add_argument("--max-new-tokens-factor", type=float, default=3.0,
                         help="each sentence may produce factor x its own tokens + 16 tokens")
@@ -237,22 +212,14 @@ def main(argv=None) -> None:
             f"{model_dir}: model directory not found; train one first (dvc repro train) or pass --model DIR "
             f"(models/adapter from the train stage, models/export/hf from the export stage)"
         )
-    from stages import evaluate
+    trained = modeling.load_trained(model_dir, model=False)  # unsloth (if used) is imported before transformers
+    cfg, tokenizer = trained.config, trained.tokenizer
+    fmt, opencc = trained.prompt["format"], trained.prompt["opencc"]  # what the model was trained with
+    converter = text_lib.make_converter(opencc)
+    lines = text_lib.normalise_lines(split_input_lines(text), converter)
 
-    cfg = evaluate.read_training_config(model_dir)
-    fmt, opencc, origin = prompt_settings(cfg, model_dir, args.params)
-    from stages.clean import make_converter, normalise_lines
-
-    converter = make_converter(opencc)
-    lines = normalise_lines(split_input_lines(text), converter)
-
-    # 2. tokenizer (after pick_backend: unsloth must be imported before transformers), then the plan
-    backend = evaluate.pick_backend(cfg)
-    tokenizer = evaluate.load_tokenizer(model_dir)
-
-    def count_tokens(messages: list[dict]) -> int:  # as evaluate.generate tokenizes a prompt
-        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return len(tokenizer(rendered, add_special_tokens=False).input_ids)
+    def count_tokens(messages: list[dict]) -> int:  # as generate tokenizes a prompt
+        return len(modeling.prompt_ids(tokenizer, [messages])[0])
 
     max_tokens = cfg.get("max_seq_length")
     no_context = dict(fmt, context_sentences=0)
@@ -264,8 +231,8 @@ def main(argv=None) -> None:
     pieces = [p for line_pieces in planned for p in line_pieces]
     split_up = sum(len(line_pieces) > len(split_sentences(line)) for line, line_pieces in zip(lines, planned))
     log.info(
-        "%d line(s), %d piece(s) to translate%s; prompt from %s",
-        len(lines), len(pieces), f" ({split_up} line(s) with a sentence split at ，、 to fit)" if split_up else "", origin,
+        "%d line(s), %d piece(s) to translate%s; prompt from %s/training_config.json",
+        len(lines), len(pieces), f" ({split_up} line(s) with a sentence split at ，、 to fit)" if split_up else "", model_dir,
     )
     if not pieces:
         write_output(lines, args.output)  # nothing but empty lines: no model needed
@@ -273,14 +240,14 @@ def main(argv=None) -> None:
 
     # 3. generate
     prompts = build_prompts(pieces, fmt, count_tokens, max_tokens)
-    model, is_adapter = evaluate.load_finetuned(model_dir, cfg, tokenizer, backend)
-    log.info("model: %s (%s on %s, backend %s, %s)", model_dir, "LoRA adapter" if is_adapter else "full model",
-             cfg["model"], backend, next(model.parameters()).device)
-    raw, hit_limit = evaluate.generate(
+    model = modeling.load_trained_model(trained)
+    log.info("model: %s (%s on %s, backend %s, %s)", model_dir, "LoRA adapter" if trained.is_adapter else "full model",
+             cfg["model"], trained.backend, next(model.parameters()).device)
+    raw, hit_limit = modeling.generate(
         model, tokenizer, prompts, pieces, batch_size=args.batch_size, factor=args.max_new_tokens_factor,
-        extra=16, eos_token_ids=evaluate.end_of_turn_ids(tokenizer), desc="translate",
+        extra=16, eos_token_ids=modeling.end_of_turn_ids(tokenizer), desc="translate",
     )
-    translations = normalise_lines(raw, converter)  # one line each, the training targets' script
+    translations = text_lib.normalise_lines(raw, converter)  # one line each, the training targets' script
     if any(hit_limit):
         piece_line = [n for n, line_pieces in enumerate(planned, 1) for _ in line_pieces]
         cut = sorted({piece_line[i] for i, hit in enumerate(hit_limit) if hit})

@@ -46,6 +46,16 @@ BASE_PARAMS = {
 }
 
 
+SHIPPED = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))  # every stage's values
+
+
+def shipped(section: str, **overrides) -> dict:
+    """The shipped params.yaml's `section:` with some keys changed: stages take no defaults, every key is given."""
+    unknown = set(overrides) - set(SHIPPED[section])
+    assert not unknown, f"not keys of params.yaml {section}: {unknown}"
+    return {**copy.deepcopy(SHIPPED[section]), **overrides}
+
+
 def write_chapters(books_root: Path, chapters: dict, line_end: str = "\n") -> None:
     for key, (src, tgt) in chapters.items():
         d = books_root / key

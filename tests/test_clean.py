@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from stages import clean
-from stages.clean import make_converter, normalise_lines, normalise_text
+from stages.text import make_converter, normalise_lines, normalise_text
 from stages.common import PipelineError
 
 
@@ -123,7 +123,7 @@ def test_dedupe_off_and_opencc_none(tmp_path, write_params):
     "clean_params, message",
     [
         ({"max_chars": 1, "min_chars": 2}, "below min_chars"),
-        ({"max_ratio": 0.5}, "max_ratio' should be >= 1"),
+        ({"max_ratio": 0.5}, "clean.max_ratio must be >= 1"),
         ({"min_char": 3}, "did you mean 'min_chars'"),
         ({"dedupe": "yes"}, "should be bool"),
     ],

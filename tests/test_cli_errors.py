@@ -13,7 +13,7 @@ import sys
 import pandas as pd
 import pytest
 import yaml
-from conftest import BASE_PARAMS, REPO
+from conftest import BASE_PARAMS, REPO, shipped
 
 pytestmark = pytest.mark.bad_input
 
@@ -33,7 +33,7 @@ def run_cli(stage, *args):
 
 def params_file(tmp_path, **sections):
     params = copy.deepcopy(BASE_PARAMS)
-    params.update(evaluate={}, export={})
+    params.update(evaluate=shipped("evaluate"), export=shipped("export"))
     for name, values in sections.items():
         params[name] = {**params[name], **values}
     path = tmp_path / "params.yaml"
@@ -155,7 +155,6 @@ def test_cli_translate_bad_input(tmp_path, case):
     else:
         extra = ["--batch-size", "0"]
         expected = ["--batch-size must be >= 1"]
-    error = run_cli("translate", "--input", text, "--output", out, "--model", model,
-                    "--params", params_file(tmp_path), *extra)
+    error = run_cli("translate", "--input", text, "--output", out, "--model", model, *extra)
     assert all(e in error for e in expected), error
     assert not out.exists()

@@ -18,7 +18,7 @@ import yaml
 from conftest import BASE_PARAMS, CHAPTERS, REPO, write_chapters
 
 DATA_STAGES = ("ingest", "clean", "split", "format")
-STAGE_FILES = ("__init__.py", "common.py", "ingest.py", "clean.py", "split.py", "format.py")
+STAGE_FILES = ("__init__.py", "common.py", "text.py", "modeling.py", "ingest.py", "clean.py", "split.py", "format.py")
 
 
 def run(cmd, cwd, env):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import math
 import shlex
 import string
@@ -14,7 +15,9 @@ import pytest
 import torch
 import yaml
 
-from stages import evaluate
+from stages import evaluate, modeling
+from conftest import BASE_PARAMS, shipped
+from tiny import char_tokenizer, tiny_llama
 from stages.common import PipelineError, write_jsonl
 from stages.modeling import CHAT_TEMPLATES
 
@@ -56,33 +59,11 @@ def make_rows(pairs=PAIRS) -> list[dict]:
 
 
 def make_tokenizer():
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    text = SYSTEM + "将下面的文言文翻译成现代汉语：\n " + TRADITIONAL + "".join(s + t for _, _, s, t in PAIRS)
-    special = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
-    vocab = {t: i for i, t in enumerate(special + sorted(set(text + string.ascii_letters)))}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token a character
-    backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<pad>", unk_token="<unk>",
-        additional_special_tokens=["<|im_start|>"],
-    )
-    tokenizer.chat_template = CHAT_TEMPLATES["chatml"]
-    return tokenizer
+    return char_tokenizer(SYSTEM + "将下面的文言文翻译成现代汉语：\n " + TRADITIONAL + "".join(s + t for _, _, s, t in PAIRS))
 
 
 def make_model(tokenizer, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2, tie_word_embeddings=False,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(tokenizer, seed, initializer_range=0.2, tie_word_embeddings=False, bos_token_id=None)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -105,7 +86,8 @@ def tiny(tmp_path_factory):
     base_dir = root / "base"
     base.save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
-    training_config = {"model": str(base_dir), "chat_template": None, "max_seq_length": 256, "backend": "hf"}
+    training_config = {"model": str(base_dir), "chat_template": None, "max_seq_length": 256, "backend": "hf",
+                       "prompt": {"format": BASE_PARAMS["format"], "opencc": "t2s"}}
 
     torch.manual_seed(1)
     lora = get_peft_model(
@@ -124,27 +106,46 @@ def tiny(tmp_path_factory):
     return {"tokenizer": tokenizer, "base": base, "base_dir": base_dir, "adapter": adapter_dir, "full": full_dir}
 
 
-def write_params(path: Path, opencc="t2s", **evaluate_params) -> Path:
+def write_params(path: Path, base_model: str = "", **evaluate_params) -> Path:
     params = {
-        "clean": {"opencc": opencc, "min_chars": 2},
-        "evaluate": {"num_samples": 0, "batch_size": 4, "bootstrap_resamples": 100, "num_examples": 8,
-                     "max_new_tokens_factor": 1.0, "max_new_tokens_extra": 4, **evaluate_params},
+        "train": shipped("train", model=base_model, chat_template=None, backend="hf"),
+        "evaluate": shipped("evaluate", **{"num_samples": 0, "batch_size": 4, "bootstrap_resamples": 100, "num_examples": 8,
+                                       "max_new_tokens_factor": 1.0, "max_new_tokens_extra": 4, **evaluate_params}),
     }
     path.write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
     return path
 
 
+def run_base(test: Path, out: Path, params: Path, base_dir: Path) -> Path:
+    """The base and evaluate_base stages, as dvc.yaml runs them: models/base, then the base outputs."""
+    from stages import base
+
+    base.main(["--out", str(out / "models-base"), "--params", str(params)])
+    base_outputs = out / "base_outputs.jsonl"
+    evaluate.main(["base", "--test", str(test), "--base", str(out / "models-base"), "--out", str(base_outputs),
+                   "--params", str(params)])
+    return base_outputs
+
+
 def run_stage(tmp_path: Path, model_dir: Path, rows=None, opencc="t2s", tag="run", base_outputs=None,
               **evaluate_params) -> Path:
+    """evaluate_base (unless base_outputs are given) then evaluate, in tmp_path/tag."""
     out = tmp_path / tag
     test = out / "test.jsonl"
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(test, make_rows() if rows is None else rows)
+    cfg = json.loads((model_dir / "training_config.json").read_text())
+    if cfg["prompt"]["opencc"] != opencc:  # a model trained with another clean.opencc: a copy recording it
+        model_dir = shutil.copytree(model_dir, out / "model")
+        cfg["prompt"]["opencc"] = opencc
+        (model_dir / "training_config.json").write_text(json.dumps(cfg))
+    params = write_params(out / "params.yaml", base_model=cfg["model"], **evaluate_params)
+    if base_outputs is None:
+        base_outputs = run_base(test, out, params, Path(cfg["model"]))
     evaluate.main([
         "--test", str(test), "--model", str(model_dir), "--metrics", str(out / "metrics.json"),
         "--out-dir", str(out / "evaluate"), "--hypotheses", str(out / "hypotheses.jsonl"),
-        "--params", str(write_params(out / "params.yaml", opencc, **evaluate_params)),
-        *(["--base-outputs", str(base_outputs)] if base_outputs else []),
+        "--params", str(params), "--base-outputs", str(base_outputs),
     ])
     return out
 
@@ -163,8 +164,8 @@ def test_batched_generation_with_left_padding_matches_one_at_a_time(tiny):
     rows = make_rows()
     prompts, sources = [r["messages"][:-1] for r in rows], [r["source"] for r in rows]
     kwargs = dict(factor=1.0, extra=6)
-    batched, hit_b = evaluate.generate(tiny["base"], tiny["tokenizer"], prompts, sources, batch_size=16, **kwargs)
-    single, hit_s = evaluate.generate(tiny["base"], tiny["tokenizer"], prompts, sources, batch_size=1, **kwargs)
+    batched, hit_b = modeling.generate(tiny["base"], tiny["tokenizer"], prompts, sources, batch_size=16, **kwargs)
+    single, hit_s = modeling.generate(tiny["base"], tiny["tokenizer"], prompts, sources, batch_size=1, **kwargs)
     assert len({len(s) for s in sources}) > 5  # the batch really mixes lengths
     assert batched == single and hit_b == hit_s
     assert all(batched)
@@ -195,17 +196,17 @@ def test_own_greedy_loop_matches_transformers_generate_one_sentence_at_a_time(ti
         model.lm_head.weight[eot] *= 2.0
     rows = make_rows()
     prompts, sources = [r["messages"][:-1] for r in rows], [r["source"] for r in rows]
-    _, budgets = evaluate.encode(tok, prompts, sources, 1.0, 6)
+    budgets = modeling.token_budgets(tok, sources, 1.0, 6)
     expected = one_at_a_time(model, tok, prompts, budgets, eot)
     assert 3 <= sum(expected[1]) <= len(rows) - 3, "want some rows ending their turn and some hitting the budget"
     ended = [len(tok(t, add_special_tokens=False).input_ids) for t, hit in zip(*expected) if not hit]
     assert len(set(ended)) > 2, "rows should end their turn at different steps"
     for batch_size in (16, 5, 1):
-        assert evaluate.generate(model, tok, prompts, sources, batch_size=batch_size, factor=1.0, extra=6,
+        assert modeling.generate(model, tok, prompts, sources, batch_size=batch_size, factor=1.0, extra=6,
                                  eos_token_ids=[eot], loop="own") == expected
-    assert evaluate.generate(model, tok, prompts, sources, batch_size=16, factor=1.0, extra=6, eos_token_ids=[eot],
+    assert modeling.generate(model, tok, prompts, sources, batch_size=16, factor=1.0, extra=6, eos_token_ids=[eot],
                              loop="hf") == expected
-    length, cache = evaluate.shared_prefix(model, evaluate.encode(tok, prompts, sources, 1.0, 6)[0])
+    length, cache = modeling.shared_prefix(model, modeling.prompt_ids(tok, prompts))
     assert length == len(tok(tok.apply_chat_template([prompts[0][0]], tokenize=False) + "<|im_start|>user\n将下面的文言文翻译成现代汉语：\n",
                              add_special_tokens=False).input_ids) and cache.get_seq_length() == length
 
@@ -242,7 +243,7 @@ def test_generation_slices_at_input_length_stops_at_end_of_turn_and_at_budget(ti
         length(short): echo + [eot] + ids("天下大乱"),  # ends its turn; what follows is dropped
         length(long_): ids("天下" * 200),  # never ends its turn: cut at its own budget
     }, pad)
-    texts, hit = evaluate.generate(model, tok, prompts, [short["source"], long_["source"]],
+    texts, hit = modeling.generate(model, tok, prompts, [short["source"], long_["source"]],
                                    batch_size=2, factor=1.5, extra=3, eos_token_ids=[eot], loop="hf")
     # sliced at the input length, not by searching for the prompt's text
     assert texts[0] == short["source"] and not hit[0]
@@ -256,9 +257,9 @@ def test_generation_slices_at_input_length_stops_at_end_of_turn_and_at_budget(ti
 
 def test_end_of_turn_ids_and_beam_search_run(tiny):
     tok = tiny["tokenizer"]
-    assert evaluate.end_of_turn_ids(tok) == [tok.convert_tokens_to_ids("<|im_end|>")]
+    assert modeling.end_of_turn_ids(tok) == [tok.convert_tokens_to_ids("<|im_end|>")]
     rows = make_rows()[:3]
-    texts, _ = evaluate.generate(tiny["base"], tok, [r["messages"][:-1] for r in rows], [r["source"] for r in rows],
+    texts, _ = modeling.generate(tiny["base"], tok, [r["messages"][:-1] for r in rows], [r["source"] for r in rows],
                                  batch_size=3, num_beams=2, factor=0.5, extra=2)
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
 
@@ -269,18 +270,18 @@ def test_merged_adapter_generates_like_unmerged_and_disable_adapter_gives_the_ba
 
     from stages import modeling
 
-    cfg = evaluate.read_training_config(tiny["adapter"])
-    tok = evaluate.load_tokenizer(tiny["adapter"])
-    merged, is_adapter = evaluate.load_finetuned(tiny["adapter"], cfg, tok, "hf")
+    cfg = modeling.read_training_config(tiny["adapter"])
+    trained = modeling.load_trained(tiny["adapter"], backend="hf")
+    tok, merged, is_adapter = trained.tokenizer, trained.model, trained.is_adapter
     assert is_adapter
     unmerged = PeftModel.from_pretrained(modeling.load_model(cfg["model"]), str(tiny["adapter"])).eval()
     rows = make_rows()
     args = ([r["messages"][:-1] for r in rows], [r["source"] for r in rows])
-    ours = evaluate.generate(merged, tok, *args, factor=1.0, extra=4)
-    assert ours == evaluate.generate(unmerged, tok, *args, factor=1.0, extra=4)
+    ours = modeling.generate(merged, tok, *args, factor=1.0, extra=4)
+    assert ours == modeling.generate(unmerged, tok, *args, factor=1.0, extra=4)
     with merged.disable_adapter():
-        base = evaluate.generate(merged, tok, *args, factor=1.0, extra=4)
-    assert base == evaluate.generate(tiny["base"], tok, *args, factor=1.0, extra=4) and base != ours
+        base = modeling.generate(merged, tok, *args, factor=1.0, extra=4)
+    assert base == modeling.generate(tiny["base"], tok, *args, factor=1.0, extra=4) and base != ours
 
 
 # ----------------------------------------------------------------------------------------------
@@ -392,7 +393,7 @@ def test_full_model_directory_uses_the_base_model_for_the_base_baseline(tiny, tm
     # the base outputs are the base model's own greedy outputs
     rows = {r["id"]: r for r in make_rows()}
     picked = [rows[h["id"]] for h in hyps]
-    expected, _ = evaluate.generate(tiny["base"], tiny["tokenizer"], [r["messages"][:-1] for r in picked],
+    expected, _ = modeling.generate(tiny["base"], tiny["tokenizer"], [r["messages"][:-1] for r in picked],
                                     [r["source"] for r in picked], factor=1.0, extra=4)
     assert [h["base"] for h in hyps] == evaluate.postprocess(expected, "t2s")
     assert [h["hypothesis"] for h in hyps] != [h["base"] for h in hyps]
@@ -402,13 +403,13 @@ def test_full_model_directory_uses_the_base_model_for_the_base_baseline(tiny, tm
 def count_generated(monkeypatch):
     """{desc: sentences generated} of every evaluate.generate call the stage makes."""
     counts: dict[str, int] = {}
-    real = evaluate.generate
+    real = modeling.generate
 
     def counting(model, tokenizer, prompts, *args, desc="generate", **kwargs):
         counts[desc] = counts.get(desc, 0) + len(prompts)
         return real(model, tokenizer, prompts, *args, desc=desc, **kwargs)
 
-    monkeypatch.setattr(evaluate, "generate", counting)
+    monkeypatch.setattr(modeling, "generate", counting)
     return counts
 
 
@@ -417,7 +418,7 @@ def another_adapter(tiny, path: Path) -> Path:
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(7)
-    lora = get_peft_model(evaluate.modeling.load_model(str(tiny["base_dir"])),
+    lora = get_peft_model(modeling.load_model(str(tiny["base_dir"])),
                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     lora.save_pretrained(path)
     tiny["tokenizer"].save_pretrained(path)
@@ -426,14 +427,16 @@ def another_adapter(tiny, path: Path) -> Path:
 
 
 def test_base_outputs_are_reused_by_a_run_with_another_adapter(tiny, tmp_path, count_generated):
-    cache = tmp_path / "base_outputs.jsonl"
-    first = run_stage(tmp_path, tiny["adapter"], tag="first", base_outputs=cache)
+    """evaluate_base generates the base outputs once; evaluate with any adapter only reads them (in the
+    pipeline DVC skips evaluate_base while only train.* params change)."""
+    first = run_stage(tmp_path, tiny["adapter"], tag="first")
     assert count_generated == {"base": len(PAIRS), "fine-tuned": len(PAIRS)}
-    entries = [json.loads(line) for line in cache.read_text().splitlines()]
-    assert len(entries) == len(PAIRS) and {e["id"] for e in entries} == {r["id"] for r in make_rows()}
+    base_outputs = tmp_path / "first" / "base_outputs.jsonl"
+    entries = [json.loads(line) for line in base_outputs.read_text().splitlines()]
+    assert [e["id"] for e in entries] == [r["id"] for r in make_rows()]
 
     count_generated.clear()
-    second = run_stage(tmp_path, another_adapter(tiny, tmp_path / "adapter2"), tag="second", base_outputs=cache)
+    second = run_stage(tmp_path, another_adapter(tiny, tmp_path / "adapter2"), tag="second", base_outputs=base_outputs)
     assert count_generated == {"fine-tuned": len(PAIRS)}  # no base sentence generated, no base model loaded
     metrics = [json.loads((out / "metrics.json").read_text()) for out in (first, second)]
     assert metrics[0]["baselines"] == metrics[1]["baselines"]  # base (and copy) scores identical
@@ -441,61 +444,16 @@ def test_base_outputs_are_reused_by_a_run_with_another_adapter(tiny, tmp_path, c
     assert [h["base"] for h in hyps[0]] == [h["base"] for h in hyps[1]]
     assert [h["hypothesis"] for h in hyps[0]] != [h["hypothesis"] for h in hyps[1]]  # the adapter did change
 
-    # the cached outputs are what the base model generates without a cache
-    count_generated.clear()
-    fresh = run_stage(tmp_path, tiny["adapter"], tag="fresh")
-    assert count_generated == {"base": len(PAIRS), "fine-tuned": len(PAIRS)}
-    assert json.loads((fresh / "metrics.json").read_text()) == metrics[0]
-
-
-def test_base_outputs_regenerate_only_what_the_cache_lacks(tiny, tmp_path, count_generated):
-    cache = tmp_path / "base_outputs.jsonl"
-    run_stage(tmp_path, tiny["adapter"], tag="six", base_outputs=cache, num_samples=6)
-    assert count_generated["base"] == 6
-    count_generated.clear()
-    run_stage(tmp_path, tiny["adapter"], tag="all", base_outputs=cache)  # a bigger sample: the 6 are reused
-    assert count_generated["base"] == len(PAIRS) - 6
-    count_generated.clear()
-    run_stage(tmp_path, tiny["adapter"], tag="budget", base_outputs=cache, max_new_tokens_extra=5)
-    assert count_generated["base"] == len(PAIRS)  # another budget: other outputs
-    count_generated.clear()
-    rows = make_rows()
-    for row in rows:
-        row["messages"][0]["content"] = "翻译。"
-    run_stage(tmp_path, tiny["adapter"], rows=rows, tag="prompt", base_outputs=cache)
-    assert count_generated["base"] == len(PAIRS)  # another system prompt: other outputs
-    count_generated.clear()
-    run_stage(tmp_path, tiny["full"], tag="full", base_outputs=cache)  # same base model, same prompts
-    assert count_generated == {"fine-tuned": len(PAIRS)}
-    assert len(cache.read_text().splitlines()) == 3 * len(PAIRS)  # every entry is kept
-
-    assert evaluate.read_base_outputs(tmp_path / "missing.jsonl") == {}
-    cache.write_text("not json\n")
-    assert evaluate.read_base_outputs(cache) == {}  # a broken cache is rebuilt, not an error
-    no_base = tmp_path / "no_base.jsonl"
-    run_stage(tmp_path, tiny["adapter"], tag="no-base", base_outputs=no_base, baselines=["copy"])
-    assert no_base.read_text() == ""  # DVC expects its declared output even when the base baseline is off
-
-
-def test_base_identity_follows_the_base_model_and_how_it_runs(tiny, tmp_path):
-    cfg = evaluate.read_training_config(tiny["adapter"])
-    tok = tiny["tokenizer"]
-    identity = evaluate.base_identity(cfg, tok, "hf")
-    assert identity == evaluate.base_identity(cfg, tok, "hf") != evaluate.base_identity(cfg, tok, "unsloth")
-    other = tmp_path / "other-base"
-    make_model(tok, seed=5).save_pretrained(other)
-    assert evaluate.base_identity({**cfg, "model": str(other)}, tok, "hf") != identity
-    keys = evaluate.base_output_keys(identity, [[1, 2], [1, 2], [1, 3]], [5, 6, 5], 1, [3])
-    assert len(set(keys)) == 3 and keys[0] == evaluate.base_output_keys(identity, [[1, 2]], [5], 1, [3])[0]
-    assert keys[0] not in evaluate.base_output_keys(identity, [[1, 2]], [5], 2, [3])  # beams
-    assert keys[0] not in evaluate.base_output_keys(identity, [[1, 2]], [5], 1, [4])  # stop token
-
-
-# ----------------------------------------------------------------------------------------------
-# Bad inputs: one clear line, no traceback
-
 
 @pytest.mark.bad_input
+def test_base_outputs_must_cover_the_sample(tiny, tmp_path):
+    six = run_stage(tmp_path, tiny["adapter"], tag="six", num_samples=6)
+    with pytest.raises(PipelineError, match="no base output for .* rerun the evaluate_base stage"):
+        run_stage(tmp_path, tiny["adapter"], tag="all", base_outputs=six / "base_outputs.jsonl")
+    no_base = run_stage(tmp_path, tiny["adapter"], tag="no-base", baselines=["copy"])
+    assert (no_base / "base_outputs.jsonl").read_text() == ""  # DVC expects its declared output even when off
+
+
 def test_missing_test_file_and_model_dir_are_clear_errors(tiny, tmp_path, capsys):
     from stages.common import run_main
 
@@ -524,11 +482,11 @@ def test_missing_test_file_and_model_dir_are_clear_errors(tiny, tmp_path, capsys
 @pytest.mark.bad_input
 def test_bad_params_are_clear_errors():
     with pytest.raises(PipelineError, match="unknown key.*num_sample'.*did you mean 'num_samples'"):
-        evaluate.check_evaluate_params({"num_sample": 10})
+        evaluate.check_evaluate_params({**shipped("evaluate"), "num_sample": 10})
     with pytest.raises(PipelineError, match="baselines: unknown"):
-        evaluate.check_evaluate_params({"baselines": ["copy", "oracle"]})
+        evaluate.check_evaluate_params(shipped("evaluate", baselines=["copy", "oracle"]))
     with pytest.raises(PipelineError, match="length_buckets"):
-        evaluate.check_evaluate_params({"length_buckets": [20, 10]})
+        evaluate.check_evaluate_params(shipped("evaluate", length_buckets=[20, 10]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -544,14 +502,29 @@ def test_params_and_dvc_yaml_match_the_stage():
     assert argv[:3] == ["python", "-m", "stages.evaluate"]
     flags = dict(zip(argv[3::2], argv[4::2]))
     assert set(flags) == {"--test", "--model", "--metrics", "--out-dir", "--hypotheses", "--base-outputs"}
-    assert {"stages/evaluate.py", "stages/modeling.py", "stages/clean.py", "stages/common.py", flags["--test"], flags["--model"]} <= set(stage["deps"])
-    assert set(stage["params"]) == {"evaluate", "clean.opencc"}
+    assert {"stages/evaluate.py", "stages/modeling.py", "stages/text.py", "stages/common.py", flags["--test"], flags["--model"]} <= set(stage["deps"])
+    assert "stages/clean.py" not in stage["deps"]  # evaluate imports library modules only
+    assert set(stage["params"]) == {"evaluate"}  # the OpenCC config comes with the model
     assert [next(iter(m)) for m in stage["metrics"]] == [flags["--metrics"]]
-    outs = [o if isinstance(o, str) else next(iter(o)) for o in stage["outs"]]
+    outs = [o if isinstance(o, str) else next(iter(o)) for o in stage["outs"] + stage["plots"]]
     csvs = [f"{flags['--out-dir']}/by_book.csv", f"{flags['--out-dir']}/by_length.csv"]
-    assert set(outs) == {flags["--hypotheses"], flags["--base-outputs"], *csvs, f"{flags['--out-dir']}/samples.md"}
-    (cache,) = [o[flags["--base-outputs"]] for o in stage["outs"] if isinstance(o, dict) and flags["--base-outputs"] in o]
-    assert cache == {"persist": True, "cache": False}  # kept between runs, so a new adapter reuses the base outputs
+    assert set(outs) == {flags["--hypotheses"], *csvs, f"{flags['--out-dir']}/samples.md"}
+    # DVC's run cache is off for a stage with a plain (not metric or plot) output marked cache: false
+    assert all(isinstance(o, str) or next(iter(o.values())).get("cache", True) for o in stage["outs"])
+    assert flags["--base-outputs"] in stage["deps"]
+    # the base outputs: an ordinary cached stage, skipped while only train.* params change
+    base = dvc["stages"]["evaluate_base"]
+    base_argv = shlex.split(base["cmd"])
+    assert base_argv[:4] == ["python", "-m", "stages.evaluate", "base"]
+    base_flags = dict(zip(base_argv[4::2], base_argv[5::2]))
+    assert base["outs"] == [base_flags["--out"]] and base_flags["--out"] == flags["--base-outputs"]
+    assert base_flags["--base"] in base["deps"] and flags["--test"] in base["deps"]
+    assert not [p for p in base["params"] if p.startswith("train.") and p not in
+                ("train.model", "train.chat_template", "train.backend")]
+    assert {f"evaluate.{k}" for k in evaluate.BASE_KEYS} <= set(base["params"])
+    for name, spec in dvc["stages"].items():  # persist would turn off DVC's run cache
+        assert not any(isinstance(o, dict) and next(iter(o.values())).get("persist")
+                       for o in spec.get("outs", []) + spec.get("metrics", []) + spec.get("plots", [])), name
     plotted = set()
     for plot in dvc["plots"]:
         (spec,) = plot.values()

@@ -140,7 +140,7 @@ def test_export_stage_is_out_of_plain_dvc_repro():
     stage = yaml.safe_load((REPO / "export" / "dvc.yaml").read_text(encoding="utf-8"))["stages"]["export"]
     assert stage["wdir"] == ".." and export.PIPELINE_STAGE == "export/dvc.yaml:export"
     assert stage["cmd"].startswith("python -m stages.export ")
-    assert set(stage["params"]) == {"export", "format", "clean.opencc"}
+    assert set(stage["params"]) == {"export"}  # the prompt comes with the model, not from params.yaml
     assert "models/adapter" in stage["deps"] and "stages/export.py" in stage["deps"]
     outs = [o if isinstance(o, str) else next(iter(o)) for o in stage["outs"]]
     assert outs == ["models/export", "reports/export.json"]

@@ -42,25 +42,10 @@ def slice_corpus(dest: Path, chapters: int = 12, lines: int = 12) -> list[str]:
 
 def tiny_model(dest: Path, texts: list[str]) -> Path:
     """A 2-layer Llama with a BPE tokenizer trained on the slice (so characters are single tokens)."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from tiny import bpe_tokenizer, tiny_llama
 
-    from stages.modeling import CHAT_TEMPLATES
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    backend.train_from_iterator(texts + ["system user assistant\n"] * 5, trainers.BpeTrainer(
-        vocab_size=3000, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tok.chat_template = CHAT_TEMPLATES["chatml"]
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(dest)
+    tok = bpe_tokenizer(texts + ["system user assistant\n"] * 5, vocab_size=3000)
+    tiny_llama(tok).save_pretrained(dest)
     tok.save_pretrained(dest)
     return dest
 
@@ -103,7 +88,7 @@ def make_project(tmp_path: Path, train: dict | None = None, evaluate: dict | Non
 def test_dvc_repro_end_to_end_then_an_experiment(tmp_path):
     repo, env, dvc = make_project(tmp_path)
     proc = run(dvc + ["repro"], repo, env)
-    for stage in ("ingest", "clean", "split", "format", "train", "evaluate"):
+    for stage in ("ingest", "clean", "split", "format", "base", "train", "evaluate_base", "evaluate"):
         assert f"Running stage '{stage}'" in proc.stdout
 
     metrics = json.loads((repo / "reports/metrics.json").read_text(encoding="utf-8"))
@@ -120,6 +105,14 @@ def test_dvc_repro_end_to_end_then_an_experiment(tmp_path):
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "baseline"], repo, env)
     assert "Running stage" not in run(dvc + ["repro"], repo, env).stdout
-    run(dvc + ["exp", "run", "-S", "train.learning_rate=0.05", "-n", "lr05"], repo, env)
+    first = {p: (repo / p).read_bytes() for p in ("reports/metrics.json", "reports/train/summary.json")}
+    proc = run(dvc + ["exp", "run", "-S", "train.learning_rate=0.05", "-n", "lr05"], repo, env)
+    assert "Running stage 'train'" in proc.stdout and "Running stage 'evaluate_base'" not in proc.stdout
     diff = run(dvc + ["exp", "show", "--csv"], repo, env).stdout
     assert "lr05" in diff and "train.learning_rate" in diff
+
+    # Back to the first parameter set: DVC's run cache restores train's and evaluate's outputs, nothing runs
+    proc = run(dvc + ["exp", "run", "-S", "train.learning_rate=0.01", "-n", "back"], repo, env)
+    assert "Running stage" not in proc.stdout, proc.stdout
+    assert "Stage 'train' is cached - skipping run" in proc.stdout and "Stage 'evaluate' is cached" in proc.stdout
+    assert {p: (repo / p).read_bytes() for p in first} == first

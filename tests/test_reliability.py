@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import CHAPTERS, N_PAIRS, REPO, niutrans
+from conftest import BASE_PARAMS, CHAPTERS, N_PAIRS, REPO, niutrans, shipped
 
 from stages import clean, ingest, split
 from stages import format as format_stage
@@ -292,7 +292,8 @@ def test_cli_train_bad_params_fail_before_loading(tmp_path, overrides, message):
     model_dir = tmp_path / "empty-model"  # exists but holds no model: loading it would fail differently
     model_dir.mkdir()
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"train": {"model": str(model_dir), "backend": "hf", **overrides}}), encoding="utf-8")
+    params.write_text(yaml.safe_dump({"train": shipped("train", **{"model": str(model_dir), "backend": "hf", **overrides}),
+                                     "format": BASE_PARAMS["format"], "clean": BASE_PARAMS["clean"]}, allow_unicode=True), encoding="utf-8")
     train = tmp_path / "train.jsonl"  # absent: reading the data would fail differently too
     error = run_cli("train", ["--train", str(train), "--out", str(tmp_path / "adapter"), "--checkpoints",
                               str(tmp_path / "ckpt"), "--reports", str(tmp_path / "reports"), "--params", str(params)], tmp_path)

@@ -121,7 +121,7 @@ def test_leakage_keys():
 @pytest.mark.bad_input
 @pytest.mark.parametrize(
     "split_params, message",
-    [({"test_fraction": 1.0}, r"\[0, 1\)"), ({"valid_fraction": 0.6, "test_fraction": 0.5}, "below 1"), ({"sed": 1}, "did you mean 'seed'"), ({"seed": "42"}, "should be int")],
+    [({"test_fraction": 1.0}, r"split.test_fraction must be < 1"), ({"valid_fraction": 0.6, "test_fraction": 0.5}, "below 1"), ({"sed": 1}, "did you mean 'seed'"), ({"seed": "42"}, "should be int")],
 )
 def test_bad_params(tmp_path, write_params, split_params, message):
     with pytest.raises(PipelineError, match=message):

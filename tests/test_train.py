@@ -18,6 +18,8 @@ from pathlib import Path
 from stages import modeling
 from stages import train as train_stage
 from stages.common import PipelineError
+from conftest import shipped
+from tiny import bpe_tokenizer, tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 PAIRS = [
@@ -29,6 +31,9 @@ PAIRS = [
     ("知之为知之，不知为不知，是知也。", "知道就是知道，不知道就是不知道，这才是聪明。"),
 ]
 SYSTEM = "你是翻译家。"
+# the params train records as the model's prompt (format:, clean.opencc), as in the rows below
+PROMPT = {"format": {"system_prompt": SYSTEM, "user_template": "翻译：\n{classical}", "context_sentences": 0,
+                     "context_template": "上文：{context}\n"}, "clean": {"opencc": "t2s"}}
 CHATML = modeling.CHAT_TEMPLATES["chatml"]
 
 
@@ -56,25 +61,10 @@ def rows(n: int) -> list[dict]:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny model directory (config.json + weights + tokenizer with a ChatML template) and JSONL data."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
     root = tmp_path_factory.mktemp("tiny")
-    texts = [SYSTEM] + [s + t for s, t in PAIRS] + ["system user assistant 翻译：\n"] * 3
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    backend.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tok.chat_template = CHATML
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    tok = bpe_tokenizer([SYSTEM] + [s + t for s, t in PAIRS] + ["system user assistant 翻译：\n"] * 3, vocab_size=400)
     model_dir = root / "tiny-llama"
-    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tiny_llama(tok, max_position_embeddings=256).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     data = root / "format"
     data.mkdir()
@@ -83,22 +73,27 @@ def tiny(tmp_path_factory):
     return {"model": str(model_dir), "train": data / "train.jsonl", "valid": data / "valid.jsonl"}
 
 
+def tiny_train_params(model: str, **overrides) -> dict:
+    """The shipped train: section, sized for the tiny model (4 steps of 4 rows, eval and checkpoint every 2)."""
+    tiny = dict(model=model, backend="hf", max_seq_length=128, batch_tokens=0, batch_size=4, max_steps=4, warmup_steps=0,
+                learning_rate=0.01, logging_steps=1, eval_steps=2, eval_samples=8, save_steps=2, lora_r=4, lora_alpha=8)
+    return shipped("train", **{**tiny, **overrides})
+
+
 def run(tiny, tmp_path, name="run", callbacks=(), subprocess=False, **overrides) -> tuple[dict, dict]:
     """Run the stage through main() with a params.yaml (or train() when callbacks are given; or
     `python -m stages.train` in a fresh interpreter, for unsloth, which must be imported first)."""
-    params = {
-        "model": tiny["model"], "backend": "hf", "max_seq_length": 128, "batch_tokens": 0, "batch_size": 4,
-        "max_steps": 4, "warmup_steps": 0, "learning_rate": 0.01, "logging_steps": 1, "eval_steps": 2,
-        "eval_samples": 8, "save_steps": 2, "lora_r": 4, "lora_alpha": 8, **overrides,
-    }
+    params = {**tiny_train_params(tiny["model"]), **overrides}
     base = tmp_path / name
     paths = {"out": base / "adapter", "checkpoints": base / "checkpoints", "reports": base / "reports"}
     if callbacks:
         cfg = train_stage.resolve_config(params)
-        train_stage.train(cfg, tiny["train"], tiny["valid"], paths["out"], paths["checkpoints"], paths["reports"], callbacks)
+        prompt = train_stage.resolve_prompt(PROMPT["format"], PROMPT["clean"]["opencc"])
+        train_stage.train(cfg, tiny["train"], tiny["valid"], paths["out"], paths["checkpoints"], paths["reports"], callbacks,
+                          prompt=prompt)
     else:
         base.mkdir(parents=True, exist_ok=True)
-        (base / "params.yaml").write_text(yaml.safe_dump({"train": params}, allow_unicode=True), encoding="utf-8")
+        (base / "params.yaml").write_text(yaml.safe_dump({"train": params, **PROMPT}, allow_unicode=True), encoding="utf-8")
         argv = [
             "--train", str(tiny["train"]), "--valid", str(tiny["valid"]), "--out", str(paths["out"]),
             "--checkpoints", str(paths["checkpoints"]), "--reports", str(paths["reports"]),
@@ -251,7 +246,7 @@ def test_bad_params_fail_before_any_loading(tiny, tmp_path, monkeypatch, overrid
     def no_loading(*args, **kwargs):
         raise AssertionError("got past parameter checking")
 
-    monkeypatch.setattr(train_stage, "pick_backend", no_loading)
+    monkeypatch.setattr(modeling, "pick_backend", no_loading)
     with pytest.raises(PipelineError, match=message):
         run(tiny, tmp_path, **overrides)
 
@@ -299,3 +294,23 @@ def test_a_failed_run_leaves_the_last_reports_as_they_were(tiny, tmp_path):
     assert summary["steps"] == 4
     assert not train_stage.staging_dir(paths["reports"]).exists()
     assert (paths["reports"] / "summary.json").read_bytes() != before[paths["reports"] / "summary.json"]
+
+
+# The first training losses of the tiny model, pinned (torchtune's recipe tests do the same): a silent change of
+# the recipe (tokenization, masking, loss, optimizer, LoRA init, seeding) fails here. Recompute them only for a
+# deliberate change, and say why in the commit.
+PINNED_LOSSES = {
+    "lora": [6.007128715515137, 5.975886821746826, 5.9297990798950195, 5.959972381591797],  # learning rate 0.01
+    "full": [6.007128715515137, 5.952416896820068, 5.927582740783691, 5.905759334564209],  # learning rate 0.001
+}
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_first_losses_are_pinned(tiny, tmp_path, method):
+    cfg = train_stage.resolve_config(tiny_train_params(tiny["model"], method=method, eval_steps=0, save_steps=0,
+                                                       learning_rate=0.01 if method == "lora" else 0.001))
+    prompt = train_stage.resolve_prompt(PROMPT["format"], PROMPT["clean"]["opencc"])
+    summary = train_stage.train(cfg, tiny["train"], None, tmp_path / "out", tmp_path / "ckpt", tmp_path / "reports",
+                                prompt=prompt)
+    losses = [h["loss"] for h in summary["history"] if "loss" in h]
+    assert losses == pytest.approx(PINNED_LOSSES[method], rel=1e-4)

@@ -17,7 +17,8 @@ import yaml
 
 from stages import train as train_stage
 from stages.common import PipelineError
-from test_train import REPO, run, tiny  # noqa: F401  (tiny: the module-scoped fixture)
+from conftest import shipped
+from test_train import PROMPT, REPO, run, tiny, tiny_train_params  # noqa: F401  (tiny: the module-scoped fixture)
 
 
 def test_launch_command_is_torchrun_with_the_same_arguments():
@@ -30,7 +31,7 @@ def test_launch_command_is_torchrun_with_the_same_arguments():
 @pytest.mark.parametrize("value", [0, -2])
 def test_num_gpus_must_be_positive(tiny, value):  # noqa: F811
     with pytest.raises(PipelineError, match="train.num_gpus must be > 0"):
-        train_stage.resolve_config({"model": tiny["model"], "num_gpus": value})
+        train_stage.resolve_config(shipped("train", model=tiny["model"], num_gpus=value))
 
 
 def test_more_gpus_than_visible_is_a_clear_error(tiny, tmp_path, monkeypatch):  # noqa: F811
@@ -47,9 +48,8 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tiny, tmp_path)
 
     base = tmp_path / "two"
     base.mkdir()
-    params = {"model": tiny["model"], "backend": "hf", "max_seq_length": 128, "batch_tokens": 0, "warmup_steps": 0,
-              "logging_steps": 1, "eval_samples": 8, "lora_r": 4, "lora_alpha": 8, **common}
-    (base / "params.yaml").write_text(yaml.safe_dump({"train": params}, allow_unicode=True), encoding="utf-8")
+    params = tiny_train_params(tiny["model"], **common)
+    (base / "params.yaml").write_text(yaml.safe_dump({"train": params, **PROMPT}, allow_unicode=True), encoding="utf-8")
     argv = ["--train", str(tiny["train"]), "--valid", str(tiny["valid"]), "--out", str(base / "adapter"),
             "--checkpoints", str(base / "checkpoints"), "--reports", str(base / "reports"),
             "--params", str(base / "params.yaml")]

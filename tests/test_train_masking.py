@@ -14,6 +14,8 @@ import torch
 from stages import modeling
 from stages import train as train_stage
 from stages.common import PipelineError
+from conftest import shipped
+from tiny import tiny_llama
 
 # SmolLM2-Instruct's own template (from its tokenizer_config.json): ChatML plus a default system prompt.
 SMOLLM2_TEMPLATE = (
@@ -99,14 +101,11 @@ def expected_trained(tok, conversation) -> list[int]:
 
 
 def trainer_for(tok, examples, padding_free: bool, tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)  # the same tiny model every call
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, pad_token_id=tok.pad_token_id)
-    cfg = dict(train_stage.DEFAULTS, max_steps=1, eval_steps=0, save_steps=0)
+    model = tiny_llama(tok, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                       tie_word_embeddings=False).train()  # the same tiny model every call (seed 0)
+    cfg = shipped("train", max_steps=1, eval_steps=0, save_steps=0)
     return train_stage.build_trainer(
-        LlamaForCausalLM(config), tok, examples, [], cfg, rows=len(examples), padding_free=padding_free,
+        model, tok, examples, [], cfg, rows=len(examples), padding_free=padding_free,
         dtype=torch.float32, optim="adamw_torch", gradient_checkpointing=False, output_dir=tmp_path / "ckpt",
     )
 
@@ -114,7 +113,7 @@ def trainer_for(tok, examples, padding_free: bool, tmp_path):
 @pytest.mark.parametrize("name", list(TEMPLATES))
 def test_template_masks_exactly_the_reply_and_end_of_turn(name):
     tok = make_tokenizer(name)
-    eot_id = train_stage.end_of_turn_id(tok)
+    eot_id = modeling.end_of_turn_id(tok)
     for conversation, (ids, mask, retokenized) in zip(
         CONVERSATIONS, train_stage.tokenize_conversations(tok, CONVERSATIONS, eot_id)
     ):
@@ -188,7 +187,7 @@ def test_a_whole_dataloader_batch_has_no_prompt_labels(tmp_path):
 def test_truncation_drops_examples_with_no_reply_left_and_counts_them(tmp_path):
     tok = make_tokenizer("chatml")
     rows = [{"id": str(i), "messages": c} for i, c in enumerate(CONVERSATIONS)]
-    full = train_stage.tokenize_conversations(tok, CONVERSATIONS, train_stage.end_of_turn_id(tok))
+    full = train_stage.tokenize_conversations(tok, CONVERSATIONS, modeling.end_of_turn_id(tok))
     prompt_lengths = [m.index(1) for _, m, _ in full]
     limit = sorted(prompt_lengths)[1]  # the longest prompt(s) fill it: no reply token left
     examples, stats = train_stage.build_examples(tok, rows, limit, "test")
@@ -210,7 +209,7 @@ def test_tokens_merging_across_the_reply_boundary_follow_inference():
     before the reply. The prompt keeps its inference tokens; the reply is tokenized after them."""
     tok = make_tokenizer("llama-3.1", split=GPT2)
     eot = modeling.end_of_turn_token(tok)
-    results = train_stage.tokenize_conversations(tok, CONVERSATIONS, train_stage.end_of_turn_id(tok))
+    results = train_stage.tokenize_conversations(tok, CONVERSATIONS, modeling.end_of_turn_id(tok))
     assert any(r for _, _, r in results)
     for conversation, (ids, mask, _) in zip(CONVERSATIONS, results):
         prompt = tok.apply_chat_template(conversation[:-1], tokenize=False, add_generation_prompt=True)
@@ -230,7 +229,7 @@ def test_prompt_that_is_not_a_prefix_is_an_error():
     )
     assert CHATML_BROKEN != modeling.CHAT_TEMPLATES["chatml"]
     with pytest.raises(PipelineError, match="renders the prompt"):
-        train_stage.tokenize_conversations(tok, CONVERSATIONS, train_stage.end_of_turn_id(tok))
+        train_stage.tokenize_conversations(tok, CONVERSATIONS, modeling.end_of_turn_id(tok))
 
 
 @pytest.mark.bad_input

@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from stages import evaluate, translate
+from stages import modeling, translate
 from stages.common import PipelineError, run_main
-from stages.format import build_messages
+from stages.modeling import build_messages
+from conftest import BASE_PARAMS
+from tiny import byte_tokenizer, tiny_llama
 
 # Two lines, every sentence end (。！？；), a closing quote after a question mark, and an empty line between.
 PASSAGE = "子曰：“学而时习之，不亦说乎？”有朋自远方来；不亦乐乎！\n\n人不知而不愠，不亦君子乎。"
@@ -26,23 +28,7 @@ PASSAGE_SENTENCES = [["子曰：“学而时习之，不亦说乎？”", "有�
 # A tiny model laid out as the train stage writes models/adapter (also used by test_export.py)
 
 
-def make_tokenizer():
-    """Byte-level BPE without merges (any text, ~3 tokens a Chinese character) + ChatML special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from stages.modeling import CHAT_TEMPLATES
-
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
-    tokenizer.add_special_tokens(
-        {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "additional_special_tokens": ["<|im_start|>"]}
-    )
-    tokenizer.chat_template = CHAT_TEMPLATES["chatml"]
-    return tokenizer
+make_tokenizer = byte_tokenizer
 
 
 def make_tiny_model(root: Path, max_seq_length: int = 256, trainable_tokens: bool = False, seed: int = 0) -> Path:
@@ -53,14 +39,8 @@ def make_tiny_model(root: Path, max_seq_length: int = 256, trainable_tokens: boo
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = make_tokenizer()
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
     base_dir, adapter_dir = root / "base", root / "adapter"
-    LlamaForCausalLM(config).save_pretrained(base_dir)
+    tiny_llama(tokenizer, seed, max_position_embeddings=1024, bos_token_id=None).save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
     extra = {"trainable_token_indices": {"embed_tokens": [tokenizer.convert_tokens_to_ids("<|im_start|>")]}} if trainable_tokens else {}
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False,
@@ -72,7 +52,8 @@ def make_tiny_model(root: Path, max_seq_length: int = 256, trainable_tokens: boo
                 param.normal_(0, 0.5)
     model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
-    cfg = {"model": str(base_dir), "chat_template": None, "max_seq_length": max_seq_length, "backend": "hf"}
+    cfg = {"model": str(base_dir), "chat_template": None, "max_seq_length": max_seq_length, "backend": "hf",
+           "prompt": {"format": BASE_PARAMS["format"], "opencc": BASE_PARAMS["clean"]["opencc"]}}
     (adapter_dir / "training_config.json").write_text(json.dumps(cfg), encoding="utf-8")
     return adapter_dir
 
@@ -102,7 +83,7 @@ def echo_generate(monkeypatch):
         calls.append({"prompts": prompts, "sources": list(sources)})
         return ["译" + s for s in sources], [False] * len(sources)
 
-    monkeypatch.setattr(evaluate, "generate", fake)
+    monkeypatch.setattr(modeling, "generate", fake)
     return calls
 
 
@@ -153,12 +134,11 @@ def test_context_sentences_as_in_training_and_dropped_oldest_first_when_too_long
 # The command, with generation replaced by an echo: alignment and the exact training prompt
 
 
-def test_file_and_stdin_output_aligned_with_input(tiny_adapter, write_params, tmp_path, echo_generate, monkeypatch, capsys):
-    params = write_params()
+def test_file_and_stdin_output_aligned_with_input(tiny_adapter, tmp_path, echo_generate, monkeypatch, capsys):
     src = tmp_path / "in.txt"
     src.write_text(PASSAGE + "\n", encoding="utf-8")
     out = tmp_path / "out.txt"
-    translate.main(["--input", str(src), "--output", str(out), "--model", str(tiny_adapter), "--params", str(params)])
+    translate.main(["--input", str(src), "--output", str(out), "--model", str(tiny_adapter)])
     expected = ["".join("译" + s for s in sentences) for sentences in PASSAGE_SENTENCES]
     assert out.read_text(encoding="utf-8").split("\n") == [*expected, ""]  # 3 lines in, 3 lines out
     assert not list(tmp_path.glob(".out.txt.*"))  # written atomically: no temporary file left
@@ -172,18 +152,29 @@ def test_file_and_stdin_output_aligned_with_input(tiny_adapter, write_params, tm
 
     # standard input (no trailing newline), output on stdout
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(PASSAGE.encode("utf-8")), encoding="utf-8"))
-    translate.main(["--model", str(tiny_adapter), "--params", str(params)])
+    translate.main(["--model", str(tiny_adapter)])
     assert capsys.readouterr().out.split("\n") == [*expected, ""]
 
     # a sentence as the argument; traditional characters go through clean.opencc (t2s) as in training
-    translate.main(["學而時習之。", "--model", str(tiny_adapter), "--params", str(params)])
+    translate.main(["學而時習之。", "--model", str(tiny_adapter)])
     assert capsys.readouterr().out == "译学而时习之。\n"
 
 
+def test_prompt_comes_from_the_model_not_from_an_edited_params_yaml(tiny_adapter, write_params, tmp_path,
+                                                                   echo_generate, monkeypatch, capsys):
+    """params.yaml's format: section edited after training (and clean.opencc): translate's prompt and
+    conversion stay the ones the model was trained with (training_config.json `prompt`)."""
+    write_params(tmp_path / "params.yaml", format={"system_prompt": "别的提示。", "user_template": "译：{classical}"},
+                 clean={"opencc": "s2t"})
+    monkeypatch.chdir(tmp_path)
+    translate.main(["學而時習之。", "--model", str(tiny_adapter)])
+    assert capsys.readouterr().out == "译学而时习之。\n"  # t2s as trained, not s2t
+    assert echo_generate[-1]["prompts"] == [build_messages("学而时习之。", None, [], BASE_PARAMS["format"])]
+
+
 @pytest.mark.bad_input
-def test_too_long_sentence_is_split_at_commas_or_a_clear_error(tiny_adapter, write_params, tmp_path, echo_generate):
-    params = write_params()
-    tokenizer = evaluate.load_tokenizer(tiny_adapter)
+def test_too_long_sentence_is_split_at_commas_or_a_clear_error(tiny_adapter, tmp_path, echo_generate):
+    tokenizer = modeling.load_trained(tiny_adapter, model=False).tokenizer
     fmt = {"system_prompt": "你是翻译家。", "user_template": "翻译：\n{classical}", "context_sentences": 0,
            "context_template": ""}
 
@@ -201,50 +192,47 @@ def test_too_long_sentence_is_split_at_commas_or_a_clear_error(tiny_adapter, wri
 
     long_line = "一二三四五六七八，一二三四五六七八、一二三四五六七八。"
     out = tmp_path / "out.txt"
-    translate.main([f"短句。\n{long_line}", "--model", str(model), "--params", str(params), "--output", str(out)])
+    translate.main([f"短句。\n{long_line}", "--model", str(model), "--output", str(out)])
     sources = echo_generate[-1]["sources"]
     assert sources == ["短句。", "一二三四五六七八，", "一二三四五六七八、", "一二三四五六七八。"]
     assert all(prompt_tokens(s) <= limit for s in sources)
     assert out.read_text(encoding="utf-8") == "译短句。\n" + "".join("译" + s for s in sources[1:]) + "\n"
 
     with pytest.raises(PipelineError, match=r"argument line 2: the clause .* too long .* max_seq_length %d" % limit):
-        translate.main(["短句。\n一二三四五六七八九十。", "--model", str(model), "--params", str(params)])
+        translate.main(["短句。\n一二三四五六七八九十。", "--model", str(model)])
 
 
 @pytest.mark.bad_input
-def test_missing_model_dir_is_a_clear_error(tmp_path, write_params, capsys):
-    params = write_params()
+def test_missing_model_dir_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        run_main(translate.main, ["学而时习之。", "--model", str(tmp_path / "nope"), "--params", str(params)])
+        run_main(translate.main, ["学而时习之。", "--model", str(tmp_path / "nope")])
     assert exc.value.code == 1
     err = capsys.readouterr().err
     assert "nope: model directory not found" in err and "dvc repro train" in err and "Traceback" not in err
     (tmp_path / "empty").mkdir()
     with pytest.raises(PipelineError, match="training_config.json: not found"):
-        translate.main(["学而时习之。", "--model", str(tmp_path / "empty"), "--params", str(params)])
+        translate.main(["学而时习之。", "--model", str(tmp_path / "empty")])
 
 
 # ----------------------------------------------------------------------------------------------
 # Real generation with the tiny model (its translations are noise; the plumbing is what is tested)
 
 
-def test_tiny_model_file_mode(tiny_adapter, write_params, tmp_path):
-    params = write_params()
+def test_tiny_model_file_mode(tiny_adapter, tmp_path):
     src, out = tmp_path / "in.txt", tmp_path / "out.txt"
     src.write_text(PASSAGE + "\n", encoding="utf-8")
-    translate.main(["-i", str(src), "-o", str(out), "--model", str(tiny_adapter), "--params", str(params),
+    translate.main(["-i", str(src), "-o", str(out), "--model", str(tiny_adapter),
                     "--max-new-tokens-factor", "0.1", "--batch-size", "2"])
     lines = out.read_text(encoding="utf-8").split("\n")
     assert len(lines) == 4 and lines[-1] == ""  # three lines and the final newline
     assert lines[1] == ""  # the empty line stays empty (the others hold the tiny model's noise, maybe nothing)
 
 
-def test_tiny_model_stdin_command(tiny_adapter, write_params):
-    params = write_params()
+def test_tiny_model_stdin_command(tiny_adapter):
     pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "stages.translate", "--model", str(tiny_adapter), "--params", str(params),
+        [sys.executable, "-m", "stages.translate", "--model", str(tiny_adapter),
          "--max-new-tokens-factor", "0.1"],
         input=PASSAGE.encode("utf-8"), capture_output=True, env=env, cwd=REPO, timeout=120,
     )

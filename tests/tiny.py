@@ -1,0 +1,95 @@
+"""Tiny tokenizers and models for the model-half tests, built in the test (no hub, no download).
+
+    tiny_llama(tokenizer, seed=0, **config)   a 2-layer Llama (hidden 32) sized to the tokenizer, eval mode
+    bpe_tokenizer(texts, vocab_size)          byte-level BPE trained on texts + ChatML specials (like SmolLM2's)
+    byte_tokenizer()                          byte-level, no merges (any text, ~3 tokens a Chinese character)
+    char_tokenizer(text)                      one token a character of text (word level), ChatML
+    one_thread()                              a context: torch on one thread (tiny tensors gain nothing from two)
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from stages.modeling import CHAT_TEMPLATES
+
+CHATML_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def tiny_llama(tokenizer, seed: int = 0, **config):
+    """LlamaForCausalLM(hidden 32, 2 layers, 4 heads, 2 KV heads, tied embeddings like SmolLM2) with the
+    tokenizer's vocabulary, eos and pad; `config` overrides any LlamaConfig field. Seeded: the same weights
+    every call with the same arguments."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    settings = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    settings.update(config)
+    return LlamaForCausalLM(LlamaConfig(**settings)).eval()
+
+
+def bpe_tokenizer(texts: list[str], vocab_size: int):
+    """Byte-level BPE trained on texts, eos <|im_end|>, pad <|endoftext|>, the ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=CHATML_SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.chat_template = CHAT_TEMPLATES["chatml"]
+    return tok
+
+
+def byte_tokenizer():
+    """Byte-level BPE without merges (any text, ~3 tokens a Chinese character) + ChatML special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    tokenizer.add_special_tokens(
+        {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "additional_special_tokens": ["<|im_start|>"]}
+    )
+    tokenizer.chat_template = CHAT_TEMPLATES["chatml"]
+    return tokenizer
+
+
+def char_tokenizer(text: str):
+    """One token a character of text (plus ASCII letters), <unk> for the rest, ChatML."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate(special + sorted(set(text + string.ascii_letters)))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<pad>", unk_token="<unk>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tokenizer.chat_template = CHAT_TEMPLATES["chatml"]
+    return tokenizer
+
+
+@contextlib.contextmanager
+def one_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

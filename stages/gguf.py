@@ -457,6 +457,41 @@ def translate(llm, tokenizer, prompts: list[list[dict]], max_new_tokens: int | l
             "sentences_per_s": round(len(prompts) / seconds, 3) if seconds > 0 else None}
 
 
+def context_size(tokenizer, prompts: list[list[dict]], sources: list[str], factor: float, extra: int) -> int:
+    """The llama.cpp context these prompts need: the longest prompt + its token budget, rounded up to 256."""
+    from stages import modeling
+
+    lengths = [len(ids) for ids in modeling.prompt_ids(tokenizer, prompts)]
+    budgets = modeling.token_budgets(tokenizer, sources, factor, extra)
+    need = max((n + b for n, b in zip(lengths, budgets)), default=1)
+    return max(512, -(-need // 256) * 256)
+
+
+def generate(llm, tokenizer, prompts: list[list[dict]], sources: list[str], *, factor: float = 2.0, extra: int = 16,
+             desc: str = "llama.cpp") -> tuple[list[str], list[bool]]:
+    """modeling.generate's contract on llama.cpp: (texts, hit_limit) in the order of `prompts`. The same prompt ids
+    (modeling.prompt_ids), budgets (modeling.token_budgets), stop tokens (modeling.end_of_turn_ids) and decoding
+    (the tokenizer's, special tokens skipped); greedy, one sentence after the other (llama.cpp reuses the KV cache
+    of the prefix a prompt shares with the one before); a tqdm bar on stderr."""
+    from tqdm.auto import tqdm
+
+    from stages import modeling
+
+    stops = modeling.end_of_turn_ids(tokenizer)
+    input_ids = modeling.prompt_ids(tokenizer, prompts)
+    budgets = modeling.token_budgets(tokenizer, sources, factor, extra)
+    texts, hit_limit = [], []
+    with tqdm(total=len(prompts), desc=desc, unit="sent") as bar:
+        for ids, budget in zip(input_ids, budgets):
+            new = greedy(llm, ids, stops, budget)
+            hit = len(new) >= budget  # greedy leaves the stop token out: a full budget never ended its turn
+            text = tokenizer.decode(new, skip_special_tokens=True)
+            texts.append(text.rstrip("\ufffd") if hit else text)
+            hit_limit.append(hit)
+            bar.update(1)
+    return texts, hit_limit
+
+
 def tokenize(llm, text: str) -> list[int]:
     """llama.cpp's own tokenization of plain text (no BOS, special tokens not parsed)."""
     return llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)

@@ -314,3 +314,82 @@ def test_missing_names_what_to_install(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
     assert gguf.missing().startswith("llama-cpp-python not installed; pip install -e '.[gguf]'")
+
+
+# ----------------------------------------------------------------------------------------------
+# The export stage and translate --model x.gguf, end to end on a tiny "trained" model
+
+
+def make_trained_dir(path: Path, tokenizer) -> Path:
+    """A fully fine-tuned model directory as the train stage writes it: weights, tokenizer, training_config.json."""
+    from conftest import BASE_PARAMS
+
+    make_model_dir(path, tokenizer)
+    cfg = {"model": str(path), "chat_template": None, "max_seq_length": 256, "backend": "hf",
+           "prompt": {"format": BASE_PARAMS["format"], "opencc": BASE_PARAMS["clean"]["opencc"]}}
+    (path / "training_config.json").write_text(json.dumps(cfg, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("extended", [False, True], ids=["smollm2", "cjk-extended"])
+def test_export_stage_writes_checked_gguf_and_translate_runs_it(converter, tmp_path, extended):
+    import yaml
+    from conftest import BASE_PARAMS
+
+    from stages import export, modeling, translate
+
+    tokenizer = smollm2_tokenizer()
+    if extended:
+        assert extend_with_cjk(tokenizer, 300, "".join(SENTENCES)) > 0
+    trained = make_trained_dir(tmp_path / "trained", tokenizer)
+    rows = [{"source": s, "target": s, "messages": modeling.build_messages(s, s, [], BASE_PARAMS["format"])} for s in SENTENCES]
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    params = {**BASE_PARAMS, "export": {"dtype": "fp16", "gguf": True, "gguf_outtype": "auto", "gguf_quantize": ["Q8_0"],
+                                        "check_samples": 2}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+    out, report = tmp_path / "export", tmp_path / "export.json"
+    export.main(["--model", str(trained), "--out", str(out), "--report", str(report), "--test", str(test),
+                 "--params", str(tmp_path / "params.yaml")])
+
+    rep = json.loads(report.read_text(encoding="utf-8"))
+    files = {f["file"]: f for f in rep["gguf"]["files"]}
+    assert list(files) == ["model.gguf", "model-Q8_0.gguf"] and files["model.gguf"]["type"] in ("MOSTLY_F16", "f16")
+    assert files["model-Q8_0.gguf"]["bytes"] < files["model.gguf"]["bytes"] == (out / "model.gguf").stat().st_size
+    check = rep["gguf"]["check"]
+    assert check["sentences"] == 2 and check["transformers"]["sentences_per_s"] > 0
+    f16 = files["model.gguf"]["check"]
+    assert f16["identical_fraction"] == 1.0 and f16["bleu_change"] == 0.0  # the same weights, the same greedy choices
+    assert 0 <= files["model-Q8_0.gguf"]["check"]["identical_fraction"] <= 1
+    assert (out / "Modelfile").read_text(encoding="utf-8").startswith("FROM ./model.gguf\n")
+    assert (out / "Modelfile.Q8_0").read_text(encoding="utf-8").startswith("FROM ./model-Q8_0.gguf\n")
+    assert f'SYSTEM """{BASE_PARAMS["format"]["system_prompt"]}"""' in (out / "Modelfile").read_text(encoding="utf-8")
+
+    # translate through llama.cpp: the same lines out as through transformers on the exported model
+    src = tmp_path / "in.txt"
+    src.write_text(SENTENCES[0] + "\n\n" + SENTENCES[1] + "\n", encoding="utf-8")
+    outputs = {}
+    for name, model in (("gguf", out / "model.gguf"), ("hf", out / "hf")):
+        outputs[name] = tmp_path / f"out-{name}.txt"
+        translate.main(["-i", str(src), "-o", str(outputs[name]), "--model", str(model), "--max-new-tokens-factor", "0.5"])
+    gguf_lines = outputs["gguf"].read_text(encoding="utf-8").split("\n")
+    assert len(gguf_lines) == 4 and gguf_lines[1] == "" and gguf_lines[3] == ""
+    assert gguf_lines == outputs["hf"].read_text(encoding="utf-8").split("\n")
+
+
+@needs_llama_cpp
+@pytest.mark.bad_input
+def test_translate_and_export_gguf_errors(tmp_path, monkeypatch):
+    from stages import export, translate
+
+    with pytest.raises(PipelineError, match="GGUF file not found; the export stage writes them"):
+        translate.main(["--model", str(tmp_path / "nope.gguf"), "学而时习之。"])
+    monkeypatch.setattr(gguf, "missing", lambda: "llama-cpp-python not installed; " + gguf.INSTALL)
+    from test_translate import make_tiny_model
+    from test_export import write_params
+
+    adapter = make_tiny_model(tmp_path / "tiny")
+    with pytest.raises(PipelineError, match=r"export.gguf is true but llama-cpp-python not installed; pip install -e '.\[gguf\]'"):
+        export.main(["--model", str(adapter), "--out", str(tmp_path / "o"), "--report", str(tmp_path / "r.json"),
+                     "--params", str(write_params(tmp_path / "params.yaml", gguf=True))])

@@ -139,9 +139,9 @@ def save_hf(model, tokenizer, cfg: dict, dtype_name: str, model_dir: Path, out: 
 def export_gguf(hf_dir: Path, out: Path, p: dict, tokenizer, cfg: dict) -> list[dict]:
     """model.gguf (+ model-<Q>.gguf), a Modelfile for each, and beside them what translate reads (the
     tokenizer and training_config.json). Returns [{file, type, bytes, seconds}]."""
-    info = gguf.convert(hf_dir, out / "model.gguf", p["gguf_outtype"])
-    files = [{"file": "model.gguf", "type": gguf.read_metadata(out / "model.gguf").get("general.file_type_name") or info["outtype"],
-              "bytes": info["bytes"], "seconds": info["seconds"]}]
+    outtype = {"bf16": "bf16", "fp16": "f16"}[p["dtype"]] if p["gguf_outtype"] == "auto" else p["gguf_outtype"]
+    info = gguf.convert(hf_dir, out / "model.gguf", outtype)
+    files = [{"file": "model.gguf", "type": outtype.upper(), "bytes": info["bytes"], "seconds": info["seconds"]}]
     for q in quantize_list(p["gguf_quantize"]):
         info = gguf.quantize(out / "model.gguf", out / f"model-{q}.gguf", q)
         files.append({"file": f"model-{q}.gguf", "type": q, "bytes": info["bytes"], "seconds": info["seconds"]})

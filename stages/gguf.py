@@ -9,6 +9,8 @@ Use:
     python -m stages.gguf convert models/export/hf model-f16.gguf --outtype f16
     python -m stages.gguf quantize model-f16.gguf model-Q4_K_M.gguf Q4_K_M
     python -m stages.gguf modelfile model-Q4_K_M.gguf models/export/hf --system "..." > Modelfile
+The export stage does all of this (dvc repro export/dvc.yaml); translate runs a GGUF with generate() below
+(python -m stages.translate --model models/export/model-Q4_K_M.gguf ...).
 
 The converter runs as a subprocess with the vendored gguf-py first on sys.path (the gguf release that
 converter was written against). It names the BPE pre-tokenizer from a hash of a fixed text's token ids;

@@ -145,10 +145,10 @@ def export_gguf(hf_dir: Path, out: Path, p: dict, tokenizer, cfg: dict) -> list[
     for q in quantize_list(p["gguf_quantize"]):
         info = gguf.quantize(out / "model.gguf", out / f"model-{q}.gguf", q)
         files.append({"file": f"model-{q}.gguf", "type": q, "bytes": info["bytes"], "seconds": info["seconds"]})
-    system = cfg["prompt"]["format"]["system_prompt"]
+    fmt = cfg["prompt"]["format"]  # Ollama gets one sentence at a time: no context sentences
     for f in files:
         name = "Modelfile" if f["file"] == "model.gguf" else f"Modelfile.{f['type']}"
-        (out / name).write_text(gguf.render_modelfile(f["file"], tokenizer, system), encoding="utf-8")
+        (out / name).write_text(gguf.render_modelfile(f["file"], tokenizer, fmt["system_prompt"], fmt["user_template"]), encoding="utf-8")
         f["modelfile"] = name
     tokenizer.save_pretrained(str(out))
     shutil.copy(hf_dir / "training_config.json", out / "training_config.json")

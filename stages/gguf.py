@@ -530,12 +530,15 @@ def ollama_template(tokenizer) -> str:
     return template
 
 
-def render_modelfile(gguf_name: str, tokenizer, system_prompt: str) -> str:
-    """An Ollama Modelfile: FROM the GGUF, the chat template as TEMPLATE, stop at end of turn, greedy, SYSTEM."""
-    if '"""' in system_prompt:
-        raise PipelineError('the system prompt contains """, which a Modelfile cannot quote')
+def render_modelfile(gguf_name: str, tokenizer, system_prompt: str, user_template: str = "{classical}") -> str:
+    """An Ollama Modelfile: FROM the GGUF, the chat template as TEMPLATE, stop at end of turn, greedy, SYSTEM.
+    user_template (format.user_template the model was trained with) wraps what the user types, so
+    `ollama run` sends the training prompt for a bare sentence."""
+    if '"""' in system_prompt + user_template:
+        raise PipelineError('the system prompt or user template contains """, which a Modelfile cannot quote')
     stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_ids(tokenizer)]
-    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{ollama_template(tokenizer)}"""']
+    template = ollama_template(tokenizer).replace("{{ .Prompt }}", user_template.format(classical="{{ .Prompt }}"))
+    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""']
     lines += [f'PARAMETER stop "{s}"' for s in stops]
     lines += ["PARAMETER temperature 0", "PARAMETER top_k 1", f'SYSTEM """{system_prompt}"""']
     return "\n".join(lines) + "\n"

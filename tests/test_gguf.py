@@ -279,7 +279,7 @@ def test_modelfile_template_renders_the_chat_template(template):
         tokenizer.add_special_tokens({"additional_special_tokens": TEMPLATE_SPECIAL_TOKENS[template]})
         tokenizer.chat_template = CHAT_TEMPLATES[template]
         tokenizer.eos_token = TEMPLATE_SPECIAL_TOKENS[template][-1]
-    text = gguf.render_modelfile("model-Q4_K_M.gguf", tokenizer, SYSTEM)
+    text = gguf.render_modelfile("model-Q4_K_M.gguf", tokenizer, SYSTEM, "翻译：\n{classical}")
     assert text.startswith("FROM ./model-Q4_K_M.gguf\n")
     go = re.search(r'^TEMPLATE """(.*?)"""$', text, re.S | re.M).group(1)
     system = re.search(r'^SYSTEM """(.*?)"""$', text, re.S | re.M).group(1)
@@ -288,7 +288,7 @@ def test_modelfile_template_renders_the_chat_template(template):
     expected = tokenizer.apply_chat_template(
         [{"role": "system", "content": system}, {"role": "user", "content": user}], add_generation_prompt=True, tokenize=False
     )
-    assert render_go_template(go, {"System": system, "Prompt": user}) == expected
+    assert render_go_template(go, {"System": system, "Prompt": "学而时习之"}) == expected  # the user types the sentence
     eot = TEMPLATE_SPECIAL_TOKENS[template or "chatml"][-1]
     assert f'PARAMETER stop "{eot}"' in text.splitlines()
     assert "PARAMETER temperature 0" in text.splitlines()

@@ -1,40 +1,48 @@
-"""Export: merge the LoRA adapter into its base model and save a 16-bit model (+ GGUF where llama.cpp is found).
+"""Export: merge the LoRA adapter into its base model, save a 16-bit model and GGUF files checked with llama.cpp.
 
     models/adapter -> models/export/hf          the merged model (export.dtype: bf16 or fp16), its tokenizer
                                                 with the chat template, and training_config.json (+ the prompt
                                                 it was trained with, so `translate --model` needs no params.yaml)
-                   -> models/export/model.gguf  only where llama.cpp's converter is found (LLAMA_CPP_DIR or PATH);
-                      models/export/model-<Q>.gguf  also quantised with llama-quantize (export.gguf_quantize)
-                   -> reports/export.json       what was written, the merge check, or what is missing for GGUF
+                   -> models/export/model.gguf  llama.cpp's convert_hf_to_gguf.py (export.gguf_outtype; auto = the
+                                                merged model's dtype), and model-<Q>.gguf for each of
+                                                export.gguf_quantize (llama.cpp's quantizer)
+                      models/export/Modelfile, Modelfile.<Q>   Ollama: FROM the GGUF, TEMPLATE = the chat
+                                                template, stop tokens, temperature 0, SYSTEM = the model's prompt
+                      models/export/training_config.json + tokenizer files: what `translate --model x.gguf` reads
+                   -> reports/export.json       what was written, the merge check, and the GGUF check: each
+                                                file's size, outputs identical to transformers', BLEU, speed
 
 Run it on request; plain `dvc repro` does not, because the stage sits in its own pipeline file:
     dvc repro export/dvc.yaml          (also runs train first if it is out of date)
-    python -m stages.export --model models/adapter --out models/export --report reports/export.json [--params params.yaml]
+    python -m stages.export --model models/adapter --out models/export --report reports/export.json \
+        --test data/format/test.jsonl [--params params.yaml]
 
 The merge runs on CPU in fp32 (peft merge_and_unload), then checks that the merged model's logits equal
 base + adapter on a test prompt before casting to 16 bits: a merge that changed the model fails the stage.
 A fully fine-tuned model (config.json instead of adapter_config.json) is only cast and saved. The output
 loads with plain transformers (AutoModelForCausalLM / AutoTokenizer), generation stopping at the end of
-turn. Everything is written into a temporary directory and renamed onto models/export at the end, the
-report right after it, so a failed export leaves the last good model directory and report as they were.
-Missing llama.cpp tooling is not an error: the message says what is missing and how to get it, and goes
-into the report too.
+turn. GGUF needs the gguf extra (stages/gguf.py's docstring: pip install -e '.[gguf]', python -m stages.gguf
+setup); without it the stage fails saying so, unless export.gguf is false. The GGUF check greedily translates
+the first export.check_samples test sentences (their prompts as evaluate builds them) with transformers
+(the exported weights, computed in fp32, batched as translate does) and with llama.cpp (each GGUF, one
+sentence after the other), on the same threads. Everything is written into a temporary directory and
+renamed onto models/export at the end, the report right after it, so a failed export leaves the last good
+model directory and report as they were.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
-import sys
+import time
 from pathlib import Path
 
 from stages.common import (
-    Bool, PipelineError, Str, atomic_outputs, check_output_path, check_params, get_logger, load_params, replace_dir, run_main, write_json,
+    Bool, Int, Param, PipelineError, Str, atomic_outputs, check_output_path, check_params, get_logger, load_params,
+    read_jsonl, replace_dir, run_main, write_json,
 )
-from stages import modeling
+from stages import gguf, modeling
 
 log = get_logger("export")
 
@@ -45,28 +53,29 @@ SCHEMA = {  # values and their comments: params.yaml
     "dtype": Str(*DTYPES),
     "gguf": Bool(),
     "gguf_outtype": Str(*GGUF_OUTTYPES),
-    "gguf_quantize": Str(),  # none or a llama-quantize type: check_export_params
+    "gguf_quantize": Param((list, str), items=str),  # [] / none, one type or a list of llama.cpp types
+    "check_samples": Int(min=0),
 }
 CHECK_TEXT = "学而时习之，不亦说乎？"
-GET_LLAMA_CPP = (
-    "to get it: git clone --depth 1 https://github.com/ggml-org/llama.cpp && export LLAMA_CPP_DIR=$PWD/llama.cpp "
-    "(the converter runs with this environment's python; pip install sentencepiece if it asks for it), "
-    "then: dvc repro -f -s export/dvc.yaml"
-)
-GET_QUANTIZE = (
-    "build it in the llama.cpp checkout: cmake -B build && cmake --build build --config Release --target llama-quantize "
-    "(found as $LLAMA_CPP_DIR/build/bin/llama-quantize or on PATH)"
-)
+CHECK_BATCH_SIZE = 16  # transformers' side of the GGUF check, as translate batches
+CHECK_FACTOR, CHECK_EXTRA = 2.0, 16  # token budget of each check sentence (modeling.generate's defaults)
 
 
 # ----------------------------------------------------------------------------------------------
 # Parameters
 
 
+def quantize_list(value) -> list[str]:
+    """export.gguf_quantize as a list of llama.cpp type names: none / [] -> [], Q4_K_M -> [Q4_K_M]."""
+    items = [value] if isinstance(value, str) else list(value)
+    return [str(q).upper() for q in items if str(q).lower() != "none"]
+
+
 def check_export_params(section: dict) -> dict:
     p = check_params(section, SCHEMA, "export")
-    if not p["gguf_quantize"] or not str(p["gguf_quantize"]).replace("_", "").isalnum():
-        raise PipelineError(f"params.yaml: export.gguf_quantize must be none or a llama-quantize type such as Q4_K_M; got {p['gguf_quantize']!r}")
+    for q in quantize_list(p["gguf_quantize"]):
+        if not q.replace("_", "").isalnum():
+            raise PipelineError(f"params.yaml: export.gguf_quantize must be none or llama.cpp types such as Q4_K_M; got {q!r}")
     return p
 
 
@@ -124,63 +133,78 @@ def save_hf(model, tokenizer, cfg: dict, dtype_name: str, model_dir: Path, out: 
 
 
 # ----------------------------------------------------------------------------------------------
-# GGUF (llama.cpp tooling, where present)
+# GGUF: llama.cpp's converter and quantizer (stages/gguf.py), checked against transformers
 
 
-def find_llama_cpp() -> dict:
-    """Paths of convert_hf_to_gguf.py and llama-quantize, from $LLAMA_CPP_DIR or PATH (None if absent)."""
-    found = {"convert": None, "quantize": None}
-    root = os.environ.get("LLAMA_CPP_DIR")
-    if root:
-        root = Path(root).expanduser()
-        if (root / "convert_hf_to_gguf.py").is_file():
-            found["convert"] = str(root / "convert_hf_to_gguf.py")
-        for candidate in (root / "build" / "bin" / "llama-quantize", root / "bin" / "llama-quantize", root / "llama-quantize"):
-            if candidate.is_file() and os.access(candidate, os.X_OK):
-                found["quantize"] = str(candidate)
-                break
-    found["convert"] = found["convert"] or shutil.which("convert_hf_to_gguf.py") or shutil.which("convert_hf_to_gguf")
-    found["quantize"] = found["quantize"] or shutil.which("llama-quantize")
-    return found
+def export_gguf(hf_dir: Path, out: Path, p: dict, tokenizer, cfg: dict) -> list[dict]:
+    """model.gguf (+ model-<Q>.gguf), a Modelfile for each, and beside them what translate reads (the
+    tokenizer and training_config.json). Returns [{file, type, bytes, seconds}]."""
+    outtype = {"bf16": "bf16", "fp16": "f16"}[p["dtype"]] if p["gguf_outtype"] == "auto" else p["gguf_outtype"]
+    info = gguf.convert(hf_dir, out / "model.gguf", outtype)
+    files = [{"file": "model.gguf", "type": outtype.upper(), "bytes": info["bytes"], "seconds": info["seconds"]}]
+    for q in quantize_list(p["gguf_quantize"]):
+        info = gguf.quantize(out / "model.gguf", out / f"model-{q}.gguf", q)
+        files.append({"file": f"model-{q}.gguf", "type": q, "bytes": info["bytes"], "seconds": info["seconds"]})
+    fmt = cfg["prompt"]["format"]  # Ollama gets one sentence at a time: no context sentences
+    for f in files:
+        name = "Modelfile" if f["file"] == "model.gguf" else f"Modelfile.{f['type']}"
+        (out / name).write_text(gguf.render_modelfile(f["file"], tokenizer, fmt["system_prompt"], fmt["user_template"]), encoding="utf-8")
+        f["modelfile"] = name
+    tokenizer.save_pretrained(str(out))
+    shutil.copy(hf_dir / "training_config.json", out / "training_config.json")
+    return files
 
 
-def _run_tool(cmd: list[str], what: str) -> None:
-    log.info("%s: %s", what, " ".join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-        raise PipelineError(f"{what} failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
+def check_rows(test: Path, n: int) -> list[dict]:
+    """The first n rows of the format stage's test file (source, target, messages)."""
+    rows = read_jsonl(test)[:n]
+    for number, row in enumerate(rows, 1):
+        if not {"source", "target", "messages"} <= set(row) or not row["messages"]:
+            raise PipelineError(f"{test}:{number}: a test row needs source, target and messages (the format stage's rows)")
+    return rows
 
 
-def export_gguf(hf_dir: Path, out: Path, p: dict, tools: dict) -> dict:
-    """Write GGUF file(s) into `out` where the tools are there; else say what is missing and how to get it."""
-    if not p["gguf"]:
-        return {"files": [], "message": "GGUF skipped (export.gguf: false)"}
-    where = f"$LLAMA_CPP_DIR={os.environ['LLAMA_CPP_DIR']}" if os.environ.get("LLAMA_CPP_DIR") else "$LLAMA_CPP_DIR (unset)"
-    if tools["convert"] is None:
-        return {
-            "files": [],
-            "message": f"no GGUF file: llama.cpp's convert_hf_to_gguf.py was not found in {where} or on PATH; "
-            f"{GET_LLAMA_CPP}. The merged model in hf/ is complete without it.",
+def bleu(hypotheses: list[str], references: list[str]) -> tuple[float, str]:
+    from sacrebleu.metrics import BLEU
+
+    metric = BLEU(tokenize="zh")
+    return round(metric.corpus_score(hypotheses, [references]).score, 2), str(metric.get_signature())
+
+
+def check_gguf(model, tokenizer, out: Path, files: list[dict], rows: list[dict]) -> dict:
+    """Greedy translations of the rows with transformers (model, fp32) and with each GGUF on llama.cpp: per file
+    identical_fraction (same text as transformers), BLEU and its change, sentences/s of each engine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    prompts, sources = [r["messages"][:-1] for r in rows], [r["source"] for r in rows]
+    references = [r["target"] for r in rows]
+    started = time.monotonic()
+    reference, _ = modeling.generate(model, tokenizer, prompts, sources, batch_size=CHECK_BATCH_SIZE, factor=CHECK_FACTOR,
+                                     extra=CHECK_EXTRA, desc="transformers")
+    hf_seconds = time.monotonic() - started
+    hf_bleu, signature = bleu(reference, references)
+    result = {
+        "sentences": len(rows), "threads": threads, "bleu_signature": signature,
+        "transformers": {"dtype": "fp32 (the exported weights)", "batch_size": CHECK_BATCH_SIZE, "bleu": hf_bleu,
+                         "seconds": round(hf_seconds, 1), "sentences_per_s": round(len(rows) / hf_seconds, 2)},
+    }
+    n_ctx = gguf.context_size(tokenizer, prompts, sources, CHECK_FACTOR, CHECK_EXTRA)
+    for f in files:
+        llm = gguf.load_llama(out / f["file"], n_ctx=n_ctx, n_threads=threads)
+        started = time.monotonic()
+        texts, _ = gguf.generate(llm, tokenizer, prompts, sources, factor=CHECK_FACTOR, extra=CHECK_EXTRA, desc=f["file"])
+        seconds = time.monotonic() - started
+        del llm
+        f_bleu = bleu(texts, references)[0]
+        f["check"] = {
+            "identical_fraction": round(sum(a == b for a, b in zip(texts, reference)) / len(rows), 3),
+            "bleu": f_bleu, "bleu_change": round(f_bleu - hf_bleu, 2), "seconds": round(seconds, 1),
+            "sentences_per_s": round(len(rows) / seconds, 2),
         }
-    convert = tools["convert"]
-    gguf = out / "model.gguf"
-    cmd = ([sys.executable] if convert.endswith(".py") else []) + [convert, str(hf_dir), "--outfile", str(gguf), "--outtype", p["gguf_outtype"]]
-    _run_tool(cmd, "convert_hf_to_gguf")
-    if not gguf.is_file():
-        raise PipelineError(f"convert_hf_to_gguf exited 0 but wrote no {gguf}")
-    result = {"files": [gguf.name], "converter": convert, "outtype": p["gguf_outtype"], "message": f"wrote {gguf.name}"}
-    quant = str(p["gguf_quantize"])
-    if quant.lower() == "none":
-        return result
-    if tools["quantize"] is None:
-        result["message"] += f"; not quantised to {quant}: llama-quantize was not found in {where} or on PATH; {GET_QUANTIZE}"
-        return result
-    quantized = out / f"model-{quant}.gguf"
-    _run_tool([tools["quantize"], str(gguf), str(quantized), quant], "llama-quantize")
-    result["files"].append(quantized.name)
-    result["quantize"] = {"tool": tools["quantize"], "type": quant}
-    result["message"] += f" and {quantized.name}"
+        log.info("%s: %.0f%% identical to transformers, BLEU %.2f (%+.2f), %.2f sentences/s (transformers %.2f)",
+                 f["file"], 100 * f["check"]["identical_fraction"], f_bleu, f["check"]["bleu_change"],
+                 f["check"]["sentences_per_s"], result["transformers"]["sentences_per_s"])
     return result
 
 
@@ -190,8 +214,9 @@ def export_gguf(hf_dir: Path, out: Path, p: dict, tools: dict) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, type=Path, help="the train stage's output (models/adapter)")
-    parser.add_argument("--out", required=True, type=Path, help="export directory (models/export): hf/ and any .gguf")
+    parser.add_argument("--out", required=True, type=Path, help="export directory (models/export): hf/, GGUF files, Modelfiles")
     parser.add_argument("--report", required=True, type=Path, help="JSON report (reports/export.json)")
+    parser.add_argument("--test", type=Path, help="the format stage's test.jsonl: sentences of the GGUF check")
     parser.add_argument("--params", type=Path, default=None, help="read this params.yaml instead of asking DVC (tests)")
     args = parser.parse_args(argv)
     check_output_path(args.out, directory=True)  # before the merge, not after
@@ -200,7 +225,15 @@ def main(argv=None) -> None:
     p = check_export_params(load_params("export", args.params, dvc_stage=PIPELINE_STAGE))
     trained = modeling.load_trained(args.model, model=False, backend="hf")  # before anything heavy: clear errors
     cfg, tokenizer, is_adapter = trained.config, trained.tokenizer, trained.is_adapter
-    tools = find_llama_cpp()
+    rows = []
+    if p["gguf"]:
+        absent = gguf.missing()
+        if absent:
+            raise PipelineError(f"export.gguf is true but {absent}; or set export.gguf: false to export without GGUF")
+        if p["check_samples"]:
+            if args.test is None:
+                raise PipelineError("export.check_samples > 0 needs --test data/format/test.jsonl (the sentences of the GGUF check)")
+            rows = check_rows(args.test, p["check_samples"])
 
     import torch
 
@@ -217,15 +250,20 @@ def main(argv=None) -> None:
     tmp.mkdir(parents=True)
     try:
         hf = save_hf(model, tokenizer, cfg, p["dtype"], args.model, tmp / "hf")
+        files, gguf_check = [], None
+        if p["gguf"]:
+            files = export_gguf(tmp / "hf", tmp, p, tokenizer, cfg)
+            if rows:
+                gguf_check = check_gguf(model.float().eval(), tokenizer, tmp, files, rows)
         del model
-        gguf = export_gguf(tmp / "hf", tmp, p, tools)
         report = {
             "model": str(args.model),
             "base_model": cfg["model"],
             "kind": "LoRA adapter merged into its base" if is_adapter else "full model, cast",
             "hf": {"path": str(args.out / "hf"), "dtype": p["dtype"], **hf},
             "merge_check": check,
-            "gguf": {**gguf, "files": [str(args.out / f) for f in gguf["files"]]},
+            "gguf": {"files": [{**f, "path": str(args.out / f["file"])} for f in files], "check": gguf_check}
+            if p["gguf"] else "skipped (export.gguf: false)",
             "params": p,
         }
         # the report is written first and renamed last, once the new model directory is in place
@@ -235,8 +273,7 @@ def main(argv=None) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    (log.info if gguf["files"] else log.warning)("GGUF: %s", gguf["message"])
-    log.info("wrote %s/hf%s and %s", args.out, "".join(f", {f}" for f in gguf["files"]), args.report)
+    log.info("wrote %s/hf%s and %s", args.out, "".join(f", {f['file']}" for f in files), args.report)
 
 
 if __name__ == "__main__":

@@ -245,8 +245,9 @@ def read_training_config(model_dir: Path) -> dict:
     if not isinstance(prompt, dict) or "opencc" not in prompt or set(PROMPT_KEYS) - set(prompt.get("format") or {}):
         raise PipelineError(f"{path}: has no complete 'prompt' (format params + opencc, recorded by the train stage "
                             f"since the prompt travels with the model); retrain it (dvc repro train)")
-    if not (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file():
-        raise PipelineError(f"{model_dir}: neither a LoRA adapter (adapter_config.json) nor a model (config.json)")
+    if not any((model_dir / name).is_file() for name in ("adapter_config.json", "config.json")) and not any(model_dir.glob("*.gguf")):
+        raise PipelineError(f"{model_dir}: neither a LoRA adapter (adapter_config.json) nor a model (config.json, or a "
+                            f"GGUF file the export stage wrote)")
     return cfg
 
 

@@ -7,7 +7,9 @@
 
 Not a pipeline stage: the tool for using what the pipeline trained. --model is models/adapter (the
 train stage's base + LoRA adapter, or its fully fine-tuned model) by default, or models/export/hf (the
-export stage's merged model), or any directory with the train stage's training_config.json.
+export stage's merged model), or any directory with the train stage's training_config.json, or a GGUF
+file the export stage wrote (models/export/model-Q4_K_M.gguf: run by llama.cpp through llama-cpp-python,
+the prompt settings and tokenizer read from the training_config.json and tokenizer files beside it).
 
 In order:
   1. Each input line is normalised as the training sources were (stages/text.py: whitespace,
@@ -20,7 +22,8 @@ In order:
      and, with context_sentences N, the N previous sentences of the input as context), read from the
      `prompt` the train stage recorded in the model's training_config.json, never from params.yaml.
   5. Generation is modeling.generate, as in evaluate: batched longest first, left padding, greedy, stops at the
-     end-of-turn token, each output sliced at the padded input length; a tqdm bar on stderr.
+     end-of-turn token, each output sliced at the padded input length; a tqdm bar on stderr. A GGUF goes
+     through gguf.generate: the same prompt ids, budgets and stop tokens, greedy, one sentence at a time.
   6. The translations of a line's sentences are joined into one output line, so the output has exactly
      as many lines as the input (empty input, empty output). A piece with nothing to translate (only
      punctuation or symbols) passes through as it is; so does a line with none (empty, spaces, ……).
@@ -44,7 +47,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from stages import modeling, text as text_lib
+from stages import gguf, modeling, text as text_lib
 from stages.common import PipelineError, file_kind, get_logger, run_main, write_text
 
 log = get_logger("translate")
@@ -324,7 +327,7 @@ def main(argv=None) -> None:
     parser.add_argument("--input", "-i", help="a UTF-8 text file to translate, line by line ('-' = stdin)")
     parser.add_argument("--output", "-o", help="write here (atomically) instead of to stdout")
     parser.add_argument("--model", "-m", type=Path, default=Path(DEFAULT_MODEL),
-                        help=f"adapter or model directory (default {DEFAULT_MODEL}; or models/export/hf)")
+                        help=f"adapter or model directory (default {DEFAULT_MODEL}; or models/export/hf), or an exported .gguf")
     parser.add_argument("--batch-size", type=int, default=16, help="sentences per generation batch")
     parser.add_argument("--max-new-tokens-factor", type=float, default=3.0,
                         help="each sentence may produce factor x its own tokens + 16 tokens")
@@ -336,13 +339,16 @@ def main(argv=None) -> None:
     # 1. what to translate, with what (cheap checks first: no model is loaded before they pass)
     text, source_name = read_input(args.text, args.input)
     output = check_output(args.output, args.input if args.text is None else "")
-    model_dir = args.model
+    gguf_file = args.model if args.model.suffix == ".gguf" else None
+    if gguf_file is not None and not gguf_file.is_file():
+        raise PipelineError(f"{gguf_file}: GGUF file not found; the export stage writes them (dvc repro export/dvc.yaml)")
+    model_dir = gguf_file.parent if gguf_file is not None else args.model  # the GGUF's prompt and tokenizer
     if not model_dir.is_dir():
         raise PipelineError(
             f"{model_dir}: model directory not found; train one first (dvc repro train) or pass --model DIR "
             f"(models/adapter from the train stage, models/export/hf from the export stage)"
         )
-    trained = modeling.load_trained(model_dir, model=False)  # unsloth (if used) is imported before transformers
+    trained = modeling.load_trained(model_dir, model=False, backend="hf" if gguf_file else None)  # unsloth before transformers
     cfg, tokenizer = trained.config, trained.tokenizer
     fmt, opencc = trained.prompt["format"], trained.prompt["opencc"]  # what the model was trained with
     converter = text_lib.make_converter(opencc)
@@ -371,13 +377,20 @@ def main(argv=None) -> None:
 
     # 3. generate
     prompts = build_prompts(pieces, fmt, count_tokens, max_tokens)
-    model = modeling.load_trained_model(trained)
-    log.info("model: %s (%s on %s, backend %s, %s)", model_dir, "LoRA adapter" if trained.is_adapter else "full model",
-             cfg["model"], trained.backend, next(model.parameters()).device)
-    raw, hit_limit = modeling.generate(
-        model, tokenizer, prompts, pieces, batch_size=args.batch_size, factor=args.max_new_tokens_factor,
-        extra=16, eos_token_ids=modeling.end_of_turn_ids(tokenizer), desc="translate",
-    )
+    if gguf_file is not None:
+        n_ctx = gguf.context_size(tokenizer, prompts, pieces, args.max_new_tokens_factor, 16)
+        llm = gguf.load_llama(gguf_file, n_ctx=n_ctx)
+        log.info("model: %s (llama.cpp, context %d; trained on %s)", gguf_file, n_ctx, cfg["model"])
+        raw, hit_limit = gguf.generate(llm, tokenizer, prompts, pieces, factor=args.max_new_tokens_factor, extra=16,
+                                       desc="translate")
+    else:
+        model = modeling.load_trained_model(trained)
+        log.info("model: %s (%s on %s, backend %s, %s)", model_dir, "LoRA adapter" if trained.is_adapter else "full model",
+                 cfg["model"], trained.backend, next(model.parameters()).device)
+        raw, hit_limit = modeling.generate(
+            model, tokenizer, prompts, pieces, batch_size=args.batch_size, factor=args.max_new_tokens_factor,
+            extra=16, eos_token_ids=modeling.end_of_turn_ids(tokenizer), desc="translate",
+        )
     translations = text_lib.normalise_lines(raw, converter)  # one line each, the training targets' script
     if any(hit_limit):
         piece_line = [n for n, line_pieces in enumerate(planned, 1) for p in line_pieces if has_text(p)]

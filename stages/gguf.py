@@ -1,0 +1,584 @@
+"""GGUF for local deployment: llama.cpp's own converter and quantizer, a llama.cpp runner, an Ollama Modelfile.
+
+Install (offline from the package index alone; builds llama.cpp with this machine's cmake + C++ compiler):
+    CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
+        -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF" pip install -e '.[gguf]'
+    python -m stages.gguf setup     # llama.cpp's convert_hf_to_gguf.py (+ conversion/, gguf-py) of the SAME
+                                    # llama-cpp-python version, from its sdist, into ~/.cache/wenyan-mt/
+Use:
+    python -m stages.gguf convert models/export/hf model-f16.gguf --outtype f16
+    python -m stages.gguf quantize model-f16.gguf model-Q4_K_M.gguf Q4_K_M
+    python -m stages.gguf modelfile model-Q4_K_M.gguf models/export/hf --system "..." > Modelfile
+The export stage does all of this (dvc repro export/dvc.yaml); translate runs a GGUF with generate() below
+(python -m stages.translate --model models/export/model-Q4_K_M.gguf ...).
+
+The converter runs as a subprocess with the vendored gguf-py first on sys.path (the gguf release that
+converter was written against). It names the BPE pre-tokenizer from a hash of a fixed text's token ids;
+tokens added with `tokenizer.add_tokens` (e.g. CJK characters for a wider Chinese vocabulary) change
+that hash although the pre-tokenizer is the same, so where the converter does not recognise the hash,
+the pre-tokenizer is identified again with those added tokens left out. They are written to the GGUF as
+user-defined tokens, which llama.cpp, like transformers, matches before BPE.
+
+Quantization goes through llama-cpp-python's binding of llama_model_quantize (no llama-quantize binary).
+The runner feeds llama.cpp the token ids of the prompt that the HF tokenizer's chat template renders, so
+prompts are identical token for token, and decodes greedily up to the end-of-turn token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+from stages.common import PipelineError, get_logger, run_main
+
+log = get_logger("gguf")
+
+PACKAGE = "llama-cpp-python"
+OUTTYPES = ("f32", "f16", "bf16", "q8_0", "auto")  # convert_hf_to_gguf.py --outtype (tq1_0/tq2_0: ternary models only)
+INSTALL = (
+    "pip install -e '.[gguf]' (builds llama.cpp; CMAKE_ARGS in stages/gguf.py's docstring shorten the build), "
+    "then python -m stages.gguf setup"
+)
+# Inside the sdist, what the converter needs: the script, its model classes, and gguf-py.
+SDIST_PARTS = ("vendor/llama.cpp/convert_hf_to_gguf.py", "vendor/llama.cpp/conversion/", "vendor/llama.cpp/gguf-py/",
+               "vendor/llama.cpp/LICENSE")
+
+# Runs in the converter's subprocess: the vendored gguf-py first, the pre-tokenizer fallback, then the
+# converter's own main() with its own command line.
+CONVERT_SHIM = r'''
+import json, os, sys
+root = sys.argv[1]
+sys.path[:0] = [os.path.join(root, "gguf-py"), root]
+import gguf
+if not os.path.abspath(gguf.__file__).startswith(os.path.abspath(root)):
+    sys.exit(f"error: the converter imported gguf from {gguf.__file__}, not the vendored gguf-py in {root}")
+import convert_hf_to_gguf
+from conversion.base import TextModel, logger
+
+_identify = TextModel.get_vocab_base_pre
+
+
+class _WithoutAddedTokens:
+    """The tokenizer's BPE + pre-tokenizer without its non-special added tokens."""
+
+    def __init__(self, tokenizer):
+        from tokenizers import Tokenizer
+        data = json.loads(tokenizer.backend_tokenizer.to_str())
+        data["added_tokens"] = [t for t in data["added_tokens"] if t["special"]]
+        self.backend = Tokenizer.from_str(json.dumps(data))
+
+    def encode(self, text):
+        return self.backend.encode(text).ids
+
+
+def get_vocab_base_pre(self, tokenizer):
+    try:
+        return _identify(self, tokenizer)
+    except NotImplementedError:
+        added = [t for t in tokenizer.added_tokens_decoder.values() if not t.special]
+        if not added or not hasattr(tokenizer, "backend_tokenizer"):
+            raise
+        name = _identify(self, _WithoutAddedTokens(tokenizer))
+        logger.info(f"BPE pre-tokenizer {name!r} identified with the {len(added)} added (non-special) tokens left out")
+        return name
+
+
+TextModel.get_vocab_base_pre = get_vocab_base_pre
+sys.argv = ["convert_hf_to_gguf.py"] + sys.argv[2:]
+convert_hf_to_gguf.main()
+'''
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup: the converter of the installed llama-cpp-python version
+
+
+def installed_version() -> str:
+    """The installed llama-cpp-python version; the converter must come from the same llama.cpp."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(PACKAGE)
+    except metadata.PackageNotFoundError:
+        raise PipelineError(f"{PACKAGE} is not installed; {INSTALL}") from None
+
+
+def missing() -> str | None:
+    """None when the gguf extra is installed; else what is missing and how to install it (for callers that
+    treat GGUF as optional, like the export stage)."""
+    import importlib.util
+
+    absent = [name for name, module in ((PACKAGE, "llama_cpp"), ("sentencepiece", "sentencepiece"))
+              if importlib.util.find_spec(module) is None]
+    return f"{', '.join(absent)} not installed; {INSTALL}" if absent else None
+
+
+def cache_root() -> Path:
+    base = os.environ.get("WENYAN_MT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wenyan-mt"
+    return Path(base)
+
+
+def converter_dir(version: str | None = None) -> Path:
+    return cache_root() / f"llama.cpp-{version or installed_version()}"
+
+
+def fetch_sdist(version: str, dest: Path) -> Path:
+    """pip download the sdist of llama-cpp-python==version (no deps, no wheel) into dest."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
+           "-d", str(dest), f"{PACKAGE}=={version}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(dest.glob("llama_cpp_python-*.tar.gz"))
+    if proc.returncode != 0 or not found:
+        raise PipelineError(f"could not download the {PACKAGE}=={version} sdist: {last_line(proc.stderr or proc.stdout)}")
+    return found[0]
+
+
+def extract_converter(sdist: Path, target: Path) -> list[str]:
+    """Copy SDIST_PARTS (python files and the LICENSE) out of the sdist into target; returns their paths."""
+    written = []
+    try:
+        with tarfile.open(sdist) as tar:
+            for member in tar.getmembers():
+                rel = member.name.split("/", 1)[1] if "/" in member.name else ""
+                part = next((p for p in SDIST_PARTS if rel.startswith(p)), None)
+                if part is None or not member.isfile():
+                    continue
+                if not (rel.endswith((".py", ".toml")) or rel.endswith("LICENSE") or "/gguf-py/gguf/" in rel):
+                    continue
+                out = target / rel.removeprefix("vendor/llama.cpp/")
+                out.parent.mkdir(parents=True, exist_ok=True)
+                with tar.extractfile(member) as src, open(out, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                written.append(str(out.relative_to(target)))
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise PipelineError(f"{sdist}: not a readable {PACKAGE} sdist ({exc})") from None
+    if "convert_hf_to_gguf.py" not in written:
+        raise PipelineError(f"{sdist}: has no vendor/llama.cpp/convert_hf_to_gguf.py; is it the {PACKAGE} sdist?")
+    return written
+
+
+def setup(version: str | None = None, sdist: Path | None = None, force: bool = False) -> Path:
+    """Put llama.cpp's converter of `version` (default: the installed one) into the cache, once. Returns its
+    directory. `sdist` is a llama-cpp-python .tar.gz already at hand (else pip downloads it)."""
+    version = version or installed_version()
+    target = converter_dir(version)
+    marker = target / "source.json"
+    if marker.is_file() and not force:
+        return target
+    started = time.monotonic()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
+        tmp = Path(tmp)
+        if sdist is None:
+            sdist = fetch_sdist(version, tmp)
+        files = extract_converter(sdist, tmp / "tree")
+        gguf_version = read_gguf_py_version(tmp / "tree")
+        source = {"package": f"{PACKAGE}=={version}", "sdist": sdist.name, "sha256": sha256_file(sdist),
+                  "gguf_py_version": gguf_version, "files": len(files)}
+        (tmp / "tree" / "source.json").write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp / "tree", target)
+    log.info("llama.cpp converter of %s==%s (gguf-py %s, %d files) in %s (%.1f s)", PACKAGE, version, gguf_version,
+             len(files), target, time.monotonic() - started)
+    return target
+
+
+def read_gguf_py_version(root: Path) -> str | None:
+    path = root / "gguf-py" / "pyproject.toml"
+    found = re.search(r'^version\s*=\s*"([^"]+)"', path.read_text(encoding="utf-8"), re.M) if path.is_file() else None
+    return found.group(1) if found else None
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def last_line(text: str) -> str:
+    """The last non-empty line of a tool's output: where Python tracebacks and llama.cpp put the reason."""
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
+# ----------------------------------------------------------------------------------------------
+# Convert and quantize
+
+
+def convert(hf_dir: Path, out_path: Path, outtype: str = "f16", converter: Path | None = None) -> dict:
+    """Convert a transformers model directory to GGUF with llama.cpp's convert_hf_to_gguf.py (a subprocess).
+    The file appears at out_path only when complete. Returns {path, bytes, outtype, seconds, tokenizer_pre}."""
+    hf_dir, out_path = Path(hf_dir), Path(out_path)
+    if outtype not in OUTTYPES:
+        raise PipelineError(f"GGUF outtype must be one of {', '.join(OUTTYPES)}; got {outtype!r}")
+    if not (hf_dir / "config.json").is_file():
+        raise PipelineError(f"{hf_dir}: no config.json; convert needs a transformers model directory")
+    root = Path(converter) if converter else setup()
+    if not (root / "convert_hf_to_gguf.py").is_file():
+        raise PipelineError(f"{root}: no convert_hf_to_gguf.py; run python -m stages.gguf setup --force")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=f".{out_path.name}.src.") as staged:
+        source = stage_model_dir(hf_dir, Path(staged))
+        cmd = [sys.executable, "-c", CONVERT_SHIM, str(root), str(source), "--outfile", str(tmp), "--outtype", outtype]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        raise PipelineError(f"{hf_dir}: convert_hf_to_gguf.py --outtype {outtype} failed (exit {proc.returncode}): "
+                            f"{last_line(proc.stderr or proc.stdout)}")
+    os.replace(tmp, out_path)
+    info = {"path": str(out_path), "bytes": out_path.stat().st_size, "outtype": outtype,
+            "seconds": round(time.monotonic() - started, 1), "tokenizer_pre": read_metadata(out_path).get("tokenizer.ggml.pre")}
+    log.info("%s -> %s (%s, %.1f MB, pre-tokenizer %s)", hf_dir, out_path, outtype, info["bytes"] / 1e6, info["tokenizer_pre"])
+    return info
+
+
+def plain_byte_level(tokenizer_json: dict) -> dict | None:
+    """A byte-level BPE tokenizer.json as transformers writes it for a model loaded from GGUF has
+    byte_fallback on and the decoder chain ByteFallback -> Fuse -> Replace -> ByteLevel; convert_hf_to_gguf.py
+    then takes it for a SentencePiece-style Llama tokenizer (tokenizer.ggml.model 'llama'), which is wrong.
+    Returns the same tokenizer as a plain byte-level BPE (byte_fallback off, ByteLevel decoder), or None
+    when nothing needs changing. Encoding is unchanged: byte-level BPE has every byte in its vocabulary,
+    so byte fallback never fires."""
+    model, pre = tokenizer_json.get("model") or {}, json.dumps(tokenizer_json.get("pre_tokenizer"))
+    if model.get("type") != "BPE" or not model.get("byte_fallback") or '"ByteLevel"' not in pre:
+        return None
+    fixed = {**tokenizer_json, "model": {**model, "byte_fallback": False}}
+    fixed["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    return fixed
+
+
+def stage_model_dir(hf_dir: Path, staged: Path) -> Path:
+    """The directory the converter reads: links to hf_dir's files, and tokenizer.json as plain byte-level
+    BPE where plain_byte_level says so (hf_dir itself is left as it is)."""
+    path = hf_dir / "tokenizer.json"
+    try:
+        fixed = plain_byte_level(json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else None
+    except json.JSONDecodeError as exc:
+        raise PipelineError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    if fixed is None:
+        return hf_dir
+    for item in hf_dir.iterdir():
+        if item.name != "tokenizer.json":
+            os.symlink(item.resolve(), staged / item.name)
+    (staged / "tokenizer.json").write_text(json.dumps(fixed, ensure_ascii=False), encoding="utf-8")
+    log.info("%s: byte-level BPE with byte_fallback on; the converter reads it with byte_fallback off", path)
+    return staged
+
+
+def quantize_types() -> dict[str, int]:
+    """llama.cpp's quantization types by name (Q8_0, Q4_K_M, ...) -> llama_ftype."""
+    import llama_cpp
+
+    prefix = "LLAMA_FTYPE_MOSTLY_"
+    return {name.removeprefix(prefix): getattr(llama_cpp, name) for name in dir(llama_cpp) if name.startswith(prefix)}
+
+
+@contextlib.contextmanager
+def captured_fds():
+    """Redirect the C library's stdout/stderr (fds 1, 2) into a temporary file; yields a function reading it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lambda: (sink.seek(0), sink.read().decode("utf-8", "replace"))[1]
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
+def quantize(in_gguf: Path, out_gguf: Path, qtype: str, threads: int = 0) -> dict:
+    """Quantize a GGUF (f32/f16/bf16) with llama.cpp's llama_model_quantize (through llama-cpp-python).
+    Tensors whose rows don't fit a K-quant's 256-block fall back to a type llama.cpp picks (as llama-quantize does).
+    Returns {path, bytes, qtype, seconds}."""
+    in_gguf, out_gguf = Path(in_gguf), Path(out_gguf)
+    if not in_gguf.is_file():
+        raise PipelineError(f"{in_gguf}: GGUF file not found")
+    try:
+        import llama_cpp
+    except ImportError:
+        raise PipelineError(f"quantize needs {PACKAGE}: {INSTALL}") from None
+    types = quantize_types()
+    name = str(qtype).upper()
+    if name not in types:
+        raise PipelineError(f"unknown llama.cpp quantization type {qtype!r}; known: {', '.join(sorted(types))}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = types[name]
+    params.nthread = threads
+    out_gguf.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_gguf.with_name(f".{out_gguf.name}.tmp")
+    started = time.monotonic()
+    with captured_fds() as output:
+        rc = llama_cpp.llama_model_quantize(str(in_gguf).encode(), str(tmp).encode(), ctypes.byref(params))
+        text = output()
+    if rc != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        reason = [line for line in text.splitlines() if "error" in line.lower() or "failed" in line.lower()]
+        raise PipelineError(f"{in_gguf}: llama_model_quantize to {name} failed (code {rc}): "
+                            f"{(reason[-1] if reason else last_line(text)).strip()}")
+    os.replace(tmp, out_gguf)
+    info = {"path": str(out_gguf), "bytes": out_gguf.stat().st_size, "qtype": name, "seconds": round(time.monotonic() - started, 1)}
+    log.info("%s -> %s (%s, %.1f MB)", in_gguf, out_gguf, name, info["bytes"] / 1e6)
+    return info
+
+
+def read_metadata(path: Path) -> dict:
+    """The GGUF's scalar and string metadata (token lists and merges left out)."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:  # gguf raises ValueError/struct errors on a bad file
+        raise PipelineError(f"{path}: not a readable GGUF file ({exc})") from None
+    meta = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or len(field.data) != 1:
+            continue
+        meta[key] = field.contents()
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------
+# Running a GGUF with llama.cpp
+
+
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of the chat prompt as transformers generation sees it (the template writes the special tokens)."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """End-of-turn token (from the chat template) and eos: where a reply ends."""
+    from stages.modeling import end_of_turn_token
+
+    ids = []
+    for token in (end_of_turn_token(tokenizer), tokenizer.eos_token):
+        token_id = tokenizer.convert_tokens_to_ids(token) if token is not None else None
+        if token_id is not None and token_id not in ids:
+            ids.append(token_id)
+    return ids
+
+
+def cpu_has_amx() -> bool:
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return "amx_int8" in flags.split()
+
+
+@contextlib.contextmanager
+def model_params(**overrides):
+    """Llama() builds its llama_model_params from llama_model_default_params() and exposes only some of them;
+    this sets others (e.g. use_extra_bufts) for the Llama() calls inside the block."""
+    import llama_cpp.llama_cpp as low
+
+    default = low.llama_model_default_params
+
+    def patched():
+        params = default()
+        for key, value in overrides.items():
+            setattr(params, key, value)
+        return params
+
+    low.llama_model_default_params = patched
+    try:
+        yield
+    finally:
+        low.llama_model_default_params = default
+
+
+def load_llama(gguf_path: Path, n_ctx: int = 2048, n_threads: int | None = None, extra_buffers: bool | None = None):
+    """A llama_cpp.Llama on the GGUF (CPU), quiet. extra_buffers: llama.cpp's repacked/AMX weight buffers;
+    None = on unless the CPU has AMX: a native build's AMX kernel (ggml_backend_amx_mul_mat) crashed with
+    SIGSEGV on quantized types (Q8_0, Q4_K_M) on the AMX machine this was written on (llama-cpp-python 0.3.36)."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise PipelineError(f"running a GGUF needs {PACKAGE}: {INSTALL}") from None
+    if not Path(gguf_path).is_file():
+        raise PipelineError(f"{gguf_path}: GGUF file not found")
+    threads = n_threads or os.cpu_count() or 1
+    extra = (not cpu_has_amx()) if extra_buffers is None else extra_buffers
+    try:
+        with model_params(use_extra_bufts=extra):
+            return Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=0,
+                         verbose=False)
+    except ValueError as exc:  # llama-cpp-python: "Failed to load model from file: ..."
+        raise PipelineError(f"{gguf_path}: llama.cpp could not load it ({exc})") from None
+
+
+def greedy(llm, ids: list[int], stops: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy continuation of ids (temperature 0), without the stop token; at most max_new_tokens."""
+    if len(ids) + max_new_tokens > llm.n_ctx():
+        raise PipelineError(f"prompt of {len(ids)} tokens + {max_new_tokens} new ones exceeds the llama.cpp context of {llm.n_ctx()}")
+    out = []
+    for token in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
+        if token in stops or len(out) >= max_new_tokens:
+            break
+        out.append(token)
+    return out
+
+
+def translate(llm, tokenizer, prompts: list[list[dict]], max_new_tokens: int | list[int] = 256) -> dict:
+    """Greedy replies to each message list with llama.cpp; prompts rendered by the HF tokenizer's chat template.
+    Returns {texts, token_ids, seconds, sentences_per_s}; texts are llama.cpp's own detokenization."""
+    stops = stop_ids(tokenizer)
+    budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
+    started = time.monotonic()
+    texts, token_ids = [], []
+    for messages, budget in zip(prompts, budgets):
+        ids = greedy(llm, prompt_ids(tokenizer, messages), stops, budget)
+        token_ids.append(ids)
+        texts.append(llm.detokenize(ids).decode("utf-8", errors="replace").strip())
+    seconds = time.monotonic() - started
+    return {"texts": texts, "token_ids": token_ids, "seconds": round(seconds, 2),
+            "sentences_per_s": round(len(prompts) / seconds, 3) if seconds > 0 else None}
+
+
+def context_size(tokenizer, prompts: list[list[dict]], sources: list[str], factor: float, extra: int) -> int:
+    """The llama.cpp context these prompts need: the longest prompt + its token budget, rounded up to 256."""
+    from stages import modeling
+
+    lengths = [len(ids) for ids in modeling.prompt_ids(tokenizer, prompts)]
+    budgets = modeling.token_budgets(tokenizer, sources, factor, extra)
+    need = max((n + b for n, b in zip(lengths, budgets)), default=1)
+    return max(512, -(-need // 256) * 256)
+
+
+def generate(llm, tokenizer, prompts: list[list[dict]], sources: list[str], *, factor: float = 2.0, extra: int = 16,
+             desc: str = "llama.cpp") -> tuple[list[str], list[bool]]:
+    """modeling.generate's contract on llama.cpp: (texts, hit_limit) in the order of `prompts`. The same prompt ids
+    (modeling.prompt_ids), budgets (modeling.token_budgets), stop tokens (modeling.end_of_turn_ids) and decoding
+    (the tokenizer's, special tokens skipped); greedy, one sentence after the other (llama.cpp reuses the KV cache
+    of the prefix a prompt shares with the one before); a tqdm bar on stderr."""
+    from tqdm.auto import tqdm
+
+    from stages import modeling
+
+    stops = modeling.end_of_turn_ids(tokenizer)
+    input_ids = modeling.prompt_ids(tokenizer, prompts)
+    budgets = modeling.token_budgets(tokenizer, sources, factor, extra)
+    texts, hit_limit = [], []
+    with tqdm(total=len(prompts), desc=desc, unit="sent") as bar:
+        for ids, budget in zip(input_ids, budgets):
+            new = greedy(llm, ids, stops, budget)
+            hit = len(new) >= budget  # greedy leaves the stop token out: a full budget never ended its turn
+            text = tokenizer.decode(new, skip_special_tokens=True)
+            texts.append(text.rstrip("\ufffd") if hit else text)
+            hit_limit.append(hit)
+            bar.update(1)
+    return texts, hit_limit
+
+
+def tokenize(llm, text: str) -> list[int]:
+    """llama.cpp's own tokenization of plain text (no BOS, special tokens not parsed)."""
+    return llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ollama
+
+
+def ollama_template(tokenizer) -> str:
+    """An Ollama (Go template) TEMPLATE equal to the tokenizer's chat template for a system message, a user
+    message and the generation prompt (the Modelfile always sets SYSTEM; without one the template leaves the
+    system turn out, where some chat templates put a default one). Derived by rendering the chat template with placeholders:
+    the system block is everything before the user turn, ending after the system turn's end-of-turn token
+    (and the newlines that follow it)."""
+    from stages.modeling import end_of_turn_token
+
+    system, user = "SYSTEM_4F2A", "USER_7C1D"
+    text = tokenizer.apply_chat_template(
+        [{"role": "system", "content": system}, {"role": "user", "content": user}], add_generation_prompt=True, tokenize=False
+    )
+    if text.count(system) != 1 or text.count(user) != 1 or text.index(system) > text.index(user):
+        raise PipelineError("the chat template does not render a system and a user message in order; no Ollama template")
+    head, rest = text.split(system)
+    between, tail = rest.split(user)
+    eot = end_of_turn_token(tokenizer)
+    if not eot or not between.startswith(eot):
+        raise PipelineError(f"the chat template does not end the system turn with its end-of-turn token {eot!r}")
+    cut = len(eot) + (len(between) - len(eot) - len(between[len(eot):].lstrip("\n")))
+    system_end, user_start = between[:cut], between[cut:]
+    template = "{{ if .System }}" + head + "{{ .System }}" + system_end + "{{ end }}" + user_start + "{{ .Prompt }}" + tail
+    if "{{" in text.replace(system, "").replace(user, "") or '"""' in template:
+        raise PipelineError('the chat template renders "{{" or \'"""\', which a Modelfile TEMPLATE cannot hold')
+    return template
+
+
+def render_modelfile(gguf_name: str, tokenizer, system_prompt: str, user_template: str = "{classical}") -> str:
+    """An Ollama Modelfile: FROM the GGUF, the chat template as TEMPLATE, stop at end of turn, greedy, SYSTEM.
+    user_template (format.user_template the model was trained with) wraps what the user types, so
+    `ollama run` sends the training prompt for a bare sentence."""
+    if '"""' in system_prompt + user_template:
+        raise PipelineError('the system prompt or user template contains """, which a Modelfile cannot quote')
+    stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_ids(tokenizer)]
+    template = ollama_template(tokenizer).replace("{{ .Prompt }}", user_template.format(classical="{{ .Prompt }}"))
+    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""']
+    lines += [f'PARAMETER stop "{s}"' for s in stops]
+    lines += ["PARAMETER temperature 0", "PARAMETER top_k 1", f'SYSTEM """{system_prompt}"""']
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("setup", help="fetch llama.cpp's converter of the installed llama-cpp-python version into the cache")
+    p.add_argument("--sdist", type=Path, help="a llama-cpp-python .tar.gz at hand (else pip downloads it)")
+    p.add_argument("--version", help="llama-cpp-python version (default: the installed one)")
+    p.add_argument("--force", action="store_true", help="fetch again even if cached")
+    p = sub.add_parser("convert", help="transformers model directory -> GGUF (convert_hf_to_gguf.py)")
+    p.add_argument("hf_dir", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("--outtype", default="f16", choices=OUTTYPES)
+    p = sub.add_parser("quantize", help="GGUF -> quantized GGUF (llama_model_quantize)")
+    p.add_argument("in_gguf", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("qtype", help="Q8_0, Q4_K_M, Q5_K_M, ...")
+    p = sub.add_parser("modelfile", help="print an Ollama Modelfile for a GGUF and the model's tokenizer")
+    p.add_argument("gguf", type=Path)
+    p.add_argument("hf_dir", type=Path, help="the model directory whose tokenizer (chat template) the GGUF came from")
+    p.add_argument("--system", required=True, help="the system prompt the model was trained with")
+    args = parser.parse_args(argv)
+
+    if args.command == "setup":
+        print(setup(args.version, args.sdist, args.force))
+    elif args.command == "convert":
+        print(json.dumps(convert(args.hf_dir, args.out, args.outtype)))
+    elif args.command == "quantize":
+        print(json.dumps(quantize(args.in_gguf, args.out, args.qtype)))
+    else:
+        from transformers import AutoTokenizer
+
+        sys.stdout.write(render_modelfile(args.gguf.name, AutoTokenizer.from_pretrained(str(args.hf_dir)), args.system))
+
+
+if __name__ == "__main__":
+    run_main(main)

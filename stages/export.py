@@ -33,6 +33,7 @@ model directory and report as they were.
 from __future__ import annotations
 
 import argparse
+import re
 import json
 import shutil
 import time
@@ -73,9 +74,12 @@ def quantize_list(value) -> list[str]:
 
 def check_export_params(section: dict) -> dict:
     p = check_params(section, SCHEMA, "export")
-    for q in quantize_list(p["gguf_quantize"]):
-        if not q.replace("_", "").isalnum():
-            raise PipelineError(f"params.yaml: export.gguf_quantize must be none or llama.cpp types such as Q4_K_M; got {q!r}")
+    wanted = quantize_list(p["gguf_quantize"])
+    known = sorted(gguf.quantize_types()) if wanted and gguf.missing() is None else None  # llama.cpp's own list
+    for q in wanted:
+        if not re.fullmatch(r"(I?Q\d|TQ\d|MXFP\d|BF16|F16|F32)[A-Z0-9_]*", q) or known is not None and q not in known:
+            raise PipelineError(f"params.yaml: export.gguf_quantize must be none or llama.cpp types such as Q4_K_M; got {q!r}"
+                                + (f" (llama.cpp knows: {', '.join(known)})" if known else ""))
     return p
 
 

@@ -61,10 +61,14 @@ def rows(n: int) -> list[dict]:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny model directory (config.json + weights + tokenizer with a ChatML template) and JSONL data."""
-    root = tmp_path_factory.mktemp("tiny")
     tok = bpe_tokenizer([SYSTEM] + [s + t for s, t in PAIRS] + ["system user assistant 翻译：\n"] * 3, vocab_size=400)
+    return tiny_project(tmp_path_factory.mktemp("tiny"), tok, max_positions=256)
+
+
+def tiny_project(root, tok, max_positions: int) -> dict:
+    """A tiny Llama with this tokenizer saved under root, and 48 train / 8 valid rows of formatted JSONL."""
     model_dir = root / "tiny-llama"
-    tiny_llama(tok, max_position_embeddings=256).save_pretrained(model_dir)
+    tiny_llama(tok, max_position_embeddings=max_positions).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     data = root / "format"
     data.mkdir()
@@ -320,16 +324,7 @@ def test_first_losses_are_pinned(tiny, tmp_path, method):
 def tiny_bytes(tmp_path_factory):
     """The tiny data with a byte-level tokenizer without merges (~3 tokens a Chinese character, like a small
     English model's BPE): train.extend_vocab auto extends it."""
-    root = tmp_path_factory.mktemp("tiny-bytes")
-    tok = byte_tokenizer()
-    model_dir = root / "tiny-llama"
-    tiny_llama(tok, max_position_embeddings=512).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    data = root / "format"
-    data.mkdir()
-    for name, n in (("train", 48), ("valid", 8)):
-        (data / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows(n)), encoding="utf-8")
-    return {"model": str(model_dir), "train": data / "train.jsonl", "valid": data / "valid.jsonl"}
+    return tiny_project(tmp_path_factory.mktemp("tiny-bytes"), byte_tokenizer(), max_positions=512)
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

@@ -271,6 +271,13 @@ def check_entry(entry: dict, defaults: dict, where: str) -> dict:
 TEMP_SUFFIX = ".partial.tmp"  # .<output name>.<pid>-<random>.partial.tmp; .gitignore keeps these out of git
 
 
+def nearest_existing(directory: Path) -> Path:
+    """directory, or its nearest ancestor that exists: missing directories are made when an output is written."""
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    return directory
+
+
 def check_output_path(path: str | os.PathLike, *, directory: bool = False) -> None:
     """An output a stage writes at its end, checked at its start (before minutes or hours of work): not a directory
     where a file goes (nor a file where a directory goes), not below a regular file, and in a place where this
@@ -280,9 +287,7 @@ def check_output_path(path: str | os.PathLike, *, directory: bool = False) -> No
         raise PipelineError(f"{path}: is a file, but this output is a directory; remove or move the file, or give another path")
     if not directory and path.exists() and not path.is_file():  # a rename would replace /dev/null with a file
         raise PipelineError(f"{path}: is {file_kind(path.stat().st_mode)}, but this output is a file; give a file name")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent  # missing directories are made when the output is written
+    parent = nearest_existing(path.parent)
     if not parent.is_dir():
         raise PipelineError(f"{path}: {parent} is a file, not a directory; give an output path in a directory")
     try:

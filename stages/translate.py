@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Callable
 
 from stages import gguf, modeling, text as text_lib
-from stages.common import PipelineError, file_kind, get_logger, run_main, write_text
+from stages.common import PipelineError, file_kind, get_logger, nearest_existing, run_main, write_text
 
 log = get_logger("translate")
 
@@ -268,9 +268,7 @@ def check_output(output: str | None, input_path: str | None) -> Output:
         if stat.S_ISCHR(st.st_mode) or stat.S_ISFIFO(st.st_mode):
             return Output(target, atomic=False)  # /dev/null, /dev/stdout, a pipe: written in place
         raise PipelineError(f"{output}: is {file_kind(st.st_mode)}; --output takes a file name (or '-' for standard output)")
-    directory = target.parent
-    while not directory.exists() and directory != directory.parent:
-        directory = directory.parent  # missing directories are made when the output is written
+    directory = nearest_existing(target.parent)
     if not directory.is_dir():
         raise PipelineError(f"{output}: {directory} is a file, not a directory; give an --output in a directory")
     probe_directory(output, directory)

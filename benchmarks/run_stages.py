@@ -3,6 +3,11 @@ itself cannot run (a GPU machine holding a copy of the working tree but no git h
 
     python benchmarks/run_stages.py -S train.backend=unsloth -S ingest.sources.0.path=/data/cm.tar.xz \
         ingest clean split format base train evaluate_base evaluate
+    python benchmarks/run_stages.py -S pretrain.enabled=true -S pretrain.sources.0.path=/data/mono-a.tar.xz \
+        -S pretrain.sources.1.path=/data/mono-b.tar.xz pretrain train       (after base; `pretrain` as in dvc.yaml)
+
+An index one past the end of a list adds an entry (`-S pretrain.sources.2.path=x`: a third source, with the
+stage's defaults for its other keys).
 
 Writes the resolved parameters to params.run.yaml (beside params.yaml, or --params-out) and passes
 `--params params.run.yaml` to each stage's command, so the run is what `dvc exp run -S ...` would run.
@@ -27,10 +32,18 @@ def set_key(params: dict, dotted: str, value: str) -> None:
     *parents, last = dotted.split(".")
     node = params
     for key in parents:
-        node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
+        if isinstance(node, list):
+            if int(key) == len(node):  # one past the end: a new entry (pretrain.sources.1.path on a one-source list)
+                node.append({})
+            node = node[int(key)]
+        else:
+            node = node.setdefault(key, {})
     parsed = yaml.safe_load(value)
     if isinstance(node, list):
-        node[int(last)] = parsed
+        if int(last) == len(node):
+            node.append(parsed)
+        else:
+            node[int(last)] = parsed
     else:
         node[last] = parsed
 

@@ -109,6 +109,29 @@ def resolve_model(spec: str) -> tuple[str, str | None]:
     return spec, None  # a hub id: transformers downloads it (or finds it in the local cache)
 
 
+def resolve_pretrained(pretrain_dir, model: str) -> tuple[str, dict]:
+    """train's base after the pretrain stage: (train.model where models/pretrain is a pass-through, else the
+    pretrained model directory; its pretrain.json). A pretrained model must come from the same train.model."""
+    pretrain_dir = Path(pretrain_dir)
+    path = pretrain_dir / "pretrain.json"
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: not found; run the pretrain stage first (dvc repro pretrain)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PipelineError(f"{path}: unreadable ({exc}); run the pretrain stage again (dvc repro pretrain)") from None
+    if not isinstance(info, dict) or not isinstance(info.get("passthrough"), bool):
+        raise PipelineError(f"{path}: not written by the pretrain stage; run it again (dvc repro pretrain)")
+    if info["passthrough"]:
+        return model, info
+    if info.get("base_model") != model:
+        raise PipelineError(f"{pretrain_dir} was pretrained from {info.get('base_model')!r}, but train.model is "
+                            f"{model!r}; run the pretrain stage again (dvc repro pretrain)")
+    if not (pretrain_dir / "config.json").is_file():
+        raise PipelineError(f"{pretrain_dir}: pretrain.json but no config.json; run the pretrain stage again")
+    return str(pretrain_dir), info
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
 

@@ -139,6 +139,18 @@ def resolve_config(section: dict) -> dict:
     return cfg
 
 
+def use_pretrained(cfg: dict, pretrain_dir) -> dict:
+    """train.model -> the pretrain stage's model (models/pretrain) unless that stage was a pass-through;
+    training_config.json's `model` is then that directory (evaluate, translate and export load it as the
+    base) and `pretrained` says what pretrain did."""
+    location, info = modeling.resolve_pretrained(pretrain_dir, cfg["model"])
+    if info["passthrough"]:
+        return cfg
+    log.info("base: %s (pretrained from %s by the pretrain stage)", location, cfg["model"])
+    extra = {k: info.get(k) for k in ("base_model", "backend", "vocab_size", "params")}
+    return {**cfg, "model": location, "pretrained": {**extra, "added_tokens": (info.get("extend_vocab") or {}).get("added")}}
+
+
 def resolve_prompt(fmt: dict, opencc) -> dict:
     """The prompt this model is trained with, recorded in training_config.json so that evaluate, translate and
     export read it from the model, never from a params.yaml edited since: params format: and clean.opencc."""
@@ -1058,12 +1070,16 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, help="adapter / model directory (models/adapter)")
     parser.add_argument("--checkpoints", required=True, help="checkpoint directory (models/checkpoints)")
     parser.add_argument("--reports", required=True, help="report directory (reports/train)")
+    parser.add_argument("--base", help="the pretrain stage's output (models/pretrain): train starts from its model, "
+                                       "or from train.model where it is a pass-through; without it, from train.model")
     parser.add_argument("--params", help="read this params.yaml instead of asking DVC (tests, benchmarks)")
     args = parser.parse_args(argv)
     for path in (args.out, args.checkpoints, args.reports):
         check_output_path(path, directory=True)  # before training, not after
     params = load_sections("train", ["train", "format", "clean.opencc"], args.params)
     cfg = resolve_config(params["train"])
+    if args.base:
+        cfg = use_pretrained(cfg, args.base)
     prompt = resolve_prompt(params["format"], params["clean"]["opencc"])
     if cfg["num_gpus"] > 1 and world()[2] == 1:  # relaunch under torchrun, one process per GPU
         distributed.check_gpus("train.num_gpus", cfg["num_gpus"])

@@ -126,7 +126,7 @@ def test_dvc_repro_end_to_end_then_an_experiment(tmp_path):
 def test_pretrain_then_train_and_evaluate_and_a_train_experiment_keeps_it(tmp_path):
     """base -> pretrain (a few kB of other 史记 chapters, the train split too) -> train -> evaluate under dvc repro;
     `dvc exp run -S train.learning_rate=...` re-runs train and evaluate, never pretrain."""
-    mono = "\n\n".join((c / "source.txt").read_text(encoding="utf-8") for c in sorted(SHIJI.rglob("source.txt"))[12:15]
+    mono = "\n\n".join(c.read_text(encoding="utf-8") for c in sorted(SHIJI.rglob("source.txt"))[12:15]
                         ).replace("\n\n\n", "\n\n")[:6000]
     repo, env, dvc = make_project(tmp_path, pretrain=dict(
         enabled=True, sources=[{"path": "data/mono/shiji.txt", "format": "text"}], include_train_split=True,

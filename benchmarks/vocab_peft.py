@@ -25,8 +25,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from wenyan import models, vocab  # noqa: E402
-from stages import train as train_stage  # noqa: E402
+from wenyan import models, sft, vocab  # noqa: E402
 from wenyan.files import write_json
 
 SHIJI = REPO / "data/corpus/classical-modern/双语数据/史记"
@@ -46,7 +45,7 @@ def batch_of(tokenizer, pairs) -> dict:
     rows = [{"messages": [{"role": "system", "content": "你是翻译家。"},
                           {"role": "user", "content": f"将下面的文言文翻译成现代汉语：\n{s}"},
                           {"role": "assistant", "content": t}]} for s, t in pairs]
-    examples, _ = train_stage.build_examples(tokenizer, rows, 256, "bench")
+    examples, _ = sft.build_examples(tokenizer, rows, 256, "bench")
     n = max(len(e["input_ids"]) for e in examples)
     ids = torch.tensor([e["input_ids"] + [tokenizer.pad_token_id] * (n - len(e["input_ids"])) for e in examples])
     mask = torch.tensor([e["completion_mask"] + [0] * (n - len(e["input_ids"])) for e in examples])

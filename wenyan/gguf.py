@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 from wenyan.errors import PipelineError, get_logger
+from wenyan.files import staging_path
 
 log = get_logger("gguf")
 
@@ -231,7 +232,7 @@ def convert(hf_dir: Path, out_path: Path, outtype: str = "f16", converter: Path 
     if not (root / "convert_hf_to_gguf.py").is_file():
         raise PipelineError(f"{root}: no convert_hf_to_gguf.py; run python -m tools.gguf setup --force")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    tmp = staging_path(out_path)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=f".{out_path.name}.src.") as staged:
         source = stage_model_dir(hf_dir, Path(staged))
@@ -327,7 +328,7 @@ def quantize(in_gguf: Path, out_gguf: Path, qtype: str, threads: int = 0) -> dic
     params.ftype = types[name]
     params.nthread = threads
     out_gguf.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_gguf.with_name(f".{out_gguf.name}.tmp")
+    tmp = staging_path(out_gguf)
     started = time.monotonic()
     with captured_fds() as output:
         rc = llama_cpp.llama_model_quantize(str(in_gguf).encode(), str(tmp).encode(), ctypes.byref(params))

@@ -55,8 +55,6 @@ def load_sections(dvc_stage: str, sections: list[str], params_file: str | os.Pat
         except Exception as exc:  # dvc raises many types; the message is what matters
             raise PipelineError(f"could not read the parameters of stage '{dvc_stage}': {exc}") from exc
     else:
-        import yaml
-
         path = Path(params_file)
         if path.exists() and not path.is_file():  # a directory; a FIFO would block
             raise PipelineError(f"{path}: not a regular file; --params takes a params.yaml file")

@@ -48,8 +48,6 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 # Llama-3.2-1B-Instruct's config.json (meta-llama/Llama-3.2-1B-Instruct), the values that shape the compute
 LLAMA_3_2_1B = dict(

@@ -364,24 +364,6 @@ def read_metadata(path: Path) -> dict:
 # Running a GGUF with llama.cpp
 
 
-def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of the chat prompt as transformers generation sees it (the template writes the special tokens)."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False).input_ids
-
-
-def stop_ids(tokenizer) -> list[int]:
-    """End-of-turn token (from the chat template) and eos: where a reply ends."""
-    from wenyan.prompt import end_of_turn_token
-
-    ids = []
-    for token in (end_of_turn_token(tokenizer), tokenizer.eos_token):
-        token_id = tokenizer.convert_tokens_to_ids(token) if token is not None else None
-        if token_id is not None and token_id not in ids:
-            ids.append(token_id)
-    return ids
-
-
 def cpu_has_amx() -> bool:
     try:
         flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
@@ -443,22 +425,6 @@ def greedy(llm, ids: list[int], stops: list[int], max_new_tokens: int) -> list[i
     return out
 
 
-def translate(llm, tokenizer, prompts: list[list[dict]], max_new_tokens: int | list[int] = 256) -> dict:
-    """Greedy replies to each message list with llama.cpp; prompts rendered by the HF tokenizer's chat template.
-    Returns {texts, token_ids, seconds, sentences_per_s}; texts are llama.cpp's own detokenization."""
-    stops = stop_ids(tokenizer)
-    budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
-    started = time.monotonic()
-    texts, token_ids = [], []
-    for messages, budget in zip(prompts, budgets):
-        ids = greedy(llm, prompt_ids(tokenizer, messages), stops, budget)
-        token_ids.append(ids)
-        texts.append(llm.detokenize(ids).decode("utf-8", errors="replace").strip())
-    seconds = time.monotonic() - started
-    return {"texts": texts, "token_ids": token_ids, "seconds": round(seconds, 2),
-            "sentences_per_s": round(len(prompts) / seconds, 3) if seconds > 0 else None}
-
-
 def context_size(tokenizer, prompts: list[list[dict]], sources: list[str], factor: float, extra: int) -> int:
     """The llama.cpp context these prompts need: the longest prompt + its token budget, rounded up to 256."""
     from wenyan.prompt import prompt_ids, token_budgets
@@ -469,28 +435,37 @@ def context_size(tokenizer, prompts: list[list[dict]], sources: list[str], facto
     return max(512, -(-need // 256) * 256)
 
 
-def generate(llm, tokenizer, prompts: list[list[dict]], sources: list[str], *, factor: float = 2.0, extra: int = 16,
-             desc: str = "llama.cpp") -> tuple[list[str], list[bool]]:
-    """generation.generate's contract on llama.cpp: (texts, hit_limit) in the order of `prompts`. The same prompt ids
-    (prompt_ids), budgets (token_budgets), stop tokens (end_of_turn_ids) and decoding
-    (the tokenizer's, special tokens skipped); greedy, one sentence after the other (llama.cpp reuses the KV cache
-    of the prefix a prompt shares with the one before); a tqdm bar on stderr."""
+def greedy_replies(llm, tokenizer, prompts: list[list[dict]], budgets: list[int], desc: str | None = None) -> list[list[int]]:
+    """Greedy new token ids of each prompt on llama.cpp, without the stop token, each at most its budget: the prompt
+    ids and stop tokens of transformers generation (wenyan.prompt.prompt_ids, end_of_turn_ids), one sentence after
+    the other (llama.cpp reuses the KV cache of the prefix a prompt shares with the one before); a tqdm bar with desc."""
     from tqdm.auto import tqdm
 
-    from wenyan.prompt import end_of_turn_ids, prompt_ids, token_budgets
+    from wenyan.prompt import end_of_turn_ids, prompt_ids
 
     stops = end_of_turn_ids(tokenizer)
-    input_ids = prompt_ids(tokenizer, prompts)
+    replies = []
+    with tqdm(total=len(prompts), desc=desc, unit="sent", disable=True if desc is None else None) as bar:
+        for ids, budget in zip(prompt_ids(tokenizer, prompts), budgets):
+            replies.append(greedy(llm, ids, stops, budget))
+            bar.update(1)
+    return replies
+
+
+def generate(llm, tokenizer, prompts: list[list[dict]], sources: list[str], *, factor: float = 2.0, extra: int = 16,
+             desc: str = "llama.cpp") -> tuple[list[str], list[bool]]:
+    """generation.generate's contract on llama.cpp: (texts, hit_limit) in the order of `prompts`. The same prompt ids,
+    budgets (token_budgets), stop tokens and decoding (the tokenizer's, special tokens skipped); greedy
+    (greedy_replies); a tqdm bar on stderr."""
+    from wenyan.prompt import token_budgets
+
     budgets = token_budgets(tokenizer, sources, factor, extra)
     texts, hit_limit = [], []
-    with tqdm(total=len(prompts), desc=desc, unit="sent") as bar:
-        for ids, budget in zip(input_ids, budgets):
-            new = greedy(llm, ids, stops, budget)
-            hit = len(new) >= budget  # greedy leaves the stop token out: a full budget never ended its turn
-            text = tokenizer.decode(new, skip_special_tokens=True)
-            texts.append(text.rstrip("\ufffd") if hit else text)
-            hit_limit.append(hit)
-            bar.update(1)
+    for new, budget in zip(greedy_replies(llm, tokenizer, prompts, budgets, desc), budgets):
+        hit = len(new) >= budget  # greedy leaves the stop token out: a full budget never ended its turn
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        texts.append(text.rstrip("\ufffd") if hit else text)
+        hit_limit.append(hit)
     return texts, hit_limit
 
 
@@ -536,7 +511,9 @@ def render_modelfile(gguf_name: str, tokenizer, system_prompt: str, user_templat
     `ollama run` sends the training prompt for a bare sentence."""
     if '"""' in system_prompt + user_template:
         raise PipelineError('the system prompt or user template contains """, which a Modelfile cannot quote')
-    stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_ids(tokenizer)]
+    from wenyan.prompt import end_of_turn_ids
+
+    stops = [tokenizer.convert_ids_to_tokens(i) for i in end_of_turn_ids(tokenizer)]
     template = ollama_template(tokenizer).replace("{{ .Prompt }}", user_template.format(classical="{{ .Prompt }}"))
     lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""']
     lines += [f'PARAMETER stop "{s}"' for s in stops]

@@ -233,3 +233,18 @@ def check_entry(entry: dict, defaults: dict, where: str) -> dict:
         raise PipelineError(f"params.yaml '{where}:' must be a mapping, got {type(entry).__name__}")
     schema = {key: Param((type(value),), null=True) for key, value in defaults.items()}
     return check_params({**defaults, **entry}, schema, where)
+
+
+def set_key(params: dict, dotted: str, value: str) -> None:
+    """Apply one `-S a.b.0.c=value` override; the value is parsed as YAML (numbers, lists, null)."""
+    import yaml
+
+    *parents, last = dotted.split(".")
+    node = params
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
+    parsed = yaml.safe_load(value)
+    if isinstance(node, list):
+        node[int(last)] = parsed
+    else:
+        node[last] = parsed

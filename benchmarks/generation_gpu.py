@@ -16,42 +16,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from wenyan import models
+from wenyan.files import read_jsonl
+from wenyan.metrics import bleu, select_rows
+from wenyan.prompt import end_of_turn_ids, prompt_ids, token_budgets
 
 
 def load(model_dir: str, device: str, dtype_name: str):
+    """The trained model directory as evaluate loads it (wenyan.models.load_trained: adapter or full model, the
+    tokenizer saved beside it), plain transformers, in dtype_name on device."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    return model, tokenizer
-
-
-def stop_ids(tokenizer) -> list[int]:
-    ids = []
-    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>", tokenizer.eos_token):
-        if token is None:
-            continue
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id not in ids:
-            ids.append(token_id)
-    return ids
+    trained = models.load_trained(Path(model_dir), backend="hf", device=device, dtype=dtype)
+    return trained.model.eval(), trained.tokenizer
 
 
 def encode(tokenizer, rows, factor: float, extra: int):
-    prompts = [[m for m in r["messages"] if m["role"] != "assistant"] for r in rows]
-    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
-    ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
-    budgets = [math.ceil(factor * len(tokenizer(r["source"], add_special_tokens=False).input_ids)) + extra for r in rows]
-    return ids, budgets
+    """The evaluate stage's prompt ids and per-sentence budgets (wenyan.prompt)."""
+    prompts = [r["messages"][:-1] for r in rows]
+    return prompt_ids(tokenizer, prompts), token_budgets(tokenizer, [r["source"] for r in rows], factor, extra)
 
 
 def cut(tokens: list[int], budget: int, eos: set[int]) -> list[int]:
@@ -100,11 +89,8 @@ def run_continuous(model, ids, budgets, eos_ids, pad_id):
 
 
 def main(argv=None) -> None:
-    import torch
-    import sacrebleu
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True, help="a model directory (full fine-tune or merged), with its tokenizer")
+    ap.add_argument("--model", required=True, help="a trained model directory (the train stage's output: adapter or full model)")
     ap.add_argument("--test", default="data/format/test.jsonl")
     ap.add_argument("--num", type=int, default=2000, help="test sentences (the evaluate stage's selection, seed 0)")
     ap.add_argument("--methods", default="generate-b128,generate-b512,static-b512,continuous")
@@ -113,18 +99,14 @@ def main(argv=None) -> None:
     ap.add_argument("--extra", type=int, default=16)
     ap.add_argument("--out", default="reports/benchmarks/generation_gpu")
     args = ap.parse_args(argv)
+    import torch
 
-    from stages.common import read_jsonl
-    try:
-        from stages.modeling import select_rows  # after the model-half restructuring
-    except ImportError:
-        from stages.evaluate import select_rows
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load(args.model, device, args.dtype if device == "cuda" else "fp32")
     rows = select_rows(read_jsonl(args.test), args.num, 0)
     ids, budgets = encode(tokenizer, rows, args.factor, args.extra)
-    eos_ids = stop_ids(tokenizer)
+    eos_ids = end_of_turn_ids(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     refs = [r["target"] for r in rows]
 
@@ -155,7 +137,7 @@ def main(argv=None) -> None:
             "new_tokens": sum(len(o) for o in outs),
             "identical_to_reference": same,
             "identical_fraction": round(same / len(ids), 4),
-            "bleu": round(sacrebleu.corpus_bleu(texts, [refs], tokenize="zh").score, 2),
+            "bleu": bleu(texts, refs)[0],
         }
         results.append(row)
         print(json.dumps(row, ensure_ascii=False), flush=True)

@@ -1,10 +1,10 @@
 """Benchmark: local deployment with llama.cpp (GGUF f16, Q8_0, Q4_K_M) against transformers, same sentences, same cores.
 
-    PYTHONPATH=. python benchmarks/gguf_local.py --model models/export/hf --test data/format/test.jsonl --n 40
-    PYTHONPATH=. python benchmarks/gguf_local.py --model models/base/SmolLM2-135M-Instruct.Q4_1 --test data/format/test.jsonl
+    python benchmarks/gguf_local.py --model models/export/hf --test data/format/test.jsonl --n 40
+    python benchmarks/gguf_local.py --model models/base/SmolLM2-135M-Instruct.Q4_1 --test data/format/test.jsonl
       -> reports/benchmarks/gguf_local.json and gguf_local.md   (GGUF files under models/gguf-bench/, git-ignored)
 
-Needs the gguf extra (see stages/gguf.py). The model directory is converted with llama.cpp's converter to f16,
+Needs the gguf extra (see wenyan/gguf.py). The model directory is converted with llama.cpp's converter to f16,
 which is quantised to the other types with llama.cpp's quantizer. Every sentence's prompt is the test row's
 system + user messages rendered by the model's chat template; the same token ids go to both engines. Both
 decode greedily, one sentence at a time, to the end-of-turn token or the evaluate stage's budget
@@ -25,8 +25,11 @@ from pathlib import Path
 
 import yaml
 
-from stages import gguf
-from stages.common import PipelineError, read_jsonl, write_json, write_text
+from wenyan import gguf
+from wenyan.errors import PipelineError
+from wenyan.metrics import bleu
+from wenyan.prompt import end_of_turn_ids, prompt_ids
+from wenyan.files import read_jsonl, write_json, write_text
 
 
 def select(rows: list[dict], n: int) -> list[dict]:
@@ -43,12 +46,12 @@ def hf_translate(model_dir: Path, tokenizer, prompts, budgets, threads: int) -> 
 
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    stops = gguf.stop_ids(tokenizer)
+    stops = end_of_turn_ids(tokenizer)
 
     def run(some_prompts, some_budgets):
         texts, token_ids = [], []
-        for messages, budget in zip(some_prompts, some_budgets):
-            ids = torch.tensor([gguf.prompt_ids(tokenizer, messages)])
+        for prompt, budget in zip(prompt_ids(tokenizer, some_prompts), some_budgets):
+            ids = torch.tensor([prompt])
             with torch.inference_mode():
                 out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=budget,
                                      eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
@@ -66,23 +69,26 @@ def hf_translate(model_dir: Path, tokenizer, prompts, budgets, threads: int) -> 
 
 
 def llama_translate(path: Path, tokenizer, prompts, budgets, threads: int) -> dict:
-    n_ctx = max(len(gguf.prompt_ids(tokenizer, p)) + b for p, b in zip(prompts, budgets)) + 8
+    """llama.cpp, greedy, one sentence at a time (gguf.greedy_replies: the same prompt ids and stop tokens);
+    texts by llama.cpp's own detokenization."""
+    n_ctx = max(len(p) + b for p, b in zip(prompt_ids(tokenizer, prompts), budgets)) + 8
     llm = gguf.load_llama(path, n_ctx=n_ctx, n_threads=threads)
-    gguf.translate(llm, tokenizer, prompts[:1], max_new_tokens=4)  # warm-up
-    result = gguf.translate(llm, tokenizer, prompts, max_new_tokens=budgets)
+    gguf.greedy_replies(llm, tokenizer, prompts[:1], [4])  # warm-up
+    started = time.monotonic()
+    token_ids = gguf.greedy_replies(llm, tokenizer, prompts, budgets)
+    seconds = time.monotonic() - started
+    texts = [llm.detokenize(ids).decode("utf-8", errors="replace").strip() for ids in token_ids]
     llm.close()
-    return result
+    return {"texts": texts, "token_ids": token_ids, "seconds": round(seconds, 2),
+            "sentences_per_s": round(len(prompts) / seconds, 3) if seconds > 0 else None}
 
 
 def summarise(result: dict, reference: dict | None, references: list[str], size: int) -> dict:
-    import sacrebleu
-
-    bleu = sacrebleu.metrics.BLEU(tokenize="zh")
-    score = bleu.corpus_score(result["texts"], [references])
+    score, signature = bleu(result["texts"], references)
     tokens = sum(len(ids) for ids in result["token_ids"])
     out = {"bytes": size, "seconds": result["seconds"], "sentences_per_s": result["sentences_per_s"],
            "output_tokens": tokens, "output_tokens_per_s": round(tokens / result["seconds"], 1),
-           "bleu": round(score.score, 2), "bleu_signature": str(bleu.get_signature())}
+           "bleu": score, "bleu_signature": signature}
     if reference is not None:
         n = len(result["texts"])
         out["identical_to_transformers"] = round(sum(a == b for a, b in zip(result["texts"], reference["texts"])) / n, 3)
@@ -130,7 +136,7 @@ def main(argv=None) -> None:
     import transformers
 
     report = {
-        "command": " ".join(["PYTHONPATH=. python benchmarks/gguf_local.py", *map(shlex.quote, argv or sys.argv[1:])]),
+        "command": " ".join(["python benchmarks/gguf_local.py", *map(shlex.quote, argv or sys.argv[1:])]),
         "model": str(args.model), "test": str(args.test), "sentences": len(rows),
         "decoding": {"greedy": True, "one_at_a_time": True, "threads": args.threads,
                      "max_new_tokens": f"ceil({factor} x source tokens) + {extra}", "budget_tokens_total": sum(budgets)},
@@ -177,6 +183,6 @@ def render(report: dict) -> str:
 
 
 if __name__ == "__main__":
-    from stages.common import run_main
+    from wenyan.errors import run_main
 
     run_main(main)

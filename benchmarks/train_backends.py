@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -24,8 +23,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 CONFIGS = {
     "unsloth-lora": {"backend": "unsloth", "method": "lora", "load_in_4bit": False},
@@ -42,7 +39,7 @@ DEFAULT_CONFIGS = "unsloth-lora,hf-lora,unsloth-qlora,hf-qlora"
 def run_one(name: str, args) -> dict:
     """In the child process: one training run, measured after the warm-up steps."""
     from stages import train as train_stage  # imports no transformers/trl: unsloth (if used) still comes first
-    from stages.common import load_sections
+    from wenyan.params import load_sections
 
     params = load_sections("train", ["train", "format", "clean.opencc"], args.params)
     section = dict(params["train"])
@@ -163,8 +160,7 @@ def main(argv=None) -> None:
         start = time.perf_counter()
         with open(out / f"{name}.log", "w") as log_file:
             try:
-                proc = subprocess.run(child, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, timeout=args.timeout,
-                                      env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
+                proc = subprocess.run(child, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, timeout=args.timeout)
                 rc = proc.returncode
             except subprocess.TimeoutExpired:
                 rc = "timeout"

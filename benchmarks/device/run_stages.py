@@ -1,9 +1,9 @@
 """Run pipeline stages exactly as dvc.yaml declares them, with `-S key=value` overrides, where DVC
 itself cannot run (a GPU machine holding a copy of the working tree but no git history).
 
-    python benchmarks/run_stages.py -S train.backend=unsloth -S ingest.sources.0.path=/data/cm.tar.xz \
+    python benchmarks/device/run_stages.py -S train.backend=unsloth -S ingest.sources.0.path=/data/cm.tar.xz \
         ingest clean split format base train evaluate_base evaluate
-    python benchmarks/run_stages.py -S pretrain.enabled=true -S pretrain.sources.0.path=/data/mono-a.tar.xz \
+    python benchmarks/device/run_stages.py -S pretrain.enabled=true -S pretrain.sources.0.path=/data/mono-a.tar.xz \
         -S pretrain.sources.1.path=/data/mono-b.tar.xz pretrain train       (after base; `pretrain` as in dvc.yaml)
 
 An index one past the end of a list adds an entry (`-S pretrain.sources.2.path=x`: a third source, with the
@@ -24,28 +24,7 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def set_key(params: dict, dotted: str, value: str) -> None:
-    """Apply one `-S a.b.0.c=value` override; the value is parsed as YAML (numbers, lists, null)."""
-    *parents, last = dotted.split(".")
-    node = params
-    for key in parents:
-        if isinstance(node, list):
-            if int(key) == len(node):  # one past the end: a new entry (pretrain.sources.1.path on a one-source list)
-                node.append({})
-            node = node[int(key)]
-        else:
-            node = node.setdefault(key, {})
-    parsed = yaml.safe_load(value)
-    if isinstance(node, list):
-        if int(last) == len(node):
-            node.append(parsed)
-        else:
-            node[int(last)] = parsed
-    else:
-        node[last] = parsed
+from wenyan.params import set_key
 
 
 def main(argv=None) -> None:
@@ -58,7 +37,7 @@ def main(argv=None) -> None:
 
     params = yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8"))
     if args.profile:
-        from stages.profile import read_profile
+        from tools.profile import read_profile
 
         for key, value in read_profile(args.profile).items():
             set_key(params, key, yaml.safe_dump(value, allow_unicode=True))

@@ -273,3 +273,26 @@ def test_archives_text_and_jsonl_sources(project, tmp_path):
 def test_bad_params_are_one_clear_error(project, tmp_path, overrides, message):
     with pytest.raises(PipelineError, match=message):
         run(project, tmp_path, **overrides)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA + unsloth")
+def test_unsloth_backend_pretrains(project, tmp_path):
+    """The GPU path: unsloth's FastLanguageModel with full_finetuning (train's loader), in a fresh interpreter
+    (unsloth must be imported before transformers)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "gpu"
+    out.mkdir()
+    (out / "params.yaml").write_text(yaml.safe_dump(params(project["mono"], backend="unsloth", dtype="bf16", extend_vocab=1),
+                                                    allow_unicode=True), encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "stages.pretrain", "--base", str(project["base"]), "--split-dir",
+                           str(project["split"]), "--out", str(out / "m"), "--reports", str(out / "r"), "--params",
+                           str(out / "params.yaml")], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "r/summary.json").read_text())
+    assert summary["backend"] == "unsloth" and summary["steps"] == 3 and math.isfinite(summary["final_loss"])
+    assert summary["trainable_params"] == summary["total_params"] and summary["added_tokens"] > 0
+    assert modeling.resolve_pretrained(out / "m", project["model"])[0] == str(out / "m")

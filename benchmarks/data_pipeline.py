@@ -86,6 +86,7 @@ def machine() -> dict:
     }
 
 
+# Long (~65 lines): a benchmark's arguments, the four stage runs and the report in one place.
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--archive", required=True, help="corpus archive or directory (niutrans layout), e.g. classical-modern.tar.xz")

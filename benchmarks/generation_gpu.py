@@ -88,6 +88,7 @@ def run_continuous(model, ids, budgets, eos_ids, pad_id):
     return [cut(by_request[k], budgets[i], eos) for i, k in enumerate(keys)]
 
 
+# Long (~80 lines): a benchmark's arguments, its runs and its report in one place, read top to bottom.
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="a trained model directory (the train stage's output: adapter or full model)")

@@ -173,6 +173,7 @@ def fmt(value, pattern: str) -> str:
     return "" if value is None else format(value, pattern)
 
 
+# Long (~70 lines): a benchmark's arguments, its runs and its report in one place.
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", required=True)

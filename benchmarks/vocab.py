@@ -79,6 +79,7 @@ def mean_tokens(tokenizer, texts: list[str], batch: int = 4096) -> float:
     return total / len(texts)
 
 
+# Long (~75 lines): a benchmark's arguments, its measurements and its report in one place.
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--archive", required=True, help="the NiuTrans archive (classical-modern.tar.xz)")

@@ -135,6 +135,43 @@ def render_samples(rows: list[dict], systems: dict[str, list[str]], chrf: dict[s
 # ----------------------------------------------------------------------------------------------
 
 
+def metrics_json(scores: dict[str, dict], limits: dict[str, int], n_sentences: int) -> dict:
+    """reports/metrics.json: the model's scores with their signatures, then each baseline's (no signatures)."""
+    model_scores = scores["model"]
+    metrics = {
+        "n_sentences": n_sentences,
+        "bleu": model_scores["bleu"],
+        "bleu_ci95": model_scores.get("bleu_ci95"),
+        "chrf": model_scores["chrf"],
+        "bleu_signature": model_scores["bleu_signature"],
+        "chrf_signature": model_scores["chrf_signature"],
+        "hit_max_new_tokens": limits["model"],
+        "baselines": {
+            name: {k: v for k, v in s.items() if not k.endswith("_signature")}
+            | ({"hit_max_new_tokens": limits[name]} if name in limits else {})
+            for name, s in scores.items()
+            if name != "model"
+        },
+    }
+    if metrics["bleu_ci95"] is None:
+        del metrics["bleu_ci95"]
+    return metrics
+
+
+def hypotheses_with_provenance(rows: list[dict], systems: dict[str, list[str]], chrf: dict[str, list[float]]) -> list[dict]:
+    """data/evaluate/hypotheses.jsonl: every output with its provenance, reference and sentence chrF."""
+    out_rows = []
+    for i, row in enumerate(rows):
+        out = {k: row.get(k) for k in ("id", "book", "chapter", "line")}
+        out |= {"source": row["source"], "reference": row["target"], "hypothesis": systems["model"][i],
+                "chrf": chrf["model"][i]}
+        if "base" in systems:
+            out |= {"base": systems["base"][i], "base_chrf": chrf["base"][i]}
+        out_rows.append(out)
+    return out_rows
+
+
+# Long (~85 lines): the stage read top to bottom: inputs and checks, generation, scores, the five outputs at once.
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -193,24 +230,7 @@ def main(argv=None) -> None:
         systems["copy"] = list(sources)  # already through the clean stage
 
     scores = {name: score(hyps, references, p["bootstrap_resamples"]) for name, hyps in systems.items()}
-    model_scores = scores["model"]
-    metrics = {
-        "n_sentences": len(rows),
-        "bleu": model_scores["bleu"],
-        "bleu_ci95": model_scores.get("bleu_ci95"),
-        "chrf": model_scores["chrf"],
-        "bleu_signature": model_scores["bleu_signature"],
-        "chrf_signature": model_scores["chrf_signature"],
-        "hit_max_new_tokens": limits["model"],
-        "baselines": {
-            name: {k: v for k, v in s.items() if not k.endswith("_signature")}
-            | ({"hit_max_new_tokens": limits[name]} if name in limits else {})
-            for name, s in scores.items()
-            if name != "model"
-        },
-    }
-    if metrics["bleu_ci95"] is None:
-        del metrics["bleu_ci95"]
+    metrics = metrics_json(scores, limits, len(rows))
     for name, s in scores.items():
         log.info("%-5s BLEU %6.2f  chrF %6.2f", name, s["bleu"], s["chrf"])
 
@@ -226,14 +246,7 @@ def main(argv=None) -> None:
     )
     samples = render_samples(rows, systems, chrf, pick_examples(chrf["model"], p["num_examples"]), header)
 
-    hypothesis_rows = []
-    for i, row in enumerate(rows):
-        out = {k: row.get(k) for k in ("id", "book", "chapter", "line")}
-        out |= {"source": row["source"], "reference": row["target"], "hypothesis": systems["model"][i],
-                "chrf": chrf["model"][i]}
-        if "base" in systems:
-            out |= {"base": systems["base"][i], "base_chrf": chrf["base"][i]}
-        hypothesis_rows.append(out)
+    hypothesis_rows = hypotheses_with_provenance(rows, systems, chrf)
 
     # the five outputs change together or not at all (a failure while writing leaves the last good ones)
     outputs = [args.hypotheses, args.out_dir / "by_book.csv", args.out_dir / "by_length.csv",

@@ -26,10 +26,11 @@ clean to drop and count.
 Links and odd files (niutrans): hard links and symlinks are read where they resolve inside the corpus
 directory or archive (a linked book directory is a book under the link's name); a link pointing outside
 it, a dangling link, a link loop, a FIFO, socket or device file, a directory named source.txt, an archive
-member whose path climbs out with '..', and a file over MAX_FILE_BYTES (1 GiB) are never opened: they are
+member whose path climbs out with '..', and a file over archives.MAX_FILE_BYTES (1 GiB) are never opened: they are
 counted in the report's skipped_by_reason, with the chapter whose pair they break. Nothing outside the
 corpus root is read. A cut or damaged archive is one `error:` line naming it, wherever the damage is
-(gzip, xz and bz2 CRCs are checked; a plain .tar has none).
+(gzip, xz and bz2 CRCs are checked; a plain .tar has none). These rules are wenyan/archives.py's, which streams
+the directory or archive; this stage reads the NiuTrans layout from it (NiutransReader).
 """
 
 from __future__ import annotations

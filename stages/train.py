@@ -12,8 +12,11 @@ Outputs: models/adapter       the LoRA adapter (or, for method full, the whole m
 
 Backends (train.backend): `unsloth` (GPU; imported lazily and before transformers/peft/trl) or `hf`
 (transformers + peft + trl SFTTrainer; the CPU path). `auto` picks unsloth when CUDA is there and it imports.
+Loading for training, one function per backend: wenyan/models.py (load_for_training); the SFT data and the
+trainer pieces (callbacks, checkpoints, FSDP): wenyan/sft.py. This script reads the params, calls them in
+order and writes the outputs.
 
-Loss on the reply only, the same for both backends: each conversation is tokenized here with the chat
+Loss on the reply only, the same for both backends: each conversation is tokenized (wenyan/sft.py) with the chat
 template, prompt = template(messages[:-1], generation prompt), full = template(messages); the completion
 mask is 1 on exactly the assistant text plus its end-of-turn token (found from the template, not hard-coded)
 and 0 on the prompt and anything the template adds after the end-of-turn token. SFTTrainer gets a
@@ -21,7 +24,7 @@ pre-tokenized dataset {input_ids, completion_mask} with completion_only_loss=Tru
 labels (-100 elsewhere); unsloth's dataset preparation does the same with the same columns.
 
 Batches are sized in tokens (train.batch_tokens / mean example length = rows a micro-batch) and grouped
-by length, so padding stays small; train.padding_free flattens them instead (see choose_padding_free).
+by length, so padding stays small; train.padding_free flattens them instead (see sft.choose_padding_free).
 On CPU the loss is the model's own (trl 1.15's fused LM-head loss needs Triton, i.e. a GPU).
 
 Several GPUs (train.num_gpus > 1): the stage launches itself again through torchrun (data-parallel DDP,
@@ -296,7 +299,7 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
     resume_from = resume_point(cfg, checkpoints)
 
     dtype = models.resolve_dtype(cfg, backend)
-    model, tokenizer, loaded = models.load_model_and_tokenizer(cfg, backend, dtype, on_gpu, train_rows)
+    model, tokenizer, loaded = models.load_for_training(cfg, backend, dtype, on_gpu, train_rows)
     sft.check_fsdp_tokens(cfg, loaded["added_tokens"])
     train_examples, train_stats, valid_examples, valid_stats = build_datasets(
         tokenizer, cfg, train_rows, valid_rows, train_path, valid_path)

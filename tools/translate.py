@@ -319,6 +319,7 @@ def write_output(lines: list[str], output: Output) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+# Long (~80 lines): every check of the arguments and files comes before the model loads, then one pass.
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], epilog="Reads standard input when given neither TEXT nor --input."

@@ -401,9 +401,9 @@ def iter_files(path: Path, wanted: Callable[[str], bool] = lambda rel: True, sho
         return
     kind = archive_kind(path)
     if kind is None or not path.is_file():
-        what = "" if path.is_file() else f" (it is a {mode_name(path.stat().st_mode)})"
+        it_is = "" if path.is_file() else f" (it is a {mode_name(path.stat().st_mode)})"
         raise PipelineError(
-            f"{path}: {what} must be a directory or an archive ({', '.join(ARCHIVE_SUFFIXES)}){what}"
+            f"{path}: {what} must be a directory or an archive ({', '.join(ARCHIVE_SUFFIXES)}){it_is}"
         )
 
     def guarded(load):

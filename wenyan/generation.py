@@ -53,6 +53,7 @@ def device_and_dtype():
 # Generation: batched, left padding, stops at the end of turn; on CPU greedy, this module's own loop
 
 
+# Long (~80 lines, a quarter of them the docstring): one batch loop shared by both decoding loops.
 def generate(
     model,
     tokenizer,

@@ -388,7 +388,7 @@ def training_texts(rows: list[dict]) -> list[str]:
                               and isinstance(m.get("content"), str)))
 
 
-def load_model_and_tokenizer(cfg: dict, backend: str, dtype, on_gpu: bool, train_rows: list[dict]):
+def load_for_training(cfg: dict, backend: str, dtype, on_gpu: bool, train_rows: list[dict]):
     """(model ready to train (vocabulary extended from the train rows if so set, LoRA wrapped unless method
     full), tokenizer, what loading decided)."""
     texts = training_texts(train_rows)  # the train split only: never a character seen only in valid or test

@@ -208,7 +208,7 @@ def base_main(argv=None) -> None:
     check_rows(rows or [{"source": "", "target": "", "messages": [{"role": "user"}, {"role": "assistant"}]}], args.test)
     out_rows = []
     if rows:
-        backend = modeling.pick_backend("auto" if train["backend"] != "hf" else "hf")
+        backend = "hf"  # generation runs on plain transformers (modeling.inference_backend)
         tokenizer = base_tokenizer(train["model"], train["chat_template"])
         model = modeling.load_base({"model": train["model"]}, tokenizer, backend)
         started = time.perf_counter()

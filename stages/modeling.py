@@ -407,8 +407,9 @@ def pick_backend(requested: str) -> str:
 
 
 def inference_backend(cfg: dict) -> str:
-    """unsloth's inference for a model trained with unsloth where it works (never required), else hf."""
-    return pick_backend("auto" if cfg.get("backend") == "unsloth" else "hf")
+    """Always hf: generation runs on plain transformers (on CUDA the slot loop of slot_generation in bf16, which
+    is faster than unsloth's inference path: benchmarks/generation_gpu.py), whatever the model was trained with."""
+    return "hf"
 
 
 @dataclasses.dataclass
@@ -479,8 +480,8 @@ def load_trained_model(trained: Trained, device=None, dtype=None, merge: bool = 
         model = PeftModel.from_pretrained(base, str(model_dir))
     except Exception as exc:
         raise PipelineError(f"{model_dir}: could not load the adapter onto {cfg['model']}: {exc}") from None
-    if merge and device == "cpu":  # fp32: merging is exact enough, and saves the LoRA side products (~10% on CPU);
-        try:  # disable_adapter() would unmerge again
+    if merge:  # saves the LoRA side products (~10% on CPU, more kernel launches on GPU); in fp32 merging is exact
+        try:  # enough, in bf16 it rounds like any bf16 weight; disable_adapter() would unmerge again
             model.merge_adapter()
         except Exception as exc:  # an adapter type peft cannot merge: generate unmerged
             log.warning("could not merge the adapter (%s); generating unmerged", exc)
@@ -543,6 +544,7 @@ def generate(
     desc: str = "generate",
     loop: str = "auto",
     shard: tuple[int, int] = (0, 1),
+    cuda_graph: bool | None = None,
 ) -> tuple[list[str], list[bool]]:
     """Translate each prompt; returns (texts, hit_limit) in the order of `prompts`.
 
@@ -551,8 +553,10 @@ def generate(
     end-of-turn token and at the sentence's own budget. hit_limit[i] is True when sentence i reached
     its budget without ending its turn.
 
-    loop: "own" = greedy_batch below (greedy only), "hf" = transformers' generate(), "auto" = own for
-    greedy decoding on CPU, hf otherwise (beam search; GPU, where unsloth patches generation).
+    loop: "own" = greedy_batch below (greedy only), "slot" = slot_generation.slot_greedy (greedy only: batch_size
+    slots, a sentence leaves its slot when it ends and a waiting one takes it; the GPU path), "hf" =
+    transformers' generate(), "auto" = own for greedy decoding on CPU, slot for greedy on CUDA, hf for beam search.
+    cuda_graph: the slot loop's decode step as CUDA graphs (None = slot_generation.CUDA_GRAPH).
 
     shard=(rank, processes) (evaluate.num_gpus): this process runs only batches rank, rank + processes, ...
     of the length-sorted batches, the others' places come back None (distributed.gather_shards fills them).
@@ -570,17 +574,26 @@ def generate(
     order = sorted(range(len(prompts)), key=lambda i: (len(input_ids[i]), budgets[i]), reverse=True)
     device = next(model.parameters()).device
     if loop == "auto":
-        loop = "own" if num_beams == 1 and device.type == "cpu" else "hf"
-    if loop == "own" and num_beams != 1:
-        raise PipelineError("the own generation loop is greedy only; use loop='hf' for beam search")
+        loop = "hf" if num_beams != 1 else "slot" if device.type == "cuda" else "own"
+    if loop in ("own", "slot") and num_beams != 1:
+        raise PipelineError(f"the {loop} generation loop is greedy only; use loop='hf' for beam search")
     rank, processes = shard
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)][rank::processes]
+    if loop == "slot":  # one "batch" of this shard's sentences: the slots take them longest first
+        batches = [[i for batch in batches for i in batch]] if batches else []
     outputs: list[str | None] = [None] * len(prompts)
     hit_limit: list[bool | None] = [None] * len(prompts)
     with torch.inference_mode(), tqdm(total=sum(map(len, batches)), desc=desc, unit="sent") as bar:
         prefix = shared_prefix(model, input_ids) if loop == "own" and batches else None
         for batch in batches:
-            if loop == "own":
+            if loop == "slot":
+                from stages import slot_generation
+
+                new_tokens = slot_generation.slot_greedy(
+                    model, [input_ids[i] for i in batch], [budgets[i] for i in batch], eos, pad_id,
+                    batch_size=batch_size, progress=bar.update,
+                    cuda_graph=slot_generation.CUDA_GRAPH if cuda_graph is None else cuda_graph)
+            elif loop == "own":
                 new_tokens = greedy_batch(model, [input_ids[i] for i in batch], [budgets[i] for i in batch],
                                           eos, pad_id, prefix)
             else:
@@ -609,7 +622,8 @@ def generate(
                 text = tokenizer.decode(tokens, skip_special_tokens=True)
                 # a cut in the middle of a character's byte-level tokens decodes to U+FFFD
                 outputs[i] = text.rstrip("\ufffd") if hit_limit[i] else text
-            bar.update(len(batch))
+            if loop != "slot":  # the slot loop counts each sentence as it ends
+                bar.update(len(batch))
     return outputs, hit_limit
 
 

@@ -30,7 +30,8 @@ DVC skips while only train.* params change, and restores from its run cache when
 Generation is stages/modeling.py's generate(): batched with left padding, greedy unless
 evaluate.num_beams > 1, stops at the end-of-turn token, each sentence cut at its own budget
 (max_new_tokens = factor x source tokens + extra); on CPU greedy decoding runs modeling.greedy_batch
-(reports/benchmarks/generation.md).
+(reports/benchmarks/generation.md), on CUDA stages/slot_generation.py in bf16 (evaluate.batch_size slots, a
+sentence leaving its slot when it ends: reports/benchmarks/generation_gpu.md).
 
 Several GPUs (evaluate.num_gpus > 1, both stages): the command starts itself again under torchrun, one
 process per GPU (stages/distributed.py, as train.num_gpus does); each process generates every

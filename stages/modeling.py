@@ -5,7 +5,8 @@
     (messages -> token ids: the one function for training and inference), end_of_turn_id(s) (stop tokens);
   - a trained model directory: load_trained (config + the prompt it was trained with + tokenizer + model),
     load_base (a base model, for the `base` baseline), pick_backend (unsloth or hf);
-  - generation: generate (batched, left padding; on CPU greedy its own loop greedy_batch).
+  - generation: generate (batched, left padding; on CPU greedy its own loop greedy_batch, on CUDA greedy the slot
+    loop of stages/slot_generation.py).
 
 `train.model` may be:
   - the built-in offline default `smollm2-135m-instruct` (the GGUF file that the PyPI package

@@ -220,6 +220,7 @@ def _run(model, input_ids, budgets, eos, pad_id, order, p, ring, columns, slots,
             "col": torch.zeros(1, dtype=torch.long, device=device),
         }
         state["mask"][:, :, :, :p] = True
+        state["cache"].col = state["col"]
         return state
 
     state = new_state(slots)
@@ -316,6 +317,7 @@ def _run(model, input_ids, budgets, eos, pad_id, order, p, ring, columns, slots,
             smaller = {"cache": state["cache"].select(index, size), "mask": state["mask"][index].clone(),
                        "tokens": state["tokens"][index].clone(), "positions": state["positions"][index].clone(),
                        "col": state["col"]}
+            smaller["cache"].col = state["col"]
             state = smaller
             slot_row = [slot_row[s] for s in keep]
             graphs.clear()  # a graph holds the tensors (and memory) it was captured with

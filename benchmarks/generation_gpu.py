@@ -18,6 +18,8 @@ Methods (--methods, in this order by default):
   fp32-nK            exactness: plain generate() and the slot loop on K sentences with fp32 weights (TF32 off),
                      identical fraction between the two
   generate-bN (a second one, e.g. generate-b256): how far plain generate() moves between batch sizes in bf16
+  continuous         transformers' own continuous batching, model.generate_batch() (paged KV cache, CUDA graphs),
+                     max_new_tokens = the largest budget, each output then cut at its own budget
 Columns: sentences/s, output tokens/s (outputs re-tokenized, end-of-turn not counted), seconds, peak GPU memory
 (torch.cuda.max_memory_allocated), identical outputs to the reference (decoded text), BLEU (zh, after the evaluate
 stage's normalisation and OpenCC), hit budget. The report (OUT/NAME.json and .md) is rewritten after every method,
@@ -35,7 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
-DEFAULT_METHODS = "generate-b512,slot-b256,slot-b512,slot-b1024,slot-b512-graph,evaluate,fp32-n256,generate-b256"
+DEFAULT_METHODS = ("generate-b512,slot-b256,slot-b512,slot-b1024,slot-b512-graph,slot-b1024-graph,evaluate,fp32-n256,"
+                   "generate-b256,continuous")
 
 
 def tiny_setup(workdir: Path):
@@ -132,7 +135,8 @@ def main(argv=None) -> None:
             torch.set_num_threads(1)  # tiny tensors: threads only spin (30 s instead of 2 on a shared 2-core machine)
         model_dir, test = tiny_setup(workdir)
         num = 16
-        methods = ["generate-b8", "slot-b4", "slot-b8", "slot-b8-graph", "evaluate", "fp32-n8", "generate-b4"]
+        methods = ["generate-b8", "slot-b4", "slot-b8", "slot-b8-graph", "evaluate", "fp32-n8", "generate-b4",
+                   "continuous"]
         if args.methods != DEFAULT_METHODS:
             methods = args.methods.split(",")
     else:
@@ -217,6 +221,13 @@ def main(argv=None) -> None:
                                                                 workdir, sync)
                 record(method, seconds, texts, hit, peak(), generation_seconds=round(gen_seconds, 2),
                        generation_sentences_per_s=round(len(texts) / gen_seconds, 1))
+            elif method == "continuous":
+                if not cuda:  # it sizes its paged cache from free memory: on CPU that is most of the RAM
+                    raise RuntimeError("skipped without CUDA (generate_batch would take most of the RAM for its cache)")
+                started = time.perf_counter()
+                texts, hit = run_continuous(model, tokenizer, prompts, sources, factor, extra, eos_ids, modeling)
+                sync()
+                record(method, time.perf_counter() - started, texts, hit, peak())
             elif method.startswith("fp32-n"):
                 k = min(int(method.split("-n", 1)[1]), len(rows))
                 record_fp32(method, k, modeling, model_dir, run, sync, report, peak)
@@ -255,6 +266,31 @@ def run_evaluate(evaluate, modeling, model_dir, test, params_file, workdir, sync
     metrics = json.loads((workdir / "metrics.json").read_text(encoding="utf-8"))
     print(f"evaluate stage: BLEU {metrics['bleu']} (its own reports/metrics.json)", flush=True)
     return seconds, captured["seconds"], texts, hit
+
+
+def run_continuous(model, tokenizer, prompts, sources, factor, extra, eos_ids, modeling):
+    """transformers' generate_batch; its outputs cut at each sentence's budget and first end-of-turn token."""
+    import torch
+    from transformers import GenerationConfig
+
+    ids = modeling.prompt_ids(tokenizer, prompts)
+    budgets = modeling.token_budgets(tokenizer, sources, factor, extra)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    config = GenerationConfig(do_sample=False, max_new_tokens=max(budgets), eos_token_id=list(eos_ids), pad_token_id=pad)
+    with torch.inference_mode():
+        results = model.generate_batch(inputs=ids, generation_config=config, progress_bar=False)
+    keys = sorted(results, key=lambda k: int(str(k).rsplit("_", 1)[-1]))  # "req_<n>" in submission order
+    if len(keys) != len(ids):
+        raise RuntimeError(f"generate_batch returned {len(keys)} results for {len(ids)} prompts")
+    by_index = {i: list(results[k].generated_tokens) for i, k in enumerate(keys)}
+    texts, hit = [], []
+    for i, budget in enumerate(budgets):
+        tokens = by_index[i][:budget]
+        end = next((k for k, t in enumerate(tokens) if t in eos_ids), None)
+        hit.append(end is None)
+        text = tokenizer.decode(tokens if end is None else tokens[:end], skip_special_tokens=True)
+        texts.append(text.rstrip("\ufffd") if end is None else text)
+    return texts, hit
 
 
 def record_fp32(method, k, modeling, model_dir, run, sync, report, peak):

@@ -169,3 +169,26 @@ def test_bf16_on_cuda_with_and_without_cuda_graphs(tiny):
     assert graphed == eager
     plain = plain_generate(model, ids, budgets, {eot}, tok.pad_token_id)
     assert sum(a == b for a, b in zip(eager, plain)) >= len(ids) // 2
+
+
+def test_gpu_benchmark_smoke_runs_every_method_and_writes_its_report(tmp_path):
+    """benchmarks/generation_gpu.py --smoke on CPU (a tiny random model it builds): each method gives a row, the
+    slot loop's outputs equal plain generate()'s, the report is written (on the GPU the lead runs the same first)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import generation_gpu
+
+    generation_gpu.main(["--smoke", "--out", str(tmp_path), "--methods", "generate-b8,slot-b4,slot-b8-graph,evaluate,"
+                         "fp32-n4,continuous"])
+    report = json.loads((tmp_path / "generation_gpu.json").read_text(encoding="utf-8"))
+    rows = {r["method"]: r for r in report["results"]}
+    assert list(rows) == ["generate-b8", "slot-b4", "slot-b8-graph", "evaluate", "fp32-n4", "continuous"]
+    for method in ("slot-b4", "slot-b8-graph", "evaluate"):
+        assert rows[method]["identical_fraction"] == 1.0 and rows[method]["sentences"] == 16, rows[method]
+    assert rows["fp32-n4"]["identical_fraction"] == 1.0
+    assert "generation_seconds" in rows["evaluate"]
+    assert "skipped without CUDA" in rows["continuous"]["error"]  # generate_batch would take most of the RAM
+    assert "| slot-b4 |" in (tmp_path / "generation_gpu.md").read_text(encoding="utf-8")

@@ -153,7 +153,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 @pytest.mark.gpu
 @needs_cuda
-def test_bf16_on_cuda_with_and_without_cuda_graphs(tiny):
+def test_bf16_on_cuda_with_and_without_cuda_graphs(tiny, caplog):
     """bf16 weights on the GPU: the CUDA-graph decode step gives the eager step's outputs; both agree with plain
     generate() in bf16 on most sentences (rounding differs between the two ways) and exactly in fp32."""
     tok, ids, eot = tiny["tok"], tiny["ids"], tiny["eot"]
@@ -167,6 +167,7 @@ def test_bf16_on_cuda_with_and_without_cuda_graphs(tiny):
     eager = slot(model, ids, budgets, {eot}, tok.pad_token_id, batch_size=4)
     graphed = slot(model, ids, budgets, {eot}, tok.pad_token_id, batch_size=4, cuda_graph=True)
     assert graphed == eager
+    assert "CUDA graph" not in caplog.text  # captured and used, not fallen back to the eager step
     plain = plain_generate(model, ids, budgets, {eot}, tok.pad_token_id)
     assert sum(a == b for a, b in zip(eager, plain)) >= len(ids) // 2
 

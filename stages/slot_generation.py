@@ -250,24 +250,25 @@ def _run(model, input_ids, budgets, eos, pad_id, order, p, ring, columns, slots,
             ids[row, width - len(rest):] = torch.tensor(rest)
             valid[row, width - len(rest):] = True
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0) + p
-        causal = torch.ones((width, width), dtype=torch.bool).tril()
-        own = causal[None] & valid[:, None, :]
-        own |= torch.eye(width, dtype=torch.bool)[None]  # a padding row sees itself: no row without a key
-        mask4 = torch.cat([torch.ones((len(take), width, p), dtype=torch.bool), own], dim=2)[:, None]
+        valid_d = valid.to(device)
+        causal = torch.ones((width, width), dtype=torch.bool, device=device).tril()
+        own = causal[None] & valid_d[:, None, :]
+        own |= torch.eye(width, dtype=torch.bool, device=device)[None]  # a padding row sees itself: no row without a key
+        mask4 = torch.cat([torch.ones((len(take), width, p), dtype=torch.bool, device=device), own], dim=2)[:, None]
         cache = state["cache"]
         rows_t = torch.tensor(free, device=device)
         cache.mode, cache.rows, cache.cols = "prefill", rows_t, cols.to(device)
         try:
-            logits = model(input_ids=ids.to(device), attention_mask=mask4.to(device), position_ids=positions.to(device),
+            logits = model(input_ids=ids.to(device), attention_mask=mask4, position_ids=positions.to(device),
                            past_key_values=cache, use_cache=True, logits_to_keep=1).logits
         finally:
             cache.mode = "decode"
         first = logits[:, -1].argmax(-1)
         mask = state["mask"]
         mask[rows_t, :, :, p:] = False
-        valid_cols = torch.zeros((len(take), columns), dtype=torch.bool)
-        valid_cols[:, cols] = valid
-        mask[rows_t, 0, 0, :] |= valid_cols.to(device)
+        valid_cols = torch.zeros((len(take), columns), dtype=torch.bool, device=device)
+        valid_cols[:, cols.to(device)] = valid_d
+        mask[rows_t, 0, 0, :] |= valid_cols
         state["tokens"][rows_t, 0] = first
         state["positions"][rows_t, 0] = torch.tensor([len(input_ids[i]) for i in take], device=device)
         for slot, i, token in zip(free, take, first.tolist()):

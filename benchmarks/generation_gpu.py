@@ -217,7 +217,8 @@ def main(argv=None) -> None:
                 sync()
                 seconds = time.perf_counter() - started
                 texts_of.setdefault(method, texts)
-                record(method, seconds, texts, hit, peak())
+                record(method, seconds, texts, hit, peak(),
+                       **({"slot_run": dict(generation.LAST_SLOT_RUN)} if kind == "slot" else {}))
             elif method == "evaluate":
                 seconds, gen_seconds, texts, hit = run_evaluate(evaluate, generation, model_dir, test, params_file,
                                                                 workdir, sync)
@@ -346,6 +347,10 @@ def write_report(out_dir: Path, name: str, report: dict) -> None:
             same = "reference" if r["identical_to_reference"] is None else \
                 f"{r['identical_to_reference']}/{r['sentences']} ({100 * r['identical_fraction']:.1f}%)"
             label = r["method"]
+            if "slot_run" in r:
+                run = r["slot_run"]
+                label += (f" ({run['decode_steps']} steps, {run['prefills']} prefills, {run['columns']} KV columns"
+                          + (f", {run['graph_replays']} graph replays" if r["method"].endswith("-graph") else "") + ")")
             if "generation_seconds" in r:
                 label += f" (generation alone: {r['generation_seconds']} s, {r['generation_sentences_per_s']}/s)"
             lines.append(f"| {label} | {r['sentences_per_s']} | {r['output_tokens_per_s']} | {r['seconds']} | "

@@ -208,4 +208,5 @@ def test_gpu_benchmark_smoke_runs_every_method_and_writes_its_report(tmp_path):
     assert rows["fp32-n4"]["identical_fraction"] == 1.0
     assert "generation_seconds" in rows["evaluate"]
     assert "skipped without CUDA" in rows["continuous"]["error"]  # generate_batch would take most of the RAM
-    assert "| slot-b4 |" in (tmp_path / "generation_gpu.md").read_text(encoding="utf-8")
+    assert "| slot-b4 (" in (tmp_path / "generation_gpu.md").read_text(encoding="utf-8")
+    assert rows["slot-b4"]["slot_run"]["decode_steps"] > 0 and rows["slot-b4"]["slot_run"]["prefills"] >= 4

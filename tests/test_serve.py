@@ -42,7 +42,7 @@ def one_thread():
 
 def expected_pieces(model: Path, text: str) -> list[str]:
     """What the translate command produces for each sentence (the same Translator, in-process)."""
-    from stages.translate import Translator
+    from wenyan.translation import Translator
 
     translator = Translator(model)
     plan = translator.plan(text)

@@ -27,12 +27,11 @@ import html
 import json
 import queue
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
 
-from stages.common import PipelineError, get_logger, run_main
+from wenyan.errors import PipelineError, get_logger, run_main
 
 log = get_logger("serve")
 
@@ -374,7 +373,7 @@ class Models:
         self.lock = threading.Lock()
 
     def get(self, path: str):
-        from stages.translate import Translator
+        from wenyan.translation import Translator
 
         if path not in self.cache:
             self.cache[path] = Translator(Path(path), parallel=self.parallel, threads=self.threads)
@@ -417,7 +416,7 @@ def translate_events(models: Models, model: str, text: str):
 
 
 def translator_has_text(piece: str) -> bool:
-    from stages.translate import has_text
+    from wenyan.translation import has_text
 
     return has_text(piece)
 
@@ -503,6 +502,9 @@ def main(argv=None) -> None:
 
 
 def cli() -> None:
+    from wenyan import gguf
+
+    gguf.quiet_openmp()
     run_main(main)
 
 

@@ -238,7 +238,8 @@ def main(argv=None) -> None:
         "transformers": report_runs, "files": per_file, "where_the_time_goes": where,
         "versions": {"llama_cpp_python": llama_cpp.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version()},
-        "machine": {"cpu_count": os.cpu_count(), "loadavg_1min_end": round(os.getloadavg()[0], 2)},
+        "machine": {"cpu_count": os.cpu_count(), "loadavg_1min_end": round(os.getloadavg()[0], 2),
+                    "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(unset: libgomp spins)")},
     }
     write_json(args.out.with_suffix(".json"), report)
     write_text(args.out.with_suffix(".md"), render(report))
@@ -291,7 +292,8 @@ def render(report: dict) -> str:
     v, m = report["versions"], report["machine"]
     out += ["", "BLEU: sacrebleu, tokenize=zh, corpus BLEU of the outputs against the references.",
             "", f"llama-cpp-python {v['llama_cpp_python']}, torch {v['torch']}, transformers {v['transformers']}, "
-            f"Python {v['python']}; {m['cpu_count']} CPUs, 1-minute load average at the end {m['loadavg_1min_end']} "
+            f"Python {v['python']}; OMP_WAIT_POLICY {m['OMP_WAIT_POLICY']}; {m['cpu_count']} CPUs, 1-minute load average at the end "
+            f"{m['loadavg_1min_end']} "
             "(other processes shared the CPUs when it is above the thread count).", ""]
     return "\n".join(out)
 

@@ -160,8 +160,10 @@ def requested_urls(driver) -> list[str]:
 
 
 def not_local(urls: list[str], address: str) -> list[str]:
+    """URLs that would leave the machine: any but the page's own server, data: and blob: URLs, and the browser's
+    built-in chrome:// pages (its new-tab page loads those from inside the browser before the test's first page)."""
     own = urlparse(address).netloc
-    return [u for u in urls if not (urlparse(u).scheme in ("data", "blob") or urlparse(u).netloc == own)]
+    return [u for u in urls if not (urlparse(u).scheme in ("data", "blob", "about", "chrome") or urlparse(u).netloc == own)]
 
 
 @needs_chromium

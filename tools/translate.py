@@ -211,9 +211,11 @@ def main(argv=None) -> None:
     parser.add_argument("--max-new-tokens-factor", type=float, default=3.0,
                         help="each sentence may produce factor x its own tokens + 16 tokens")
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.parallel < 1 or not 0 < args.max_new_tokens_factor <= MAX_FACTOR:  # NaN fails this too
-        raise PipelineError(f"--batch-size and --parallel must be >= 1 and --max-new-tokens-factor in (0, {MAX_FACTOR}]; "
-                            f"got {args.batch_size}, {args.parallel} and {args.max_new_tokens_factor}")
+    if args.batch_size < 1 or not 0 < args.max_new_tokens_factor <= MAX_FACTOR:  # NaN fails this too
+        raise PipelineError(f"--batch-size must be >= 1 and --max-new-tokens-factor in (0, {MAX_FACTOR}]; got "
+                            f"{args.batch_size} and {args.max_new_tokens_factor}")
+    if args.parallel < 1:
+        raise PipelineError(f"--parallel must be >= 1; got {args.parallel}")
 
     # 1. what to translate, with what (cheap checks first: no model is loaded before they pass)
     text, source_name = read_input(args.text, args.input)

@@ -1,9 +1,9 @@
 """Benchmark: the evaluate stage's generation against transformers' batched generate() and against one
 sentence at a time (the notebook's way).
 
-    PYTHONPATH=. .venv/bin/python benchmarks/generation.py            # SmolLM2-135M-Instruct, 64 sentences
-    PYTHONPATH=. .venv/bin/python benchmarks/generation.py --model smollm2-135m-instruct --model models/adapter
-    PYTHONPATH=. .venv/bin/python benchmarks/generation.py --model models/adapter --test data/format/test.jsonl
+    python benchmarks/generation.py            # SmolLM2-135M-Instruct, 64 sentences
+    python benchmarks/generation.py --model smollm2-135m-instruct --model models/adapter
+    python benchmarks/generation.py --model models/adapter --test data/format/test.jsonl
       -> reports/benchmarks/generation.json and generation.md
 
 Same model, same sentences, same prompts (params.yaml format: system prompt + user template), same
@@ -34,8 +34,9 @@ from pathlib import Path
 import yaml
 
 from wenyan import generation, metrics, models, text
+from wenyan.metrics import EVALUATE_SCHEMA
+from wenyan.params import check_params
 from wenyan.prompt import end_of_turn_ids, token_budgets
-from stages import evaluate
 from wenyan.errors import PipelineError
 from wenyan.files import read_jsonl, write_json, write_text
 
@@ -169,7 +170,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     params = yaml.safe_load(args.params.read_text(encoding="utf-8"))
-    ev = evaluate.check_evaluate_params(params.get("evaluate", {}))
+    ev = check_params(params.get("evaluate", {}), EVALUATE_SCHEMA, "evaluate")
     fmt = params["format"]
     batch_size = args.batch_size or ev["batch_size"]
     specs = args.model or [params["train"]["model"]]
@@ -184,7 +185,7 @@ def main(argv=None) -> None:
     sources = [r["source"] for r in rows]
 
     report = {
-        "command": " ".join(["PYTHONPATH=. python benchmarks/generation.py", *map(shlex.quote, argv or sys.argv[1:])]),
+        "command": " ".join(["python benchmarks/generation.py", *map(shlex.quote, argv or sys.argv[1:])]),
         "sentences": len(rows),
         "source": str(args.test) if args.test else f"{CORPUS} (fixed hash sample)",
         "decoding": {"greedy": True, "max_new_tokens": f"ceil({ev['max_new_tokens_factor']} x source tokens) + "
@@ -207,7 +208,7 @@ def render(report: dict) -> str:
         f"{n} sentences ({report['source']}), greedy, budget {report['decoding']['max_new_tokens']} tokens, stop at "
         "the end-of-turn token. The three ways ran one after the other in one process: compare rows of one table.",
     ]
-    names = {"stage": f"stage: own greedy loop, batch {bs} (stages/evaluate.py)",
+    names = {"stage": f"stage: own greedy loop, batch {bs} (wenyan/generation.py)",
              "hf_batched": f"transformers generate(), batch {bs} (the stage before)",
              "one_at_a_time": "one at a time (the notebook's loop)"}
     for run in report["runs"]:

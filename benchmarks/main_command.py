@@ -22,14 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from wenyan.params import set_key
+
+REPO = Path(__file__).resolve().parents[1]  # the repository cloned for each variant
 
 
 def run_variant(name: str, overrides: list[str], workdir: Path) -> dict:
     import yaml
-
-    from benchmarks.run_stages import set_key
 
     clone = workdir / name
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)

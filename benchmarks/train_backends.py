@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -24,8 +23,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 CONFIGS = {
     "unsloth-lora": {"backend": "unsloth", "method": "lora", "load_in_4bit": False},
@@ -163,8 +160,7 @@ def main(argv=None) -> None:
         start = time.perf_counter()
         with open(out / f"{name}.log", "w") as log_file:
             try:
-                proc = subprocess.run(child, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, timeout=args.timeout,
-                                      env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
+                proc = subprocess.run(child, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, timeout=args.timeout)
                 rc = proc.returncode
             except subprocess.TimeoutExpired:
                 rc = "timeout"

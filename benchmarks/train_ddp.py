@@ -48,8 +48,6 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 # Llama-3.2-1B-Instruct's config.json (meta-llama/Llama-3.2-1B-Instruct), the values that shape the compute
 LLAMA_3_2_1B = dict(
@@ -175,6 +173,7 @@ def fmt(value, pattern: str) -> str:
     return "" if value is None else format(value, pattern)
 
 
+# Long (~70 lines): a benchmark's arguments, its runs and its report in one place.
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", required=True)

@@ -2,13 +2,13 @@
 what that does to tokens per character and to the length of a formatted training example.
 
 Streams the NiuTrans archive (source.txt/target.txt line pairs of every chapter), normalises both sides
-as the clean stage does (clean.normalise_lines with OpenCC t2s), then with SmolLM2-135M-Instruct's
+as the clean stage does (wenyan.text.normalise_lines with OpenCC t2s), then with SmolLM2-135M-Instruct's
 tokenizer (wenyan.models.load_tokenizer, offline): characters seen >= min count in all pairs (both
 sides), with and without full-width punctuation; tokens per CJK ideograph and per character before and
 after; mean tokens per example rendered with the chat template (system `你是翻译家。`, user
 "将下面的文言文翻译成现代汉语：\\n{classical}", the modern text as the reply) before and after.
 
-Run:  /work/venv/bin/python benchmarks/vocab.py [--archive /work/shared/corpora/classical-modern.tar.xz]
+Run:  python benchmarks/vocab.py --archive PATH/classical-modern.tar.xz
 Writes reports/benchmarks/vocab.json.
 """
 
@@ -25,13 +25,10 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from wenyan import models, vocab  # noqa: E402
-from stages import clean
+from wenyan import models, text, vocab
 from wenyan.files import write_json
 
-DEFAULT_ARCHIVE = "/work/shared/corpora/classical-modern.tar.xz"
+REPO = Path(__file__).resolve().parents[1]
 SYSTEM = "你是翻译家。"
 USER = "将下面的文言文翻译成现代汉语：\n{classical}"
 
@@ -82,18 +79,19 @@ def mean_tokens(tokenizer, texts: list[str], batch: int = 4096) -> float:
     return total / len(texts)
 
 
+# Long (~75 lines): a benchmark's arguments, its measurements and its report in one place.
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--archive", default=DEFAULT_ARCHIVE)
+    parser.add_argument("--archive", required=True, help="the NiuTrans archive (classical-modern.tar.xz)")
     parser.add_argument("--min-count", type=int, default=vocab.AUTO_MIN_COUNT)
     parser.add_argument("--report", default=str(REPO / "reports/benchmarks/vocab.json"))
     args = parser.parse_args(argv)
     timings, start = {}, time.perf_counter()
 
     pairs, skipped = read_pairs(args.archive)
-    converter = clean.make_converter("t2s")
-    classical = clean.normalise_lines([s for s, _ in pairs], converter)
-    modern = clean.normalise_lines([t for _, t in pairs], converter)
+    converter = text.make_converter("t2s")
+    classical = text.normalise_lines([s for s, _ in pairs], converter)
+    modern = text.normalise_lines([t for _, t in pairs], converter)
     texts = classical + modern
     timings["read_and_normalise_s"] = round(time.perf_counter() - start, 1)
     print(f"{len(pairs):,} pairs ({skipped} chapters skipped)", file=sys.stderr, flush=True)

@@ -8,11 +8,12 @@ trainable parameters, seconds per optimizer step (batch 8 x the first 史记 exa
 and whether the saved adapter, loaded on a fresh base resized to len(tokenizer) (as evaluate does), gives
 the trained model's logits.
 
-Run:  /work/venv/bin/python benchmarks/vocab_peft.py      Writes reports/benchmarks/vocab_peft.json.
+Run:  python benchmarks/vocab_peft.py [--corpus DIR] [--out reports/benchmarks/vocab_peft.json]
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import os
 import shlex
@@ -21,21 +22,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from wenyan import models, vocab  # noqa: E402
-from stages import train as train_stage  # noqa: E402
+from wenyan import models, sft, vocab
 from wenyan.files import write_json
 
-SHIJI = REPO / "data/corpus/classical-modern/双语数据/史记"
+SHIJI = Path("data/corpus/classical-modern/双语数据/史记")  # the built-in corpus, relative to the repository root
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def shiji_pairs() -> list[tuple[str, str]]:
+def shiji_pairs(corpus: Path) -> list[tuple[str, str]]:
     out = []
-    for source in sorted(SHIJI.rglob("source.txt")):
+    for source in sorted(corpus.rglob("source.txt")):
         src = source.read_text(encoding="utf-8").splitlines()
         tgt = source.with_name("target.txt").read_text(encoding="utf-8").splitlines()
         out += [(s, t) for s, t in zip(src, tgt) if s.strip() and t.strip()]
@@ -43,10 +39,12 @@ def shiji_pairs() -> list[tuple[str, str]]:
 
 
 def batch_of(tokenizer, pairs) -> dict:
+    import torch
+
     rows = [{"messages": [{"role": "system", "content": "你是翻译家。"},
                           {"role": "user", "content": f"将下面的文言文翻译成现代汉语：\n{s}"},
                           {"role": "assistant", "content": t}]} for s, t in pairs]
-    examples, _ = train_stage.build_examples(tokenizer, rows, 256, "bench")
+    examples, _ = sft.build_examples(tokenizer, rows, 256, "bench")
     n = max(len(e["input_ids"]) for e in examples)
     ids = torch.tensor([e["input_ids"] + [tokenizer.pad_token_id] * (n - len(e["input_ids"])) for e in examples])
     mask = torch.tensor([e["completion_mask"] + [0] * (n - len(e["input_ids"])) for e in examples])
@@ -55,6 +53,8 @@ def batch_of(tokenizer, pairs) -> dict:
 
 
 def measure(option: str, tokenizer, base_tokenizer, new_tokens, batch, steps: int = 4) -> dict:
+    import torch
+
     from peft import LoraConfig, PeftModel, get_peft_model
 
     torch.manual_seed(0)
@@ -90,9 +90,15 @@ def measure(option: str, tokenizer, base_tokenizer, new_tokens, batch, steps: in
             "adapter_mib": round(size / 2**20, 1), "reload_on_resized_base_same_logits": same}
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--corpus", type=Path, default=SHIJI, help=f"a NiuTrans book directory (default: {SHIJI})")
+    parser.add_argument("--out", type=Path, default=Path("reports/benchmarks/vocab_peft.json"), help="the JSON report")
+    args = parser.parse_args(argv)
+    import torch
+
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
-    pairs = shiji_pairs()
+    pairs = shiji_pairs(args.corpus)
     base_tokenizer = models.load_tokenizer("smollm2-135m-instruct")
     new_tokens, stats = vocab.decide("auto", base_tokenizer, [s for s, _ in pairs] + [t for _, t in pairs])
     tokenizer = copy.deepcopy(base_tokenizer)
@@ -100,7 +106,7 @@ def main() -> None:
     batch = batch_of(tokenizer, pairs[:8])
     result = {
         "what": __doc__.split("\n\n")[1].replace("\n", " "),
-        "command": shlex.join([sys.executable, os.path.relpath(__file__, REPO)]),
+        "command": shlex.join(["python", "benchmarks/vocab_peft.py", *(sys.argv[1:] if argv is None else argv)]),
         "added_tokens": len(new_tokens),
         "batch": list(batch["input_ids"].shape),
         "options": {o: measure(o, tokenizer, base_tokenizer, new_tokens, batch)
@@ -108,7 +114,7 @@ def main() -> None:
         "peft": __import__("peft").__version__,
         "torch_threads": torch.get_num_threads(),
     }
-    write_json(REPO / "reports/benchmarks/vocab_peft.json", result)
+    write_json(args.out, result)
     print(result)
 
 

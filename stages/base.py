@@ -16,7 +16,7 @@ from pathlib import Path
 
 from wenyan import models
 from wenyan.errors import get_logger, PipelineError, run_main
-from wenyan.files import replace_dir, write_json
+from wenyan.files import new_staging_dir, replace_dir, write_json
 from wenyan.params import load_sections
 
 log = get_logger("base")
@@ -30,12 +30,7 @@ def main(argv=None) -> None:
     spec = load_sections("base", ["train.model"], args.params)["train"]["model"]
     if not isinstance(spec, str):
         raise PipelineError(f"params.yaml: train.model should be str, got {spec!r}")
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = new_staging_dir(args.out)
     location = models.materialize(spec, cache_dir=tmp)
     plain = Path(location).parent == tmp
     write_json(tmp / "base.json", {"model": spec, "location": str(args.out / Path(location).name) if plain else location})

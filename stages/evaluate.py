@@ -27,7 +27,8 @@ which DVC skips while only train.* params change, and restores from its run cach
 Generation is wenyan/generation.py's generate(): batched with left padding, greedy unless
 evaluate.num_beams > 1, stops at the end-of-turn token, each sentence cut at its own budget
 (max_new_tokens = factor x source tokens + extra); on CPU greedy decoding runs generation.greedy_batch
-(reports/benchmarks/generation.md). Scores: wenyan/metrics.py (sacrebleu, with signatures).
+(reports/benchmarks/generation.md), on CUDA generation.slot_greedy in bf16 (evaluate.batch_size slots, a sentence
+leaving its slot when it ends: reports/benchmarks/generation_gpu.md). Scores: wenyan/metrics.py (sacrebleu, with signatures).
 
 Several GPUs (evaluate.num_gpus > 1, both stages): the command starts itself again under torchrun, one
 process per GPU (wenyan/distributed.py, as train.num_gpus does); each process generates every
@@ -135,6 +136,43 @@ def render_samples(rows: list[dict], systems: dict[str, list[str]], chrf: dict[s
 # ----------------------------------------------------------------------------------------------
 
 
+def metrics_json(scores: dict[str, dict], limits: dict[str, int], n_sentences: int) -> dict:
+    """reports/metrics.json: the model's scores with their signatures, then each baseline's (no signatures)."""
+    model_scores = scores["model"]
+    metrics = {
+        "n_sentences": n_sentences,
+        "bleu": model_scores["bleu"],
+        "bleu_ci95": model_scores.get("bleu_ci95"),
+        "chrf": model_scores["chrf"],
+        "bleu_signature": model_scores["bleu_signature"],
+        "chrf_signature": model_scores["chrf_signature"],
+        "hit_max_new_tokens": limits["model"],
+        "baselines": {
+            name: {k: v for k, v in s.items() if not k.endswith("_signature")}
+            | ({"hit_max_new_tokens": limits[name]} if name in limits else {})
+            for name, s in scores.items()
+            if name != "model"
+        },
+    }
+    if metrics["bleu_ci95"] is None:
+        del metrics["bleu_ci95"]
+    return metrics
+
+
+def hypotheses_with_provenance(rows: list[dict], systems: dict[str, list[str]], chrf: dict[str, list[float]]) -> list[dict]:
+    """data/evaluate/hypotheses.jsonl: every output with its provenance, reference and sentence chrF."""
+    out_rows = []
+    for i, row in enumerate(rows):
+        out = {k: row.get(k) for k in ("id", "book", "chapter", "line")}
+        out |= {"source": row["source"], "reference": row["target"], "hypothesis": systems["model"][i],
+                "chrf": chrf["model"][i]}
+        if "base" in systems:
+            out |= {"base": systems["base"][i], "base_chrf": chrf["base"][i]}
+        out_rows.append(out)
+    return out_rows
+
+
+# Long (~85 lines): the stage read top to bottom: inputs and checks, generation, scores, the five outputs at once.
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -193,24 +231,7 @@ def main(argv=None) -> None:
         systems["copy"] = list(sources)  # already through the clean stage
 
     scores = {name: score(hyps, references, p["bootstrap_resamples"]) for name, hyps in systems.items()}
-    model_scores = scores["model"]
-    metrics = {
-        "n_sentences": len(rows),
-        "bleu": model_scores["bleu"],
-        "bleu_ci95": model_scores.get("bleu_ci95"),
-        "chrf": model_scores["chrf"],
-        "bleu_signature": model_scores["bleu_signature"],
-        "chrf_signature": model_scores["chrf_signature"],
-        "hit_max_new_tokens": limits["model"],
-        "baselines": {
-            name: {k: v for k, v in s.items() if not k.endswith("_signature")}
-            | ({"hit_max_new_tokens": limits[name]} if name in limits else {})
-            for name, s in scores.items()
-            if name != "model"
-        },
-    }
-    if metrics["bleu_ci95"] is None:
-        del metrics["bleu_ci95"]
+    metrics = metrics_json(scores, limits, len(rows))
     for name, s in scores.items():
         log.info("%-5s BLEU %6.2f  chrF %6.2f", name, s["bleu"], s["chrf"])
 
@@ -226,14 +247,7 @@ def main(argv=None) -> None:
     )
     samples = render_samples(rows, systems, chrf, pick_examples(chrf["model"], p["num_examples"]), header)
 
-    hypothesis_rows = []
-    for i, row in enumerate(rows):
-        out = {k: row.get(k) for k in ("id", "book", "chapter", "line")}
-        out |= {"source": row["source"], "reference": row["target"], "hypothesis": systems["model"][i],
-                "chrf": chrf["model"][i]}
-        if "base" in systems:
-            out |= {"base": systems["base"][i], "base_chrf": chrf["base"][i]}
-        hypothesis_rows.append(out)
+    hypothesis_rows = hypotheses_with_provenance(rows, systems, chrf)
 
     # the five outputs change together or not at all (a failure while writing leaves the last good ones)
     outputs = [args.hypotheses, args.out_dir / "by_book.csv", args.out_dir / "by_length.csv",

@@ -63,7 +63,7 @@ def main(argv=None) -> None:
     check_test_rows(rows or [{"source": "", "target": "", "messages": [{"role": "user"}, {"role": "assistant"}]}], args.test)
     out_rows = []
     if rows:
-        backend = generation.pick_backend("auto" if train["backend"] != "hf" else "hf")
+        backend = "hf"  # generation runs on plain transformers (models.inference_backend)
         tokenizer = base_tokenizer(train["model"], train["chat_template"])
         model = models.load_base({"model": train["model"]}, tokenizer, backend)
         started = time.perf_counter()

@@ -34,14 +34,13 @@ from __future__ import annotations
 
 import argparse
 import re
-import json
 import shutil
 import time
 from pathlib import Path
 
 from wenyan.errors import get_logger, PipelineError, run_main
 from wenyan.metrics import bleu
-from wenyan.files import atomic_outputs, check_output_path, read_jsonl, replace_dir, write_json
+from wenyan.files import atomic_outputs, check_output_path, new_staging_dir, read_jsonl, replace_dir, write_json
 from wenyan.params import Bool, check_params, Int, load_params, Param, Str
 from wenyan import generation, gguf, models
 from wenyan.prompt import prompt_ids
@@ -242,10 +241,7 @@ def main(argv=None) -> None:
         log.info("merge check: max |logit difference| %.2g over %d tokens (logits up to %.3g)",
                  check["max_abs_logit_diff"], check["tokens"], check["max_abs_logit"])
 
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = new_staging_dir(args.out)
     try:
         hf = save_hf(model, tokenizer, cfg, p["dtype"], args.model, tmp / "hf")
         files, gguf_check = [], None

@@ -20,6 +20,7 @@ import pytest
 from conftest import CHAPTERS, N_PAIRS, REPO, make_archive, niutrans
 
 from stages import ingest
+from wenyan import archives
 from wenyan.errors import PipelineError
 
 
@@ -577,7 +578,7 @@ def test_member_over_the_size_limit_is_skipped_unread(tmp_path, make_corpus, wri
     root = make_corpus(parent=tmp_path / "dir")
     (root / "双语数据/论语/学而篇/target.txt").write_text("很长的译文。" * 200, encoding="utf-8")
     source = root if kind == "dir" else make_archive(root, tmp_path / f"corp{kind}")
-    monkeypatch.setattr(ingest, "MAX_FILE_BYTES", 2000)
+    monkeypatch.setattr(archives, "MAX_FILE_BYTES", 2000)
     df, report = run_ingest(tmp_path, write_params, [niutrans(source)])
     assert len(df) == N_PAIRS - 3
     assert report["sources"][0]["skipped_by_reason"] == {"too large": 1, "partner skipped": 1}
@@ -602,7 +603,7 @@ def test_zip_declaring_a_huge_member_is_skipped_without_reading(tmp_path, make_c
 def test_tsv_over_the_size_limit_is_refused(tmp_path, write_params, monkeypatch):
     f = tmp_path / "big.tsv"
     f.write_text("甲。\t甲啊。\n" * 500, encoding="utf-8")
-    monkeypatch.setattr(ingest, "MAX_FILE_BYTES", 2000)
+    monkeypatch.setattr(archives, "MAX_FILE_BYTES", 2000)
     with pytest.raises(PipelineError, match=r"big\.tsv: too large: .* bytes \(limit 2,000 a file\); split it"):
         run_ingest(tmp_path, write_params, [{"path": str(f), "format": "tsv"}])
 

@@ -8,12 +8,12 @@ import math
 import pytest
 from conftest import SHIPPED, shipped
 
-from stages import clean, evaluate, export, format, ingest, split, train
+from stages import clean, evaluate, export, format, ingest, pretrain, split, train
 from wenyan.errors import PipelineError
 from wenyan.params import check_params
 
 SCHEMAS = {"ingest": ingest.SCHEMA, "clean": clean.SCHEMA, "split": split.SCHEMA, "format": format.SCHEMA,
-           "train": train.SCHEMA, "evaluate": evaluate.SCHEMA, "export": export.SCHEMA}
+           "pretrain": pretrain.SCHEMA, "train": train.SCHEMA, "evaluate": evaluate.SCHEMA, "export": export.SCHEMA}
 
 
 @pytest.mark.parametrize("stage", sorted(SCHEMAS))
@@ -46,6 +46,11 @@ def test_every_stage_has_a_schema():
         ("split", shipped("split", test_books="论语"), "split.test_books should be a list of str"),
         ("evaluate", shipped("evaluate", max_new_tokens_factor=-1.0), "evaluate.max_new_tokens_factor must be > 0"),
         ("format", shipped("format", context_sentences=-1), "format.context_sentences must be >= 0"),
+        ("pretrain", shipped("pretrain", enabled="yes"), "pretrain.enabled should be bool"),
+        ("pretrain", shipped("pretrain", max_seq_length=1), "pretrain.max_seq_length must be > 1"),
+        ("pretrain", shipped("pretrain", batch_tokens=0), "pretrain.batch_tokens must be > 0"),
+        ("pretrain", shipped("pretrain", sources={"path": "x"}), "pretrain.sources should be a list of dict"),
+        ("pretrain", {**shipped("pretrain"), "max_token": 5}, r"'max_token' \(did you mean 'max_tokens'\?\)"),
     ],
 )
 def test_schema_errors_name_the_key(stage, section, message):

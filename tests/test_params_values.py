@@ -226,10 +226,10 @@ def test_target_modules_that_match_no_layer_fail_before_data_and_weights(tmp_pat
 
 
 def test_target_modules_match_as_peft_matches(tiny_model):
-    modules = train.model_modules(str(tiny_model))
+    modules = models.model_modules(str(tiny_model))
     for names in (["q_proj", "v_proj"], ["self_attn.q_proj"], ["model.layers.0.mlp.down_proj"], ["embed_tokens"]):
-        train.check_target_modules({"method": "lora", "model": "m", "target_modules": names}, modules)
-    train.check_target_modules({"method": "full", "model": "m", "target_modules": ["nothing"]}, modules)  # unused
+        models.check_target_modules({"method": "lora", "model": "m", "target_modules": names}, modules)
+    models.check_target_modules({"method": "full", "model": "m", "target_modules": ["nothing"]}, modules)  # unused
 
 
 def test_cli_lora_alpha_zero_one_error_line_nothing_written(tmp_path, tiny_model):

@@ -50,7 +50,7 @@ def tiny_model(dest: Path, texts: list[str]) -> Path:
     return dest
 
 
-def make_project(tmp_path: Path, train: dict | None = None, evaluate: dict | None = None):
+def make_project(tmp_path: Path, train: dict | None = None, evaluate: dict | None = None, pretrain: dict | None = None):
     """A git + DVC repo at tmp_path/repo holding this project's stages/, wenyan/, dvc.yaml and params.yaml (scaled down
     to the 史记 slice and a tiny model at an absolute path, so queued experiments in .dvc/tmp/exps find it too),
     all committed. `train` / `evaluate` update those params sections. Returns (repo, env, dvc command)."""
@@ -58,6 +58,7 @@ def make_project(tmp_path: Path, train: dict | None = None, evaluate: dict | Non
     for package in ("stages", "wenyan"):
         shutil.copytree(REPO / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
+    shutil.copytree(REPO / "data/mono", repo / "data/mono")  # pretrain's dependency (README + .gitignore)
     texts = slice_corpus(repo / "data/corpus/classical-modern")
     model = tiny_model(tmp_path / "tiny-llama", texts)
 
@@ -69,6 +70,7 @@ def make_project(tmp_path: Path, train: dict | None = None, evaluate: dict | Non
     params["train"].update(train or {})
     params["evaluate"].update(num_samples=6, batch_size=6, bootstrap_resamples=50, num_examples=4)
     params["evaluate"].update(evaluate or {})
+    params["pretrain"].update(pretrain or {})
     (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
 
     # The venv's bin on PATH: stages run `python -m ...`, and dvc's queue workers are spawned as `dvc`.
@@ -89,8 +91,9 @@ def make_project(tmp_path: Path, train: dict | None = None, evaluate: dict | Non
 def test_dvc_repro_end_to_end_then_an_experiment(tmp_path):
     repo, env, dvc = make_project(tmp_path)
     proc = run(dvc + ["repro"], repo, env)
-    for stage in ("ingest", "clean", "split", "format", "base", "train", "evaluate_base", "evaluate"):
+    for stage in ("ingest", "clean", "split", "format", "base", "pretrain", "train", "evaluate_base", "evaluate"):
         assert f"Running stage '{stage}'" in proc.stdout
+    assert sorted(p.name for p in (repo / "models/pretrain").iterdir()) == ["pretrain.json"]  # disabled: a marker
 
     metrics = json.loads((repo / "reports/metrics.json").read_text(encoding="utf-8"))
     assert metrics["n_sentences"] == 6
@@ -117,3 +120,33 @@ def test_dvc_repro_end_to_end_then_an_experiment(tmp_path):
     assert "Running stage" not in proc.stdout, proc.stdout
     assert "Stage 'train' is cached - skipping run" in proc.stdout and "Stage 'evaluate' is cached" in proc.stdout
     assert {p: (repo / p).read_bytes() for p in first} == first
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_pretrain_then_train_and_evaluate_and_a_train_experiment_keeps_it(tmp_path):
+    """base -> pretrain (a few kB of other 史记 chapters, the train split too) -> train -> evaluate under dvc repro;
+    `dvc exp run -S train.learning_rate=...` re-runs train and evaluate, never pretrain."""
+    mono = "\n\n".join(c.read_text(encoding="utf-8") for c in sorted(SHIJI.rglob("source.txt"))[12:15]
+                        ).replace("\n\n\n", "\n\n")[:6000]
+    repo, env, dvc = make_project(tmp_path, pretrain=dict(
+        enabled=True, sources=[{"path": "data/mono/shiji.txt", "format": "text"}], include_train_split=True,
+        max_seq_length=64, batch_tokens=256, gradient_accumulation_steps=2, max_steps=3, warmup_steps=0,
+        learning_rate=0.005, logging_steps=1, backend="hf"), train=dict(max_steps=2, eval_steps=0, save_steps=0))
+    (repo / "data/mono/shiji.txt").write_text(mono, encoding="utf-8")  # git-ignored; DVC tracks data/mono
+    proc = run(dvc + ["repro"], repo, env)
+    for stage in ("base", "pretrain", "train", "evaluate"):
+        assert f"Running stage '{stage}'" in proc.stdout
+    data = json.loads((repo / "reports/pretrain/data.json").read_text(encoding="utf-8"))
+    assert data["sources"][0]["files_read"] == 1 and data["train_split_documents"] > 0
+    assert data["removed_for_overlap"]["sources"]["sentences"] > 0
+    metrics = json.loads((repo / "reports/pretrain/metrics.json").read_text(encoding="utf-8"))
+    assert metrics["steps"] == 3 and metrics["tokens"] == 3 * 256
+    config = json.loads((repo / "models/adapter/training_config.json").read_text(encoding="utf-8"))
+    assert config["model"] == "models/pretrain" and config["extend_vocab"]["added"] == 0
+    assert json.loads((repo / "reports/metrics.json").read_text(encoding="utf-8"))["n_sentences"] == 6
+
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "pretrained"], repo, env)
+    proc = run(dvc + ["exp", "run", "-S", "train.learning_rate=0.05", "-n", "lr05"], repo, env)
+    assert "Running stage 'train'" in proc.stdout and "Running stage 'pretrain'" not in proc.stdout

@@ -14,8 +14,9 @@ import yaml
 
 from pathlib import Path
 
-from wenyan import generation, models
+from wenyan import generation, models, sft
 from wenyan.prompt import CHAT_TEMPLATES, build_messages
+from wenyan.files import staging_path
 from stages import train as train_stage
 from wenyan.errors import PipelineError
 from conftest import shipped
@@ -254,9 +255,9 @@ def test_bad_params_fail_before_any_loading(tiny, tmp_path, monkeypatch, overrid
 
 
 def test_rows_per_batch_follows_the_token_budget():
-    assert train_stage.rows_per_batch([100, 300], 4096, 8) == 20
-    assert train_stage.rows_per_batch([5000], 4096, 8) == 1
-    assert train_stage.rows_per_batch([100], 0, 8) == 8
+    assert sft.rows_per_batch([100, 300], 4096, 8) == 20
+    assert sft.rows_per_batch([5000], 4096, 8) == 1
+    assert sft.rows_per_batch([100], 0, 8) == 8
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA + unsloth")
@@ -294,7 +295,7 @@ def test_a_failed_run_leaves_the_last_reports_as_they_were(tiny, tmp_path):
     # the next good run replaces them, and clears what the killed one left
     summary, _ = run(tiny, tmp_path, "r", eval_steps=0, save_steps=0, learning_rate=0.02)
     assert summary["steps"] == 4
-    assert not train_stage.staging_dir(paths["reports"]).exists()
+    assert not staging_path(paths["reports"]).exists()
     assert (paths["reports"] / "summary.json").read_bytes() != before[paths["reports"] / "summary.json"]
 
 
@@ -369,8 +370,8 @@ def test_parallel_tokenizing_gives_the_serial_examples_in_order(tiny, monkeypatc
 
     tokenizer = AutoTokenizer.from_pretrained(tiny["model"])
     data = rows(40)
-    serial, serial_stats = train_stage.build_examples(tokenizer, data, 128, "train")
-    monkeypatch.setattr(train_stage, "PARALLEL_ROWS", 10)
-    monkeypatch.setattr(train_stage.os, "cpu_count", lambda: 3)
-    parallel, parallel_stats = train_stage.build_examples(tokenizer, data, 128, "train")
+    serial, serial_stats = sft.build_examples(tokenizer, data, 128, "train")
+    monkeypatch.setattr(sft, "PARALLEL_ROWS", 10)
+    monkeypatch.setattr(sft.os, "cpu_count", lambda: 3)
+    parallel, parallel_stats = sft.build_examples(tokenizer, data, 128, "train")
     assert parallel == serial and parallel_stats == serial_stats

@@ -16,7 +16,6 @@ import argparse
 import ast
 import re
 import shlex
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent

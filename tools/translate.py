@@ -205,13 +205,16 @@ def main(argv=None) -> None:
     parser.add_argument("--output", "-o", help="write here (atomically) instead of to stdout")
     parser.add_argument("--model", "-m", type=Path, default=Path(DEFAULT_MODEL),
                         help=f"adapter or model directory (default {DEFAULT_MODEL}; or models/export/hf), or an exported .gguf")
-    parser.add_argument("--batch-size", type=int, default=16, help="sentences per generation batch")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="sentences per generation batch (default 16 on CPU; on a CUDA GPU 256 slots of the "
+                        "slot loop, a sentence leaving its slot when it ends)")
     parser.add_argument("--parallel", type=int, default=16,
                         help="GGUF only: sentences decoded at once by llama.cpp (batched; 1 = one after the other)")
     parser.add_argument("--max-new-tokens-factor", type=float, default=3.0,
                         help="each sentence may produce factor x its own tokens + 16 tokens")
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or not 0 < args.max_new_tokens_factor <= MAX_FACTOR:  # NaN fails this too
+    bad_batch = args.batch_size is not None and args.batch_size < 1
+    if bad_batch or not 0 < args.max_new_tokens_factor <= MAX_FACTOR:  # NaN fails this too
         raise PipelineError(f"--batch-size must be >= 1 and --max-new-tokens-factor in (0, {MAX_FACTOR}]; got "
                             f"{args.batch_size} and {args.max_new_tokens_factor}")
     if args.parallel < 1:

@@ -128,6 +128,22 @@ def atomic_outputs(*paths: str | os.PathLike) -> Iterator[list[Path]]:
                 tmp.unlink()
 
 
+def staging_path(out: str | os.PathLike) -> Path:
+    """Where an output that is built in place grows until it is renamed onto `out` (os.replace, replace_dir): the
+    hidden `.<name>.tmp` beside it, so a run that fails or is killed leaves the last good output as it was."""
+    out = Path(out)
+    return out.with_name(f".{out.name}.tmp")
+
+
+def new_staging_dir(out: str | os.PathLike) -> Path:
+    """staging_path(out) as an empty directory (whatever a killed run left there is removed first)."""
+    tmp = staging_path(out)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
 def replace_dir(tmp: Path, out: Path) -> None:
     """Put the finished tmp directory at out; the old out is removed only once the new one is in place."""
     old = out.with_name(f".{out.name}.old")

@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 from wenyan.errors import PipelineError, get_logger
+from wenyan.files import staging_path
 
 log = get_logger("gguf")
 
@@ -231,7 +232,7 @@ def convert(hf_dir: Path, out_path: Path, outtype: str = "f16", converter: Path 
     if not (root / "convert_hf_to_gguf.py").is_file():
         raise PipelineError(f"{root}: no convert_hf_to_gguf.py; run python -m tools.gguf setup --force")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    tmp = staging_path(out_path)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=f".{out_path.name}.src.") as staged:
         source = stage_model_dir(hf_dir, Path(staged))
@@ -327,7 +328,7 @@ def quantize(in_gguf: Path, out_gguf: Path, qtype: str, threads: int = 0) -> dic
     params.ftype = types[name]
     params.nthread = threads
     out_gguf.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_gguf.with_name(f".{out_gguf.name}.tmp")
+    tmp = staging_path(out_gguf)
     started = time.monotonic()
     with captured_fds() as output:
         rc = llama_cpp.llama_model_quantize(str(in_gguf).encode(), str(tmp).encode(), ctypes.byref(params))
@@ -361,24 +362,6 @@ def read_metadata(path: Path) -> dict:
 
 # ----------------------------------------------------------------------------------------------
 # Running a GGUF with llama.cpp
-
-
-def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of the chat prompt as transformers generation sees it (the template writes the special tokens)."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False).input_ids
-
-
-def stop_ids(tokenizer) -> list[int]:
-    """End-of-turn token (from the chat template) and eos: where a reply ends."""
-    from wenyan.prompt import end_of_turn_token
-
-    ids = []
-    for token in (end_of_turn_token(tokenizer), tokenizer.eos_token):
-        token_id = tokenizer.convert_tokens_to_ids(token) if token is not None else None
-        if token_id is not None and token_id not in ids:
-            ids.append(token_id)
-    return ids
 
 
 def cpu_has_amx() -> bool:
@@ -448,22 +431,6 @@ def greedy(llm, ids: list[int], stops: list[int], max_new_tokens: int) -> list[i
             break
         out.append(token)
     return out
-
-
-def translate(llm, tokenizer, prompts: list[list[dict]], max_new_tokens: int | list[int] = 256) -> dict:
-    """Greedy replies to each message list with llama.cpp; prompts rendered by the HF tokenizer's chat template.
-    Returns {texts, token_ids, seconds, sentences_per_s}; texts are llama.cpp's own detokenization."""
-    stops = stop_ids(tokenizer)
-    budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
-    started = time.monotonic()
-    texts, token_ids = [], []
-    for messages, budget in zip(prompts, budgets):
-        ids = greedy(llm, prompt_ids(tokenizer, messages), stops, budget)
-        token_ids.append(ids)
-        texts.append(llm.detokenize(ids).decode("utf-8", errors="replace").strip())
-    seconds = time.monotonic() - started
-    return {"texts": texts, "token_ids": token_ids, "seconds": round(seconds, 2),
-            "sentences_per_s": round(len(prompts) / seconds, 3) if seconds > 0 else None}
 
 
 def context_size(tokenizer, prompts: list[list[dict]], sources: list[str], factor: float, extra: int) -> int:
@@ -650,6 +617,23 @@ def reply_text(tokenizer, new: list[int], budget: int) -> tuple[str, bool]:
     return (text.rstrip("\ufffd") if hit else text), hit
 
 
+def greedy_replies(llm, tokenizer, prompts: list[list[dict]], budgets: list[int], desc: str | None = None) -> list[list[int]]:
+    """Greedy new token ids of each prompt on llama.cpp, without the stop token, each at most its budget: the prompt
+    ids and stop tokens of transformers generation (wenyan.prompt.prompt_ids, end_of_turn_ids), one sentence after
+    the other (llama.cpp reuses the KV cache of the prefix a prompt shares with the one before); a tqdm bar with desc."""
+    from tqdm.auto import tqdm
+
+    from wenyan.prompt import end_of_turn_ids, prompt_ids
+
+    stops = end_of_turn_ids(tokenizer)
+    replies = []
+    with tqdm(total=len(prompts), desc=desc, unit="sent", disable=True if desc is None else None) as bar:
+        for ids, budget in zip(prompt_ids(tokenizer, prompts), budgets):
+            replies.append(greedy(llm, ids, stops, budget))
+            bar.update(1)
+    return replies
+
+
 def generate(llm, tokenizer, prompts: list[list[dict]], sources: list[str], *, factor: float = 2.0, extra: int = 16,
              desc: str = "llama.cpp", parallel: int = 16, on_result=None) -> tuple[list[str], list[bool]]:
     """generation.generate's contract on llama.cpp: (texts, hit_limit) in the order of `prompts`. The same prompt ids
@@ -672,7 +656,7 @@ def generate(llm, tokenizer, prompts: list[list[dict]], sources: list[str], *, f
             texts[i], hit_limit[i] = reply_text(tokenizer, new, budgets[i])
             bar.update(1)
             if on_result is not None:
-                on_result(i, texts[i], hit)
+                on_result(i, texts[i], hit_limit[i])
 
         if parallel > 1:
             batched_greedy(llm, input_ids, budgets, stops, parallel=parallel, on_done=done)
@@ -724,7 +708,9 @@ def render_modelfile(gguf_name: str, tokenizer, system_prompt: str, user_templat
     `ollama run` sends the training prompt for a bare sentence."""
     if '"""' in system_prompt + user_template:
         raise PipelineError('the system prompt or user template contains """, which a Modelfile cannot quote')
-    stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_ids(tokenizer)]
+    from wenyan.prompt import end_of_turn_ids
+
+    stops = [tokenizer.convert_ids_to_tokens(i) for i in end_of_turn_ids(tokenizer)]
     template = ollama_template(tokenizer).replace("{{ .Prompt }}", user_template.format(classical="{{ .Prompt }}"))
     lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""']
     lines += [f'PARAMETER stop "{s}"' for s in stops]

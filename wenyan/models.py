@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from wenyan.errors import PipelineError, get_logger
-from wenyan import generation
+from wenyan.files import new_staging_dir
+from wenyan import generation, vocab
+from wenyan.distributed import world
 from wenyan.prompt import PROMPT_KEYS, apply_chat_template_override, fix_special_tokens
 
 log = get_logger("models")
@@ -75,6 +77,29 @@ def resolve_model(spec: str) -> tuple[str, str | None]:
     return spec, None  # a hub id: transformers downloads it (or finds it in the local cache)
 
 
+def resolve_pretrained(pretrain_dir, model: str) -> tuple[str, dict]:
+    """train's base after the pretrain stage: (train.model where models/pretrain is a pass-through, else the
+    pretrained model directory; its pretrain.json). A pretrained model must come from the same train.model."""
+    pretrain_dir = Path(pretrain_dir)
+    path = pretrain_dir / "pretrain.json"
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: not found; run the pretrain stage first (dvc repro pretrain)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PipelineError(f"{path}: unreadable ({exc}); run the pretrain stage again (dvc repro pretrain)") from None
+    if not isinstance(info, dict) or not isinstance(info.get("passthrough"), bool):
+        raise PipelineError(f"{path}: not written by the pretrain stage; run it again (dvc repro pretrain)")
+    if info["passthrough"]:
+        return model, info
+    if info.get("base_model") != model:
+        raise PipelineError(f"{pretrain_dir} was pretrained from {info.get('base_model')!r}, but train.model is "
+                            f"{model!r}; run the pretrain stage again (dvc repro pretrain)")
+    if not (pretrain_dir / "config.json").is_file():
+        raise PipelineError(f"{pretrain_dir}: pretrain.json but no config.json; run the pretrain stage again")
+    return str(pretrain_dir), info
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
 
@@ -109,7 +134,7 @@ def materialize(spec: str, cache_dir: Path = BASE_CACHE) -> str:
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    tmp = target.with_name(target.name + ".tmp")
+    tmp = new_staging_dir(target)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "gguf_source.json").write_text(json.dumps(stamp))
@@ -182,8 +207,9 @@ def load_trained_tokenizer(model_dir: Path):
 
 
 def inference_backend(cfg: dict) -> str:
-    """unsloth's inference for a model trained with unsloth where it works (never required), else hf."""
-    return generation.pick_backend("auto" if cfg.get("backend") == "unsloth" else "hf")
+    """Always hf: generation runs on plain transformers (on CUDA generation.slot_greedy in bf16, faster than
+    unsloth's inference path: benchmarks/generation_gpu.py), whatever the model was trained with."""
+    return "hf"
 
 
 @dataclasses.dataclass
@@ -209,7 +235,7 @@ def load_trained(model_dir: Path, *, model: bool = True, backend: str | None = N
     """Everything a trained model directory holds, read back from there only (never from params.yaml).
 
     model=False: config, prompt and tokenizer only (cheap checks first). backend None = inference_backend.
-    device/dtype default to generation.device_and_dtype(); merge folds a LoRA adapter into its base on CPU."""
+    device/dtype default to generation.device_and_dtype(); merge folds a LoRA adapter into its base."""
     model_dir = Path(model_dir)
     cfg = read_training_config(model_dir)
     if backend is None:
@@ -254,8 +280,8 @@ def load_trained_model(trained: Trained, device=None, dtype=None, merge: bool = 
         model = PeftModel.from_pretrained(base, str(model_dir))
     except Exception as exc:
         raise PipelineError(f"{model_dir}: could not load the adapter onto {cfg['model']}: {exc}") from None
-    if merge and device == "cpu":  # fp32: merging is exact enough, and saves the LoRA side products (~10% on CPU);
-        try:  # disable_adapter() would unmerge again
+    if merge:  # saves the LoRA side products (~10% on CPU, more kernel launches on GPU); in fp32 merging is exact
+        try:  # enough, in bf16 it rounds like any bf16 weight; disable_adapter() would unmerge again
             model.merge_adapter()
         except Exception as exc:  # an adapter type peft cannot merge: generate unmerged
             log.warning("could not merge the adapter (%s); generating unmerged", exc)
@@ -282,3 +308,192 @@ def load_base(cfg: dict, tokenizer, backend: str):
     if len(tokenizer) > base.get_input_embeddings().num_embeddings:
         base.resize_token_embeddings(len(tokenizer))
     return base.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading a base model for training (the train stage), one function per backend
+
+LORA_LAYERS = ("Linear", "Embedding", "Conv1d", "Conv2d", "Conv1D")  # module classes peft's LoRA wraps
+
+
+def model_modules(spec: str) -> dict[str, str]:
+    """{module name: class name} of train.model, built from its config alone on the meta device (no weights are
+    read: instant). A GGUF is dequantised first (models.materialize, cached), as loading it would."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    location = materialize(spec)
+    try:
+        config = AutoConfig.from_pretrained(location)
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"train.model: cannot read the config of {spec} ({exc})") from None
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as exc:  # an architecture that cannot be built this way: loading will tell, peft will check
+        log.warning("could not list the modules of %s from its config (%s); train.target_modules not checked", spec, exc)
+        return {}
+    return {name: type(module).__name__ for name, module in model.named_modules() if name}
+
+
+def check_target_modules(cfg: dict, modules: dict[str, str]) -> None:
+    """Each train.target_modules name must match a layer LoRA can wrap, as peft matches a list: the module's full
+    name or its last dotted parts (q_proj, self_attn.q_proj). peft itself fails only when none matches, and
+    trains the others silently otherwise."""
+    if cfg["method"] == "full" or not modules:
+        return
+    wrappable = [name for name, kind in modules.items() if kind in LORA_LAYERS]
+    unknown = [key for key in cfg["target_modules"] if not any(n == key or n.endswith("." + key) for n in wrappable)]
+    if unknown:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, kind in modules.items() if kind == "Linear"})
+        raise PipelineError(
+            f"train.target_modules: {', '.join(map(repr, unknown))} match(es) no layer of {cfg['model']}; its linear "
+            f"modules are: {', '.join(linear)}"
+        )
+
+
+def resolve_dtype(cfg: dict, backend: str):
+    import torch
+
+    if not torch.cuda.is_available():
+        if cfg["dtype"] == "bf16":  # CPU autocast; fast only where the CPU has bf16 instructions (AVX512-BF16, AMX)
+            return torch.bfloat16
+        if cfg["dtype"] == "fp16":
+            log.warning("train.dtype fp16 ignored on CPU: training in fp32")
+        return torch.float32
+    if cfg["dtype"] == "auto":
+        if backend == "unsloth":
+            from unsloth import is_bfloat16_supported
+
+            bf16 = is_bfloat16_supported()
+        else:
+            bf16 = torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg["dtype"]]
+
+
+def lora_kwargs(cfg: dict) -> dict:
+    return dict(
+        r=cfg["lora_r"],
+        lora_alpha=cfg["lora_alpha"],
+        lora_dropout=cfg["lora_dropout"],
+        target_modules=list(cfg["target_modules"]),
+        bias=cfg["lora_bias"],
+        use_rslora=cfg["use_rslora"],
+    )
+
+
+def training_texts(rows: list[dict]) -> list[str]:
+    """Every message of the training rows, each distinct text once (the system prompt is in every row)."""
+    return list(dict.fromkeys(m["content"] for row in rows for m in row["messages"] if isinstance(m, dict)
+                              and isinstance(m.get("content"), str)))
+
+
+def load_for_training(cfg: dict, backend: str, dtype, on_gpu: bool, train_rows: list[dict]):
+    """(model ready to train (vocabulary extended from the train rows if so set, LoRA wrapped unless method
+    full), tokenizer, what loading decided)."""
+    texts = training_texts(train_rows)  # the train split only: never a character seen only in valid or test
+    if backend == "unsloth":
+        return load_unsloth(cfg, dtype, texts)
+    return load_hf(cfg, dtype, on_gpu, texts)
+
+
+def load_unsloth(cfg: dict, dtype, texts: list[str]):
+    """unsloth's FastLanguageModel: fused kernels, "unsloth" gradient checkpointing, 4-bit via bitsandbytes;
+    the vocabulary extended from `texts` (train.extend_vocab) before LoRA wraps the model."""
+    from unsloth import FastLanguageModel
+
+    gc = cfg["gradient_checkpointing"]
+    gc = "unsloth" if gc in ("auto", "unsloth") else bool(gc)
+    extra = {}
+    if world()[2] > 1:  # DDP: each process loads its copy onto its own GPU
+        extra["device_map"] = {"": world()[1]}
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=materialize(cfg["model"]),
+        max_seq_length=cfg["max_seq_length"],
+        dtype=dtype,
+        load_in_4bit=cfg["load_in_4bit"],
+        full_finetuning=cfg["method"] == "full",
+        use_gradient_checkpointing=gc,
+        random_state=cfg["seed"],
+        **extra,
+    )
+    if cfg["chat_template"]:
+        from unsloth.chat_templates import get_chat_template
+
+        tokenizer = get_chat_template(tokenizer, chat_template=cfg["chat_template"])
+    elif not tokenizer.chat_template:
+        apply_chat_template_override(tokenizer, None)  # raises: no template and none named
+    if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
+        fix_special_tokens(tokenizer)
+    new_ids, vocab_stats = extend_vocabulary(cfg, model, tokenizer, texts, "unsloth")
+    if cfg["method"] != "full":
+        model = FastLanguageModel.get_peft_model(
+            model, **lora_kwargs(cfg), use_gradient_checkpointing=gc, random_state=cfg["seed"],
+            max_seq_length=cfg["max_seq_length"], **vocab.lora_vocab_kwargs(model, new_ids, cfg["method"], "unsloth"),
+        )
+    return model, tokenizer, {"gradient_checkpointing": gc, "added_tokens": [], "vocab": vocab_stats}
+
+
+def load_hf(cfg: dict, dtype, on_gpu: bool, texts: list[str]):
+    """transformers + peft: the CPU path, and the GPU baseline of benchmarks/train_backends.py; the vocabulary
+    extended from `texts` (train.extend_vocab) before LoRA wraps the model."""
+    import torch
+
+    tokenizer = load_tokenizer(cfg["model"])  # the model's own template, eos = end of turn, a pad token
+    vocab_before = len(tokenizer)
+    if cfg["chat_template"]:
+        apply_chat_template_override(tokenizer, cfg["chat_template"])
+    added = sorted(i for i in tokenizer.get_vocab().values() if i >= vocab_before)
+    gc = cfg["gradient_checkpointing"]
+    gc = False if gc == "auto" else bool(gc)  # "unsloth" means plain checkpointing here
+    if cfg["load_in_4bit"]:
+        if not on_gpu:
+            raise PipelineError("train.load_in_4bit / method qlora needs a CUDA GPU (bitsandbytes); use method lora on CPU")
+        from peft import prepare_model_for_kbit_training
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            materialize(cfg["model"]), quantization_config=quant, dtype=dtype,
+            device_map={"": world()[1]},
+        )
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc)
+    else:
+        # full fine-tuning keeps fp32 master weights (bf16/fp16 autocast); LoRA freezes a half-precision base
+        load_dtype = torch.float32 if cfg["method"] == "full" else dtype
+        model = load_model(cfg["model"], dtype=load_dtype, device="cuda" if on_gpu else "cpu")
+    if added:
+        log.info("chat template %s added %d token(s): resizing the embeddings", cfg["chat_template"], len(added))
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    new_ids, vocab_stats = extend_vocabulary(cfg, model, tokenizer, texts, "hf")
+    if cfg["method"] != "full":
+        from peft import LoraConfig, get_peft_model
+        from transformers import set_seed
+
+        set_seed(cfg["seed"])  # LoRA's A matrices start random: seed them, or two runs differ from step 1
+
+        # new rows (template tokens, whole characters) start untrained: LoRA trains exactly those rows too
+        extra = vocab.lora_vocab_kwargs(model, added + new_ids, cfg["method"])
+        peft_config = LoraConfig(task_type="CAUSAL_LM", **lora_kwargs(cfg), **extra)
+        model = get_peft_model(model, peft_config)
+    return model, tokenizer, {"gradient_checkpointing": gc, "added_tokens": added + new_ids, "vocab": vocab_stats}
+
+
+def extend_vocabulary(cfg: dict, model, tokenizer, texts: list[str], backend: str) -> tuple[list[int], dict]:
+    """train.extend_vocab: the training texts' frequent CJK characters become whole tokens (wenyan/vocab.py),
+    each new embedding row the mean of its byte pieces; (new ids, stats for training_config and the summary).
+    The extended tokenizer is saved with the model, so evaluate, translate and export load exactly it."""
+    new_tokens, stats = vocab.decide(cfg["extend_vocab"], tokenizer, texts)
+    if not new_tokens:
+        return [], stats
+    if backend == "unsloth" and cfg["method"] != "full":  # unsloth's add_new_tokens flags embed/lm_head to train
+        return vocab.extend_unsloth(model, tokenizer, new_tokens), stats
+    pieces = vocab.piece_ids(tokenizer, new_tokens)  # the base vocabulary's byte pieces, before adding
+    vocab.extend_tokenizer(tokenizer, new_tokens)
+    return vocab.extend_embeddings(model, tokenizer, new_tokens, pieces), stats
+

@@ -55,8 +55,6 @@ def load_sections(dvc_stage: str, sections: list[str], params_file: str | os.Pat
         except Exception as exc:  # dvc raises many types; the message is what matters
             raise PipelineError(f"could not read the parameters of stage '{dvc_stage}': {exc}") from exc
     else:
-        import yaml
-
         path = Path(params_file)
         if path.exists() and not path.is_file():  # a directory; a FIFO would block
             raise PipelineError(f"{path}: not a regular file; --params takes a params.yaml file")
@@ -235,3 +233,27 @@ def check_entry(entry: dict, defaults: dict, where: str) -> dict:
         raise PipelineError(f"params.yaml '{where}:' must be a mapping, got {type(entry).__name__}")
     schema = {key: Param((type(value),), null=True) for key, value in defaults.items()}
     return check_params({**defaults, **entry}, schema, where)
+
+
+def set_key(params: dict, dotted: str, value: str) -> None:
+    """Apply one `-S a.b.0.c=value` override; the value is parsed as YAML (numbers, lists, null). An index one past
+    the end of a list adds an entry (`pretrain.sources.2.path=x` on a two-source list: a third source)."""
+    import yaml
+
+    *parents, last = dotted.split(".")
+    node = params
+    for key in parents:
+        if isinstance(node, list):
+            if int(key) == len(node):
+                node.append({})
+            node = node[int(key)]
+        else:
+            node = node.setdefault(key, {})
+    parsed = yaml.safe_load(value)
+    if isinstance(node, list):
+        if int(last) == len(node):
+            node.append(parsed)
+        else:
+            node[int(last)] = parsed
+    else:
+        node[last] = parsed

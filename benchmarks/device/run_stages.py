@@ -1,8 +1,13 @@
 """Run pipeline stages exactly as dvc.yaml declares them, with `-S key=value` overrides, where DVC
 itself cannot run (a GPU machine holding a copy of the working tree but no git history).
 
-    python benchmarks/run_stages.py -S train.backend=unsloth -S ingest.sources.0.path=/data/cm.tar.xz \
+    python benchmarks/device/run_stages.py -S train.backend=unsloth -S ingest.sources.0.path=/data/cm.tar.xz \
         ingest clean split format base train evaluate_base evaluate
+    python benchmarks/device/run_stages.py -S pretrain.enabled=true -S pretrain.sources.0.path=/data/mono-a.tar.xz \
+        -S pretrain.sources.1.path=/data/mono-b.tar.xz pretrain train       (after base; `pretrain` as in dvc.yaml)
+
+An index one past the end of a list adds an entry (`-S pretrain.sources.2.path=x`: a third source, with the
+stage's defaults for its other keys).
 
 Writes the resolved parameters to params.run.yaml (beside params.yaml, or --params-out) and passes
 `--params params.run.yaml` to each stage's command, so the run is what `dvc exp run -S ...` would run.
@@ -19,20 +24,7 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def set_key(params: dict, dotted: str, value: str) -> None:
-    """Apply one `-S a.b.0.c=value` override; the value is parsed as YAML (numbers, lists, null)."""
-    *parents, last = dotted.split(".")
-    node = params
-    for key in parents:
-        node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
-    parsed = yaml.safe_load(value)
-    if isinstance(node, list):
-        node[int(last)] = parsed
-    else:
-        node[last] = parsed
+from wenyan.params import set_key
 
 
 def main(argv=None) -> None:

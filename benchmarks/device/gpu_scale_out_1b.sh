@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Issue 16 on a lent multi-GPU machine (after benchmarks/device_setup.sh): a Llama-3.2-1B-shaped model (random
+# Issue 16 on a lent multi-GPU machine (after benchmarks/device/device_setup.sh): a Llama-3.2-1B-shaped model (random
 # weights, config in benchmarks/train_ddp.py), LoRA and full fine-tuning, 1 GPU vs N GPUs at the same global
 # batch, steps and seed; then the same with FSDP. Writes $OUT/train_ddp_1b{,_fsdp}.{json,md}
-# (copy them to reports/benchmarks/). Usage there: OUT=<dir> GPUS=1,2 bash benchmarks/gpu_scale_out_1b.sh
+# (copy them to reports/benchmarks/). Usage there: OUT=<dir> GPUS=1,2 bash benchmarks/device/gpu_scale_out_1b.sh
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 start=$(date +%s)
-python3 benchmarks/run_stages.py -S ingest.sources.0.path=/tmp/payload/classical-modern.tar.xz \
+python3 benchmarks/device/run_stages.py -S ingest.sources.0.path=/tmp/payload/classical-modern.tar.xz \
   -S "format.system_prompt=${SYSTEM_PROMPT:-你是翻译家。}" ingest clean split format || exit 1
 common=(--train data/format/train.jsonl --valid data/format/valid.jsonl --llama-1b --methods lora,full
   --gpus "${GPUS:-1,2}" --warmup-steps 10 -S backend=hf -S batch_tokens="${BATCH_TOKENS:-32768}"

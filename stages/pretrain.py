@@ -1,0 +1,809 @@
+"""Pretrain: continued causal-LM pretraining of the base model on monolingual classical Chinese (issue 20).
+
+    python -m stages.pretrain --base models/base --split-dir data/split --out models/pretrain \
+        --reports reports/pretrain          (what `dvc repro pretrain` runs; tests add --params FILE)
+
+Between `base` and `train`: the model meets classical Chinese as plain text before it learns to translate,
+the way classical-Chinese models are pretrained. `train` takes models/pretrain as its base.
+
+Inputs:  models/base (base.json: where train.model resolved to), data/split/{train,valid,test}.parquet, and
+         the sources of params.yaml `pretrain.sources`, each a `path` in one of three formats:
+           niutrans  the NiuTrans `古文原文` layout, a directory or a streamed .tar/.tar.gz/.tar.xz/.zip:
+                       [<top>/][古文原文/]<book>/<part>/.../<chapter>/text.txt   one paragraph a line;
+                     one chapter is one document (books: [] = all, or a list of book names)
+           text      a plain text file, or a directory/archive of *.txt files: documents separated by blank lines
+           jsonl     one JSON object a line, the document in its `field` (default "text")
+         The archive reader is ingest's (wenyan/archives.py) (the same rules: streamed, links read only inside the archive or
+         directory, a FIFO/device/dangling link/oversized file never opened and counted by reason in the
+         report; a cut or damaged archive is one `error:` line; a file that is not valid in its `encoding`
+         is one `error:` line naming the file and line, as in ingest).
+Outputs: models/pretrain      the pretrained model (all weights) + tokenizer (extended by pretrain.extend_vocab)
+                              + pretrain.json; or, when the stage is a pass-through, pretrain.json alone
+         reports/pretrain     metrics.json (tokens, tokens/s, final loss, wall time), data.json (texts read,
+                              skipped by reason, removed for valid/test overlap, characters, tokens, sequences),
+                              summary.json (everything about the run), plots/metrics (dvclive loss curves)
+
+Text: HTML tags in the corpus (<strong>, <br/>, <span ...>: ~28k in classical-mono-a) are removed (<br/> is
+a line break), then every line is normalised exactly as the clean stage normalises a pair (wenyan/text.py:
+NFC, control characters, whitespace, full-width punctuation, OpenCC with clean.opencc). pretrain.include_train_split
+adds the train split's sources and targets (one document a chapter and side).
+
+Never a valid or test sentence: every line is cut into sentences (after 。！？； and closing quotes); a sentence
+whose letters and digits (split's leakage key: punctuation and spaces dropped) equal those of a valid/test
+sentence or line, on either side, is removed, and counted (data.json: removed_for_overlap). Text that is
+only valid/test text leaves nothing, which is an error, as is no text at all.
+
+Packing: each document is tokenized alone (no special tokens), documents are joined with the tokenizer's
+EOS token (eos = the chat template's end-of-turn token, as modeling sets it; the SFT stop token) into one
+stream, cut into sequences of exactly pretrain.max_seq_length tokens; the tail shorter than that is dropped
+(counted), so there is no padding. Attention runs across document boundaries inside a sequence, as in
+ordinary LM pretraining. pretrain.max_tokens > 0 keeps a seeded random choice of that many tokens' sequences.
+
+Training: all weights (full causal-LM loss on every token, no chat template), through train's own loaders
+(models.load_unsloth with full_finetuning on GPU, models.load_hf on CPU; pretrain.backend as train.backend),
+the vocabulary extended there first (pretrain.extend_vocab, the semantics of train.extend_vocab; characters
+counted from the pretraining text + the train split, never valid/test), so train's own extend_vocab finds
+~1 token a character and adds nothing. One optimizer step sees pretrain.batch_tokens tokens
+(batch_tokens / max_seq_length sequences, split into gradient_accumulation_steps micro-batches). No
+checkpoints: a killed run starts again; the loss curve is written as training goes (dvclive, in
+reports/.pretrain.tmp until the end).
+
+Pass-through: pretrain.enabled false, or pretrain.max_steps 0 with pretrain.epochs 0 (zero tokens), writes
+models/pretrain/pretrain.json {"passthrough": true} and small reports in well under a second, reads no
+source and loads no model; train then starts from models/base (train.model) as it would without this stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+
+from wenyan import archives, generation, models, sft, text, vocab
+from wenyan.errors import PipelineError, get_logger, run_main
+from wenyan.files import check_output_path, new_staging_dir, read_pairs, replace_dir, write_json
+from wenyan.params import Bool, Float, Int, ListOf, OneOf, Param, Str, check_entry, check_params, load_sections
+
+log = get_logger("pretrain")
+
+BACKENDS = ("auto", "unsloth", "hf")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+SCHEMA = {  # values and their comments: params.yaml's pretrain: section
+    "enabled": Bool(),
+    "sources": ListOf(dict),  # entries: SOURCE_DEFAULTS
+    "include_train_split": Bool(),
+    "max_seq_length": Int(above=1),
+    "max_tokens": Int(min=0),  # 0 = every packed sequence
+    "max_steps": Int(min=0),  # > 0 wins over epochs
+    "epochs": Float(min=0),  # max_steps 0 and epochs 0 = zero tokens = pass-through
+    "batch_tokens": Int(above=0),  # tokens an optimizer step; a multiple of max_seq_length x gradient_accumulation_steps
+    "gradient_accumulation_steps": Int(above=0),
+    "learning_rate": Float(above=0, max=1),
+    "warmup_steps": Int(min=0),
+    "lr_scheduler": Str(),  # a transformers SchedulerType: sft.check_trainer_names
+    "weight_decay": Float(min=0),
+    "optim": Str(),  # auto (adamw_torch_fused on GPU, adamw_torch on CPU) or a transformers OptimizerNames
+    "seed": Int(min=0, max=2**32 - 1),
+    "logging_steps": Int(above=0),
+    "backend": Str(*BACKENDS),
+    "dtype": Str(*DTYPES),
+    "gradient_checkpointing": OneOf("auto", "unsloth", True, False),
+    "extend_vocab": Param((str, int)),  # auto | none | a minimum count: vocab.parse_setting
+}
+SOURCE_DEFAULTS = {"path": "", "format": "niutrans", "books": [], "encoding": "utf-8", "field": "text"}
+FORMATS = ("niutrans", "text", "jsonl")
+MONO_DIR = "古文原文"  # the NiuTrans monolingual top folder: 古文原文/<book>/.../<chapter>/text.txt
+CHAPTER_FILE = "text.txt"
+MAX_LISTED_SKIPS = 200  # skipped files listed in data.json; the counts are always complete
+NORMALISE_CHARS = 1 << 20  # lines are normalised in blocks of ~1M characters (one regex/OpenCC pass a block)
+
+_TAG = re.compile(r"</?[A-Za-z][^<>\n]{0,300}>")
+_BR = re.compile(r"<br\s*/?>", re.IGNORECASE)
+# a sentence ends after a run of 。！？； (and ! ? ;) and the closing quotes/brackets right after it
+_SENTENCE = re.compile(r"[^。！？；!?;]*[。！？；!?;]+[”’」』）)》]*|[^。！？；!?;]+$")
+_NOT_WORD = re.compile(r"[^\w\n]|_")  # split's leakage key: punctuation, symbols, spaces dropped
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters
+
+
+def resolve_config(section: dict) -> dict:
+    """Validate pretrain: params before anything is read; sources are checked only when the stage runs."""
+    cfg = check_params(section, SCHEMA, "pretrain")
+    try:
+        vocab.parse_setting(cfg["extend_vocab"])
+    except PipelineError as exc:
+        raise PipelineError(str(exc).replace("train.extend_vocab", "pretrain.extend_vocab")) from None
+    if cfg["optim"] != "auto" and not cfg["optim"].strip():
+        raise PipelineError("pretrain.optim must be auto or a transformers optimizer name")
+    return cfg
+
+
+def is_passthrough(cfg: dict) -> str | None:
+    """Why the stage does nothing (enabled false, or a zero budget), or None when it trains."""
+    if not cfg["enabled"]:
+        return "pretrain.enabled is false"
+    if cfg["max_steps"] == 0 and cfg["epochs"] == 0:
+        return "pretrain.max_steps and pretrain.epochs are 0 (zero tokens)"
+    return None
+
+
+def check_sources(cfg: dict) -> list[dict]:
+    if not cfg["sources"]:
+        raise PipelineError("params.yaml 'pretrain.sources' is empty; list at least one {path, format} "
+                            "(or set pretrain.enabled: false)")
+    sources = []
+    for i, entry in enumerate(cfg["sources"]):
+        src = check_entry(entry, SOURCE_DEFAULTS, f"pretrain.sources[{i}]")
+        where = f"pretrain.sources[{i}]"
+        if not src["path"]:
+            raise PipelineError(f"params.yaml '{where}' has no path")
+        if src["format"] not in FORMATS:
+            raise PipelineError(f"params.yaml '{where}.format' should be one of {', '.join(FORMATS)}, got {src['format']!r}")
+        archives.check_encoding(src["encoding"], where, src["path"])
+        if not isinstance(src["books"], list) or not all(isinstance(b, str) for b in src["books"]):
+            raise PipelineError(f"params.yaml '{where}.books' should be a list of book names")
+        if src["books"] and src["format"] != "niutrans":
+            raise PipelineError(f"params.yaml '{where}.books' filters books of the niutrans layout only")
+        if not isinstance(src["field"], str) or not src["field"]:
+            raise PipelineError(f"params.yaml '{where}.field' should be the JSON key holding the text")
+        if not os.path.lexists(src["path"]):
+            raise PipelineError(f"{src['path']}: not found (params.yaml {where}.path)")
+        sources.append(src)
+    return sources
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading: [(name, lines)] documents, and what was skipped
+
+
+class Stats:
+    """What reading found, per source: files read, skipped by reason, documents, lines."""
+
+    def __init__(self):
+        self.files_read = 0
+        self.files_skipped = 0
+        self.skipped_by_reason = collections.Counter()
+        self.skipped_files: list[dict] = []
+        self.files_ignored = 0  # other files of the layout (数据来源.txt, README): not text to read
+        self.documents = 0
+        self.lines = 0
+        self.html_tags_removed = 0
+
+    def skip(self, file: str, reason: str) -> None:
+        self.files_skipped += 1
+        self.skipped_by_reason[reason.split(":")[0]] += 1
+        if len(self.skipped_files) < MAX_LISTED_SKIPS:
+            self.skipped_files.append({"file": file, "reason": reason})
+        # an empty chapter is common in the corpus (本草纲目 has dozens): counted, listed, not one warning each
+        (log.debug if reason == "empty file" else log.warning)("skipped %s: %s", file, reason)
+
+    def report(self) -> dict:
+        return {"files_read": self.files_read, "files_skipped": self.files_skipped,
+                "skipped_by_reason": dict(self.skipped_by_reason), "skipped_files": self.skipped_files,
+                "files_ignored": self.files_ignored, "documents": self.documents, "lines": self.lines,
+                "html_tags_removed": self.html_tags_removed}
+
+
+def strip_tags(lines: list[str], stats: Stats) -> list[str]:
+    """<br/> -> a line break, other HTML tags removed (counted)."""
+    out = []
+    for line in lines:
+        if "<" in line:
+            line, n_br = _BR.subn("\n", line)
+            line, n_tag = _TAG.subn("", line)
+            stats.html_tags_removed += n_br + n_tag
+            out.extend(line.split("\n"))
+        else:
+            out.append(line)
+    return out
+
+
+def decode(data: bytes, where: str, encoding: str) -> str:
+    """archives.decode (BOM, CRLF; a bad byte is an error naming the file and line), its hint naming pretrain.sources."""
+    try:
+        return archives.decode(data, where, encoding)
+    except PipelineError as exc:
+        raise PipelineError(str(exc).replace("ingest.sources", "pretrain.sources")) from None
+
+
+def text_lines(data: bytes, where: str, encoding: str, stats: Stats) -> list[str]:
+    return strip_tags(archives.split_lines(decode(data, where, encoding)), stats)
+
+
+def blocks(lines: list[str]) -> list[list[str]]:
+    """Documents of a plain text file: runs of lines separated by blank lines."""
+    docs, current = [], []
+    for line in lines:
+        if line.strip():
+            current.append(line)
+        elif current:
+            docs.append(current)
+            current = []
+    if current:
+        docs.append(current)
+    return docs
+
+
+def read_tree(path: Path, fmt: str, encoding: str, books: list[str], stats: Stats):
+    """Documents [(name, lines)] of a directory or archive: niutrans text.txt chapters, or every *.txt (text)."""
+    wanted, found = set(books), set()
+    unreadable: dict[str, str] = {}
+    is_dir = path.is_dir()
+
+    def where(rel: str) -> str:
+        return f"{path}/{rel}" if is_dir else f"{path}:{rel}"
+
+    def book_parts(rel: str) -> list[str] | None:
+        """[book, ..., chapter, file] below 古文原文/, or below the top folder (a directory of books, an
+        archive holding one folder of books); None for a file at the top."""
+        parts = rel.split("/")
+        if MONO_DIR in parts[:-1]:
+            return parts[parts.index(MONO_DIR) + 1 :]
+        if not is_dir and len(parts) > 3:  # mono.tar.xz holding mono/<book>/<chapter>/text.txt
+            return parts[1:]
+        return parts if len(parts) > 1 else None
+
+    def relevant(rel: str) -> bool:  # which link targets a streamed tar reads in its second pass
+        if fmt == "text":
+            return rel.lower().endswith(".txt")
+        parts = book_parts(rel)
+        return bool(parts) and len(parts) >= 2 and parts[-1] == CHAPTER_FILE and (not wanted or parts[0] in wanted)
+
+    docs = []
+    files = archives.iter_files(path, relevant)
+    try:
+        for rel, load, problem in files:
+            if fmt == "text":
+                if not rel.lower().endswith(".txt") and not problem:
+                    stats.files_ignored += 1
+                    continue
+                if problem:
+                    stats.skip(where(rel), problem)
+                    continue
+                lines = text_lines(load(), where(rel), encoding, stats)
+                stats.files_read += 1
+                parts = blocks(lines)
+                if not parts:
+                    stats.skip(where(rel), "empty file")
+                docs.extend((f"{rel}#{i + 1}", block) for i, block in enumerate(parts))
+                continue
+            parts = book_parts(rel)
+            if parts is None or len(parts) < 2 or parts[-1] != CHAPTER_FILE:
+                if problem and (parts is None or not wanted or parts[0] in wanted):  # a linked book directory, ...
+                    if parts:
+                        unreadable.setdefault(parts[0], problem)
+                    stats.skip(where(rel), problem)
+                elif not problem:
+                    stats.files_ignored += 1
+                continue
+            book = parts[0]
+            if wanted and book not in wanted:
+                continue
+            if problem:
+                unreadable.setdefault(book, problem)
+                stats.skip(where(rel), problem)
+                continue
+            found.add(book)
+            lines = [line for line in text_lines(load(), where(rel), encoding, stats) if line.strip()]
+            stats.files_read += 1
+            if not lines:
+                stats.skip(where(rel), "empty file")
+                continue
+            docs.append(("/".join(parts[:-1]), lines))
+    except PipelineError:
+        if not is_dir:  # bad text in an archive may be a damaged download: let the archive check itself first
+            for _ in files:
+                pass
+        raise
+    if fmt == "niutrans" and not found and not unreadable:
+        raise PipelineError(f"{path}: no {CHAPTER_FILE} found; expected the NiuTrans monolingual layout "
+                            f"[<top>/][{MONO_DIR}/]<book>/.../<chapter>/{CHAPTER_FILE}")
+    missing = sorted(wanted - found)
+    if missing:
+        why = "; ".join(f"{b} was skipped ({unreadable[b]})" for b in missing if b in unreadable)
+        raise PipelineError(f"{path}: book(s) {', '.join(missing)} not found (pretrain.sources books filter)"
+                            + (f"; {why}" if why else ""))
+    docs.sort(key=lambda d: d[0].split("/"))
+    return docs
+
+
+def read_single_file(path: Path, fmt: str, encoding: str, field: str, stats: Stats):
+    """Documents of a plain text file (blank-line separated) or a JSONL file (`field` of each object)."""
+    if not path.is_file():
+        raise PipelineError(f"{path}: a {fmt} source must be a regular file, a directory or an archive "
+                            f"(it is a {archives.mode_name(path.stat().st_mode)})")
+    if archives.size_problem(path.stat().st_size):
+        raise PipelineError(f"{path}: {archives.size_problem(path.stat().st_size)}; split it into several sources")
+    data = archives.read_regular(os.path.realpath(path))
+    stats.files_read += 1
+    if fmt == "text":
+        docs = [(f"{path.name}#{i + 1}", b) for i, b in enumerate(blocks(text_lines(data, str(path), encoding, stats)))]
+    else:
+        docs = []
+        for lineno, line in enumerate(decode(data, str(path), encoding).split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise PipelineError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict) or field not in obj:
+                what = f"keys {', '.join(obj)}" if isinstance(obj, dict) else type(obj).__name__
+                raise PipelineError(f"{path}:{lineno}: expected a JSON object with a '{field}' field (got {what}); "
+                                    f"set pretrain.sources field: to the key holding the text")
+            value = obj[field]
+            if not isinstance(value, str):
+                raise PipelineError(f"{path}:{lineno}: '{field}' should be a string, got {type(value).__name__}")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise PipelineError(f"{path}:{lineno}: '{field}' holds a lone surrogate escape, which is not text") from None
+            lines = [s for s in strip_tags(value.replace("\r\n", "\n").split("\n"), stats) if s.strip()]
+            if lines:
+                docs.append((f"{path.name}:{lineno}", lines))
+    if not docs:
+        stats.skip(str(path), "empty file")
+    return docs
+
+
+def read_source(src: dict, stats: Stats):
+    path = Path(src["path"])
+    if path.is_dir() or (src["format"] != "jsonl" and path.is_file()
+                         and archives.archive_kind(path) is not None):
+        if src["format"] == "jsonl":
+            raise PipelineError(f"{path}: a jsonl source is one file, not a directory")
+        return read_tree(path, src["format"], src["encoding"], src["books"], stats)
+    if src["format"] == "niutrans":
+        list(archives.iter_files(path))  # raises the reader's own error: not a directory or an archive
+    return read_single_file(path, src["format"], src["encoding"], src["field"], stats)
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalisation and the valid/test overlap
+
+
+def normalise_documents(docs: list[tuple[str, list[str]]], converter, counts: dict) -> list[tuple[str, list[str]]]:
+    """Every document's lines through text.normalise_lines (clean's steps 1-5), in blocks of ~1M characters;
+    lines left empty are dropped, documents left empty too."""
+    out, pending, size = [], [], 0
+
+    def flush():
+        nonlocal pending, size
+        flat = [line for _, lines in pending for line in lines]
+        normal = iter(text.normalise_lines(flat, converter, counts))
+        for name, lines in pending:
+            kept = [s for s in (next(normal) for _ in lines) if s.strip()]
+            if kept:
+                out.append((name, kept))
+        pending, size = [], 0
+
+    for doc in docs:
+        pending.append(doc)
+        size += sum(len(s) for s in doc[1])
+        if size >= NORMALISE_CHARS:
+            flush()
+    flush()
+    return out
+
+
+def sentences(line: str) -> list[str]:
+    return _SENTENCE.findall(line)
+
+
+def leakage_key(text_: str) -> str:
+    return _NOT_WORD.sub("", text_)
+
+
+def held_out_keys(frames) -> set[str]:
+    """Keys of every valid/test line and sentence, both sides."""
+    keys = set()
+    for df in frames:
+        for column in ("source", "target"):
+            for line in df[column].tolist():
+                keys.add(leakage_key(line))
+                keys.update(leakage_key(s) for s in sentences(line))
+    keys.discard("")
+    return keys
+
+
+def remove_overlap(docs, keys: set[str], counts: collections.Counter):
+    """Cut out every sentence whose key is a valid/test key; lines and documents left empty are dropped."""
+    out = []
+    for name, lines in docs:
+        kept_lines = []
+        for line in lines:
+            parts = sentences(line)
+            keep = [s for s in parts if leakage_key(s) not in keys or not leakage_key(s)]
+            counts["sentences"] += len(parts)
+            if len(keep) != len(parts):
+                counts["sentences_removed"] += len(parts) - len(keep)
+                counts["characters_removed"] += sum(map(len, parts)) - sum(map(len, keep))
+                line = "".join(keep)
+                if not line.strip():
+                    counts["lines_removed"] += 1
+                    continue
+            kept_lines.append(line)
+        if kept_lines:
+            out.append((name, kept_lines))
+        else:
+            counts["documents_removed"] += 1
+    return out
+
+
+def train_split_documents(train_df) -> list[tuple[str, list[str]]]:
+    """The train split's sources and targets: one document a chapter and side, in file order."""
+    docs = []
+    chapters = (train_df["corpus"] + "/" + train_df["book"] + "/" + train_df["chapter"]).tolist()
+    groups: dict[str, list[int]] = {}
+    for i, chapter in enumerate(chapters):
+        groups.setdefault(chapter, []).append(i)
+    sources, targets = train_df["source"].tolist(), train_df["target"].tolist()
+    for chapter, rows in groups.items():
+        for side, column in (("source", sources), ("target", targets)):
+            lines = [column[i] for i in rows if column[i].strip()]
+            if lines:
+                docs.append((f"train:{chapter}:{side}", lines))
+    return docs
+
+
+# ----------------------------------------------------------------------------------------------
+# Packing
+
+
+def pack(token_lists, eos_id: int, length: int):
+    """Documents' token ids joined with eos_id (after every document) and cut into rows of exactly `length`
+    tokens: (int32 array [rows, length], tokens in the stream, tail tokens dropped)."""
+    import numpy as np
+
+    total = sum(len(ids) + 1 for ids in token_lists)
+    stream = np.empty(total, dtype=np.int32)
+    at = 0
+    for ids in token_lists:
+        stream[at : at + len(ids)] = ids
+        stream[at + len(ids)] = eos_id
+        at += len(ids) + 1
+    rows = total // length
+    return stream[: rows * length].reshape(rows, length), total, total - rows * length
+
+
+def tokenize_documents(tokenizer, docs, batch: int = 256) -> list:
+    """Each document (its lines joined with newlines) tokenized alone, without special tokens, as an int32
+    array (51M tokens as Python ints would take ~2 GB); text that looks like a special token (<|im_end|>) is
+    split as text, never read as the token."""
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    out = []
+    with tqdm(total=len(docs), desc="tokenize", unit="doc", disable=None) as bar:
+        for i in range(0, len(docs), batch):
+            texts = ["\n".join(lines) for _, lines in docs[i : i + batch]]
+            ids = tokenizer(texts, add_special_tokens=False, split_special_tokens=True).input_ids
+            out.extend(np.asarray(row, dtype=np.int32) for row in ids)
+            bar.update(len(texts))
+    return out
+
+
+def choose_rows(rows: int, cfg: dict) -> list[int] | None:
+    """pretrain.max_tokens: a seeded random choice of whole sequences (None = all)."""
+    if not cfg["max_tokens"]:
+        return None
+    keep = cfg["max_tokens"] // cfg["max_seq_length"]
+    if keep >= rows:
+        return None
+    if keep == 0:
+        raise PipelineError(f"pretrain.max_tokens {cfg['max_tokens']} is less than one sequence of "
+                            f"pretrain.max_seq_length {cfg['max_seq_length']} tokens; raise it, or set 0 for all")
+    return sorted(random.Random(cfg["seed"]).sample(range(rows), keep))
+
+
+def micro_batch_rows(cfg: dict) -> int:
+    """Sequences a micro-batch: batch_tokens / (max_seq_length x gradient_accumulation_steps), exactly."""
+    per_step = cfg["max_seq_length"] * cfg["gradient_accumulation_steps"]
+    if cfg["batch_tokens"] % per_step:
+        raise PipelineError(
+            f"pretrain.batch_tokens {cfg['batch_tokens']} must be a multiple of pretrain.max_seq_length x "
+            f"gradient_accumulation_steps = {per_step} (a step is whole sequences)")
+    return cfg["batch_tokens"] // per_step
+
+
+# ----------------------------------------------------------------------------------------------
+# The data: read, normalise, remove valid/test, add the train split
+
+
+def build_corpus(cfg: dict, split_dir: Path, opencc) -> tuple[list, list[str], dict]:
+    """(documents to pretrain on, texts for the vocabulary (pretraining text + train split), data report)."""
+    converter = text.make_converter(opencc)
+    sources = check_sources(cfg)
+    frames = {s: read_pairs(split_dir / f"{s}.parquet", "split") for s in ("train", "valid", "test")}
+    keys = held_out_keys([frames["valid"], frames["test"]])
+    report_sources, docs, norm_counts = [], [], {}
+    for src in sources:
+        stats = Stats()
+        read = read_source(src, stats)
+        stats.documents, stats.lines = len(read), sum(len(lines) for _, lines in read)
+        chars_read = sum(len(s) for _, lines in read for s in lines)
+        normal = normalise_documents(read, converter, norm_counts)
+        docs.extend(normal)
+        entry = {"path": src["path"], "format": src["format"], "books_filter": src["books"], **stats.report(),
+                 "characters_read": chars_read,
+                 "characters_normalised": sum(len(s) for _, lines in normal for s in lines)}
+        report_sources.append(entry)
+        log.info("%s: %s documents, %s lines, %s characters; read %s files, skipped %s%s", src["path"],
+                 f"{stats.documents:,}", f"{stats.lines:,}", f"{chars_read:,}", f"{stats.files_read:,}",
+                 stats.files_skipped, f" ({', '.join(f'{n} {r}' for r, n in stats.skipped_by_reason.items())})"
+                 if stats.files_skipped else "")
+    read_chars = sum(len(s) for _, lines in docs for s in lines)
+    if read_chars == 0:
+        raise PipelineError("pretrain read no text at all from pretrain.sources "
+                            f"({', '.join(s['path'] for s in sources)}); see the skipped files above")
+    overlap = collections.Counter()
+    mono = remove_overlap(docs, keys, overlap)
+    train_docs, train_overlap = [], collections.Counter()
+    if cfg["include_train_split"]:
+        train_docs = remove_overlap(train_split_documents(frames["train"]), keys, train_overlap)
+    corpus = mono + train_docs
+    chars = sum(len(s) for _, lines in corpus for s in lines)
+    if chars == 0:
+        raise PipelineError(
+            f"every sentence of pretrain.sources ({overlap['sentences']:,}) appears in the valid or test split, so "
+            f"nothing is left to pretrain on; pretraining on valid/test text would leak it into the scores")
+    vocab_texts = [s for _, lines in mono for s in lines]
+    vocab_texts += frames["train"]["source"].tolist() + frames["train"]["target"].tolist()
+    log.info("valid/test overlap: removed %s of %s sentences (%s characters) from the sources%s",
+             f"{overlap['sentences_removed']:,}", f"{overlap['sentences']:,}", f"{overlap['characters_removed']:,}",
+             f", {train_overlap['sentences_removed']:,} from the train split" if cfg["include_train_split"] else "")
+    report = {
+        "sources": report_sources,
+        "documents_read": len(docs),
+        "characters_read": read_chars,
+        "normalisation": norm_counts,
+        "held_out_keys": len(keys),
+        "removed_for_overlap": {"sources": dict(overlap), "train_split": dict(train_overlap)},
+        "include_train_split": cfg["include_train_split"],
+        "train_split_documents": len(train_docs),
+        "train_split_characters": sum(len(s) for _, lines in train_docs for s in lines),
+        "documents": len(corpus),
+        "characters": chars,
+    }
+    return corpus, vocab_texts, report
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def base_location(base_dir: Path) -> tuple[str, dict]:
+    """(what from_pretrained loads, base.json) from the base stage's output."""
+    path = base_dir / "base.json"
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: not found; run the base stage first (dvc repro base)") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PipelineError(f"{path}: unreadable ({exc}); run the base stage again (dvc repro base)") from None
+    if not isinstance(info, dict) or not info.get("location"):
+        raise PipelineError(f"{path}: has no 'location'; run the base stage again (dvc repro base)")
+    return info["location"], info
+
+
+def loader_config(cfg: dict, location: str) -> dict:
+    """The train-section keys train's loaders read, for full fine-tuning of `location`."""
+    return {"model": location, "max_seq_length": cfg["max_seq_length"], "load_in_4bit": False, "method": "full",
+            "gradient_checkpointing": cfg["gradient_checkpointing"], "seed": cfg["seed"], "chat_template": None,
+            "extend_vocab": cfg["extend_vocab"], "dtype": cfg["dtype"]}
+
+
+def build_trainer(model, tokenizer, dataset, cfg: dict, *, rows: int, dtype, optim: str, gradient_checkpointing: bool,
+                  output_dir, callbacks=()):
+    """The SFTTrainer train uses (unsloth's, once unsloth is imported), counting tokens, on the packed sequences:
+    no completion mask, so the loss is on every token; every row is max_seq_length long, so no padding."""
+    import torch
+    from trl import SFTConfig, SFTTrainer
+
+    on_gpu = torch.cuda.is_available()
+    args = SFTConfig(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=rows,
+        gradient_accumulation_steps=cfg["gradient_accumulation_steps"],
+        max_steps=cfg["max_steps"] if cfg["max_steps"] > 0 else -1,
+        num_train_epochs=cfg["epochs"],
+        learning_rate=cfg["learning_rate"],
+        lr_scheduler_type=cfg["lr_scheduler"],
+        warmup_steps=cfg["warmup_steps"],
+        weight_decay=cfg["weight_decay"],
+        optim=optim,
+        seed=cfg["seed"],
+        data_seed=cfg["seed"],
+        bf16=dtype == torch.bfloat16,
+        fp16=on_gpu and dtype == torch.float16,
+        use_cpu=not on_gpu,
+        gradient_checkpointing=gradient_checkpointing,
+        logging_steps=cfg["logging_steps"],
+        logging_first_step=True,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=False,
+        dataloader_num_workers=0,
+        completion_only_loss=False,
+        max_length=None,
+        padding_free=False,
+        packing=False,  # packed here already, into rows of exactly max_seq_length
+        train_sampling_strategy="random",
+        dataset_num_proc=None,
+    )
+    return sft.make_trainer_class(SFTTrainer)(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                                          callbacks=list(callbacks))
+
+
+def make_dataset(sequences):
+    """A datasets.Dataset of {input_ids: [max_seq_length ints]} straight from the int32 array (Arrow, no lists)."""
+    import pyarrow as pa
+    from datasets import Dataset
+
+    flat = pa.array(sequences.reshape(-1).astype("int64"))
+    column = pa.FixedSizeListArray.from_arrays(flat, sequences.shape[1]).cast(pa.list_(pa.int64()))
+    return Dataset(pa.table({"input_ids": column}))
+
+
+def pretrain(cfg: dict, opencc, base_dir, split_dir, out, reports, callbacks=()) -> dict:
+    """Run the stage (not a pass-through); returns the summary also written to reports/summary.json."""
+    start = time.perf_counter()
+    out, reports, split_dir = Path(out), Path(reports), Path(split_dir)
+    location, base_info = base_location(Path(base_dir))
+    rows = micro_batch_rows(cfg)
+    backend = generation.pick_backend(cfg["backend"])  # imports unsloth (if used) before transformers
+    sft.check_trainer_names(cfg, "pretrain")
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    corpus, vocab_texts, data = build_corpus(cfg, split_dir, opencc)
+
+    lcfg = loader_config(cfg, location)
+    dtype = models.resolve_dtype(lcfg, backend)
+    if backend == "unsloth":  # train's loaders: full fine-tuning, the vocabulary extended from vocab_texts
+        model, tokenizer, loaded = models.load_unsloth(lcfg, dtype, vocab_texts)
+    else:
+        model, tokenizer, loaded = models.load_hf(lcfg, dtype, on_gpu, vocab_texts)
+    del vocab_texts
+    eos_id = tokenizer.eos_token_id
+    if eos_id is None:
+        raise PipelineError(f"{location}: the tokenizer has no EOS token to join documents with")
+    t0 = time.perf_counter()
+    token_lists = tokenize_documents(tokenizer, corpus)
+    tokenize_s = time.perf_counter() - t0
+    sequences, stream_tokens, tail = pack(token_lists, eos_id, cfg["max_seq_length"])
+    del token_lists
+    if len(sequences) == 0:
+        raise PipelineError(f"the pretraining text is {stream_tokens:,} tokens, less than one sequence of "
+                            f"pretrain.max_seq_length {cfg['max_seq_length']}; add text or lower max_seq_length")
+    chosen = choose_rows(len(sequences), cfg)
+    packed_rows = len(sequences)
+    if chosen is not None:
+        sequences = sequences[chosen]
+    data.update(tokens=stream_tokens, tokens_per_character=round(stream_tokens / data["characters"], 4),
+                sequences=packed_rows, sequence_length=cfg["max_seq_length"], tail_tokens_dropped=tail,
+                sequences_used=len(sequences), eos_token=tokenizer.convert_ids_to_tokens(eos_id),
+                tokenize_seconds=round(tokenize_s, 1), vocabulary=loaded["vocab"])
+    log.info("packed %s tokens (%.3f a character) into %s sequences of %d (%d tail tokens dropped)%s",
+             f"{stream_tokens:,}", data["tokens_per_character"], f"{packed_rows:,}", cfg["max_seq_length"], tail,
+             f"; pretrain.max_tokens keeps {len(sequences):,}" if chosen is not None else "")
+    dataset = make_dataset(sequences)
+    optim = cfg["optim"] if cfg["optim"] != "auto" else ("adamw_torch_fused" if on_gpu else "adamw_torch")
+
+    staging = new_staging_dir(reports)
+    live = sft.open_live(staging)
+    trainer_ref = {}
+    live_callback = sft.make_live_callback(live, trainer_ref)
+    scratch = out.with_name(f".{out.name}.trainer.tmp")  # the Trainer's output_dir: nothing is saved there
+    trainer = trainer_ref["trainer"] = build_trainer(
+        model, tokenizer, dataset, cfg, rows=rows, dtype=dtype, optim=optim,
+        gradient_checkpointing=backend == "hf" and bool(loaded["gradient_checkpointing"]), output_dir=scratch,
+        callbacks=[live_callback, *callbacks])
+    trainable, total = sft.count_parameters(trainer.model)
+    log.info("backend %s on %s, %s, full (%s / %s parameters trained); %d sequences a micro-batch x %d = %d tokens a step",
+             backend, sft.device_name(), str(dtype).replace("torch.", ""), f"{trainable:,}", f"{total:,}", rows,
+             cfg["gradient_accumulation_steps"], cfg["batch_tokens"])
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    result = trainer.train()
+    trainer_time = time.perf_counter() - t0
+    if scratch.exists():
+        shutil.rmtree(scratch)
+
+    tokens = trainer.tokens_seen
+    losses = [h["loss"] for h in live_callback.history if "loss" in h]
+    peak, peak_kind = sft.peak_memory_mib()
+    pretrained = {
+        "passthrough": False, "base_model": base_info.get("model"), "base_location": location, "backend": backend,
+        "dtype": str(dtype).replace("torch.", ""), "vocab_size": len(tokenizer), "extend_vocab": loaded["vocab"],
+        "params": cfg, "opencc": opencc,
+    }
+    save_model(trainer.model, tokenizer, pretrained, out)
+    train_time = live_callback.train_seconds or trainer_time
+    summary = {
+        "backend": backend, "device": sft.device_name(), "dtype": pretrained["dtype"], "base_model": base_info.get("model"),
+        "trainable_params": trainable, "total_params": total, "steps": trainer.state.global_step,
+        "sequences_a_step": rows * cfg["gradient_accumulation_steps"], "tokens": tokens,
+        "train_time_s": round(train_time, 1), "wall_time_s": round(time.perf_counter() - start, 1),
+        "tokens_per_s": round(tokens / max(train_time, 1e-9), 1), "final_loss": losses[-1] if losses else None,
+        "first_loss": losses[0] if losses else None, "mean_loss": result.training_loss,
+        "peak_memory_mib": round(peak, 1), "peak_memory_kind": peak_kind, "optim": optim,
+        "gradient_checkpointing": loaded["gradient_checkpointing"], "added_tokens": loaded["vocab"].get("added"),
+        "data": data, "history": live_callback.history,
+    }
+    live.end()
+    write_reports(staging, reports, summary, data)
+    log.info("done: %d steps, %s tokens in %.0f s = %.0f tokens/s; loss %s -> %s; %s %.0f MiB",
+             summary["steps"], f"{tokens:,}", train_time, summary["tokens_per_s"], summary["first_loss"],
+             summary["final_loss"], peak_kind, peak)
+    return summary
+
+
+def save_model(model, tokenizer, info: dict, out: Path) -> None:
+    tmp = new_staging_dir(out)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    write_json(tmp / "pretrain.json", info)
+    replace_dir(tmp, out)
+    log.info("saved the pretrained model to %s", out)
+
+
+def headline(summary: dict) -> dict:
+    """reports/pretrain/metrics.json: what `dvc metrics diff` compares."""
+    return {"tokens": summary["tokens"], "tokens_per_s": summary["tokens_per_s"], "loss": summary["final_loss"],
+            "steps": summary["steps"], "wall_time_s": summary["wall_time_s"]}
+
+
+def write_reports(staging: Path, reports: Path, summary: dict, data: dict) -> None:
+    """summary.json, metrics.json and data.json beside dvclive's plots, then the staging directory replaces
+    reports/pretrain (a failed run leaves the last good reports as they were)."""
+    (staging / "plots" / "metrics").mkdir(parents=True, exist_ok=True)  # a pass-through or no dvclive: no curves
+    write_json(staging / "summary.json", summary)
+    write_json(staging / "metrics.json", headline(summary))
+    write_json(staging / "data.json", data)
+    replace_dir(staging, reports)
+
+
+def passthrough(reason: str, out: Path, reports: Path) -> None:
+    """A marker directory (train resolves it to models/base) and small reports; nothing is read or loaded."""
+    log.info("pass-through (%s): train starts from models/base", reason)
+    tmp = new_staging_dir(out)
+    write_json(tmp / "pretrain.json", {"passthrough": True, "reason": reason})
+    replace_dir(tmp, out)
+    staging = new_staging_dir(reports)
+    summary = {"passthrough": True, "reason": reason, "tokens": 0, "tokens_per_s": 0.0, "final_loss": None,
+               "steps": 0, "wall_time_s": 0.0}
+    write_reports(staging, reports, summary, {"passthrough": True, "reason": reason})
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", required=True, help="the base stage's output (models/base)")
+    parser.add_argument("--split-dir", required=True, help="train/valid/test.parquet (data/split)")
+    parser.add_argument("--out", required=True, help="model directory to write (models/pretrain)")
+    parser.add_argument("--reports", required=True, help="report directory (reports/pretrain)")
+    parser.add_argument("--params", help="read this params.yaml instead of asking DVC (tests, benchmarks)")
+    args = parser.parse_args(argv)
+    for path in (args.out, args.reports):
+        check_output_path(path, directory=True)
+    params = load_sections("pretrain", ["pretrain", "clean.opencc"], args.params)
+    cfg = resolve_config(params["pretrain"])
+    reason = is_passthrough(cfg)
+    if reason:
+        passthrough(reason, Path(args.out), Path(args.reports))
+        return
+    pretrain(cfg, params["clean"]["opencc"], args.base, args.split_dir, args.out, args.reports)
+
+
+if __name__ == "__main__":
+    run_main(main)

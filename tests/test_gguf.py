@@ -17,8 +17,17 @@ from wenyan import gguf
 from wenyan.errors import PipelineError
 from wenyan.prompt import end_of_turn_ids, prompt_ids
 
-needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
-                                     reason="llama-cpp-python is not installed: pip install -e '.[gguf]'")
+
+
+@pytest.fixture
+def llama_cpp_installed():
+    """The gguf extra is part of the README's set-up: without it a test that runs llama.cpp fails saying what to
+    install (it is never skipped, so a green run means llama.cpp was tested)."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.fail(f"needs llama-cpp-python (the gguf extra, installed by the README's set-up): {gguf.INSTALL}")
+
+
+needs_llama_cpp = pytest.mark.usefixtures("llama_cpp_installed")
 
 SENTENCES = ["黄帝者，少典之子，姓公孙，名曰轩辕。", "子曰：学而时习之，不亦说乎？"]
 SYSTEM = "你是翻译家。"
@@ -314,9 +323,18 @@ def test_setup_rejects_a_bad_sdist(tmp_path, monkeypatch):
 
 
 def test_missing_names_what_to_install(monkeypatch):
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
-    assert gguf.missing().startswith("llama-cpp-python not installed; pip install -e '.[gguf]'")
+    """Whatever is installed here: each module is made present or absent."""
+    import importlib.machinery
+
+    def find_spec(absent):
+        return lambda name, *a: None if name in absent else importlib.machinery.ModuleSpec(name, None)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec({"llama_cpp"}))
+    assert gguf.missing() == f"llama-cpp-python not installed; {gguf.INSTALL}"
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec({"llama_cpp", "sentencepiece"}))
+    assert gguf.missing() == f"llama-cpp-python, sentencepiece not installed; {gguf.INSTALL}"
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec(set()))
+    assert gguf.missing() is None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ In order:
      `prompt` the train stage recorded in the model's training_config.json, never from params.yaml.
   5. Generation is generation.generate, as in evaluate: batched longest first, left padding, greedy, stops at the
      end-of-turn token, each output sliced at the padded input length; a tqdm bar on stderr. A GGUF goes
-     through gguf.generate: the same prompt ids, budgets and stop tokens, greedy, one sentence at a time.
+     through gguf.generate: the same prompt ids, budgets and stop tokens, greedy, --parallel sentences decoded
+     at once in llama.cpp batches (the prompts' shared prefix computed once).
   6. The translations of a line's sentences are joined into one output line, so the output has exactly
      as many lines as the input (empty input, empty output). A piece with nothing to translate (only
      punctuation or symbols) passes through as it is; so does a line with none (empty, spaces, ……).
@@ -40,15 +41,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import re
 import stat
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable
 
-from wenyan import generation, gguf, models, text as text_lib
-from wenyan.prompt import build_messages, end_of_turn_ids, prompt_ids
+from wenyan.translation import (  # noqa: F401 - re-exported: the splitting is this command's API too
+    CLAUSE_END, CLOSERS, SENTENCE_END, Plan, Translator, assemble, build_prompts, fit_sentence, has_text, plan_lines,
+    prompt_messages, split_clauses, split_input_lines, split_sentences,
+)
+from wenyan import gguf
 from wenyan.errors import get_logger, PipelineError, run_main
 from wenyan.files import file_kind, nearest_existing, write_text
 
@@ -56,131 +58,6 @@ log = get_logger("translate")
 
 DEFAULT_MODEL = "models/adapter"
 MAX_FACTOR = 100.0  # --max-new-tokens-factor: a translation 100 x its source's tokens is no translation
-SENTENCE_END = "。！？；"
-CLAUSE_END = "，、"
-CLOSERS = "”’」』）》〉】〕\"'"  # a closing quote or bracket after the end punctuation stays with the sentence
-_SENTENCE = re.compile(f"[^{SENTENCE_END}]+[{SENTENCE_END}]*[{CLOSERS}]*|[{SENTENCE_END}]+[{CLOSERS}]*")
-_CLAUSE = re.compile(f"[^{CLAUSE_END}]+[{CLAUSE_END}]*|[{CLAUSE_END}]+")
-
-
-# ----------------------------------------------------------------------------------------------
-# Splitting: pure functions on text; "".join(pieces) is always the text itself.
-
-
-def split_sentences(line: str) -> list[str]:
-    """'甲。乙！丙' -> ['甲。', '乙！', '丙']; the punctuation stays with its sentence."""
-    return _SENTENCE.findall(line)
-
-
-def split_clauses(sentence: str) -> list[str]:
-    """'甲，乙、丙。' -> ['甲，', '乙、', '丙。']."""
-    return _CLAUSE.findall(sentence)
-
-
-def fit_sentence(sentence: str, fits: Callable[[str], bool], where: str, limit_hint: str) -> list[str]:
-    """[sentence] if its prompt fits, else the longest runs of its clauses (split after ，、) that fit.
-
-    A single clause that does not fit is an error naming `where`: it is never cut silently."""
-    if fits(sentence):
-        return [sentence]
-    pieces: list[str] = []
-    current = ""
-    for clause in split_clauses(sentence):
-        if current and fits(current + clause):
-            current += clause
-            continue
-        if current:
-            pieces.append(current)
-        if not fits(clause):
-            shown = clause if len(clause) <= 24 else clause[:24] + "…"
-            raise PipelineError(
-                f"{where}: the clause '{shown}' ({len(clause)} characters) is too long to translate even after "
-                f"splitting its sentence at ，、: its prompt is longer than {limit_hint}. Break the line up "
-                f"(add punctuation), or train with a larger train.max_seq_length"
-            )
-        current = clause
-    if current:
-        pieces.append(current)
-    return pieces
-
-
-_TEXT = re.compile("[\\w\ue000-\uf8ff]")  # a letter, digit or CJK character (the corpus keeps rare ones in the PUA)
-
-
-def has_text(piece: str) -> bool:
-    """Whether a piece has anything to translate; one of only punctuation, spaces or symbols passes through as it is."""
-    return _TEXT.search(piece) is not None
-
-
-def plan_lines(lines: list[str], fits: Callable[[str], bool], limit_hint: str, source_name: str = "input") -> list[list[str]]:
-    """Per input line, its pieces (sentences, or parts of too-long sentences); those without text (has_text) are
-    kept, to pass through untranslated."""
-    planned = []
-    for number, line in enumerate(lines, 1):
-        pieces = []
-        for sentence in split_sentences(line):
-            if not has_text(sentence):
-                pieces.append(sentence)
-                continue
-            pieces.extend(fit_sentence(sentence, fits, f"{source_name} line {number}", limit_hint))
-        planned.append(pieces)
-    return planned
-
-
-def assemble(planned: list[list[str]], translations: list[str], originals: list[str] | None = None) -> list[str]:
-    """Join each line's pieces (in order, no separator, as Chinese is written): a piece with text is replaced by
-    the next translation, one without stays as it is; one output line per input line. A line with nothing to
-    translate is its original (the input line before normalisation) where originals are given."""
-    assert len(translations) == sum(has_text(p) for pieces in planned for p in pieces), "one translation per piece with text"
-    out, k = [], 0
-    for n, pieces in enumerate(planned):
-        joined = []
-        for piece in pieces:
-            if has_text(piece):
-                joined.append(translations[k])
-                k += 1
-            else:
-                joined.append(piece)
-        if originals is not None and not any(has_text(p) for p in pieces):
-            joined = [originals[n]]
-        out.append("".join(joined))
-    return out
-
-
-def split_input_lines(text: str) -> list[str]:
-    """Lines as `wc -l` counts them: separated by \\n (\\r\\n accepted); a final newline ends the last line."""
-    text = text.replace("\r\n", "\n")
-    if not text:
-        return []
-    lines = text.split("\n")
-    if text.endswith("\n"):
-        lines.pop()
-    return lines
-
-
-# ----------------------------------------------------------------------------------------------
-# Prompts: exactly the training prompts (build_messages, settings from training_config.json)
-
-
-def prompt_messages(piece: str, context: list[str], fmt: dict) -> list[dict]:
-    return build_messages(piece, None, context, fmt)  # the prompt only: no assistant turn
-
-
-def build_prompts(pieces: list[str], fmt: dict, count_tokens: Callable[[list[dict]], int], max_tokens: int | None) -> list[list[dict]]:
-    """One prompt per piece; with format.context_sentences N, the N previous pieces of the input as
-    context, oldest dropped first where the prompt would pass max_tokens (each piece fits on its own)."""
-    n = fmt["context_sentences"]
-    prompts = []
-    for i, piece in enumerate(pieces):
-        context = pieces[max(0, i - n) : i] if n else []
-        messages = prompt_messages(piece, context, fmt)
-        while context and max_tokens is not None and count_tokens(messages) > max_tokens:
-            context = context[1:]
-            messages = prompt_messages(piece, context, fmt)
-        prompts.append(messages)
-    return prompts
-
-
 # ----------------------------------------------------------------------------------------------
 # Input and output
 
@@ -319,7 +196,6 @@ def write_output(lines: list[str], output: Output) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-# Long (~80 lines): every check of the arguments and files comes before the model loads, then one pass.
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], epilog="Reads standard input when given neither TEXT nor --input."
@@ -332,6 +208,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=None,
                         help="sentences per generation batch (default 16 on CPU; on a CUDA GPU 256 slots of the "
                         "slot loop, a sentence leaving its slot when it ends)")
+    parser.add_argument("--parallel", type=int, default=16,
+                        help="GGUF only: sentences decoded at once by llama.cpp (batched; 1 = one after the other)")
     parser.add_argument("--max-new-tokens-factor", type=float, default=3.0,
                         help="each sentence may produce factor x its own tokens + 16 tokens")
     args = parser.parse_args(argv)
@@ -339,79 +217,23 @@ def main(argv=None) -> None:
     if bad_batch or not 0 < args.max_new_tokens_factor <= MAX_FACTOR:  # NaN fails this too
         raise PipelineError(f"--batch-size must be >= 1 and --max-new-tokens-factor in (0, {MAX_FACTOR}]; got "
                             f"{args.batch_size} and {args.max_new_tokens_factor}")
+    if args.parallel < 1:
+        raise PipelineError(f"--parallel must be >= 1; got {args.parallel}")
 
     # 1. what to translate, with what (cheap checks first: no model is loaded before they pass)
     text, source_name = read_input(args.text, args.input)
     output = check_output(args.output, args.input if args.text is None else "")
-    gguf_file = args.model if args.model.suffix == ".gguf" else None
-    if gguf_file is not None and not gguf_file.is_file():
-        raise PipelineError(f"{gguf_file}: GGUF file not found; the export stage writes them (dvc repro export/dvc.yaml)")
-    model_dir = gguf_file.parent if gguf_file is not None else args.model  # the GGUF's prompt and tokenizer
-    if not model_dir.is_dir():
-        raise PipelineError(
-            f"{model_dir}: model directory not found; train one first (dvc repro train) or pass --model DIR "
-            f"(models/adapter from the train stage, models/export/hf from the export stage)"
-        )
-    trained = models.load_trained(model_dir, model=False, backend="hf" if gguf_file else None)  # unsloth before transformers
-    cfg, tokenizer = trained.config, trained.tokenizer
-    fmt, opencc = trained.prompt["format"], trained.prompt["opencc"]  # what the model was trained with
-    converter = text_lib.make_converter(opencc)
-    originals = split_input_lines(text)
-    lines = text_lib.normalise_lines(originals, converter)
-
-    def count_tokens(messages: list[dict]) -> int:  # as generate tokenizes a prompt
-        return len(prompt_ids(tokenizer, [messages])[0])
-
-    max_tokens = cfg.get("max_seq_length")
-    no_context = dict(fmt, context_sentences=0)
-    fits = (lambda piece: True) if not max_tokens else (
-        lambda piece: count_tokens(prompt_messages(piece, [], no_context)) <= max_tokens
-    )
-    limit_hint = f"max_seq_length {max_tokens} tokens ({model_dir}/training_config.json)"
-    planned = plan_lines(lines, fits, limit_hint, source_name)
-    pieces = [p for line_pieces in planned for p in line_pieces if has_text(p)]
-    split_up = sum(len(line_pieces) > len(split_sentences(line)) for line, line_pieces in zip(lines, planned))
-    log.info(
-        "%d line(s), %d piece(s) to translate%s; prompt from %s/training_config.json",
-        len(lines), len(pieces), f" ({split_up} line(s) with a sentence split at ，、 to fit)" if split_up else "", model_dir,
-    )
-    if not pieces:
-        write_output(assemble(planned, [], originals), output)  # nothing to translate: no model needed
-        return
-
-    # 3. generate
-    prompts = build_prompts(pieces, fmt, count_tokens, max_tokens)
-    if gguf_file is not None:
-        n_ctx = gguf.context_size(tokenizer, prompts, pieces, args.max_new_tokens_factor, 16)
-        llm = gguf.load_llama(gguf_file, n_ctx=n_ctx)
-        log.info("model: %s (llama.cpp, context %d; trained on %s)", gguf_file, n_ctx, cfg["model"])
-        raw, hit_limit = gguf.generate(llm, tokenizer, prompts, pieces, factor=args.max_new_tokens_factor, extra=16,
-                                       desc="translate")
-    else:
-        model = models.load_trained_model(trained)
-        if args.batch_size is None:
-            args.batch_size = 256 if next(model.parameters()).device.type == "cuda" else 16
-        log.info("model: %s (%s on %s, backend %s, %s)", model_dir, "LoRA adapter" if trained.is_adapter else "full model",
-                 cfg["model"], trained.backend, next(model.parameters()).device)
-        raw, hit_limit = generation.generate(
-            model, tokenizer, prompts, pieces, batch_size=args.batch_size, factor=args.max_new_tokens_factor,
-            extra=16, eos_token_ids=end_of_turn_ids(tokenizer), desc="translate",
-        )
-    translations = text_lib.normalise_lines(raw, converter)  # one line each, the training targets' script
-    if any(hit_limit):
-        piece_line = [n for n, line_pieces in enumerate(planned, 1) for p in line_pieces if has_text(p)]
-        cut = sorted({piece_line[i] for i, hit in enumerate(hit_limit) if hit})
-        log.warning(
-            "%d translation(s) reached the token budget without ending, so may be cut short (%s line(s) %s); "
-            "raise --max-new-tokens-factor", sum(hit_limit), source_name, ", ".join(map(str, cut[:20])),
-        )
-    write_output(assemble(planned, translations, originals), output)
+    translator = Translator(args.model, factor=args.max_new_tokens_factor, batch_size=args.batch_size,
+                            parallel=args.parallel)
+    plan = translator.plan(text, source_name)
+    write_output(translator.translate(plan), output)
     if args.output:
-        log.info("wrote %d line(s) to %s", len(lines), args.output)
+        log.info("wrote %d line(s) to %s", len(plan.lines), args.output)
 
 
 def cli() -> None:
     """Entry point of the `wenyan-translate` console script."""
+    gguf.quiet_openmp()
     run_main(main)
 
 

@@ -393,6 +393,14 @@ def model_params(**overrides):
         low.llama_model_default_params = default
 
 
+def quiet_openmp() -> None:
+    """OMP_WAIT_POLICY=PASSIVE unless set: llama.cpp's CPU threads (OpenMP, torch's libgomp) then sleep at a barrier
+    instead of spinning. On a machine whose cores are busy with other work, spinning threads wait for each other's
+    time slices: a 4-sequence decode step took 0.7-5 s spinning and 0.2 s passive on 2 shared cores
+    (benchmarks/gguf_local.py's report). Must run before torch or llama_cpp is imported (the commands' cli())."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def load_llama(gguf_path: Path, n_ctx: int = 2048, n_threads: int | None = None, extra_buffers: bool | None = None):
     """A llama_cpp.Llama on the GGUF (CPU), quiet. extra_buffers: llama.cpp's repacked/AMX weight buffers;
     None = on unless the CPU has AMX: a native build's AMX kernel (ggml_backend_amx_mul_mat) crashed with
@@ -435,6 +443,180 @@ def context_size(tokenizer, prompts: list[list[dict]], sources: list[str], facto
     return max(512, -(-need // 256) * 256)
 
 
+def shared_prefix_length(input_ids: list[list[int]]) -> int:
+    """How many leading tokens every prompt has in common (the system prompt and the template's head), leaving
+    each prompt at least one token of its own (its last token's logits start its reply)."""
+    if not input_ids:
+        return 0
+    first, n = input_ids[0], min(len(ids) for ids in input_ids) - 1
+    for ids in input_ids[1:]:
+        k = 0
+        while k < n and ids[k] == first[k]:
+            k += 1
+        n = k
+    return max(n, 0)
+
+
+class _Batch:
+    """A llama_batch (llama_batch_init) filled token by token: each token one position of one sequence."""
+
+    def __init__(self, capacity: int):
+        import llama_cpp
+
+        self.capacity = capacity
+        self.raw = llama_cpp.llama_batch_init(capacity, 0, 1)
+        self.raw.n_tokens = 0
+
+    def clear(self) -> None:
+        self.raw.n_tokens = 0
+
+    def add(self, token: int, pos: int, seq: int, logits: bool) -> int:
+        """Appends a token; returns its index in the batch (where its logits are, if asked for)."""
+        i = self.raw.n_tokens
+        if i >= self.capacity:
+            raise PipelineError(f"llama.cpp batch of {self.capacity} tokens is full (internal error)")
+        b = self.raw
+        b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, pos, 1, logits
+        b.seq_id[i][0] = seq
+        b.n_tokens = i + 1
+        return i
+
+    def free(self) -> None:
+        import llama_cpp
+
+        llama_cpp.llama_batch_free(self.raw)
+
+
+def batched_context_size(prefix: int, needs: list[int], parallel: int) -> int:
+    """KV cells for the shared prefix (once) + the `parallel` largest prompt-suffix + budget needs, rounded up to
+    256: at any time at most `parallel` sequences hold cells of their own (a finished one frees its cells)."""
+    top = sorted(needs, reverse=True)[:parallel]
+    return max(512, -(-(prefix + sum(top) + len(top)) // 256) * 256)
+
+
+def batched_greedy(llm, input_ids: list[list[int]], budgets: list[int], stops: list[int], *, parallel: int = 16,
+                   on_done=None, timings: dict | None = None, share_prefix: bool = True) -> list[list[int]]:
+    """Greedy replies (without the stop token, at most budget tokens each) to all prompts at once in one llama.cpp
+    context: continuous batching over `parallel` sequences that share the KV cells of the prompts' common prefix.
+
+    The prefix (system prompt, template head) is decoded once as sequence 0; a sentence starting in slot s gets
+    the prefix by llama_memory_seq_cp (in the unified KV cache, the same cells marked with one more sequence:
+    no copy), then its own prompt tokens. Every llama_decode call is one llama_batch holding, for every running
+    sentence, its next token (its own seq_id and position), plus the prompt tokens of sentences that start in
+    the slots freed by sentences that ended (llama_memory_seq_rm), longest first. Logits are asked for only at
+    each sequence's last token; the next token is their argmax (the first of equal maxima, as torch.argmax).
+    on_done(i, ids) is called as each prompt finishes (in finishing order). timings, if given, gets the seconds
+    of context creation, the prefix, llama_decode calls and all, decode calls and batch tokens.
+    share_prefix=False (for benchmarks/gguf_local.py) decodes every prompt whole in its own sequence."""
+    import numpy as np
+    import llama_cpp
+    from llama_cpp import _internals
+
+    n = len(input_ids)
+    results: list[list[int] | None] = [None] * n
+    if n == 0:
+        return []
+    parallel = max(1, min(parallel, n))
+    prefix = shared_prefix_length(input_ids) if share_prefix else 0
+    needs = [len(ids) - prefix + budget for ids, budget in zip(input_ids, budgets)]
+    n_ctx = batched_context_size(prefix, needs, parallel)
+    biggest_step = sum(sorted((len(ids) - prefix for ids in input_ids), reverse=True)[:parallel]) + parallel
+    n_batch = max(prefix, biggest_step, 1)
+    threads = llm.context_params.n_threads
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, n_batch, min(n_batch, 512)
+    params.n_seq_max, params.kv_unified = parallel + 1, True
+    params.n_threads = params.n_threads_batch = threads
+    started = time.perf_counter()
+    try:
+        ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
+    except ValueError as exc:
+        raise PipelineError(f"llama.cpp could not create a context of {n_ctx} tokens for {parallel} sequences ({exc})") from None
+    mem, n_vocab = ctx.memory, llm.n_vocab()
+    batch = _Batch(n_batch)
+    stop_set = set(stops)
+    context_s = time.perf_counter() - started
+    decode_s = [0.0]
+
+    def decode() -> None:
+        t = time.perf_counter()
+        rc = llama_cpp.llama_decode(ctx.ctx, batch.raw)
+        decode_s[0] += time.perf_counter() - t
+        if rc != 0:
+            raise PipelineError(f"llama_decode failed (code {rc}) on a batch of {batch.raw.n_tokens} tokens, context {n_ctx}")
+
+    def argmax(i: int) -> int:
+        row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx.ctx, i), shape=(n_vocab,))
+        return int(row.argmax())
+
+    calls = tokens = 0
+    try:
+        for k in range(prefix):  # the shared prefix, once, as sequence 0 (no logits needed)
+            batch.add(input_ids[0][k], k, 0, False)
+        if prefix:
+            decode()
+            calls, tokens = 1, prefix
+        prefix_s = time.perf_counter() - started - context_s
+        queue = sorted(range(n), key=lambda i: -len(input_ids[i]) - budgets[i])[::-1]  # pop() = longest first
+        slots: list[dict | None] = [None] * parallel  # slot s is sequence s + 1
+        while queue or any(slots):
+            batch.clear()
+            for s, slot in enumerate(slots):
+                while slot is None and queue and budgets[queue[-1]] <= 0:  # nothing to generate: an empty reply
+                    i = queue.pop()
+                    results[i] = []
+                    if on_done is not None:
+                        on_done(i, [])
+                if slot is None and queue:
+                    i = queue.pop()
+                    seq = s + 1
+                    llama_cpp.llama_memory_seq_rm(mem, seq, -1, -1)
+                    if prefix:
+                        llama_cpp.llama_memory_seq_cp(mem, 0, seq, -1, -1)
+                    own = input_ids[i][prefix:]
+                    for k, token in enumerate(own):
+                        at = batch.add(token, prefix + k, seq, k == len(own) - 1)
+                    slots[s] = {"i": i, "pos": len(input_ids[i]), "out": [], "at": at}
+                elif slot is not None and slot["out"]:
+                    slot["at"] = batch.add(slot["out"][-1], slot["pos"], s + 1, True)
+                    slot["pos"] += 1
+            if batch.raw.n_tokens == 0:  # the last prompts had nothing to generate
+                break
+            tokens += batch.raw.n_tokens
+            calls += 1
+            decode()
+            for s, slot in enumerate(slots):
+                if slot is None:
+                    continue
+                token = argmax(slot["at"])
+                done = token in stop_set
+                if not done:
+                    slot["out"].append(token)
+                    done = len(slot["out"]) >= budgets[slot["i"]]
+                if done:
+                    results[slot["i"]] = slot["out"]
+                    llama_cpp.llama_memory_seq_rm(mem, s + 1, -1, -1)
+                    slots[s] = None
+                    if on_done is not None:
+                        on_done(slot["i"], slot["out"])
+    finally:
+        batch.free()
+        ctx.close()
+    if timings is not None:
+        timings.update(prefix_tokens=prefix, context_seconds=round(context_s, 3), prefix_seconds=round(prefix_s, 3),
+                       decode_seconds=round(decode_s[0], 3), n_ctx=n_ctx, parallel=parallel, decode_calls=calls,
+                       batch_tokens=tokens, seconds=round(time.perf_counter() - started, 3))
+    return results
+
+
+def reply_text(tokenizer, new: list[int], budget: int) -> tuple[str, bool]:
+    """(text, hit_limit) of a reply's token ids, as generation.generate decodes them: a reply that used its whole
+    budget never ended its turn (the stop token is left out), and may end in half a character, dropped."""
+    hit = len(new) >= budget
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    return (text.rstrip("\ufffd") if hit else text), hit
+
+
 def greedy_replies(llm, tokenizer, prompts: list[list[dict]], budgets: list[int], desc: str | None = None) -> list[list[int]]:
     """Greedy new token ids of each prompt on llama.cpp, without the stop token, each at most its budget: the prompt
     ids and stop tokens of transformers generation (wenyan.prompt.prompt_ids, end_of_turn_ids), one sentence after
@@ -453,19 +635,34 @@ def greedy_replies(llm, tokenizer, prompts: list[list[dict]], budgets: list[int]
 
 
 def generate(llm, tokenizer, prompts: list[list[dict]], sources: list[str], *, factor: float = 2.0, extra: int = 16,
-             desc: str = "llama.cpp") -> tuple[list[str], list[bool]]:
-    """generation.generate's contract on llama.cpp: (texts, hit_limit) in the order of `prompts`. The same prompt ids,
-    budgets (token_budgets), stop tokens and decoding (the tokenizer's, special tokens skipped); greedy
-    (greedy_replies); a tqdm bar on stderr."""
-    from wenyan.prompt import token_budgets
+             desc: str = "llama.cpp", parallel: int = 16, on_result=None) -> tuple[list[str], list[bool]]:
+    """generation.generate's contract on llama.cpp: (texts, hit_limit) in the order of `prompts`. The same prompt ids
+    (prompt_ids), budgets (token_budgets), stop tokens (end_of_turn_ids) and decoding
+    (the tokenizer's, special tokens skipped); greedy; a tqdm bar on stderr. parallel > 1: batched_greedy
+    (all sentences in one context, `parallel` at a time, the shared prompt prefix computed once); parallel 1: one
+    sentence after the other through Llama.generate (which reuses the KV of the prefix a prompt shares with the
+    one before). on_result(i, text, hit_limit) is called as each sentence is done."""
+    from tqdm.auto import tqdm
 
+    from wenyan.prompt import end_of_turn_ids, prompt_ids, token_budgets
+
+    stops = end_of_turn_ids(tokenizer)
+    input_ids = prompt_ids(tokenizer, prompts)
     budgets = token_budgets(tokenizer, sources, factor, extra)
-    texts, hit_limit = [], []
-    for new, budget in zip(greedy_replies(llm, tokenizer, prompts, budgets, desc), budgets):
-        hit = len(new) >= budget  # greedy leaves the stop token out: a full budget never ended its turn
-        text = tokenizer.decode(new, skip_special_tokens=True)
-        texts.append(text.rstrip("\ufffd") if hit else text)
-        hit_limit.append(hit)
+    texts: list[str | None] = [None] * len(prompts)
+    hit_limit = [False] * len(prompts)
+    with tqdm(total=len(prompts), desc=desc, unit="sent") as bar:
+        def done(i: int, new: list[int]) -> None:
+            texts[i], hit_limit[i] = reply_text(tokenizer, new, budgets[i])
+            bar.update(1)
+            if on_result is not None:
+                on_result(i, texts[i], hit_limit[i])
+
+        if parallel > 1:
+            batched_greedy(llm, input_ids, budgets, stops, parallel=parallel, on_done=done)
+        else:
+            for i, (ids, budget) in enumerate(zip(input_ids, budgets)):
+                done(i, greedy(llm, ids, stops, budget))
     return texts, hit_limit
 
 

@@ -32,14 +32,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def run(cmd: list[str], log: Path, threads: int) -> float:
+def run(cmd: list[str], log: Path, threads: int) -> tuple[float, float]:
+    """Run a stage: (wall seconds, CPU seconds (user + system) of the stage process). CPU seconds depend much
+    less than wall time on what else the shared cores run."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
     t0 = time.perf_counter()
     with log.open("w", encoding="utf-8") as fh:
-        code = subprocess.run(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = code = os.waitstatus_to_exitcode(status)
     if code:
         raise SystemExit(f"error: {' '.join(cmd[:3])} failed ({code}); see {log}")
-    return round(time.perf_counter() - t0, 1)
+    return round(time.perf_counter() - t0, 1), round(usage.ru_utime + usage.ru_stime, 1)
 
 
 def prepare(name: str, overrides: list[str], work: Path) -> tuple[Path, Path]:
@@ -68,35 +72,48 @@ def train(name: str, params_path: Path, fmt: Path, work: Path, threads: int) -> 
     folder = work / name
     summary_path = folder / "reports" / "summary.json"
     if not summary_path.exists():
-        wall = run([sys.executable, "-m", "stages.train", "--train", str(fmt / "train.jsonl"), "--valid",
+        wall, cpu = run([sys.executable, "-m", "stages.train", "--train", str(fmt / "train.jsonl"), "--valid",
                     str(fmt / "valid.jsonl"), "--out", str(folder / "adapter"), "--checkpoints",
                     str(folder / "checkpoints"), "--reports", str(folder / "reports"), "--params", str(params_path)],
                    folder / "train.log", threads)
-        (folder / "train_wall_s").write_text(str(wall))
+        (folder / "train_times.json").write_text(json.dumps({"wall_s": wall, "cpu_s": cpu}))
     s = json.loads(summary_path.read_text(encoding="utf-8"))
     return {"steps": s["steps"], "rows_per_batch": s["rows_per_batch"], "examples_seen": s["steps"] * s["rows_per_batch"],
             "mean_example_tokens": s["mean_example_tokens"], "tokens_seen": s["tokens_seen"],
             "final_train_loss": s["final_train_loss"], "final_eval_loss": s["final_eval_loss"],
-            "train_time_s": s["train_time_s"], "stage_wall_s": float((folder / "train_wall_s").read_text()),
+            "train_time_s": s["train_time_s"], **{f"train_stage_{k}": v for k, v in times(folder / "train_times.json").items()},
             "tokens_per_s": s["tokens_per_s"]}
+
+
+def times(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def evaluate(name: str, params_path: Path, fmt: Path, work: Path, threads: int) -> dict:
     folder = work / name
     base_outputs = fmt.with_name(fmt.name + "-base_outputs.jsonl")
     if not base_outputs.exists():
-        run([sys.executable, "-m", "stages.evaluate", "base", "--test", str(fmt / "test.jsonl"), "--base", "models/base",
-             "--out", str(base_outputs), "--params", str(params_path)], work / f"{fmt.name}-base.log", threads)
+        wall, cpu = run([sys.executable, "-m", "stages.evaluate_base", "--test", str(fmt / "test.jsonl"), "--base",
+                         "models/base", "--out", str(base_outputs), "--params", str(params_path)],
+                        work / f"{fmt.name}-base.log", threads)
+        base_outputs.with_suffix(".times.json").write_text(json.dumps({"wall_s": wall, "cpu_s": cpu}))
     metrics_path = folder / "metrics.json"
     if not metrics_path.exists():
-        run([sys.executable, "-m", "stages.evaluate", "--test", str(fmt / "test.jsonl"), "--model", str(folder / "adapter"),
+        wall, cpu = run([sys.executable, "-m", "stages.evaluate", "--test", str(fmt / "test.jsonl"), "--model", str(folder / "adapter"),
              "--metrics", str(metrics_path), "--out-dir", str(folder / "evaluate"), "--hypotheses",
              str(folder / "hypotheses.jsonl"), "--base-outputs", str(base_outputs), "--params", str(params_path)],
             folder / "evaluate.log", threads)
+        (folder / "evaluate_times.json").write_text(json.dumps({"wall_s": wall, "cpu_s": cpu}))
     m = json.loads(metrics_path.read_text(encoding="utf-8"))
     return {"sentences": m["n_sentences"], "bleu": m["bleu"], "bleu_ci95": m.get("bleu_ci95"), "chrf": m["chrf"],
             "hit_max_new_tokens": m.get("hit_max_new_tokens"), "copy_bleu": m["baselines"].get("copy", {}).get("bleu"),
-            "base_bleu": m["baselines"].get("base", {}).get("bleu")}
+            "base_bleu": m["baselines"].get("base", {}).get("bleu"),
+            **{f"evaluate_{k}": v for k, v in times(folder / "evaluate_times.json").items()},
+            **{f"evaluate_base_{k}": v for k, v in times(base_outputs.with_suffix(".times.json")).items()}}
+
+
+def pair(row: dict, stage: str) -> str:
+    return f"{row[stage + '_wall_s']} / {row[stage + '_cpu_s']}" if stage + "_wall_s" in row else ""
 
 
 def main(argv=None) -> None:
@@ -134,7 +151,7 @@ def main(argv=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     header = ["variant", "steps", "examples seen", "mean example tokens", "tokens seen", "train loss", "eval loss (valid)",
-              "train steps (s)", "train stage (s)", "BLEU", "95% CI", "chrF", "copy", "base", "hit max tokens"]
+              "train steps (s)", "train stage wall / CPU (s)", "evaluate_base wall / CPU (s)", "evaluate wall / CPU (s)", "BLEU", "95% CI", "chrF", "copy", "base", "hit max tokens"]
     lines = [f"# Training variants of the CPU default (commit {head}, {os.cpu_count()} CPUs, {args.threads} thread(s) "
              f"a variant, {args.jobs} at once)", "", f"`{report['command']}`", "",
              f"Load average at the end: {', '.join(f'{x:.2f}' for x in report['load_average_at_end'])}: times are "
@@ -145,7 +162,7 @@ def main(argv=None) -> None:
         lines.append("| " + " | ".join(str(x) for x in [
             f"{r['variant']} {' '.join(r['overrides'])}".strip(), r["steps"], r["examples_seen"], r["mean_example_tokens"],
             r["tokens_seen"], f"{r['final_train_loss']:.3f}", f"{r['final_eval_loss']:.3f}", r["train_time_s"],
-            r["stage_wall_s"], r.get("bleu", ""), f"{ci.get('low')}–{ci.get('high')}" if ci else "", r.get("chrf", ""),
+            pair(r, "train_stage"), pair(r, "evaluate_base"), pair(r, "evaluate"), r.get("bleu", ""), f"{ci.get('low')}–{ci.get('high')}" if ci else "", r.get("chrf", ""),
             r.get("copy_bleu", ""), r.get("base_bleu", ""), r.get("hit_max_new_tokens", "")]) + " |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 

@@ -3,7 +3,8 @@
     python benchmarks/main_command.py                                   # HEAD as committed
     python benchmarks/main_command.py --variant none -S train.extend_vocab=none --variant auto
     python benchmarks/main_command.py --one-clone --keep /tmp/mc --out reports/benchmarks/main_command_cpu_tuning \
-        --variant old -S 'format.system_prompt=...' --variant lr1e-3 -S train.learning_rate=0.001
+        --variant default --variant short -S 'format.system_prompt=你是翻译家。' \
+        --variant short-lr1e-3 -S 'format.system_prompt=你是翻译家。' -S train.learning_rate=0.001
 
 Installs are excluded: the clone runs with this interpreter's environment (the README's venv). Each variant is a
 fresh `git clone` of HEAD with its -S overrides written into params.yaml, then `dvc repro`, timed as a whole and

@@ -216,7 +216,7 @@ def build_corpus(cfg: dict, split_dir: Path, opencc) -> tuple[list, list[str], d
             f"nothing is left to pretrain on; pretraining on valid/test text would leak it into the scores")
     vocab_texts = [s for _, lines in mono for s in lines]
     vocab_texts += frames["train"]["source"].tolist() + frames["train"]["target"].tolist()
-    log.info("valid/test overlap: removed %s of %s monolingual.sentences (%s characters) from the sources%s",
+    log.info("valid/test overlap: removed %s of %s sentences (%s characters) from the sources%s",
              f"{overlap['sentences_removed']:,}", f"{overlap['sentences']:,}", f"{overlap['characters_removed']:,}",
              f", {train_overlap['sentences_removed']:,} from the train split" if cfg["include_train_split"] else "")
     report = {

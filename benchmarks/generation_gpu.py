@@ -110,6 +110,7 @@ def evaluate_params(workdir: Path, num: int, smoke: bool) -> Path:
     return path
 
 
+# Long (~130 lines): one benchmark run read top to bottom: set-up, warm-up, then one block a method, report rewritten after each.
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="a model directory the train stage wrote (models/adapter)")

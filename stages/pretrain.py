@@ -313,6 +313,7 @@ def make_dataset(sequences):
     return Dataset(pa.table({"input_ids": column}))
 
 
+# Long (~90 lines): the stage's run read top to bottom: corpus, vocabulary, model, trainer, training, summary.
 def pretrain(cfg: dict, opencc, base_dir, split_dir, out, reports, callbacks=()) -> dict:
     """Run the stage (not a pass-through); returns the summary also written to reports/summary.json."""
     start = time.perf_counter()

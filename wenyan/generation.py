@@ -431,6 +431,8 @@ def slot_greedy(model, input_ids: list[list[int]], budgets: list[int], eos: set[
             config._attn_implementation = previous_attention
 
 
+# Long (~140 lines): the slot loop's one decode loop: admit, step (eager or CUDA graph), retire, refill, shrink share
+# the slot state (ring, columns, positions); split into functions it would pass a dozen tensors back and forth.
 def _run(model, input_ids, budgets, eos, pad_id, order, p, ring, columns, slots, refill, min_batch, cuda_graph,
          device, progress, counts):
     import torch

@@ -107,6 +107,7 @@ def blocks(lines: list[str]) -> list[list[str]]:
     return docs
 
 
+# Long (~80 lines): one walk of a directory or archive with the layout's rules (book filter, chapter files, skips).
 def read_tree(path: Path, fmt: str, encoding: str, books: list[str], stats: Stats):
     """Documents [(name, lines)] of a directory or archive: niutrans text.txt chapters, or every *.txt (text)."""
     wanted, found = set(books), set()

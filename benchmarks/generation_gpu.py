@@ -153,7 +153,7 @@ def main(argv=None) -> None:
     metrics.check_test_rows(rows, test)
     prompts, sources, refs = [r["messages"][:-1] for r in rows], [r["source"] for r in rows], [r["target"] for r in rows]
     started = time.perf_counter()
-    trained = models.load_trained(model_dir)  # bf16 on CUDA, fp32 on CPU (generation.device_and_dtype)
+    trained = models.load_trained(model_dir)  # bf16 on CUDA, fp32 on CPU (wenyan.device.device_and_dtype)
     load_seconds = time.perf_counter() - started
     model, tokenizer = trained.model, trained.tokenizer
     opencc = trained.prompt["opencc"]

@@ -67,7 +67,8 @@ import shutil
 import time
 from pathlib import Path
 
-from wenyan import archives, generation, models, monolingual, sft, text, vocab
+from wenyan.device import pick_backend
+from wenyan import archives, models, monolingual, sft, text, vocab
 from wenyan.errors import PipelineError, get_logger, run_main
 from wenyan.files import check_output_path, new_staging_dir, read_pairs, replace_dir, write_json
 from wenyan.params import Bool, Float, Int, ListOf, OneOf, Param, Str, check_entry, check_params, load_sections
@@ -320,7 +321,7 @@ def pretrain(cfg: dict, opencc, base_dir, split_dir, out, reports, callbacks=())
     out, reports, split_dir = Path(out), Path(reports), Path(split_dir)
     location, base_info = base_location(Path(base_dir))
     rows = micro_batch_rows(cfg)
-    backend = generation.pick_backend(cfg["backend"])  # imports unsloth (if used) before transformers
+    backend = pick_backend(cfg["backend"])  # imports unsloth (if used) before transformers
     sft.check_trainer_names(cfg, "pretrain")
     import torch
 

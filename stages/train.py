@@ -51,7 +51,8 @@ import sys
 import time
 from pathlib import Path
 
-from wenyan import distributed, generation, models, sft, vocab
+from wenyan.device import pick_backend
+from wenyan import distributed, models, sft, vocab
 from wenyan.prompt import CHAT_TEMPLATES, PROMPT_SCHEMA, check_templates, end_of_turn_token
 from wenyan.distributed import barrier, pin_one_gpu, summed, world
 from wenyan.errors import get_logger, PipelineError, run_main
@@ -288,7 +289,7 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
     saved with the model. `callbacks`: extra TrainerCallbacks (tests use one to kill a run half-way)."""
     start = time.perf_counter()
     out, checkpoints, reports = Path(out), Path(checkpoints), Path(reports)
-    backend = generation.pick_backend("hf" if cfg["fsdp"] else cfg["backend"])  # imports unsloth (if used) first
+    backend = pick_backend("hf" if cfg["fsdp"] else cfg["backend"])  # imports unsloth (if used) first
     sft.check_trainer_names(cfg, "train")
     models.check_target_modules(cfg, models.model_modules(cfg["model"]))  # from the config alone, before data and weights
     import torch

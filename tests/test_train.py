@@ -249,7 +249,7 @@ def test_bad_params_fail_before_any_loading(tiny, tmp_path, monkeypatch, overrid
     def no_loading(*args, **kwargs):
         raise AssertionError("got past parameter checking")
 
-    monkeypatch.setattr(generation, "pick_backend", no_loading)
+    monkeypatch.setattr(train_stage, "pick_backend", no_loading)
     with pytest.raises(PipelineError, match=message):
         run(tiny, tmp_path, **overrides)
 

@@ -25,9 +25,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+from wenyan.device import device_and_dtype, own_gpu
 from wenyan.errors import PipelineError, get_logger
 from wenyan.files import new_staging_dir
-from wenyan import generation, vocab
+from wenyan import vocab
 from wenyan.distributed import world
 from wenyan.prompt import PROMPT_KEYS, apply_chat_template_override, fix_special_tokens
 
@@ -235,7 +236,7 @@ def load_trained(model_dir: Path, *, model: bool = True, backend: str | None = N
     """Everything a trained model directory holds, read back from there only (never from params.yaml).
 
     model=False: config, prompt and tokenizer only (cheap checks first). backend None = inference_backend.
-    device/dtype default to generation.device_and_dtype(); merge folds a LoRA adapter into its base."""
+    device/dtype default to device_and_dtype(); merge folds a LoRA adapter into its base."""
     model_dir = Path(model_dir)
     cfg = read_training_config(model_dir)
     if backend is None:
@@ -259,13 +260,13 @@ def load_trained_model(trained: Trained, device=None, dtype=None, merge: bool = 
 
             model, _ = FastLanguageModel.from_pretrained(
                 model_name=str(model_dir), max_seq_length=cfg.get("max_seq_length") or 2048, dtype=None,
-                load_in_4bit=bool(cfg.get("load_in_4bit", False)), **generation.own_gpu(),
+                load_in_4bit=bool(cfg.get("load_in_4bit", False)), **own_gpu(),
             )
             FastLanguageModel.for_inference(model)
             return model
         except Exception as exc:
             log.warning("unsloth could not load %s (%s); falling back to transformers", model_dir, exc)
-    auto_device, auto_dtype = generation.device_and_dtype()
+    auto_device, auto_dtype = device_and_dtype()
     device, dtype = device or auto_device, dtype or auto_dtype
     if not trained.is_adapter:
         from transformers import AutoModelForCausalLM
@@ -297,13 +298,13 @@ def load_base(cfg: dict, tokenizer, backend: str):
 
             model, _ = FastLanguageModel.from_pretrained(
                 model_name=materialize(cfg["model"]), max_seq_length=cfg.get("max_seq_length") or 2048,
-                dtype=None, load_in_4bit=False, **generation.own_gpu(),
+                dtype=None, load_in_4bit=False, **own_gpu(),
             )
             FastLanguageModel.for_inference(model)
             return model
         except Exception as exc:
             log.warning("unsloth could not load the base model (%s); falling back to transformers", exc)
-    device, dtype = generation.device_and_dtype()
+    device, dtype = device_and_dtype()
     base = load_model(cfg["model"], dtype=dtype, device=device)
     if len(tokenizer) > base.get_input_embeddings().num_embeddings:
         base.resize_token_embeddings(len(tokenizer))

@@ -25,11 +25,18 @@ In order:
      end-of-turn token, each output sliced at the padded input length; a tqdm bar on stderr. A GGUF goes
      through gguf.generate: the same prompt ids, budgets and stop tokens, greedy, one sentence at a time.
   6. The translations of a line's sentences are joined into one output line, so the output has exactly
-     as many lines as the input (empty input, empty output). A piece with nothing to translate (only
-     punctuation or symbols) passes through as it is; so does a line with none (empty, spaces, ……).
-     Written to stdout or, atomically (temporary file + rename, the file's mode kept), to --output; through
-     a symlink to its target; to a device such as /dev/null in place. --output is checked before the model
-     is loaded: never the input file (under any name), a directory, or a place that cannot be written.
+     as many lines as the input (empty input, empty output; \n, \r\n and a lone \r each end a line, as in
+     ingest). A piece with nothing to translate (only punctuation or symbols) passes through as it is; so
+     does a line with none (empty, spaces, ……). --output is checked before the model is loaded: never the
+     input file (under any name), inside the model, a directory, or a place that cannot be written.
+
+The input is read, translated and written CHUNK_LINES lines at a time, so memory stays bounded whatever its
+length. To stdout (or a device such as /dev/null, a pipe) each chunk is written as it is done. To a file: into
+<output>.partial beside it (the file's mode kept; through a symlink to its target), renamed onto the output
+at the end, so the output changes once, whole; if the run is interrupted (Ctrl-C, kill, an error at line
+90,000), <output>.partial keeps the lines done and <output>.partial.json which input lines they are, and
+the same command run again continues from the next line (same model and settings, an --input file whose
+first lines are unchanged). A full disk is one error: no partial file is kept, the output is as it was.
 
 Device: CUDA when available (bf16 or fp16; unsloth's inference for a model trained with unsloth), else
 CPU in fp32. Everything is local: no network.
@@ -39,6 +46,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import io
+import itertools
+import json
 import os
 import re
 import stat
@@ -48,7 +59,8 @@ from pathlib import Path
 from typing import Callable
 
 from stages import gguf, modeling, text as text_lib
-from stages.common import PipelineError, file_kind, get_logger, nearest_existing, run_main, write_text
+from stages.common import PipelineError, file_kind, get_logger, nearest_existing, run_main, write_json
+from wenyan.relations import check_paths
 
 log = get_logger("translate")
 
@@ -110,11 +122,12 @@ def has_text(piece: str) -> bool:
     return _TEXT.search(piece) is not None
 
 
-def plan_lines(lines: list[str], fits: Callable[[str], bool], limit_hint: str, source_name: str = "input") -> list[list[str]]:
+def plan_lines(lines: list[str], fits: Callable[[str], bool], limit_hint: str, source_name: str = "input",
+               first: int = 1) -> list[list[str]]:
     """Per input line, its pieces (sentences, or parts of too-long sentences); those without text (has_text) are
-    kept, to pass through untranslated."""
+    kept, to pass through untranslated. first: the input line number of lines[0] (for messages)."""
     planned = []
-    for number, line in enumerate(lines, 1):
+    for number, line in enumerate(lines, first):
         pieces = []
         for sentence in split_sentences(line):
             if not has_text(sentence):
@@ -145,13 +158,15 @@ def assemble(planned: list[list[str]], translations: list[str], originals: list[
     return out
 
 
+_LINE_END = re.compile("\r\n|\r|\n")
+
+
 def split_input_lines(text: str) -> list[str]:
-    """Lines as `wc -l` counts them: separated by \\n (\\r\\n accepted); a final newline ends the last line."""
-    text = text.replace("\r\n", "\n")
+    """Lines as ingest reads them: \\n, \\r\\n and a lone \\r each end a line; a final line ending ends the last line."""
     if not text:
         return []
-    lines = text.split("\n")
-    if text.endswith("\n"):
+    lines = _LINE_END.split(text)
+    if lines[-1] == "":
         lines.pop()
     return lines
 
@@ -184,10 +199,66 @@ def build_prompts(pieces: list[str], fmt: dict, count_tokens: Callable[[list[dic
 
 
 PIPE_PATHS = ("/dev/stdin", "/dev/fd/", "/proc/self/fd/")  # `--input <(cmd)` names a pipe like these
+CHUNK_LINES = 256  # input lines planned, translated and written at a time: memory stays bounded by this
 
 
-def read_input(text: str | None, input_path: str | None) -> tuple[str, str]:
-    """(text, a name for messages): the positional text, the --input file ('-' = stdin), or stdin."""
+@dataclasses.dataclass
+class Source:
+    """Where the text comes from: lines() yields its lines one at a time (memory bounded by a line), as ingest
+    reads text: \\n, \\r\\n and a lone \\r each end a line, a final line ending ends the last line, a BOM dropped."""
+
+    name: str
+    path: str | None = None  # an --input file
+    text: str | None = None  # the argument
+
+    def lines(self):
+        if self.text is not None:
+            yield from split_input_lines(self.text)
+            return
+        if self.path is not None:
+            try:
+                raw = open(self.path, "rb")
+            except OSError as exc:  # vanished or unreadable since the check
+                raise PipelineError(f"{self.path}: cannot read the input file ({exc.strerror})") from None
+        else:
+            raw = sys.stdin.buffer
+        stream = io.TextIOWrapper(raw, encoding="utf-8-sig", newline=None)  # universal newlines: \r, \r\n, \n
+        number = 0
+        try:
+            for number, line in enumerate(stream, 1):
+                yield line[:-1] if line.endswith("\n") else line
+        except UnicodeDecodeError as exc:
+            raise PipelineError(f"{self.name}:{number + 1}: not UTF-8 text ({exc.reason}); convert it first, "
+                                f"e.g. iconv -f GBK -t UTF-8") from None
+        finally:
+            if self.path is not None:
+                stream.close()
+            else:
+                stream.detach()
+
+    def count_lines(self) -> int | None:
+        """The number of lines of a regular input file (for the progress bar), else None."""
+        if self.text is not None:
+            return len(split_input_lines(self.text))
+        if self.path is None or not os.path.isfile(self.path):
+            return None
+        try:
+            return sum(1 for _ in self.lines())
+        except PipelineError:
+            return None
+
+
+
+def line_hasher(lines=()):
+    """A running sha256 of input lines (the resume record's check that the input begins as it did)."""
+    hasher = hashlib.sha256()
+    for line in lines:
+        hasher.update(line.encode("utf-8", "surrogatepass") + b"\n")
+    return hasher
+
+
+def read_input(text: str | None, input_path: str | None) -> Source:
+    """The positional text, the --input file ('-' = stdin), or stdin; checked, not read yet."""
     if text is not None and input_path is not None:
         raise PipelineError("give the text either as an argument or with --input, not both")
     if text is not None:
@@ -198,23 +269,13 @@ def read_input(text: str | None, input_path: str | None) -> tuple[str, str]:
                 f"the text argument is not UTF-8 (character {exc.start + 1}); give UTF-8 text, or convert a file "
                 f"with iconv and pass it with --input"
             ) from None
-        return text, "argument"
+        return Source("argument", text=text)
     if input_path is not None and input_path != "-":
         check_input_file(input_path)
-        try:
-            data = Path(input_path).read_bytes()
-        except OSError as exc:  # a file that vanished or cannot be read since the check
-            raise PipelineError(f"{input_path}: cannot read the input file ({exc.strerror})") from None
-        name = input_path
-    else:
-        if input_path is None and sys.stdin.isatty():
-            raise PipelineError("nothing to translate: give a sentence, --input FILE, or pipe text on standard input")
-        data = sys.stdin.buffer.read()
-        name = "stdin"
-    try:
-        return data.decode("utf-8-sig"), name
-    except UnicodeDecodeError as exc:
-        raise PipelineError(f"{name}: not UTF-8 text ({exc.reason} at byte {exc.start}); convert it first, e.g. iconv -f GBK -t UTF-8") from None
+        return Source(input_path, path=input_path)
+    if input_path is None and sys.stdin.isatty():
+        raise PipelineError("nothing to translate: give a sentence, --input FILE, or pipe text on standard input")
+    return Source("stdin")
 
 
 def check_input_file(input_path: str) -> None:
@@ -298,20 +359,123 @@ def probe_directory(output: str, directory: Path) -> None:
     os.unlink(probe)
 
 
-def write_output(lines: list[str], output: Output) -> None:
-    text = "".join(line + "\n" for line in lines)
-    if output.path is None:
-        sys.stdout.flush()
-        sys.stdout.buffer.write(text.encode("utf-8"))
-        sys.stdout.buffer.flush()
-    elif output.atomic:
-        write_text(output.path, text)  # temporary file + rename: never a half-written output; the file's mode kept
-    else:
+class Writer:
+    """Translations written as they come, a chunk of lines at a time. stdout and a device or pipe: in place.
+    A file: into <output>.partial beside it (flushed each chunk), renamed onto the output at the end (the
+    output changes once, whole); <output>.partial.json records which input lines are done, so a run that was
+    interrupted (Ctrl-C, kill, a too-long clause found at line 90,000) continues where it stopped when run again
+    with the same model and the same beginning of the input. A full disk: one error, no partial file kept."""
+
+    def __init__(self, output: Output, run_key: dict):
+        self.output, self.run_key, self.done, self.file = output, run_key, 0, None
+        self.hasher = line_hasher()
+        self.can_resume = False
+        self.partial = self.state = None
+        if output.path is not None and output.atomic:
+            self.partial = output.path.with_name(output.path.name + ".partial")
+            self.state = output.path.with_name(output.path.name + ".partial.json")
+
+    def resumable(self, source: Source) -> int:
+        """Input lines a previous interrupted run of this same command translated already (0 = none)."""
+        self.can_resume = source.path is not None  # stdin and an argument cannot be read again
+        if self.partial is None or source.path is None or not (self.partial.is_file() and self.state.is_file()):
+            return 0
         try:
-            with open(output.path, "wb") as f:
-                f.write(text.encode("utf-8"))
+            state = json.loads(self.state.read_text(encoding="utf-8"))
+            done, digest = int(state["lines"]), state["input_sha256"]
+            same = state.get("run") == self.run_key
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+        data = self.partial.read_bytes()
+        if not same or data.count(b"\n") < done:
+            return 0
+        lines = source.lines()
+        hasher = line_hasher(itertools.islice(lines, done))
+        lines.close()
+        if hasher.hexdigest() != digest:  # (an input shorter than done lines hashes differently too)
+            return 0
+        with open(self.partial, "r+b") as f:  # keep exactly the lines recorded as done
+            f.truncate(len(b"".join(data.splitlines(keepends=True)[:done])))
+        self.done, self.hasher = done, hasher
+        return done
+
+    def open(self) -> None:
+        if self.output.path is None:
+            return
+        path = self.partial if self.partial is not None else self.output.path
+        try:
+            self.file = open(path, "ab" if self.done else "wb")
         except OSError as exc:
-            raise PipelineError(f"{output.path}: cannot write the output ({exc.strerror})") from None
+            raise PipelineError(f"{self.output.path}: cannot write the output ({exc.strerror})") from None
+        if self.partial is not None and not self.done:
+            try:  # the output's mode, as an atomic rename would keep it
+                mode = stat.S_IMODE(self.output.path.stat().st_mode) if self.output.path.is_file() else None
+                if mode is not None:
+                    os.chmod(self.partial, mode)
+            except OSError:
+                pass
+
+    def write(self, lines: list[str], source_lines: list[str]) -> None:
+        """lines: the translations of source_lines (the input lines), one each."""
+        data = "".join(line + "\n" for line in lines).encode("utf-8")
+        try:
+            if self.output.path is None:
+                sys.stdout.flush()
+                sys.stdout.buffer.write(data)
+                sys.stdout.buffer.flush()
+            else:
+                self.file.write(data)
+                self.file.flush()
+                if self.partial is not None:
+                    os.fsync(self.file.fileno())
+                    self.done += len(lines)
+                    for line in source_lines:
+                        self.hasher.update(line.encode("utf-8", "surrogatepass") + b"\n")
+                    write_json(self.state, {"run": self.run_key, "lines": self.done, "input_sha256": self.hasher.hexdigest()})
+        except PipelineError:
+            self.discard()
+            raise
+        except OSError as exc:
+            where = "standard output" if self.output.path is None else str(self.output.path)
+            self.discard()
+            kept = "" if self.output.path is None or not self.output.path.exists() else f"; {where} is as it was"
+            raise PipelineError(f"{where}: cannot write the translation ({exc.strerror}){kept}") from None
+
+    def finish(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.partial is not None:
+            if self.file is None:  # nothing was written at all: an empty output
+                self.open()
+                self.file.close()
+            if self.output.path.exists() and not self.output.path.is_file():
+                self.discard()
+                raise PipelineError(f"{self.output.path}: is {file_kind(self.output.path.stat().st_mode)}, but this output is a file")
+            os.replace(self.partial, self.output.path)
+            self.state.unlink(missing_ok=True)
+
+    def interrupted(self) -> None:
+        """A run stopped before its end: a file output keeps what is done, to continue from."""
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        if self.partial is not None and self.partial.exists():
+            if self.done and self.can_resume:
+                log.warning("%d line(s) translated so far are kept in %s; run the same command again to continue "
+                            "from line %d", self.done, self.partial, self.done + 1)
+            else:
+                self.discard()
+
+    def discard(self) -> None:
+        if self.file is not None:
+            try:
+                self.file.close()
+            except OSError:
+                pass
+            self.file = None
+        for path in (self.partial, self.state):
+            if path is not None:
+                path.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,8 +499,10 @@ def main(argv=None) -> None:
                             f"{args.batch_size} and {args.max_new_tokens_factor}")
 
     # 1. what to translate, with what (cheap checks first: no model is loaded before they pass)
-    text, source_name = read_input(args.text, args.input)
+    source = read_input(args.text, args.input)
     output = check_output(args.output, args.input if args.text is None else "")
+    if output.path is not None:  # never into the model it reads (nor the input: check_output)
+        check_paths({"--model": args.model}, {"--output": output.path})
     gguf_file = args.model if args.model.suffix == ".gguf" else None
     if gguf_file is not None and not gguf_file.is_file():
         raise PipelineError(f"{gguf_file}: GGUF file not found; the export stage writes them (dvc repro export/dvc.yaml)")
@@ -350,8 +516,6 @@ def main(argv=None) -> None:
     cfg, tokenizer = trained.config, trained.tokenizer
     fmt, opencc = trained.prompt["format"], trained.prompt["opencc"]  # what the model was trained with
     converter = text_lib.make_converter(opencc)
-    originals = split_input_lines(text)
-    lines = text_lib.normalise_lines(originals, converter)
 
     def count_tokens(messages: list[dict]) -> int:  # as generate tokenizes a prompt
         return len(modeling.prompt_ids(tokenizer, [messages])[0])
@@ -362,44 +526,94 @@ def main(argv=None) -> None:
         lambda piece: count_tokens(prompt_messages(piece, [], no_context)) <= max_tokens
     )
     limit_hint = f"max_seq_length {max_tokens} tokens ({model_dir}/training_config.json)"
-    planned = plan_lines(lines, fits, limit_hint, source_name)
-    pieces = [p for line_pieces in planned for p in line_pieces if has_text(p)]
-    split_up = sum(len(line_pieces) > len(split_sentences(line)) for line, line_pieces in zip(lines, planned))
-    log.info(
-        "%d line(s), %d piece(s) to translate%s; prompt from %s/training_config.json",
-        len(lines), len(pieces), f" ({split_up} line(s) with a sentence split at ，、 to fit)" if split_up else "", model_dir,
-    )
-    if not pieces:
-        write_output(assemble(planned, [], originals), output)  # nothing to translate: no model needed
-        return
+    run_key = {"model": os.path.realpath(args.model), "config": cfg, "batch_size": args.batch_size,
+               "max_new_tokens_factor": args.max_new_tokens_factor}
+    writer = Writer(output, run_key)
+    skip = writer.resumable(source)
+    if skip:
+        log.info("continuing %s from input line %d (lines 1-%d were translated by an interrupted run)", writer.partial,
+                 skip + 1, skip)
+    engine = Engine(args, trained, gguf_file, model_dir)
+    total = source.count_lines()
+    from tqdm.auto import tqdm
 
-    # 3. generate
-    prompts = build_prompts(pieces, fmt, count_tokens, max_tokens)
-    if gguf_file is not None:
-        n_ctx = gguf.context_size(tokenizer, prompts, pieces, args.max_new_tokens_factor, 16)
-        llm = gguf.load_llama(gguf_file, n_ctx=n_ctx)
-        log.info("model: %s (llama.cpp, context %d; trained on %s)", gguf_file, n_ctx, cfg["model"])
-        raw, hit_limit = gguf.generate(llm, tokenizer, prompts, pieces, factor=args.max_new_tokens_factor, extra=16,
-                                       desc="translate")
-    else:
-        model = modeling.load_trained_model(trained)
-        log.info("model: %s (%s on %s, backend %s, %s)", model_dir, "LoRA adapter" if trained.is_adapter else "full model",
-                 cfg["model"], trained.backend, next(model.parameters()).device)
-        raw, hit_limit = modeling.generate(
-            model, tokenizer, prompts, pieces, batch_size=args.batch_size, factor=args.max_new_tokens_factor,
-            extra=16, eos_token_ids=modeling.end_of_turn_ids(tokenizer), desc="translate",
-        )
-    translations = text_lib.normalise_lines(raw, converter)  # one line each, the training targets' script
-    if any(hit_limit):
-        piece_line = [n for n, line_pieces in enumerate(planned, 1) for p in line_pieces if has_text(p)]
-        cut = sorted({piece_line[i] for i, hit in enumerate(hit_limit) if hit})
+    counts = {"lines": skip, "pieces": 0, "split_up": 0, "hit": 0}
+    cut: list[int] = []
+    context: list[str] = []  # the last context_sentences pieces of the input so far
+    writer.open()
+    try:
+        with tqdm(total=total, initial=skip, desc="translate", unit="line", disable=total is not None and total < 2 * CHUNK_LINES) as bar:
+            lines_iter = source.lines()
+            for _ in itertools.islice(lines_iter, skip):  # done by the interrupted run
+                pass
+            while True:
+                originals = list(itertools.islice(lines_iter, CHUNK_LINES))
+                if not originals:
+                    break
+                first = counts["lines"] + 1
+                lines = text_lib.normalise_lines(originals, converter)
+                planned = plan_lines(lines, fits, limit_hint, source.name, first=first)
+                pieces = [p for line_pieces in planned for p in line_pieces if has_text(p)]
+                counts["split_up"] += sum(len(lp) > len(split_sentences(line)) for line, lp in zip(lines, planned))
+                translations = []
+                if pieces:
+                    n = fmt["context_sentences"]
+                    carried = context[-n:] if n else []
+                    prompts = build_prompts(carried + pieces, fmt, count_tokens, max_tokens)[len(carried):]
+                    raw, hit_limit = engine.generate(prompts, pieces)
+                    translations = text_lib.normalise_lines(raw, converter)  # one line each, the targets' script
+                    context = (carried + pieces)[-n:] if n else []
+                    if any(hit_limit):
+                        piece_line = [first + k for k, lp in enumerate(planned) for p in lp if has_text(p)]
+                        cut += sorted({piece_line[i] for i, hit in enumerate(hit_limit) if hit})
+                        counts["hit"] += sum(hit_limit)
+                counts["pieces"] += len(pieces)
+                counts["lines"] += len(originals)
+                writer.write(assemble(planned, translations, originals), originals)
+                bar.update(len(originals))
+    except BaseException:
+        writer.interrupted()
+        raise
+    writer.finish()
+    log.info(
+        "%d line(s), %d piece(s) translated%s; prompt from %s/training_config.json", counts["lines"], counts["pieces"],
+        f" ({counts['split_up']} line(s) with a sentence split at ，、 to fit)" if counts["split_up"] else "", model_dir,
+    )
+    if counts["hit"]:
         log.warning(
             "%d translation(s) reached the token budget without ending, so may be cut short (%s line(s) %s); "
-            "raise --max-new-tokens-factor", sum(hit_limit), source_name, ", ".join(map(str, cut[:20])),
+            "raise --max-new-tokens-factor", counts["hit"], source.name, ", ".join(map(str, cut[:20])),
         )
-    write_output(assemble(planned, translations, originals), output)
     if args.output:
-        log.info("wrote %d line(s) to %s", len(lines), args.output)
+        log.info("wrote %d line(s) to %s", counts["lines"], args.output)
+
+
+class Engine:
+    """The model, loaded at the first piece that needs it (an input with nothing to translate loads none)."""
+
+    def __init__(self, args, trained, gguf_file, model_dir):
+        self.args, self.trained, self.gguf_file, self.model_dir = args, trained, gguf_file, model_dir
+        self.model = self.llm = None
+        self.n_ctx = 0
+
+    def generate(self, prompts, pieces):
+        args, trained, tokenizer = self.args, self.trained, self.trained.tokenizer
+        if self.gguf_file is not None:
+            need = gguf.context_size(tokenizer, prompts, pieces, args.max_new_tokens_factor, 16)
+            if self.llm is None or need > self.n_ctx:  # a later chunk with a longer sentence: a larger context
+                self.llm, self.n_ctx = None, need
+                self.llm = gguf.load_llama(self.gguf_file, n_ctx=need)
+                log.info("model: %s (llama.cpp, context %d; trained on %s)", self.gguf_file, need, trained.config["model"])
+            return gguf.generate(self.llm, tokenizer, prompts, pieces, factor=args.max_new_tokens_factor, extra=16,
+                                 desc="translate")
+        if self.model is None:
+            self.model = modeling.load_trained_model(trained)
+            log.info("model: %s (%s on %s, backend %s, %s)", self.model_dir, "LoRA adapter" if trained.is_adapter else
+                     "full model", trained.config["model"], trained.backend, next(self.model.parameters()).device)
+        return modeling.generate(
+            self.model, tokenizer, prompts, pieces, batch_size=args.batch_size, factor=args.max_new_tokens_factor,
+            extra=16, eos_token_ids=modeling.end_of_turn_ids(tokenizer), desc="translate",
+        )
 
 
 def cli() -> None:

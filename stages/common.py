@@ -362,18 +362,67 @@ def atomic_outputs(*paths: str | os.PathLike) -> Iterator[list[Path]]:
             try:
                 temps.append(_temp_beside(target))
             except OSError as exc:  # below a regular file, a read-only place: the stage's check_output_path says so earlier
+                if disk_full(exc):
+                    raise PipelineError(write_failure(target, exc)) from None
                 check_output_path(target)  # says why, if it can
                 raise PipelineError(f"{target}: cannot write this output ({exc.strerror})") from None
-        yield temps
+        try:
+            yield temps
+        except Exception as exc:  # a full disk while writing: one line naming the output, not a traceback
+            target = _failed_target(exc, temps, targets)
+            if target is None:
+                raise
+            raise PipelineError(write_failure(target, exc)) from None
         for target in targets:  # before any rename: a rename would replace /dev/null with a file
             if target.exists() and not target.is_file():
                 raise PipelineError(f"{target}: is {file_kind(target.stat().st_mode)}, but this output is a file; give a file name")
         for tmp, target in zip(temps, targets):  # renames only: the outputs change together, at the very end
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except OSError as exc:
+                raise PipelineError(write_failure(target, exc)) from None
     finally:
         for tmp in temps:
-            if tmp.exists():
-                tmp.unlink()
+            if tmp.exists() or tmp.is_symlink():
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+
+
+DISK_FULL_ERRNOS = {28, 122, 27}  # ENOSPC, EDQUOT, EFBIG
+DISK_FULL_TEXT = ("No space left on device", "os error 28", "Disk quota exceeded", "File too large")
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether exc says the disk (or quota) is full: an OSError with that errno, or a library's own error
+    carrying the message (pyarrow, safetensors and torch write through their own C++/Rust code)."""
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+        return True
+    return any(text in str(exc) for text in DISK_FULL_TEXT)
+
+
+def write_failure(target: Path, exc: BaseException) -> str:
+    """The one line for an output that could not be written; whatever was there before is unchanged."""
+    if target.name.startswith(".") and target.name.endswith(TEMP_SUFFIX):  # a writer's temporary file: its output
+        target = target.with_name(target.name[1 : -len(TEMP_SUFFIX)].rsplit(".", 1)[0])
+    if disk_full(exc):
+        why = "No space left on device" if "quota" not in str(exc).lower() else "Disk quota exceeded"
+    else:
+        why = getattr(exc, "strerror", None) or str(exc)
+    before = "the previous one is unchanged" if target.exists() else "nothing was written"
+    return f"{target}: cannot write this output ({why}); {before}. Free some space (or give another path) and run again"
+
+
+def _failed_target(exc: BaseException, temps: list[Path], targets: list[Path]) -> Path | None:
+    """The output a write error inside an atomic_outputs block belongs to: the one whose temporary file it names,
+    or, for a full disk, the first output (a disk-full error often names no file); None: not a write error."""
+    name = getattr(exc, "filename", None)
+    for tmp, target in zip(temps, targets):
+        if name is not None and os.fspath(name) in (os.fspath(tmp), os.path.abspath(tmp)):
+            return target
+    if disk_full(exc):
+        text = str(exc)
+        return next((target for tmp, target in zip(temps, targets) if str(tmp) in text or tmp.name in text), targets[0])
+    return None
 
 
 def replace_dir(tmp: Path, out: Path) -> None:

@@ -368,6 +368,8 @@ def atomic_outputs(*paths: str | os.PathLike) -> Iterator[list[Path]]:
                 raise PipelineError(f"{target}: cannot write this output ({exc.strerror})") from None
         try:
             yield temps
+        except PipelineError:
+            raise
         except Exception as exc:  # a full disk while writing: one line naming the output, not a traceback
             target = _failed_target(exc, temps, targets)
             if target is None:

@@ -40,11 +40,10 @@ class FullDisk:
         """Every later write below the directory fails with ENOSPC (what was written before stays)."""
         if self.mode == "tmpfs":
             filler = self.directory / f"filler-{uuid.uuid4().hex}"
-            with open(filler, "wb") as f:
+            with open(filler, "wb", buffering=0) as f:
                 try:
                     while True:
-                        f.write(b"\0" * 4096)
-                        f.flush()
+                        f.write(b"\0" * 512)
                 except OSError as exc:
                     assert exc.errno == errno.ENOSPC
             self.filler = filler

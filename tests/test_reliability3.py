@@ -75,7 +75,7 @@ def test_relation_of_siblings_and_prefix_names_is_none(tmp_path):
 
 @bad_input
 def test_two_outputs_on_one_path_are_refused(tmp_path):
-    with pytest.raises(PipelineError, match=r"the output --out .* is the output --report"):
+    with pytest.raises(PipelineError, match=r"p: the output --out is the output --report .*x/../p; one would overwrite the other"):
         relations.check_paths({}, {"--out": tmp_path / "p", "--report": tmp_path / "x" / ".." / "p"})
 
 
@@ -133,7 +133,7 @@ GOOD_CONFIG = {"model": "m", "max_seq_length": 512, "prompt": {"format": {
     ({"prompt": {**GOOD_CONFIG["prompt"], "format": {**GOOD_CONFIG["prompt"]["format"], "context_sentences": "2"}}},
      r"field 'prompt.format.context_sentences' should be an integer >= 0, got str '2'"),
     ({"prompt": ["t2s"]}, r"field 'prompt' should be a mapping \(JSON object\), got a list"),
-    ({"model": ""}, r"field 'model' should be a non-empty string"),
+    ({"model": ""}, r"field 'model' should be a non-empty string, got str ''"),
     ({"prompt": {"opencc": "t2s"}}, r"field 'prompt.format' is missing"),
 ])
 def test_training_config_schema_names_the_field(tmp_path, change, message):
@@ -235,3 +235,36 @@ def test_run_identity_covers_data_model_and_schedule(tmp_path):
     train.write_text("c\n")
     two = checkpoints.run_identity({**cfg, "learning_rate": 2e-4}, train, valid, str(model))
     assert checkpoints.identity_difference(one, two) == ["learning_rate", "train_data_sha256"]
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. A full disk
+
+
+@bad_input
+def test_atomic_outputs_on_a_full_disk_one_line_previous_kept(full_disk):
+    from stages.common import atomic_outputs, write_json
+
+    data, report = full_disk.directory / "pairs.bin", full_disk.directory / "report.json"
+    with atomic_outputs(data, report) as (d, r):
+        d.write_bytes(b"old data")
+        write_json(r, {"old": True})
+    before = full_disk.files()
+    full_disk.fill()
+    with pytest.raises(PipelineError, match=rf"^{data}: cannot write this output \(No space left on device\); the previous "
+                                            rf"one is unchanged\. Free some space"):
+        with atomic_outputs(data, report) as (d, r):
+            d.write_bytes(b"new data " * 10_000)
+            write_json(r, {"new": True})
+    assert full_disk.files() == before and full_disk.leftovers() == []
+
+
+@bad_input
+def test_write_json_on_a_full_disk_names_the_output_not_its_temporary(full_disk):
+    from stages.common import write_json
+
+    path = full_disk.directory / "new" / "metrics.json"
+    full_disk.fill()
+    with pytest.raises(PipelineError, match=rf"^{path}: cannot write this output \(No space left on device\); nothing was written"):
+        write_json(path, {"x": "y" * 100_000})
+    assert not path.exists() and full_disk.leftovers() == []

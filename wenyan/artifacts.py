@@ -77,9 +77,9 @@ def problem(value: Any, spec: Any, field: str = "") -> tuple[str, str] | None:
     """(field path, what is wrong) for the first place value does not fit spec, or None."""
     if isinstance(spec, Check):
         found = problem(value, spec.spec, field)
-        if found:
+        if found and found[0] != field:  # deeper: a list item's field
             return found
-        return None if spec.test(value) else (field, f"should be {spec.what}, got {_kind_name(value)}")
+        return None if not found and spec.test(value) else (field, f"should be {spec.what}, got {_kind_name(value)}")
     if isinstance(spec, tuple):
         for option in spec:
             if problem(value, option, field) is None:

@@ -404,6 +404,8 @@ class Writer:
             return
         path = self.partial if self.partial is not None else self.output.path
         try:
+            if self.partial is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)  # missing directories are made
             self.file = open(path, "ab" if self.done else "wb")
         except OSError as exc:
             raise PipelineError(f"{self.output.path}: cannot write the output ({exc.strerror})") from None

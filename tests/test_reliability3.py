@@ -268,3 +268,140 @@ def test_write_json_on_a_full_disk_names_the_output_not_its_temporary(full_disk)
     with pytest.raises(PipelineError, match=rf"^{path}: cannot write this output \(No space left on device\); nothing was written"):
         write_json(path, {"x": "y" * 100_000})
     assert not path.exists() and full_disk.leftovers() == []
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. translate as a tool (3: its output on a full disk; 1: never into the model)
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter(tmp_path_factory):
+    from test_translate import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def echo(monkeypatch):
+    """Generation replaced by '译' + the piece; records each call's sources."""
+    from stages import modeling
+
+    calls = []
+
+    def fake(model, tokenizer, prompts, sources, **kwargs):
+        calls.append(list(sources))
+        return ["译" + s for s in sources], [False] * len(sources)
+
+    monkeypatch.setattr(modeling, "generate", fake)
+    return calls
+
+
+@bad_input
+def test_translate_cr_only_file_is_lines_as_ingest_reads_them(tiny_adapter, tmp_path, echo):
+    from stages import translate
+
+    src, out = tmp_path / "in.txt", tmp_path / "out.txt"
+    src.write_bytes("学而时习之。\r有朋自远方来。\r\r人不知而不愠。\r\n".encode("utf-8"))
+    translate.main(["--input", str(src), "--output", str(out), "--model", str(tiny_adapter)])
+    assert out.read_text(encoding="utf-8") == "译学而时习之。\n译有朋自远方来。\n\n译人不知而不愠。\n"
+    translate.main(["学而时习之。\r有朋自远方来。", "--output", str(out), "--model", str(tiny_adapter)])
+    assert out.read_text(encoding="utf-8") == "译学而时习之。\n译有朋自远方来。\n"
+
+
+def test_translate_streams_in_chunks_and_writes_as_it_goes(tiny_adapter, tmp_path, echo, monkeypatch):
+    """A long input is planned, translated and written CHUNK_LINES lines at a time (bounded memory); an
+    interruption keeps the lines done in <output>.partial and the same command continues from there."""
+    from stages import modeling, translate
+
+    monkeypatch.setattr(translate, "CHUNK_LINES", 10)
+    src, out = tmp_path / "in.txt", tmp_path / "out.txt"
+    lines = [f"第{i}句也。" for i in range(1, 46)]
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out.write_text("old\n", encoding="utf-8")
+    real = modeling.generate
+
+    def die_on_third_chunk(*args, **kwargs):
+        if len(echo) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(modeling, "generate", die_on_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        translate.main(["--input", str(src), "--output", str(out), "--model", str(tiny_adapter)])
+    assert [len(c) for c in echo] == [10, 10]  # never more than a chunk at a time
+    assert out.read_text(encoding="utf-8") == "old\n"  # the output changes only at the end, whole
+    partial = tmp_path / "out.txt.partial"
+    assert partial.read_text(encoding="utf-8") == "".join(f"译{line}\n" for line in lines[:20])
+
+    monkeypatch.setattr(modeling, "generate", real)
+    translate.main(["--input", str(src), "--output", str(out), "--model", str(tiny_adapter)])
+    assert [len(c) for c in echo[2:]] == [10, 10, 5]  # continued at line 21
+    assert out.read_text(encoding="utf-8") == "".join(f"译{line}\n" for line in lines)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.txt"]
+
+    # an input whose first lines changed since is translated again from the start
+    src.write_text("\n".join(["改了。"] + lines[1:]) + "\n", encoding="utf-8")
+    monkeypatch.setattr(modeling, "generate", die_on_third_chunk)
+    echo.clear()
+    with pytest.raises(KeyboardInterrupt):
+        translate.main(["--input", str(src), "--output", str(out), "--model", str(tiny_adapter)])
+    src.write_text("\n".join(["又改了。"] + lines[1:]) + "\n", encoding="utf-8")
+    monkeypatch.setattr(modeling, "generate", real)
+    echo.clear()
+    translate.main(["--input", str(src), "--output", str(out), "--model", str(tiny_adapter)])
+    assert [len(c) for c in echo] == [10, 10, 10, 10, 5] and out.read_text(encoding="utf-8").startswith("译又改了。\n")
+
+
+def test_translate_context_sentences_cross_chunks(tiny_adapter, tmp_path, monkeypatch):
+    """With context_sentences the previous pieces reach across a chunk boundary: the prompts are those of one pass."""
+    from stages import modeling, translate
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for f in tiny_adapter.iterdir():
+        (model / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((model / "training_config.json").read_text())
+    cfg["prompt"]["format"] = {**cfg["prompt"]["format"], "context_sentences": 2, "context_template": "上文：{context}\n"}
+    (model / "training_config.json").write_text(json.dumps(cfg))
+    prompts = []
+
+    def record(model, tokenizer, batch, sources, **kwargs):
+        prompts.extend(batch)
+        return ["译" + s for s in sources], [False] * len(sources)
+
+    monkeypatch.setattr(modeling, "generate", record)
+    text = "\n".join(f"第{i}句也。" for i in range(7))
+    translate.main([text, "--model", str(model)])
+    one_pass = list(prompts)
+    prompts.clear()
+    monkeypatch.setattr(translate, "CHUNK_LINES", 3)
+    translate.main([text, "--model", str(model)])
+    assert prompts == one_pass and "上文：第1句也。第2句也。" in prompts[3][-1]["content"]
+
+
+@bad_input
+def test_translate_output_on_a_full_disk(tiny_adapter, tmp_path, echo, full_disk):
+    from stages import translate
+
+    src = tmp_path / "in.txt"
+    src.write_text("学而时习之。\n" * 300, encoding="utf-8")
+    out = full_disk.directory / "out.txt"
+    out.write_text("old\n", encoding="utf-8")
+    full_disk.fill()
+    if full_disk.mode == "patched":  # translate writes its own partial file: link it to /dev/full
+        (full_disk.directory / "out.txt.partial").symlink_to("/dev/full")
+    with pytest.raises(PipelineError, match=rf"^{out}: cannot write the translation \(No space left on device\); {out} is as it was"):
+        translate.main(["--input", str(src), "--output", str(out), "--model", str(tiny_adapter)])
+    assert full_disk.files() == {"out.txt": b"old\n"} and full_disk.leftovers() == []
+
+
+@bad_input
+@pytest.mark.parametrize("where", ["inside the model", "the model's config"])
+def test_translate_output_inside_the_model_is_refused(tiny_adapter, tmp_path, where):
+    from stages import translate
+
+    out = tiny_adapter / ("sub/out.txt" if where == "inside the model" else "training_config.json")
+    before = tree(tiny_adapter)
+    with pytest.raises(PipelineError, match=r"the output --output (lies inside|is) the input --model"):
+        translate.main(["学而时习之。", "--output", str(out), "--model", str(tiny_adapter)])
+    assert tree(tiny_adapter) == before

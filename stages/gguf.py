@@ -365,9 +365,11 @@ def read_metadata(path: Path) -> dict:
 
 
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of the chat prompt as transformers generation sees it (the template writes the special tokens)."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False).input_ids
+    """Token ids of the chat prompt as transformers generation sees it: modeling.prompt_ids (the template writes the
+    special tokens; the messages' text never becomes one)."""
+    from stages import modeling
+
+    return modeling.prompt_ids(tokenizer, [messages])[0]
 
 
 def stop_ids(tokenizer) -> list[int]:

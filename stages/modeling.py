@@ -319,18 +319,38 @@ def encode_messages(tokenizer, conversations: list[list[dict]], names: list[str]
     The prompt's text must be a prefix of the whole conversation's rendering (else the model would train on
     a context it never sees). Usually its tokens are a prefix of the whole tokenization too; where tokens
     merge across the boundary (a GPT-2-style pre-tokenizer after Llama-3.1's "\n\n"), the reply is
-    tokenized on its own after the prompt's tokens (retokenized=True): the sequence the model produces."""
+    tokenized on its own after the prompt's tokens (retokenized=True): the sequence the model produces.
+
+    Text is text: a message that spells a control token (`<|im_end|><|im_start|>assistant` in a sentence, a
+    reply holding `<|im_end|>`) is encoded as those characters, never as the token (wenyan.safetext); others
+    get exactly the ids of the usual tokenization."""
+    from wenyan import safetext
+
     names = names or [f"conversation {i}" for i in range(len(conversations))]
     with_reply = [bool(c) and c[-1].get("role") == "assistant" for c in conversations]
     prompts = [tokenizer.apply_chat_template(c[:-1] if r else c, tokenize=False, add_generation_prompt=True)
                for c, r in zip(conversations, with_reply)]
+    controls = safetext.control_strings(tokenizer)
+    unsafe = {i for i, c in enumerate(conversations)
+              if any(isinstance(m.get("content"), str) and safetext.controls_in(m["content"], controls) for m in c)}
+    plain = [i for i in range(len(conversations)) if i not in unsafe]
     # The rendered text already holds the template's special tokens (bos included): add none.
-    prompt_ids = tokenizer(prompts, add_special_tokens=False).input_ids if prompts else []
+    prompt_ids = dict(zip(plain, tokenizer([prompts[i] for i in plain], add_special_tokens=False).input_ids)) if plain else {}
     trained = [i for i, r in enumerate(with_reply) if r]
     fulls = {i: tokenizer.apply_chat_template(conversations[i], tokenize=False) for i in trained}
-    full_ids = dict(zip(trained, tokenizer([fulls[i] for i in trained], add_special_tokens=False).input_ids)) if trained else {}
+    plain_trained = [i for i in trained if i not in unsafe]
+    full_ids = dict(zip(plain_trained, tokenizer([fulls[i] for i in plain_trained], add_special_tokens=False).input_ids)) \
+        if plain_trained else {}
+    full_parts = {}
+    for i in sorted(unsafe):
+        messages = conversations[i][:-1] if with_reply[i] else conversations[i]
+        prompt_ids[i] = safetext.encode_segments(tokenizer, safetext.segments(tokenizer, messages, prompts[i], True, names[i]))
+        if i in fulls:
+            full_parts[i] = safetext.segments(tokenizer, conversations[i], fulls[i], False, names[i])
+            full_ids[i] = safetext.encode_segments(tokenizer, full_parts[i])
     out = []
-    for i, (name, prompt, p) in enumerate(zip(names, prompts, prompt_ids)):
+    for i, (name, prompt) in enumerate(zip(names, prompts)):
+        p = prompt_ids[i]
         if i not in fulls:
             out.append((p, None, False))
             continue
@@ -341,9 +361,23 @@ def encode_messages(tokenizer, conversations: list[list[dict]], names: list[str]
                 f"start of the whole conversation; the tokenized prompt is not a prefix, cannot mask it"
             )
         retokenized = f[: len(p)] != p
-        reply = tokenizer(full[len(prompt) :], add_special_tokens=False).input_ids if retokenized else f[len(p) :]
+        if not retokenized:
+            reply = f[len(p) :]
+        elif i in full_parts:
+            reply = safetext.encode_segments(tokenizer, safetext.after(full_parts[i], len(prompt)))
+        else:
+            reply = tokenizer(full[len(prompt) :], add_special_tokens=False).input_ids
         out.append((p, reply, retokenized))
     return out
+
+
+def control_token_text(tokenizer, conversations: list[list[dict]]) -> int:
+    """How many conversations hold the spelling of a control token in a message's text (encoded as text)."""
+    from wenyan import safetext
+
+    controls = safetext.control_strings(tokenizer)
+    return sum(any(isinstance(m.get("content"), str) and safetext.controls_in(m["content"], controls) for m in c)
+               for c in conversations)
 
 
 def prompt_ids(tokenizer, prompts: list[list[dict]]) -> list[list[int]]:
@@ -353,7 +387,10 @@ def prompt_ids(tokenizer, prompts: list[list[dict]]) -> list[list[int]]:
 
 def token_budgets(tokenizer, sources: list[str], factor: float, extra: int) -> list[int]:
     """max_new_tokens of each sentence: ceil(factor x its source tokens) + extra."""
-    return [math.ceil(factor * len(tokenizer(s, add_special_tokens=False).input_ids)) + extra for s in sources]
+    if not sources:
+        return []
+    ids = tokenizer(list(sources), add_special_tokens=False, split_special_tokens=True).input_ids  # text is text
+    return [math.ceil(factor * len(i)) + extra for i in ids]
 
 
 def end_of_turn_id(tokenizer) -> int:

@@ -375,7 +375,12 @@ def build_examples(tokenizer, rows: list[dict], max_seq_length: int, source: str
         "truncated_kept": truncated - dropped,
         "tokens": sum(len(e["input_ids"]) for e in examples),
         "completion_tokens": sum(sum(e["completion_mask"]) for e in examples),
+        # texts spelling a control token (<|im_end|> in a reply): encoded as text, so the reply is trained whole
+        "rows_with_control_token_text": modeling.control_token_text(tokenizer, [row["messages"] for row in rows]),
     }
+    if stats["rows_with_control_token_text"]:
+        log.warning("%s: %d conversation(s) spell a control token (such as %s) in their text; encoded as plain text, "
+                    "never as the token", source, stats["rows_with_control_token_text"], modeling.end_of_turn_token(tokenizer))
     if stats["retokenized_at_reply"]:
         log.info(
             "%s: %d conversations tokenize differently across the prompt/reply boundary; their reply is "

@@ -56,6 +56,8 @@ from stages.distributed import barrier, pin_one_gpu, summed, world
 from stages.common import (
     Bool, Float, Int, ListOf, OneOf, Param, PipelineError, Str, check_output_path, check_params, get_logger, load_sections, read_jsonl, replace_dir, run_main, write_json,
 )
+from wenyan.checkpoints import identity_difference, last_complete_checkpoint, read_identity, run_identity
+from wenyan.relations import check_owned_dir, check_paths, staged_dir, write_manifest
 
 log = get_logger("train")
 
@@ -102,12 +104,9 @@ SCHEMA = {  # values and their comments: params.yaml's train: section
     "fsdp": Bool(),  # shard the model over the num_gpus processes: check_fsdp
     "extend_vocab": Param((str, int)),  # auto | none | a minimum count: vocab.parse_setting (resolve_config)
 }
-# Keys that define what a checkpoint is; train.resume refuses a checkpoint made with other values.
-RUN_IDENTITY = (
-    "model", "chat_template", "method", "load_in_4bit", "lora_r", "lora_alpha", "lora_dropout", "target_modules",
-    "lora_bias", "use_rslora", "max_seq_length", "max_train_samples", "batch_tokens", "batch_size",
-    "gradient_accumulation_steps", "seed", "extend_vocab",
-)
+# Keys that define what a checkpoint is: train.resume refuses a checkpoint made with other values of these, of the
+# train and valid data (sha256), of the base model's files or of the prompt (wenyan.checkpoints.run_identity).
+from wenyan.checkpoints import IDENTITY_PARAMS as RUN_IDENTITY  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
@@ -710,33 +709,55 @@ def make_live_callback(live, trainer_ref: dict):
 
 
 def last_checkpoint(checkpoints: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest whole checkpoint (wenyan.checkpoints.last_complete_checkpoint), or None."""
+    found, _ = last_complete_checkpoint(checkpoints)
+    return str(found) if found is not None else None
 
-    return get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+
+CHECKPOINTS_SIGNATURE = "run_identity.json"  # what marks a directory as this stage's checkpoints
+OUT_SIGNATURE, REPORTS_SIGNATURE = "training_config.json", "summary.json"  # ... its --out and its --reports
+CHECKPOINT_FILES = ("checkpoint-*", "README.md")  # what the Trainer writes into --checkpoints as it goes
 
 
-def prepare_checkpoints(cfg: dict, checkpoints: Path) -> str | None:
-    """Return the checkpoint to resume from, or None after clearing old checkpoints for a fresh run."""
-    identity = {k: cfg[k] for k in RUN_IDENTITY}
-    marker = checkpoints / "run_identity.json"
+def prepare_checkpoints(cfg: dict, checkpoints: Path, identity: dict | None = None) -> str | None:
+    """Return the checkpoint to resume from, or None after clearing old checkpoints for a fresh run.
+
+    identity (wenyan.checkpoints.run_identity: the params that change the result, the data's and the model's
+    hashes, the prompt) must equal the one the checkpoints were made with; a mismatch names the keys. A
+    checkpoint that is not whole (a kill -9 during its save, a truncated optimizer.pt) is removed with a
+    warning and the last whole one is used. A directory holding files this stage did not write is refused."""
+    identity = identity if identity is not None else {k: cfg[k] for k in RUN_IDENTITY}
+    marker = checkpoints / CHECKPOINTS_SIGNATURE
+    check_owned_dir(checkpoints, "--checkpoints", "train", signature=CHECKPOINTS_SIGNATURE, allowed=CHECKPOINT_FILES)
     if cfg["resume"]:
-        found = last_checkpoint(checkpoints)
+        found, skipped = last_complete_checkpoint(checkpoints)
+        for path, why in skipped:
+            log.warning("train.resume: %s is incomplete (%s); removed, resuming from %s instead", path, why,
+                        found.name if found else "the start")
+            shutil.rmtree(path)
         if found is None:
             log.info("train.resume: no checkpoint in %s; starting from scratch", checkpoints)
         else:
-            previous = json.loads(marker.read_text()) if marker.is_file() else None
-            if previous is not None and previous != identity:
-                diff = sorted(k for k in identity if previous.get(k) != identity[k])
+            previous = read_identity(marker)
+            if previous is None:
+                raise PipelineError(
+                    f"train.resume: {marker} is missing, so the checkpoints in {checkpoints} cannot be matched to this "
+                    f"run; set train.resume: false to start again"
+                )
+            diff = identity_difference(previous, identity)
+            if diff:
+                names = [k if k.endswith(("_sha256", "fingerprint")) or k == "prompt" else f"train.{k}" for k in diff]
                 raise PipelineError(
                     f"train.resume: the checkpoints in {checkpoints} were made with other values of "
-                    f"{', '.join('train.' + k for k in diff)}; set them back, or resume: false to start again"
+                    f"{', '.join(names)}; set them back, or resume: false to start again"
                 )
             log.info("train.resume: continuing from %s", found)
-            return found
+            return str(found)
     if checkpoints.exists():
         shutil.rmtree(checkpoints)
     checkpoints.mkdir(parents=True)
     write_json(marker, identity)
+    write_manifest(checkpoints, "train")
     return None
 
 
@@ -825,9 +846,9 @@ def read_rows(cfg: dict, train_path, valid_path) -> tuple[list[dict], list[dict]
     return train_rows, valid_rows
 
 
-def resume_point(cfg: dict, checkpoints: Path) -> str | None:
+def resume_point(cfg: dict, checkpoints: Path, identity: dict | None = None) -> str | None:
     """Rank 0 clears or checks the checkpoints (prepare_checkpoints); the other ranks follow it."""
-    resume_from = prepare_checkpoints(cfg, checkpoints) if world()[0] == 0 else None
+    resume_from = prepare_checkpoints(cfg, checkpoints, identity) if world()[0] == 0 else None
     barrier()
     if world()[0] != 0:
         resume_from = last_checkpoint(checkpoints) if cfg["resume"] else None
@@ -967,7 +988,8 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
     on_gpu = torch.cuda.is_available()
     distributed.init_distributed(on_gpu, quiet=[log])
     train_rows, valid_rows = read_rows(cfg, train_path, valid_path)
-    resume_from = resume_point(cfg, checkpoints)
+    identity = run_identity(cfg, train_path, valid_path, modeling.materialize(cfg["model"]), prompt)
+    resume_from = resume_point(cfg, checkpoints, identity)
 
     dtype = resolve_dtype(cfg, backend)
     model, tokenizer, loaded = load_model_and_tokenizer(cfg, backend, dtype, on_gpu, train_rows)
@@ -994,6 +1016,8 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
     trainable, total = count_parameters(trainer.model)
     log.info("trainable parameters %s / %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     run = run_training(trainer, live_callback, resume_from, evaluate_at_end=bool(valid_examples))
+    if world()[0] == 0:
+        write_manifest(checkpoints, "train")  # what the Trainer wrote there is the stage's too
 
     resolved = resolved_config(cfg, prompt, backend, dtype, plan, loaded, tokenizer)
     state_dict = full_state_dict(trainer.model) if cfg["fsdp"] else None  # every process takes part
@@ -1017,10 +1041,9 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
 def write_reports(staging: Path, reports: Path, summary: dict) -> None:
     """summary.json and the headline metrics.json beside dvclive's plots, then the staging directory replaces
     reports/train: a run that failed before this point leaves the last good reports as they were."""
-    staging.mkdir(parents=True, exist_ok=True)  # without dvclive only summary.json goes there
-    write_json(staging / "summary.json", summary)
-    write_json(staging / "metrics.json", headline_metrics(staging / "metrics.json", summary))
-    replace_dir(staging, reports)
+    with staged_dir(reports, "train", "--reports", signature=REPORTS_SIGNATURE, staging=staging):
+        write_json(staging / REPORTS_SIGNATURE, summary)  # without dvclive only these two go there
+        write_json(staging / "metrics.json", headline_metrics(staging / "metrics.json", summary))
 
 
 def headline_metrics(live_summary: Path, summary: dict) -> dict:
@@ -1039,20 +1062,16 @@ def headline_metrics(live_summary: Path, summary: dict) -> dict:
 def save_output(model, tokenizer, resolved: dict, out: Path, state_dict: dict | None = None) -> None:
     """Adapter (or full model) + tokenizer + training_config.json into a temporary directory, then renamed.
     state_dict: the weights gathered from FSDP shards (full_state_dict), else the model's own."""
-    tmp = out.with_name(f".{out.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
     kwargs = {}
     if resolved["added_tokens"] and resolved["saved"] == "adapter":
         # the adapter's trainable_token_indices hold the rows of the added tokens: no need for whole embeddings
         kwargs["save_embedding_layers"] = False
     if state_dict is not None:
         kwargs["state_dict"] = state_dict
-    model.save_pretrained(str(tmp), **kwargs)
-    tokenizer.save_pretrained(str(tmp))
-    write_json(tmp / "training_config.json", resolved)
-    replace_dir(tmp, out)
+    with staged_dir(out, "train", signature=OUT_SIGNATURE) as tmp:
+        model.save_pretrained(str(tmp), **kwargs)
+        tokenizer.save_pretrained(str(tmp))
+        write_json(tmp / OUT_SIGNATURE, resolved)
     log.info("saved the %s to %s", resolved["saved"], out)
 
 
@@ -1069,6 +1088,14 @@ def main(argv=None) -> None:
         check_output_path(path, directory=True)  # before training, not after
     params = load_sections("train", ["train", "format", "clean.opencc"], args.params)
     cfg = resolve_config(params["train"])
+    location, gguf_file = modeling.resolve_model(cfg["model"])
+    model_path = Path(location) / gguf_file if gguf_file else Path(location)
+    check_paths({"--train": args.train, "--valid": args.valid, "--params": args.params,
+                 "train.model": model_path if model_path.exists() else None},
+                {"--out": args.out, "--checkpoints": args.checkpoints, "--reports": args.reports})
+    check_owned_dir(args.out, "--out", "train", signature=OUT_SIGNATURE)
+    check_owned_dir(args.reports, "--reports", "train", signature=REPORTS_SIGNATURE)
+    check_owned_dir(args.checkpoints, "--checkpoints", "train", signature=CHECKPOINTS_SIGNATURE, allowed=CHECKPOINT_FILES)
     prompt = resolve_prompt(params["format"], params["clean"]["opencc"])
     if cfg["num_gpus"] > 1 and world()[2] == 1:  # relaunch under torchrun, one process per GPU
         distributed.check_gpus("train.num_gpus", cfg["num_gpus"])

@@ -11,13 +11,15 @@ holds anything else is refused, never emptied.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from stages.common import PipelineError, get_logger
+from stages.common import PipelineError, disk_full, get_logger, replace_dir
 
 log = get_logger("files")
 
@@ -123,3 +125,39 @@ def write_manifest(directory: str | os.PathLike, stage: str, extra: Iterable[str
     files = sorted(set(f for f in _files_below(directory) if f != MANIFEST) | set(extra))
     (directory / MANIFEST).write_text(json.dumps({"stage": stage, "files": files}, ensure_ascii=False, indent=1) + "\n",
                                       encoding="utf-8")
+
+
+def staging_path(out: str | os.PathLike) -> Path:
+    out = Path(out)
+    return out.with_name(f".{out.name}.tmp")
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | os.PathLike, stage: str, label: str = "--out", *, signature: str | None = None,
+               allowed: Iterable[str] = (), staging: Path | None = None):
+    """A directory output built in .<name>.tmp beside it (or `staging`) and put in place whole at the end: the
+    MANIFEST of what the stage wrote is added, and it replaces out (checked again with check_owned_dir: never a
+    directory holding files the stage did not write). A failure anywhere removes the staging directory and
+    leaves out as it was; a full disk is one error naming out."""
+    out = Path(out)
+    check_owned_dir(out, label, stage, signature=signature, allowed=allowed)
+    tmp = Path(staging) if staging is not None else staging_path(out)
+    if tmp.exists() and staging is None:
+        shutil.rmtree(tmp)  # what a killed run left
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        yield tmp
+        write_manifest(tmp, stage)
+        check_owned_dir(out, label, stage, signature=signature, allowed=allowed)
+        replace_dir(tmp, out)
+    except PipelineError:
+        raise
+    except Exception as exc:
+        if disk_full(exc):
+            raise PipelineError(f"{out}: cannot write this output (No space left on device); "
+                                f"{'the previous one is unchanged' if out.exists() else 'nothing was written'}. "
+                                f"Free some space (or give another path) and run again") from None
+        raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -36,7 +36,7 @@ def main(argv=None) -> None:
     location, gguf_file = modeling.resolve_model(spec)
     model_path = Path(location) / gguf_file if gguf_file else Path(location)
     check_paths({"train.model": model_path if model_path.exists() else None, "--params": args.params},
-                {"--out": args.out})  # never dequantise into (or over) the model read
+                {"--out": args.out}, dirs=["train.model"])  # never dequantise into (or over) the model read
     check_owned_dir(args.out, "--out", "base", signature=SIGNATURE)
     with staged_dir(args.out, "base", signature=SIGNATURE) as tmp:
         location = modeling.materialize(spec, cache_dir=tmp)

@@ -458,9 +458,10 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
     return n
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Read a JSONL file; a bad line is an error naming the file and line."""
-    rows = []
+def read_jsonl(path: str | os.PathLike, *, with_lines: bool = False):
+    """Read a JSONL file; a bad line is an error naming the file and line. with_lines: (rows, their line numbers),
+    for schema errors that name the line (wenyan.artifacts.check_rows)."""
+    rows, lines = [], []
     path = Path(path)
     try:
         mode = os.stat(path).st_mode
@@ -494,7 +495,8 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
                     "or rewrite the file with the stage that writes it (dvc repro)"
                 )
             rows.append(row)
-    return rows
+            lines.append(lineno)
+    return (rows, lines) if with_lines else rows
 
 
 def file_kind(mode: int) -> str:

@@ -52,6 +52,8 @@ import time
 from pathlib import Path
 
 from stages import distributed, modeling, text
+from wenyan import artifacts
+from wenyan.relations import check_paths
 from stages.common import (
     PipelineError,
     atomic_outputs,
@@ -86,6 +88,7 @@ SCHEMA = {  # values and their comments: params.yaml
     "num_gpus": Int(above=0),  # > 1: generation sharded over that many GPUs (torchrun); metrics as with 1
 }
 KNOWN_BASELINES = ("copy", "base")
+OUT_DIR_FILES = ("by_book.csv", "by_length.csv", "samples.md")  # what evaluate writes into --out-dir
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,19 +110,13 @@ def check_evaluate_params(section: dict) -> dict:
     return p
 
 
-def check_rows(rows: list[dict], path) -> None:
-    """The format stage's schema: source, target, and messages ending with the assistant's reference."""
+def check_rows(rows: list[dict], path, lines: list[int] | None = None) -> None:
+    """The format stage's schema (wenyan.artifacts.TEST_ROW): an id of its own, source and target strings, and messages
+    ending with the user's turn and the assistant's reference; a bad row is one error naming its line and field."""
     if not rows:
         raise PipelineError(f"{path}: no test rows")
-    for n, row in enumerate(rows, 1):
-        missing = [k for k in ("source", "target", "messages") if k not in row]
-        if missing:
-            raise PipelineError(f"{path}: row {n} lacks {missing}")
-        messages = row["messages"]
-        if not isinstance(messages, list) or len(messages) < 2 or messages[-1].get("role") != "assistant":
-            raise PipelineError(f"{path}: row {n}: messages must end with the assistant's reply after a prompt")
-        if messages[-2].get("role") != "user":
-            raise PipelineError(f"{path}: row {n}: the turn before the reference must be the user's")
+    artifacts.check_rows(rows, artifacts.TEST_ROW, path, "rewrite it with the format stage (dvc repro format)",
+                         unique="id", lines=lines)
 
 
 def select_rows(rows: list[dict], num_samples: int, seed: int) -> list[dict]:
@@ -196,6 +193,8 @@ def base_main(argv=None) -> None:
     parser.add_argument("--params", type=Path, default=None, help="read params.yaml directly instead of through DVC")
     args = parser.parse_args(argv)
     check_output_path(args.out)  # before the model runs, not after
+    check_paths({"--test": args.test, "--base": args.base, "--params": args.params}, {"--out": args.out},
+                dirs=["--base"])
     names = [f"evaluate.{k}" for k in BASE_KEYS] + ["train.model", "train.chat_template", "train.backend"]
     params = load_sections("evaluate_base", names, args.params)
     p = check_params({k: params["evaluate"][k] for k in BASE_KEYS}, {k: SCHEMA[k] for k in BASE_KEYS}, "evaluate")
@@ -204,8 +203,11 @@ def base_main(argv=None) -> None:
         return
     if not (args.base / "base.json").is_file():
         raise PipelineError(f"{args.base}/base.json: not found; run the base stage first (dvc repro base)")
-    rows = select_rows(read_jsonl(args.test), p["num_samples"], p["seed"]) if "base" in p["baselines"] else []
-    check_rows(rows or [{"source": "", "target": "", "messages": [{"role": "user"}, {"role": "assistant"}]}], args.test)
+    rows = []
+    if "base" in p["baselines"]:
+        all_rows, lines = read_jsonl(args.test, with_lines=True)
+        check_rows(all_rows, args.test, lines)
+        rows = select_rows(all_rows, p["num_samples"], p["seed"])
     out_rows = []
     if rows:
         backend = modeling.pick_backend("auto" if train["backend"] != "hf" else "hf")
@@ -227,7 +229,10 @@ def base_main(argv=None) -> None:
 
 def read_base_outputs(path: Path, rows: list[dict]) -> tuple[list[str], list[bool]]:
     """The evaluate_base stage's outputs for these rows, in their order; a missing sentence is an error."""
-    by_id = {r["id"]: r for r in read_jsonl(path) if {"id", "output", "hit_limit"} <= set(r)}
+    found, lines = read_jsonl(path, with_lines=True)
+    artifacts.check_rows(found, artifacts.BASE_OUTPUT_ROW, path, "rerun the evaluate_base stage (dvc repro evaluate_base)",
+                         unique="id", lines=lines)
+    by_id = {r["id"]: r for r in found}
     missing = [r.get("id") for r in rows if r.get("id") not in by_id]
     if missing:
         raise PipelineError(f"{path}: no base output for {len(missing)} evaluated sentence(s) (e.g. {missing[0]}); "
@@ -359,12 +364,15 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     for path, directory in ((args.metrics, False), (args.hypotheses, False), (args.out_dir, True)):
         check_output_path(path, directory=directory)  # before the model runs, not after
+    check_paths({"--test": args.test, "--model": args.model, "--base-outputs": args.base_outputs, "--params": args.params},
+                {"--metrics": args.metrics, "--hypotheses": args.hypotheses,
+                 **{f"--out-dir {name}": args.out_dir / name for name in OUT_DIR_FILES}}, dirs=["--model"])
 
     p = check_evaluate_params(load_params("evaluate", args.params))
     if relaunched(p["num_gpus"], argv):
         return
-    all_rows = read_jsonl(args.test)
-    check_rows(all_rows, args.test)
+    all_rows, lines = read_jsonl(args.test, with_lines=True)
+    check_rows(all_rows, args.test, lines)
     rows = select_rows(all_rows, p["num_samples"], p["seed"])
     books = sorted({str(r.get("book", "")) for r in rows})
     log.info("scoring %d of %d test sentences (%d books)", len(rows), len(all_rows), len(books))
@@ -445,8 +453,7 @@ def main(argv=None) -> None:
         hypothesis_rows.append(out)
 
     # the five outputs change together or not at all (a failure while writing leaves the last good ones)
-    outputs = [args.hypotheses, args.out_dir / "by_book.csv", args.out_dir / "by_length.csv",
-               args.out_dir / "samples.md", args.metrics]
+    outputs = [args.hypotheses, *(args.out_dir / name for name in OUT_DIR_FILES), args.metrics]
     with atomic_outputs(*outputs) as (hypotheses_tmp, book_tmp, length_tmp, samples_tmp, metrics_tmp):
         write_jsonl(hypotheses_tmp, hypothesis_rows)
         write_text(book_tmp, to_csv("book", book_rows))

@@ -228,7 +228,7 @@ def main(argv=None) -> None:
     check_output_path(args.out, directory=True)  # before the merge, not after
     check_output_path(args.report)
     check_paths({"--model": args.model, "--test": args.test, "--params": args.params},
-                {"--out": args.out, "--report": args.report})
+                {"--out": args.out, "--report": args.report}, dirs=["--model"])
     check_owned_dir(args.out, "--out", "export", signature=SIGNATURE)
 
     p = check_export_params(load_params("export", args.params, dvc_stage=PIPELINE_STAGE))

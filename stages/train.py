@@ -1092,7 +1092,7 @@ def main(argv=None) -> None:
     model_path = Path(location) / gguf_file if gguf_file else Path(location)
     check_paths({"--train": args.train, "--valid": args.valid, "--params": args.params,
                  "train.model": model_path if model_path.exists() else None},
-                {"--out": args.out, "--checkpoints": args.checkpoints, "--reports": args.reports})
+                {"--out": args.out, "--checkpoints": args.checkpoints, "--reports": args.reports}, dirs=["train.model"])
     check_owned_dir(args.out, "--out", "train", signature=OUT_SIGNATURE)
     check_owned_dir(args.reports, "--reports", "train", signature=REPORTS_SIGNATURE)
     check_owned_dir(args.checkpoints, "--checkpoints", "train", signature=CHECKPOINTS_SIGNATURE, allowed=CHECKPOINT_FILES)

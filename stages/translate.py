@@ -237,15 +237,13 @@ class Source:
                 stream.detach()
 
     def count_lines(self) -> int | None:
-        """The number of lines of a regular input file (for the progress bar), else None."""
+        """The number of lines (for the progress bar); reading a regular input file through once, before any model
+        loads, also finds text that is not UTF-8 (one error naming the line). None for stdin and pipes."""
         if self.text is not None:
             return len(split_input_lines(self.text))
         if self.path is None or not os.path.isfile(self.path):
             return None
-        try:
-            return sum(1 for _ in self.lines())
-        except PipelineError:
-            return None
+        return sum(1 for _ in self.lines())
 
 
 
@@ -502,9 +500,10 @@ def main(argv=None) -> None:
 
     # 1. what to translate, with what (cheap checks first: no model is loaded before they pass)
     source = read_input(args.text, args.input)
+    total = source.count_lines()  # a file that is not UTF-8 fails here, before anything loads
     output = check_output(args.output, args.input if args.text is None else "")
     if output.path is not None:  # never into the model it reads (nor the input: check_output)
-        check_paths({"--model": args.model}, {"--output": output.path})
+        check_paths({"--model": args.model}, {"--output": output.path}, dirs=["--model"])
     gguf_file = args.model if args.model.suffix == ".gguf" else None
     if gguf_file is not None and not gguf_file.is_file():
         raise PipelineError(f"{gguf_file}: GGUF file not found; the export stage writes them (dvc repro export/dvc.yaml)")
@@ -536,7 +535,6 @@ def main(argv=None) -> None:
         log.info("continuing %s from input line %d (lines 1-%d were translated by an interrupted run)", writer.partial,
                  skip + 1, skip)
     engine = Engine(args, trained, gguf_file, model_dir)
-    total = source.count_lines()
     from tqdm.auto import tqdm
 
     counts = {"lines": skip, "pieces": 0, "split_up": 0, "hit": 0}

@@ -63,7 +63,7 @@ def test_relation_of_every_spelling(tmp_path, spelling, monkeypatch):
         out, src, expected = tmp_path / "alias" / "sub" / "x", tmp_path / "d" / "sub", "inside"
     assert relations.relation(out, src) == expected
     with pytest.raises(PipelineError, match=r"the output --out .* the input --in .*Give --out a path of its own"):
-        relations.check_paths({"--in": src}, {"--out": out})
+        relations.check_paths({"--in": src}, {"--out": out}, dirs=["--in"])
 
 
 def test_relation_of_siblings_and_prefix_names_is_none(tmp_path):

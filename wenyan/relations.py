@@ -55,15 +55,21 @@ def relation(a: str | os.PathLike, b: str | os.PathLike) -> str | None:
 _WORDS = {"is": "is", "inside": "lies inside", "contains": "contains"}
 
 
-def check_paths(inputs: Mapping[str, str | os.PathLike | None], outputs: Mapping[str, str | os.PathLike | None]) -> None:
+def check_paths(inputs: Mapping[str, str | os.PathLike | None], outputs: Mapping[str, str | os.PathLike | None],
+                *, dirs: Iterable[str] = ()) -> None:
     """One error naming both flags where an output is, contains or sits inside an input or another output.
 
-    inputs/outputs: {label: path} (label e.g. "--model"); None values are left out. Run before any work."""
+    inputs/outputs: {label: path} (label e.g. "--model"); None values are left out. dirs: the labels of inputs that
+    are directories; another input found to be a directory is its reader's error (not a file), not a container
+    here. Run before any work."""
+    dirs = set(dirs)
     ins = [(label, p) for label, p in inputs.items() if p not in (None, "", "-")]
     outs = [(label, p) for label, p in outputs.items() if p not in (None, "", "-")]
     for k, (out_label, out) in enumerate(outs):
         for in_label, inp in ins:
             how = relation(out, inp)
+            if how == "inside" and in_label not in dirs and os.path.isdir(inp):
+                continue  # a file input given a directory: its reader says so
             if how:
                 raise PipelineError(
                     f"{out}: the output {out_label} {_WORDS[how]} the input {in_label} {inp}; writing it would "

@@ -3,7 +3,7 @@
     python -m stages.base --out models/base        (what `dvc repro base` runs; tests add --params FILE)
 
 A GGUF model (the built-in SmolLM2 default, or a .gguf file) is dequantised into models/base/<name>/
-(config.json + weights + tokenizer; modeling.materialize): transformers refuses save_pretrained on a
+(config.json + weights + tokenizer; models.materialize): transformers refuses save_pretrained on a
 GGUF-loaded model and unsloth wants a plain directory. A model directory or a hub id is loaded where it is;
 models/base/base.json records what train.model resolved to either way. A DVC output, so DVC caches it,
 restores it with `dvc checkout`, and nothing else writes under models/base inside the pipeline. Built in
@@ -16,9 +16,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stages import modeling
-from stages.common import PipelineError, check_output_path, get_logger, load_sections, run_main, write_json
-from wenyan.relations import check_owned_dir, check_paths, staged_dir
+from wenyan import models
+from wenyan.errors import get_logger, PipelineError, run_main
+from wenyan.files import check_output_path, check_owned_dir, check_paths, staged_dir, write_json
+from wenyan.params import load_sections
 
 log = get_logger("base")
 SIGNATURE = "base.json"  # what marks a directory as this stage's output (written before output manifests too)
@@ -33,13 +34,13 @@ def main(argv=None) -> None:
     spec = load_sections("base", ["train.model"], args.params)["train"]["model"]
     if not isinstance(spec, str):
         raise PipelineError(f"params.yaml: train.model should be str, got {spec!r}")
-    location, gguf_file = modeling.resolve_model(spec)
+    location, gguf_file = models.resolve_model(spec)
     model_path = Path(location) / gguf_file if gguf_file else Path(location)
     check_paths({"train.model": model_path if model_path.exists() else None, "--params": args.params},
                 {"--out": args.out}, dirs=["train.model"])  # never dequantise into (or over) the model read
     check_owned_dir(args.out, "--out", "base", signature=SIGNATURE)
     with staged_dir(args.out, "base", signature=SIGNATURE) as tmp:
-        location = modeling.materialize(spec, cache_dir=tmp)
+        location = models.materialize(spec, cache_dir=tmp)
         plain = Path(location).parent == tmp
         write_json(tmp / SIGNATURE, {"model": spec, "location": str(args.out / Path(location).name) if plain else location})
     log.info("train.model %s -> %s", spec, args.out if plain else location)

@@ -48,7 +48,7 @@ class FullDisk:
                     assert exc.errno == errno.ENOSPC
             self.filler = filler
             return
-        from stages import common
+        from wenyan import files as common
 
         real = common._temp_beside
 

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from stages.common import PipelineError
+from wenyan.errors import PipelineError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,7 @@ import struct
 import zipfile
 from pathlib import Path
 
-from stages.common import PipelineError
+from wenyan.errors import PipelineError
 
 # train: params that change what a run computes (the others: logging, eval, save cadence, num_gpus since the
 # batch is global, resume itself, do not)

@@ -1,271 +1,26 @@
-"""Helpers that two or more stages share: parameters, atomic output files, JSON/JSONL, logging.
+"""Output files and the row files between stages: output-path checks, atomic outputs, JSON/JSONL/pairs IO.
 
-Nothing here knows about a particular stage. Paths come from dvc.yaml as command-line arguments;
-parameters come from the stage's own section of params.yaml.
+Outputs are written to a temporary file in the same directory, then renamed, so a stage killed half-way never
+leaves a partial file that DVC or the user could take for a good one.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import fnmatch
 import glob
 import json
-import math
-import logging
 import os
 import re
 import shutil
 import stat
-import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
+from wenyan.errors import PipelineError, get_logger
 
-class PipelineError(Exception):
-    """A problem the user can fix (bad input file, bad parameter). Printed without a traceback."""
-
-
-def get_logger(name: str) -> logging.Logger:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr
-    )
-    return logging.getLogger(name)
-
-
-# ----------------------------------------------------------------------------------------------
-# Parameters
-
-
-def read_yaml_file(path: Path, what: str):
-    """A YAML file's content, numbers such as 1e-4 read as DVC reads them and a key given twice an error; every
-    failure one line naming the file (what: "parameters file", "profile")."""
-    import yaml
-
-    try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=unique_key_loader())
-    except DuplicateKey as exc:
-        raise PipelineError(f"{path}:{exc}") from None
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: {what} not found") from None
-    except UnicodeDecodeError as exc:
-        raise PipelineError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
-    except OSError as exc:
-        raise PipelineError(f"{path}: cannot read the {what} ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise PipelineError(f"{path}: not valid YAML: {exc}") from None
-
-
-def load_params(stage: str, params_file: str | os.PathLike | None = None, *, dvc_stage: str | None = None) -> dict:
-    """Return the `stage:` section of params.yaml (load_sections for a stage that reads several)."""
-    return load_sections(dvc_stage or stage, [stage], params_file)[stage]
-
-
-def load_sections(dvc_stage: str, sections: list[str], params_file: str | os.PathLike | None = None) -> dict:
-    """Return {section: params} for the sections (or `section.key`s) a stage reads.
-
-    Inside a DVC run this goes through `dvc.api.params_show(stages=dvc_stage)`, which returns only what
-    the stage declares in dvc.yaml, so a parameter the stage reads but does not declare fails loudly.
-    With an explicit `params_file` (tests, benchmarks) the YAML file is read directly.
-    """
-    if params_file is None:
-        import dvc.api
-
-        try:
-            params = dvc.api.params_show(stages=dvc_stage)
-        except Exception as exc:  # dvc raises many types; the message is what matters
-            raise PipelineError(f"could not read the parameters of stage '{dvc_stage}': {exc}") from exc
-    else:
-        import yaml
-
-        path = Path(params_file)
-        if path.exists() and not path.is_file():  # a directory; a FIFO would block
-            raise PipelineError(f"{path}: not a regular file; --params takes a params.yaml file")
-        params = read_yaml_file(path, "parameters file")
-        if params is None:
-            raise PipelineError(f"{path}: empty; expected one section a stage (ingest:, clean:, ...)")
-        if not isinstance(params, dict):
-            raise PipelineError(
-                f"{path}: the top level should be a mapping of stage sections (ingest:, clean:, ...), "
-                f"got {type(params).__name__} {str(params)[:40]!r}"
-            )
-    out = {}
-    for name in sections:
-        section, _, key = name.partition(".")
-        if section not in params or (key and key not in (params[section] or {})):
-            what = f"'{section}:' section" if not key else f"'{name}'"
-            raise PipelineError(f"params.yaml has no {what} (stage {dvc_stage} reads it)")
-        if key:
-            out.setdefault(section, {})[key] = params[section][key]
-        else:
-            out[section] = params[section]
-    return out
-
-
-class DuplicateKey(Exception):
-    """A mapping of params.yaml names a key twice (yaml.safe_load would silently keep the last)."""
-
-
-def unique_key_loader():
-    """A yaml.SafeLoader that refuses a key given twice in one mapping (DVC's ruamel.yaml refuses it too)."""
-    import yaml
-
-    class UniqueKeyLoader(yaml.SafeLoader):
-        """Also reads 1e-4 as a number, as YAML 1.2 and DVC do (PyYAML's YAML 1.1 reads it as a string)."""
-
-        def construct_mapping(self, node, deep=False):
-            seen = {}
-            for key_node, _ in node.value:
-                key = self.construct_object(key_node, deep=True)
-                try:
-                    first = seen.setdefault(key, key_node.start_mark)
-                except TypeError:  # an unhashable key: SafeLoader's own error follows
-                    continue
-                if first is not key_node.start_mark:
-                    raise DuplicateKey(
-                        f"{key_node.start_mark.line + 1}: the key '{key}' is given twice in one mapping (first on line "
-                        f"{first.line + 1}); YAML would silently keep the last one: keep one"
-                    )
-            return super().construct_mapping(node, deep=deep)
-
-    UniqueKeyLoader.add_implicit_resolver(
-        "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
-    )
-    return UniqueKeyLoader
-
-
-# What a key may hold. params.yaml holds the values (one source of truth); a stage holds a schema: for each
-# key its type and, where it matters, its choices and range. Missing, unknown and misspelled keys are errors.
-
-
-@dataclasses.dataclass(frozen=True)
-class Param:
-    """The type(s) a params.yaml key may hold, with optional choices, bounds and list item type.
-
-    kinds: Python types accepted (int is accepted where float is; bool is never an int here);
-    choices: the allowed values (any kind); min/max: inclusive bounds; above/below: exclusive bounds;
-    items: the type of each element of a list; null: None accepted. NaN and infinities are never accepted, nor
-    an int of 2**53 or more in size where no max is given (no count or seed here is that large)."""
-
-    kinds: tuple
-    choices: tuple = ()
-    min: float | None = None
-    max: float | None = None
-    above: float | None = None
-    below: float | None = None
-    items: type | None = None
-    null: bool = False
-
-    def problem(self, value: Any) -> str | None:
-        """Why value does not fit, or None."""
-        if value is None:
-            return None if self.null else f"should be {self.describe()}, got null"
-        if self.choices:  # exactly one of these values (True is not 1)
-            if any(value == c and type(value) is type(c) for c in self.choices):
-                return None
-            return f"must be one of {', '.join(map(_show, self.choices))}; got {value!r}"
-        if not any(_is_kind(value, kind) for kind in self.kinds):
-            return f"should be {self.describe()}, got {type(value).__name__} {value!r}"
-        if isinstance(value, float) and not math.isfinite(value):
-            return f"must be a finite number, got {value!r}"
-        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**53 and self.max is None:
-            return f"is out of range ({value}); a count or seed here is well below 2**53"
-        if self.min is not None and value < self.min:
-            return f"must be >= {_show(self.min)}; got {value!r}"
-        if self.max is not None and value > self.max:
-            return f"must be <= {_show(self.max)}; got {value!r}"
-        if self.above is not None and value <= self.above:
-            return f"must be > {_show(self.above)}; got {value!r}"
-        if self.below is not None and value >= self.below:
-            return f"must be < {_show(self.below)}; got {value!r}"
-        if self.items is not None and not all(_is_kind(v, self.items) for v in value):
-            return f"should be a list of {self.items.__name__}, got {value!r}"
-        return None
-
-    def describe(self) -> str:
-        return " or ".join(("a list of " + self.items.__name__) if k is list and self.items else k.__name__ for k in self.kinds)
-
-
-def _show(value: Any) -> str:
-    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def _is_kind(value: Any, kind: type) -> bool:
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, kind)
-
-
-def Int(min=None, max=None, above=None, below=None) -> Param:
-    return Param((int,), min=min, max=max, above=above, below=below)
-
-
-def Float(min=None, max=None, above=None, below=None) -> Param:
-    """A finite number (NaN and infinities are errors); an int is accepted."""
-    return Param((float,), min=min, max=max, above=above, below=below)
-
-
-def Str(*choices: str, null: bool = False) -> Param:
-    return Param((str,), choices=choices, null=null)
-
-
-def Bool() -> Param:
-    return Param((bool,))
-
-
-def ListOf(kind: type) -> Param:
-    return Param((list,), items=kind)
-
-
-def OneOf(*choices, null: bool = False) -> Param:
-    """Exactly one of these values (e.g. auto, true, false)."""
-    return Param((), choices=choices, null=null)
-
-
-
-def check_params(section: dict, schema: dict[str, Param], stage: str) -> dict:
-    """Validate a params section against the stage's schema: every key present, none unknown, each value fits.
-
-    Returns a copy of the section. A misspelled key is reported with the closest known key."""
-    if not isinstance(section, dict):
-        raise PipelineError(f"params.yaml '{stage}:' must be a mapping, got {type(section).__name__}")
-    unknown = sorted(set(section) - set(schema))
-    if unknown:
-        import difflib
-
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, schema, n=1)
-            hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
-        raise PipelineError(
-            f"params.yaml '{stage}:' has unknown key(s) {', '.join(hints)}; known keys: {', '.join(sorted(schema))}"
-        )
-    missing = [key for key in schema if key not in section]
-    if missing:
-        raise PipelineError(
-            f"params.yaml '{stage}:' lacks key(s) {', '.join(missing)}; params.yaml holds every value (see the shipped one)"
-        )
-    for key, param in schema.items():
-        problem = param.problem(section[key])
-        if problem:
-            raise PipelineError(f"params.yaml: {stage}.{key} {problem}")
-    return dict(section)
-
-
-def check_entry(entry: dict, defaults: dict, where: str) -> dict:
-    """A list entry whose keys are optional by design (ingest.sources[i]): unknown keys and wrong types are
-    errors (null passes: the stage checks it); missing keys take the defaults given."""
-    if not isinstance(entry, dict):
-        raise PipelineError(f"params.yaml '{where}:' must be a mapping, got {type(entry).__name__}")
-    schema = {key: Param((type(value),), null=True) for key, value in defaults.items()}
-    return check_params({**defaults, **entry}, schema, where)
-
-
-# ----------------------------------------------------------------------------------------------
-# Output files: written to a temporary file in the same directory, then renamed, so a stage killed
-# half-way never leaves a partial file that DVC or the user could take for a good one.
+log = get_logger("files")
 
 
 TEMP_SUFFIX = ".partial.tmp"  # .<output name>.<pid>-<random>.partial.tmp; .gitignore keeps these out of git
@@ -530,24 +285,157 @@ def read_pairs(path: str | os.PathLike, made_by: str):
     return df
 
 
-def run_main(main, argv=None) -> None:
-    """Run a stage's main(); a PipelineError prints as one clear line and exits 1, no traceback."""
-    try:
-        main(argv)
-    except PipelineError as exc:
-        print_error(f"error: {exc}")
-        raise SystemExit(1) from None
+# ----------------------------------------------------------------------------------------------
+# Paths given to one command, checked against each other before any work (issue #21, class 1).
+#
+# No output may be an input, contain one or sit inside one, nor be, contain or sit inside another output, under
+# any spelling: relative or absolute, `..`, a symlink anywhere on the way (compared as realpaths), a hard link or
+# a bind mount (compared by (st_dev, st_ino) of the file and of every directory above it). A directory output
+# that a stage replaces as a whole (train's --out, --reports and --checkpoints, base's and export's --out) is
+# built staged (staged_dir) and carries a manifest of what the stage wrote (MANIFEST); a directory already there
+# that holds anything else is refused, never emptied.
+
+MANIFEST = ".wenyan-outputs.json"  # {"stage": ..., "files": [relative posix paths]}: what the stage wrote
 
 
-def print_error(message: str) -> None:
-    """One line on stderr whatever it holds: a lone surrogate (a file name or argument that was not UTF-8) or a
-    character the terminal's encoding lacks is written as a backslash escape, never a UnicodeEncodeError."""
-    stream = sys.stderr
-    encoding = getattr(stream, "encoding", None) or "utf-8"
-    safe = message.encode(encoding, errors="backslashreplace").decode(encoding, errors="replace")
+def _identity(path: Path) -> tuple[int, int] | None:
     try:
-        stream.write(safe + "\n")
-        stream.flush()
-    except UnicodeError:  # a stream that still refuses it: plain ASCII
-        stream.write(message.encode("ascii", errors="backslashreplace").decode("ascii") + "\n")
-        stream.flush()
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _real(path: str | os.PathLike) -> Path:
+    return Path(os.path.realpath(os.path.abspath(os.fspath(path))))
+
+
+def relation(a: str | os.PathLike, b: str | os.PathLike) -> str | None:
+    """'is', 'inside' (a lies within b), 'contains' (b lies within a) or None: a and b compared as realpaths
+    and by (st_dev, st_ino) of each and of the directories above them (hard links, bind mounts)."""
+    ra, rb = _real(a), _real(b)
+    ia, ib = _identity(ra), _identity(rb)
+    if ra == rb or (ia is not None and ia == ib):
+        return "is"
+    if rb in ra.parents or (ib is not None and any(_identity(p) == ib for p in ra.parents)):
+        return "inside"
+    if ra in rb.parents or (ia is not None and any(_identity(p) == ia for p in rb.parents)):
+        return "contains"
+    return None
+
+
+_WORDS = {"is": "is", "inside": "lies inside", "contains": "contains"}
+
+
+def check_paths(inputs: Mapping[str, str | os.PathLike | None], outputs: Mapping[str, str | os.PathLike | None],
+                *, dirs: Iterable[str] = ()) -> None:
+    """One error naming both flags where an output is, contains or sits inside an input or another output.
+
+    inputs/outputs: {label: path} (label e.g. "--model"); None values are left out. dirs: the labels of inputs that
+    are directories; another input found to be a directory is its reader's error (not a file), not a container
+    here. Run before any work."""
+    dirs = set(dirs)
+    ins = [(label, p) for label, p in inputs.items() if p not in (None, "", "-")]
+    outs = [(label, p) for label, p in outputs.items() if p not in (None, "", "-")]
+    for k, (out_label, out) in enumerate(outs):
+        for in_label, inp in ins:
+            how = relation(out, inp)
+            if how == "inside" and in_label not in dirs and os.path.isdir(inp):
+                continue  # a file input given a directory: its reader says so
+            if how:
+                raise PipelineError(
+                    f"{out}: the output {out_label} {_WORDS[how]} the input {in_label} {inp}; writing it would "
+                    f"destroy what this command reads. Give {out_label} a path of its own"
+                )
+        for other_label, other in outs[k + 1 :]:
+            how = relation(out, other)
+            if how:
+                raise PipelineError(
+                    f"{out}: the output {out_label} {_WORDS[how]} the output {other_label} {other}; one would "
+                    f"overwrite the other. Give each output a path of its own"
+                )
+
+
+def _files_below(directory: Path) -> list[str]:
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if not p.is_dir() or p.is_symlink())
+
+
+def check_owned_dir(path: str | os.PathLike, label: str, stage: str, *, signature: str | None = None,
+                    allowed: Iterable[str] = ()) -> None:
+    """A directory output the stage replaces as a whole: absent, empty, or holding only what the stage wrote
+    (its MANIFEST lists it; `allowed` are glob patterns of what the stage writes there besides, e.g.
+    checkpoint-*). A directory written before manifests existed is accepted, with a warning, when it holds
+    the stage's `signature` file. Anything else is refused: the stage would delete files it did not write."""
+    path = Path(path)
+    if not path.is_dir():
+        return  # absent (a file where a directory goes is check_output_path's error)
+    files = _files_below(path)
+    if not files:
+        return
+    manifest = path / MANIFEST
+    listed: set[str] = set()
+    if manifest.is_file():
+        try:
+            data = json.loads(manifest.read_text(encoding="utf-8"))
+            listed = set(data["files"]) if isinstance(data, dict) and isinstance(data.get("files"), list) else set()
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            listed = set()
+        if not listed:
+            raise PipelineError(f"{manifest}: damaged (not the list of files the {stage} stage wrote); {label} {path} "
+                                f"is replaced as a whole, so check what it holds, remove it and run again")
+    elif signature is not None and (path / signature).is_file():
+        log.warning("%s: written before output manifests (no %s); replacing it as the %s stage's own output", path, MANIFEST, stage)
+        return
+    patterns = list(allowed)
+    foreign = [f for f in files if f != MANIFEST and f not in listed
+               and not any(fnmatch.fnmatch(f, pat) or fnmatch.fnmatch(f.split("/", 1)[0], pat) for pat in patterns)]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise PipelineError(
+            f"{path}: {label} already holds {len(foreign)} file(s) the {stage} stage did not write ({shown}); it "
+            f"replaces {label} as a whole, so they would be lost. Move them, or give another {label}"
+        )
+
+
+def write_manifest(directory: str | os.PathLike, stage: str, extra: Iterable[str] = ()) -> None:
+    """Record what the stage wrote into `directory` (every file now below it, plus `extra`), as MANIFEST."""
+    directory = Path(directory)
+    files = sorted(set(f for f in _files_below(directory) if f != MANIFEST) | set(extra))
+    (directory / MANIFEST).write_text(json.dumps({"stage": stage, "files": files}, ensure_ascii=False, indent=1) + "\n",
+                                      encoding="utf-8")
+
+
+def staging_path(out: str | os.PathLike) -> Path:
+    out = Path(out)
+    return out.with_name(f".{out.name}.tmp")
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | os.PathLike, stage: str, label: str = "--out", *, signature: str | None = None,
+               allowed: Iterable[str] = (), staging: Path | None = None):
+    """A directory output built in .<name>.tmp beside it (or `staging`) and put in place whole at the end: the
+    MANIFEST of what the stage wrote is added, and it replaces out (checked again with check_owned_dir: never a
+    directory holding files the stage did not write). A failure anywhere removes the staging directory and
+    leaves out as it was; a full disk is one error naming out."""
+    out = Path(out)
+    check_owned_dir(out, label, stage, signature=signature, allowed=allowed)
+    tmp = Path(staging) if staging is not None else staging_path(out)
+    if tmp.exists() and staging is None:
+        shutil.rmtree(tmp)  # what a killed run left
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        yield tmp
+        write_manifest(tmp, stage)
+        check_owned_dir(out, label, stage, signature=signature, allowed=allowed)
+        replace_dir(tmp, out)
+    except PipelineError:
+        raise
+    except Exception as exc:
+        if disk_full(exc):
+            raise PipelineError(f"{out}: cannot write this output (No space left on device); "
+                                f"{'the previous one is unchanged' if out.exists() else 'nothing was written'}. "
+                                f"Free some space (or give another path) and run again") from None
+        raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from wenyan.errors import get_logger, PipelineError, run_main
-from wenyan.files import atomic_outputs, write_json
+from wenyan.files import atomic_outputs, check_paths, write_json
 from wenyan.params import check_entry, check_params, ListOf, load_params, Str
 
 log = get_logger("ingest")
@@ -873,6 +873,9 @@ def main(argv=None) -> None:
 
     params = check_params(load_params("ingest", args.params), SCHEMA, "ingest")
     sources = check_sources(params)
+    check_paths({**{f"ingest.sources[{i}].path": s["path"] for i, s in enumerate(sources)}, "--params": args.params},
+                {"--out": args.out, "--report": args.report},
+                dirs=[f"ingest.sources[{i}].path" for i, s in enumerate(sources) if s["format"] == "niutrans"])
 
     import pyarrow as pa
     import pyarrow.parquet as pq

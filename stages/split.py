@@ -25,7 +25,7 @@ import re
 from pathlib import Path
 
 from wenyan.errors import get_logger, PipelineError, run_main
-from wenyan.files import atomic_outputs, read_pairs, write_json
+from wenyan.files import atomic_outputs, check_paths, read_pairs, write_json
 from wenyan.params import check_params, Float, Int, ListOf, load_params
 
 log = get_logger("split")
@@ -87,6 +87,8 @@ def main(argv=None) -> None:
     parser.add_argument("--report", required=True, help="JSON report to write")
     parser.add_argument("--params", default=None, help="params.yaml to read instead of DVC's (tests, benchmarks)")
     args = parser.parse_args(argv)
+    check_paths({"--pairs": args.pairs, "--params": args.params},
+                {**{f"--out {s}.parquet": Path(args.out) / f"{s}.parquet" for s in SPLITS}, "--report": args.report})
 
     params = check_params(load_params("split", args.params), SCHEMA, "split")
     check_split_params(params)

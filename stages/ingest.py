@@ -6,7 +6,7 @@ Inputs:  each source's `path`, in one of three formats:
                        [双语数据/]<book>/<part>/.../<chapter>/source.txt + target.txt (line-aligned),
                        or bitext.txt (`古文：…` / `现代文：…` lines, pairs separated by blank lines)
                        where a chapter has no source.txt/target.txt
-           tsv       source<TAB>target[<TAB>book[<TAB>chapter]], optional header line naming the columns
+           tsv       source<TAB>target, or with a header line naming the columns source, target[, book[, chapter]]
            jsonl     one object a line: {"source": ..., "target": ..., "book"?: ..., "chapter"?: ...}
 Outputs: data/ingest/pairs.parquet, one row a sentence pair:
            id (str, unique)  "<corpus>/<book>/<chapter>#<line>"
@@ -19,6 +19,18 @@ Outputs: data/ingest/pairs.parquet, one row a sentence pair:
 Run:     python -m stages.ingest --out data/ingest/pairs.parquet --report reports/data/ingest.json
          (what `dvc repro ingest` runs; add --params FILE to read another params.yaml)
 
+Nothing is dropped silently: what is read but not used is counted by reason in the report
+(not_used_by_reason, with examples), by these rules:
+  - an archive member given twice (a tar with a newer member appended): the later one is used, as `tar x`;
+  - the same chapter under 双语数据/ and outside it (at the archive's top): the 双语数据/ copy is used;
+  - an archive whose every chapter lies in one top folder of another name, with no 双语数据/ (a download's
+    wrapper folder such as classical-modern-main/): that folder is not a book, the books are below it;
+  - a file that is not source.txt, target.txt or bitext.txt (README, 数据来源.txt, ...); a bitext.txt
+    beside source.txt + target.txt; files of books the books filter leaves out;
+  - tsv: the header line repeated further down (files joined with cat) is skipped; without a header a file
+    has two columns, so 3 or 4 on the first line (a tab inside a sentence?) is an error asking for a header,
+    and any line with another number of columns than the header's is an error;
+  - jsonl: a key given twice in one object is an error (JSON readers keep the last value silently).
 A UTF-8 BOM and CRLF line endings are accepted silently; trailing blank lines are ignored; a line that
 is blank on both sides is not a pair and is skipped (counted); a pair blank on one side is kept for
 clean to drop and count.

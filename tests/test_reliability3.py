@@ -675,3 +675,129 @@ def test_split_leaving_test_or_valid_empty_is_an_error_not_a_warning(tmp_path, w
         split.main(["--pairs", str(pairs), "--out", str(tmp_path / "s"), "--report", str(tmp_path / "r.json"),
                     "--params", str(write_params(split=split_params))])
     assert not (tmp_path / "s").exists() and not (tmp_path / "r.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Ingest drops nothing silently (3: its outputs on a full disk)
+
+
+def run_ingest(tmp_path, write_params, sources):
+    import pandas as pd
+
+    from stages import ingest
+
+    params = write_params(tmp_path / "ingest-params.yaml", ingest={"sources": sources})
+    out, report = tmp_path / "out" / "pairs.parquet", tmp_path / "out" / "ingest.json"
+    ingest.main(["--out", str(out), "--report", str(report), "--params", str(params)])
+    return pd.read_parquet(out), json.loads(report.read_text(encoding="utf-8"))
+
+
+def add_to_tar(tar_path: Path, name: str, data: bytes) -> None:
+    import io
+    import tarfile
+
+    with tarfile.open(tar_path, "a") as tar:  # appended at the end, as `tar rf` does
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+
+@bad_input
+def test_tar_with_an_appended_newer_member_uses_the_new_text(tmp_path, make_corpus, write_params):
+    from conftest import CHAPTERS, make_archive
+
+    archive = make_archive(make_corpus(), tmp_path / "corp.tar")
+    src, _ = CHAPTERS["论语/学而篇"]
+    newer = ["新" + s for s in src]
+    add_to_tar(archive, "双语数据/论语/学而篇/source.txt", ("\n".join(newer) + "\n").encode())
+    df, report = run_ingest(tmp_path, write_params, [{"path": str(archive), "format": "niutrans"}])
+    assert df[df["book"] == "论语"]["source"].tolist() == newer  # as `tar x` leaves it
+    assert report["sources"][0]["not_used_by_reason"]["replaced by a later archive member of the same name (as tar x)"] == 1
+
+
+@bad_input
+def test_chapter_under_bilingual_dir_and_at_the_top_uses_the_bilingual_copy(tmp_path, make_corpus, write_params):
+    from conftest import CHAPTERS, N_PAIRS, write_chapters
+
+    root = make_corpus()
+    src, tgt = CHAPTERS["论语/学而篇"]
+    write_chapters(root, {"论语/学而篇": (["顶" + s for s in src], tgt)})  # a stray copy beside 双语数据/
+    import tarfile
+
+    archive = tmp_path / "top-first.tar"  # the stray copy comes first in the archive, the directory walk reads it last
+    with tarfile.open(archive, "w") as tar:
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+        for p in sorted(files, key=lambda p: "双语数据" in p.parts):
+            tar.add(p, p.relative_to(root).as_posix())
+    for source in (root, archive):
+        df, report = run_ingest(tmp_path, write_params, [{"path": str(source), "format": "niutrans"}])
+        assert len(df) == N_PAIRS and df[df["book"] == "论语"]["source"].tolist() == src
+        reasons = report["sources"][0]["not_used_by_reason"]
+        assert reasons["the same chapter is also under 双语数据/ (that copy is used)"] == 2  # its source.txt and target.txt
+
+
+@bad_input
+def test_archive_with_a_wrapper_folder_and_no_bilingual_dir_keeps_its_books(tmp_path, make_corpus, write_params):
+    from conftest import N_PAIRS, make_archive
+
+    inner = make_corpus("classical-modern-main", bilingual_dir=False, parent=tmp_path / "src")
+    archive = make_archive(inner.parent, tmp_path / "download.tar.gz")  # members: classical-modern-main/<book>/...
+    df, report = run_ingest(tmp_path, write_params, [{"path": str(archive), "format": "niutrans"}])
+    assert sorted(set(df["book"])) == ["史记", "论语"] and len(df) == N_PAIRS
+    assert set(df[df["book"] == "史记"]["chapter"]) == {"十二本纪/五帝本纪", "七十列传/伯夷列传"}
+    assert report["sources"][0]["not_used_by_reason"]["not a chapter file (only source.txt + target.txt or bitext.txt are read)"] == 1
+
+
+@bad_input
+def test_unrecognised_files_in_a_corpus_directory_are_counted(tmp_path, make_corpus, write_params):
+    root = make_corpus()
+    (root / "双语数据" / "论语" / "学而篇" / "notes.docx").write_bytes(b"PK")
+    df, report = run_ingest(tmp_path, write_params, [{"path": str(root), "format": "niutrans"}])
+    reasons = report["sources"][0]["not_used_by_reason"]
+    assert reasons["chapter provenance (数据来源.txt)"] == 3
+    assert reasons["not a chapter file (only source.txt + target.txt or bitext.txt are read)"] == 2  # README.md, notes.docx
+    files = {e["file"].rsplit("/", 1)[-1] for e in report["sources"][0]["not_used_examples"]}
+    assert {"README.md", "notes.docx"} <= files
+
+
+@bad_input
+def test_tsv_with_its_header_repeated_skips_and_counts_it(tmp_path, write_params):
+    f = tmp_path / "joined.tsv"
+    f.write_text("source\ttarget\n学而时习之\t学了又时常温习\nsource\ttarget\n有朋自远方来\t有朋友从远方来\n", encoding="utf-8")
+    df, report = run_ingest(tmp_path, write_params, [{"path": str(f), "format": "tsv"}])
+    assert df["source"].tolist() == ["学而时习之", "有朋自远方来"]
+    assert report["sources"][0]["not_used_by_reason"] == {"repeated header line": 1}
+
+
+@bad_input
+@pytest.mark.parametrize("text, message", [
+    ("学而时习之\t学了\t又时常温习\n", r"joined.tsv:1: 3 tab-separated columns and no header line"),
+    ("source\ttarget\n学而时习之\t学了\t又时常温习\n", r"joined.tsv:2: expected 2 tab-separated columns .* got 3; a tab inside a sentence"),
+])
+def test_tsv_tab_inside_a_target_is_an_error_not_a_book(tmp_path, write_params, text, message):
+    f = tmp_path / "joined.tsv"
+    f.write_text(text, encoding="utf-8")
+    with pytest.raises(PipelineError, match=message):
+        run_ingest(tmp_path, write_params, [{"path": str(f), "format": "tsv"}])
+
+
+@bad_input
+def test_jsonl_duplicate_key_is_an_error(tmp_path, write_params):
+    f = tmp_path / "pairs.jsonl"
+    f.write_text('{"source": "学而", "target": "学习"}\n{"source": "甲", "target": "乙", "target": "丙"}\n', encoding="utf-8")
+    with pytest.raises(PipelineError, match=r'pairs.jsonl:2: the key "target" is given twice in one object'):
+        run_ingest(tmp_path, write_params, [{"path": str(f), "format": "jsonl"}])
+
+
+@bad_input
+def test_ingest_on_a_full_disk_one_line_previous_outputs_kept(tmp_path, make_corpus, write_params, full_disk):
+    from stages import ingest
+
+    params = write_params(tmp_path / "p.yaml", ingest={"sources": [{"path": str(make_corpus()), "format": "niutrans"}]})
+    out, report = full_disk.directory / "pairs.parquet", full_disk.directory / "ingest.json"
+    ingest.main(["--out", str(out), "--report", str(report), "--params", str(params)])
+    before = full_disk.files()
+    full_disk.fill()
+    with pytest.raises(PipelineError, match=rf"^{out}: cannot write this output \(No space left on device\); the previous one is unchanged"):
+        ingest.main(["--out", str(out), "--report", str(report), "--params", str(params)])
+    assert full_disk.files() == before and full_disk.leftovers() == []

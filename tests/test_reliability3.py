@@ -801,3 +801,121 @@ def test_ingest_on_a_full_disk_one_line_previous_outputs_kept(tmp_path, make_cor
     with pytest.raises(PipelineError, match=rf"^{out}: cannot write this output \(No space left on device\); the previous one is unchanged"):
         ingest.main(["--out", str(out), "--report", str(report), "--params", str(params)])
     assert full_disk.files() == before and full_disk.leftovers() == []
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. in the commands and stages that read a model directory: one error naming the file and field
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+@bad_input
+@pytest.mark.parametrize("damage, message", [
+    ("max_seq_length string", r"training_config.json: field 'max_seq_length' should be an integer > 0 or null, got str '512'"),
+    ("context_sentences string", r"training_config.json: field 'prompt.format.context_sentences' should be an integer >= 0, got str '2'"),
+    ("a list", r"training_config.json: should be a mapping \(JSON object\), got a list"),
+    ("not UTF-8", r"training_config.json: not UTF-8"),
+    ("unknown placeholder", r"training_config.json: field 'prompt.format.user_template' should contain \{classical\}, got '翻译：\{klassical\}'"),
+    ("chat template syntax", r"the chat template does not render \(line 1\)"),
+    ("adapter weights missing", r"a LoRA adapter \(adapter_config.json\) without its weights"),
+])
+@pytest.mark.parametrize("command", ["translate", "evaluate"])
+def test_damaged_model_directory_is_one_error_before_loading(tiny_adapter, tmp_path, damage, message, command, monkeypatch):
+    from stages import evaluate
+    from tools import translate
+
+    model = copy_model(tiny_adapter, tmp_path / "model")
+    config = model / "training_config.json"
+    cfg = json.loads(config.read_text(encoding="utf-8"))
+    if damage == "max_seq_length string":
+        cfg["max_seq_length"] = "512"
+    elif damage == "context_sentences string":
+        cfg["prompt"]["format"]["context_sentences"] = "2"
+    elif damage == "unknown placeholder":
+        cfg["prompt"]["format"]["user_template"] = "翻译：{klassical}"
+    elif damage == "chat template syntax":
+        tok_config = model / "tokenizer_config.json"
+        data = json.loads(tok_config.read_text(encoding="utf-8"))
+        if "chat_template" in data:
+            data["chat_template"] = "{% for m in messages %}{{ m['content'] }"
+            tok_config.write_text(json.dumps(data), encoding="utf-8")
+        else:
+            (model / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }", encoding="utf-8")
+    elif damage == "adapter weights missing":
+        (model / "adapter_model.safetensors").unlink()
+    if damage == "a list":
+        config.write_text("[1, 2]", encoding="utf-8")
+    elif damage == "not UTF-8":
+        config.write_bytes(b'{"model": "\xff"}')
+    else:
+        config.write_text(json.dumps(cfg), encoding="utf-8")
+    from wenyan import models
+
+    monkeypatch.setattr(models, "load_trained_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(PipelineError, match=message):
+        if command == "translate":
+            translate.main(["学而时习之。", "--model", str(model)])
+        else:
+            test = tmp_path / "test.jsonl"
+            test.write_text(json.dumps(ROW, ensure_ascii=False) + "\n", encoding="utf-8")
+            from conftest import shipped
+            import yaml
+
+            params = tmp_path / "params.yaml"
+            params.write_text(yaml.safe_dump({"evaluate": shipped("evaluate", baselines=["copy"], num_gpus=1)}), encoding="utf-8")
+            evaluate.main(["--test", str(test), "--model", str(model), "--metrics", str(tmp_path / "m.json"), "--out-dir",
+                           str(tmp_path / "ev"), "--hypotheses", str(tmp_path / "h.jsonl"), "--params", str(params)])
+
+
+@bad_input
+@pytest.mark.parametrize("row, message", [
+    ({**ROW, "target": None}, "t.jsonl:2: field 'target' should be a string, got null"),
+    ({**ROW, "id": "other", "messages": ["学而", "学习"]}, r"t.jsonl:2: field 'messages\[0\]' should be a mapping"),
+    ({k: v for k, v in ROW.items() if k != "id"}, "t.jsonl:2: field 'id' is missing"),
+    (ROW, r"t.jsonl:2: field 'id' 'c/书/篇#1' is also the id of line 1"),
+])
+def test_evaluate_rows_checked_before_the_model(tmp_path, row, message):
+    """Rows with target null, messages as strings, no id or a duplicate id (which silently got another row's base output)."""
+    from wenyan.metrics import check_test_rows
+    from wenyan.files import read_jsonl
+
+    test = tmp_path / "t.jsonl"
+    test.write_text(json.dumps(ROW, ensure_ascii=False) + "\n" + json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    rows, lines = read_jsonl(test, with_lines=True)
+    with pytest.raises(PipelineError, match=message):
+        check_test_rows(rows, test, lines)
+
+
+@bad_input
+def test_base_outputs_with_a_duplicate_id_are_refused(tmp_path):
+    from stages import evaluate
+
+    path = tmp_path / "base_outputs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [{"id": "a", "output": "x", "hit_limit": False},
+                                                            {"id": "a", "output": "y", "hit_limit": False}]))
+    with pytest.raises(PipelineError, match="base_outputs.jsonl:2: field 'id' 'a' is also the id of line 1"):
+        evaluate.read_base_outputs(path, [{"id": "a"}])
+
+
+@bad_input
+def test_staged_dir_on_a_full_disk_keeps_the_last_good_directory(full_disk):
+    import errno
+
+    from wenyan.files import staged_dir
+
+    out = full_disk.directory / "adapter"
+    with staged_dir(out, "train") as tmp:
+        (tmp / "weights.bin").write_bytes(b"old")
+    before = full_disk.files()
+    full_disk.fill()
+    with pytest.raises(PipelineError, match=rf"^{out}: cannot write this output \(No space left on device\); the previous one is unchanged"):
+        with staged_dir(out, "train") as tmp:
+            if full_disk.mode == "patched":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            (tmp / "weights.bin").write_bytes(b"new" * 100_000)
+    assert full_disk.files() == before and not (full_disk.directory / ".adapter.tmp").exists()

@@ -71,9 +71,8 @@ def main(argv=None) -> None:
     parser.add_argument("--report", required=True, help="JSON report to write")
     parser.add_argument("--params", default=None, help="params.yaml to read instead of DVC's (tests, benchmarks)")
     args = parser.parse_args(argv)
-    check_paths({"--split-dir": args.split_dir, "--params": args.params},
-                {**{f"--out {s}.jsonl": Path(args.out) / f"{s}.jsonl" for s in SPLITS}, "--report": args.report},
-                dirs=["--split-dir"])
+    check_paths({**{f"--split-dir {s}.parquet": Path(args.split_dir) / f"{s}.parquet" for s in SPLITS}, "--params": args.params},
+                {**{f"--out {s}.jsonl": Path(args.out) / f"{s}.jsonl" for s in SPLITS}, "--report": args.report})
 
     params = check_params(load_params("format", args.params), SCHEMA, "format")
     check_templates(params)

@@ -127,19 +127,18 @@ def main(argv=None) -> None:
         }
         for book, n in (part["corpus"] + "/" + part["book"]).value_counts().items():
             per_book.setdefault(book, dict.fromkeys(SPLITS, 0))[s] = int(n)
-        if len(part) == 0 and s == "test":  # evaluate would fail only after training
-            raise PipelineError(
-                f"the test split is empty ({len(df):,} pairs, {before['test']} before the leakage check): evaluate needs "
-                f"test sentences; raise split.test_fraction, name split.test_books, or change split.seed")
-        if len(part) == 0 and s == "valid" and params["valid_fraction"] > 0:
-            raise PipelineError(
-                f"the valid split is empty although split.valid_fraction is {params['valid_fraction']} (too few chapters "
-                f"for it); raise it, change split.seed, or set it to 0 for no validation")
+        if len(part) == 0 and s == "valid" and params["valid_fraction"] > 0:  # train refuses it with eval_samples > 0
+            log.warning("the valid split is empty although split.valid_fraction is %s (too few chapters for it); train "
+                        "stops before loading its model while train.eval_samples > 0", params["valid_fraction"])
     if report_splits["train"]["pairs"] == 0:
         raise PipelineError(
             f"the train split is empty ({len(df):,} pairs in {args.pairs}); lower split.valid_fraction/test_fraction "
             "or test_books, or if clean kept too few pairs, check clean.min_chars/max_chars/max_ratio"
         )
+    if report_splits["test"]["pairs"] == 0:  # evaluate would fail only after training
+        raise PipelineError(
+            f"the test split is empty ({len(df):,} pairs in {args.pairs}): evaluate needs test sentences; raise "
+            f"split.test_fraction, name split.test_books, or change split.seed")
     total = sum(r["pairs"] for r in report_splits.values())
     log.info(
         "%s pairs: %s",

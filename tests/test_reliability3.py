@@ -919,3 +919,30 @@ def test_staged_dir_on_a_full_disk_keeps_the_last_good_directory(full_disk):
                 raise OSError(errno.ENOSPC, "No space left on device")
             (tmp / "weights.bin").write_bytes(b"new" * 100_000)
     assert full_disk.files() == before and not (full_disk.directory / ".adapter.tmp").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. in the train stage: resume never mixes runs
+
+from test_train import tiny  # noqa: E402,F401  (the tiny model and data fixture)
+
+
+@bad_input
+def test_train_resume_skips_an_incomplete_checkpoint_and_refuses_another_run(tiny, tmp_path, caplog):  # noqa: F811
+    from test_train import run
+
+    common = dict(max_steps=4, save_steps=2, eval_steps=0)
+    run(tiny, tmp_path, "a", **common)
+    ckpt = tmp_path / "a" / "checkpoints"
+    optimizer = ckpt / "checkpoint-4" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])  # a truncated optimizer.pt (kill -9 during the save)
+    summary, _ = run(tiny, tmp_path, "a", resume=True, **common)
+    assert summary["resumed_from_step"] == 2 and summary["steps"] == 4
+    assert "checkpoint-4 is incomplete (optimizer.pt is damaged or cut short" in caplog.text
+
+    with pytest.raises(PipelineError, match=r"other values of train.learning_rate; set them back"):
+        run(tiny, tmp_path, "a", resume=True, **{**common, "learning_rate": 0.02})
+    other = dict(tiny, train=tmp_path / "other.jsonl")
+    other["train"].write_text(tiny["train"].read_text(encoding="utf-8").replace("翻译", "翻譯", 1), encoding="utf-8")
+    with pytest.raises(PipelineError, match=r"other values of train_data_sha256"):
+        run(other, tmp_path, "a", resume=True, **common)

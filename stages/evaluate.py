@@ -178,7 +178,7 @@ def hypotheses_with_provenance(rows: list[dict], systems: dict[str, list[str]], 
     return out_rows
 
 
-# Long (~85 lines): the stage read top to bottom: inputs and checks, generation, scores, the five outputs at once.
+# Long (~90 lines): the stage read top to bottom: inputs and checks, generation, scores, the five outputs at once.
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

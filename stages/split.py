@@ -80,7 +80,7 @@ def check_split_params(params: dict) -> None:
         raise PipelineError("params.yaml 'split.test_books' should be a list of book names")
 
 
-# Long (~75 lines): the stage read top to bottom: checks, the split, the leakage check, its report, one write.
+# Long (~80 lines): the stage read top to bottom: checks, the split, the leakage check, its report, one write.
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pairs", required=True, help="clean pairs parquet")

@@ -56,7 +56,7 @@ from wenyan.prompt import CHAT_TEMPLATES, PROMPT_SCHEMA, check_templates, end_of
 from wenyan.distributed import barrier, pin_one_gpu, summed, world
 from wenyan.errors import get_logger, PipelineError, run_main
 from wenyan.checkpoints import run_identity
-from wenyan.files import (check_output_path, check_owned_dir, check_paths, disk_full, read_jsonl, staged_dir, staging_path,
+from wenyan.files import (check_output_path, check_owned_dir, check_paths, read_jsonl, staged_dir, staging_path,
                           write_json, write_manifest)
 from wenyan.params import Bool, check_params, Float, Int, ListOf, load_sections, OneOf, Param, Str
 
@@ -331,14 +331,8 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
         raise PipelineError("train.fsdp is true but accelerate did not turn FSDP on")
     trainable, total = sft.count_parameters(trainer.model)
     log.info("trainable parameters %s / %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
-    try:
-        run = sft.run_training(trainer, live_callback, resume_from, evaluate_at_end=bool(valid_examples))
-    except Exception as exc:  # a checkpoint or dvclive's plots on a full disk: one line, not a traceback
-        if not disk_full(exc):
-            raise
-        raise PipelineError(f"{checkpoints}: no space left on the device while training (saving a checkpoint or the "
-                            f"plots in {staging}); {out} and {reports} are as they were. Free some space and run again "
-                            f"(train.resume continues from the last whole checkpoint)") from None
+    run = sft.run_training(trainer, live_callback, resume_from, evaluate_at_end=bool(valid_examples), plots=staging,
+                           kept=(out, reports))  # a full disk: one error naming the checkpoints
     if world()[0] == 0:
         write_manifest(checkpoints, "train")  # what the Trainer wrote there is the stage's too
 

@@ -947,3 +947,28 @@ def test_train_resume_skips_an_incomplete_checkpoint_and_refuses_another_run(tin
     other["train"].write_text(tiny["train"].read_text(encoding="utf-8").replace("翻译", "翻譯", 1), encoding="utf-8")
     with pytest.raises(PipelineError, match=r"other values of train_data_sha256"):
         run(other, tmp_path, "a", resume=True, **common)
+
+
+@bad_input
+def test_train_full_disk_while_training_is_one_line_naming_the_checkpoints(tmp_path):
+    """A checkpoint save (or dvclive's plots) on a full disk: one error, not the Trainer's traceback."""
+    import errno
+    import types
+
+    from wenyan import sft
+
+    def train(resume_from_checkpoint=None):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    trainer = types.SimpleNamespace(train=train, args=types.SimpleNamespace(output_dir=str(tmp_path / "ckpt")))
+    live = types.SimpleNamespace(history=[], train_seconds=0.0)
+    with pytest.raises(PipelineError, match=rf"^{tmp_path / 'ckpt'}: no space left on the device while training .*"
+                                            rf"{tmp_path / 'out'} and {tmp_path / 'rep'} are as they were"):
+        sft.run_training(trainer, live, None, False, plots=tmp_path / ".rep.tmp", kept=(tmp_path / "out", tmp_path / "rep"))
+
+    def other(resume_from_checkpoint=None):
+        raise OSError(errno.EACCES, "Permission denied")
+
+    trainer.train = other
+    with pytest.raises(OSError, match="Permission denied"):  # only a full disk is turned into that line
+        sft.run_training(trainer, live, None, False)

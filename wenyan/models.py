@@ -175,6 +175,8 @@ def materialize(spec: str, cache_dir: Path | None = None) -> str:
     return str(target)
 
 
+# Long (~75 lines): one file format's header walked in one place (magic, metadata values, tensor infos, length),
+# its small readers nested beside it; splitting it would scatter the format across functions.
 def check_gguf_file(path: Path) -> None:
     """A GGUF file is whole: its header parses (magic, version, metadata, tensor infos) and the file is as long as
     its last tensor's end. A cut or foreign file is one error naming it, before transformers reads it (where it

@@ -20,7 +20,7 @@ from pathlib import Path
 from wenyan.distributed import world
 from wenyan.errors import PipelineError, get_logger
 from wenyan.checkpoints import identity_difference, last_complete_checkpoint, read_identity
-from wenyan.files import check_owned_dir, write_json, write_manifest
+from wenyan.files import check_owned_dir, disk_full, write_json, write_manifest
 from wenyan.prompt import control_token_text, encode_messages, end_of_turn_id, end_of_turn_token
 
 log = get_logger("sft")
@@ -405,20 +405,28 @@ def build_trainer(model, tokenizer, train_examples, valid_examples, cfg: dict, *
     return trainer
 
 
-def run_training(trainer, live_callback, resume_from, evaluate_at_end: bool) -> dict:
+def run_training(trainer, live_callback, resume_from, evaluate_at_end: bool, *, plots=None, kept=()) -> dict:
     """trainer.train(), then an eval at the final step if the last periodic one was earlier; the times and
-    losses the summary reports."""
+    losses the summary reports. A full disk meanwhile (a checkpoint, dvclive's plots in `plots`) is one error
+    naming the checkpoints and saying the `kept` outputs are as they were, not a traceback."""
     import torch
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume_from)
-    trainer_time = time.perf_counter() - t0
-    evals = [h for h in live_callback.history if "eval_loss" in h]
-    if evaluate_at_end and not (evals and evals[-1]["step"] == trainer.state.global_step):
-        trainer.evaluate()  # logged at the final step by the callback
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+        trainer_time = time.perf_counter() - t0
         evals = [h for h in live_callback.history if "eval_loss" in h]
+        if evaluate_at_end and not (evals and evals[-1]["step"] == trainer.state.global_step):
+            trainer.evaluate()  # logged at the final step by the callback
+            evals = [h for h in live_callback.history if "eval_loss" in h]
+    except Exception as exc:
+        if not disk_full(exc):
+            raise
+        raise PipelineError(f"{trainer.args.output_dir}: no space left on the device while training (saving a checkpoint "
+                            f"or the plots in {plots}); {' and '.join(map(str, kept))} are as they were. Free some space "
+                            f"and run again (train.resume continues from the last whole checkpoint)") from None
     return {"result": result, "trainer_time": trainer_time, "train_time": live_callback.train_seconds, "evals": evals,
             "train_losses": [h["loss"] for h in live_callback.history if "loss" in h]}
 

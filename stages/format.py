@@ -23,7 +23,7 @@ import collections
 from pathlib import Path
 
 from wenyan.prompt import build_messages, check_templates, PROMPT_SCHEMA
-from wenyan.errors import get_logger, PipelineError, run_main
+from wenyan.errors import get_logger, run_main
 from wenyan.files import atomic_outputs, check_paths, read_pairs, write_json, write_jsonl
 from wenyan.params import check_params, load_params
 

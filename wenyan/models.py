@@ -22,7 +22,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from wenyan.errors import PipelineError, get_logger
 from wenyan.files import new_staging_dir, staging_path
 from wenyan import generation, vocab
 from wenyan.distributed import world
-from wenyan.prompt import PROMPT_KEYS, apply_chat_template_override, check_templates, fix_special_tokens
+from wenyan.prompt import apply_chat_template_override, check_templates, fix_special_tokens
 
 log = get_logger("models")
 

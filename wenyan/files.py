@@ -1,7 +1,10 @@
 """Output files and the row files between stages: output-path checks, atomic outputs, JSON/JSONL/pairs IO.
 
 Outputs are written to a temporary file in the same directory, then renamed, so a stage killed half-way never
-leaves a partial file that DVC or the user could take for a good one.
+leaves a partial file that DVC or the user could take for a good one. A directory output grows in its
+staging directory (staging_path, made empty by new_staging_dir: the one staging helper) and replaces the old
+whole (replace_dir); staged_dir does all of it for a stage's directory output, with its manifest, the
+foreign-files check (check_owned_dir) and a full disk as one error.
 """
 
 from __future__ import annotations

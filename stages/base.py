@@ -6,7 +6,9 @@ A GGUF model (the built-in SmolLM2 default, or a .gguf file) is dequantised into
 (config.json + weights + tokenizer; models.materialize): transformers refuses save_pretrained on a
 GGUF-loaded model and unsloth wants a plain directory. A model directory or a hub id is loaded where it is;
 models/base/base.json records what train.model resolved to either way. A DVC output, so DVC caches it,
-restores it with `dvc checkout`, and nothing else writes under models/base inside the pipeline.
+restores it with `dvc checkout`, and nothing else writes under models/base inside the pipeline. Built in
+models/.base.tmp and put in place whole (with the manifest of what it wrote); an --out that holds files this
+stage did not write, or that is (or holds, or lies inside) the model it reads, is refused before anything runs.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from pathlib import Path
 
 from wenyan import models
 from wenyan.errors import get_logger, PipelineError, run_main
-from wenyan.files import new_staging_dir, replace_dir, write_json
+from wenyan.files import check_output_path, check_owned_dir, check_paths, staged_dir, write_json
 from wenyan.params import load_sections
 
 log = get_logger("base")
+SIGNATURE = "base.json"  # what marks a directory as this stage's output (written before output manifests too)
 
 
 def main(argv=None) -> None:
@@ -27,14 +30,19 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, type=Path, help="models/base")
     parser.add_argument("--params", default=None, help="params.yaml to read instead of DVC's (tests)")
     args = parser.parse_args(argv)
+    check_output_path(args.out, directory=True)
     spec = load_sections("base", ["train.model"], args.params)["train"]["model"]
     if not isinstance(spec, str):
         raise PipelineError(f"params.yaml: train.model should be str, got {spec!r}")
-    tmp = new_staging_dir(args.out)
-    location = models.materialize(spec, cache_dir=tmp)
-    plain = Path(location).parent == tmp
-    write_json(tmp / "base.json", {"model": spec, "location": str(args.out / Path(location).name) if plain else location})
-    replace_dir(tmp, args.out)
+    location, gguf_file = models.resolve_model(spec)
+    model_path = Path(location) / gguf_file if gguf_file else Path(location)
+    check_paths({"train.model": model_path if model_path.exists() else None, "--params": args.params},
+                {"--out": args.out}, dirs=["train.model"])  # never dequantise into (or over) the model read
+    check_owned_dir(args.out, "--out", "base", signature=SIGNATURE)
+    with staged_dir(args.out, "base", signature=SIGNATURE) as tmp:
+        location = models.materialize(spec, cache_dir=tmp)
+        plain = Path(location).parent == tmp
+        write_json(tmp / SIGNATURE, {"model": spec, "location": str(args.out / Path(location).name) if plain else location})
     log.info("train.model %s -> %s", spec, args.out if plain else location)
 
 

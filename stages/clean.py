@@ -33,7 +33,7 @@ import argparse
 
 from wenyan.text import make_converter, normalise_lines
 from wenyan.errors import get_logger, PipelineError, run_main
-from wenyan.files import atomic_outputs, read_pairs, write_json
+from wenyan.files import atomic_outputs, check_paths, read_pairs, write_json
 from wenyan.params import Bool, check_params, Float, Int, load_params, Str
 
 log = get_logger("clean")
@@ -92,6 +92,7 @@ def main(argv=None) -> None:
     parser.add_argument("--report", required=True, help="JSON report to write")
     parser.add_argument("--params", default=None, help="params.yaml to read instead of DVC's (tests, benchmarks)")
     args = parser.parse_args(argv)
+    check_paths({"--pairs": args.pairs, "--params": args.params}, {"--out": args.out, "--report": args.report})
 
     params = check_params(load_params("clean", args.params), SCHEMA, "clean")
     check_clean_params(params)

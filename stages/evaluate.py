@@ -52,9 +52,12 @@ from wenyan.metrics import (EVALUATE_SCHEMA, KNOWN_BASELINES, breakdown, check_t
                             select_rows, sentence_chrf, to_csv)
 from wenyan.params import check_params, load_params
 from wenyan.prompt import end_of_turn_ids
+from wenyan import artifacts
+from wenyan.files import check_paths
 
 log = get_logger("evaluate")
 
+OUT_DIR_FILES = ("by_book.csv", "by_length.csv", "samples.md")  # what evaluate writes into --out-dir
 SCHEMA = EVALUATE_SCHEMA  # values and their comments: params.yaml; evaluate_base reads some of its keys too
 
 
@@ -85,7 +88,10 @@ def postprocess(texts: list[str], opencc_config: str | None) -> list[str]:
 
 def read_base_outputs(path: Path, rows: list[dict]) -> tuple[list[str], list[bool]]:
     """The evaluate_base stage's outputs for these rows, in their order; a missing sentence is an error."""
-    by_id = {r["id"]: r for r in read_jsonl(path) if {"id", "output", "hit_limit"} <= set(r)}
+    found, lines = read_jsonl(path, with_lines=True)
+    artifacts.check_rows(found, artifacts.BASE_OUTPUT_ROW, path, "rerun the evaluate_base stage (dvc repro evaluate_base)",
+                         unique="id", lines=lines)
+    by_id = {r["id"]: r for r in found}
     missing = [r.get("id") for r in rows if r.get("id") not in by_id]
     if missing:
         raise PipelineError(f"{path}: no base output for {len(missing)} evaluated sentence(s) (e.g. {missing[0]}); "
@@ -172,7 +178,7 @@ def hypotheses_with_provenance(rows: list[dict], systems: dict[str, list[str]], 
     return out_rows
 
 
-# Long (~85 lines): the stage read top to bottom: inputs and checks, generation, scores, the five outputs at once.
+# Long (~90 lines): the stage read top to bottom: inputs and checks, generation, scores, the five outputs at once.
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -187,13 +193,16 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     for path, directory in ((args.metrics, False), (args.hypotheses, False), (args.out_dir, True)):
         check_output_path(path, directory=directory)  # before the model runs, not after
+    check_paths({"--test": args.test, "--model": args.model, "--base-outputs": args.base_outputs, "--params": args.params},
+                {"--metrics": args.metrics, "--hypotheses": args.hypotheses,
+                 **{f"--out-dir {name}": args.out_dir / name for name in OUT_DIR_FILES}}, dirs=["--model"])
 
     p = check_evaluate_params(load_params("evaluate", args.params))
     if distributed.relaunched("stages.evaluate", "evaluate.num_gpus", p["num_gpus"], argv,
                               quiet=[log, models.log, generation.log]):
         return
-    all_rows = read_jsonl(args.test)
-    check_test_rows(all_rows, args.test)
+    all_rows, lines = read_jsonl(args.test, with_lines=True)
+    check_test_rows(all_rows, args.test, lines)
     rows = select_rows(all_rows, p["num_samples"], p["seed"])
     books = sorted({str(r.get("book", "")) for r in rows})
     log.info("scoring %d of %d test sentences (%d books)", len(rows), len(all_rows), len(books))
@@ -250,8 +259,7 @@ def main(argv=None) -> None:
     hypothesis_rows = hypotheses_with_provenance(rows, systems, chrf)
 
     # the five outputs change together or not at all (a failure while writing leaves the last good ones)
-    outputs = [args.hypotheses, args.out_dir / "by_book.csv", args.out_dir / "by_length.csv",
-               args.out_dir / "samples.md", args.metrics]
+    outputs = [args.hypotheses, *(args.out_dir / name for name in OUT_DIR_FILES), args.metrics]
     with atomic_outputs(*outputs) as (hypotheses_tmp, book_tmp, length_tmp, samples_tmp, metrics_tmp):
         write_jsonl(hypotheses_tmp, hypothesis_rows)
         write_text(book_tmp, to_csv("book", book_rows))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from wenyan import distributed, generation, models
 from wenyan.errors import PipelineError, get_logger, run_main
-from wenyan.files import check_output_path, read_jsonl, write_jsonl
+from wenyan.files import check_output_path, check_paths, read_jsonl, write_jsonl
 from wenyan.metrics import EVALUATE_SCHEMA, check_test_rows, select_rows
 from wenyan.params import check_params, load_sections
 from wenyan.prompt import end_of_turn_ids
@@ -49,6 +49,7 @@ def main(argv=None) -> None:
     parser.add_argument("--params", type=Path, default=None, help="read params.yaml directly instead of through DVC")
     args = parser.parse_args(argv)
     check_output_path(args.out)  # before the model runs, not after
+    check_paths({"--test": args.test, "--base": args.base, "--params": args.params}, {"--out": args.out}, dirs=["--base"])
     names = [f"evaluate.{k}" for k in BASE_KEYS] + ["train.model", "train.chat_template", "train.backend"]
     params = load_sections("evaluate_base", names, args.params)
     p = check_params({k: params["evaluate"][k] for k in BASE_KEYS}, {k: EVALUATE_SCHEMA[k] for k in BASE_KEYS}, "evaluate")
@@ -59,8 +60,11 @@ def main(argv=None) -> None:
         return
     if not (args.base / "base.json").is_file():
         raise PipelineError(f"{args.base}/base.json: not found; run the base stage first (dvc repro base)")
-    rows = select_rows(read_jsonl(args.test), p["num_samples"], p["seed"]) if "base" in p["baselines"] else []
-    check_test_rows(rows or [{"source": "", "target": "", "messages": [{"role": "user"}, {"role": "assistant"}]}], args.test)
+    rows = []
+    if "base" in p["baselines"]:
+        all_rows, lines = read_jsonl(args.test, with_lines=True)
+        check_test_rows(all_rows, args.test, lines)
+        rows = select_rows(all_rows, p["num_samples"], p["seed"])
     out_rows = []
     if rows:
         backend = "hf"  # generation runs on plain transformers (models.inference_backend)

@@ -26,8 +26,9 @@ setup); without it the stage fails saying so, unless export.gguf is false. The G
 the first export.check_samples test sentences (their prompts as evaluate builds them) with transformers
 (the exported weights, computed in fp32, batched as translate does) and with llama.cpp (each GGUF, one
 sentence after the other), on the same threads. Everything is written into a temporary directory and
-renamed onto models/export at the end, the report right after it, so a failed export leaves the last good
-model directory and report as they were.
+renamed onto models/export at the end (with the manifest of what it wrote), the report right after it, so
+a failed export leaves the last good model directory and report as they were. An --out that holds files this
+stage did not write, or that is, holds or lies inside --model, --test or --report, is refused before anything runs.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ from pathlib import Path
 
 from wenyan.errors import get_logger, PipelineError, run_main
 from wenyan.metrics import bleu
-from wenyan.files import atomic_outputs, check_output_path, new_staging_dir, read_jsonl, replace_dir, write_json
+from wenyan import artifacts
+from wenyan.files import atomic_outputs, check_output_path, check_owned_dir, check_paths, read_jsonl, staged_dir, write_json
 from wenyan.params import Bool, check_params, Int, load_params, Param, Str
 from wenyan import generation, gguf, models
 from wenyan.prompt import prompt_ids
@@ -57,6 +59,7 @@ SCHEMA = {  # values and their comments: params.yaml
     "gguf_quantize": Param((list, str), items=str),  # [] / none, one type or a list of llama.cpp types
     "check_samples": Int(min=0),
 }
+SIGNATURE = "hf/training_config.json"  # what marks a directory as this stage's output (before output manifests too)
 CHECK_TEXT = "学而时习之，不亦说乎？"
 CHECK_BATCH_SIZE = 16  # transformers' side of the GGUF check, as translate batches
 CHECK_FACTOR, CHECK_EXTRA = 2.0, 16  # token budget of each check sentence (generation.generate's defaults)
@@ -161,10 +164,10 @@ def export_gguf(hf_dir: Path, out: Path, p: dict, tokenizer, cfg: dict) -> list[
 
 def check_rows(test: Path, n: int) -> list[dict]:
     """The first n rows of the format stage's test file (source, target, messages)."""
-    rows = read_jsonl(test)[:n]
-    for number, row in enumerate(rows, 1):
-        if not {"source", "target", "messages"} <= set(row) or not row["messages"]:
-            raise PipelineError(f"{test}:{number}: a test row needs source, target and messages (the format stage's rows)")
+    rows, lines = read_jsonl(test, with_lines=True)
+    schema = {**artifacts.TEST_ROW, "id": artifacts.Optional(artifacts.ROW_ID)}  # the check needs no ids
+    artifacts.check_rows(rows[:n], schema, test, "rewrite it with the format stage (dvc repro format)", lines=lines[:n])
+    rows = rows[:n]
     return rows
 
 
@@ -218,6 +221,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     check_output_path(args.out, directory=True)  # before the merge, not after
     check_output_path(args.report)
+    check_paths({"--model": args.model, "--test": args.test, "--params": args.params},
+                {"--out": args.out, "--report": args.report}, dirs=["--model"])
+    check_owned_dir(args.out, "--out", "export", signature=SIGNATURE)
 
     p = check_export_params(load_params("export", args.params, dvc_stage=PIPELINE_STAGE))
     trained = models.load_trained(args.model, model=False, backend="hf")  # before anything heavy: clear errors
@@ -241,8 +247,8 @@ def main(argv=None) -> None:
         log.info("merge check: max |logit difference| %.2g over %d tokens (logits up to %.3g)",
                  check["max_abs_logit_diff"], check["tokens"], check["max_abs_logit"])
 
-    tmp = new_staging_dir(args.out)
-    try:
+    # the report is written first and renamed last, once the new model directory is in place
+    with atomic_outputs(args.report) as (report_tmp,), staged_dir(args.out, "export", signature=SIGNATURE) as tmp:
         hf = save_hf(model, tokenizer, cfg, p["dtype"], args.model, tmp / "hf")
         files, gguf_check = [], None
         if p["gguf"]:
@@ -260,13 +266,7 @@ def main(argv=None) -> None:
             if p["gguf"] else "skipped (export.gguf: false)",
             "params": p,
         }
-        # the report is written first and renamed last, once the new model directory is in place
-        with atomic_outputs(args.report) as (report_tmp,):
-            write_json(report_tmp, report)
-            replace_dir(tmp, args.out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        write_json(report_tmp, report)
     log.info("wrote %s/hf%s and %s", args.out, "".join(f", {f['file']}" for f in files), args.report)
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from wenyan.prompt import build_messages, check_templates, PROMPT_SCHEMA
 from wenyan.errors import get_logger, run_main
-from wenyan.files import atomic_outputs, read_pairs, write_json, write_jsonl
+from wenyan.files import atomic_outputs, check_paths, read_pairs, write_json, write_jsonl
 from wenyan.params import check_params, load_params
 
 log = get_logger("format")
@@ -71,6 +71,8 @@ def main(argv=None) -> None:
     parser.add_argument("--report", required=True, help="JSON report to write")
     parser.add_argument("--params", default=None, help="params.yaml to read instead of DVC's (tests, benchmarks)")
     args = parser.parse_args(argv)
+    check_paths({**{f"--split-dir {s}.parquet": Path(args.split_dir) / f"{s}.parquet" for s in SPLITS}, "--params": args.params},
+                {**{f"--out {s}.jsonl": Path(args.out) / f"{s}.jsonl" for s in SPLITS}, "--report": args.report})
 
     params = check_params(load_params("format", args.params), SCHEMA, "format")
     check_templates(params)

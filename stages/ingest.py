@@ -6,7 +6,7 @@ Inputs:  each source's `path`, in one of three formats:
                        [双语数据/]<book>/<part>/.../<chapter>/source.txt + target.txt (line-aligned),
                        or bitext.txt (`古文：…` / `现代文：…` lines, pairs separated by blank lines)
                        where a chapter has no source.txt/target.txt
-           tsv       source<TAB>target[<TAB>book[<TAB>chapter]], optional header line naming the columns
+           tsv       source<TAB>target, or with a header line naming the columns source, target[, book[, chapter]]
            jsonl     one object a line: {"source": ..., "target": ..., "book"?: ..., "chapter"?: ...}
 Outputs: data/ingest/pairs.parquet, one row a sentence pair:
            id (str, unique)  "<corpus>/<book>/<chapter>#<line>"
@@ -19,6 +19,18 @@ Outputs: data/ingest/pairs.parquet, one row a sentence pair:
 Run:     python -m stages.ingest --out data/ingest/pairs.parquet --report reports/data/ingest.json
          (what `dvc repro ingest` runs; add --params FILE to read another params.yaml)
 
+Nothing is dropped silently: what is read but not used is counted by reason in the report
+(not_used_by_reason, with examples), by these rules:
+  - an archive member given twice (a tar with a newer member appended): the later one is used, as `tar x`;
+  - the same chapter under 双语数据/ and outside it (at the archive's top): the 双语数据/ copy is used;
+  - an archive whose every chapter lies in one top folder of another name, with no 双语数据/ (a download's
+    wrapper folder such as classical-modern-main/): that folder is not a book, the books are below it;
+  - a file that is not source.txt, target.txt or bitext.txt (README, 数据来源.txt, ...); a bitext.txt
+    beside source.txt + target.txt; files of books the books filter leaves out;
+  - tsv: the header line repeated further down (files joined with cat) is skipped; without a header a file
+    has two columns, so 3 or 4 on the first line (a tab inside a sentence?) is an error asking for a header,
+    and any line with another number of columns than the header's is an error;
+  - jsonl: a key given twice in one object is an error (JSON readers keep the last value silently).
 A UTF-8 BOM and CRLF line endings are accepted silently; trailing blank lines are ignored; a line that
 is blank on both sides is not a pair and is skipped (counted); a pair blank on one side is kept for
 clean to drop and count.
@@ -42,7 +54,7 @@ from pathlib import Path
 
 from wenyan import archives
 from wenyan.errors import get_logger, PipelineError, run_main
-from wenyan.files import PAIR_COLUMNS, atomic_outputs, write_json
+from wenyan.files import PAIR_COLUMNS, atomic_outputs, check_paths, write_json
 from wenyan.params import check_entry, check_params, ListOf, load_params, Str
 
 log = get_logger("ingest")
@@ -122,10 +134,11 @@ def skip(stats: dict, file: str, reason: str) -> None:
 class NiutransReader:
     """One niutrans source, read chapter by chapter as the walk of its directory or archive goes (read_niutrans).
 
-    A chapter's files come one at a time (an archive is streamed, in its own order): each waits in `pending` until
+    A chapter's files come one at a time (an archive is streamed, in its own order): each waits in `files_of` until
     its partner comes (source.txt + target.txt), or until the walk ends (a bitext.txt, or a file whose partner never
-    came), then becomes one entry of `chapters`. `available` and `unreadable` record the books seen, for the books
-    filter's errors."""
+    came), then becomes the chapter's entry of `chapters`; a later member of the same name, or the chapter's copy
+    under 双语数据/, replaces it (the module docstring's rules; what is not used is counted by not_used).
+    `available` and `unreadable` record the books seen, for the books filter's errors."""
 
     def __init__(self, path: Path, corpus: str, encoding: str, books: list[str], on_misaligned: str, stats: dict):
         self.path, self.corpus, self.encoding, self.on_misaligned, self.stats = path, corpus, encoding, on_misaligned, stats
@@ -133,15 +146,25 @@ class NiutransReader:
         self.available: set[str] = set()
         self.unreadable: dict[str, str] = {}  # book -> first reason one of its entries was skipped
         # chapter -> {file name: (path, bytes or None, problem or None)}
-        self.pending: dict[tuple[str, str], dict[str, tuple[str, bytes | None, str | None]]] = {}
+        self.files_of: dict[tuple[str, str], dict[str, tuple[str, bytes | None, str | None]]] = {}
+        self.origin: dict[tuple[str, str], bool] = {}  # chapter -> its files lie under 双语数据/
         self.done: set[tuple[str, str]] = set()
-        self.chapters: list[tuple[str, str, list[int], list[str], list[str]]] = []
+        self.chapters: dict[tuple[str, str], tuple[str, str, list[int], list[str], list[str]]] = {}
 
     def where(self, rel: str) -> str:
         return archives.where(self.path, rel)
 
     def skip(self, rel: str, reason: str) -> None:
         skip(self.stats, self.where(rel), reason)
+
+    def not_used(self, rel: str, reason: str, quiet: bool = False) -> None:
+        """A file read (or seen) but not used, by a documented rule: counted by reason in the report."""
+        stats = self.stats
+        stats["not_used_by_reason"][reason] += 1
+        if len(stats["not_used_examples"]) < MAX_LISTED_SKIPS and stats["not_used_by_reason"][reason] <= 20:
+            stats["not_used_examples"].append({"file": self.where(rel), "reason": reason})
+        if not quiet:
+            log.warning("not used: %s: %s", self.where(rel), reason)
 
     def book_parts(self, rel: str) -> list[str]:
         """[book, part, ..., chapter, file name] of a path below the corpus root."""
@@ -167,11 +190,28 @@ class NiutransReader:
                 for _ in files:
                     pass
             raise
-        for key in sorted(self.pending):
-            self.finish(key, self.pending.pop(key), final=True)
+        for key in sorted(k for k in self.files_of if k not in self.done):
+            self.finish(key, self.files_of[key], final=True)
+        chapters = self.unwrap(list(self.chapters.values()))
         self.check_books()
-        self.chapters.sort(key=lambda c: (c[0], c[1].split("/")))
-        return self.chapters
+        chapters.sort(key=lambda c: (c[0], c[1].split("/")))
+        return chapters
+
+    def unwrap(self, chapters: list[tuple]) -> list[tuple]:
+        """An archive with one top folder of another name and no 双语数据/: that folder is a wrapper, not a book."""
+        if self.path.is_dir() or self.wanted or any(self.origin.values()) or not chapters:
+            return chapters
+        tops = {c[0] for c in chapters}
+        if len(tops) != 1 or not all("/" in c[1] for c in chapters):
+            return chapters
+        top = tops.pop()
+        chapters = [(c[1].split("/", 1)[0], c[1].split("/", 1)[1], *c[2:]) for c in chapters]
+        self.stats["wrapper_folder"] = top
+        log.info("%s: every chapter lies in %s/ and there is no %s/: %s/ is taken for the archive's wrapper "
+                 "folder, not a book (%d books below it)", self.path, top, BILINGUAL_DIR, top, len({c[0] for c in chapters}))
+        self.available.discard(top)
+        self.available.update(c[0] for c in chapters)
+        return chapters
 
     def add(self, rel: str, load, problem: str | None) -> None:
         """One entry of the walk: a chapter file (read now: a streamed archive cannot come back), or another file."""
@@ -182,23 +222,60 @@ class NiutransReader:
                 self.unreadable.setdefault(parts[0], problem)
                 self.skip(rel, problem)
             return
-        if parts[-1] not in PAIR_FILES or len(parts) < 2:
+        if parts[-1] not in PAIR_FILES or len(parts) < 2:  # counted, never passed over silently
+            if self.wanted and len(parts) >= 2 and parts[0] not in self.wanted:
+                self.not_used(rel, "book not in the books filter", quiet=True)
+            elif parts[-1] == "数据来源.txt":
+                self.not_used(rel, "chapter provenance (数据来源.txt)", quiet=True)
+            else:
+                self.not_used(rel, "not a chapter file (only source.txt + target.txt or bitext.txt are read)")
             return
         book, chapter = parts[0], "/".join(parts[1:-1])
         if self.wanted and book not in self.wanted:
             self.available.add(book)
+            self.not_used(rel, "book not in the books filter", quiet=True)
             return
         if problem:
             self.unreadable.setdefault(book, problem)
         else:
             self.available.add(book)
-        key = (book, chapter)
-        if key in self.done:
-            return  # a bitext.txt beside source.txt + target.txt already read
-        self.pending.setdefault(key, {})[parts[-1]] = (rel, None if problem else load(), problem)
-        if self.finish(key, self.pending[key], final=False):
-            del self.pending[key]
+        self.add_file((book, chapter), parts[-1], rel, load, problem)
+
+    def add_file(self, key: tuple[str, str], name: str, rel: str, load, problem: str | None) -> None:
+        """A chapter file of a wanted book, by the module docstring's rules (双语数据/ copy wins, a later member of
+        the same name replaces the earlier, a bitext.txt beside source.txt + target.txt is not used)."""
+        bilingual = BILINGUAL_DIR in rel.split("/")[:-1]
+        if key in self.origin and self.origin[key] != bilingual:  # the same chapter under 双语数据/ and outside it
+            reason = f"the same chapter is also under {BILINGUAL_DIR}/ (that copy is used)"
+            if not bilingual:
+                self.not_used(rel, reason)
+                return
+            for old_rel, _, _ in self.files_of[key].values():
+                self.not_used(old_rel, reason)
+            self.files_of[key] = {}
+            self.chapters.pop(key, None)
+            self.done.discard(key)
+        self.origin[key] = bilingual
+        chapter_files = self.files_of.setdefault(key, {})
+        entry = (rel, None if problem else load(), problem)
+        if name in chapter_files:  # a later archive member of the same name replaces the earlier one, as `tar x` does
+            self.not_used(chapter_files[name][0], "replaced by a later archive member of the same name (as tar x)")
+            chapter_files[name] = entry
+            if key in self.done:
+                self.chapters.pop(key, None)
+                self.done.discard(key)
+                if self.finish(key, chapter_files, final=True):
+                    self.done.add(key)
+            return
+        chapter_files[name] = entry
+        if key in self.done:  # a bitext.txt after its chapter's source.txt + target.txt
+            if not problem:
+                self.not_used(rel, "bitext.txt beside source.txt + target.txt (those are used)")
+            return
+        if self.finish(key, chapter_files, final=False):
             self.done.add(key)
+            if self.path.is_dir():  # no member can come again: the bytes are not kept
+                self.files_of[key] = {n: (r, None, pr) for n, (r, _, pr) in chapter_files.items()}
 
     def finish(self, key: tuple[str, str], files: dict, final: bool) -> bool:
         """Turn one chapter's files into pairs; False while its other file may still come."""
@@ -219,6 +296,8 @@ class NiutransReader:
                 rel, _, problem = files[name]
                 self.skip(rel, problem or f"partner skipped: {bad[0][0]} beside it is {bad[0][1][2].split(':')[0]}")
             return True
+        if used == ["source.txt", "target.txt"] and "bitext.txt" in files and not files["bitext.txt"][2]:
+            self.not_used(files["bitext.txt"][0], "bitext.txt beside source.txt + target.txt (those are used)")
         if used == ["source.txt", "target.txt"]:
             pairs = self.read_pair(files["source.txt"], files["target.txt"])
         elif used == ["bitext.txt"]:
@@ -275,7 +354,7 @@ class NiutransReader:
         if len(keep) != len(src):
             self.stats["blank_lines_skipped"] += len(src) - len(keep)
             src, tgt, lines = [src[i] for i in keep], [tgt[i] for i in keep], [lines[i] for i in keep]
-        self.chapters.append((*key, lines, src, tgt))
+        self.chapters[key] = (*key, lines, src, tgt)
 
     def check_books(self) -> None:
         """The layout was found, and every book the filter names is there."""
@@ -311,16 +390,25 @@ def _chunk_chapter(line: int) -> str:
     return f"lines-{start}-{start + CHUNK_LINES - 1}"
 
 
-def parse_tsv(text: str, where: str, default_book: str) -> list[tuple[str, str | None, int, str, str]]:
-    """-> [(book, chapter or None, line, source, target)]."""
+def parse_tsv(text: str, where: str, default_book: str, stats: dict | None = None) -> list[tuple[str, str | None, int, str, str]]:
+    """-> [(book, chapter or None, line, source, target)].
+
+    Rules (nothing dropped silently): a header line names the columns (source, target, book, chapter); the same
+    header again further down (`cat a.tsv b.tsv`) is not a pair: skipped and counted (not_used_by_reason
+    "repeated header line"). Without a header a file has exactly two columns, source and target: a file whose
+    first line has 3 or 4 is one error asking for a header, since a tab inside a sentence would otherwise be
+    taken for a column boundary (the rest of a target read as a book name). A line with another number of
+    columns than the header's is one error naming it."""
     rows = []
     columns = None
+    not_used = stats["not_used_by_reason"] if stats is not None else collections.Counter()
     for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         fields = line.split("\t")
+        names = [f.strip().lower() for f in fields]
+        is_header = "source" in names and "target" in names and set(names) <= {"source", "target", "book", "chapter"}
         if columns is None:
-            names = [f.strip().lower() for f in fields]
             if "source" in names and "target" in names:
                 unknown = set(names) - {"source", "target", "book", "chapter"}
                 if unknown or len(set(names)) != len(names):
@@ -330,16 +418,24 @@ def parse_tsv(text: str, where: str, default_book: str) -> list[tuple[str, str |
                     )
                 columns = names
                 continue
-            if not 2 <= len(fields) <= 4:
+            if len(fields) != 2:
                 raise PipelineError(
-                    f"{where}:{lineno}: expected 2 to 4 tab-separated columns (source, target[, book[, chapter]]), "
-                    f"got {len(fields)}"
+                    f"{where}:{lineno}: {len(fields)} tab-separated columns and no header line; a file without a header "
+                    f"has two (source, target). Add a header line naming the columns (source<TAB>target<TAB>book...), "
+                    f"or if a sentence holds a tab, replace it"
                 )
-            columns = ["source", "target", "book", "chapter"][: len(fields)]
+            columns = ["source", "target"]
+        elif is_header:
+            if names != columns:
+                raise PipelineError(f"{where}:{lineno}: a header line naming other columns ({', '.join(names)}) than the "
+                                    f"first one ({', '.join(columns)}); join files with the same columns")
+            not_used["repeated header line"] += 1
+            log.warning("%s:%d: the header line again (files joined with cat?): not a pair, skipped", where, lineno)
+            continue
         if len(fields) != len(columns):
             raise PipelineError(
                 f"{where}:{lineno}: expected {len(columns)} tab-separated columns ({', '.join(columns)}), "
-                f"got {len(fields)}"
+                f"got {len(fields)}" + ("; a tab inside a sentence? replace it" if len(fields) > len(columns) else "")
             )
         row = dict(zip(columns, fields))
         rows.append((row.get("book") or default_book, row.get("chapter") or None, lineno, row["source"], row["target"]))
@@ -355,15 +451,31 @@ def _is_text(value: str) -> bool:
         return False
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs):
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(json.dumps(key, ensure_ascii=False))
+        seen[key] = value
+    return seen
+
+
 def parse_jsonl(text: str, where: str, default_book: str) -> list[tuple[str, str | None, int, str, str]]:
     rows = []
     for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as exc:
             raise PipelineError(f"{where}:{lineno}: not valid JSON ({exc.msg})") from None
+        except _DuplicateKey as exc:  # json.loads would keep the last value silently
+            raise PipelineError(f"{where}:{lineno}: the key {exc} is given twice in one object; JSON readers keep the "
+                                f"last one silently: keep one") from None
         if not isinstance(obj, dict):
             raise PipelineError(f"{where}:{lineno}: expected a JSON object with source and target, got {type(obj).__name__}")
         for key in ("source", "target", "book", "chapter"):
@@ -387,7 +499,7 @@ def read_lines_file(path: Path, fmt: str, corpus: str, encoding: str, books: lis
     """A .tsv or .jsonl source -> chapters like read_niutrans."""
     text = archives.read_text_file(path, encoding, what=f"a {fmt} source")
     stats["files_read"] += 1
-    rows = (parse_tsv if fmt == "tsv" else parse_jsonl)(text, str(path), corpus)
+    rows = parse_tsv(text, str(path), corpus, stats) if fmt == "tsv" else parse_jsonl(text, str(path), corpus)
     if not rows:
         skip(stats, str(path), "empty file")
         return []
@@ -457,7 +569,9 @@ def chapters_to_columns(corpus: str, chapters, columns: dict) -> None:
 
 def new_stats() -> dict:
     return {"files_read": 0, "files_skipped": 0, "skipped_by_reason": collections.Counter(), "skipped_files": [],
-            "blank_lines_skipped": 0}
+            "blank_lines_skipped": 0,
+            "not_used_by_reason": collections.Counter(),  # what was read but not used, and why (documented rules)
+            "not_used_examples": []}
 
 
 def read_source(src: dict, on_misaligned: str, columns: dict) -> dict:
@@ -494,6 +608,8 @@ def read_source(src: dict, on_misaligned: str, columns: dict) -> dict:
         "skipped_by_reason": dict(stats["skipped_by_reason"]),
         "skipped_files": stats["skipped_files"],
         "blank_lines_skipped": stats["blank_lines_skipped"],
+        "not_used_by_reason": dict(sorted(stats["not_used_by_reason"].items())),
+        "not_used_examples": stats["not_used_examples"],
         "pairs_per_book": dict(sorted(per_book.items())),
     }
 
@@ -531,6 +647,9 @@ def main(argv=None) -> None:
 
     params = check_params(load_params("ingest", args.params), SCHEMA, "ingest")
     sources = check_sources(params)
+    check_paths({**{f"ingest.sources[{i}].path": s["path"] for i, s in enumerate(sources)}, "--params": args.params},
+                {"--out": args.out, "--report": args.report},
+                dirs=[f"ingest.sources[{i}].path" for i, s in enumerate(sources) if s["format"] == "niutrans"])
     import pyarrow.parquet as pq
 
     columns: dict[str, list] = {k: [] for k in PAIR_COLUMNS}

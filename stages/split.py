@@ -25,7 +25,7 @@ import re
 from pathlib import Path
 
 from wenyan.errors import get_logger, PipelineError, run_main
-from wenyan.files import atomic_outputs, read_pairs, write_json
+from wenyan.files import atomic_outputs, check_paths, read_pairs, write_json
 from wenyan.params import check_params, Float, Int, ListOf, load_params
 
 log = get_logger("split")
@@ -80,7 +80,7 @@ def check_split_params(params: dict) -> None:
         raise PipelineError("params.yaml 'split.test_books' should be a list of book names")
 
 
-# Long (~75 lines): the stage read top to bottom: checks, the split, the leakage check, its report, one write.
+# Long (~80 lines): the stage read top to bottom: checks, the split, the leakage check, its report, one write.
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pairs", required=True, help="clean pairs parquet")
@@ -88,6 +88,8 @@ def main(argv=None) -> None:
     parser.add_argument("--report", required=True, help="JSON report to write")
     parser.add_argument("--params", default=None, help="params.yaml to read instead of DVC's (tests, benchmarks)")
     args = parser.parse_args(argv)
+    check_paths({"--pairs": args.pairs, "--params": args.params},
+                {**{f"--out {s}.parquet": Path(args.out) / f"{s}.parquet" for s in SPLITS}, "--report": args.report})
 
     params = check_params(load_params("split", args.params), SCHEMA, "split")
     check_split_params(params)
@@ -126,13 +128,18 @@ def main(argv=None) -> None:
         }
         for book, n in (part["corpus"] + "/" + part["book"]).value_counts().items():
             per_book.setdefault(book, dict.fromkeys(SPLITS, 0))[s] = int(n)
-        if len(part) == 0 and s != "train":
-            log.warning("the %s split is empty: too few chapters for %s_fraction (or seed)", s, s)
+        if len(part) == 0 and s == "valid" and params["valid_fraction"] > 0:  # train refuses it with eval_samples > 0
+            log.warning("the valid split is empty although split.valid_fraction is %s (too few chapters for it); train "
+                        "stops before loading its model while train.eval_samples > 0", params["valid_fraction"])
     if report_splits["train"]["pairs"] == 0:
         raise PipelineError(
             f"the train split is empty ({len(df):,} pairs in {args.pairs}); lower split.valid_fraction/test_fraction "
             "or test_books, or if clean kept too few pairs, check clean.min_chars/max_chars/max_ratio"
         )
+    if report_splits["test"]["pairs"] == 0:  # evaluate would fail only after training
+        raise PipelineError(
+            f"the test split is empty ({len(df):,} pairs in {args.pairs}): evaluate needs test sentences; raise "
+            f"split.test_fraction, name split.test_books, or change split.seed")
     total = sum(r["pairs"] for r in report_splits.values())
     log.info(
         "%s pairs: %s",

@@ -56,7 +56,9 @@ from wenyan import distributed, models, sft, vocab
 from wenyan.prompt import CHAT_TEMPLATES, PROMPT_SCHEMA, check_templates, end_of_turn_token
 from wenyan.distributed import barrier, pin_one_gpu, summed, world
 from wenyan.errors import get_logger, PipelineError, run_main
-from wenyan.files import check_output_path, new_staging_dir, read_jsonl, replace_dir, staging_path, write_json
+from wenyan.checkpoints import run_identity
+from wenyan.files import (check_output_path, check_owned_dir, check_paths, read_jsonl, staged_dir, staging_path,
+                          write_json, write_manifest)
 from wenyan.params import Bool, check_params, Float, Int, ListOf, load_sections, OneOf, Param, Str
 
 log = get_logger("train")
@@ -103,12 +105,10 @@ SCHEMA = {  # values and their comments: params.yaml's train: section
     "fsdp": Bool(),  # shard the model over the num_gpus processes: check_fsdp
     "extend_vocab": Param((str, int)),  # auto | none | a minimum count: vocab.parse_setting (resolve_config)
 }
-# Keys that define what a checkpoint is; train.resume refuses a checkpoint made with other values.
-RUN_IDENTITY = (
-    "model", "chat_template", "method", "load_in_4bit", "lora_r", "lora_alpha", "lora_dropout", "target_modules",
-    "lora_bias", "use_rslora", "max_seq_length", "max_train_samples", "batch_tokens", "batch_size",
-    "gradient_accumulation_steps", "seed", "extend_vocab",
-)
+# Keys that define what a checkpoint is: train.resume refuses a checkpoint made with other values of these, of the
+# train and valid data (sha256), of the base model's files or of the prompt (wenyan.checkpoints.run_identity).
+from wenyan.checkpoints import IDENTITY_PARAMS as RUN_IDENTITY  # noqa: E402
+OUT_SIGNATURE, REPORTS_SIGNATURE = "training_config.json", "summary.json"  # what marks --out and --reports as ours
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,12 +179,18 @@ def read_rows(cfg: dict, train_path, valid_path) -> tuple[list[dict], list[dict]
     if not train_rows:
         raise PipelineError(f"{train_path}: no training rows")
     valid_rows = read_jsonl(valid_path)[: cfg["eval_samples"]] if valid_path and cfg["eval_samples"] else []
+    if valid_path and cfg["eval_samples"] and not valid_rows:
+        raise PipelineError(f"{valid_path}: no validation rows, but train.eval_samples is {cfg['eval_samples']}: the eval loss "
+                            f"would silently be missing; give a validation split (split.valid_fraction > 0) or set "
+                            f"train.eval_samples: 0")
     return train_rows, valid_rows
 
 
-def resume_point(cfg: dict, checkpoints: Path) -> str | None:
-    """Rank 0 clears or checks the checkpoints (prepare_checkpoints); the other ranks follow it."""
-    resume_from = sft.prepare_checkpoints(cfg["resume"], checkpoints, {k: cfg[k] for k in RUN_IDENTITY}) if world()[0] == 0 else None
+def resume_point(cfg: dict, checkpoints: Path, identity: dict | None = None) -> str | None:
+    """Rank 0 clears or checks the checkpoints (sft.prepare_checkpoints); the other ranks follow it. identity:
+    wenyan.checkpoints.run_identity's (default: the RUN_IDENTITY params alone)."""
+    identity = identity if identity is not None else {k: cfg[k] for k in RUN_IDENTITY if k in cfg}
+    resume_from = sft.prepare_checkpoints(cfg["resume"], checkpoints, identity) if world()[0] == 0 else None
     barrier()
     if world()[0] != 0:
         resume_from = sft.last_checkpoint(checkpoints) if cfg["resume"] else None
@@ -291,13 +297,15 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
     out, checkpoints, reports = Path(out), Path(checkpoints), Path(reports)
     backend = pick_backend("hf" if cfg["fsdp"] else cfg["backend"])  # imports unsloth (if used) first
     sft.check_trainer_names(cfg, "train")
+    sft.check_trainer_settings(cfg, models.resolve_dtype(cfg, backend), valid_path, checkpoints)  # before data and weights
     models.check_target_modules(cfg, models.model_modules(cfg["model"]))  # from the config alone, before data and weights
     import torch
 
     on_gpu = torch.cuda.is_available()
     distributed.init_distributed(on_gpu, quiet=[log])
     train_rows, valid_rows = read_rows(cfg, train_path, valid_path)
-    resume_from = resume_point(cfg, checkpoints)
+    identity = run_identity(cfg, train_path, valid_path, models.materialize(cfg["model"]), prompt)
+    resume_from = resume_point(cfg, checkpoints, identity)
 
     dtype = models.resolve_dtype(cfg, backend)
     model, tokenizer, loaded = models.load_for_training(cfg, backend, dtype, on_gpu, train_rows)
@@ -324,7 +332,10 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
         raise PipelineError("train.fsdp is true but accelerate did not turn FSDP on")
     trainable, total = sft.count_parameters(trainer.model)
     log.info("trainable parameters %s / %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
-    run = sft.run_training(trainer, live_callback, resume_from, evaluate_at_end=bool(valid_examples))
+    run = sft.run_training(trainer, live_callback, resume_from, evaluate_at_end=bool(valid_examples), plots=staging,
+                           kept=(out, reports))  # a full disk: one error naming the checkpoints
+    if world()[0] == 0:
+        write_manifest(checkpoints, "train")  # what the Trainer wrote there is the stage's too
 
     resolved = resolved_config(cfg, prompt, backend, dtype, plan, loaded, tokenizer)
     state_dict = sft.full_state_dict(trainer.model) if cfg["fsdp"] else None  # every process takes part
@@ -348,10 +359,9 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
 def write_reports(staging: Path, reports: Path, summary: dict) -> None:
     """summary.json and the headline metrics.json beside dvclive's plots, then the staging directory replaces
     reports/train: a run that failed before this point leaves the last good reports as they were."""
-    staging.mkdir(parents=True, exist_ok=True)  # without dvclive only summary.json goes there
-    write_json(staging / "summary.json", summary)
-    write_json(staging / "metrics.json", headline_metrics(staging / "metrics.json", summary))
-    replace_dir(staging, reports)
+    with staged_dir(reports, "train", "--reports", signature=REPORTS_SIGNATURE, staging=staging):
+        write_json(staging / REPORTS_SIGNATURE, summary)  # without dvclive only these two go there
+        write_json(staging / "metrics.json", headline_metrics(staging / "metrics.json", summary))
 
 
 def headline_metrics(live_summary: Path, summary: dict) -> dict:
@@ -370,17 +380,16 @@ def headline_metrics(live_summary: Path, summary: dict) -> dict:
 def save_output(model, tokenizer, resolved: dict, out: Path, state_dict: dict | None = None) -> None:
     """Adapter (or full model) + tokenizer + training_config.json into a temporary directory, then renamed.
     state_dict: the weights gathered from FSDP shards (full_state_dict), else the model's own."""
-    tmp = new_staging_dir(out)
     kwargs = {}
     if resolved["added_tokens"] and resolved["saved"] == "adapter":
         # the adapter's trainable_token_indices hold the rows of the added tokens: no need for whole embeddings
         kwargs["save_embedding_layers"] = False
     if state_dict is not None:
         kwargs["state_dict"] = state_dict
-    model.save_pretrained(str(tmp), **kwargs)
-    tokenizer.save_pretrained(str(tmp))
-    write_json(tmp / "training_config.json", resolved)
-    replace_dir(tmp, out)
+    with staged_dir(out, "train", signature=OUT_SIGNATURE) as tmp:
+        model.save_pretrained(str(tmp), **kwargs)
+        tokenizer.save_pretrained(str(tmp))
+        write_json(tmp / OUT_SIGNATURE, resolved)
     log.info("saved the %s to %s", resolved["saved"], out)
 
 
@@ -397,10 +406,20 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     for path in (args.out, args.checkpoints, args.reports):
         check_output_path(path, directory=True)  # before training, not after
+    outputs = {"--out": args.out, "--checkpoints": args.checkpoints, "--reports": args.reports}
+    check_paths({"--train": args.train, "--valid": args.valid, "--base": args.base, "--params": args.params}, outputs,
+                dirs=["--base"])
     params = load_sections("train", ["train", "format", "clean.opencc"], args.params)
     cfg = resolve_config(params["train"])
     if args.base:
         cfg = use_pretrained(cfg, args.base)
+    location, gguf_file = models.resolve_model(cfg["model"])
+    model_path = Path(location) / gguf_file if gguf_file else Path(location)
+    check_paths({"train.model": model_path if model_path.exists() else None}, outputs, dirs=["train.model"])
+    check_owned_dir(args.out, "--out", "train", signature=OUT_SIGNATURE)
+    check_owned_dir(args.reports, "--reports", "train", signature=REPORTS_SIGNATURE)
+    check_owned_dir(args.checkpoints, "--checkpoints", "train", signature=sft.CHECKPOINTS_SIGNATURE,
+                    allowed=sft.CHECKPOINT_FILES)
     prompt = resolve_prompt(params["format"], params["clean"]["opencc"])
     if cfg["num_gpus"] > 1 and world()[2] == 1:  # relaunch under torchrun, one process per GPU
         distributed.check_gpus("train.num_gpus", cfg["num_gpus"])

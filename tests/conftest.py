@@ -115,3 +115,17 @@ def write_params(tmp_path):
 
 def niutrans(path, **extra) -> dict:
     return {"path": str(path), "format": "niutrans", **extra}
+
+
+@pytest.fixture(params=["tmpfs", "patched"])
+def full_disk(request, tmp_path, monkeypatch):
+    """diskfull.FullDisk on tmp_path/full: a real small tmpfs (root) or temporary files linked to /dev/full."""
+    from diskfull import FullDisk
+
+    disk = FullDisk(tmp_path / "full", request.param, monkeypatch)
+    disk.mount()
+    try:
+        yield disk
+    finally:
+        monkeypatch.undo()
+        disk.unmount()

@@ -148,7 +148,7 @@ def test_cli_translate_bad_input(tmp_path, case):
         expected = [f"{text}: input file not found", "check the path"]
     elif case == "GBK input file":
         text.write_bytes("学而时习之。\n".encode("gbk"))
-        expected = [f"{text}: not UTF-8", "iconv"]
+        expected = [f"{text}:1: not UTF-8", "iconv"]
     elif case == "missing model":
         expected = [f"{model}: model directory not found", "dvc repro train", "--model"]
     elif case == "model without training_config.json":

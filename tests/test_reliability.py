@@ -212,8 +212,9 @@ def data_stage_runs(tmp_path, make_corpus, write_params):
     ingest_params = write_params(tmp_path / "ingest.yaml", ingest={"sources": [niutrans(make_corpus())]})
     ingest.main(["--out", str(ing / "pairs.parquet"), "--report", str(ing / "ingest.json"), "--params", str(ingest_params)])
     clean.main(clean_argv(ing / "pairs.parquet", cln, write_params()))
+    split_params = write_params(tmp_path / "split.yaml", split={"test_books": ["史记"]})  # a test split: split needs one
     split.main(["--pairs", str(cln / "pairs.parquet"), "--out", str(spl / "data"), "--report", str(spl / "split.json"),
-                "--params", str(write_params())])
+                "--params", str(split_params)])
     return {
         "ingest": (ingest, lambda p: ["--out", str(ing / "pairs.parquet"), "--report", str(ing / "ingest.json"), "--params", str(p)],
                    ingest_params, write_params(tmp_path / "other-ingest.yaml", ingest={"sources": [niutrans(make_corpus(), books=["论语"])]})),
@@ -221,7 +222,7 @@ def data_stage_runs(tmp_path, make_corpus, write_params):
                   write_params(), write_params(tmp_path / "other-clean.yaml", clean={"opencc": "none"})),
         "split": (split, lambda p: ["--pairs", str(cln / "pairs.parquet"), "--out", str(spl / "data"), "--report",
                                     str(spl / "split.json"), "--params", str(p)],
-                  write_params(), write_params(tmp_path / "other-split.yaml", split={"test_books": ["论语"]})),
+                  split_params, write_params(tmp_path / "other-split.yaml", split={"test_books": ["论语"]})),
         "format": (format_stage, lambda p: ["--split-dir", str(spl / "data"), "--out", str(tmp_path / "format" / "data"),
                                             "--report", str(tmp_path / "format" / "format.json"), "--params", str(p)],
                    write_params(), write_params(tmp_path / "other-format.yaml", format={"system_prompt": "另一个提示。"})),

@@ -26,11 +26,18 @@ In order:
      through gguf.generate: the same prompt ids, budgets and stop tokens, greedy, --parallel sentences decoded
      at once in llama.cpp batches (the prompts' shared prefix computed once).
   6. The translations of a line's sentences are joined into one output line, so the output has exactly
-     as many lines as the input (empty input, empty output). A piece with nothing to translate (only
-     punctuation or symbols) passes through as it is; so does a line with none (empty, spaces, ……).
-     Written to stdout or, atomically (temporary file + rename, the file's mode kept), to --output; through
-     a symlink to its target; to a device such as /dev/null in place. --output is checked before the model
-     is loaded: never the input file (under any name), a directory, or a place that cannot be written.
+     as many lines as the input (empty input, empty output; \n, \r\n and a lone \r each end a line, as in
+     ingest). A piece with nothing to translate (only punctuation or symbols) passes through as it is; so
+     does a line with none (empty, spaces, ……). --output is checked before the model is loaded: never the
+     input file (under any name), inside the model, a directory, or a place that cannot be written.
+
+The input is read, translated and written CHUNK_LINES lines at a time, so memory stays bounded whatever its
+length. To stdout (or a device such as /dev/null, a pipe) each chunk is written as it is done. To a file: into
+<output>.partial beside it (the file's mode kept; through a symlink to its target), renamed onto the output
+at the end, so the output changes once, whole; if the run is interrupted (Ctrl-C, kill, an error at line
+90,000), <output>.partial keeps the lines done and <output>.partial.json which input lines they are, and
+the same command run again continues from the next line (same model and settings, an --input file whose
+first lines are unchanged). A full disk is one error: no partial file is kept, the output is as it was.
 
 Device: CUDA when available (bf16 or fp16; unsloth's inference for a model trained with unsloth), else
 CPU in fp32. Everything is local: no network.
@@ -40,6 +47,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import io
+import itertools
+import json
 import os
 import stat
 import sys
@@ -52,7 +63,7 @@ from wenyan.translation import (  # noqa: F401 - re-exported: the splitting is t
 )
 from wenyan import gguf
 from wenyan.errors import get_logger, PipelineError, run_main
-from wenyan.files import file_kind, nearest_existing, write_text
+from wenyan.files import check_paths, file_kind, nearest_existing, write_json
 
 log = get_logger("translate")
 
@@ -63,10 +74,64 @@ MAX_FACTOR = 100.0  # --max-new-tokens-factor: a translation 100 x its source's 
 
 
 PIPE_PATHS = ("/dev/stdin", "/dev/fd/", "/proc/self/fd/")  # `--input <(cmd)` names a pipe like these
+CHUNK_LINES = 256  # input lines planned, translated and written at a time: memory stays bounded by this
 
 
-def read_input(text: str | None, input_path: str | None) -> tuple[str, str]:
-    """(text, a name for messages): the positional text, the --input file ('-' = stdin), or stdin."""
+@dataclasses.dataclass
+class Source:
+    """Where the text comes from: lines() yields its lines one at a time (memory bounded by a line), as ingest
+    reads text: \\n, \\r\\n and a lone \\r each end a line, a final line ending ends the last line, a BOM dropped."""
+
+    name: str
+    path: str | None = None  # an --input file
+    text: str | None = None  # the argument
+
+    def lines(self):
+        if self.text is not None:
+            yield from split_input_lines(self.text)
+            return
+        if self.path is not None:
+            try:
+                raw = open(self.path, "rb")
+            except OSError as exc:  # vanished or unreadable since the check
+                raise PipelineError(f"{self.path}: cannot read the input file ({exc.strerror})") from None
+        else:
+            raw = sys.stdin.buffer
+        stream = io.TextIOWrapper(raw, encoding="utf-8-sig", newline=None)  # universal newlines: \r, \r\n, \n
+        number = 0
+        try:
+            for number, line in enumerate(stream, 1):
+                yield line[:-1] if line.endswith("\n") else line
+        except UnicodeDecodeError as exc:
+            raise PipelineError(f"{self.name}:{number + 1}: not UTF-8 text ({exc.reason}); convert it first, "
+                                f"e.g. iconv -f GBK -t UTF-8") from None
+        finally:
+            if self.path is not None:
+                stream.close()
+            else:
+                stream.detach()
+
+    def count_lines(self) -> int | None:
+        """The number of lines (for the progress bar); reading a regular input file through once, before any model
+        loads, also finds text that is not UTF-8 (one error naming the line). None for stdin and pipes."""
+        if self.text is not None:
+            return len(split_input_lines(self.text))
+        if self.path is None or not os.path.isfile(self.path):
+            return None
+        return sum(1 for _ in self.lines())
+
+
+
+def line_hasher(lines=()):
+    """A running sha256 of input lines (the resume record's check that the input begins as it did)."""
+    hasher = hashlib.sha256()
+    for line in lines:
+        hasher.update(line.encode("utf-8", "surrogatepass") + b"\n")
+    return hasher
+
+
+def read_input(text: str | None, input_path: str | None) -> Source:
+    """The positional text, the --input file ('-' = stdin), or stdin; checked, not read yet."""
     if text is not None and input_path is not None:
         raise PipelineError("give the text either as an argument or with --input, not both")
     if text is not None:
@@ -77,23 +142,13 @@ def read_input(text: str | None, input_path: str | None) -> tuple[str, str]:
                 f"the text argument is not UTF-8 (character {exc.start + 1}); give UTF-8 text, or convert a file "
                 f"with iconv and pass it with --input"
             ) from None
-        return text, "argument"
+        return Source("argument", text=text)
     if input_path is not None and input_path != "-":
         check_input_file(input_path)
-        try:
-            data = Path(input_path).read_bytes()
-        except OSError as exc:  # a file that vanished or cannot be read since the check
-            raise PipelineError(f"{input_path}: cannot read the input file ({exc.strerror})") from None
-        name = input_path
-    else:
-        if input_path is None and sys.stdin.isatty():
-            raise PipelineError("nothing to translate: give a sentence, --input FILE, or pipe text on standard input")
-        data = sys.stdin.buffer.read()
-        name = "stdin"
-    try:
-        return data.decode("utf-8-sig"), name
-    except UnicodeDecodeError as exc:
-        raise PipelineError(f"{name}: not UTF-8 text ({exc.reason} at byte {exc.start}); convert it first, e.g. iconv -f GBK -t UTF-8") from None
+        return Source(input_path, path=input_path)
+    if input_path is None and sys.stdin.isatty():
+        raise PipelineError("nothing to translate: give a sentence, --input FILE, or pipe text on standard input")
+    return Source("stdin")
 
 
 def check_input_file(input_path: str) -> None:
@@ -177,20 +232,125 @@ def probe_directory(output: str, directory: Path) -> None:
     os.unlink(probe)
 
 
-def write_output(lines: list[str], output: Output) -> None:
-    text = "".join(line + "\n" for line in lines)
-    if output.path is None:
-        sys.stdout.flush()
-        sys.stdout.buffer.write(text.encode("utf-8"))
-        sys.stdout.buffer.flush()
-    elif output.atomic:
-        write_text(output.path, text)  # temporary file + rename: never a half-written output; the file's mode kept
-    else:
+class Writer:
+    """Translations written as they come, a chunk of lines at a time. stdout and a device or pipe: in place.
+    A file: into <output>.partial beside it (flushed each chunk), renamed onto the output at the end (the
+    output changes once, whole); <output>.partial.json records which input lines are done, so a run that was
+    interrupted (Ctrl-C, kill, a too-long clause found at line 90,000) continues where it stopped when run again
+    with the same model and the same beginning of the input. A full disk: one error, no partial file kept."""
+
+    def __init__(self, output: Output, run_key: dict):
+        self.output, self.run_key, self.done, self.file = output, run_key, 0, None
+        self.hasher = line_hasher()
+        self.can_resume = False
+        self.partial = self.state = None
+        if output.path is not None and output.atomic:
+            self.partial = output.path.with_name(output.path.name + ".partial")
+            self.state = output.path.with_name(output.path.name + ".partial.json")
+
+    def resumable(self, source: Source) -> int:
+        """Input lines a previous interrupted run of this same command translated already (0 = none)."""
+        self.can_resume = source.path is not None  # stdin and an argument cannot be read again
+        if self.partial is None or source.path is None or not (self.partial.is_file() and self.state.is_file()):
+            return 0
         try:
-            with open(output.path, "wb") as f:
-                f.write(text.encode("utf-8"))
+            state = json.loads(self.state.read_text(encoding="utf-8"))
+            done, digest = int(state["lines"]), state["input_sha256"]
+            same = state.get("run") == self.run_key
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+        data = self.partial.read_bytes()
+        if not same or data.count(b"\n") < done:
+            return 0
+        lines = source.lines()
+        hasher = line_hasher(itertools.islice(lines, done))
+        lines.close()
+        if hasher.hexdigest() != digest:  # (an input shorter than done lines hashes differently too)
+            return 0
+        with open(self.partial, "r+b") as f:  # keep exactly the lines recorded as done
+            f.truncate(len(b"".join(data.splitlines(keepends=True)[:done])))
+        self.done, self.hasher = done, hasher
+        return done
+
+    def open(self) -> None:
+        if self.output.path is None:
+            return
+        path = self.partial if self.partial is not None else self.output.path
+        try:
+            if self.partial is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)  # missing directories are made
+            self.file = open(path, "ab" if self.done else "wb")
         except OSError as exc:
-            raise PipelineError(f"{output.path}: cannot write the output ({exc.strerror})") from None
+            raise PipelineError(f"{self.output.path}: cannot write the output ({exc.strerror})") from None
+        if self.partial is not None and not self.done:
+            try:  # the output's mode, as an atomic rename would keep it
+                mode = stat.S_IMODE(self.output.path.stat().st_mode) if self.output.path.is_file() else None
+                if mode is not None:
+                    os.chmod(self.partial, mode)
+            except OSError:
+                pass
+
+    def write(self, lines: list[str], source_lines: list[str]) -> None:
+        """lines: the translations of source_lines (the input lines), one each."""
+        data = "".join(line + "\n" for line in lines).encode("utf-8")
+        try:
+            if self.output.path is None:
+                sys.stdout.flush()
+                sys.stdout.buffer.write(data)
+                sys.stdout.buffer.flush()
+            else:
+                self.file.write(data)
+                self.file.flush()
+                if self.partial is not None:
+                    os.fsync(self.file.fileno())
+                    self.done += len(lines)
+                    for line in source_lines:
+                        self.hasher.update(line.encode("utf-8", "surrogatepass") + b"\n")
+                    write_json(self.state, {"run": self.run_key, "lines": self.done, "input_sha256": self.hasher.hexdigest()})
+        except PipelineError:
+            self.discard()
+            raise
+        except OSError as exc:
+            where = "standard output" if self.output.path is None else str(self.output.path)
+            self.discard()
+            kept = "" if self.output.path is None or not self.output.path.exists() else f"; {where} is as it was"
+            raise PipelineError(f"{where}: cannot write the translation ({exc.strerror}){kept}") from None
+
+    def finish(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.partial is not None:
+            if self.file is None:  # nothing was written at all: an empty output
+                self.open()
+                self.file.close()
+            if self.output.path.exists() and not self.output.path.is_file():
+                self.discard()
+                raise PipelineError(f"{self.output.path}: is {file_kind(self.output.path.stat().st_mode)}, but this output is a file")
+            os.replace(self.partial, self.output.path)
+            self.state.unlink(missing_ok=True)
+
+    def interrupted(self) -> None:
+        """A run stopped before its end: a file output keeps what is done, to continue from."""
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        if self.partial is not None and self.partial.exists():
+            if self.done and self.can_resume:
+                log.warning("%d line(s) translated so far are kept in %s; run the same command again to continue "
+                            "from line %d", self.done, self.partial, self.done + 1)
+            else:
+                self.discard()
+
+    def discard(self) -> None:
+        if self.file is not None:
+            try:
+                self.file.close()
+            except OSError:
+                pass
+            self.file = None
+        for path in (self.partial, self.state):
+            if path is not None:
+                path.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,14 +381,59 @@ def main(argv=None) -> None:
         raise PipelineError(f"--parallel must be >= 1; got {args.parallel}")
 
     # 1. what to translate, with what (cheap checks first: no model is loaded before they pass)
-    text, source_name = read_input(args.text, args.input)
+    source = read_input(args.text, args.input)
+    total = source.count_lines()  # a file that is not UTF-8 fails here, before anything loads
     output = check_output(args.output, args.input if args.text is None else "")
+    if output.path is not None:  # never into the model it reads (nor the input: check_output)
+        check_paths({"--model": args.model}, {"--output": output.path}, dirs=["--model"])
     translator = Translator(args.model, factor=args.max_new_tokens_factor, batch_size=args.batch_size,
                             parallel=args.parallel)
-    plan = translator.plan(text, source_name)
-    write_output(translator.translate(plan), output)
+    run_key = {"model": os.path.realpath(args.model), "config": translator.cfg, "batch_size": args.batch_size,
+               "max_new_tokens_factor": args.max_new_tokens_factor}
+    writer = Writer(output, run_key)
+    skip = writer.resumable(source)
+    if skip:
+        log.info("continuing %s from input line %d (lines 1-%d were translated by an interrupted run)", writer.partial,
+                 skip + 1, skip)
+    counts = translate_chunks(translator, source, writer, skip, total)
+    log.info(
+        "%d line(s), %d piece(s) translated%s; prompt from %s/training_config.json", counts["lines"], counts["pieces"],
+        f" ({counts['split_up']} line(s) with a sentence split at ，、 to fit)" if counts["split_up"] else "",
+        translator.model_dir,
+    )
     if args.output:
-        log.info("wrote %d line(s) to %s", len(plan.lines), args.output)
+        log.info("wrote %d line(s) to %s", counts["lines"], args.output)
+
+
+def translate_chunks(translator: Translator, source: Source, writer: Writer, skip: int, total: int | None) -> dict:
+    """The input CHUNK_LINES lines at a time (bounded memory): planned with the previous pieces as context (as one
+    pass would), translated, written; an interruption keeps what is done (Writer.interrupted)."""
+    from tqdm.auto import tqdm
+
+    n = translator.fmt["context_sentences"]
+    counts = {"lines": skip, "pieces": 0, "split_up": 0}
+    context: list[str] = []  # the last context_sentences pieces of the input so far
+    writer.open()
+    try:
+        with tqdm(total=total, initial=skip, desc="translate", unit="line",
+                  disable=total is not None and total < 2 * CHUNK_LINES) as bar:
+            lines_iter = source.lines()
+            for _ in itertools.islice(lines_iter, skip):  # done by the interrupted run
+                pass
+            while originals := list(itertools.islice(lines_iter, CHUNK_LINES)):
+                plan = translator.plan_lines(originals, source.name, first=counts["lines"] + 1,
+                                             context=context[-n:] if n else [], quiet=True)
+                writer.write(translator.translate(plan), originals)
+                context = (context + plan.pieces)[-n:] if n else []
+                counts["pieces"] += len(plan.pieces)
+                counts["split_up"] += plan.split_up
+                counts["lines"] += len(originals)
+                bar.update(len(originals))
+    except BaseException:
+        writer.interrupted()
+        raise
+    writer.finish()
+    return counts
 
 
 def cli() -> None:

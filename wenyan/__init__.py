@@ -1,0 +1,1 @@
+"""wenyan-mt's library: what stages and tools share (no main(), no argparse)."""

@@ -126,8 +126,9 @@ def missing() -> str | None:
 
 
 def cache_root() -> Path:
-    base = os.environ.get("WENYAN_MT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wenyan-mt"
-    return Path(base)
+    from wenyan.files import user_cache_dir
+
+    return user_cache_dir()
 
 
 def converter_dir(version: str | None = None) -> Path:

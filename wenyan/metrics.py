@@ -36,19 +36,15 @@ EVALUATE_SCHEMA = {  # values and their comments: params.yaml
 KNOWN_BASELINES = ("copy", "base")
 
 
-def check_test_rows(rows: list[dict], path) -> None:
-    """The format stage's schema: source, target, and messages ending with the assistant's reference."""
+def check_test_rows(rows: list[dict], path, lines: list[int] | None = None) -> None:
+    """The format stage's schema (wenyan.artifacts.TEST_ROW): an id of its own, source and target strings, and messages
+    ending with the user's turn and the assistant's reference; a bad row is one error naming its line and field."""
+    from wenyan import artifacts
+
     if not rows:
         raise PipelineError(f"{path}: no test rows")
-    for n, row in enumerate(rows, 1):
-        missing = [k for k in ("source", "target", "messages") if k not in row]
-        if missing:
-            raise PipelineError(f"{path}: row {n} lacks {missing}")
-        messages = row["messages"]
-        if not isinstance(messages, list) or len(messages) < 2 or messages[-1].get("role") != "assistant":
-            raise PipelineError(f"{path}: row {n}: messages must end with the assistant's reply after a prompt")
-        if messages[-2].get("role") != "user":
-            raise PipelineError(f"{path}: row {n}: the turn before the reference must be the user's")
+    artifacts.check_rows(rows, artifacts.TEST_ROW, path, "rewrite it with the format stage (dvc repro format)",
+                         unique="id", lines=lines)
 
 
 def select_rows(rows: list[dict], num_samples: int, seed: int) -> list[dict]:

@@ -27,10 +27,10 @@ from typing import Any
 
 from wenyan.device import device_and_dtype, own_gpu
 from wenyan.errors import PipelineError, get_logger
-from wenyan.files import new_staging_dir
+from wenyan.files import new_staging_dir, staging_path
 from wenyan import vocab
 from wenyan.distributed import world
-from wenyan.prompt import PROMPT_KEYS, apply_chat_template_override, fix_special_tokens
+from wenyan.prompt import apply_chat_template_override, check_templates, fix_special_tokens
 
 log = get_logger("models")
 
@@ -105,27 +105,50 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
 
 
-def materialize(spec: str, cache_dir: Path = BASE_CACHE) -> str:
+def derived_cache() -> Path:
+    """Where a GGUF base model is dequantised when no directory is given: models/base inside the project (the base
+    stage's output, where dvc.yaml is in the current directory), else the user's cache directory,
+    $WENYAN_MT_CACHE or $XDG_CACHE_HOME/wenyan-mt (~/.cache/wenyan-mt), under base/: a command run from any other
+    directory (wenyan-translate --model ...) never writes a 517 MB models/base/ into it."""
+    if Path("dvc.yaml").is_file() and Path("stages").is_dir():
+        return BASE_CACHE
+    from wenyan.files import user_cache_dir
+
+    return user_cache_dir() / "base"
+
+
+def materialize(spec: str, cache_dir: Path | None = None) -> str:
     """Return something `from_pretrained` loads: a hub id, a model directory, or (for GGUF) a plain
     model directory written once under `cache_dir`."""
     location, gguf_file = resolve_model(spec)
     if gguf_file is None:
         return location
+    cache_dir = Path(cache_dir) if cache_dir is not None else derived_cache()
     target = cache_dir / _slug(Path(gguf_file).stem)
     marker = target / "gguf_source.json"
     source = str(Path(location) / gguf_file)
     stat = os.stat(source)
     stamp = {"gguf": source, "size": stat.st_size, "mtime": int(stat.st_mtime)}
-    if marker.is_file() and json.loads(marker.read_text()) == stamp:
-        return str(target)
+    try:
+        if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")) == stamp:
+            return str(target)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        log.warning("%s: damaged; dequantising again", marker)
     if target.parent.resolve() == BASE_CACHE.resolve() and Path("dvc.yaml").is_file():
         log.warning("%s is missing or stale; in the pipeline the base stage writes it (dvc repro base)", target)
+    check_gguf_file(Path(source))
     log.info("dequantising %s into a plain model directory %s (once)", source, target)
+    import shutil
+
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(location, gguf_file=gguf_file)
-    gguf_model = AutoModelForCausalLM.from_pretrained(location, gguf_file=gguf_file, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, gguf_file=gguf_file)
+        gguf_model = AutoModelForCausalLM.from_pretrained(location, gguf_file=gguf_file, dtype=torch.float32)
+    except Exception as exc:  # struct.error, ValueError, KeyError, ... from transformers' GGUF reader
+        raise PipelineError(f"{source}: not a readable GGUF model ({type(exc).__name__}: {exc}); download or export "
+                            f"it again") from None
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -135,16 +158,99 @@ def materialize(spec: str, cache_dir: Path = BASE_CACHE) -> str:
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    tmp = new_staging_dir(target)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "gguf_source.json").write_text(json.dumps(stamp))
+    try:
+        tmp = new_staging_dir(target)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "gguf_source.json").write_text(json.dumps(stamp))
+    except Exception as exc:
+        shutil.rmtree(staging_path(target), ignore_errors=True)
+        if isinstance(exc, OSError) or "No space left" in str(exc) or "os error 28" in str(exc):
+            raise PipelineError(f"{target}: cannot write the dequantised model ({getattr(exc, 'strerror', None) or exc}); "
+                                f"nothing was written. Free some space and run again") from None
+        raise
     if target.exists():
-        import shutil
-
         shutil.rmtree(target)
     os.replace(tmp, target)
     return str(target)
+
+
+# Long (~75 lines): one file format's header walked in one place (magic, metadata values, tensor infos, length),
+# its small readers nested beside it; splitting it would scatter the format across functions.
+def check_gguf_file(path: Path) -> None:
+    """A GGUF file is whole: its header parses (magic, version, metadata, tensor infos) and the file is as long as
+    its last tensor's end. A cut or foreign file is one error naming it, before transformers reads it (where it
+    fails with struct.error or numpy's reshape errors). Reads the header only (a fraction of a second)."""
+    import struct
+
+    scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+    def read(f, fmt):
+        size = struct.calcsize(fmt)
+        data = f.read(size)
+        if len(data) < size:
+            raise ValueError("the header is cut short")
+        return struct.unpack("<" + fmt, data)[0]
+
+    def string(f):
+        n = read(f, "Q")
+        if n > 1 << 24:
+            raise ValueError(f"a string of {n:,} bytes in the header")
+        data = f.read(n)
+        if len(data) < n:
+            raise ValueError("the header is cut short")
+        return data
+
+    def value(f, kind):
+        if kind == 8:
+            return string(f)
+        if kind == 9:
+            item, n = read(f, "I"), read(f, "Q")
+            if item in scalar and item != 8:  # skip n fixed-size items at once
+                f.seek(n * struct.calcsize(scalar[item]), 1)
+                return None
+            for _ in range(n):
+                value(f, item)
+            return None
+        if kind not in scalar:
+            raise ValueError(f"unknown metadata type {kind}")
+        return read(f, scalar[kind])
+
+    try:
+        from gguf.constants import GGML_QUANT_SIZES
+    except ImportError:  # transformers' GGUF support needs the gguf package; without it loading says so
+        GGML_QUANT_SIZES = None
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            magic = f.read(4)
+            if magic != b"GGUF":
+                raise ValueError(f"it starts with {magic!r}, not the GGUF magic")
+            version, n_tensors, n_kv = read(f, "I"), read(f, "Q"), read(f, "Q")
+            if version not in (2, 3) or n_tensors > 1 << 20 or n_kv > 1 << 20:
+                raise ValueError(f"version {version}, {n_tensors} tensors, {n_kv} metadata keys: not a GGUF header")
+            alignment = 32
+            for _ in range(n_kv):
+                key = string(f)
+                found = value(f, read(f, "I"))
+                if key == b"general.alignment" and isinstance(found, int):
+                    alignment = found
+            end = 0
+            for _ in range(n_tensors):
+                string(f)
+                dims = [read(f, "Q") for _ in range(read(f, "I"))]
+                kind, offset = read(f, "I"), read(f, "Q")
+                if GGML_QUANT_SIZES is not None and kind in GGML_QUANT_SIZES:
+                    block, nbytes = GGML_QUANT_SIZES[kind]
+                    count = 1
+                    for d in dims:
+                        count *= d
+                    end = max(end, offset + count // block * nbytes)
+            start = -(-f.tell() // alignment) * alignment
+        if start + end > size:
+            raise ValueError(f"{size:,} bytes, but its tensors reach byte {start + end:,}: the file is cut short")
+    except (ValueError, struct.error, OSError, OverflowError) as exc:
+        raise PipelineError(f"{path}: not a readable GGUF file ({exc}); download or export it again") from None
 
 
 def load_tokenizer(spec: str, chat_template: str | None = None):
@@ -155,6 +261,7 @@ def load_tokenizer(spec: str, chat_template: str | None = None):
     tokenizer = AutoTokenizer.from_pretrained(materialize(spec))
     apply_chat_template_override(tokenizer, chat_template)
     fix_special_tokens(tokenizer)
+    check_chat_template(tokenizer, f"train.model {spec}")
     return tokenizer
 
 
@@ -167,39 +274,76 @@ def load_model(spec: str, dtype=None, device: str = "cpu"):
     return model.to(device)
 
 
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
 def read_training_config(model_dir: Path) -> dict:
-    """The train stage's training_config.json beside an adapter or model (`model` = the base it was trained on)."""
+    """The train stage's training_config.json beside an adapter or model (`model` = the base it was trained on),
+    checked against its schema (wenyan.artifacts.TRAINING_CONFIG: types, the prompt, templates that format) and
+    the directory checked for what loading needs (the weights), so a damaged or hand-edited one is one error
+    naming the file and field, before anything loads."""
+    from wenyan import artifacts
+
+    model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise PipelineError(f"{model_dir}: model directory not found; run the train stage first (dvc repro train)")
     path = model_dir / "training_config.json"
+    if not path.is_file():
+        raise PipelineError(f"{path}: not found; {model_dir} should be written by the train stage")
+    fix = "the train stage writes it: retrain (dvc repro train), or restore the file"
+    cfg = artifacts.read_json(path, artifacts.TRAINING_CONFIG, fix)
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: not found; {model_dir} should be written by the train stage") from None
-    except json.JSONDecodeError as exc:
-        raise PipelineError(f"{path}: not valid JSON ({exc.msg})") from None
-    if not cfg.get("model"):
-        raise PipelineError(f"{path}: has no 'model' (the base model the adapter was trained on)")
-    prompt = cfg.get("prompt")
-    if not isinstance(prompt, dict) or "opencc" not in prompt or set(PROMPT_KEYS) - set(prompt.get("format") or {}):
-        raise PipelineError(f"{path}: has no complete 'prompt' (format params + opencc, recorded by the train stage "
-                            f"since the prompt travels with the model); retrain it (dvc repro train)")
-    if not any((model_dir / name).is_file() for name in ("adapter_config.json", "config.json")) and not any(model_dir.glob("*.gguf")):
+        check_templates(cfg["prompt"]["format"])
+    except PipelineError as exc:
+        raise PipelineError(f"{path}: " + str(exc).replace("params.yaml 'format.", "field 'prompt.format.")) from None
+    has_gguf = any(model_dir.glob("*.gguf"))
+    if (model_dir / "adapter_config.json").is_file():
+        artifacts.read_json(model_dir / "adapter_config.json", {"r": artifacts.Optional(int)}, fix)
+        if not any((model_dir / name).is_file() for name in ADAPTER_WEIGHTS):
+            raise PipelineError(f"{model_dir}: a LoRA adapter (adapter_config.json) without its weights "
+                                f"({' or '.join(ADAPTER_WEIGHTS)}); {fix}")
+    elif (model_dir / "config.json").is_file():
+        artifacts.read_json(model_dir / "config.json", {"model_type": artifacts.Optional(str)}, fix)
+        if not has_gguf and not any((model_dir / name).is_file() for name in MODEL_WEIGHTS):
+            raise PipelineError(f"{model_dir}: a model (config.json) without its weights ({', '.join(MODEL_WEIGHTS)}); {fix}")
+    elif not has_gguf:
         raise PipelineError(f"{model_dir}: neither a LoRA adapter (adapter_config.json) nor a model (config.json, or a "
                             f"GGUF file the export stage wrote)")
     return cfg
 
 
+def check_chat_template(tokenizer, where) -> None:
+    """The tokenizer's chat template renders a conversation (a Jinja syntax error, an undefined name: one error
+    naming where it came from, here, not in the middle of a run)."""
+    try:
+        import jinja2
+
+        template_error = jinja2.TemplateError
+    except ImportError:  # pragma: no cover (transformers needs jinja2)
+        template_error = Exception
+    try:
+        tokenizer.apply_chat_template([{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                                       {"role": "assistant", "content": "a"}], tokenize=False)
+    except template_error as exc:
+        line = f" (line {exc.lineno})" if getattr(exc, "lineno", None) else ""
+        raise PipelineError(f"{where}: the chat template does not render{line}: {exc}; fix chat_template "
+                            f"(tokenizer_config.json or chat_template.jinja) or retrain") from None
+
+
 def load_trained_tokenizer(model_dir: Path):
-    """The tokenizer the train stage saved beside the adapter/model, with its chat template."""
+    """The tokenizer the train stage saved beside the adapter/model, with its chat template (checked: it renders)."""
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TypeError, KeyError) as exc:
         raise PipelineError(f"{model_dir}: no usable tokenizer ({exc})") from None
+    except Exception as exc:  # the tokenizers library's own errors (a damaged tokenizer.json)
+        raise PipelineError(f"{model_dir}: no usable tokenizer ({type(exc).__name__}: {exc})") from None
     if not tokenizer.chat_template:
         raise PipelineError(f"{model_dir}: the tokenizer has no chat template; the train stage should save it")
+    check_chat_template(tokenizer, model_dir)
     return tokenizer
 
 

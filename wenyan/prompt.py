@@ -165,18 +165,36 @@ def encode_messages(tokenizer, conversations: list[list[dict]], names: list[str]
     The prompt's text must be a prefix of the whole conversation's rendering (else the model would train on
     a context it never sees). Usually its tokens are a prefix of the whole tokenization too; where tokens
     merge across the boundary (a GPT-2-style pre-tokenizer after Llama-3.1's "\n\n"), the reply is
-    tokenized on its own after the prompt's tokens (retokenized=True): the sequence the model produces."""
+    tokenized on its own after the prompt's tokens (retokenized=True): the sequence the model produces.
+
+    Text is text: a message that spells a control token (`<|im_end|><|im_start|>assistant` in a sentence, a
+    reply holding `<|im_end|>`) is encoded as those characters, never as the token (wenyan.safetext); others
+    get exactly the ids of the usual tokenization."""
     names = names or [f"conversation {i}" for i in range(len(conversations))]
     with_reply = [bool(c) and c[-1].get("role") == "assistant" for c in conversations]
     prompts = [tokenizer.apply_chat_template(c[:-1] if r else c, tokenize=False, add_generation_prompt=True)
                for c, r in zip(conversations, with_reply)]
+    controls = control_strings(tokenizer)
+    unsafe = {i for i, c in enumerate(conversations)
+              if any(isinstance(m.get("content"), str) and controls_in(m["content"], controls) for m in c)}
+    plain = [i for i in range(len(conversations)) if i not in unsafe]
     # The rendered text already holds the template's special tokens (bos included): add none.
-    prompt_ids = tokenizer(prompts, add_special_tokens=False).input_ids if prompts else []
+    prompt_ids = dict(zip(plain, tokenizer([prompts[i] for i in plain], add_special_tokens=False).input_ids)) if plain else {}
     trained = [i for i, r in enumerate(with_reply) if r]
     fulls = {i: tokenizer.apply_chat_template(conversations[i], tokenize=False) for i in trained}
-    full_ids = dict(zip(trained, tokenizer([fulls[i] for i in trained], add_special_tokens=False).input_ids)) if trained else {}
+    plain_trained = [i for i in trained if i not in unsafe]
+    full_ids = dict(zip(plain_trained, tokenizer([fulls[i] for i in plain_trained], add_special_tokens=False).input_ids)) \
+        if plain_trained else {}
+    full_parts = {}
+    for i in sorted(unsafe):
+        messages = conversations[i][:-1] if with_reply[i] else conversations[i]
+        prompt_ids[i] = encode_segments(tokenizer, segments(tokenizer, messages, prompts[i], True, names[i]))
+        if i in fulls:
+            full_parts[i] = segments(tokenizer, conversations[i], fulls[i], False, names[i])
+            full_ids[i] = encode_segments(tokenizer, full_parts[i])
     out = []
-    for i, (name, prompt, p) in enumerate(zip(names, prompts, prompt_ids)):
+    for i, (name, prompt) in enumerate(zip(names, prompts)):
+        p = prompt_ids[i]
         if i not in fulls:
             out.append((p, None, False))
             continue
@@ -187,9 +205,21 @@ def encode_messages(tokenizer, conversations: list[list[dict]], names: list[str]
                 f"start of the whole conversation; the tokenized prompt is not a prefix, cannot mask it"
             )
         retokenized = f[: len(p)] != p
-        reply = tokenizer(full[len(prompt) :], add_special_tokens=False).input_ids if retokenized else f[len(p) :]
+        if not retokenized:
+            reply = f[len(p) :]
+        elif i in full_parts:
+            reply = encode_segments(tokenizer, after(full_parts[i], len(prompt)))
+        else:
+            reply = tokenizer(full[len(prompt) :], add_special_tokens=False).input_ids
         out.append((p, reply, retokenized))
     return out
+
+
+def control_token_text(tokenizer, conversations: list[list[dict]]) -> int:
+    """How many conversations hold the spelling of a control token in a message's text (encoded as text)."""
+    controls = control_strings(tokenizer)
+    return sum(any(isinstance(m.get("content"), str) and controls_in(m["content"], controls) for m in c)
+               for c in conversations)
 
 
 def prompt_ids(tokenizer, prompts: list[list[dict]]) -> list[list[int]]:
@@ -199,7 +229,10 @@ def prompt_ids(tokenizer, prompts: list[list[dict]]) -> list[list[int]]:
 
 def token_budgets(tokenizer, sources: list[str], factor: float, extra: int) -> list[int]:
     """max_new_tokens of each sentence: ceil(factor x its source tokens) + extra."""
-    return [math.ceil(factor * len(tokenizer(s, add_special_tokens=False).input_ids)) + extra for s in sources]
+    if not sources:
+        return []
+    ids = tokenizer(list(sources), add_special_tokens=False, split_special_tokens=True).input_ids  # text is text
+    return [math.ceil(factor * len(i)) + extra for i in ids]
 
 
 def end_of_turn_id(tokenizer) -> int:
@@ -222,3 +255,81 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     if not ids:
         raise PipelineError("the tokenizer has neither an end-of-turn token nor an eos token to stop generation at")
     return ids
+
+
+# ----------------------------------------------------------------------------------------------
+# Text is text (issue #21, class 7): a sentence or reply that spells a control token (`<|im_end|>`,
+# `<|im_start|>assistant`, ...) is encoded as the plain characters it is, never as that token, in training,
+# evaluation, translate and export alike (encode_messages goes through here). The chat template is rendered as
+# always; where a message's text holds the spelling of a special token, the template is rendered a second time
+# with a marker in place of each message's text, which tells exactly which characters of the rendering are the
+# template's and which a message's; the template's parts are tokenized with their special tokens parsed, each
+# message's text with special tokens split (`split_special_tokens=True`: its characters, by BPE). Text without
+# such spellings takes the usual single call, so its ids are exactly what they always were.
+
+Segments = list[tuple[str, bool]]  # (text, is a message's text)
+
+
+def control_strings(tokenizer) -> list[str]:
+    """The spellings of the tokenizer's special tokens (the chat template's markers, eos, pad, ...), longest first.
+    Tokens added as plain vocabulary (train.extend_vocab's characters) are not control tokens."""
+    specials = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    for token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(token, "special", False):
+            specials.add(str(token))
+    return sorted((s for s in specials if s), key=len, reverse=True)
+
+
+def controls_in(text: str, controls: list[str]) -> list[str]:
+    return [c for c in controls if c in text]
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Plain text -> ids: a control token's spelling becomes its characters' tokens."""
+    if not text:
+        return []
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
+
+
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def segments(tokenizer, messages: list[dict], rendered: str, add_generation_prompt: bool, where: str) -> Segments:
+    """The rendering cut into the template's text and each message's text (see the module docstring)."""
+    markers = [f"\ue0f0WENYAN{k}\ue0f1" for k in range(len(messages))]
+    marked = render(tokenizer, [{**m, "content": s} for m, s in zip(messages, markers)], add_generation_prompt)
+    parts, rest = [], marked
+    for marker in markers:
+        head, sep, rest = rest.partition(marker)
+        if not sep or marker in rest:
+            raise PipelineError(f"{where}: a message holds the text of a control token and the chat template does not "
+                                f"render each message's text once, so it cannot be kept plain text; remove it from the text")
+        parts.append(head)
+    for variant in (lambda c: c, str.strip):  # Llama 3.1's template trims each message
+        texts = [variant(m["content"]) for m in messages]
+        if "".join(p + t for p, t in zip(parts, texts)) + rest == rendered:
+            out: Segments = []
+            for p, t in zip(parts, texts):
+                out += [(p, False), (t, True)]
+            return [s for s in out + [(rest, False)] if s[0]]
+    raise PipelineError(f"{where}: a message holds the text of a control token and the chat template changes message "
+                        f"text, so it cannot be kept plain text; remove it from the text")
+
+
+def encode_segments(tokenizer, parts: Segments) -> list[int]:
+    ids: list[int] = []
+    for text, is_message in parts:
+        ids += encode_text(tokenizer, text) if is_message else tokenizer(text, add_special_tokens=False).input_ids
+    return ids
+
+
+def after(parts: Segments, offset: int) -> Segments:
+    """The segments of the rendering from character `offset` on."""
+    out, position = [], 0
+    for text, is_message in parts:
+        end = position + len(text)
+        if end > offset:
+            out.append((text[max(0, offset - position):], is_message))
+        position = end
+    return out

@@ -10,7 +10,6 @@ mask into labels (-100 elsewhere); unsloth's dataset preparation does the same w
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import resource
@@ -20,8 +19,9 @@ from pathlib import Path
 
 from wenyan.distributed import world
 from wenyan.errors import PipelineError, get_logger
-from wenyan.files import write_json
-from wenyan.prompt import encode_messages, end_of_turn_id
+from wenyan.checkpoints import identity_difference, last_complete_checkpoint, read_identity
+from wenyan.files import check_owned_dir, disk_full, write_json, write_manifest
+from wenyan.prompt import control_token_text, encode_messages, end_of_turn_id, end_of_turn_token
 
 log = get_logger("sft")
 
@@ -119,7 +119,12 @@ def build_examples(tokenizer, rows: list[dict], max_seq_length: int, source: str
         "truncated_kept": truncated - dropped,
         "tokens": sum(len(e["input_ids"]) for e in examples),
         "completion_tokens": sum(sum(e["completion_mask"]) for e in examples),
+        # texts spelling a control token (<|im_end|> in a reply): encoded as text, so the reply is trained whole
+        "rows_with_control_token_text": control_token_text(tokenizer, [row["messages"] for row in rows]),
     }
+    if stats["rows_with_control_token_text"]:
+        log.warning("%s: %d conversation(s) spell a control token (such as %s) in their text; encoded as plain text, "
+                    "never as the token", source, stats["rows_with_control_token_text"], end_of_turn_token(tokenizer))
     if stats["retokenized_at_reply"]:
         log.info(
             "%s: %d conversations tokenize differently across the prompt/reply boundary; their reply is "
@@ -304,17 +309,15 @@ def fused_lm_head_available() -> bool:
     return getattr(utils, "_ChunkedLogProbFunction", None) is not None
 
 
-def build_trainer(model, tokenizer, train_examples, valid_examples, cfg: dict, *, rows: int, padding_free: bool,
-                  dtype, optim: str, gradient_checkpointing: bool, output_dir, callbacks=()):
-    """SFTTrainer (unsloth's, once unsloth is imported) on the pre-tokenized examples: the trainer turns
-    completion_mask into labels (-100 off the reply) and its collator pads or flattens the batch."""
+def sft_config(cfg: dict, *, rows: int, padding_free: bool, dtype, optim: str, gradient_checkpointing: bool, output_dir,
+               has_valid: bool, many_examples: bool = False, model=None):
+    """The trainer's SFTConfig for these settings (model None: without FSDP's layer list, for check_trainer_settings)."""
     import torch
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     on_gpu = torch.cuda.is_available()
-    eval_every = cfg["eval_steps"] if valid_examples else 0
-    args = SFTConfig(
+    eval_every = cfg["eval_steps"] if has_valid else 0
+    return SFTConfig(
         output_dir=str(output_dir),
         per_device_train_batch_size=rows,
         per_device_eval_batch_size=rows,
@@ -331,7 +334,8 @@ def build_trainer(model, tokenizer, train_examples, valid_examples, cfg: dict, *
         bf16=dtype == torch.bfloat16,
         fp16=on_gpu and dtype == torch.float16,
         use_cpu=not on_gpu,
-        **fsdp_arguments(cfg, model, gradient_checkpointing),
+        **(fsdp_arguments(cfg, model, gradient_checkpointing) if model is not None
+           else {"gradient_checkpointing": gradient_checkpointing}),
         logging_steps=cfg["logging_steps"],
         logging_first_step=True,
         eval_strategy="steps" if eval_every else "no",
@@ -348,8 +352,48 @@ def build_trainer(model, tokenizer, train_examples, valid_examples, cfg: dict, *
         packing=False,
         train_sampling_strategy="random" if padding_free else "group_by_length",
         ddp_find_unused_parameters=False if world()[2] > 1 and not cfg["fsdp"] else None,  # LoRA: the frozen base has no grads
-        dataset_num_proc=min(os.cpu_count() or 1, 16) if len(train_examples) >= 2 * PARALLEL_ROWS else None,
+        dataset_num_proc=min(os.cpu_count() or 1, 16) if many_examples else None,
     )
+
+
+def check_trainer_settings(cfg: dict, dtype, valid_path, output_dir) -> None:
+    """What only transformers would reject, and only once the model has loaded and the data is tokenized: the
+    trainer's arguments built from the settings now (a reduce_lr_on_plateau schedule without evaluation, an eval
+    or save cadence it refuses), and the optimizer's class looked up (an optim whose package is missing). Before
+    any data or model is loaded. dtype: the training dtype (models.resolve_dtype)."""
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    optim = cfg["optim"] if cfg["optim"] != "auto" else ("adamw_8bit" if on_gpu else "adamw_torch")
+    has_valid = bool(valid_path) and cfg["eval_samples"] > 0
+    try:
+        args = sft_config(cfg, rows=1, padding_free=cfg["padding_free"] is True, dtype=dtype,
+                          optim=optim, gradient_checkpointing=False, output_dir=output_dir, has_valid=has_valid)
+        from transformers import Trainer
+
+        Trainer.get_optimizer_cls_and_kwargs(args)
+    except (ValueError, ImportError) as exc:
+        message = " ".join(str(exc).split())
+        if cfg["lr_scheduler"] == "reduce_lr_on_plateau" and not (has_valid and cfg["eval_steps"]):
+            message = (f"train.lr_scheduler reduce_lr_on_plateau steps on the eval loss, but no evaluation runs "
+                       f"(train.eval_steps {cfg['eval_steps']}, eval_samples {cfg['eval_samples']}, --valid "
+                       f"{valid_path or 'not given'}); set eval_steps and eval_samples > 0, or another lr_scheduler "
+                       f"(transformers: {message})")
+        elif isinstance(exc, ImportError):
+            message = f"train.optim {optim} needs a package that is not installed: {message}"
+        raise PipelineError(f"train settings that transformers refuses: {message}") from None
+
+
+def build_trainer(model, tokenizer, train_examples, valid_examples, cfg: dict, *, rows: int, padding_free: bool,
+                  dtype, optim: str, gradient_checkpointing: bool, output_dir, callbacks=()):
+    """SFTTrainer (unsloth's, once unsloth is imported) on the pre-tokenized examples: the trainer turns
+    completion_mask into labels (-100 off the reply) and its collator pads or flattens the batch."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    args = sft_config(cfg, rows=rows, padding_free=padding_free, dtype=dtype, optim=optim,
+                      gradient_checkpointing=gradient_checkpointing, output_dir=output_dir, has_valid=bool(valid_examples),
+                      many_examples=len(train_examples) >= 2 * PARALLEL_ROWS, model=model)
     trainer = make_trainer_class(SFTTrainer)(
         model=model,
         args=args,
@@ -361,20 +405,28 @@ def build_trainer(model, tokenizer, train_examples, valid_examples, cfg: dict, *
     return trainer
 
 
-def run_training(trainer, live_callback, resume_from, evaluate_at_end: bool) -> dict:
+def run_training(trainer, live_callback, resume_from, evaluate_at_end: bool, *, plots=None, kept=()) -> dict:
     """trainer.train(), then an eval at the final step if the last periodic one was earlier; the times and
-    losses the summary reports."""
+    losses the summary reports. A full disk meanwhile (a checkpoint, dvclive's plots in `plots`) is one error
+    naming the checkpoints and saying the `kept` outputs are as they were, not a traceback."""
     import torch
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume_from)
-    trainer_time = time.perf_counter() - t0
-    evals = [h for h in live_callback.history if "eval_loss" in h]
-    if evaluate_at_end and not (evals and evals[-1]["step"] == trainer.state.global_step):
-        trainer.evaluate()  # logged at the final step by the callback
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+        trainer_time = time.perf_counter() - t0
         evals = [h for h in live_callback.history if "eval_loss" in h]
+        if evaluate_at_end and not (evals and evals[-1]["step"] == trainer.state.global_step):
+            trainer.evaluate()  # logged at the final step by the callback
+            evals = [h for h in live_callback.history if "eval_loss" in h]
+    except Exception as exc:
+        if not disk_full(exc):
+            raise
+        raise PipelineError(f"{trainer.args.output_dir}: no space left on the device while training (saving a checkpoint "
+                            f"or the plots in {plots}); {' and '.join(map(str, kept))} are as they were. Free some space "
+                            f"and run again (train.resume continues from the last whole checkpoint)") from None
     return {"result": result, "trainer_time": trainer_time, "train_time": live_callback.train_seconds, "evals": evals,
             "train_losses": [h["loss"] for h in live_callback.history if "loss" in h]}
 
@@ -491,32 +543,52 @@ def device_name() -> str:
 # Checkpoints (train.resume)
 
 
-def last_checkpoint(checkpoints: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+CHECKPOINTS_SIGNATURE = "run_identity.json"  # what marks a directory as the train stage's checkpoints
+CHECKPOINT_FILES = ("checkpoint-*", "README.md")  # what the Trainer writes into --checkpoints as it goes
 
-    return get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+
+def last_checkpoint(checkpoints: Path) -> str | None:
+    """The newest whole checkpoint (wenyan.checkpoints.last_complete_checkpoint), or None."""
+    found, _ = last_complete_checkpoint(checkpoints)
+    return str(found) if found is not None else None
 
 
 def prepare_checkpoints(resume: bool, checkpoints: Path, identity: dict) -> str | None:
-    """Return the checkpoint to resume from, or None after clearing old checkpoints for a fresh run. identity: the
-    train.* values that define what a checkpoint is; resuming refuses checkpoints made with other values."""
-    marker = checkpoints / "run_identity.json"
+    """Return the checkpoint to resume from, or None after clearing old checkpoints for a fresh run.
+
+    identity (wenyan.checkpoints.run_identity: the params that change the result, the data's and the model's
+    hashes, the prompt) must equal the one the checkpoints were made with; a mismatch names the keys. A
+    checkpoint that is not whole (a kill -9 during its save, a truncated optimizer.pt) is removed with a
+    warning and the last whole one is used. A directory holding files this stage did not write is refused."""
+    marker = checkpoints / CHECKPOINTS_SIGNATURE
+    check_owned_dir(checkpoints, "--checkpoints", "train", signature=CHECKPOINTS_SIGNATURE, allowed=CHECKPOINT_FILES)
     if resume:
-        found = last_checkpoint(checkpoints)
+        found, skipped = last_complete_checkpoint(checkpoints)
+        for path, why in skipped:
+            log.warning("train.resume: %s is incomplete (%s); removed, resuming from %s instead", path, why,
+                        found.name if found else "the start")
+            shutil.rmtree(path)
         if found is None:
             log.info("train.resume: no checkpoint in %s; starting from scratch", checkpoints)
         else:
-            previous = json.loads(marker.read_text()) if marker.is_file() else None
-            if previous is not None and previous != identity:
-                diff = sorted(k for k in identity if previous.get(k) != identity[k])
+            previous = read_identity(marker)
+            if previous is None:
+                raise PipelineError(
+                    f"train.resume: {marker} is missing, so the checkpoints in {checkpoints} cannot be matched to this "
+                    f"run; set train.resume: false to start again"
+                )
+            diff = identity_difference(previous, identity)
+            if diff:
+                names = [k if k.endswith(("_sha256", "fingerprint")) or k == "prompt" else f"train.{k}" for k in diff]
                 raise PipelineError(
                     f"train.resume: the checkpoints in {checkpoints} were made with other values of "
-                    f"{', '.join('train.' + k for k in diff)}; set them back, or resume: false to start again"
+                    f"{', '.join(names)}; set them back, or resume: false to start again"
                 )
             log.info("train.resume: continuing from %s", found)
-            return found
+            return str(found)
     if checkpoints.exists():
         shutil.rmtree(checkpoints)
     checkpoints.mkdir(parents=True)
     write_json(marker, identity)
+    write_manifest(checkpoints, "train")
     return None

@@ -76,11 +76,12 @@ def has_text(piece: str) -> bool:
     return _TEXT.search(piece) is not None
 
 
-def plan_lines(lines: list[str], fits: Callable[[str], bool], limit_hint: str, source_name: str = "input") -> list[list[str]]:
+def plan_lines(lines: list[str], fits: Callable[[str], bool], limit_hint: str, source_name: str = "input",
+               first: int = 1) -> list[list[str]]:
     """Per input line, its pieces (sentences, or parts of too-long sentences); those without text (has_text) are
-    kept, to pass through untranslated."""
+    kept, to pass through untranslated. first: the input line number of lines[0] (for messages)."""
     planned = []
-    for number, line in enumerate(lines, 1):
+    for number, line in enumerate(lines, first):
         pieces = []
         for sentence in split_sentences(line):
             if not has_text(sentence):
@@ -111,13 +112,15 @@ def assemble(planned: list[list[str]], translations: list[str], originals: list[
     return out
 
 
+_LINE_END = re.compile("\r\n|\r|\n")
+
+
 def split_input_lines(text: str) -> list[str]:
-    """Lines as `wc -l` counts them: separated by \\n (\\r\\n accepted); a final newline ends the last line."""
-    text = text.replace("\r\n", "\n")
+    """Lines as ingest reads them: \\n, \\r\\n and a lone \\r each end a line; a final line ending ends the last line."""
     if not text:
         return []
-    lines = text.split("\n")
-    if text.endswith("\n"):
+    lines = _LINE_END.split(text)
+    if lines[-1] == "":
         lines.pop()
     return lines
 
@@ -161,6 +164,8 @@ class Plan:
     pieces: list[str]
     prompts: list[list[dict]]
     source_name: str = "input"
+    first: int = 1  # the input line number of originals[0] (a chunk of a longer input)
+    split_up: int = 0  # lines with a sentence split at ，、 to fit
 
 
 class Translator:
@@ -192,23 +197,29 @@ class Translator:
         return len(prompt_ids(self.tokenizer, [messages])[0])
 
     def plan(self, text: str, source_name: str = "input") -> Plan:
-        originals = split_input_lines(text)
+        return self.plan_lines(split_input_lines(text), source_name)
+
+    def plan_lines(self, originals: list[str], source_name: str = "input", *, first: int = 1, context: list[str] = (),
+                   quiet: bool = False) -> Plan:
+        """plan() of input lines: a chunk of a longer input (tools/translate.py streams it) starts at line `first`,
+        its first prompts get `context` (the input's previous pieces) as one pass over the whole input would."""
         lines = text_lib.normalise_lines(originals, self.converter)
         no_context = dict(self.fmt, context_sentences=0)
         fits = (lambda piece: True) if not self.max_tokens else (
             lambda piece: self.count_tokens(prompt_messages(piece, [], no_context)) <= self.max_tokens
         )
         limit_hint = f"max_seq_length {self.max_tokens} tokens ({self.model_dir}/training_config.json)"
-        planned = plan_lines(lines, fits, limit_hint, source_name)
+        planned = plan_lines(lines, fits, limit_hint, source_name, first=first)
         pieces = [p for line_pieces in planned for p in line_pieces if has_text(p)]
         split_up = sum(len(line_pieces) > len(split_sentences(line)) for line, line_pieces in zip(lines, planned))
-        log.info(
+        (log.debug if quiet else log.info)(
             "%d line(s), %d piece(s) to translate%s; prompt from %s/training_config.json",
             len(lines), len(pieces), f" ({split_up} line(s) with a sentence split at ，、 to fit)" if split_up else "",
             self.model_dir,
         )
-        prompts = build_prompts(pieces, self.fmt, self.count_tokens, self.max_tokens) if pieces else []
-        return Plan(originals, lines, planned, pieces, prompts, source_name)
+        carried = list(context)
+        prompts = build_prompts(carried + pieces, self.fmt, self.count_tokens, self.max_tokens)[len(carried):] if pieces else []
+        return Plan(originals, lines, planned, pieces, prompts, source_name, first, split_up)
 
     def load(self, n_ctx: int = 512):
         """The model, loaded once (a GGUF is loaded again only if one-at-a-time decoding needs a larger context)."""
@@ -261,7 +272,7 @@ class Translator:
         raw, hit_limit = self.generate(plan, on_result)
         translations = text_lib.normalise_lines(raw, self.converter)  # one line each, the training targets' script
         if any(hit_limit):
-            piece_line = [n for n, line_pieces in enumerate(plan.planned, 1) for p in line_pieces if has_text(p)]
+            piece_line = [n for n, line_pieces in enumerate(plan.planned, plan.first) for p in line_pieces if has_text(p)]
             cut = sorted({piece_line[i] for i, hit in enumerate(hit_limit) if hit})
             log.warning(
                 "%d translation(s) reached the token budget without ending, so may be cut short (%s line(s) %s); "

@@ -28,7 +28,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from stages.common import write_json  # noqa: E402
+from wenyan.files import write_json
 DEFAULT_ARCHIVE = "/work/shared/corpora/classical-modern.tar.xz"
 TARGET_WALL_S = 60.0
 TARGET_PEAK_RSS_GIB = 4.0

@@ -7,7 +7,7 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 ... -d .gpu/c dvc dvclive gguf peft ...
 #   (the exact names and versions of the dvc/dvclive closure: in build_gpu_payload.sh)
 #   tar of .gpu/a .gpu/b .gpu/c <SmolLM2 .gguf> <classical-modern.tar.xz> | split -b 56M -d - .carry/blob.
-# Run the code from a snapshot of a commit (git archive HEAD stages benchmarks dvc.yaml params.yaml
+# Run the code from a snapshot of a commit (git archive HEAD stages wenyan tools benchmarks dvc.yaml params.yaml
 # pyproject.toml into .carry/src, carried in each call and copied to /tmp/src there: a carried .carry/src
 # does not survive the next call's carry of another .carry path), so uncommitted edits don't travel.
 # Then one device call per part: `mkdir -p /tmp/blob && cp .carry/blob.NN /tmp/blob/` (carry: .carry/blob.NN),

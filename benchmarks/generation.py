@@ -9,7 +9,7 @@ sentence at a time (the notebook's way).
 Same model, same sentences, same prompts (params.yaml format: system prompt + user template), same
 greedy decoding, same end-of-turn stop and the same per-sentence budget (evaluate.max_new_tokens_factor
 x source tokens + extra). What differs is how the sentences are run:
-  stage          stages.modeling.generate: sorted by length, batches of evaluate.batch_size; on CPU its
+  stage          wenyan.generation.generate: sorted by length, batches of evaluate.batch_size; on CPU its
                  own greedy loop (the shared prompt prefix computed once, finished rows leave the batch)
   hf batched     the same batches through transformers' generate() (the stage's way before; beam search
                  and GPU still use it)
@@ -33,8 +33,11 @@ from pathlib import Path
 
 import yaml
 
-from stages import evaluate, modeling, text
-from stages.common import PipelineError, read_jsonl, write_json, write_text
+from wenyan import generation, metrics, models, text
+from wenyan.prompt import end_of_turn_ids, token_budgets
+from stages import evaluate
+from wenyan.errors import PipelineError
+from wenyan.files import read_jsonl, write_json, write_text
 
 CORPUS = Path("data/corpus/classical-modern/双语数据")
 
@@ -112,27 +115,27 @@ def load_model(spec: str):
     import torch
 
     if Path(spec).is_dir() and (Path(spec) / "training_config.json").is_file():
-        trained = modeling.load_trained(Path(spec))
+        trained = models.load_trained(Path(spec))
         return trained.model, trained.tokenizer
-    tokenizer = modeling.load_tokenizer(spec)
+    tokenizer = models.load_tokenizer(spec)
     tokenizer.padding_side = "left"
-    return modeling.load_model(spec, device="cuda" if torch.cuda.is_available() else "cpu").eval(), tokenizer
+    return models.load_model(spec, device="cuda" if torch.cuda.is_available() else "cpu").eval(), tokenizer
 
 
 def bench(spec: str, prompts, sources, ev: dict, batch_size: int) -> dict:
     """The three ways on one model, one after the other in this process; outputs compared to one at a time."""
     model, tokenizer = load_model(spec)
-    eos_ids = modeling.end_of_turn_ids(tokenizer)
+    eos_ids = end_of_turn_ids(tokenizer)
     factor, extra = ev["max_new_tokens_factor"], ev["max_new_tokens_extra"]
-    budgets = modeling.token_budgets(tokenizer, sources, factor, extra)
+    budgets = token_budgets(tokenizer, sources, factor, extra)
     gen = dict(batch_size=batch_size, factor=factor, extra=extra, eos_token_ids=eos_ids)
     for loop in ("own", "hf"):  # warm-up
-        modeling.generate(model, tokenizer, prompts[:2], sources[:2], **{**gen, "batch_size": 2, "extra": 1},
+        generation.generate(model, tokenizer, prompts[:2], sources[:2], **{**gen, "batch_size": 2, "extra": 1},
                           desc="warm-up", loop=loop)
     seconds, texts, load = {}, {}, {"start": loadavg()}
     for name, run in (
-        ("stage", lambda: modeling.generate(model, tokenizer, prompts, sources, **gen, desc=f"stage ({batch_size})")[0]),
-        ("hf_batched", lambda: modeling.generate(model, tokenizer, prompts, sources, **gen, loop="hf",
+        ("stage", lambda: generation.generate(model, tokenizer, prompts, sources, **gen, desc=f"stage ({batch_size})")[0]),
+        ("hf_batched", lambda: generation.generate(model, tokenizer, prompts, sources, **gen, loop="hf",
                                                  desc=f"hf generate ({batch_size})")[0]),
         ("one_at_a_time", lambda: one_at_a_time(model, tokenizer, prompts, budgets, eos_ids)),
     ):
@@ -172,7 +175,7 @@ def main(argv=None) -> None:
     specs = args.model or [params["train"]["model"]]
 
     if args.test:
-        rows = evaluate.select_rows(read_jsonl(args.test), args.n, ev["seed"])
+        rows = metrics.select_rows(read_jsonl(args.test), args.n, ev["seed"])
         prompts = [r["messages"][:-1] for r in rows]
     else:
         rows = corpus_sentences(args.n, params.get("clean", {}).get("opencc", "t2s"))
@@ -232,6 +235,6 @@ def render(report: dict) -> str:
 
 
 if __name__ == "__main__":
-    from stages.common import run_main
+    from wenyan.errors import run_main
 
     run_main(main)

@@ -114,11 +114,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="reports/benchmarks/generation_gpu")
     args = ap.parse_args(argv)
 
-    from stages.common import read_jsonl
-    try:
-        from stages.modeling import select_rows  # after the model-half restructuring
-    except ImportError:
-        from stages.evaluate import select_rows
+    from wenyan.files import read_jsonl
+    from wenyan.metrics import select_rows
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load(args.model, device, args.dtype if device == "cuda" else "fp32")

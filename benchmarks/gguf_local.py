@@ -4,7 +4,7 @@
     PYTHONPATH=. python benchmarks/gguf_local.py --model models/base/SmolLM2-135M-Instruct.Q4_1 --test data/format/test.jsonl
       -> reports/benchmarks/gguf_local.json and gguf_local.md   (GGUF files under models/gguf-bench/, git-ignored)
 
-Needs the gguf extra (see stages/gguf.py). The model directory is converted with llama.cpp's converter to f16,
+Needs the gguf extra (see wenyan/gguf.py). The model directory is converted with llama.cpp's converter to f16,
 which is quantised to the other types with llama.cpp's quantizer. Every sentence's prompt is the test row's
 system + user messages rendered by the model's chat template; the same token ids go to both engines. Both
 decode greedily, one sentence at a time, to the end-of-turn token or the evaluate stage's budget
@@ -25,8 +25,9 @@ from pathlib import Path
 
 import yaml
 
-from stages import gguf
-from stages.common import PipelineError, read_jsonl, write_json, write_text
+from wenyan import gguf
+from wenyan.errors import PipelineError
+from wenyan.files import read_jsonl, write_json, write_text
 
 
 def select(rows: list[dict], n: int) -> list[dict]:
@@ -177,6 +178,6 @@ def render(report: dict) -> str:
 
 
 if __name__ == "__main__":
-    from stages.common import run_main
+    from wenyan.errors import run_main
 
     run_main(main)

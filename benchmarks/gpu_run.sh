@@ -2,7 +2,7 @@
 # The gpu profile's run (issue 13) on the lent GPU machine, after benchmarks/device_setup.sh: every stage exactly
 # as dvc.yaml runs it (benchmarks/run_stages.py), with profiles/gpu.yaml, on the full NiuTrans archive; then the
 # generation benchmark on the trained model. Where DVC, the corpus and a GPU are local, the same run is:
-#   python -m stages.profile gpu -S ingest.sources.0.path=/data/classical-modern.tar.xz
+#   python -m tools.profile gpu -S ingest.sources.0.path=/data/classical-modern.tar.xz
 # Writes everything under reports/ (and $OUT/ when set) and logs each stage's wall time.
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1

@@ -45,7 +45,7 @@ def main(argv=None) -> None:
 
     params = yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8"))
     if args.profile:
-        from stages.profile import read_profile
+        from tools.profile import read_profile
 
         for key, value in read_profile(args.profile).items():
             set_key(params, key, yaml.safe_dump(value, allow_unicode=True))

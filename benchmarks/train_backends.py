@@ -42,7 +42,7 @@ DEFAULT_CONFIGS = "unsloth-lora,hf-lora,unsloth-qlora,hf-qlora"
 def run_one(name: str, args) -> dict:
     """In the child process: one training run, measured after the warm-up steps."""
     from stages import train as train_stage  # imports no transformers/trl: unsloth (if used) still comes first
-    from stages.common import load_sections
+    from wenyan.params import load_sections
 
     params = load_sections("train", ["train", "format", "clean.opencc"], args.params)
     section = dict(params["train"])

@@ -70,11 +70,12 @@ def build_model(shape: dict, out: Path, seed: int = 0) -> str:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from stages import modeling
+    from wenyan import models
+    from wenyan.prompt import fix_special_tokens
 
-    location, gguf_file = modeling.resolve_model("smollm2-135m-instruct")
+    location, gguf_file = models.resolve_model("smollm2-135m-instruct")
     tokenizer = AutoTokenizer.from_pretrained(location, gguf_file=gguf_file)
-    modeling._fix_special_tokens(tokenizer)  # eos = the end-of-turn token, a pad token apart from it, as load_tokenizer
+    fix_special_tokens(tokenizer)  # eos = the end-of-turn token, a pad token apart from it, as load_tokenizer
     torch.manual_seed(seed)
     config = LlamaConfig(**shape, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, dtype="bfloat16")
@@ -109,7 +110,7 @@ def steady_rate(reports: Path, warmup_steps: int) -> float | None:
 def run_one(n: int, args, train_params: dict, work: Path) -> dict:
     import torch
 
-    from stages import distributed
+    from wenyan import distributed
 
     method = train_params["method"]
     base = work / f"{method}-gpus-{n}"

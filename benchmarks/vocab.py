@@ -3,7 +3,7 @@ what that does to tokens per character and to the length of a formatted training
 
 Streams the NiuTrans archive (source.txt/target.txt line pairs of every chapter), normalises both sides
 as the clean stage does (clean.normalise_lines with OpenCC t2s), then with SmolLM2-135M-Instruct's
-tokenizer (stages.modeling.load_tokenizer, offline): characters seen >= min count in all pairs (both
+tokenizer (wenyan.models.load_tokenizer, offline): characters seen >= min count in all pairs (both
 sides), with and without full-width punctuation; tokens per CJK ideograph and per character before and
 after; mean tokens per example rendered with the chat template (system `你是翻译家。`, user
 "将下面的文言文翻译成现代汉语：\\n{classical}", the modern text as the reply) before and after.
@@ -27,8 +27,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from stages import clean, modeling, vocab  # noqa: E402
-from stages.common import write_json  # noqa: E402
+from wenyan import models, vocab  # noqa: E402
+from stages import clean
+from wenyan.files import write_json
 
 DEFAULT_ARCHIVE = "/work/shared/corpora/classical-modern.tar.xz"
 SYSTEM = "你是翻译家。"
@@ -97,7 +98,7 @@ def main(argv=None) -> None:
     timings["read_and_normalise_s"] = round(time.perf_counter() - start, 1)
     print(f"{len(pairs):,} pairs ({skipped} chapters skipped)", file=sys.stderr, flush=True)
 
-    tokenizer = modeling.load_tokenizer("smollm2-135m-instruct")
+    tokenizer = models.load_tokenizer("smollm2-135m-instruct")
     t = time.perf_counter()
     counts = {p: vocab.cjk_counts(texts, punctuation=p) for p in (False, True)}
     chosen = {p: vocab.choose_new_tokens(counts[p], tokenizer, args.min_count) for p in (False, True)}

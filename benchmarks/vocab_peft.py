@@ -1,8 +1,8 @@
 """Which peft option trains the added tokens' rows: trainable_token_indices or modules_to_save.
 
 On SmolLM2-135M-Instruct (CPU, fp32, tied embeddings) extended with the CJK characters seen >= 5 times in
-the built-in 史记 corpus (stages.vocab), LoRA r 16 on all linear layers plus either
-  - trainable_token_indices = the new ids (what stages.vocab.lora_vocab_kwargs returns), or
+the built-in 史记 corpus (wenyan.vocab), LoRA r 16 on all linear layers plus either
+  - trainable_token_indices = the new ids (what wenyan.vocab.lora_vocab_kwargs returns), or
   - modules_to_save = [embed_tokens, lm_head] (ensure_weight_tying, what unsloth turns on by itself):
 trainable parameters, seconds per optimizer step (batch 8 x the first 史记 examples), adapter size on disk,
 and whether the saved adapter, loaded on a fresh base resized to len(tokenizer) (as evaluate does), gives
@@ -25,9 +25,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from stages import modeling, vocab  # noqa: E402
+from wenyan import models, vocab  # noqa: E402
 from stages import train as train_stage  # noqa: E402
-from stages.common import write_json  # noqa: E402
+from wenyan.files import write_json
 
 SHIJI = REPO / "data/corpus/classical-modern/双语数据/史记"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -58,7 +58,7 @@ def measure(option: str, tokenizer, base_tokenizer, new_tokens, batch, steps: in
     from peft import LoraConfig, PeftModel, get_peft_model
 
     torch.manual_seed(0)
-    model = modeling.load_model("smollm2-135m-instruct")
+    model = models.load_model("smollm2-135m-instruct")
     ids = vocab.extend_embeddings(model, tokenizer, new_tokens, base_tokenizer)
     extra = (vocab.lora_vocab_kwargs(model, ids, "lora") if option == "trainable_token_indices"
              else {"modules_to_save": ["embed_tokens", "lm_head"], "ensure_weight_tying": True})
@@ -81,7 +81,7 @@ def measure(option: str, tokenizer, base_tokenizer, new_tokens, batch, steps: in
         kwargs = {"save_embedding_layers": False} if option == "trainable_token_indices" else {}
         model.save_pretrained(tmp, **kwargs)
         size = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
-        fresh = modeling.load_model("smollm2-135m-instruct")
+        fresh = models.load_model("smollm2-135m-instruct")
         fresh.resize_token_embeddings(len(tokenizer))  # as evaluate/export do: new rows are not the trained ones
         reloaded = PeftModel.from_pretrained(fresh, tmp).eval()
         with torch.no_grad():
@@ -93,7 +93,7 @@ def measure(option: str, tokenizer, base_tokenizer, new_tokens, batch, steps: in
 def main() -> None:
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     pairs = shiji_pairs()
-    base_tokenizer = modeling.load_tokenizer("smollm2-135m-instruct")
+    base_tokenizer = models.load_tokenizer("smollm2-135m-instruct")
     new_tokens, stats = vocab.decide("auto", base_tokenizer, [s for s, _ in pairs] + [t for _, t in pairs])
     tokenizer = copy.deepcopy(base_tokenizer)
     vocab.extend_tokenizer(tokenizer, new_tokens)

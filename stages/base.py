@@ -3,7 +3,7 @@
     python -m stages.base --out models/base        (what `dvc repro base` runs; tests add --params FILE)
 
 A GGUF model (the built-in SmolLM2 default, or a .gguf file) is dequantised into models/base/<name>/
-(config.json + weights + tokenizer; modeling.materialize): transformers refuses save_pretrained on a
+(config.json + weights + tokenizer; models.materialize): transformers refuses save_pretrained on a
 GGUF-loaded model and unsloth wants a plain directory. A model directory or a hub id is loaded where it is;
 models/base/base.json records what train.model resolved to either way. A DVC output, so DVC caches it,
 restores it with `dvc checkout`, and nothing else writes under models/base inside the pipeline.
@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stages import modeling
-from stages.common import PipelineError, get_logger, load_sections, replace_dir, run_main, write_json
+from wenyan import models
+from wenyan.errors import get_logger, PipelineError, run_main
+from wenyan.files import replace_dir, write_json
+from wenyan.params import load_sections
 
 log = get_logger("base")
 
@@ -34,7 +36,7 @@ def main(argv=None) -> None:
 
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    location = modeling.materialize(spec, cache_dir=tmp)
+    location = models.materialize(spec, cache_dir=tmp)
     plain = Path(location).parent == tmp
     write_json(tmp / "base.json", {"model": spec, "location": str(args.out / Path(location).name) if plain else location})
     replace_dir(tmp, args.out)

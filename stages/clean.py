@@ -21,7 +21,7 @@ Normalisation, in this order, on each side:
      alone: `.` is also a decimal point, and straight quotes don't say whether they open or close.
      Between Latin characters (`3:5`, `a, b`) nothing changes.
   5. OpenCC with clean.opencc (t2s by default), applied to whole blocks of lines at once for speed.
-(Steps 1-5 live in stages/text.py: evaluate and translate apply them too.)
+(Steps 1-5 live in wenyan/text.py: evaluate and translate apply them too.)
 Then a pair is dropped by the first rule it fails: empty (either side), too_short (< min_chars on a
 side), too_long (> max_chars on a side), ratio (long side / short side > max_ratio), duplicate (same
 source and target as an earlier pair, when dedupe is on).
@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import argparse
 
-from stages.text import make_converter, normalise_lines
-from stages.common import Bool, Float, Int, PipelineError, Str, atomic_outputs, check_params, get_logger, load_params, read_pairs, run_main, write_json
+from wenyan.text import make_converter, normalise_lines
+from wenyan.errors import get_logger, PipelineError, run_main
+from wenyan.files import atomic_outputs, read_pairs, write_json
+from wenyan.params import Bool, check_params, Float, Int, load_params, Str
 
 log = get_logger("clean")
 

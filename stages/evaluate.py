@@ -1,6 +1,6 @@
 """Evaluate: translate test sentences with the fine-tuned model and score them against the references.
 
-    data/format/test.jsonl + models/adapter + data/evaluate/base_outputs.jsonl (stage evaluate_base, below)
+    data/format/test.jsonl + models/adapter + data/evaluate/base_outputs.jsonl (stage evaluate_base)
       -> reports/metrics.json            BLEU (tokenize=zh) with a bootstrap 95% CI, chrF, signatures, baselines
       -> reports/evaluate/by_book.csv    BLEU/chrF per book, model and baselines
       -> reports/evaluate/by_length.csv  BLEU/chrF per source-length bucket (characters)
@@ -14,26 +14,23 @@ Run it:  dvc repro evaluate
              [--base-outputs data/evaluate/base_outputs.jsonl] [--params params.yaml]
 
 The prompt of a test row is messages[:-1] (system + user, as in training); the reference is `target`.
-Outputs get the references' treatment before scoring: stages/text.py's normalisation and the OpenCC
+Outputs get the references' treatment before scoring: wenyan/text.py's normalisation and the OpenCC
 conversion the model was trained with (its training_config.json `prompt.opencc`, recorded by train).
 
 Baselines (params evaluate.baselines) are scored on the same sentences:
   copy  the classical source unchanged (how far modern Chinese is from the classical text)
   base  the model before fine-tuning (train.model, loaded on its own), same prompts
 The base baseline's outputs depend only on the base model, the sample, the prompt and the generation
-settings, never on the fine-tuned model: they come from the stage evaluate_base (this module too), which
-DVC skips while only train.* params change, and restores from its run cache when they change back:
+settings, never on the fine-tuned model: they come from the stage evaluate_base (stages/evaluate_base.py),
+which DVC skips while only train.* params change, and restores from its run cache when they change back.
 
-    python -m stages.evaluate base --test data/format/test.jsonl --base models/base \
-        --out data/evaluate/base_outputs.jsonl
-
-Generation is stages/modeling.py's generate(): batched with left padding, greedy unless
+Generation is wenyan/generation.py's generate(): batched with left padding, greedy unless
 evaluate.num_beams > 1, stops at the end-of-turn token, each sentence cut at its own budget
-(max_new_tokens = factor x source tokens + extra); on CPU greedy decoding runs modeling.greedy_batch
-(reports/benchmarks/generation.md).
+(max_new_tokens = factor x source tokens + extra); on CPU greedy decoding runs generation.greedy_batch
+(reports/benchmarks/generation.md). Scores: wenyan/metrics.py (sacrebleu, with signatures).
 
 Several GPUs (evaluate.num_gpus > 1, both stages): the command starts itself again under torchrun, one
-process per GPU (stages/distributed.py, as train.num_gpus does); each process generates every
+process per GPU (wenyan/distributed.py, as train.num_gpus does); each process generates every
 num_gpus-th batch of the length-sorted sentences, the outputs are gathered in their original order and
 rank 0 alone scores and writes, so the reports are byte for byte those of one process
 (tests/test_evaluate_ddp.py: two gloo processes on CPU). `torchrun --nproc_per_node N -m stages.evaluate ...`
@@ -43,49 +40,21 @@ by hand works too.
 from __future__ import annotations
 
 import argparse
-import csv
-import hashlib
-import io
-import json
 import sys
 import time
 from pathlib import Path
 
-from stages import distributed, modeling, text
-from stages.common import (
-    PipelineError,
-    atomic_outputs,
-    check_output_path,
-    Float,
-    Int,
-    ListOf,
-    check_params,
-    get_logger,
-    load_params,
-    load_sections,
-    read_jsonl,
-    run_main,
-    write_json,
-    write_jsonl,
-    write_text,
-)
+from wenyan import distributed, generation, models, text
+from wenyan.errors import PipelineError, get_logger, run_main
+from wenyan.files import atomic_outputs, check_output_path, read_jsonl, write_json, write_jsonl, write_text
+from wenyan.metrics import (EVALUATE_SCHEMA, KNOWN_BASELINES, breakdown, check_test_rows, length_bucket, score,
+                            select_rows, sentence_chrf, to_csv)
+from wenyan.params import check_params, load_params
+from wenyan.prompt import end_of_turn_ids
 
 log = get_logger("evaluate")
 
-SCHEMA = {  # values and their comments: params.yaml
-    "num_samples": Int(min=0),  # 0 = all
-    "seed": Int(),
-    "batch_size": Int(min=1),
-    "num_beams": Int(min=1),
-    "max_new_tokens_factor": Float(above=0, max=100),  # more would let a sentence that never stops run for hours
-    "max_new_tokens_extra": Int(min=0),
-    "baselines": ListOf(str),  # of KNOWN_BASELINES
-    "bootstrap_resamples": Int(min=0),  # 0 or >= 2
-    "length_buckets": ListOf(int),  # increasing
-    "num_examples": Int(min=0),
-    "num_gpus": Int(above=0),  # > 1: generation sharded over that many GPUs (torchrun); metrics as with 1
-}
-KNOWN_BASELINES = ("copy", "base")
+SCHEMA = EVALUATE_SCHEMA  # values and their comments: params.yaml; evaluate_base reads some of its keys too
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,122 +76,10 @@ def check_evaluate_params(section: dict) -> dict:
     return p
 
 
-def check_rows(rows: list[dict], path) -> None:
-    """The format stage's schema: source, target, and messages ending with the assistant's reference."""
-    if not rows:
-        raise PipelineError(f"{path}: no test rows")
-    for n, row in enumerate(rows, 1):
-        missing = [k for k in ("source", "target", "messages") if k not in row]
-        if missing:
-            raise PipelineError(f"{path}: row {n} lacks {missing}")
-        messages = row["messages"]
-        if not isinstance(messages, list) or len(messages) < 2 or messages[-1].get("role") != "assistant":
-            raise PipelineError(f"{path}: row {n}: messages must end with the assistant's reply after a prompt")
-        if messages[-2].get("role") != "user":
-            raise PipelineError(f"{path}: row {n}: the turn before the reference must be the user's")
-
-
-def select_rows(rows: list[dict], num_samples: int, seed: int) -> list[dict]:
-    """A deterministic sample: the rows with the smallest hash of (seed, id), kept in file order.
-
-    Every row has the same chance whatever its book or chapter, so the sample spreads across books in
-    proportion to their size, and a row's selection does not move when other rows are added."""
-    if num_samples == 0 or num_samples >= len(rows):
-        return list(rows)
-
-    def key(item):
-        index, row = item
-        return hashlib.sha1(f"{seed}:{row.get('id', index)}".encode()).hexdigest()
-
-    chosen = sorted(sorted(enumerate(rows), key=key)[:num_samples], key=lambda item: item[0])
-    return [row for _, row in chosen]
-
-
 def postprocess(texts: list[str], opencc_config: str | None) -> list[str]:
     """What the references went through in the clean stage: its normalisation (NFC, control characters,
     whitespace, full-width punctuation) and OpenCC conversion with the model's recorded config ('none' = none)."""
     return text.normalise_lines(list(texts), text.make_converter(opencc_config))
-
-
-# ----------------------------------------------------------------------------------------------
-# Several GPUs (evaluate.num_gpus): the same command under torchrun, one process per GPU; each generates its
-# shard (modeling.generate's `shard`: whole batches of the length-sorted sentences, dealt out in turn), the
-# outputs are gathered in their original order (distributed.gather_shards) and rank 0 alone scores and writes,
-# so the reports are those of one process.
-
-
-def relaunched(num_gpus: int, argv: list[str]) -> bool:
-    """evaluate.num_gpus > 1 in a plain process: run this same command under torchrun (True: it is done).
-    Under torchrun (launched so, or by hand): join the process group and go on with whatever world size."""
-    if num_gpus > 1 and distributed.world()[2] == 1:
-        distributed.launch("stages.evaluate", "evaluate.num_gpus", num_gpus, argv)
-        return True
-    import torch
-
-    distributed.init_distributed(torch.cuda.is_available(), quiet=[log, modeling.log])
-    return False
-
-
-def generate_sharded(model, tokenizer, prompts, sources, **gen) -> tuple[list[str], list[bool]]:
-    """modeling.generate over all processes: this one's shard, then everyone's outputs in prompt order."""
-    rank, _, processes = distributed.world()
-    raw, hit = modeling.generate(model, tokenizer, prompts, sources, shard=(rank, processes), **gen)
-    raw, hit = distributed.gather_shards(raw, hit)
-    distributed.finish()  # what follows is rank 0's alone
-    return raw, hit
-
-
-# ----------------------------------------------------------------------------------------------
-# The base baseline (stage evaluate_base): its outputs depend on the base model, the test sample, the prompt
-# and the generation settings, never on the fine-tuned model, so they are a stage of their own that DVC
-# skips (or restores from its run cache) while only train.* params change.
-
-BASE_KEYS = ("num_samples", "seed", "num_beams", "max_new_tokens_factor", "max_new_tokens_extra", "baselines", "batch_size",
-             "num_gpus")
-
-
-def base_tokenizer(model: str, chat_template: str | None):
-    """The tokenizer train's hf path builds (the model's own, or train.chat_template), left padding."""
-    tokenizer = modeling.load_tokenizer(model, chat_template)
-    tokenizer.padding_side = "left"
-    return tokenizer
-
-
-def base_main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="evaluate_base: the base model's outputs on the evaluated sample")
-    parser.add_argument("--test", required=True, type=Path, help="data/format/test.jsonl")
-    parser.add_argument("--base", required=True, type=Path, help="models/base (written by the base stage)")
-    parser.add_argument("--out", required=True, type=Path, help="data/evaluate/base_outputs.jsonl")
-    parser.add_argument("--params", type=Path, default=None, help="read params.yaml directly instead of through DVC")
-    args = parser.parse_args(argv)
-    check_output_path(args.out)  # before the model runs, not after
-    names = [f"evaluate.{k}" for k in BASE_KEYS] + ["train.model", "train.chat_template", "train.backend"]
-    params = load_sections("evaluate_base", names, args.params)
-    p = check_params({k: params["evaluate"][k] for k in BASE_KEYS}, {k: SCHEMA[k] for k in BASE_KEYS}, "evaluate")
-    train = params["train"]
-    if "base" in p["baselines"] and relaunched(p["num_gpus"], ["base", *(sys.argv[2:] if argv is None else argv)]):
-        return
-    if not (args.base / "base.json").is_file():
-        raise PipelineError(f"{args.base}/base.json: not found; run the base stage first (dvc repro base)")
-    rows = select_rows(read_jsonl(args.test), p["num_samples"], p["seed"]) if "base" in p["baselines"] else []
-    check_rows(rows or [{"source": "", "target": "", "messages": [{"role": "user"}, {"role": "assistant"}]}], args.test)
-    out_rows = []
-    if rows:
-        backend = modeling.pick_backend("auto" if train["backend"] != "hf" else "hf")
-        tokenizer = base_tokenizer(train["model"], train["chat_template"])
-        model = modeling.load_base({"model": train["model"]}, tokenizer, backend)
-        started = time.perf_counter()
-        raw, hit = generate_sharded(
-            model, tokenizer, [r["messages"][:-1] for r in rows], [r["source"] for r in rows], desc="base",
-            batch_size=p["batch_size"], num_beams=p["num_beams"], factor=p["max_new_tokens_factor"],
-            extra=p["max_new_tokens_extra"], eos_token_ids=modeling.end_of_turn_ids(tokenizer),
-        )
-        log.info("base: %d sentences in %.0f s", len(rows), time.perf_counter() - started)
-        out_rows = [{"id": r.get("id"), "output": text_, "hit_limit": h} for r, text_, h in zip(rows, raw, hit)]
-    if not distributed.is_main():
-        return
-    write_jsonl(args.out, out_rows)  # raw outputs: evaluate gives them the references' normalisation
-    log.info("wrote %d base outputs to %s", len(out_rows), args.out)
 
 
 def read_base_outputs(path: Path, rows: list[dict]) -> tuple[list[str], list[bool]]:
@@ -233,71 +90,6 @@ def read_base_outputs(path: Path, rows: list[dict]) -> tuple[list[str], list[boo
         raise PipelineError(f"{path}: no base output for {len(missing)} evaluated sentence(s) (e.g. {missing[0]}); "
                             f"rerun the evaluate_base stage (dvc repro evaluate_base)")
     return [by_id[r["id"]]["output"] for r in rows], [by_id[r["id"]]["hit_limit"] for r in rows]
-
-
-# ----------------------------------------------------------------------------------------------
-# Scores
-
-
-def score(hypotheses: list[str], references: list[str], n_bootstrap: int = 0) -> dict:
-    """Corpus BLEU (tokenize='zh') and chrF, rounded as sacrebleu prints them, with signatures; with
-    n_bootstrap >= 2 also BLEU's 95% CI (sacrebleu's bootstrap: mean +- half the 2.5-97.5 percentile
-    range of the resampled scores)."""
-    from sacrebleu.metrics import BLEU, CHRF
-
-    bleu, chrf = BLEU(tokenize="zh"), CHRF()
-    refs = [list(references)]
-    b = bleu.corpus_score(list(hypotheses), refs, n_bootstrap=max(n_bootstrap, 1))
-    c = chrf.corpus_score(list(hypotheses), refs)
-    result = {"bleu": round(b.score, 2), "chrf": round(c.score, 2)}
-    if n_bootstrap >= 2:
-        result["bleu_ci95"] = {"low": round(b._mean - b._ci, 2), "high": round(b._mean + b._ci, 2)}
-    result["bleu_signature"] = str(bleu.get_signature())
-    result["chrf_signature"] = str(chrf.get_signature())
-    return result
-
-
-def sentence_chrf(hypotheses: list[str], references: list[str]) -> list[float]:
-    from sacrebleu import sentence_chrf as chrf
-
-    return [round(chrf(h, [r]).score, 2) for h, r in zip(hypotheses, references)]
-
-
-def length_bucket(n_chars: int, bounds: list[int]) -> str:
-    """'1-10', '11-20', '21-40', '41+' for bounds [10, 20, 40]."""
-    low = 1
-    for high in bounds:
-        if n_chars <= high:
-            return f"{low}-{high}"
-        low = high + 1
-    return f"{low}+"
-
-
-def breakdown(groups: list[str], references: list[str], systems: dict[str, list[str]], order: list[str] | None = None):
-    """One row per group: n, bleu, chrf of the model, then <baseline>_bleu, <baseline>_chrf."""
-    rows = []
-    for group in order or sorted(set(groups)):
-        idx = [i for i, g in enumerate(groups) if g == group]
-        if not idx:
-            continue
-        row = {"n": len(idx)}
-        for name, hyps in systems.items():
-            s = score([hyps[i] for i in idx], [references[i] for i in idx])
-            prefix = "" if name == "model" else f"{name}_"
-            row[f"{prefix}bleu"], row[f"{prefix}chrf"] = s["bleu"], s["chrf"]
-        rows.append((group, row))
-    return rows
-
-
-def to_csv(key: str, rows) -> str:
-    buf = io.StringIO()
-    writer = None
-    for group, row in rows:
-        if writer is None:
-            writer = csv.DictWriter(buf, fieldnames=[key, *row], lineterminator="\n")
-            writer.writeheader()
-        writer.writerow({key: group, **row})
-    return buf.getvalue()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,8 +137,6 @@ def render_samples(rows: list[dict], systems: dict[str, list[str]], chrf: dict[s
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["base"]:  # python -m stages.evaluate base ...: the evaluate_base stage
-        return base_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--test", required=True, type=Path, help="data/format/test.jsonl")
     parser.add_argument("--model", required=True, type=Path, help="models/adapter (written by the train stage)")
@@ -361,14 +151,15 @@ def main(argv=None) -> None:
         check_output_path(path, directory=directory)  # before the model runs, not after
 
     p = check_evaluate_params(load_params("evaluate", args.params))
-    if relaunched(p["num_gpus"], argv):
+    if distributed.relaunched("stages.evaluate", "evaluate.num_gpus", p["num_gpus"], argv,
+                              quiet=[log, models.log, generation.log]):
         return
     all_rows = read_jsonl(args.test)
-    check_rows(all_rows, args.test)
+    check_test_rows(all_rows, args.test)
     rows = select_rows(all_rows, p["num_samples"], p["seed"])
     books = sorted({str(r.get("book", "")) for r in rows})
     log.info("scoring %d of %d test sentences (%d books)", len(rows), len(all_rows), len(books))
-    trained = modeling.load_trained(args.model, model=False)  # config, prompt, tokenizer: cheap checks first
+    trained = models.load_trained(args.model, model=False)  # config, prompt, tokenizer: cheap checks first
     cfg, tokenizer, backend = trained.config, trained.tokenizer, trained.backend
     opencc = trained.prompt["opencc"]  # the references' OpenCC conversion, as recorded by train
     text.make_converter(opencc)  # an unknown config fails now, not after generating
@@ -379,7 +170,7 @@ def main(argv=None) -> None:
     systems: dict[str, list[str]] = {}
     limits: dict[str, int] = {}
     gen = dict(batch_size=p["batch_size"], num_beams=p["num_beams"], factor=p["max_new_tokens_factor"],
-               extra=p["max_new_tokens_extra"], eos_token_ids=modeling.end_of_turn_ids(tokenizer))
+               extra=p["max_new_tokens_extra"], eos_token_ids=end_of_turn_ids(tokenizer))
 
     base_raw = base_hit = None
     if "base" in p["baselines"]:  # generated by the evaluate_base stage, on the same sample
@@ -387,11 +178,11 @@ def main(argv=None) -> None:
             raise PipelineError("evaluate.baselines has base: pass --base-outputs (the evaluate_base stage's file)")
         base_raw, base_hit = read_base_outputs(args.base_outputs, rows)
 
-    model = modeling.load_trained_model(trained)
+    model = models.load_trained_model(trained)
     log.info("model: %s (%s on %s, backend %s)", args.model, "LoRA adapter" if trained.is_adapter else "full model",
              cfg["model"], backend)
     started = time.perf_counter()
-    raw, hit = generate_sharded(model, tokenizer, prompts, sources, desc="fine-tuned", **gen)
+    raw, hit = generation.generate_sharded(model, tokenizer, prompts, sources, desc="fine-tuned", **gen)
     if not distributed.is_main():
         return
     log.info("fine-tuned: %d sentences in %.0f s", len(rows), time.perf_counter() - started)

@@ -21,7 +21,7 @@ The merge runs on CPU in fp32 (peft merge_and_unload), then checks that the merg
 base + adapter on a test prompt before casting to 16 bits: a merge that changed the model fails the stage.
 A fully fine-tuned model (config.json instead of adapter_config.json) is only cast and saved. The output
 loads with plain transformers (AutoModelForCausalLM / AutoTokenizer), generation stopping at the end of
-turn. GGUF needs the gguf extra (stages/gguf.py's docstring: pip install -e '.[gguf]', python -m stages.gguf
+turn. GGUF needs the gguf extra (wenyan/gguf.py's docstring: pip install -e '.[gguf]', python -m tools.gguf
 setup); without it the stage fails saying so, unless export.gguf is false. The GGUF check greedily translates
 the first export.check_samples test sentences (their prompts as evaluate builds them) with transformers
 (the exported weights, computed in fp32, batched as translate does) and with llama.cpp (each GGUF, one
@@ -39,11 +39,12 @@ import shutil
 import time
 from pathlib import Path
 
-from stages.common import (
-    Bool, Int, Param, PipelineError, Str, atomic_outputs, check_output_path, check_params, get_logger, load_params,
-    read_jsonl, replace_dir, run_main, write_json,
-)
-from stages import gguf, modeling
+from wenyan.errors import get_logger, PipelineError, run_main
+from wenyan.metrics import bleu
+from wenyan.files import atomic_outputs, check_output_path, read_jsonl, replace_dir, write_json
+from wenyan.params import Bool, check_params, Int, load_params, Param, Str
+from wenyan import generation, gguf, models
+from wenyan.prompt import prompt_ids
 
 log = get_logger("export")
 
@@ -59,7 +60,7 @@ SCHEMA = {  # values and their comments: params.yaml
 }
 CHECK_TEXT = "学而时习之，不亦说乎？"
 CHECK_BATCH_SIZE = 16  # transformers' side of the GGUF check, as translate batches
-CHECK_FACTOR, CHECK_EXTRA = 2.0, 16  # token budget of each check sentence (modeling.generate's defaults)
+CHECK_FACTOR, CHECK_EXTRA = 2.0, 16  # token budget of each check sentence (generation.generate's defaults)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,7 +92,7 @@ def check_input_ids(tokenizer):
     """A short chat prompt, tokenized as generation sees it, for the merge check."""
     import torch
 
-    ids = modeling.prompt_ids(tokenizer, [[{"role": "user", "content": CHECK_TEXT}]])[0]
+    ids = prompt_ids(tokenizer, [[{"role": "user", "content": CHECK_TEXT}]])[0]
     return torch.tensor([ids + tokenizer(CHECK_TEXT, add_special_tokens=False).input_ids])
 
 
@@ -137,7 +138,7 @@ def save_hf(model, tokenizer, cfg: dict, dtype_name: str, model_dir: Path, out: 
 
 
 # ----------------------------------------------------------------------------------------------
-# GGUF: llama.cpp's converter and quantizer (stages/gguf.py), checked against transformers
+# GGUF: llama.cpp's converter and quantizer (wenyan/gguf.py), checked against transformers
 
 
 def export_gguf(hf_dir: Path, out: Path, p: dict, tokenizer, cfg: dict) -> list[dict]:
@@ -168,13 +169,6 @@ def check_rows(test: Path, n: int) -> list[dict]:
     return rows
 
 
-def bleu(hypotheses: list[str], references: list[str]) -> tuple[float, str]:
-    from sacrebleu.metrics import BLEU
-
-    metric = BLEU(tokenize="zh")
-    return round(metric.corpus_score(hypotheses, [references]).score, 2), str(metric.get_signature())
-
-
 def check_gguf(model, tokenizer, out: Path, files: list[dict], rows: list[dict]) -> dict:
     """Greedy translations of the rows with transformers (model, fp32) and with each GGUF on llama.cpp: per file
     identical_fraction (same text as transformers), BLEU and its change, sentences/s of each engine."""
@@ -184,7 +178,7 @@ def check_gguf(model, tokenizer, out: Path, files: list[dict], rows: list[dict])
     prompts, sources = [r["messages"][:-1] for r in rows], [r["source"] for r in rows]
     references = [r["target"] for r in rows]
     started = time.monotonic()
-    reference, _ = modeling.generate(model, tokenizer, prompts, sources, batch_size=CHECK_BATCH_SIZE, factor=CHECK_FACTOR,
+    reference, _ = generation.generate(model, tokenizer, prompts, sources, batch_size=CHECK_BATCH_SIZE, factor=CHECK_FACTOR,
                                      extra=CHECK_EXTRA, desc="transformers")
     hf_seconds = time.monotonic() - started
     hf_bleu, signature = bleu(reference, references)
@@ -227,7 +221,7 @@ def main(argv=None) -> None:
     check_output_path(args.report)
 
     p = check_export_params(load_params("export", args.params, dvc_stage=PIPELINE_STAGE))
-    trained = modeling.load_trained(args.model, model=False, backend="hf")  # before anything heavy: clear errors
+    trained = models.load_trained(args.model, model=False, backend="hf")  # before anything heavy: clear errors
     cfg, tokenizer, is_adapter = trained.config, trained.tokenizer, trained.is_adapter
     rows = []
     if p["gguf"]:
@@ -241,7 +235,7 @@ def main(argv=None) -> None:
 
     import torch
 
-    model = modeling.load_trained_model(trained, device="cpu", dtype=torch.float32, merge=False)
+    model = models.load_trained_model(trained, device="cpu", dtype=torch.float32, merge=False)
     log.info("%s: %s on %s; merging and saving as %s", args.model, "LoRA adapter" if is_adapter else "full model", cfg["model"], p["dtype"])
     model, check = merge(model, is_adapter, tokenizer)
     if is_adapter:

@@ -22,12 +22,14 @@ import argparse
 import collections
 from pathlib import Path
 
-from stages.modeling import PROMPT_SCHEMA, build_messages, check_templates
-from stages.common import PipelineError, atomic_outputs, check_params, get_logger, load_params, read_pairs, run_main, write_json, write_jsonl
+from wenyan.prompt import build_messages, check_templates, PROMPT_SCHEMA
+from wenyan.errors import get_logger, PipelineError, run_main
+from wenyan.files import atomic_outputs, read_pairs, write_json, write_jsonl
+from wenyan.params import check_params, load_params
 
 log = get_logger("format")
 
-SCHEMA = PROMPT_SCHEMA  # modeling's: train records these values with the model
+SCHEMA = PROMPT_SCHEMA  # wenyan.prompt's: train records these values with the model
 SPLITS = ("train", "valid", "test")
 
 

@@ -52,7 +52,9 @@ import zlib
 from pathlib import Path
 from typing import NamedTuple
 
-from stages.common import ListOf, PipelineError, Str, atomic_outputs, check_entry, check_params, get_logger, load_params, run_main, write_json
+from wenyan.errors import get_logger, PipelineError, run_main
+from wenyan.files import atomic_outputs, write_json
+from wenyan.params import check_entry, check_params, ListOf, load_params, Str
 
 log = get_logger("ingest")
 

@@ -24,7 +24,9 @@ import hashlib
 import re
 from pathlib import Path
 
-from stages.common import Float, Int, ListOf, PipelineError, atomic_outputs, check_params, get_logger, load_params, read_pairs, run_main, write_json
+from wenyan.errors import get_logger, PipelineError, run_main
+from wenyan.files import atomic_outputs, read_pairs, write_json
+from wenyan.params import check_params, Float, Int, ListOf, load_params
 
 log = get_logger("split")
 

@@ -6,7 +6,7 @@
 Inputs:  data/format/{train,valid}.jsonl, rows {"id", "book", ..., "messages": [system?, user, assistant]}.
 Outputs: models/adapter       the LoRA adapter (or, for method full, the whole model) + tokenizer with its chat
                               template + training_config.json (the resolved config, train.model included, so
-                              evaluate loads the same base: modeling.load_model(cfg["model"]) + PeftModel).
+                              evaluate loads the same base: models.load_model(cfg["model"]) + PeftModel).
          models/checkpoints   Trainer checkpoints; train.resume continues from the last one, a fresh run clears them.
          reports/train        dvclive plots (loss, eval loss, learning rate, tokens/s by step) and summary.json.
 
@@ -30,7 +30,7 @@ docs describe: one model per process on cuda:LOCAL_RANK). The batch stays global
 batch_size are what one optimizer step sees over all GPUs, split evenly, so num_gpus changes the speed,
 not the run. Only rank 0 writes reports/, the adapter and checkpoints' bookkeeping. Launched by hand
 (`torchrun --nproc_per_node N -m stages.train ...`) the stage uses whatever world size torchrun gives it.
-The launch helpers live in stages/distributed.py (evaluate shards its generation with them).
+The launch helpers live in wenyan/distributed.py (evaluate shards its generation with them).
 
 A model too big for one GPU with its batch (train.fsdp: true, with num_gpus > 1, hf backend, method full or
 lora): the same processes shard its weights, gradients and optimizer state (FSDP2 through the Trainer's
@@ -51,11 +51,13 @@ import sys
 import time
 from pathlib import Path
 
-from stages import distributed, modeling, vocab
-from stages.distributed import barrier, pin_one_gpu, summed, world
-from stages.common import (
-    Bool, Float, Int, ListOf, OneOf, Param, PipelineError, Str, check_output_path, check_params, get_logger, load_sections, read_jsonl, replace_dir, run_main, write_json,
-)
+from wenyan import distributed, generation, models, vocab
+from wenyan.prompt import (CHAT_TEMPLATES, PROMPT_SCHEMA, apply_chat_template_override, check_templates, encode_messages,
+                           end_of_turn_id, end_of_turn_token, fix_special_tokens)
+from wenyan.distributed import barrier, pin_one_gpu, summed, world
+from wenyan.errors import get_logger, PipelineError, run_main
+from wenyan.files import check_output_path, read_jsonl, replace_dir, write_json
+from wenyan.params import Bool, check_params, Float, Int, ListOf, load_sections, OneOf, Param, Str
 
 log = get_logger("train")
 
@@ -65,9 +67,9 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 LORA_BIASES = ("none", "all", "lora_only")
 FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn2", "kernels-community/flash-attn3")
 SCHEMA = {  # values and their comments: params.yaml's train: section
-    "model": Str(),  # built-in name, hub id, directory or .gguf: modeling.resolve_model
+    "model": Str(),  # built-in name, hub id, directory or .gguf: models.resolve_model
     "backend": Str(*BACKENDS),
-    "chat_template": Str(null=True),  # null or a name in modeling.CHAT_TEMPLATES
+    "chat_template": Str(null=True),  # null or a name in CHAT_TEMPLATES
     "max_seq_length": Int(above=0),
     "max_train_samples": Int(min=0),
     "load_in_4bit": Bool(),
@@ -118,9 +120,9 @@ def resolve_config(section: dict) -> dict:
     """Validate train: params (unknown keys, types, values, model path) before anything heavy runs."""
     cfg = check_params(section, SCHEMA, "train")
     name = cfg["chat_template"]
-    if name is not None and name not in modeling.CHAT_TEMPLATES:
+    if name is not None and name not in CHAT_TEMPLATES:
         raise PipelineError(
-            f"train.chat_template '{name}' is unknown; choose one of: {', '.join(modeling.CHAT_TEMPLATES)} (or null)"
+            f"train.chat_template '{name}' is unknown; choose one of: {', '.join(CHAT_TEMPLATES)} (or null)"
         )
     modules = cfg["target_modules"]
     if not modules or not all(m.strip() for m in modules) or len(set(modules)) != len(modules):
@@ -135,17 +137,17 @@ def resolve_config(section: dict) -> dict:
     if cfg["resume"] and cfg["save_steps"] == 0:
         raise PipelineError("train.resume needs checkpoints: set train.save_steps > 0")
     check_fsdp(cfg)
-    modeling.resolve_model(cfg["model"])  # a missing file or directory fails here, before any loading
+    models.resolve_model(cfg["model"])  # a missing file or directory fails here, before any loading
     return cfg
 
 
 def resolve_prompt(fmt: dict, opencc) -> dict:
     """The prompt this model is trained with, recorded in training_config.json so that evaluate, translate and
     export read it from the model, never from a params.yaml edited since: params format: and clean.opencc."""
-    from stages import text
+    from wenyan import text
 
-    fmt = check_params(fmt, modeling.PROMPT_SCHEMA, "format")
-    modeling.check_templates(fmt)
+    fmt = check_params(fmt, PROMPT_SCHEMA, "format")
+    check_templates(fmt)
     text.make_converter(opencc)  # an unknown OpenCC config fails before training, not in evaluate
     return {"format": fmt, "opencc": opencc}
 
@@ -169,11 +171,11 @@ LORA_LAYERS = ("Linear", "Embedding", "Conv1d", "Conv2d", "Conv1D")  # module cl
 
 def model_modules(spec: str) -> dict[str, str]:
     """{module name: class name} of train.model, built from its config alone on the meta device (no weights are
-    read: instant). A GGUF is dequantised first (modeling.materialize, cached), as loading it would."""
+    read: instant). A GGUF is dequantised first (models.materialize, cached), as loading it would."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    location = modeling.materialize(spec)
+    location = models.materialize(spec)
     try:
         config = AutoConfig.from_pretrained(location)
     except (OSError, ValueError) as exc:
@@ -301,12 +303,12 @@ def check_messages(messages, where: str) -> None:
 
 
 def tokenize_conversations(tokenizer, conversations: list[list[dict]], eot_id: int, names: list[str] | None = None):
-    """Tokenize whole conversations (modeling.encode_messages: the prompt exactly as at inference); return
+    """Tokenize whole conversations (encode_messages: the prompt exactly as at inference); return
     [(input_ids, completion_mask, retokenized)], the mask 1 on exactly the last assistant reply plus its
     end-of-turn token, 0 on the prompt and on anything the template adds after the end-of-turn token."""
     names = names or [f"conversation {i}" for i in range(len(conversations))]
     out = []
-    for name, (prompt, reply, retokenized) in zip(names, modeling.encode_messages(tokenizer, conversations, names)):
+    for name, (prompt, reply, retokenized) in zip(names, encode_messages(tokenizer, conversations, names)):
         if eot_id not in reply:
             raise PipelineError(
                 f"{name}: the chat template puts no end-of-turn token ({tokenizer.convert_ids_to_tokens(eot_id)}) "
@@ -355,7 +357,7 @@ def build_examples(tokenizer, rows: list[dict], max_seq_length: int, source: str
     no completion token after truncation is dropped (and counted), never kept with no loss."""
     for i, row in enumerate(rows):
         check_messages(row.get("messages"), f"{source}:{i + 1} (id {row.get('id', '?')})")
-    eot_id = modeling.end_of_turn_id(tokenizer)
+    eot_id = end_of_turn_id(tokenizer)
     names = [f"{source} id {row.get('id', i)}" for i, row in enumerate(rows)]
     tokenized = tokenize_in_parallel(tokenizer, [row["messages"] for row in rows], eot_id, names)
     examples, dropped, truncated = [], 0, 0
@@ -445,7 +447,7 @@ def load_unsloth(cfg: dict, dtype, texts: list[str]):
     if world()[2] > 1:  # DDP: each process loads its copy onto its own GPU
         extra["device_map"] = {"": world()[1]}
     model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=modeling.materialize(cfg["model"]),
+        model_name=models.materialize(cfg["model"]),
         max_seq_length=cfg["max_seq_length"],
         dtype=dtype,
         load_in_4bit=cfg["load_in_4bit"],
@@ -459,9 +461,9 @@ def load_unsloth(cfg: dict, dtype, texts: list[str]):
 
         tokenizer = get_chat_template(tokenizer, chat_template=cfg["chat_template"])
     elif not tokenizer.chat_template:
-        modeling.apply_chat_template_override(tokenizer, None)  # raises: no template and none named
+        apply_chat_template_override(tokenizer, None)  # raises: no template and none named
     if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
-        modeling._fix_special_tokens(tokenizer)
+        fix_special_tokens(tokenizer)
     new_ids, vocab_stats = extend_vocabulary(cfg, model, tokenizer, texts, "unsloth")
     if cfg["method"] != "full":
         model = FastLanguageModel.get_peft_model(
@@ -476,10 +478,10 @@ def load_hf(cfg: dict, dtype, on_gpu: bool, texts: list[str]):
     extended from `texts` (train.extend_vocab) before LoRA wraps the model."""
     import torch
 
-    tokenizer = modeling.load_tokenizer(cfg["model"])  # the model's own template, eos = end of turn, a pad token
+    tokenizer = models.load_tokenizer(cfg["model"])  # the model's own template, eos = end of turn, a pad token
     vocab_before = len(tokenizer)
     if cfg["chat_template"]:
-        modeling.apply_chat_template_override(tokenizer, cfg["chat_template"])
+        apply_chat_template_override(tokenizer, cfg["chat_template"])
     added = sorted(i for i in tokenizer.get_vocab().values() if i >= vocab_before)
     gc = cfg["gradient_checkpointing"]
     gc = False if gc == "auto" else bool(gc)  # "unsloth" means plain checkpointing here
@@ -493,14 +495,14 @@ def load_hf(cfg: dict, dtype, on_gpu: bool, texts: list[str]):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
         )
         model = AutoModelForCausalLM.from_pretrained(
-            modeling.materialize(cfg["model"]), quantization_config=quant, dtype=dtype,
+            models.materialize(cfg["model"]), quantization_config=quant, dtype=dtype,
             device_map={"": world()[1]},
         )
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc)
     else:
         # full fine-tuning keeps fp32 master weights (bf16/fp16 autocast); LoRA freezes a half-precision base
         load_dtype = torch.float32 if cfg["method"] == "full" else dtype
-        model = modeling.load_model(cfg["model"], dtype=load_dtype, device="cuda" if on_gpu else "cpu")
+        model = models.load_model(cfg["model"], dtype=load_dtype, device="cuda" if on_gpu else "cpu")
     if added:
         log.info("chat template %s added %d token(s): resizing the embeddings", cfg["chat_template"], len(added))
         model.resize_token_embeddings(len(tokenizer))
@@ -521,7 +523,7 @@ def load_hf(cfg: dict, dtype, on_gpu: bool, texts: list[str]):
 
 
 def extend_vocabulary(cfg: dict, model, tokenizer, texts: list[str], backend: str) -> tuple[list[int], dict]:
-    """train.extend_vocab: the training texts' frequent CJK characters become whole tokens (stages/vocab.py),
+    """train.extend_vocab: the training texts' frequent CJK characters become whole tokens (wenyan/vocab.py),
     each new embedding row the mean of its byte pieces; (new ids, stats for training_config and the summary).
     The extended tokenizer is saved with the model, so evaluate, translate and export load exactly it."""
     new_tokens, stats = vocab.decide(cfg["extend_vocab"], tokenizer, texts)
@@ -892,8 +894,8 @@ def resolved_config(cfg: dict, prompt: dict, backend: str, dtype, plan: dict, lo
         **cfg, "backend": backend, "dtype": str(dtype).replace("torch.", ""), "optim": plan["optim"],
         "padding_free": plan["padding_free"], "gradient_checkpointing": loaded["gradient_checkpointing"],
         "rows_per_batch": plan["rows"] * plan["processes"], "processes": plan["processes"],
-        "base_model_path": modeling.materialize(cfg["model"]), "vocab_size": len(tokenizer),
-        "added_tokens": loaded["added_tokens"], "end_of_turn_token": modeling.end_of_turn_token(tokenizer),
+        "base_model_path": models.materialize(cfg["model"]), "vocab_size": len(tokenizer),
+        "added_tokens": loaded["added_tokens"], "end_of_turn_token": end_of_turn_token(tokenizer),
         "extend_vocab": loaded["vocab"],  # what train.extend_vocab decided: tokens added, tokens per character
         "saved": "model" if cfg["method"] == "full" else "adapter",
         "prompt": prompt,  # what evaluate, translate and export build their prompts from
@@ -954,7 +956,7 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
     saved with the model. `callbacks`: extra TrainerCallbacks (tests use one to kill a run half-way)."""
     start = time.perf_counter()
     out, checkpoints, reports = Path(out), Path(checkpoints), Path(reports)
-    backend = modeling.pick_backend("hf" if cfg["fsdp"] else cfg["backend"])  # imports unsloth (if used) first
+    backend = generation.pick_backend("hf" if cfg["fsdp"] else cfg["backend"])  # imports unsloth (if used) first
     check_trainer_names(cfg)
     check_target_modules(cfg, model_modules(cfg["model"]))  # from the config alone, before data and weights
     import torch
@@ -1067,7 +1069,7 @@ def main(argv=None) -> None:
     prompt = resolve_prompt(params["format"], params["clean"]["opencc"])
     if cfg["num_gpus"] > 1 and world()[2] == 1:  # relaunch under torchrun, one process per GPU
         distributed.check_gpus("train.num_gpus", cfg["num_gpus"])
-        modeling.materialize(cfg["model"])  # a GGUF is dequantised once here, not by every process at once
+        models.materialize(cfg["model"])  # a GGUF is dequantised once here, not by every process at once
         distributed.launch("stages.train", "train.num_gpus", cfg["num_gpus"], sys.argv[1:] if argv is None else list(argv))
         return
     if cfg["num_gpus"] == 1:

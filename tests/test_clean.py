@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from stages import clean
-from stages.text import make_converter, normalise_lines, normalise_text
-from stages.common import PipelineError
+from wenyan.text import make_converter, normalise_lines, normalise_text
+from wenyan.errors import PipelineError
 
 
 @pytest.mark.parametrize(

@@ -19,9 +19,11 @@ pytestmark = pytest.mark.bad_input
 
 
 def run_cli(stage, *args):
-    """The last stderr line of a failing `python -m stages.<stage>`, checked to be the only `error:` line."""
+    """The last stderr line of a failing `python -m stages.<stage>` (or tools.<command>), checked to be the only
+    `error:` line."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", f"stages.{stage}", *map(str, args)], cwd=REPO, env=env,
+    package = "tools" if (REPO / "tools" / f"{stage}.py").is_file() else "stages"
+    proc = subprocess.run([sys.executable, "-m", f"{package}.{stage}", *map(str, args)], cwd=REPO, env=env,
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""Bad paths given to the model-half commands (evaluate, evaluate base, export, train, review) and profiles:
+"""Bad paths given to the model-half commands (evaluate, evaluate_base, export, train, review) and profiles:
 an output that is a directory (or a file where a directory goes), below a regular file, a device or a place
 that cannot be written; an input JSONL that is a directory or a FIFO. Each is one `error:` line, found at
 the start (before any model: --model does not even exist here), nothing written. translate: test_translate_io.py."""
@@ -11,8 +11,9 @@ import stat
 import pytest
 from test_cli_errors import jsonl_row, params_file, run_cli
 
-from stages.common import PipelineError, atomic_outputs
-from stages.profile import read_profile
+from wenyan.errors import PipelineError
+from wenyan.files import atomic_outputs
+from tools.profile import read_profile
 
 pytestmark = pytest.mark.bad_input
 
@@ -64,7 +65,7 @@ def test_cli_evaluate_bad_paths(tmp_path, test_jsonl, case):
 
 
 def test_cli_evaluate_base_output_is_a_directory(tmp_path, test_jsonl):
-    error = run_cli("evaluate", "base", "--test", test_jsonl, "--base", tmp_path / "no-base", "--out", tmp_path,
+    error = run_cli("evaluate_base", "--test", test_jsonl, "--base", tmp_path / "no-base", "--out", tmp_path,
                     "--params", params_file(tmp_path))
     assert error.startswith(f"error: {tmp_path}: is a directory, but this output is a file")
 

@@ -15,11 +15,15 @@ import pytest
 import torch
 import yaml
 
-from stages import evaluate, modeling
+from wenyan import generation, models
+from wenyan.prompt import end_of_turn_ids, prompt_ids, token_budgets
+from stages import evaluate, evaluate_base
+from wenyan import metrics
 from conftest import BASE_PARAMS, shipped
 from tiny import char_tokenizer, tiny_llama
-from stages.common import PipelineError, write_jsonl
-from stages.modeling import CHAT_TEMPLATES
+from wenyan.errors import PipelineError
+from wenyan.files import write_jsonl
+from wenyan.prompt import CHAT_TEMPLATES
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEM = "你是一位精通古汉语的翻译家。"
@@ -122,8 +126,8 @@ def run_base(test: Path, out: Path, params: Path, base_dir: Path) -> Path:
 
     base.main(["--out", str(out / "models-base"), "--params", str(params)])
     base_outputs = out / "base_outputs.jsonl"
-    evaluate.main(["base", "--test", str(test), "--base", str(out / "models-base"), "--out", str(base_outputs),
-                   "--params", str(params)])
+    evaluate_base.main(["--test", str(test), "--base", str(out / "models-base"), "--out", str(base_outputs),
+                        "--params", str(params)])
     return base_outputs
 
 
@@ -164,8 +168,8 @@ def test_batched_generation_with_left_padding_matches_one_at_a_time(tiny):
     rows = make_rows()
     prompts, sources = [r["messages"][:-1] for r in rows], [r["source"] for r in rows]
     kwargs = dict(factor=1.0, extra=6)
-    batched, hit_b = modeling.generate(tiny["base"], tiny["tokenizer"], prompts, sources, batch_size=16, **kwargs)
-    single, hit_s = modeling.generate(tiny["base"], tiny["tokenizer"], prompts, sources, batch_size=1, **kwargs)
+    batched, hit_b = generation.generate(tiny["base"], tiny["tokenizer"], prompts, sources, batch_size=16, **kwargs)
+    single, hit_s = generation.generate(tiny["base"], tiny["tokenizer"], prompts, sources, batch_size=1, **kwargs)
     assert len({len(s) for s in sources}) > 5  # the batch really mixes lengths
     assert batched == single and hit_b == hit_s
     assert all(batched)
@@ -196,17 +200,17 @@ def test_own_greedy_loop_matches_transformers_generate_one_sentence_at_a_time(ti
         model.lm_head.weight[eot] *= 2.0
     rows = make_rows()
     prompts, sources = [r["messages"][:-1] for r in rows], [r["source"] for r in rows]
-    budgets = modeling.token_budgets(tok, sources, 1.0, 6)
+    budgets = token_budgets(tok, sources, 1.0, 6)
     expected = one_at_a_time(model, tok, prompts, budgets, eot)
     assert 3 <= sum(expected[1]) <= len(rows) - 3, "want some rows ending their turn and some hitting the budget"
     ended = [len(tok(t, add_special_tokens=False).input_ids) for t, hit in zip(*expected) if not hit]
     assert len(set(ended)) > 2, "rows should end their turn at different steps"
     for batch_size in (16, 5, 1):
-        assert modeling.generate(model, tok, prompts, sources, batch_size=batch_size, factor=1.0, extra=6,
+        assert generation.generate(model, tok, prompts, sources, batch_size=batch_size, factor=1.0, extra=6,
                                  eos_token_ids=[eot], loop="own") == expected
-    assert modeling.generate(model, tok, prompts, sources, batch_size=16, factor=1.0, extra=6, eos_token_ids=[eot],
+    assert generation.generate(model, tok, prompts, sources, batch_size=16, factor=1.0, extra=6, eos_token_ids=[eot],
                              loop="hf") == expected
-    length, cache = modeling.shared_prefix(model, modeling.prompt_ids(tok, prompts))
+    length, cache = generation.shared_prefix(model, prompt_ids(tok, prompts))
     assert length == len(tok(tok.apply_chat_template([prompts[0][0]], tokenize=False) + "<|im_start|>user\n将下面的文言文翻译成现代汉语：\n",
                              add_special_tokens=False).input_ids) and cache.get_seq_length() == length
 
@@ -243,7 +247,7 @@ def test_generation_slices_at_input_length_stops_at_end_of_turn_and_at_budget(ti
         length(short): echo + [eot] + ids("天下大乱"),  # ends its turn; what follows is dropped
         length(long_): ids("天下" * 200),  # never ends its turn: cut at its own budget
     }, pad)
-    texts, hit = modeling.generate(model, tok, prompts, [short["source"], long_["source"]],
+    texts, hit = generation.generate(model, tok, prompts, [short["source"], long_["source"]],
                                    batch_size=2, factor=1.5, extra=3, eos_token_ids=[eot], loop="hf")
     # sliced at the input length, not by searching for the prompt's text
     assert texts[0] == short["source"] and not hit[0]
@@ -257,9 +261,9 @@ def test_generation_slices_at_input_length_stops_at_end_of_turn_and_at_budget(ti
 
 def test_end_of_turn_ids_and_beam_search_run(tiny):
     tok = tiny["tokenizer"]
-    assert modeling.end_of_turn_ids(tok) == [tok.convert_tokens_to_ids("<|im_end|>")]
+    assert end_of_turn_ids(tok) == [tok.convert_tokens_to_ids("<|im_end|>")]
     rows = make_rows()[:3]
-    texts, _ = modeling.generate(tiny["base"], tok, [r["messages"][:-1] for r in rows], [r["source"] for r in rows],
+    texts, _ = generation.generate(tiny["base"], tok, [r["messages"][:-1] for r in rows], [r["source"] for r in rows],
                                  batch_size=3, num_beams=2, factor=0.5, extra=2)
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
 
@@ -268,20 +272,21 @@ def test_merged_adapter_generates_like_unmerged_and_disable_adapter_gives_the_ba
     """On CPU load_finetuned merges the LoRA weights; disable_adapter() must still give the base model."""
     from peft import PeftModel
 
-    from stages import modeling
+    from wenyan import generation, models
+    from wenyan.prompt import end_of_turn_ids, prompt_ids, token_budgets
 
-    cfg = modeling.read_training_config(tiny["adapter"])
-    trained = modeling.load_trained(tiny["adapter"], backend="hf")
+    cfg = models.read_training_config(tiny["adapter"])
+    trained = models.load_trained(tiny["adapter"], backend="hf")
     tok, merged, is_adapter = trained.tokenizer, trained.model, trained.is_adapter
     assert is_adapter
-    unmerged = PeftModel.from_pretrained(modeling.load_model(cfg["model"]), str(tiny["adapter"])).eval()
+    unmerged = PeftModel.from_pretrained(models.load_model(cfg["model"]), str(tiny["adapter"])).eval()
     rows = make_rows()
     args = ([r["messages"][:-1] for r in rows], [r["source"] for r in rows])
-    ours = modeling.generate(merged, tok, *args, factor=1.0, extra=4)
-    assert ours == modeling.generate(unmerged, tok, *args, factor=1.0, extra=4)
+    ours = generation.generate(merged, tok, *args, factor=1.0, extra=4)
+    assert ours == generation.generate(unmerged, tok, *args, factor=1.0, extra=4)
     with merged.disable_adapter():
-        base = modeling.generate(merged, tok, *args, factor=1.0, extra=4)
-    assert base == modeling.generate(tiny["base"], tok, *args, factor=1.0, extra=4) and base != ours
+        base = generation.generate(merged, tok, *args, factor=1.0, extra=4)
+    assert base == generation.generate(tiny["base"], tok, *args, factor=1.0, extra=4) and base != ours
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,28 +295,28 @@ def test_merged_adapter_generates_like_unmerged_and_disable_adapter_gives_the_ba
 
 def test_select_rows_is_deterministic_spread_and_keeps_file_order():
     rows = [{"id": f"{b}-{i}", "book": b, "line": i} for b in ("论语", "孟子", "史记") for i in range(200)]
-    picked = evaluate.select_rows(rows, 60, seed=0)
-    assert picked == evaluate.select_rows(rows, 60, seed=0)
+    picked = metrics.select_rows(rows, 60, seed=0)
+    assert picked == metrics.select_rows(rows, 60, seed=0)
     assert len(picked) == 60 and {r["book"] for r in picked} == {"论语", "孟子", "史记"}
     assert picked != rows[:60] and [rows.index(r) for r in picked] == sorted(rows.index(r) for r in picked)
-    assert evaluate.select_rows(rows, 60, seed=1) != picked
-    assert evaluate.select_rows(rows, 0, seed=0) == rows and evaluate.select_rows(rows, 10_000, seed=0) == rows
+    assert metrics.select_rows(rows, 60, seed=1) != picked
+    assert metrics.select_rows(rows, 0, seed=0) == rows and metrics.select_rows(rows, 10_000, seed=0) == rows
 
 
 def test_score_has_zh_signature_and_bootstrap_ci():
     refs = [t for *_, t in PAIRS]
-    perfect = evaluate.score(refs, refs, n_bootstrap=50)
+    perfect = metrics.score(refs, refs, n_bootstrap=50)
     assert perfect["bleu"] == 100.0 and perfect["chrf"] == 100.0
     assert "tok:zh" in perfect["bleu_signature"] and "bs:50" in perfect["bleu_signature"]
     assert perfect["chrf_signature"].startswith("nrefs:1|") and "nc:6" in perfect["chrf_signature"]
-    copy = evaluate.score([s for _, _, s, _ in PAIRS], refs, n_bootstrap=200)
+    copy = metrics.score([s for _, _, s, _ in PAIRS], refs, n_bootstrap=200)
     assert 0 < copy["bleu"] < 100 and copy["bleu_ci95"]["low"] <= copy["bleu"] <= copy["bleu_ci95"]["high"]
-    assert "bleu_ci95" not in evaluate.score(refs, refs)
+    assert "bleu_ci95" not in metrics.score(refs, refs)
 
 
 def test_length_buckets():
     bounds = [10, 20, 40]
-    assert [evaluate.length_bucket(n, bounds) for n in (1, 10, 11, 20, 21, 40, 41, 500)] == [
+    assert [metrics.length_bucket(n, bounds) for n in (1, 10, 11, 20, 21, 40, 41, 500)] == [
         "1-10", "1-10", "11-20", "11-20", "21-40", "21-40", "41+", "41+"]
 
 
@@ -355,7 +360,7 @@ def test_stage_writes_metrics_breakdowns_samples_and_hypotheses(tiny, tmp_path):
     assert [h["id"] for h in hyps] == [r["id"] for r in make_rows()]
     assert {"book", "chapter", "line", "source", "reference", "hypothesis", "chrf", "base", "base_chrf"} <= set(hyps[0])
     assert [h["hypothesis"] for h in hyps] != [h["base"] for h in hyps]  # disable_adapter() really switched it off
-    model_scores = evaluate.score([h["hypothesis"] for h in hyps], refs[0])
+    model_scores = metrics.score([h["hypothesis"] for h in hyps], refs[0])
     assert (metrics["bleu"], metrics["chrf"]) == (model_scores["bleu"], model_scores["chrf"])
 
     by_book = read_csv(out / "evaluate" / "by_book.csv")
@@ -393,7 +398,7 @@ def test_full_model_directory_uses_the_base_model_for_the_base_baseline(tiny, tm
     # the base outputs are the base model's own greedy outputs
     rows = {r["id"]: r for r in make_rows()}
     picked = [rows[h["id"]] for h in hyps]
-    expected, _ = modeling.generate(tiny["base"], tiny["tokenizer"], [r["messages"][:-1] for r in picked],
+    expected, _ = generation.generate(tiny["base"], tiny["tokenizer"], [r["messages"][:-1] for r in picked],
                                     [r["source"] for r in picked], factor=1.0, extra=4)
     assert [h["base"] for h in hyps] == evaluate.postprocess(expected, "t2s")
     assert [h["hypothesis"] for h in hyps] != [h["base"] for h in hyps]
@@ -403,13 +408,13 @@ def test_full_model_directory_uses_the_base_model_for_the_base_baseline(tiny, tm
 def count_generated(monkeypatch):
     """{desc: sentences generated} of every evaluate.generate call the stage makes."""
     counts: dict[str, int] = {}
-    real = modeling.generate
+    real = generation.generate
 
     def counting(model, tokenizer, prompts, *args, desc="generate", **kwargs):
         counts[desc] = counts.get(desc, 0) + len(prompts)
         return real(model, tokenizer, prompts, *args, desc=desc, **kwargs)
 
-    monkeypatch.setattr(modeling, "generate", counting)
+    monkeypatch.setattr(generation, "generate", counting)
     return counts
 
 
@@ -418,7 +423,7 @@ def another_adapter(tiny, path: Path) -> Path:
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(7)
-    lora = get_peft_model(modeling.load_model(str(tiny["base_dir"])),
+    lora = get_peft_model(models.load_model(str(tiny["base_dir"])),
                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     lora.save_pretrained(path)
     tiny["tokenizer"].save_pretrained(path)
@@ -455,7 +460,7 @@ def test_base_outputs_must_cover_the_sample(tiny, tmp_path):
 
 
 def test_missing_test_file_and_model_dir_are_clear_errors(tiny, tmp_path, capsys):
-    from stages.common import run_main
+    from wenyan.errors import run_main
 
     params = write_params(tmp_path / "params.yaml")
     args = lambda test, model: ["--test", str(test), "--model", str(model), "--metrics", str(tmp_path / "m.json"),  # noqa: E731
@@ -502,7 +507,7 @@ def test_params_and_dvc_yaml_match_the_stage():
     assert argv[:3] == ["python", "-m", "stages.evaluate"]
     flags = dict(zip(argv[3::2], argv[4::2]))
     assert set(flags) == {"--test", "--model", "--metrics", "--out-dir", "--hypotheses", "--base-outputs"}
-    assert {"stages/evaluate.py", "stages/modeling.py", "stages/text.py", "stages/common.py", flags["--test"], flags["--model"]} <= set(stage["deps"])
+    assert {"stages/evaluate.py", "wenyan/generation.py", "wenyan/text.py", "wenyan/files.py", flags["--test"], flags["--model"]} <= set(stage["deps"])
     assert "stages/clean.py" not in stage["deps"]  # evaluate imports library modules only
     assert set(stage["params"]) == {"evaluate"}  # the OpenCC config comes with the model
     assert [next(iter(m)) for m in stage["metrics"]] == [flags["--metrics"]]
@@ -515,13 +520,13 @@ def test_params_and_dvc_yaml_match_the_stage():
     # the base outputs: an ordinary cached stage, skipped while only train.* params change
     base = dvc["stages"]["evaluate_base"]
     base_argv = shlex.split(base["cmd"])
-    assert base_argv[:4] == ["python", "-m", "stages.evaluate", "base"]
-    base_flags = dict(zip(base_argv[4::2], base_argv[5::2]))
+    assert base_argv[:3] == ["python", "-m", "stages.evaluate_base"]
+    base_flags = dict(zip(base_argv[3::2], base_argv[4::2]))
     assert base["outs"] == [base_flags["--out"]] and base_flags["--out"] == flags["--base-outputs"]
     assert base_flags["--base"] in base["deps"] and flags["--test"] in base["deps"]
     assert not [p for p in base["params"] if p.startswith("train.") and p not in
                 ("train.model", "train.chat_template", "train.backend")]
-    assert {f"evaluate.{k}" for k in evaluate.BASE_KEYS} <= set(base["params"])
+    assert {f"evaluate.{k}" for k in evaluate_base.BASE_KEYS} <= set(base["params"])
     for name, spec in dvc["stages"].items():  # persist would turn off DVC's run cache
         assert not any(isinstance(o, dict) and next(iter(o.values())).get("persist")
                        for o in spec.get("outs", []) + spec.get("metrics", []) + spec.get("plots", [])), name

@@ -11,8 +11,10 @@ import subprocess
 import pytest
 import torch
 
-from stages import distributed, evaluate, modeling
-from stages.common import PipelineError, write_jsonl
+from wenyan import distributed, generation
+from stages import evaluate, evaluate_base
+from wenyan.errors import PipelineError
+from wenyan.files import write_jsonl
 from test_evaluate import ROOT, make_model, make_rows, run_stage, tiny, write_params  # noqa: F401  (tiny: fixture)
 
 OUTPUTS = ("metrics.json", "hypotheses.jsonl", "base_outputs.jsonl", "evaluate/by_book.csv",
@@ -29,8 +31,8 @@ def test_shards_put_together_are_the_one_process_outputs(tiny, batch_size, proce
     rows = make_rows()
     prompts, sources = [r["messages"][:-1] for r in rows], [r["source"] for r in rows]
     kwargs = dict(batch_size=batch_size, factor=1.0, extra=6)
-    one = modeling.generate(model, tok, prompts, sources, **kwargs)
-    shards = [modeling.generate(model, tok, prompts, sources, shard=(rank, processes), **kwargs)
+    one = generation.generate(model, tok, prompts, sources, **kwargs)
+    shards = [generation.generate(model, tok, prompts, sources, shard=(rank, processes), **kwargs)
               for rank in range(processes)]
     for i in range(len(rows)):
         owners = [k for k, (texts, _) in enumerate(shards) if texts[i] is not None]
@@ -59,14 +61,14 @@ def test_two_processes_write_the_reports_of_one(tiny, tmp_path):  # noqa: F811
     base.main(["--out", str(two / "models-base"), "--params", str(params)])
     # exactly the commands evaluate.num_gpus=2 launches on a machine with two GPUs
     commands = [
-        ["base", "--test", str(test), "--base", str(two / "models-base"), "--out", str(two / "base_outputs.jsonl"),
+        ["stages.evaluate_base", "--test", str(test), "--base", str(two / "models-base"), "--out", str(two / "base_outputs.jsonl"),
          "--params", str(params)],
-        ["--test", str(test), "--model", str(tiny["adapter"]), "--metrics", str(two / "metrics.json"),
+        ["stages.evaluate", "--test", str(test), "--model", str(tiny["adapter"]), "--metrics", str(two / "metrics.json"),
          "--out-dir", str(two / "evaluate"), "--hypotheses", str(two / "hypotheses.jsonl"), "--params", str(params),
          "--base-outputs", str(two / "base_outputs.jsonl")],
     ]
-    for argv in commands:
-        proc = subprocess.run(distributed.launch_command("stages.evaluate", 2, argv), cwd=ROOT, env=env,
+    for module, *argv in commands:
+        proc = subprocess.run(distributed.launch_command(module, 2, argv), cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
     for name in OUTPUTS:
@@ -84,10 +86,10 @@ def test_more_gpus_than_visible_is_a_clear_error(tiny, tmp_path, monkeypatch, st
     params = write_params(tmp_path / "params.yaml", base_model=str(tiny["base_dir"]), num_gpus=3)
     test = tmp_path / "test.jsonl"
     write_jsonl(test, make_rows())
-    argv = (["base", "--test", str(test), "--base", str(tmp_path / "models-base"), "--out", str(tmp_path / "b.jsonl")]
+    argv = (["--test", str(test), "--base", str(tmp_path / "models-base"), "--out", str(tmp_path / "b.jsonl")]
             if stage == "base" else
             ["--test", str(test), "--model", str(tiny["adapter"]), "--metrics", str(tmp_path / "m.json"),
              "--out-dir", str(tmp_path / "e"), "--hypotheses", str(tmp_path / "h.jsonl")])
     with pytest.raises(PipelineError, match=r"^evaluate.num_gpus is 3 but 1 CUDA GPU\(s\) are visible; "
                                             r"set evaluate.num_gpus to at most 1$"):
-        evaluate.main([*argv, "--params", str(params)])
+        (evaluate_base if stage == "base" else evaluate).main([*argv, "--params", str(params)])

@@ -13,7 +13,7 @@ from conftest import BASE_PARAMS, REPO
 from test_translate import make_tiny_model
 
 from stages import export
-from stages.common import PipelineError
+from wenyan.errors import PipelineError
 
 EXPORT_PARAMS = {"dtype": "bf16", "gguf": False, "gguf_outtype": "auto", "gguf_quantize": [], "check_samples": 0}
 

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from stages import format as fmt
-from stages.common import PipelineError, read_jsonl
+from wenyan.errors import PipelineError
+from wenyan.files import read_jsonl
 
 PARAMS = {"system_prompt": "你是翻译家。", "user_template": "翻译：\n{classical}", "context_sentences": 0, "context_template": "上文：{context}\n"}
 

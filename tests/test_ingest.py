@@ -20,7 +20,7 @@ import pytest
 from conftest import CHAPTERS, N_PAIRS, REPO, make_archive, niutrans
 
 from stages import ingest
-from stages.common import PipelineError
+from wenyan.errors import PipelineError
 
 
 def run_ingest(tmp_path, write_params, sources, **ingest_params):

@@ -9,7 +9,8 @@ import pytest
 from conftest import SHIPPED, shipped
 
 from stages import clean, evaluate, export, format, ingest, split, train
-from stages.common import PipelineError, check_params
+from wenyan.errors import PipelineError
+from wenyan.params import check_params
 
 SCHEMAS = {"ingest": ingest.SCHEMA, "clean": clean.SCHEMA, "split": split.SCHEMA, "format": format.SCHEMA,
            "train": train.SCHEMA, "evaluate": evaluate.SCHEMA, "export": export.SCHEMA}

@@ -13,8 +13,10 @@ import yaml
 from conftest import BASE_PARAMS, SHIPPED, shipped
 
 from stages import clean, evaluate, export, format, ingest, split, train
-from stages.common import Param, PipelineError, check_params, load_sections
-from stages.modeling import check_templates
+from wenyan import models
+from wenyan.errors import PipelineError
+from wenyan.params import check_params, load_sections, Param
+from wenyan.prompt import check_templates
 
 pytestmark = pytest.mark.bad_input
 
@@ -210,13 +212,12 @@ def train_argv(tmp_path, model, **overrides):
     (["q_proj", "Q_PROJ"], "'Q_PROJ'"),
 ])
 def test_target_modules_that_match_no_layer_fail_before_data_and_weights(tmp_path, tiny_model, monkeypatch, modules, unknown):
-    from stages import modeling
 
     def never(*args, **kwargs):
         raise AssertionError("read data or loaded a model before checking train.target_modules")
 
     monkeypatch.setattr(train, "read_rows", never)
-    monkeypatch.setattr(modeling, "load_model", never)
+    monkeypatch.setattr(models, "load_model", never)
     with pytest.raises(PipelineError) as err:
         train.main(train_argv(tmp_path, tiny_model, target_modules=modules))
     message = str(err.value)

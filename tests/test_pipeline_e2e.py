@@ -51,11 +51,12 @@ def tiny_model(dest: Path, texts: list[str]) -> Path:
 
 
 def make_project(tmp_path: Path, train: dict | None = None, evaluate: dict | None = None):
-    """A git + DVC repo at tmp_path/repo holding this project's stages/, dvc.yaml and params.yaml (scaled down
+    """A git + DVC repo at tmp_path/repo holding this project's stages/, wenyan/, dvc.yaml and params.yaml (scaled down
     to the 史记 slice and a tiny model at an absolute path, so queued experiments in .dvc/tmp/exps find it too),
     all committed. `train` / `evaluate` update those params sections. Returns (repo, env, dvc command)."""
     repo = tmp_path / "repo"
-    shutil.copytree(REPO / "stages", repo / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("stages", "wenyan"):
+        shutil.copytree(REPO / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
     texts = slice_corpus(repo / "data/corpus/classical-modern")
     model = tiny_model(tmp_path / "tiny-llama", texts)

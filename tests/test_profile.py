@@ -1,4 +1,4 @@
-"""Named profiles (stages/profile.py): validated, turned into `dvc exp run -S` flags that DVC reads back as written."""
+"""Named profiles (tools/profile.py): validated, turned into `dvc exp run -S` flags that DVC reads back as written."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.common import PipelineError
-from stages.profile import command, read_profile
+from wenyan.errors import PipelineError
+from tools.profile import command, read_profile
 
 REPO = Path(__file__).resolve().parents[1]
 

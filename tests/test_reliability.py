@@ -1,6 +1,6 @@
 """Reliability gaps not covered by the per-stage tests: a 100,000-character line, a corpus that cleaning
 empties, GBK in the NiuTrans layout, a failed run keeping the last good output and report (also when it
-fails between writing the data and the report: common.atomic_outputs), and `python -m stages.<x>` printing
+fails between writing the data and the report: wenyan.files.atomic_outputs), and `python -m stages.<x>` printing
 one `error:` line (no traceback) for bad params (more stages: test_cli_errors.py)."""
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from conftest import BASE_PARAMS, CHAPTERS, N_PAIRS, REPO, niutrans, shipped
 
 from stages import clean, ingest, split
 from stages import format as format_stage
-from stages.common import PipelineError, atomic_outputs
+from wenyan.errors import PipelineError
+from wenyan.files import atomic_outputs
 
 
 def run_ingest(tmp_path, write_params, sources):
@@ -229,7 +230,7 @@ def data_stage_runs(tmp_path, make_corpus, write_params):
 
 @pytest.mark.parametrize("stage", ["ingest", "clean", "split", "format"])
 def test_failure_between_data_and_report_keeps_both_last_good_outputs(stage, tmp_path, make_corpus, write_params, monkeypatch):
-    """The data file(s) and the report of a stage change together or not at all (common.atomic_outputs)."""
+    """The data file(s) and the report of a stage change together or not at all (wenyan.files.atomic_outputs)."""
     module, argv, good, other = data_stage_runs(tmp_path, make_corpus, write_params)[stage]
     module.main(argv(good))
     out = tmp_path / stage

@@ -1,4 +1,4 @@
-"""Tests of stages/review.py: two commits in a temporary git + DVC repository whose dvc.yaml carries this
+"""Tests of tools/review.py: two commits in a temporary git + DVC repository whose dvc.yaml carries this
 project's evaluate stage and plots; the Markdown must show the right deltas, and `dvc plots diff` must
 show both revisions."""
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages import review
-from stages.common import PipelineError
+from tools import review
+from wenyan.errors import PipelineError
 
 ROOT = Path(__file__).resolve().parents[1]
 SIGNATURE = "nrefs:1|bs:1000|seed:12345|case:mixed|eff:no|tok:zh|smooth:exp|version:2.6.0"

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from stages import split
-from stages.common import PipelineError
+from wenyan.errors import PipelineError
 from stages.split import assign_splits, chapter_split, leakage_keys
 
 

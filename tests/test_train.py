@@ -15,9 +15,10 @@ import yaml
 
 from pathlib import Path
 
-from stages import modeling
+from wenyan import generation, models
+from wenyan.prompt import CHAT_TEMPLATES, build_messages
 from stages import train as train_stage
-from stages.common import PipelineError
+from wenyan.errors import PipelineError
 from conftest import shipped
 from tiny import bpe_tokenizer, byte_tokenizer, tiny_llama
 
@@ -34,7 +35,7 @@ SYSTEM = "你是翻译家。"
 # the params train records as the model's prompt (format:, clean.opencc), as in the rows below
 PROMPT = {"format": {"system_prompt": SYSTEM, "user_template": "翻译：\n{classical}", "context_sentences": 0,
                      "context_template": "上文：{context}\n"}, "clean": {"opencc": "t2s"}}
-CHATML = modeling.CHAT_TEMPLATES["chatml"]
+CHATML = CHAT_TEMPLATES["chatml"]
 
 
 @pytest.fixture(autouse=True)
@@ -142,7 +143,7 @@ def test_lora_trains_saves_and_loads_like_evaluate(tiny, tmp_path):
     # what the evaluate stage does
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer.chat_template == CHATML
-    model = PeftModel.from_pretrained(modeling.load_model(cfg["model"]), out)
+    model = PeftModel.from_pretrained(models.load_model(cfg["model"]), out)
     ids = tokenizer.apply_chat_template(rows(1)[0]["messages"][:-1], add_generation_prompt=True, return_tensors="pt", return_dict=True)
     assert torch.isfinite(model(**ids).logits).all()
     if importlib.util.find_spec("dvclive") is None:  # a bare GPU machine: the stage trains without plots
@@ -218,7 +219,7 @@ def test_named_template_adds_its_tokens_and_trains_them(tiny, tmp_path):
     logits = []
     for seed in (1, 2):  # resizing initialises the new rows at random: the adapter's rows must replace them
         torch.manual_seed(seed)
-        base = modeling.load_model(cfg["model"])
+        base = models.load_model(cfg["model"])
         base.resize_token_embeddings(cfg["vocab_size"])
         model = PeftModel.from_pretrained(base, paths["out"]).eval()
         logits.append(model(**ids).logits)
@@ -250,7 +251,7 @@ def test_bad_params_fail_before_any_loading(tiny, tmp_path, monkeypatch, overrid
     def no_loading(*args, **kwargs):
         raise AssertionError("got past parameter checking")
 
-    monkeypatch.setattr(modeling, "pick_backend", no_loading)
+    monkeypatch.setattr(generation, "pick_backend", no_loading)
     with pytest.raises(PipelineError, match=message):
         run(tiny, tmp_path, **overrides)
 
@@ -331,7 +332,7 @@ def tiny_bytes(tmp_path_factory):
 def test_extended_vocabulary_trains_saves_and_translates(tiny_bytes, tmp_path, method):
     """extend_vocab auto on a tokenizer spending ~3 tokens a character: the train split's characters become
     tokens, the examples shrink, the model trains (LoRA trains the new rows), and the saved model + tokenizer
-    load back through modeling.load_trained and translate with text that round-trips."""
+    load back through models.load_trained and translate with text that round-trips."""
     none, _ = run(tiny_bytes, tmp_path, name="none", method=method, extend_vocab="none", max_seq_length=512,
                   eval_steps=0, save_steps=0)
     summary, paths = run(tiny_bytes, tmp_path, name="auto", method=method, extend_vocab="auto", max_seq_length=512,
@@ -345,17 +346,17 @@ def test_extended_vocabulary_trains_saves_and_translates(tiny_bytes, tmp_path, m
     assert math.isfinite(summary["final_train_loss"])
     cfg = json.loads((paths["out"] / "training_config.json").read_text())
     assert cfg["extend_vocab"]["added"] == summary["added_tokens"] and cfg["vocab_size"] == len(byte_tokenizer()) + summary["added_tokens"]
-    trained = modeling.load_trained(paths["out"], backend="hf", device="cpu", dtype=torch.float32)
+    trained = models.load_trained(paths["out"], backend="hf", device="cpu", dtype=torch.float32)
     assert len(trained.tokenizer) == cfg["vocab_size"]
     text = "子曰：学而时习之，不亦说乎？ABC 123"
     assert trained.tokenizer.decode(trained.tokenizer(text, add_special_tokens=False).input_ids) == text
     if method == "lora":  # the new rows were trained: they moved from their byte-piece means
         embed = trained.model.get_input_embeddings().weight
-        base = modeling.load_model(tiny_bytes["model"]).get_input_embeddings().weight
+        base = models.load_model(tiny_bytes["model"]).get_input_embeddings().weight
         assert embed.shape[0] == cfg["vocab_size"] and base.shape[0] < embed.shape[0]
     sources = [r["source"] for r in rows(2)]
-    prompts = [modeling.build_messages(s, None, [], trained.prompt["format"]) for s in sources]
-    texts, _ = modeling.generate(trained.model, trained.tokenizer, prompts, sources, batch_size=2, factor=1.0, extra=4)
+    prompts = [build_messages(s, None, [], trained.prompt["format"]) for s in sources]
+    texts, _ = generation.generate(trained.model, trained.tokenizer, prompts, sources, batch_size=2, factor=1.0, extra=4)
     assert len(texts) == 2 and all("\ufffd" not in t for t in texts)
 
 

@@ -15,9 +15,9 @@ import sys
 import pytest
 import yaml
 
-from stages import distributed
+from wenyan import distributed
 from stages import train as train_stage
-from stages.common import PipelineError
+from wenyan.errors import PipelineError
 from conftest import shipped
 from test_train import PROMPT, REPO, run, tiny, tiny_bytes, tiny_train_params  # noqa: F401  (tiny*: module-scoped fixtures)
 
@@ -167,26 +167,26 @@ def test_fsdp_over_two_processes_trains_like_ddp_and_one_and_saves_one_model(tin
         assert not torch.equal(loaded.model.layers[0].self_attn.q_proj.weight,
                                reference["model.layers.0.self_attn.q_proj.weight"])
     else:
-        from stages import modeling
+        from wenyan import models
 
         weights = load_file(saved / "adapter_model.safetensors")
         ddp_weights = load_file(tmp_path / "ddp" / "adapter" / "adapter_model.safetensors")
         assert weights.keys() == ddp_weights.keys() and all("lora_" in k for k in weights)
         assert all(torch.allclose(weights[k], ddp_weights[k], atol=1e-5) for k in weights)
         assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)  # B starts at zero
-        trained = modeling.load_trained(saved, backend="hf")
+        trained = models.load_trained(saved, backend="hf")
         assert trained.is_adapter and trained.model is not None
 
 
 def test_fsdp_with_an_extended_vocabulary_saves_a_model_that_loads(tiny_bytes, tmp_path):  # noqa: F811
     """train.extend_vocab adds the train split's characters as tokens (full: resized embeddings); sharded, the
-    saved model holds them and loads back through modeling.load_trained."""
-    from stages import modeling
+    saved model holds them and loads back through models.load_trained."""
+    from wenyan import models
 
     summary, _ = run_two(tiny_bytes, tmp_path / "fsdp", fsdp=True, method="full", extend_vocab="auto",
                          max_seq_length=512, max_steps=2, eval_steps=0, save_steps=0)
     assert summary["fsdp"] is True and summary["added_tokens"] > 0
-    trained = modeling.load_trained(tmp_path / "fsdp" / "adapter", backend="hf")
+    trained = models.load_trained(tmp_path / "fsdp" / "adapter", backend="hf")
     assert trained.model.get_input_embeddings().num_embeddings == len(trained.tokenizer)
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages import modeling
+from wenyan.prompt import CHAT_TEMPLATES, apply_chat_template_override, end_of_turn_id, end_of_turn_token
 from stages import train as train_stage
-from stages.common import PipelineError
+from wenyan.errors import PipelineError
 from conftest import shipped
 from tiny import tiny_llama
 
@@ -30,7 +30,7 @@ SPECIALS = ["<pad>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_
 GPT2 = None  # ByteLevel's built-in GPT-2 regex
 LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-# template name -> (template set by the test (None: a named override via modeling), bos, eos, pre-tokenizer)
+# template name -> (template set by the test (None: a named override via wenyan.prompt), bos, eos, pre-tokenizer)
 TEMPLATES = {
     "smollm2": (SMOLLM2_TEMPLATE, None, "<|im_end|>", GPT2),
     "chatml": (None, None, "<|im_end|>", GPT2),
@@ -78,9 +78,9 @@ def make_tokenizer(name: str, split=...):
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=eos, pad_token="<pad>")
     if template is not None:
         tok.chat_template = template
-        modeling.apply_chat_template_override(tok, None)
+        apply_chat_template_override(tok, None)
     else:
-        added = modeling.apply_chat_template_override(tok, name)
+        added = apply_chat_template_override(tok, name)
         assert not added  # the specials are in the vocab already
     return tok
 
@@ -90,7 +90,7 @@ def expected_trained(tok, conversation) -> list[int]:
     character offsets in the rendered text."""
     text = tok.apply_chat_template(conversation, tokenize=False)
     reply = conversation[-1]["content"]
-    eot = modeling.end_of_turn_token(tok)
+    eot = end_of_turn_token(tok)
     start = text.rindex(reply + eot)
     end = start + len(reply) + len(eot)
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -113,7 +113,7 @@ def trainer_for(tok, examples, padding_free: bool, tmp_path):
 @pytest.mark.parametrize("name", list(TEMPLATES))
 def test_template_masks_exactly_the_reply_and_end_of_turn(name):
     tok = make_tokenizer(name)
-    eot_id = modeling.end_of_turn_id(tok)
+    eot_id = end_of_turn_id(tok)
     for conversation, (ids, mask, retokenized) in zip(
         CONVERSATIONS, train_stage.tokenize_conversations(tok, CONVERSATIONS, eot_id)
     ):
@@ -150,7 +150,7 @@ def test_collator_labels_are_the_reply_only(name, padding_free, tmp_path):
         trained = (lab != -100).nonzero().flatten().tolist()
         assert trained == expected, f"{name}: trained {trained} expected {expected}"
         assert torch.equal(lab[trained], ids[trained])  # every label is -100 or its input id
-        assert tok.decode(ids[trained]) == conversation[-1]["content"] + modeling.end_of_turn_token(tok)
+        assert tok.decode(ids[trained]) == conversation[-1]["content"] + end_of_turn_token(tok)
 
 
 def test_padding_free_batches_give_the_padded_loss_with_sdpa(tmp_path):
@@ -187,7 +187,7 @@ def test_a_whole_dataloader_batch_has_no_prompt_labels(tmp_path):
 def test_truncation_drops_examples_with_no_reply_left_and_counts_them(tmp_path):
     tok = make_tokenizer("chatml")
     rows = [{"id": str(i), "messages": c} for i, c in enumerate(CONVERSATIONS)]
-    full = train_stage.tokenize_conversations(tok, CONVERSATIONS, modeling.end_of_turn_id(tok))
+    full = train_stage.tokenize_conversations(tok, CONVERSATIONS, end_of_turn_id(tok))
     prompt_lengths = [m.index(1) for _, m, _ in full]
     limit = sorted(prompt_lengths)[1]  # the longest prompt(s) fill it: no reply token left
     examples, stats = train_stage.build_examples(tok, rows, limit, "test")
@@ -208,8 +208,8 @@ def test_tokens_merging_across_the_reply_boundary_follow_inference():
     """SmolLM2's GPT-2 pre-tokenizer with the Llama-3.1 template: "\n\n" ends the prompt alone but splits
     before the reply. The prompt keeps its inference tokens; the reply is tokenized after them."""
     tok = make_tokenizer("llama-3.1", split=GPT2)
-    eot = modeling.end_of_turn_token(tok)
-    results = train_stage.tokenize_conversations(tok, CONVERSATIONS, modeling.end_of_turn_id(tok))
+    eot = end_of_turn_token(tok)
+    results = train_stage.tokenize_conversations(tok, CONVERSATIONS, end_of_turn_id(tok))
     assert any(r for _, _, r in results)
     for conversation, (ids, mask, _) in zip(CONVERSATIONS, results):
         prompt = tok.apply_chat_template(conversation[:-1], tokenize=False, add_generation_prompt=True)
@@ -224,12 +224,12 @@ def test_tokens_merging_across_the_reply_boundary_follow_inference():
 def test_prompt_that_is_not_a_prefix_is_an_error():
     tok = make_tokenizer("chatml")
     # the generation prompt differs from how the full conversation renders the assistant header
-    tok.chat_template = CHATML_BROKEN = modeling.CHAT_TEMPLATES["chatml"].replace(
+    tok.chat_template = CHATML_BROKEN = CHAT_TEMPLATES["chatml"].replace(
         "{{ '<|im_start|>assistant\n' }}", "{{ '<|im_start|>assistant:\n' }}"
     )
-    assert CHATML_BROKEN != modeling.CHAT_TEMPLATES["chatml"]
+    assert CHATML_BROKEN != CHAT_TEMPLATES["chatml"]
     with pytest.raises(PipelineError, match="renders the prompt"):
-        train_stage.tokenize_conversations(tok, CONVERSATIONS, modeling.end_of_turn_id(tok))
+        train_stage.tokenize_conversations(tok, CONVERSATIONS, end_of_turn_id(tok))
 
 
 @pytest.mark.bad_input

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from stages import modeling, translate
-from stages.common import PipelineError, run_main
-from stages.modeling import build_messages
+from wenyan import generation, models
+from tools import translate
+from wenyan.errors import PipelineError, run_main
+from wenyan.prompt import build_messages
 from conftest import BASE_PARAMS
 from tiny import byte_tokenizer, tiny_llama
 
@@ -83,7 +84,7 @@ def echo_generate(monkeypatch):
         calls.append({"prompts": prompts, "sources": list(sources)})
         return ["译" + s for s in sources], [False] * len(sources)
 
-    monkeypatch.setattr(modeling, "generate", fake)
+    monkeypatch.setattr(generation, "generate", fake)
     return calls
 
 
@@ -174,7 +175,7 @@ def test_prompt_comes_from_the_model_not_from_an_edited_params_yaml(tiny_adapter
 
 @pytest.mark.bad_input
 def test_too_long_sentence_is_split_at_commas_or_a_clear_error(tiny_adapter, tmp_path, echo_generate):
-    tokenizer = modeling.load_trained(tiny_adapter, model=False).tokenizer
+    tokenizer = models.load_trained(tiny_adapter, model=False).tokenizer
     fmt = {"system_prompt": "你是翻译家。", "user_template": "翻译：\n{classical}", "context_sentences": 0,
            "context_template": ""}
 
@@ -232,7 +233,7 @@ def test_tiny_model_stdin_command(tiny_adapter):
     pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "stages.translate", "--model", str(tiny_adapter),
+        [sys.executable, "-m", "tools.translate", "--model", str(tiny_adapter),
          "--max-new-tokens-factor", "0.1"],
         input=PASSAGE.encode("utf-8"), capture_output=True, env=env, cwd=REPO, timeout=120,
     )

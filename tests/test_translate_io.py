@@ -14,8 +14,8 @@ import pytest
 from test_cli_errors import run_cli
 from test_translate import echo_generate, make_tiny_model, one_thread  # noqa: F401  (fixtures)
 
-from stages import translate
-from stages.common import PipelineError, run_main
+from tools import translate
+from wenyan.errors import PipelineError, run_main
 
 TEXT = "学而时习之。\n有朋自远方来。\n"
 
@@ -237,7 +237,7 @@ def test_cli_input_file_name_not_utf8(tmp_path):
 
     name = os.fsencode(str(tmp_path)) + b"/\xff\xfe.txt"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "stages.translate", "--input", name, "--model", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "tools.translate", "--input", name, "--model", str(tmp_path)],
                           cwd=REPO, env=env, capture_output=True, timeout=120)
     err = proc.stderr.decode("utf-8")
     assert proc.returncode == 1 and "Traceback" not in err, err

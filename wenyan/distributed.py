@@ -6,7 +6,7 @@ A stage whose `num_gpus` param is above 1 starts itself again under torchrun wit
 and only rank 0 writes outputs. Nothing here assumes a GPU count: torchrun's world size is the count.
 
     train:     DDP (or FSDP) over the processes, the global batch split evenly (stages/train.py).
-    evaluate:  each process generates whole batches of the length-sorted sentences (modeling.generate's
+    evaluate:  each process generates whole batches of the length-sorted sentences (generation.generate's
                `shard`), gather_shards brings the outputs back in their original order, rank 0 scores.
 """
 
@@ -16,7 +16,7 @@ import os
 import subprocess
 import sys
 
-from stages.common import PipelineError, get_logger
+from wenyan.errors import PipelineError, get_logger
 
 log = get_logger("distributed")
 
@@ -138,3 +138,16 @@ def gather_shards(*columns: list) -> tuple[list, ...]:
     if missing:  # a sharding bug, not a user error
         raise RuntimeError(f"gather_shards: no process produced item(s) {missing[:5]}")
     return tuple(merged)
+
+
+def relaunched(module: str, key: str, num_gpus: int, argv: list[str], quiet: list | tuple = ()) -> bool:
+    """`key` (e.g. evaluate.num_gpus) > 1 in a plain process: run this same command (`python -m module argv`)
+    under torchrun (True: it is done). Under torchrun (launched so, or by hand): join the process group and go on
+    with whatever world size."""
+    if num_gpus > 1 and world()[2] == 1:
+        launch(module, key, num_gpus, argv)
+        return True
+    import torch
+
+    init_distributed(torch.cuda.is_available(), quiet=quiet)
+    return False

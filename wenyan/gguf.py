@@ -3,14 +3,14 @@
 Install (offline from the package index alone; builds llama.cpp with this machine's cmake + C++ compiler):
     CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
         -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF" pip install -e '.[gguf]'
-    python -m stages.gguf setup     # llama.cpp's convert_hf_to_gguf.py (+ conversion/, gguf-py) of the SAME
+    python -m tools.gguf setup     # llama.cpp's convert_hf_to_gguf.py (+ conversion/, gguf-py) of the SAME
                                     # llama-cpp-python version, from its sdist, into ~/.cache/wenyan-mt/
 Use:
-    python -m stages.gguf convert models/export/hf model-f16.gguf --outtype f16
-    python -m stages.gguf quantize model-f16.gguf model-Q4_K_M.gguf Q4_K_M
-    python -m stages.gguf modelfile model-Q4_K_M.gguf models/export/hf --system "..." > Modelfile
+    python -m tools.gguf convert models/export/hf model-f16.gguf --outtype f16
+    python -m tools.gguf quantize model-f16.gguf model-Q4_K_M.gguf Q4_K_M
+    python -m tools.gguf modelfile model-Q4_K_M.gguf models/export/hf --system "..." > Modelfile
 The export stage does all of this (dvc repro export/dvc.yaml); translate runs a GGUF with generate() below
-(python -m stages.translate --model models/export/model-Q4_K_M.gguf ...).
+(wenyan-translate --model models/export/model-Q4_K_M.gguf ...).
 
 The converter runs as a subprocess with the vendored gguf-py first on sys.path (the gguf release that
 converter was written against). It names the BPE pre-tokenizer from a hash of a fixed text's token ids;
@@ -26,7 +26,6 @@ prompts are identical token for token, and decodes greedily up to the end-of-tur
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import hashlib
@@ -41,15 +40,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from stages.common import PipelineError, get_logger, run_main
+from wenyan.errors import PipelineError, get_logger
 
 log = get_logger("gguf")
 
 PACKAGE = "llama-cpp-python"
 OUTTYPES = ("f32", "f16", "bf16", "q8_0", "auto")  # convert_hf_to_gguf.py --outtype (tq1_0/tq2_0: ternary models only)
 INSTALL = (
-    "pip install -e '.[gguf]' (builds llama.cpp; CMAKE_ARGS in stages/gguf.py's docstring shorten the build), "
-    "then python -m stages.gguf setup"
+    "pip install -e '.[gguf]' (builds llama.cpp; CMAKE_ARGS in wenyan/gguf.py's docstring shorten the build), "
+    "then python -m tools.gguf setup"
 )
 # Inside the sdist, what the converter needs: the script, its model classes, and gguf-py.
 SDIST_PARTS = ("vendor/llama.cpp/convert_hf_to_gguf.py", "vendor/llama.cpp/conversion/", "vendor/llama.cpp/gguf-py/",
@@ -230,7 +229,7 @@ def convert(hf_dir: Path, out_path: Path, outtype: str = "f16", converter: Path 
         raise PipelineError(f"{hf_dir}: no config.json; convert needs a transformers model directory")
     root = Path(converter) if converter else setup()
     if not (root / "convert_hf_to_gguf.py").is_file():
-        raise PipelineError(f"{root}: no convert_hf_to_gguf.py; run python -m stages.gguf setup --force")
+        raise PipelineError(f"{root}: no convert_hf_to_gguf.py; run python -m tools.gguf setup --force")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     started = time.monotonic()
@@ -372,7 +371,7 @@ def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
 
 def stop_ids(tokenizer) -> list[int]:
     """End-of-turn token (from the chat template) and eos: where a reply ends."""
-    from stages.modeling import end_of_turn_token
+    from wenyan.prompt import end_of_turn_token
 
     ids = []
     for token in (end_of_turn_token(tokenizer), tokenizer.eos_token):
@@ -461,27 +460,27 @@ def translate(llm, tokenizer, prompts: list[list[dict]], max_new_tokens: int | l
 
 def context_size(tokenizer, prompts: list[list[dict]], sources: list[str], factor: float, extra: int) -> int:
     """The llama.cpp context these prompts need: the longest prompt + its token budget, rounded up to 256."""
-    from stages import modeling
+    from wenyan.prompt import prompt_ids, token_budgets
 
-    lengths = [len(ids) for ids in modeling.prompt_ids(tokenizer, prompts)]
-    budgets = modeling.token_budgets(tokenizer, sources, factor, extra)
+    lengths = [len(ids) for ids in prompt_ids(tokenizer, prompts)]
+    budgets = token_budgets(tokenizer, sources, factor, extra)
     need = max((n + b for n, b in zip(lengths, budgets)), default=1)
     return max(512, -(-need // 256) * 256)
 
 
 def generate(llm, tokenizer, prompts: list[list[dict]], sources: list[str], *, factor: float = 2.0, extra: int = 16,
              desc: str = "llama.cpp") -> tuple[list[str], list[bool]]:
-    """modeling.generate's contract on llama.cpp: (texts, hit_limit) in the order of `prompts`. The same prompt ids
-    (modeling.prompt_ids), budgets (modeling.token_budgets), stop tokens (modeling.end_of_turn_ids) and decoding
+    """generation.generate's contract on llama.cpp: (texts, hit_limit) in the order of `prompts`. The same prompt ids
+    (prompt_ids), budgets (token_budgets), stop tokens (end_of_turn_ids) and decoding
     (the tokenizer's, special tokens skipped); greedy, one sentence after the other (llama.cpp reuses the KV cache
     of the prefix a prompt shares with the one before); a tqdm bar on stderr."""
     from tqdm.auto import tqdm
 
-    from stages import modeling
+    from wenyan.prompt import end_of_turn_ids, prompt_ids, token_budgets
 
-    stops = modeling.end_of_turn_ids(tokenizer)
-    input_ids = modeling.prompt_ids(tokenizer, prompts)
-    budgets = modeling.token_budgets(tokenizer, sources, factor, extra)
+    stops = end_of_turn_ids(tokenizer)
+    input_ids = prompt_ids(tokenizer, prompts)
+    budgets = token_budgets(tokenizer, sources, factor, extra)
     texts, hit_limit = [], []
     with tqdm(total=len(prompts), desc=desc, unit="sent") as bar:
         for ids, budget in zip(input_ids, budgets):
@@ -509,7 +508,7 @@ def ollama_template(tokenizer) -> str:
     system turn out, where some chat templates put a default one). Derived by rendering the chat template with placeholders:
     the system block is everything before the user turn, ending after the system turn's end-of-turn token
     (and the newlines that follow it)."""
-    from stages.modeling import end_of_turn_token
+    from wenyan.prompt import end_of_turn_token
 
     system, user = "SYSTEM_4F2A", "USER_7C1D"
     text = tokenizer.apply_chat_template(
@@ -542,43 +541,3 @@ def render_modelfile(gguf_name: str, tokenizer, system_prompt: str, user_templat
     lines += [f'PARAMETER stop "{s}"' for s in stops]
     lines += ["PARAMETER temperature 0", "PARAMETER top_k 1", f'SYSTEM """{system_prompt}"""']
     return "\n".join(lines) + "\n"
-
-
-# ----------------------------------------------------------------------------------------------
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("setup", help="fetch llama.cpp's converter of the installed llama-cpp-python version into the cache")
-    p.add_argument("--sdist", type=Path, help="a llama-cpp-python .tar.gz at hand (else pip downloads it)")
-    p.add_argument("--version", help="llama-cpp-python version (default: the installed one)")
-    p.add_argument("--force", action="store_true", help="fetch again even if cached")
-    p = sub.add_parser("convert", help="transformers model directory -> GGUF (convert_hf_to_gguf.py)")
-    p.add_argument("hf_dir", type=Path)
-    p.add_argument("out", type=Path)
-    p.add_argument("--outtype", default="f16", choices=OUTTYPES)
-    p = sub.add_parser("quantize", help="GGUF -> quantized GGUF (llama_model_quantize)")
-    p.add_argument("in_gguf", type=Path)
-    p.add_argument("out", type=Path)
-    p.add_argument("qtype", help="Q8_0, Q4_K_M, Q5_K_M, ...")
-    p = sub.add_parser("modelfile", help="print an Ollama Modelfile for a GGUF and the model's tokenizer")
-    p.add_argument("gguf", type=Path)
-    p.add_argument("hf_dir", type=Path, help="the model directory whose tokenizer (chat template) the GGUF came from")
-    p.add_argument("--system", required=True, help="the system prompt the model was trained with")
-    args = parser.parse_args(argv)
-
-    if args.command == "setup":
-        print(setup(args.version, args.sdist, args.force))
-    elif args.command == "convert":
-        print(json.dumps(convert(args.hf_dir, args.out, args.outtype)))
-    elif args.command == "quantize":
-        print(json.dumps(quantize(args.in_gguf, args.out, args.qtype)))
-    else:
-        from transformers import AutoTokenizer
-
-        sys.stdout.write(render_modelfile(args.gguf.name, AutoTokenizer.from_pretrained(str(args.hf_dir)), args.system))
-
-
-if __name__ == "__main__":
-    run_main(main)

@@ -1,8 +1,8 @@
 """Translate: Classical Chinese (文言文) into modern Chinese with the fine-tuned model.
 
-    echo '学而时习之，不亦说乎？有朋自远方来，不亦乐乎？' | python -m stages.translate
-    python -m stages.translate '学而时习之，不亦说乎？'
-    python -m stages.translate --input chapter.txt --output chapter.modern.txt
+    echo '学而时习之，不亦说乎？有朋自远方来，不亦乐乎？' | python -m tools.translate
+    python -m tools.translate '学而时习之，不亦说乎？'
+    python -m tools.translate --input chapter.txt --output chapter.modern.txt
     wenyan-translate ...            (the same command, installed by `pip install -e .`)
 
 Not a pipeline stage: the tool for using what the pipeline trained. --model is models/adapter (the
@@ -12,16 +12,16 @@ file the export stage wrote (models/export/model-Q4_K_M.gguf: run by llama.cpp t
 the prompt settings and tokenizer read from the training_config.json and tokenizer files beside it).
 
 In order:
-  1. Each input line is normalised as the training sources were (stages/text.py: whitespace,
+  1. Each input line is normalised as the training sources were (wenyan/text.py: whitespace,
      full-width punctuation, OpenCC with the config the model was trained with).
   2. Each line is split into sentences after 。！？； (a closing quote or bracket stays with its sentence).
   3. A sentence whose prompt is longer than max_seq_length tokens (training_config.json: the length the
      model was trained on) is split further after ，、 into the longest runs of clauses that fit; a clause
      that still does not fit is an error naming the input line. Nothing is ever truncated.
-  4. Each prompt is the training prompt (modeling.build_messages with the system prompt, user template
+  4. Each prompt is the training prompt (build_messages with the system prompt, user template
      and, with context_sentences N, the N previous sentences of the input as context), read from the
      `prompt` the train stage recorded in the model's training_config.json, never from params.yaml.
-  5. Generation is modeling.generate, as in evaluate: batched longest first, left padding, greedy, stops at the
+  5. Generation is generation.generate, as in evaluate: batched longest first, left padding, greedy, stops at the
      end-of-turn token, each output sliced at the padded input length; a tqdm bar on stderr. A GGUF goes
      through gguf.generate: the same prompt ids, budgets and stop tokens, greedy, one sentence at a time.
   6. The translations of a line's sentences are joined into one output line, so the output has exactly
@@ -47,8 +47,10 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from stages import gguf, modeling, text as text_lib
-from stages.common import PipelineError, file_kind, get_logger, nearest_existing, run_main, write_text
+from wenyan import generation, gguf, models, text as text_lib
+from wenyan.prompt import build_messages, end_of_turn_ids, prompt_ids
+from wenyan.errors import get_logger, PipelineError, run_main
+from wenyan.files import file_kind, nearest_existing, write_text
 
 log = get_logger("translate")
 
@@ -157,11 +159,11 @@ def split_input_lines(text: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Prompts: exactly the training prompts (modeling.build_messages, settings from training_config.json)
+# Prompts: exactly the training prompts (build_messages, settings from training_config.json)
 
 
 def prompt_messages(piece: str, context: list[str], fmt: dict) -> list[dict]:
-    return modeling.build_messages(piece, None, context, fmt)  # the prompt only: no assistant turn
+    return build_messages(piece, None, context, fmt)  # the prompt only: no assistant turn
 
 
 def build_prompts(pieces: list[str], fmt: dict, count_tokens: Callable[[list[dict]], int], max_tokens: int | None) -> list[list[dict]]:
@@ -346,7 +348,7 @@ def main(argv=None) -> None:
             f"{model_dir}: model directory not found; train one first (dvc repro train) or pass --model DIR "
             f"(models/adapter from the train stage, models/export/hf from the export stage)"
         )
-    trained = modeling.load_trained(model_dir, model=False, backend="hf" if gguf_file else None)  # unsloth before transformers
+    trained = models.load_trained(model_dir, model=False, backend="hf" if gguf_file else None)  # unsloth before transformers
     cfg, tokenizer = trained.config, trained.tokenizer
     fmt, opencc = trained.prompt["format"], trained.prompt["opencc"]  # what the model was trained with
     converter = text_lib.make_converter(opencc)
@@ -354,7 +356,7 @@ def main(argv=None) -> None:
     lines = text_lib.normalise_lines(originals, converter)
 
     def count_tokens(messages: list[dict]) -> int:  # as generate tokenizes a prompt
-        return len(modeling.prompt_ids(tokenizer, [messages])[0])
+        return len(prompt_ids(tokenizer, [messages])[0])
 
     max_tokens = cfg.get("max_seq_length")
     no_context = dict(fmt, context_sentences=0)
@@ -382,12 +384,12 @@ def main(argv=None) -> None:
         raw, hit_limit = gguf.generate(llm, tokenizer, prompts, pieces, factor=args.max_new_tokens_factor, extra=16,
                                        desc="translate")
     else:
-        model = modeling.load_trained_model(trained)
+        model = models.load_trained_model(trained)
         log.info("model: %s (%s on %s, backend %s, %s)", model_dir, "LoRA adapter" if trained.is_adapter else "full model",
                  cfg["model"], trained.backend, next(model.parameters()).device)
-        raw, hit_limit = modeling.generate(
+        raw, hit_limit = generation.generate(
             model, tokenizer, prompts, pieces, batch_size=args.batch_size, factor=args.max_new_tokens_factor,
-            extra=16, eos_token_ids=modeling.end_of_turn_ids(tokenizer), desc="translate",
+            extra=16, eos_token_ids=end_of_turn_ids(tokenizer), desc="translate",
         )
     translations = text_lib.normalise_lines(raw, converter)  # one line each, the training targets' script
     if any(hit_limit):

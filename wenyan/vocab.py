@@ -32,7 +32,7 @@ import json
 import re
 from collections import Counter
 
-from stages.common import PipelineError, get_logger
+from wenyan.errors import get_logger, PipelineError
 
 log = get_logger("vocab")
 

@@ -1,8 +1,8 @@
 """Named parameter profiles: a run on other hardware with one short command instead of fifteen `-S` flags.
 
-    python -m stages.profile gpu                      # = dvc exp run -n gpu -S key=value ... (profiles/gpu.yaml)
-    python -m stages.profile gpu -S train.epochs=3    # more overrides after the profile's own
-    python -m stages.profile gpu --print              # show the dvc command, run nothing
+    python -m tools.profile gpu                      # = dvc exp run -n gpu -S key=value ... (profiles/gpu.yaml)
+    python -m tools.profile gpu -S train.epochs=3    # more overrides after the profile's own
+    python -m tools.profile gpu --print              # show the dvc command, run nothing
 
 A profile is `profiles/<name>.yaml`: a flat mapping of params.yaml keys (dotted, list items by index, as
 `dvc exp run -S` takes them) to values. The run is an ordinary DVC experiment: `dvc exp show` lists it,
@@ -18,7 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stages.common import PipelineError, read_yaml_file, run_main
+from wenyan.errors import PipelineError, run_main
+from wenyan.params import read_yaml_file
 
 PROFILES = Path("profiles")
 

@@ -11,7 +11,7 @@ import re
 import sys
 import unicodedata
 
-from stages.common import PipelineError
+from wenyan.errors import PipelineError
 
 # CJK characters and CJK/full-width punctuation: a space next to one of these is dropped, and a
 # half-width , ; : ? ! ( ) touching one becomes full-width. Includes the Private Use Area, where the

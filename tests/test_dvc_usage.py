@@ -225,12 +225,12 @@ def test_an_override_rewrites_one_line_of_params_yaml(tmp_path):
     path = tmp_path / "params.yaml"
     shipped = (REPO / "params.yaml").read_text(encoding="utf-8")
     path.write_text(shipped, encoding="utf-8")
-    apply_overrides(str(path), ["train.learning_rate=0.001", "evaluate.num_samples=40"])
+    apply_overrides(str(path), ["train.max_steps=60", "evaluate.num_samples=40"])
     before, after = shipped.splitlines(), path.read_text(encoding="utf-8").splitlines()
     assert len(before) == len(after)
     changed = [(a, b) for a, b in zip(before, after) if a != b]
     assert len(changed) == 2, changed
-    assert changed[0][1].startswith("  learning_rate: 0.001") and "#" in changed[0][1]
+    assert changed[0][1].startswith("  max_steps: 60") and "#" in changed[0][1]
     assert changed[1][1].startswith("  num_samples: 40") and "#" in changed[1][1]
 
 
@@ -280,3 +280,15 @@ def test_exp_show_starts_with_the_scores(built):
 def test_training_shows_a_progress_bar(built):
     err = built["repro"].stderr + built["repro"].stdout
     assert "train:" in err and "3/3" in err and "loss=" in err
+
+
+def test_adapter_config_lists_target_modules_in_a_fixed_order(tmp_path):
+    """peft writes target_modules in set order, which changes with the process's string-hash salt: train sorts
+    it, so models/adapter hashes the same in two runs (seen differing between two clones before)."""
+    sys.path.insert(0, str(REPO))
+    from stages import train
+
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({"target_modules": ["v_proj", "q_proj", "down_proj"], "r": 4}), encoding="utf-8")
+    train.sort_adapter_config(path)
+    assert json.loads(path.read_text(encoding="utf-8"))["target_modules"] == ["down_proj", "q_proj", "v_proj"]

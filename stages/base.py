@@ -26,10 +26,14 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="models/base")
     parser.add_argument("--params", default=None, help="params.yaml to read instead of DVC's (tests)")
+    parser.add_argument("--check-params", action="store_true", help="only check the parameters, then exit (the check_params stage)")
     args = parser.parse_args(argv)
     spec = load_sections("base", ["train.model"], args.params)["train"]["model"]
     if not isinstance(spec, str):
         raise PipelineError(f"params.yaml: train.model should be str, got {spec!r}")
+    if args.check_params:
+        models.resolve_model(spec)  # a missing file or directory, an unknown built-in name
+        return
     tmp = new_staging_dir(args.out)
     location = models.materialize(spec, cache_dir=tmp)
     plain = Path(location).parent == tmp

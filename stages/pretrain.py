@@ -804,6 +804,7 @@ def main(argv=None) -> None:
         text.make_converter(params["clean"]["opencc"])  # a clean.opencc typo fails here too
         if not reason:  # a pass-through reads no source and trains nothing: its sources and names are not used
             check_sources(cfg)
+            micro_batch_rows(cfg)  # batch_tokens a multiple of max_seq_length x gradient_accumulation_steps
             sft.check_trainer_names(cfg, "pretrain")  # transformers' scheduler and optimizer names
         return
     if reason:

@@ -424,6 +424,10 @@ def check_sources(params: dict) -> list[dict]:
     if isinstance(given, dict):  # {name: {path, format, ...}}: the name in pair ids; flat columns in `dvc exp show`
         entries = []
         for name, entry in given.items():
+            if str(name).isdigit():  # `-S ingest.sources.0.path=...` from the days of a list: it would add a source
+                raise PipelineError(f"params.yaml 'ingest.sources.{name}': sources are keyed by name (ingest.sources."
+                                    f"{next((str(k) for k in given if not str(k).isdigit()), 'NAME')}.path=...), not by "
+                                    f"list index; a number as a source name is refused")
             if not isinstance(entry, dict) or "name" in entry:
                 raise PipelineError(f"params.yaml 'ingest.sources.{name}' should be a mapping of path, format, books, "
                                     f"encoding (its name is the key)")

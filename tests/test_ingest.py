@@ -283,6 +283,10 @@ def test_sources_as_a_mapping_by_name(tmp_path, make_corpus, write_params):
     assert df["id"].str.startswith("my-corpus/").all()
     with pytest.raises(PipelineError, match="ingest.sources.x.format' should be one of"):
         run_ingest(tmp_path, write_params, {"x": {"path": str(corpus), "format": "csv"}})
+    # an old `-S ingest.sources.0.path=...` on the mapping would add a source "0" beside the shipped one: refused
+    with pytest.raises(PipelineError, match=r"ingest.sources.0': sources are keyed by name \(ingest.sources.my-corpus.path"):
+        run_ingest(tmp_path, write_params, {"my-corpus": {"path": str(corpus), "format": "niutrans"},
+                                            "0": {"path": str(corpus)}})
 
 
 @pytest.mark.bad_input

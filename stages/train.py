@@ -168,7 +168,8 @@ def resolve_prompt(fmt: dict, opencc) -> dict:
 
 def read_rows(cfg: dict, train_path, valid_path) -> tuple[list[dict], list[dict]]:
     """The training rows (train.max_train_samples: a seeded sample kept in file order, so a quick run still
-    covers every book) and the first train.eval_samples validation rows."""
+    covers every book) and the first train.eval_samples validation rows. With train.max_steps, steps_examples
+    then tokenises only the rows of these that the steps train on."""
     train_rows = read_jsonl(train_path)
     if cfg["max_train_samples"] and cfg["max_train_samples"] < len(train_rows):
         import random

@@ -90,8 +90,8 @@ def tiny_setup(workdir: Path):
 
 
 def evaluate_params(workdir: Path, num: int, smoke: bool) -> Path:
-    """params.yaml's evaluate section with the gpu profile's values, baselines copy only (base needs the
-    evaluate_base stage's outputs)."""
+    """params.yaml's evaluate section with the gpu profile's values, greedy (the profile's num_beams is for its own
+    evaluation), baselines copy only (base needs the evaluate_base stage's outputs)."""
     import yaml
 
     from wenyan.params import read_yaml_file
@@ -102,7 +102,7 @@ def evaluate_params(workdir: Path, num: int, smoke: bool) -> Path:
     for key, value in (read_yaml_file(repo / "profiles" / "gpu.yaml", "profile") or {}).items():
         if key.startswith("evaluate."):
             section[key.split(".", 1)[1]] = value
-    section.update(num_samples=num, baselines=["copy"], num_gpus=1)
+    section.update(num_samples=num, baselines=["copy"], num_gpus=1, num_beams=1)  # greedy, like every other row
     if smoke:
         section.update(bootstrap_resamples=10, batch_size=8)
     path = workdir / "params.yaml"
@@ -110,6 +110,7 @@ def evaluate_params(workdir: Path, num: int, smoke: bool) -> Path:
     return path
 
 
+# Long (~130 lines): one benchmark run read top to bottom: set-up, warm-up, then one block a method, report rewritten after each.
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="a model directory the train stage wrote (models/adapter)")

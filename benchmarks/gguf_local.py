@@ -140,6 +140,7 @@ def score(texts: list[str], case: Case, seconds: float, tokens: int | None, *aga
     return out
 
 
+# Long (~100 lines): the benchmark read top to bottom: the engines one after another on the same sentences, then the report.
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, type=Path, help="a transformers model directory (models/export/hf)")

@@ -17,7 +17,7 @@ import yaml
 
 from conftest import shipped
 from stages import pretrain as stage
-from wenyan import models as modeling
+from wenyan import models as modeling, monolingual
 from wenyan.errors import PipelineError
 from wenyan.files import PAIR_COLUMNS
 from tiny import byte_tokenizer, tiny_llama
@@ -107,12 +107,12 @@ def run(project, tmp_path, name="run", **overrides):
 
 def test_packing_is_exact():
     docs = [[5, 6, 7], [8], [9, 10, 11, 12, 13]]
-    rows, total, tail = stage.pack(docs, eos_id=0, length=4)
+    rows, total, tail = monolingual.pack(docs, eos_id=0, length=4)
     assert total == 12 and tail == 0 and rows.shape == (3, 4)
     assert rows.reshape(-1).tolist() == [5, 6, 7, 0, 8, 0, 9, 10, 11, 12, 13, 0]  # every document ends with EOS
-    rows, total, tail = stage.pack(docs, eos_id=0, length=5)
+    rows, total, tail = monolingual.pack(docs, eos_id=0, length=5)
     assert rows.shape == (2, 5) and tail == 2 and rows.reshape(-1).tolist() == [5, 6, 7, 0, 8, 0, 9, 10, 11, 12]
-    assert stage.pack([[1]], eos_id=0, length=3)[0].shape == (0, 3)  # too short for one row: no padding, no row
+    assert monolingual.pack([[1]], eos_id=0, length=3)[0].shape == (0, 3)  # too short for one row: no padding, no row
 
 
 def test_overlap_removal_cuts_the_held_out_sentences_and_counts_them():
@@ -120,13 +120,13 @@ def test_overlap_removal_cuts_the_held_out_sentences_and_counts_them():
 
     import pandas as pd
 
-    keys = stage.held_out_keys([pd.DataFrame({"source": ["三人行，必有我师焉。"], "target": ["几个人一起走。"]})])
+    keys = monolingual.held_out_keys([pd.DataFrame({"source": ["三人行，必有我师焉。"], "target": ["几个人一起走。"]})])
     counts = collections.Counter()
     docs = [("a", ["子曰：三人行，必有我师焉。择其善者而从之。", "三人行必有我师焉", "几个人一起走！"]), ("b", ["几个人 一起走。"])]
-    out = stage.remove_overlap(docs, keys, counts)
+    out = monolingual.remove_overlap(docs, keys, counts)
     assert out == [("a", ["子曰：三人行，必有我师焉。择其善者而从之。"])]  # a longer sentence is not the test sentence
     assert counts["sentences_removed"] == 3 and counts["lines_removed"] == 3 and counts["documents_removed"] == 1
-    assert stage.sentences("甲。乙？“丙！”丁") == ["甲。", "乙？", "“丙！”", "丁"]
+    assert monolingual.sentences("甲。乙？“丙！”丁") == ["甲。", "乙？", "“丙！”", "丁"]
 
 
 def test_pretrain_then_train_starts_from_it_with_its_vocabulary(project, tmp_path):

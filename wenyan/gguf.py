@@ -552,6 +552,7 @@ def batched_context_size(prefix: int, needs: list[int], parallel: int) -> int:
     return max(512, -(-(prefix + sum(top) + len(top)) // 256) * 256)
 
 
+# Long (~110 lines): one llama.cpp batch loop: the shared prefix, sequences joining and leaving their slots, one llama_batch a step.
 def batched_greedy(llm, input_ids: list[list[int]], budgets: list[int], stops: list[int], *, parallel: int = 16,
                    on_done=None, timings: dict | None = None, share_prefix: bool = True) -> list[list[int]]:
     """Greedy replies (without the stop token, at most budget tokens each) to all prompts at once in one llama.cpp

@@ -54,7 +54,7 @@ arm_sft() {  # arm_sft NAME PRETRAIN_ARGS SFT_ARGS
     mkdir -p "$d/reports"; cp -a "$work/P/reports/pretrain" "$d/reports/" 2>/dev/null
     note "$name: train on the pretrained model"; stage "$d" "$work/$name.log" $pre_on $sft train || { note "$name train failed"; return 1; }
   else
-    note "$name: train on the base"; stage "$d" "$work/$name.log" -S pretrain.enabled=false pretrain train || { note "$name train failed"; return 1; }
+    note "$name: train on the base"; stage "$d" "$work/$name.log" -S pretrain.enabled=false $sft pretrain train || { note "$name train failed"; return 1; }
   fi
   note "$name trained"
   while [ ! -e "$work/base.done" ]; do sleep 5; done

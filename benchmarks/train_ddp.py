@@ -130,7 +130,8 @@ def run_one(n: int, args, train_params: dict, work: Path) -> dict:
     wall = time.time() - start
     if proc.returncode != 0:
         return {"method": method, "num_gpus": n, "error": f"exit {proc.returncode}", "wall_s": round(wall, 1)}
-    s = json.loads((base / "reports" / "summary.json").read_text())
+    # summary.json: what the run did; metrics.json: its measurements (times, tokens/s, memory, device)
+    s = {**json.loads((base / "reports" / "summary.json").read_text()), **json.loads((base / "reports" / "metrics.json").read_text())}
     return {
         "num_gpus": n,
         "processes": s["processes"],

@@ -29,11 +29,15 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="models/base")
     parser.add_argument("--params", default=None, help="params.yaml to read instead of DVC's (tests)")
+    parser.add_argument("--check-params", action="store_true", help="only check the parameters, then exit (the check_params stage)")
     args = parser.parse_args(argv)
     check_output_path(args.out, directory=True)
     spec = load_sections("base", ["train.model"], args.params)["train"]["model"]
     if not isinstance(spec, str):
         raise PipelineError(f"params.yaml: train.model should be str, got {spec!r}")
+    if args.check_params:
+        models.resolve_model(spec)  # a missing file or directory, an unknown built-in name
+        return
     location, gguf_file = models.resolve_model(spec)
     model_path = Path(location) / gguf_file if gguf_file else Path(location)
     check_paths({"train.model": model_path if model_path.exists() else None, "--params": args.params},

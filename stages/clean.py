@@ -91,12 +91,15 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, help="clean pairs parquet to write")
     parser.add_argument("--report", required=True, help="JSON report to write")
     parser.add_argument("--params", default=None, help="params.yaml to read instead of DVC's (tests, benchmarks)")
+    parser.add_argument("--check-params", action="store_true", help="only check the parameters, then exit (the check_params stage)")
     args = parser.parse_args(argv)
     check_paths({"--pairs": args.pairs, "--params": args.params}, {"--out": args.out, "--report": args.report})
 
     params = check_params(load_params("clean", args.params), SCHEMA, "clean")
     check_clean_params(params)
     converter = make_converter(params["opencc"])  # before any work: a typo fails at once
+    if args.check_params:
+        return
 
     import pandas as pd
     from tqdm import tqdm

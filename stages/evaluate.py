@@ -1,7 +1,8 @@
 """Evaluate: translate test sentences with the fine-tuned model and score them against the references.
 
     data/format/test.jsonl + models/adapter + data/evaluate/base_outputs.jsonl (stage evaluate_base)
-      -> reports/metrics.json            BLEU (tokenize=zh) with a bootstrap 95% CI, chrF, signatures, baselines
+      -> reports/metrics.json            BLEU (tokenize=zh), chrF, the baselines' BLEU/chrF, BLEU's bootstrap 95% CI
+      -> reports/evaluate/scores.csv     per system (model, copy, base): BLEU + CI, chrF, limits hit, signatures
       -> reports/evaluate/by_book.csv    BLEU/chrF per book, model and baselines
       -> reports/evaluate/by_length.csv  BLEU/chrF per source-length bucket (characters)
       -> reports/evaluate/samples.md     best, worst and a spread of outputs by sentence chrF
@@ -57,7 +58,7 @@ from wenyan.files import check_paths
 
 log = get_logger("evaluate")
 
-OUT_DIR_FILES = ("by_book.csv", "by_length.csv", "samples.md")  # what evaluate writes into --out-dir
+OUT_DIR_FILES = ("by_book.csv", "by_length.csv", "scores.csv", "samples.md")  # what evaluate writes into --out-dir
 SCHEMA = EVALUATE_SCHEMA  # values and their comments: params.yaml; evaluate_base reads some of its keys too
 
 
@@ -142,23 +143,18 @@ def render_samples(rows: list[dict], systems: dict[str, list[str]], chrf: dict[s
 # ----------------------------------------------------------------------------------------------
 
 
-def metrics_json(scores: dict[str, dict], limits: dict[str, int], n_sentences: int) -> dict:
-    """reports/metrics.json: the model's scores with their signatures, then each baseline's (no signatures)."""
+def metrics_json(scores: dict[str, dict], limits: dict[str, int], n_sentences: int, baselines: list[str]) -> dict:
+    """reports/metrics.json: the numbers runs are compared by (dvc metrics diff, dvc exp show), in the order a reader
+    wants them; the BLEU/chrF signatures, the baselines' CIs and limits are in reports/evaluate/scores.csv."""
     model_scores = scores["model"]
     metrics = {
-        "n_sentences": n_sentences,
         "bleu": model_scores["bleu"],
-        "bleu_ci95": model_scores.get("bleu_ci95"),
         "chrf": model_scores["chrf"],
-        "bleu_signature": model_scores["bleu_signature"],
-        "chrf_signature": model_scores["chrf_signature"],
+        "baselines": {name: {"bleu": scores[name]["bleu"], "chrf": scores[name]["chrf"]}  # evaluate.baselines' order
+                      for name in baselines if name in scores},
+        "bleu_ci95": model_scores.get("bleu_ci95"),
+        "n_sentences": n_sentences,
         "hit_max_new_tokens": limits["model"],
-        "baselines": {
-            name: {k: v for k, v in s.items() if not k.endswith("_signature")}
-            | ({"hit_max_new_tokens": limits[name]} if name in limits else {})
-            for name, s in scores.items()
-            if name != "model"
-        },
     }
     if metrics["bleu_ci95"] is None:
         del metrics["bleu_ci95"]
@@ -190,6 +186,7 @@ def main(argv=None) -> None:
     parser.add_argument("--base-outputs", type=Path, default=None,
                         help="data/evaluate/base_outputs.jsonl: the evaluate_base stage's outputs (needed for baseline base)")
     parser.add_argument("--params", type=Path, default=None, help="read params.yaml directly instead of through DVC")
+    parser.add_argument("--check-params", action="store_true", help="only check the parameters, then exit (the check_params stage)")
     args = parser.parse_args(argv)
     for path, directory in ((args.metrics, False), (args.hypotheses, False), (args.out_dir, True)):
         check_output_path(path, directory=directory)  # before the model runs, not after
@@ -198,6 +195,8 @@ def main(argv=None) -> None:
                  **{f"--out-dir {name}": args.out_dir / name for name in OUT_DIR_FILES}}, dirs=["--model"])
 
     p = check_evaluate_params(load_params("evaluate", args.params))
+    if args.check_params:
+        return
     if distributed.relaunched("stages.evaluate", "evaluate.num_gpus", p["num_gpus"], argv,
                               quiet=[log, models.log, generation.log]):
         return
@@ -240,7 +239,12 @@ def main(argv=None) -> None:
         systems["copy"] = list(sources)  # already through the clean stage
 
     scores = {name: score(hyps, references, p["bootstrap_resamples"]) for name, hyps in systems.items()}
-    metrics = metrics_json(scores, limits, len(rows))
+    metrics = metrics_json(scores, limits, len(rows), p["baselines"])
+    score_rows = [(name, {"n": len(rows), "bleu": s["bleu"], "bleu_low": (s.get("bleu_ci95") or {}).get("low", ""),
+                          "bleu_high": (s.get("bleu_ci95") or {}).get("high", ""), "chrf": s["chrf"],
+                          "hit_max_new_tokens": limits.get(name, ""), "bleu_signature": s["bleu_signature"],
+                          "chrf_signature": s["chrf_signature"]})
+                  for name, s in scores.items()]
     for name, s in scores.items():
         log.info("%-5s BLEU %6.2f  chrF %6.2f", name, s["bleu"], s["chrf"])
 
@@ -258,15 +262,17 @@ def main(argv=None) -> None:
 
     hypothesis_rows = hypotheses_with_provenance(rows, systems, chrf)
 
-    # the five outputs change together or not at all (a failure while writing leaves the last good ones)
+    # the six outputs change together or not at all (a failure while writing leaves the last good ones)
     outputs = [args.hypotheses, *(args.out_dir / name for name in OUT_DIR_FILES), args.metrics]
-    with atomic_outputs(*outputs) as (hypotheses_tmp, book_tmp, length_tmp, samples_tmp, metrics_tmp):
+    with atomic_outputs(*outputs) as (hypotheses_tmp, book_tmp, length_tmp, scores_tmp, samples_tmp, metrics_tmp):
         write_jsonl(hypotheses_tmp, hypothesis_rows)
         write_text(book_tmp, to_csv("book", book_rows))
         write_text(length_tmp, to_csv("length", length_rows))
+        write_text(scores_tmp, to_csv("system", score_rows))
         write_text(samples_tmp, samples)
         write_json(metrics_tmp, metrics)
-    log.info("wrote %s, %s/{by_book.csv,by_length.csv,samples.md}, %s", args.metrics, args.out_dir, args.hypotheses)
+    log.info("wrote %s, %s/{by_book.csv,by_length.csv,scores.csv,samples.md}, %s", args.metrics, args.out_dir,
+             args.hypotheses)
 
 
 if __name__ == "__main__":

@@ -47,12 +47,15 @@ def main(argv=None) -> None:
     parser.add_argument("--base", required=True, type=Path, help="models/base (written by the base stage)")
     parser.add_argument("--out", required=True, type=Path, help="data/evaluate/base_outputs.jsonl")
     parser.add_argument("--params", type=Path, default=None, help="read params.yaml directly instead of through DVC")
+    parser.add_argument("--check-params", action="store_true", help="only check the parameters, then exit (the check_params stage)")
     args = parser.parse_args(argv)
     check_output_path(args.out)  # before the model runs, not after
     check_paths({"--test": args.test, "--base": args.base, "--params": args.params}, {"--out": args.out}, dirs=["--base"])
     names = [f"evaluate.{k}" for k in BASE_KEYS] + ["train.model", "train.chat_template", "train.backend"]
     params = load_sections("evaluate_base", names, args.params)
     p = check_params({k: params["evaluate"][k] for k in BASE_KEYS}, {k: EVALUATE_SCHEMA[k] for k in BASE_KEYS}, "evaluate")
+    if args.check_params:
+        return
     train = params["train"]
     argv = sys.argv[1:] if argv is None else list(argv)
     if "base" in p["baselines"] and distributed.relaunched("stages.evaluate_base", "evaluate.num_gpus", p["num_gpus"], argv,

@@ -146,12 +146,20 @@ def save_hf(model, tokenizer, cfg: dict, dtype_name: str, model_dir: Path, out: 
 def export_gguf(hf_dir: Path, out: Path, p: dict, tokenizer, cfg: dict) -> list[dict]:
     """model.gguf (+ model-<Q>.gguf), a Modelfile for each, and beside them what translate reads (the
     tokenizer and training_config.json). Returns [{file, type, bytes, seconds}]."""
+    from tqdm.auto import tqdm
+
     outtype = {"bf16": "bf16", "fp16": "f16"}[p["dtype"]] if p["gguf_outtype"] == "auto" else p["gguf_outtype"]
-    info = gguf.convert(hf_dir, out / "model.gguf", outtype)
-    files = [{"file": "model.gguf", "type": outtype.upper(), "bytes": info["bytes"], "seconds": info["seconds"]}]
-    for q in quantize_list(p["gguf_quantize"]):
-        info = gguf.quantize(out / "model.gguf", out / f"model-{q}.gguf", q)
-        files.append({"file": f"model-{q}.gguf", "type": q, "bytes": info["bytes"], "seconds": info["seconds"]})
+    wanted = quantize_list(p["gguf_quantize"])
+    # one bar over the files: the conversion takes seconds (a subprocess), each quantisation a second or two
+    with tqdm(total=1 + len(wanted), desc=f"GGUF: model.gguf ({outtype})", unit="file") as bar:
+        info = gguf.convert(hf_dir, out / "model.gguf", outtype)
+        files = [{"file": "model.gguf", "type": outtype.upper(), "bytes": info["bytes"], "seconds": info["seconds"]}]
+        bar.update(1)
+        for q in wanted:
+            bar.set_description(f"GGUF: model-{q}.gguf")
+            info = gguf.quantize(out / "model.gguf", out / f"model-{q}.gguf", q)
+            files.append({"file": f"model-{q}.gguf", "type": q, "bytes": info["bytes"], "seconds": info["seconds"]})
+            bar.update(1)
     fmt = cfg["prompt"]["format"]  # Ollama gets one sentence at a time: no context sentences
     for f in files:
         name = "Modelfile" if f["file"] == "model.gguf" else f"Modelfile.{f['type']}"

@@ -70,12 +70,15 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, help="directory for train/valid/test.jsonl")
     parser.add_argument("--report", required=True, help="JSON report to write")
     parser.add_argument("--params", default=None, help="params.yaml to read instead of DVC's (tests, benchmarks)")
+    parser.add_argument("--check-params", action="store_true", help="only check the parameters, then exit (the check_params stage)")
     args = parser.parse_args(argv)
     check_paths({**{f"--split-dir {s}.parquet": Path(args.split_dir) / f"{s}.parquet" for s in SPLITS}, "--params": args.params},
                 {**{f"--out {s}.jsonl": Path(args.out) / f"{s}.jsonl" for s in SPLITS}, "--report": args.report})
 
     params = check_params(load_params("format", args.params), SCHEMA, "format")
     check_templates(params)
+    if args.check_params:
+        return
     from tqdm import tqdm
 
     frames = {s: read_pairs(Path(args.split_dir) / f"{s}.parquet", "split") for s in SPLITS}

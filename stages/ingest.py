@@ -55,11 +55,11 @@ from pathlib import Path
 from wenyan import archives
 from wenyan.errors import get_logger, PipelineError, run_main
 from wenyan.files import PAIR_COLUMNS, atomic_outputs, check_paths, write_json
-from wenyan.params import check_entry, check_params, ListOf, load_params, Str
+from wenyan.params import check_entry, check_params, load_params, Param, Str
 
 log = get_logger("ingest")
 
-SCHEMA = {"sources": ListOf(dict), "on_misaligned": Str("error", "skip")}  # values and comments: params.yaml
+SCHEMA = {"sources": Param((dict, list)), "on_misaligned": Str("error", "skip")}  # sources: {name: {path, ...}} or a list  # values and comments: params.yaml
 SOURCE_DEFAULTS = {
     "path": "",
     "format": "niutrans",  # niutrans | tsv | jsonl
@@ -532,22 +532,41 @@ def check_sources(params: dict) -> list[dict]:
     """Validate every ingest.sources entry before reading anything."""
     if params["on_misaligned"] not in ("error", "skip"):
         raise PipelineError(f"params.yaml 'ingest.on_misaligned' should be error or skip, got {params['on_misaligned']!r}")
-    if not isinstance(params["sources"], list) or not params["sources"]:
-        raise PipelineError("params.yaml 'ingest.sources' should be a non-empty list of {path, format, ...}")
+    given = params["sources"]
+    if isinstance(given, dict):  # {name: {path, format, ...}}: the name in pair ids; flat columns in `dvc exp show`
+        entries = []
+        for name, entry in given.items():
+            if str(name).isdigit():  # `-S ingest.sources.0.path=...` from the days of a list: it would add a source
+                raise PipelineError(f"params.yaml 'ingest.sources.{name}': sources are keyed by name (ingest.sources."
+                                    f"{next((str(k) for k in given if not str(k).isdigit()), 'NAME')}.path=...), not by "
+                                    f"list index; a number as a source name is refused")
+            if not isinstance(entry, dict) or "name" in entry:
+                raise PipelineError(f"params.yaml 'ingest.sources.{name}' should be a mapping of path, format, books, "
+                                    f"encoding (its name is the key)")
+            entries.append({**entry, "name": str(name)})
+        keys = [str(name) for name in given]
+    elif isinstance(given, list):
+        entries, keys = given, [f"[{i}]" for i in range(len(given))]
+    else:
+        entries = keys = []
+    if not entries:
+        raise PipelineError("params.yaml 'ingest.sources' should be a non-empty mapping of name: {path, format, ...} "
+                            "(or a list of {path, format, ...})")
     sources = []
-    for i, entry in enumerate(params["sources"]):
-        src = check_entry(entry, SOURCE_DEFAULTS, f"ingest.sources[{i}]")
+    for key, entry in zip(keys, entries):
+        where = f"ingest.sources{key}" if key.startswith("[") else f"ingest.sources.{key}"
+        src = check_entry(entry, SOURCE_DEFAULTS, where)
         if not src["path"]:
-            raise PipelineError(f"params.yaml 'ingest.sources[{i}]' has no path")
+            raise PipelineError(f"params.yaml '{where}' has no path")
         if src["format"] not in FORMATS:
             raise PipelineError(
-                f"params.yaml 'ingest.sources[{i}].format' should be one of {', '.join(FORMATS)}, got {src['format']!r}"
+                f"params.yaml '{where}.format' should be one of {', '.join(FORMATS)}, got {src['format']!r}"
             )
-        archives.check_encoding(src["encoding"], f"ingest.sources[{i}]", src["path"])
+        archives.check_encoding(src["encoding"], where, src["path"])
         if not isinstance(src["books"], list) or not all(isinstance(b, str) for b in src["books"]):
-            raise PipelineError(f"params.yaml 'ingest.sources[{i}].books' should be a list of book names")
+            raise PipelineError(f"params.yaml '{where}.books' should be a list of book names")
         if not Path(src["path"]).exists():
-            raise PipelineError(f"{src['path']}: not found (params.yaml ingest.sources[{i}].path)")
+            raise PipelineError(f"{src['path']}: not found (params.yaml {where}.path)")
         src["name"] = src["name"] or corpus_name(src["path"])
         sources.append(src)
     return sources
@@ -643,10 +662,14 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, help="pairs parquet to write")
     parser.add_argument("--report", required=True, help="JSON report to write")
     parser.add_argument("--params", default=None, help="params.yaml to read instead of DVC's (tests, benchmarks)")
+    parser.add_argument("--check-params", action="store_true", help="only check the parameters, then exit (the check_params stage)")
     args = parser.parse_args(argv)
 
     params = check_params(load_params("ingest", args.params), SCHEMA, "ingest")
     sources = check_sources(params)
+    if args.check_params:
+        return
+
     check_paths({**{f"ingest.sources[{i}].path": s["path"] for i, s in enumerate(sources)}, "--params": args.params},
                 {"--out": args.out, "--report": args.report},
                 dirs=[f"ingest.sources[{i}].path" for i, s in enumerate(sources) if s["format"] == "niutrans"])

@@ -454,12 +454,20 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, help="model directory to write (models/pretrain)")
     parser.add_argument("--reports", required=True, help="report directory (reports/pretrain)")
     parser.add_argument("--params", help="read this params.yaml instead of asking DVC (tests, benchmarks)")
+    parser.add_argument("--check-params", action="store_true", help="only check the parameters, then exit (the check_params stage)")
     args = parser.parse_args(argv)
     for path in (args.out, args.reports):
         check_output_path(path, directory=True)
     params = load_sections("pretrain", ["pretrain", "clean.opencc"], args.params)
     cfg = resolve_config(params["pretrain"])
     reason = is_passthrough(cfg)
+    if args.check_params:
+        text.make_converter(params["clean"]["opencc"])  # a clean.opencc typo fails here too
+        if not reason:  # a pass-through reads no source and trains nothing: its sources and names are not used
+            check_sources(cfg)
+            micro_batch_rows(cfg)  # batch_tokens a multiple of max_seq_length x gradient_accumulation_steps
+            sft.check_trainer_names(cfg, "pretrain")  # transformers' scheduler and optimizer names
+        return
     if reason:
         passthrough(reason, Path(args.out), Path(args.reports))
         return

@@ -87,12 +87,15 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, help="directory for train/valid/test.parquet")
     parser.add_argument("--report", required=True, help="JSON report to write")
     parser.add_argument("--params", default=None, help="params.yaml to read instead of DVC's (tests, benchmarks)")
+    parser.add_argument("--check-params", action="store_true", help="only check the parameters, then exit (the check_params stage)")
     args = parser.parse_args(argv)
     check_paths({"--pairs": args.pairs, "--params": args.params},
                 {**{f"--out {s}.parquet": Path(args.out) / f"{s}.parquet" for s in SPLITS}, "--report": args.report})
 
     params = check_params(load_params("split", args.params), SCHEMA, "split")
     check_split_params(params)
+    if args.check_params:
+        return
 
     df = read_pairs(args.pairs, "clean")
     available = sorted(set(df["book"].unique()))

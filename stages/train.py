@@ -169,7 +169,8 @@ def resolve_prompt(fmt: dict, opencc) -> dict:
 
 def read_rows(cfg: dict, train_path, valid_path) -> tuple[list[dict], list[dict]]:
     """The training rows (train.max_train_samples: a seeded sample kept in file order, so a quick run still
-    covers every book) and the first train.eval_samples validation rows."""
+    covers every book) and the first train.eval_samples validation rows. With train.max_steps, steps_examples
+    then tokenises only the rows of these that the steps train on."""
     train_rows = read_jsonl(train_path)
     if cfg["max_train_samples"] and cfg["max_train_samples"] < len(train_rows):
         import random
@@ -197,24 +198,79 @@ def resume_point(cfg: dict, checkpoints: Path, identity: dict | None = None) -> 
     return resume_from
 
 
-def build_datasets(tokenizer, cfg: dict, train_rows, valid_rows, train_path, valid_path):
-    """Tokenized train and valid examples with their stats (build_examples)."""
-    train_examples, train_stats = sft.build_examples(tokenizer, train_rows, cfg["max_seq_length"], str(train_path))
-    if not train_examples:
-        raise PipelineError(f"{train_path}: every example was dropped by truncation; raise train.max_seq_length")
-    valid_examples, valid_stats = (
-        sft.build_examples(tokenizer, valid_rows, cfg["max_seq_length"], str(valid_path)) if valid_rows else ([], None)
-    )
-    return train_examples, train_stats, valid_examples, valid_stats
+SAMPLE_ROWS = 256  # rows tokenised to size the micro-batch when train.max_steps bounds the run (steps_examples)
 
 
-def batch_plan(cfg: dict, backend: str, model, examples: list[dict], dtype, on_gpu: bool) -> dict:
+def steps_examples(tokenizer, cfg: dict, rows: list[dict], source: str) -> tuple[list[dict], dict, int | None]:
+    """The tokenised training examples: only those the run trains on.
+
+    With train.max_steps > 0 a run sees max_steps x gradient_accumulation_steps micro-batches, so only that many
+    rows are tokenised (the CPU default: 30 steps of a few rows, not all 28,764 pairs), drawn in a fixed order:
+    the rows shuffled with train.seed, a run taking a prefix of it, kept in file order. The micro-batch size
+    (train.batch_tokens / mean example length) comes from the first SAMPLE_ROWS rows of that order, tokenised
+    first; a row dropped by truncation is replaced by the next one. With max_steps 0 (epochs) every row is
+    tokenised, as every row is trained on. Returns (examples, stats, global rows a micro-batch, or None when the
+    batch plan takes it from the examples)."""
+    import random
+
+    if cfg["max_steps"] <= 0:
+        examples, stats = sft.build_examples(tokenizer, rows, cfg["max_seq_length"], source)
+        if not examples:
+            raise PipelineError(f"{source}: every example was dropped by truncation; raise train.max_seq_length")
+        return examples, stats, None
+    order = list(range(len(rows)))
+    random.Random(cfg["seed"]).shuffle(order)
+    results: dict[int, tuple] = {}
+
+    def tokenize(indices: list[int]) -> None:
+        for i, result in zip(indices, sft.tokenize_rows(tokenizer, [rows[i] for i in indices], cfg["max_seq_length"], source)):
+            results[i] = result
+
+    position = min(len(order), SAMPLE_ROWS) if cfg["batch_tokens"] > 0 else 0
+    tokenize(order[:position])
+    lengths = [len(r[0]["input_ids"]) for r in results.values() if r[0] is not None]
+    global_rows = sft.rows_per_batch(lengths, cfg["batch_tokens"], cfg["batch_size"])
+    processes = world()[2]
+    needed = cfg["max_steps"] * cfg["gradient_accumulation_steps"] * -(-global_rows // processes) * processes
+    kept = [i for i in order[:position] if results[i][0] is not None]
+    while len(kept) < needed and position < len(order):  # beyond the sample, or in place of dropped rows
+        batch = order[position : position + needed - len(kept)]
+        position += len(batch)
+        tokenize(batch)
+        kept += [i for i in batch if results[i][0] is not None]
+    chosen = sorted(kept[:needed])  # file order, as a run over all rows
+    examples = [results[i][0] for i in chosen]
+    if not examples:
+        raise PipelineError(f"{source}: every example was dropped by truncation; raise train.max_seq_length")
+    stats = {
+        "rows": position,  # tokenised
+        "rows_in_split": len(rows),
+        "retokenized_at_reply": sum(results[i][2] for i in chosen),
+        "examples": len(examples),
+        "dropped_truncation": sum(1 for r in results.values() if r[0] is None),
+        "truncated_kept": sum(results[i][1] for i in chosen),
+        "tokens": sum(len(e["input_ids"]) for e in examples),
+        "completion_tokens": sum(sum(e["completion_mask"]) for e in examples),
+    }
+    log.info("%s: tokenised %d of %d rows for train.max_steps %d (x %d rows a micro-batch x %d accumulation "
+             "steps): %d examples (%d dropped at max_seq_length %d); %d tokens, %d of them trained",
+             source, position, len(rows), cfg["max_steps"], global_rows, cfg["gradient_accumulation_steps"],
+             len(examples), stats["dropped_truncation"], cfg["max_seq_length"], stats["tokens"],
+             stats["completion_tokens"])
+    return examples, stats, global_rows
+
+
+def batch_plan(cfg: dict, backend: str, model, examples: list[dict], dtype, on_gpu: bool,
+               global_rows: int | None = None) -> dict:
     """Rows a micro-batch per process, padding-free or not, the optimizer; logged in one line. The micro-batch
-    is global: each DDP process takes its share, so a step sees the same rows whatever train.num_gpus is."""
+    is global: each DDP process takes its share, so a step sees the same rows whatever train.num_gpus is.
+    global_rows: the micro-batch steps_examples sized the run with (else from these examples' lengths)."""
     processes = world()[2]
     lengths = [len(e["input_ids"]) for e in examples]
     mean_length = sum(lengths) / len(lengths)
-    rows = -(-sft.rows_per_batch(lengths, cfg["batch_tokens"], cfg["batch_size"]) // processes)
+    if global_rows is None:
+        global_rows = sft.rows_per_batch(lengths, cfg["batch_tokens"], cfg["batch_size"])
+    rows = -(-global_rows // processes)
     plan = {"rows": rows, "processes": processes, "mean_length": mean_length,
             "padding_free": sft.choose_padding_free(cfg, backend, model),
             "optim": cfg["optim"] if cfg["optim"] != "auto" else ("adamw_8bit" if on_gpu else "adamw_torch")}
@@ -310,9 +366,10 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
     dtype = models.resolve_dtype(cfg, backend)
     model, tokenizer, loaded = models.load_for_training(cfg, backend, dtype, on_gpu, train_rows)
     sft.check_fsdp_tokens(cfg, loaded["added_tokens"])
-    train_examples, train_stats, valid_examples, valid_stats = build_datasets(
-        tokenizer, cfg, train_rows, valid_rows, train_path, valid_path)
-    plan = batch_plan(cfg, backend, model, train_examples, dtype, on_gpu)
+    train_examples, train_stats, global_rows = steps_examples(tokenizer, cfg, train_rows, str(train_path))
+    valid_examples, valid_stats = (
+        sft.build_examples(tokenizer, valid_rows, cfg["max_seq_length"], str(valid_path)) if valid_rows else ([], None))
+    plan = batch_plan(cfg, backend, model, train_examples, dtype, on_gpu, global_rows)
 
     # this run's reports grow there (dvclive writes as training goes) until they replace `reports` at the end
     staging = staging_path(reports)
@@ -326,7 +383,7 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
     trainer = trainer_ref["trainer"] = sft.build_trainer(
         model, tokenizer, train_examples, valid_examples, cfg, rows=plan["rows"], padding_free=plan["padding_free"],
         dtype=dtype, optim=plan["optim"], gradient_checkpointing=backend == "hf" and bool(loaded["gradient_checkpointing"]),
-        output_dir=checkpoints, callbacks=[live_callback, *callbacks],
+        output_dir=checkpoints, callbacks=[live_callback, sft.make_progress_callback(), *callbacks],
     )
     if cfg["fsdp"] and not trainer.is_fsdp_enabled:  # never a silent DDP run in its place
         raise PipelineError("train.fsdp is true but accelerate did not turn FSDP on")
@@ -356,25 +413,35 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
     return summary
 
 
+# The run's measurements: how long, how fast, how much memory, on what. They are the one part of a run that is
+# not a function of its deps and params, so they go into metrics.json only (`cache: false`, nothing depends on
+# it), never into summary.json or the model (DVC-cached outputs that must hash the same in every clone).
+MEASUREMENTS = ("device", "train_time_s", "train_time_with_evals_s", "wall_time_s", "tokens_per_s",
+                "completion_tokens_per_s", "peak_memory_mib", "peak_memory_kind")
+
+
 def write_reports(staging: Path, reports: Path, summary: dict) -> None:
-    """summary.json and the headline metrics.json beside dvclive's plots, then the staging directory replaces
-    reports/train: a run that failed before this point leaves the last good reports as they were."""
+    """summary.json (what the run did: a function of its inputs) and metrics.json (the headline numbers and the
+    measurements) beside dvclive's plots, then the staging directory replaces reports/train: a run that failed
+    before this point leaves the last good reports as they were."""
     with staged_dir(reports, "train", "--reports", signature=REPORTS_SIGNATURE, staging=staging):
-        write_json(staging / REPORTS_SIGNATURE, summary)  # without dvclive only these two go there
+        write_json(staging / REPORTS_SIGNATURE, {k: v for k, v in summary.items() if k not in MEASUREMENTS})
         write_json(staging / "metrics.json", headline_metrics(staging / "metrics.json", summary))
 
 
 def headline_metrics(live_summary: Path, summary: dict) -> dict:
     """reports/train/metrics.json, what `dvc metrics diff` and `dvc exp show` compare: the final train and eval
-    loss (dvclive's last values), the step, the run's trained tokens/s and wall time. The learning rate and the
+    loss (dvclive's last values) and the step, then the run's measurements (MEASUREMENTS: tokens/s, training and
+    wall time, peak memory (peak_memory_kind: max RSS on CPU, torch's peak allocation per GPU), the device). The learning rate and the
     per-interval tokens/s stay in the plots (a metric train.learning_rate would also crowd out the param of
     that name in `dvc exp show`); everything else is in summary.json."""
     live = json.loads(live_summary.read_text(encoding="utf-8")) if live_summary.is_file() else {}
     metrics = {"train": {"loss": summary["final_train_loss"]}}
     if summary["final_eval_loss"] is not None:
         metrics["eval"] = {"loss": summary["final_eval_loss"]}
-    return {**metrics, "step": live.get("step", summary["steps"]), "tokens_per_s": summary["tokens_per_s"],
-            "wall_time_s": summary["wall_time_s"]}
+    return {**metrics, "step": live.get("step", summary["steps"]),
+            **{k: summary[k] for k in ("tokens_per_s", "completion_tokens_per_s", "train_time_s", "train_time_with_evals_s",
+                                       "wall_time_s", "peak_memory_mib", "peak_memory_kind", "device")}}
 
 
 def save_output(model, tokenizer, resolved: dict, out: Path, state_dict: dict | None = None) -> None:
@@ -388,9 +455,22 @@ def save_output(model, tokenizer, resolved: dict, out: Path, state_dict: dict | 
         kwargs["state_dict"] = state_dict
     with staged_dir(out, "train", signature=OUT_SIGNATURE) as tmp:
         model.save_pretrained(str(tmp), **kwargs)
+        sort_adapter_config(tmp / "adapter_config.json")
         tokenizer.save_pretrained(str(tmp))
         write_json(tmp / OUT_SIGNATURE, resolved)
     log.info("saved the %s to %s", resolved["saved"], out)
+
+
+def sort_adapter_config(path: Path) -> None:
+    """peft keeps target_modules as a set and writes it in set order, which differs from process to process
+    (string hashing is salted): sorted, adapter_config.json and so models/adapter hash the same in every run."""
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    for key in ("target_modules", "modules_to_save", "exclude_modules"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
 
 
 def main(argv=None) -> None:
@@ -403,6 +483,7 @@ def main(argv=None) -> None:
     parser.add_argument("--base", help="the pretrain stage's output (models/pretrain): train starts from its model, "
                                        "or from train.model where it is a pass-through; without it, from train.model")
     parser.add_argument("--params", help="read this params.yaml instead of asking DVC (tests, benchmarks)")
+    parser.add_argument("--check-params", action="store_true", help="only check the parameters, then exit (the check_params stage)")
     args = parser.parse_args(argv)
     for path in (args.out, args.checkpoints, args.reports):
         check_output_path(path, directory=True)  # before training, not after
@@ -411,6 +492,10 @@ def main(argv=None) -> None:
                 dirs=["--base"])
     params = load_sections("train", ["train", "format", "clean.opencc"], args.params)
     cfg = resolve_config(params["train"])
+    if args.check_params:
+        resolve_prompt(params["format"], params["clean"]["opencc"])
+        sft.check_trainer_names(cfg, "train")  # transformers' scheduler and optimizer names (this process ends here)
+        return
     if args.base:
         cfg = use_pretrained(cfg, args.base)
     location, gguf_file = models.resolve_model(cfg["model"])

@@ -11,6 +11,8 @@ import json
 import re
 from pathlib import Path
 
+import sys
+
 import pytest
 
 from wenyan import gguf
@@ -420,3 +422,19 @@ def test_translate_and_export_gguf_errors(tmp_path, monkeypatch):
     with pytest.raises(PipelineError, match=r"export.gguf is true but llama-cpp-python not installed; pip install -e '.\[gguf\]'"):
         export.main(["--model", str(adapter), "--out", str(tmp_path / "o"), "--report", str(tmp_path / "r.json"),
                      "--params", str(write_params(tmp_path / "params.yaml", gguf=True))])
+
+
+def test_the_llama_cpp_build_shows_its_progress(tmp_path, capsys):
+    """tools.gguf setup --build: the build tool's own progress (make's [ 45%], ninja's [57/160]) moves a bar;
+    a failing build is one error line with the build's last line. A stand-in command prints what pip -v prints."""
+    assert gguf.build_progress("[ 45%] Building CXX object vendor/llama.cpp/ggml.c.o") == 45
+    assert gguf.build_progress("[57/160] Building C object ggml-cpu.c.o") == 100 * 57 / 160
+    assert gguf.build_progress("  Running command Building wheel") is None
+    script = tmp_path / "fake_pip.py"
+    script.write_text("import sys\nfor p in (10, 50, 99):\n    print(f'[ {p}%] Building CXX object x.o', flush=True)\n"
+                      "sys.exit(int(sys.argv[1]))\n")
+    gguf.build("0.0", cmd=[sys.executable, str(script), "0"])
+    err = capsys.readouterr().err
+    assert "building llama-cpp-python 0.0" in err and "100%" in err and "elapsed" in err
+    with pytest.raises(PipelineError, match=r"building llama-cpp-python==0.0 failed \(exit 3\): \[ 99%\] Building"):
+        gguf.build("0.0", cmd=[sys.executable, str(script), "3"])

@@ -275,6 +275,20 @@ def test_several_sources_and_name_clash(tmp_path, make_corpus, write_params):
     assert len(df) == 2 * N_PAIRS and [s["corpus"] for s in report["sources"]] == ["corp", "corp2"]
 
 
+def test_sources_as_a_mapping_by_name(tmp_path, make_corpus, write_params):
+    """params.yaml's form (flat columns in `dvc exp show`): {name: {path, format, ...}}, the key the corpus name."""
+    corpus = make_corpus("corp")
+    df, report = run_ingest(tmp_path, write_params, {"my-corpus": {"path": str(corpus), "format": "niutrans"}})
+    assert len(df) == N_PAIRS and report["sources"][0]["corpus"] == "my-corpus"
+    assert df["id"].str.startswith("my-corpus/").all()
+    with pytest.raises(PipelineError, match="ingest.sources.x.format' should be one of"):
+        run_ingest(tmp_path, write_params, {"x": {"path": str(corpus), "format": "csv"}})
+    # an old `-S ingest.sources.0.path=...` on the mapping would add a source "0" beside the shipped one: refused
+    with pytest.raises(PipelineError, match=r"ingest.sources.0': sources are keyed by name \(ingest.sources.my-corpus.path"):
+        run_ingest(tmp_path, write_params, {"my-corpus": {"path": str(corpus), "format": "niutrans"},
+                                            "0": {"path": str(corpus)}})
+
+
 @pytest.mark.bad_input
 @pytest.mark.parametrize(
     "ingest_params, message",
@@ -285,7 +299,7 @@ def test_several_sources_and_name_clash(tmp_path, make_corpus, write_params):
         ({"sources": [{"path": "x", "fromat": "tsv"}]}, "did you mean 'format'"),
         ({"sources": [{"path": "does/not/exist"}]}, "does/not/exist: not found"),
         ({"sources": [{"path": ".", "encoding": "utf-9"}]}, "unknown encoding 'utf-9'"),
-        ({"sources": []}, "non-empty list"),
+        ({"sources": []}, "non-empty mapping"),
     ],
 )
 def test_bad_params_are_clear_errors(tmp_path, write_params, ingest_params, message):

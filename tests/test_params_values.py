@@ -46,6 +46,8 @@ def stage_checks(stage: str, section: dict, model_dir: str) -> None:
         split.check_split_params(check_params(section, split.SCHEMA, "split"))
     elif stage == "format":
         check_templates(check_params(section, format.SCHEMA, "format"))
+    elif stage == "ingest":  # sources: a mapping by name or a list, checked entry by entry
+        ingest.check_sources(check_params(section, ingest.SCHEMA, "ingest"))
     else:
         check_params(section, SCHEMAS[stage], stage)
 

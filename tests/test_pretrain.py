@@ -93,11 +93,12 @@ def params(source, **overrides) -> dict:
 
 def run(project, tmp_path, name="run", **overrides):
     source = overrides.pop("source", project["mono"])
+    check = ["--check-params"] if overrides.pop("check_params", False) else []
     out = tmp_path / name
     out.mkdir(parents=True, exist_ok=True)
     (out / "params.yaml").write_text(yaml.safe_dump(params(source, **overrides), allow_unicode=True), encoding="utf-8")
     stage.main(["--base", str(project["base"]), "--split-dir", str(project["split"]), "--out", str(out / "pretrain"),
-                "--reports", str(out / "reports"), "--params", str(out / "params.yaml")])
+                "--reports", str(out / "reports"), "--params", str(out / "params.yaml"), *check])
     return out / "pretrain", out / "reports"
 
 
@@ -296,3 +297,20 @@ def test_unsloth_backend_pretrains(project, tmp_path):
     assert summary["backend"] == "unsloth" and summary["steps"] == 3 and math.isfinite(summary["final_loss"])
     assert summary["trainable_params"] == summary["total_params"] and summary["added_tokens"] > 0
     assert modeling.resolve_pretrained(out / "m", project["model"])[0] == str(out / "m")
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("overrides, message", [
+    ({"batch_tokens": 48}, r"pretrain.batch_tokens 48 must be a multiple of pretrain.max_seq_length x"),
+    ({"sources": [{"path": "/nonexistent.tar.xz"}]}, r"/nonexistent.tar.xz: not found \(params.yaml pretrain.sources\[0\].path\)"),
+    ({"optim": "adamw_nonesuch"}, r"pretrain.optim"),
+])
+def test_check_params_fails_like_the_run_and_writes_nothing(project, tmp_path, overrides, message):
+    """--check-params (the check_params stage): the run's parameter checks, then exit before reading any input."""
+    with pytest.raises(PipelineError, match=message):
+        run(project, tmp_path, check_params=True, **overrides)
+    assert not (tmp_path / "run" / "pretrain").exists() and not (tmp_path / "run" / "reports").exists()
+    out, reports = run(project, tmp_path, "good", check_params=True)
+    assert not out.exists() and not reports.exists()
+    # a pass-through reads no source: its sources are not checked
+    run(project, tmp_path, "off", check_params=True, enabled=False, sources=[{"path": "/nonexistent.tar.xz"}])

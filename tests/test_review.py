@@ -20,12 +20,18 @@ ROOT = Path(__file__).resolve().parents[1]
 SIGNATURE = "nrefs:1|bs:1000|seed:12345|case:mixed|eff:no|tok:zh|smooth:exp|version:2.6.0"
 
 
+CHRF_SIGNATURE = "nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no|version:2.6.0"
+
+
 def metrics(bleu, chrf, base_bleu=2.0, n=200, signature=SIGNATURE):
+    """reports/metrics.json as the evaluate stage writes it, plus scores.csv (the signatures) under "_scores"."""
     return {
-        "n_sentences": n, "bleu": bleu, "bleu_ci95": {"low": bleu - 1.5, "high": bleu + 1.5}, "chrf": chrf,
-        "bleu_signature": signature, "chrf_signature": "nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no|version:2.6.0",
-        "hit_max_new_tokens": 3,
+        "bleu": bleu, "chrf": chrf,
         "baselines": {"copy": {"bleu": 5.0, "chrf": 10.0}, "base": {"bleu": base_bleu, "chrf": 8.0}},
+        "bleu_ci95": {"low": bleu - 1.5, "high": bleu + 1.5}, "n_sentences": n, "hit_max_new_tokens": 3,
+        "_scores": ("system,n,bleu,bleu_low,bleu_high,chrf,hit_max_new_tokens,bleu_signature,chrf_signature\n"
+                    f"model,{n},{bleu},{bleu - 1.5},{bleu + 1.5},{chrf},3,{signature},{CHRF_SIGNATURE}\n"
+                    f"copy,{n},5.0,4.0,6.0,10.0,,{signature},{CHRF_SIGNATURE}\n"),
     }
 
 
@@ -40,23 +46,31 @@ def git(repo, *args):
 
 def write(repo: Path, metrics_obj: dict, books: str, lengths: str) -> None:
     (repo / "reports" / "evaluate").mkdir(parents=True, exist_ok=True)
+    metrics_obj = dict(metrics_obj)
+    scores = metrics_obj.pop("_scores", None)
     (repo / "reports" / "metrics.json").write_text(json.dumps(metrics_obj, ensure_ascii=False), encoding="utf-8")
+    if scores is not None:
+        (repo / "reports" / "evaluate" / "scores.csv").write_text(scores, encoding="utf-8")
     (repo / "reports" / "evaluate" / "by_book.csv").write_text(books, encoding="utf-8")
     (repo / "reports" / "evaluate" / "by_length.csv").write_text(lengths, encoding="utf-8")
 
 
 @pytest.fixture
 def repo(tmp_path, monkeypatch):
-    """git init + dvc init; dvc.yaml = this project's evaluate stage and plots; two commits."""
+    """git init + dvc init; dvc.yaml = this project's evaluate stage (its plots) and plot templates; two commits."""
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # dvc of this venv
     monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
     for key, value in {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@e", "GIT_COMMITTER_NAME": "t",
                        "GIT_COMMITTER_EMAIL": "t@e"}.items():
         monkeypatch.setenv(key, value)
     project = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))
-    dvc_yaml = {"plots": project["plots"], "stages": {"evaluate": project["stages"]["evaluate"]}}
+    dvc_yaml = {"stages": {"evaluate": project["stages"]["evaluate"]}}
     git(tmp_path, "init", "-q")
     subprocess.run(["dvc", "init", "-q"], cwd=tmp_path, check=True)
+    import shutil
+
+    shutil.copytree(ROOT / ".dvc" / "plots", tmp_path / ".dvc" / "plots")
+    shutil.copy(ROOT / ".dvc" / "config", tmp_path / ".dvc" / "config")
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, allow_unicode=True), encoding="utf-8")
     lengths_old = "length,n,bleu,chrf\n1-10,50,12.0,18.0\n41+,20,6.0,15.0\n"
     write(tmp_path, metrics(10.0, 20.0), by_book([("论语", 40, 11.0, 21.0), ("史记", 60, 9.0, 19.0)]), lengths_old)
@@ -107,14 +121,17 @@ def test_review_against_the_workspace_and_signature_change(repo, capsys):
 
 
 def test_dvc_plots_diff_shows_both_revisions(repo):
-    """The plots declared in dvc.yaml render by_book.csv and by_length.csv for each revision."""
+    """The plots declared in dvc.yaml render by_book.csv, by_length.csv and scores.csv for each revision, as
+    grouped bars (.dvc/plots/scores_by_group.json: the model, copy and base side by side, a row per revision)."""
     done = subprocess.run(["dvc", "plots", "diff", "--json", "HEAD~1", "HEAD"], cwd=repo, check=True,
                           capture_output=True, text=True)
     data = json.loads(done.stdout)["data"]
-    assert {"bleu_by_book", "chrf_by_book", "bleu_by_length", "chrf_by_length"} <= set(data)
-    values = data["bleu_by_book"][0]["content"]["data"]["values"]
+    by_book = "reports/evaluate/by_book.csv"
+    assert {by_book, "reports/evaluate/by_length.csv", "reports/evaluate/scores.csv"} <= set(data)
+    spec = data[by_book][0]["content"]
+    values = spec["data"]["values"]
     assert {(v["rev"], v["book"], float(v["bleu"])) for v in values} >= {("HEAD~1", "论语", 11.0), ("HEAD", "论语", 14.0)}
-    assert data["bleu_by_book"][0]["content"]["mark"]["type"] == "bar"
+    assert spec["spec"]["mark"]["type"] == "bar" and spec["facet"]["row"]["field"] == "rev"
 
 
 def test_review_of_a_dvc_experiment_by_name(repo, capsys):

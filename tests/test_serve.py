@@ -218,3 +218,18 @@ def test_in_chromium_translate_two_sentences_then_the_runs_view(server, tiny_mod
         driver.quit()
     assert any(u.endswith("/runs") for u in urls) and len(urls) >= 3, urls  # the log really saw the page's requests
     assert not_local(urls, server) == [], f"the page asked for non-local URLs: {not_local(urls, server)}"
+
+
+def test_the_bleu_signature_comes_from_scores_csv_or_an_old_metrics_json(tmp_path):
+    new, old = tmp_path / "new", tmp_path / "old"
+    (new / "evaluate").mkdir(parents=True)
+    old.mkdir()
+    (new / "metrics.json").write_text(json.dumps({"bleu": 20.0, "chrf": 30.0, "baselines": {}}), encoding="utf-8")
+    (new / "evaluate" / "scores.csv").write_text(
+        "system,n,bleu,chrf,bleu_signature\ncopy,8,1.0,2.0,copy-sig\nmodel,8,20.0,30.0,nrefs:1|tok:zh|new\n",
+        encoding="utf-8")
+    (old / "metrics.json").write_text(json.dumps({"bleu": 10.0, "chrf": 20.0, "baselines": {},
+                                                  "bleu_signature": "nrefs:1|tok:zh|old"}), encoding="utf-8")
+    assert serve.load_run("new", new)["bleu_signature"] == "nrefs:1|tok:zh|new"  # the model's row, not copy's
+    assert serve.load_run("old", old)["bleu_signature"] == "nrefs:1|tok:zh|old"
+    assert "nrefs:1|tok:zh|new" in serve.runs_page([serve.load_run("new", new), serve.load_run("old", old)])

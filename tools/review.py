@@ -1,7 +1,8 @@
 """Review: what changed in the evaluation between two revisions, as Markdown for a pull request.
 
 Not a pipeline stage: it reads what the evaluate stage committed (reports/metrics.json through
-`dvc metrics diff`, reports/evaluate/by_book.csv and by_length.csv through `git show`) and prints
+`dvc metrics diff`, reports/evaluate/by_book.csv, by_length.csv and scores.csv (the BLEU/chrF signatures)
+through `git show`) and prints
 one Markdown comment: the metrics with old / new / delta, the model's gain over the base model, and
 per-book and per-length BLEU/chrF deltas. .github/workflows/metrics-diff.yml posts it on every PR.
 
@@ -149,8 +150,22 @@ def _num(text):
         return None
 
 
-def render(diff: dict, breakdowns: dict[str, tuple], old: str, new: str) -> str:
-    """The whole comment. breakdowns: {title: (key column, old rows, new rows)}."""
+def signatures(diff: dict, old_scores, new_scores) -> dict[str, tuple]:
+    """{bleu_signature: (old, new), chrf_signature: ...}: the model's row of reports/evaluate/scores.csv at each
+    revision, or, for a revision from before scores.csv, the signature metrics its metrics.json still had."""
+    found = {}
+    for name in SIGNATURES:
+        sides = []
+        for side, rows in (("old", old_scores), ("new", new_scores)):
+            model = next((r for r in rows or [] if r.get("system") == "model"), None)
+            sides.append(model.get(name) if model and model.get(name) else diff.get(name, {}).get(side))
+        if any(sides):
+            found[name] = tuple(sides)
+    return found
+
+
+def render(diff: dict, breakdowns: dict[str, tuple], old: str, new: str, sigs: dict | None = None) -> str:
+    """The whole comment. breakdowns: {title: (key column, old rows, new rows)}; sigs: signatures()."""
     out = [f"## Evaluation: `{old}` → `{new}`", ""]
     if not diff:
         out += ["No evaluation metrics at either revision (reports/metrics.json).", ""]
@@ -158,9 +173,10 @@ def render(diff: dict, breakdowns: dict[str, tuple], old: str, new: str) -> str:
     out += metrics_table(diff)
     out.append("")
     notes = []
+    sigs = sigs if sigs is not None else signatures(diff, None, None)
     for name in SIGNATURES:
-        if name in diff:
-            o, n = diff[name].get("old"), diff[name].get("new")
+        if name in sigs:
+            o, n = sigs[name]
             if o != n and o is not None and n is not None:
                 notes.append(f"⚠️ `{name}` changed (`{o}` → `{n}`): the scores are not directly comparable.")
             elif n is not None:
@@ -186,6 +202,7 @@ def main(argv=None) -> None:
     parser.add_argument("--metrics", default="reports/metrics.json")
     parser.add_argument("--by-book", default="reports/evaluate/by_book.csv")
     parser.add_argument("--by-length", default="reports/evaluate/by_length.csv")
+    parser.add_argument("--scores", default="reports/evaluate/scores.csv", help="per system, with the signatures")
     parser.add_argument("--out", type=Path, default=None, help="write the Markdown here (default: stdout)")
     parser.add_argument("--repo", type=Path, default=Path("."), help="repository root")
     args = parser.parse_args(argv)
@@ -201,7 +218,8 @@ def main(argv=None) -> None:
         "BLEU / chrF by source length (characters)": ("length", read_csv_at(old, args.by_length, args.repo),
                                                       read_csv_at(new, args.by_length, args.repo)),
     }
-    markdown = render(diff, breakdowns, args.old, args.new or WORKSPACE)
+    sigs = signatures(diff, read_csv_at(old, args.scores, args.repo), read_csv_at(new, args.scores, args.repo))
+    markdown = render(diff, breakdowns, args.old, args.new or WORKSPACE, sigs)
     if args.out:
         write_text(args.out, markdown)
     else:

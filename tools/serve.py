@@ -107,7 +107,17 @@ def load_run(name: str, folder: Path) -> dict | None:
         "eval loss": read_curve(folder / "train" / "plots" / "metrics" / "eval" / "loss.tsv"),
     }
     return {"name": name, "folder": str(folder), "metrics": metrics, "train": train, "summary": summary,
-            "by_book": read_csv(folder / "evaluate" / "by_book.csv"), "curves": curves}
+            "by_book": read_csv(folder / "evaluate" / "by_book.csv"), "curves": curves,
+            "bleu_signature": bleu_signature(folder, metrics)}
+
+
+def bleu_signature(folder: Path, metrics: dict) -> str:
+    """The model's BLEU signature: its row of evaluate/scores.csv, or, for a run from before scores.csv, the
+    bleu_signature its metrics.json still had ("" when neither has one)."""
+    for row in read_csv(folder / "evaluate" / "scores.csv"):
+        if row.get("system") == "model" and row.get("bleu_signature"):
+            return row["bleu_signature"]
+    return metrics.get("bleu_signature") or ""
 
 
 def load_runs(reports: Path) -> list[dict]:
@@ -348,14 +358,14 @@ def runs_page(runs: list[dict]) -> str:
             f"<td class='num'>{'-' if gain is None else f'{gain:+.2f}'}</td>"
             f"<td class='num'>{esc(run['train'].get('step', '-'))}</td>"
             f"<td class='num'>{number((run['train'].get('eval') or {}).get('loss'), 3)}</td></tr>")
-    sig = next((r["metrics"].get("bleu_signature") for r in runs if r["metrics"].get("bleu_signature")), "")
+    sig = next((r["bleu_signature"] for r in runs if r["bleu_signature"]), "")
     cards = "".join(
         f"<div class='run'><h3>{esc(run['name'])}</h3><p class='muted'>{esc(run['folder'])}</p>"
         f"<h4>BLEU by book (model, base, copy)</h4>{book_bars(run['by_book'])}"
         f"<h4>Loss</h4>{loss_curves(run['curves'])}</div>" for run in runs)
     body = (f"<h2>Runs</h2><table id='runs'>{head}{''.join(rows)}</table>"
             f"<p class='muted'>sacrebleu {esc(sig)}. copy = the source sentence as its own translation; base = the untuned "
-            f"model with the same prompts. From metrics.json, evaluate/by_book.csv and train/ of each folder.</p>"
+            f"model with the same prompts. From metrics.json, evaluate/scores.csv and by_book.csv and train/ of each folder.</p>"
             f"<div class='runs'>{cards}</div>")
     return page("wenyan-mt: runs", "runs", body)
 

@@ -170,6 +170,64 @@ def extract_converter(sdist: Path, target: Path) -> list[str]:
     return written
 
 
+# ----------------------------------------------------------------------------------------------
+# Building llama-cpp-python (llama.cpp) from source with a progress bar
+#
+# `pip install` of the sdist compiles llama.cpp for ~4-5 minutes on 2 cores and, without -v, prints only pip's
+# "still running..." meanwhile. build() runs the same pip install with -v and turns the build tool's own progress
+# ("[ 45%] Building CXX object ..." from make, "[57/160] ..." from ninja) into a tqdm bar with elapsed time and
+# ETA; lines without a percentage keep the bar's elapsed time moving.
+
+PINNED_VERSION = "0.3.36"  # pyproject.toml's gguf extra
+CMAKE_ARGS = ("-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF "
+              "-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF")
+
+
+def build_progress(line: str) -> float | None:
+    """The build's progress in percent from one line of `pip install -v` output, or None."""
+    found = re.search(r"\[\s*(\d{1,3})%\]", line)
+    if found:
+        return float(found.group(1))
+    found = re.search(r"^\s*\[(\d+)/(\d+)\]", line)
+    if found and int(found.group(2)) > 0:
+        return 100.0 * int(found.group(1)) / int(found.group(2))
+    return None
+
+
+def follow_build(lines, bar) -> list[str]:
+    """Move `bar` (tqdm, total 100) along the build's output lines; returns the last 40 lines (for an error)."""
+    tail: list[str] = []
+    for line in lines:
+        tail = (tail + [line.rstrip()])[-40:]
+        percent = build_progress(line)
+        if percent is not None and percent > bar.n:
+            bar.update(percent - bar.n)
+        else:
+            bar.refresh()  # elapsed time moves even while one file compiles
+    return tail
+
+
+def build(version: str = PINNED_VERSION, cmd: list[str] | None = None) -> None:
+    """pip install llama-cpp-python==version from source (its sdist, CMAKE_ARGS above unless set), showing the
+    build's progress. cmd: the command to run instead (tests)."""
+    from tqdm.auto import tqdm
+
+    env = {**os.environ, "CMAKE_ARGS": os.environ.get("CMAKE_ARGS", CMAKE_ARGS)}
+    env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 1))
+    cmd = cmd or [sys.executable, "-m", "pip", "install", "-v", "--no-binary", PACKAGE, f"{PACKAGE}=={version}"]
+    started = time.monotonic()
+    with tqdm(total=100, desc=f"building {PACKAGE} {version}", unit="%", bar_format=(
+            "{desc}: {percentage:3.0f}%|{bar}| {elapsed} elapsed, ETA {remaining}")) as bar:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        tail = follow_build(proc.stdout, bar)
+        code = proc.wait()
+        if code == 0:
+            bar.update(100 - bar.n)
+    if code != 0:
+        raise PipelineError(f"building {PACKAGE}=={version} failed (exit {code}): {last_line(chr(10).join(tail))}")
+    log.info("built and installed %s==%s in %.0f s", PACKAGE, version, time.monotonic() - started)
+
+
 def setup(version: str | None = None, sdist: Path | None = None, force: bool = False) -> Path:
     """Put llama.cpp's converter of `version` (default: the installed one) into the cache, once. Returns its
     directory. `sdist` is a llama-cpp-python .tar.gz already at hand (else pip downloads it)."""

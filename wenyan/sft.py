@@ -94,29 +94,35 @@ def tokenize_in_parallel(tokenizer, conversations: list[list[dict]], eot_id: int
     return [item for part in parts for item in part]
 
 
-def build_examples(tokenizer, rows: list[dict], max_seq_length: int, source: str) -> tuple[list[dict], dict]:
-    """Tokenized examples {input_ids, completion_mask} truncated to max_seq_length; an example left with
-    no completion token after truncation is dropped (and counted), never kept with no loss."""
+def tokenize_rows(tokenizer, rows: list[dict], max_seq_length: int, source: str) -> list[tuple]:
+    """One (example {input_ids, completion_mask} or None, truncated, retokenized) per row, truncated to
+    max_seq_length; None where truncation left no completion token (such a row is dropped, never kept with no
+    loss)."""
     for i, row in enumerate(rows):
         check_messages(row.get("messages"), f"{source}:{i + 1} (id {row.get('id', '?')})")
     eot_id = end_of_turn_id(tokenizer)
     names = [f"{source} id {row.get('id', i)}" for i, row in enumerate(rows)]
-    tokenized = tokenize_in_parallel(tokenizer, [row["messages"] for row in rows], eot_id, names)
-    examples, dropped, truncated = [], 0, 0
-    for ids, mask, _ in tokenized:
-        if len(ids) > max_seq_length:
-            truncated += 1
+    out = []
+    for ids, mask, retokenized in tokenize_in_parallel(tokenizer, [row["messages"] for row in rows], eot_id, names):
+        truncated = len(ids) > max_seq_length
+        if truncated:
             ids, mask = ids[:max_seq_length], mask[:max_seq_length]
-            if not any(mask):
-                dropped += 1
-                continue
-        examples.append({"input_ids": ids, "completion_mask": mask})
+        keep = not truncated or any(mask)
+        out.append(({"input_ids": ids, "completion_mask": mask} if keep else None, truncated, retokenized))
+    return out
+
+
+def build_examples(tokenizer, rows: list[dict], max_seq_length: int, source: str) -> tuple[list[dict], dict]:
+    """Tokenized examples {input_ids, completion_mask} of all rows (tokenize_rows) with their stats; logged."""
+    tokenized = tokenize_rows(tokenizer, rows, max_seq_length, source)
+    examples = [example for example, _, _ in tokenized if example is not None]
+    dropped = len(tokenized) - len(examples)
     stats = {
         "rows": len(rows),
         "retokenized_at_reply": sum(r for _, _, r in tokenized),
         "examples": len(examples),
         "dropped_truncation": dropped,
-        "truncated_kept": truncated - dropped,
+        "truncated_kept": sum(1 for e, truncated, _ in tokenized if truncated and e is not None),
         "tokens": sum(len(e["input_ids"]) for e in examples),
         "completion_tokens": sum(sum(e["completion_mask"]) for e in examples),
         # texts spelling a control token (<|im_end|> in a reply): encoded as text, so the reply is trained whole
@@ -344,7 +350,8 @@ def sft_config(cfg: dict, *, rows: int, padding_free: bool, dtype, optim: str, g
         save_steps=cfg["save_steps"] or 500,
         save_total_limit=cfg["save_total_limit"] or None,
         report_to="none",  # dvclive is ours (Live(dvcyaml=False)); HF would add its own callback
-        disable_tqdm=True,
+        disable_tqdm=True,  # our progress bar instead (make_progress_callback): HF's prints every log dict too
+        eval_on_start=bool(valid_examples),  # the eval loss before the first step: a curve, not one point at the end
         dataloader_num_workers=0,
         completion_only_loss=True,  # labels from our completion_mask (trl and unsloth both honour it)
         max_length=None,  # truncated in build_examples (trl refuses max_length with padding-free)
@@ -458,6 +465,56 @@ def open_live(reports: Path):
             raise PipelineError("this git repository has no commit yet; commit once (git add -A && git commit) "
                                 "before dvc repro, as DVC experiments need a commit too") from None
         raise
+
+
+def make_progress_callback():
+    """A progress bar on stderr (rank 0): training steps done of the total, elapsed and ETA, steps/s, and the
+    last logged loss; a second bar while an eval runs (the CPU default's eval of 32 rows takes ~15 s)."""
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    class ProgressCallback(TrainerCallback):
+        def __init__(self):
+            self.bar = self.eval_bar = None
+            self.postfix = {}
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
+                                dynamic_ncols=True)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            if self.bar is not None and ("loss" in logs or "eval_loss" in logs):
+                if "loss" in logs:
+                    self.postfix["loss"] = f"{logs['loss']:.4f}"
+                if "eval_loss" in logs:
+                    self.postfix["eval_loss"] = f"{logs['eval_loss']:.4f}"
+                self.bar.set_postfix(self.postfix)
+
+        def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+            if not state.is_world_process_zero:
+                return
+            if self.eval_bar is None:
+                total = len(eval_dataloader) if eval_dataloader is not None and hasattr(eval_dataloader, "__len__") else None
+                self.eval_bar = tqdm(total=total, desc="eval", unit="batch", leave=False, dynamic_ncols=True)
+            self.eval_bar.update(1)
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            if self.eval_bar is not None:
+                self.eval_bar.close()
+                self.eval_bar = None
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    return ProgressCallback()
 
 
 def make_live_callback(live, trainer_ref: dict):

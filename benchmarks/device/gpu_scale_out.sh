@@ -7,7 +7,7 @@ set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 GGUF=/tmp/payload/SmolLM2-135M-Instruct.Q4_1.gguf
 start=$(date +%s)
-python3 benchmarks/device/run_stages.py -S ingest.sources.0.path=/tmp/payload/classical-modern.tar.xz \
+python3 benchmarks/device/run_stages.py -S ingest.sources.classical-modern.path=/tmp/payload/classical-modern.tar.xz \
   -S "format.system_prompt=${SYSTEM_PROMPT:-你是翻译家。}" ingest clean split format || exit 1
 common=(--train data/format/train.jsonl --valid data/format/valid.jsonl --gpus 1,2 --warmup-steps 10
   -S model=$GGUF -S method="${METHOD:-full}" -S batch_tokens=32768 -S max_steps="${STEPS:-60}"

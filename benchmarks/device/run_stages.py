@@ -1,7 +1,7 @@
 """Run pipeline stages exactly as dvc.yaml declares them, with `-S key=value` overrides, where DVC
 itself cannot run (a GPU machine holding a copy of the working tree but no git history).
 
-    python benchmarks/device/run_stages.py -S train.backend=unsloth -S ingest.sources.0.path=/data/cm.tar.xz \
+    python benchmarks/device/run_stages.py -S train.backend=unsloth -S ingest.sources.classical-modern.path=/data/cm.tar.xz \
         ingest clean split format base train evaluate_base evaluate
     python benchmarks/device/run_stages.py -S pretrain.enabled=true -S pretrain.sources.0.path=/data/mono-a.tar.xz \
         -S pretrain.sources.1.path=/data/mono-b.tar.xz pretrain train       (after base; `pretrain` as in dvc.yaml)

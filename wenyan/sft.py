@@ -351,7 +351,7 @@ def sft_config(cfg: dict, *, rows: int, padding_free: bool, dtype, optim: str, g
         save_total_limit=cfg["save_total_limit"] or None,
         report_to="none",  # dvclive is ours (Live(dvcyaml=False)); HF would add its own callback
         disable_tqdm=True,  # our progress bar instead (make_progress_callback): HF's prints every log dict too
-        eval_on_start=bool(valid_examples),  # the eval loss before the first step: a curve, not one point at the end
+        eval_on_start=has_valid,  # the eval loss before the first step: a curve, not one point at the end
         dataloader_num_workers=0,
         completion_only_loss=True,  # labels from our completion_mask (trl and unsloth both honour it)
         max_length=None,  # truncated in build_examples (trl refuses max_length with padding-free)

@@ -53,6 +53,7 @@ def make_project(repo: Path, model: Path, env: dict) -> None:
         shutil.copytree(REPO / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
     shutil.copy(REPO / ".gitignore", repo / ".gitignore")
+    shutil.copytree(REPO / "data/mono", repo / "data/mono")  # pretrain's dependency (README + .gitignore)
     texts = slice_corpus(repo / "data/corpus/classical-modern")
     if not model.exists():
         tiny_model(model, texts)

@@ -321,6 +321,7 @@ def read_pairs(path: str | os.PathLike, made_by: str):
 # built staged (staged_dir) and carries a manifest of what the stage wrote (MANIFEST); a directory already there
 # that holds anything else is refused, never emptied.
 
+KEPT = ".gitignore"  # DVC writes one beside cached outputs (reports/train/summary.json): not foreign, kept
 MANIFEST = ".wenyan-outputs.json"  # {"stage": ..., "files": [relative posix paths]}: what the stage wrote
 
 
@@ -412,7 +413,7 @@ def check_owned_dir(path: str | os.PathLike, label: str, stage: str, *, signatur
     elif signature is not None and (path / signature).is_file():
         log.warning("%s: written before output manifests (no %s); replacing it as the %s stage's own output", path, MANIFEST, stage)
         return
-    patterns = list(allowed)
+    patterns = [*allowed, KEPT]
     foreign = [f for f in files if f != MANIFEST and f not in listed
                and not any(fnmatch.fnmatch(f, pat) or fnmatch.fnmatch(f.split("/", 1)[0], pat) for pat in patterns)]
     if foreign:
@@ -449,6 +450,9 @@ def staged_dir(out: str | os.PathLike, stage: str, label: str = "--out", *, sign
         yield tmp
         write_manifest(tmp, stage)
         check_owned_dir(out, label, stage, signature=signature, allowed=allowed)
+        kept = out / KEPT
+        if kept.is_file() and not (tmp / KEPT).exists():
+            shutil.copy2(kept, tmp / KEPT)  # DVC's .gitignore for the cached outputs inside: carried over, not lost
         replace_dir(tmp, out)
     except PipelineError:
         raise

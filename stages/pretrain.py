@@ -70,10 +70,11 @@ from pathlib import Path
 from wenyan.device import pick_backend
 from wenyan import archives, models, monolingual, sft, text, vocab
 from wenyan.errors import PipelineError, get_logger, run_main
-from wenyan.files import check_output_path, new_staging_dir, read_pairs, replace_dir, write_json
+from wenyan.files import check_output_path, check_owned_dir, new_staging_dir, read_pairs, staged_dir, write_json
 from wenyan.params import Bool, Float, Int, ListOf, OneOf, Param, Str, check_entry, check_params, load_sections
 
 log = get_logger("pretrain")
+OUT_SIGNATURE, REPORTS_SIGNATURE = "pretrain.json", "summary.json"  # what marks --out and --reports as ours
 
 BACKENDS = ("auto", "unsloth", "hf")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
@@ -411,11 +412,10 @@ def pretrain(cfg: dict, opencc, base_dir, split_dir, out, reports, callbacks=())
 
 
 def save_model(model, tokenizer, info: dict, out: Path) -> None:
-    tmp = new_staging_dir(out)
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    write_json(tmp / "pretrain.json", info)
-    replace_dir(tmp, out)
+    with staged_dir(out, "pretrain", signature=OUT_SIGNATURE) as tmp:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        write_json(tmp / OUT_SIGNATURE, info)
     log.info("saved the pretrained model to %s", out)
 
 
@@ -428,19 +428,21 @@ def headline(summary: dict) -> dict:
 def write_reports(staging: Path, reports: Path, summary: dict, data: dict) -> None:
     """summary.json, metrics.json and data.json beside dvclive's plots, then the staging directory replaces
     reports/pretrain (a failed run leaves the last good reports as they were)."""
-    (staging / "plots" / "metrics").mkdir(parents=True, exist_ok=True)  # a pass-through or no dvclive: no curves
-    write_json(staging / "summary.json", summary)
-    write_json(staging / "metrics.json", headline(summary))
-    write_json(staging / "data.json", data)
-    replace_dir(staging, reports)
+    with staged_dir(reports, "pretrain", "--reports", signature=REPORTS_SIGNATURE, staging=staging):
+        plots = staging / "plots" / "metrics"
+        if not any(plots.rglob("*.tsv")):  # a pass-through (or no dvclive): an empty curve, not an empty directory,
+            (plots / "train").mkdir(parents=True, exist_ok=True)  # which git would not keep: a clone would lack it
+            (plots / "train" / "loss.tsv").write_text("step\tloss\n", encoding="utf-8")
+        write_json(staging / REPORTS_SIGNATURE, summary)
+        write_json(staging / "metrics.json", headline(summary))
+        write_json(staging / "data.json", data)
 
 
 def passthrough(reason: str, out: Path, reports: Path) -> None:
     """A marker directory (train resolves it to models/base) and small reports; nothing is read or loaded."""
     log.info("pass-through (%s): train starts from models/base", reason)
-    tmp = new_staging_dir(out)
-    write_json(tmp / "pretrain.json", {"passthrough": True, "reason": reason})
-    replace_dir(tmp, out)
+    with staged_dir(out, "pretrain", signature=OUT_SIGNATURE) as tmp:
+        write_json(tmp / OUT_SIGNATURE, {"passthrough": True, "reason": reason})
     staging = new_staging_dir(reports)
     summary = {"passthrough": True, "reason": reason, "tokens": 0, "tokens_per_s": 0.0, "final_loss": None,
                "steps": 0, "wall_time_s": 0.0}
@@ -458,6 +460,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     for path in (args.out, args.reports):
         check_output_path(path, directory=True)
+    check_owned_dir(args.out, "--out", "pretrain", signature=OUT_SIGNATURE)  # before anything is read or trained
+    check_owned_dir(args.reports, "--reports", "pretrain", signature=REPORTS_SIGNATURE)
     params = load_sections("pretrain", ["pretrain", "clean.opencc"], args.params)
     cfg = resolve_config(params["pretrain"])
     reason = is_passthrough(cfg)

@@ -404,12 +404,13 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
         write_reports(staging, reports, summary)
     barrier()  # the adapter is on disk before any process returns
     summary["history"] = live_callback.history  # returned (benchmarks), not written: dvclive has the plots
-    log.info(
-        "done: %d steps, %s tokens (%s trained) in %.0f s = %.0f tokens/s; final loss %s, eval loss %s; %s %.0f MiB",
-        summary["steps"], f"{summary['tokens_seen']:,}", f"{summary['completion_tokens_seen']:,}",
-        summary["train_time_s"], summary["tokens_per_s"], summary["final_train_loss"], summary["final_eval_loss"],
-        summary["peak_memory_kind"], summary["peak_memory_mib"],
-    )
+    if world()[0] == 0:  # one line for the run, not one per process
+        log.info(
+            "done: %d steps, %s tokens (%s trained) in %.0f s = %.0f tokens/s; final loss %s, eval loss %s; %s %.0f MiB",
+            summary["steps"], f"{summary['tokens_seen']:,}", f"{summary['completion_tokens_seen']:,}",
+            summary["train_time_s"], summary["tokens_per_s"], summary["final_train_loss"], summary["final_eval_loss"],
+            summary["peak_memory_kind"], summary["peak_memory_mib"],
+        )
     return summary
 
 

@@ -18,6 +18,7 @@ import yaml
 from conftest import BASE_PARAMS, CHAPTERS, REPO, write_chapters
 
 DATA_STAGES = ("ingest", "clean", "split", "format")
+STAGES = ("check_params", *DATA_STAGES)  # check_params runs first: ingest depends on its output
 
 
 def run(cmd, cwd, env):
@@ -31,13 +32,14 @@ def run(cmd, cwd, env):
 def test_dvc_repro_format(tmp_path):
     repo = tmp_path / "repo"
     dvc_yaml = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))
-    dvc_yaml["stages"] = {k: v for k, v in dvc_yaml["stages"].items() if k in DATA_STAGES}
+    dvc_yaml["stages"] = {k: v for k, v in dvc_yaml["stages"].items() if k in STAGES}
     # the code of the data stages only: each one's declared code deps (tests/test_layout.py: exactly its imports)
     code = {d for spec in dvc_yaml["stages"].values() for d in spec["deps"] if d.endswith(".py")}
     for name in sorted(code | {"stages/__init__.py", "wenyan/__init__.py"}):
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, repo / name)
-    assert set(dvc_yaml["stages"]) == set(DATA_STAGES)
+    assert set(dvc_yaml["stages"]) == set(STAGES)
+    dvc_yaml["stages"]["check_params"]["params"] = list(DATA_STAGES)  # the params sections of the data stages only
     (repo / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, allow_unicode=True, sort_keys=False), encoding="utf-8")
     params = {k: v for k, v in BASE_PARAMS.items()}
     params["ingest"] = {"sources": [{"path": "data/corpus/classical-modern", "format": "niutrans", "books": [], "encoding": "utf-8"}], "on_misaligned": "error"}

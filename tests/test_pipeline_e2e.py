@@ -94,7 +94,7 @@ def test_dvc_repro_end_to_end_then_an_experiment(tmp_path):
     proc = run(dvc + ["repro"], repo, env)
     for stage in ("ingest", "clean", "split", "format", "base", "pretrain", "train", "evaluate_base", "evaluate"):
         assert f"Running stage '{stage}'" in proc.stdout
-    assert sorted(p.name for p in (repo / "models/pretrain").iterdir()) == ["pretrain.json"]  # disabled: a marker
+    assert sorted(p.name for p in (repo / "models/pretrain").iterdir()) == [".wenyan-outputs.json", "pretrain.json"]  # disabled: a marker (+ its manifest)
 
     metrics = json.loads((repo / "reports/metrics.json").read_text(encoding="utf-8"))
     assert metrics["n_sentences"] == 6

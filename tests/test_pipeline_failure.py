@@ -1,6 +1,7 @@
 """A failed `dvc repro` must not corrupt the last good reports/: in a fresh git + DVC repo (as in
-test_pipeline_e2e.py), a good run, then a middle stage failing (train, on a bad parameter) and the first
-stage failing (ingest, on a line appended to one side of a corpus chapter).
+test_pipeline_e2e.py), a good run, then a bad parameter (refused by check_params before anything is deleted), a
+middle stage failing (train, on a LoRA target the model lacks) and the first data stage failing (ingest, on a
+line appended to one side of a corpus chapter).
 
 Each failure must print one clear `error:` line (no traceback); every other stage's reports stay byte-identical
 and no file is added. The failing stage's own reports are deleted by DVC before it runs (no output is
@@ -69,14 +70,23 @@ def test_failed_repro_keeps_the_last_good_reports(tmp_path):
     assert {"reports/data/ingest.json", "reports/data/clean.json", "reports/train/summary.json", "reports/metrics.json",
             "reports/evaluate/samples.md"} <= set(before)
 
-    # 1. A middle stage fails: train, on an unknown chat template (ingest .. format are up to date and do not run)
+    # 1. A bad parameter: check_params, the first stage, refuses it before DVC deletes any output
     params["train"]["chat_template"] = "vicuna"
     params_path.write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
-    repro_fails(repo, env, "train", "chat_template 'vicuna' is unknown")
-    check_reports_kept(repo, env, before, "train", ("reports/train/",))
+    repro_fails(repo, env, "check_params", "chat_template 'vicuna' is unknown")
+    check_reports_kept(repo, env, before, "check_params", ())
     run(["git", "checkout", "--", "params.yaml"], repo, env)
 
-    # 2. A bad corpus: one line more in a chapter's source.txt than in its target.txt; ingest fails
+    # 2. A middle stage fails at run time: train, on a LoRA target the model lacks (a check that needs the model,
+    # so check_params passes it; ingest .. format are up to date and do not run)
+    params = yaml.safe_load(params_path.read_text(encoding="utf-8"))  # as committed again
+    params["train"]["target_modules"] = ["q_proj", "qkv_proj"]
+    params_path.write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    repro_fails(repo, env, "train", "'qkv_proj' match(es) no layer")
+    check_reports_kept(repo, env, before, "train", ("reports/train/", "reports/pretrain/"))
+    run(["git", "checkout", "--", "params.yaml"], repo, env)
+
+    # 3. A bad corpus: one line more in a chapter's source.txt than in its target.txt; ingest fails
     source = sorted(corpus.rglob("source.txt"))[0]
     with open(source, "a", encoding="utf-8") as f:
         f.write("此句无译文。\n")

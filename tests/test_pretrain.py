@@ -181,10 +181,23 @@ def test_pretrain_then_train_starts_from_it_with_its_vocabulary(project, tmp_pat
 def test_passthrough_writes_a_marker_and_train_keeps_its_base(project, tmp_path):
     for overrides in ({"enabled": False}, {"max_steps": 0, "epochs": 0}):
         model_dir, reports = run(project, tmp_path, str(len(overrides)), source="/nonexistent", **overrides)
-        assert sorted(p.name for p in model_dir.iterdir()) == ["pretrain.json"]  # no model copy
+        assert sorted(p.name for p in model_dir.iterdir()) == [".wenyan-outputs.json", "pretrain.json"]  # no model copy (+ the manifest)
         assert json.loads((reports / "metrics.json").read_text())["tokens"] == 0
+        # an empty curve, never an empty directory: git keeps no empty directory, so a clone would lack the output
+        assert (reports / "plots/metrics/train/loss.tsv").read_text() == "step\tloss\n"
         assert modeling.resolve_pretrained(model_dir, "smollm2-135m-instruct") == (
             "smollm2-135m-instruct", json.loads((model_dir / "pretrain.json").read_text()))
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("where", ["pretrain", "reports"])
+def test_an_output_holding_files_pretrain_did_not_write_is_refused_and_kept(project, tmp_path, where):
+    kept = tmp_path / "mine" / where / "notes.txt"
+    kept.parent.mkdir(parents=True)
+    kept.write_text("my notes")
+    with pytest.raises(PipelineError, match=r"did not write \(notes.txt\)"):
+        run(project, tmp_path, "mine", enabled=False)
+    assert kept.read_text() == "my notes"
 
 
 @pytest.mark.bad_input

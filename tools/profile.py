@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from wenyan.errors import PipelineError, run_main
 from wenyan.params import read_yaml_file
 
 PROFILES = Path("profiles")
+PARAMS_KEY = re.compile(r"\w[\w-]*(\.\w[\w-]*)*")  # train.epochs, ingest.sources.classical-modern.path
 
 
 def read_profile(name: str, root: Path = PROFILES) -> dict:
@@ -34,7 +36,7 @@ def read_profile(name: str, root: Path = PROFILES) -> dict:
     if not isinstance(profile, dict) or not profile:
         raise PipelineError(f"{path}: a profile is a mapping of params keys (e.g. train.epochs: 2) to values")
     for key, value in profile.items():
-        if not isinstance(key, str) or not key.replace("_", "").replace(".", "").isalnum():
+        if not isinstance(key, str) or not PARAMS_KEY.fullmatch(key):
             raise PipelineError(f"{path}: {key!r} is not a params key such as train.epochs")
         if isinstance(value, str) and "\n" in value:  # DVC's -S (Hydra grammar) keeps \n as two characters
             raise PipelineError(f"{path}: {key}: a value with a line break cannot pass through `dvc exp run -S`; "

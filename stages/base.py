@@ -19,7 +19,7 @@ from pathlib import Path
 from wenyan import models
 from wenyan.errors import get_logger, PipelineError, run_main
 from wenyan.files import check_output_path, check_owned_dir, check_paths, staged_dir, write_json
-from wenyan.params import load_sections
+from wenyan.params import add_params_options, load_sections
 
 log = get_logger("base")
 SIGNATURE = "base.json"  # what marks a directory as this stage's output (written before output manifests too)
@@ -28,8 +28,7 @@ SIGNATURE = "base.json"  # what marks a directory as this stage's output (writte
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="models/base")
-    parser.add_argument("--params", default=None, help="params.yaml to read instead of DVC's (tests)")
-    parser.add_argument("--check-params", action="store_true", help="only check the parameters, then exit (the check_params stage)")
+    add_params_options(parser)
     args = parser.parse_args(argv)
     check_output_path(args.out, directory=True)
     spec = load_sections("base", ["train.model"], args.params)["train"]["model"]

@@ -34,7 +34,7 @@ import argparse
 from wenyan.text import make_converter, normalise_lines
 from wenyan.errors import get_logger, PipelineError, run_main
 from wenyan.files import atomic_outputs, check_paths, read_pairs, write_json
-from wenyan.params import Bool, check_params, Float, Int, load_params, Str
+from wenyan.params import add_params_options, Bool, check_params, Float, Int, load_params, Str
 
 log = get_logger("clean")
 
@@ -90,8 +90,7 @@ def main(argv=None) -> None:
     parser.add_argument("--pairs", required=True, help="ingest's pairs parquet")
     parser.add_argument("--out", required=True, help="clean pairs parquet to write")
     parser.add_argument("--report", required=True, help="JSON report to write")
-    parser.add_argument("--params", default=None, help="params.yaml to read instead of DVC's (tests, benchmarks)")
-    parser.add_argument("--check-params", action="store_true", help="only check the parameters, then exit (the check_params stage)")
+    add_params_options(parser)
     args = parser.parse_args(argv)
     check_paths({"--pairs": args.pairs, "--params": args.params}, {"--out": args.out, "--report": args.report})
 

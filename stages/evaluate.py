@@ -51,7 +51,7 @@ from wenyan.errors import PipelineError, get_logger, run_main
 from wenyan.files import atomic_outputs, check_output_path, read_jsonl, write_json, write_jsonl, write_text
 from wenyan.metrics import (EVALUATE_SCHEMA, KNOWN_BASELINES, breakdown, check_test_rows, length_bucket, score,
                             select_rows, sentence_chrf, to_csv)
-from wenyan.params import check_params, load_params
+from wenyan.params import add_params_options, check_params, load_params
 from wenyan.prompt import end_of_turn_ids
 from wenyan import artifacts
 from wenyan.files import check_paths
@@ -185,8 +185,7 @@ def main(argv=None) -> None:
     parser.add_argument("--hypotheses", required=True, type=Path, help="data/evaluate/hypotheses.jsonl")
     parser.add_argument("--base-outputs", type=Path, default=None,
                         help="data/evaluate/base_outputs.jsonl: the evaluate_base stage's outputs (needed for baseline base)")
-    parser.add_argument("--params", type=Path, default=None, help="read params.yaml directly instead of through DVC")
-    parser.add_argument("--check-params", action="store_true", help="only check the parameters, then exit (the check_params stage)")
+    add_params_options(parser)
     args = parser.parse_args(argv)
     for path, directory in ((args.metrics, False), (args.hypotheses, False), (args.out_dir, True)):
         check_output_path(path, directory=directory)  # before the model runs, not after

@@ -24,7 +24,7 @@ from wenyan import distributed, generation, models
 from wenyan.errors import PipelineError, get_logger, run_main
 from wenyan.files import check_output_path, check_paths, read_jsonl, write_jsonl
 from wenyan.metrics import EVALUATE_SCHEMA, check_test_rows, select_rows
-from wenyan.params import check_params, load_sections
+from wenyan.params import add_params_options, check_params, load_sections
 from wenyan.prompt import end_of_turn_ids
 
 log = get_logger("evaluate_base")
@@ -46,8 +46,7 @@ def main(argv=None) -> None:
     parser.add_argument("--test", required=True, type=Path, help="data/format/test.jsonl")
     parser.add_argument("--base", required=True, type=Path, help="models/base (written by the base stage)")
     parser.add_argument("--out", required=True, type=Path, help="data/evaluate/base_outputs.jsonl")
-    parser.add_argument("--params", type=Path, default=None, help="read params.yaml directly instead of through DVC")
-    parser.add_argument("--check-params", action="store_true", help="only check the parameters, then exit (the check_params stage)")
+    add_params_options(parser)
     args = parser.parse_args(argv)
     check_output_path(args.out)  # before the model runs, not after
     check_paths({"--test": args.test, "--base": args.base, "--params": args.params}, {"--out": args.out}, dirs=["--base"])

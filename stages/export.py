@@ -43,7 +43,7 @@ from wenyan.errors import get_logger, PipelineError, run_main
 from wenyan.metrics import bleu
 from wenyan import artifacts
 from wenyan.files import atomic_outputs, check_output_path, check_owned_dir, check_paths, read_jsonl, staged_dir, write_json
-from wenyan.params import Bool, check_params, Int, load_params, Param, Str
+from wenyan.params import add_params_options, Bool, check_params, Int, load_params, Param, Str
 from wenyan import generation, gguf, models
 from wenyan.prompt import prompt_ids
 
@@ -225,7 +225,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, type=Path, help="export directory (models/export): hf/, GGUF files, Modelfiles")
     parser.add_argument("--report", required=True, type=Path, help="JSON report (reports/export.json)")
     parser.add_argument("--test", type=Path, help="the format stage's test.jsonl: sentences of the GGUF check")
-    parser.add_argument("--params", type=Path, default=None, help="read this params.yaml instead of asking DVC (tests)")
+    add_params_options(parser, check=False)
     args = parser.parse_args(argv)
     check_output_path(args.out, directory=True)  # before the merge, not after
     check_output_path(args.report)

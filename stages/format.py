@@ -25,7 +25,7 @@ from pathlib import Path
 from wenyan.prompt import build_messages, check_templates, PROMPT_SCHEMA
 from wenyan.errors import get_logger, run_main
 from wenyan.files import atomic_outputs, check_paths, read_pairs, write_json, write_jsonl
-from wenyan.params import check_params, load_params
+from wenyan.params import add_params_options, check_params, load_params
 
 log = get_logger("format")
 
@@ -69,8 +69,7 @@ def main(argv=None) -> None:
     parser.add_argument("--split-dir", required=True, help="directory with train/valid/test.parquet")
     parser.add_argument("--out", required=True, help="directory for train/valid/test.jsonl")
     parser.add_argument("--report", required=True, help="JSON report to write")
-    parser.add_argument("--params", default=None, help="params.yaml to read instead of DVC's (tests, benchmarks)")
-    parser.add_argument("--check-params", action="store_true", help="only check the parameters, then exit (the check_params stage)")
+    add_params_options(parser)
     args = parser.parse_args(argv)
     check_paths({**{f"--split-dir {s}.parquet": Path(args.split_dir) / f"{s}.parquet" for s in SPLITS}, "--params": args.params},
                 {**{f"--out {s}.jsonl": Path(args.out) / f"{s}.jsonl" for s in SPLITS}, "--report": args.report})

@@ -55,7 +55,7 @@ from pathlib import Path
 from wenyan import archives
 from wenyan.errors import get_logger, PipelineError, run_main
 from wenyan.files import PAIR_COLUMNS, atomic_outputs, check_paths, write_json
-from wenyan.params import check_entry, check_params, load_params, Param, Str
+from wenyan.params import add_params_options, check_entry, check_params, load_params, Param, Str
 
 log = get_logger("ingest")
 
@@ -661,8 +661,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="pairs parquet to write")
     parser.add_argument("--report", required=True, help="JSON report to write")
-    parser.add_argument("--params", default=None, help="params.yaml to read instead of DVC's (tests, benchmarks)")
-    parser.add_argument("--check-params", action="store_true", help="only check the parameters, then exit (the check_params stage)")
+    add_params_options(parser)
     args = parser.parse_args(argv)
 
     params = check_params(load_params("ingest", args.params), SCHEMA, "ingest")

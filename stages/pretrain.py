@@ -71,7 +71,7 @@ from wenyan.device import pick_backend
 from wenyan import archives, models, monolingual, sft, text, vocab
 from wenyan.errors import PipelineError, get_logger, run_main
 from wenyan.files import check_output_path, check_owned_dir, new_staging_dir, read_pairs, staged_dir, write_json
-from wenyan.params import Bool, Float, Int, ListOf, OneOf, Param, Str, check_entry, check_params, load_sections
+from wenyan.params import add_params_options, Bool, Float, Int, ListOf, OneOf, Param, Str, check_entry, check_params, load_sections
 
 log = get_logger("pretrain")
 OUT_SIGNATURE, REPORTS_SIGNATURE = "pretrain.json", "summary.json"  # what marks --out and --reports as ours
@@ -266,29 +266,11 @@ def build_trainer(model, tokenizer, dataset, cfg: dict, *, rows: int, dtype, opt
                   output_dir, callbacks=()):
     """The SFTTrainer train uses (unsloth's, once unsloth is imported), counting tokens, on the packed sequences:
     no completion mask, so the loss is on every token; every row is max_seq_length long, so no padding."""
-    import torch
     from trl import SFTConfig, SFTTrainer
 
-    on_gpu = torch.cuda.is_available()
     args = SFTConfig(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=rows,
-        gradient_accumulation_steps=cfg["gradient_accumulation_steps"],
-        max_steps=cfg["max_steps"] if cfg["max_steps"] > 0 else -1,
-        num_train_epochs=cfg["epochs"],
-        learning_rate=cfg["learning_rate"],
-        lr_scheduler_type=cfg["lr_scheduler"],
-        warmup_steps=cfg["warmup_steps"],
-        weight_decay=cfg["weight_decay"],
-        optim=optim,
-        seed=cfg["seed"],
-        data_seed=cfg["seed"],
-        bf16=dtype == torch.bfloat16,
-        fp16=on_gpu and dtype == torch.float16,
-        use_cpu=not on_gpu,
+        **sft.schedule_arguments(cfg, rows=rows, dtype=dtype, optim=optim, output_dir=output_dir),
         gradient_checkpointing=gradient_checkpointing,
-        logging_steps=cfg["logging_steps"],
-        logging_first_step=True,
         eval_strategy="no",
         save_strategy="no",
         report_to="none",
@@ -455,8 +437,7 @@ def main(argv=None) -> None:
     parser.add_argument("--split-dir", required=True, help="train/valid/test.parquet (data/split)")
     parser.add_argument("--out", required=True, help="model directory to write (models/pretrain)")
     parser.add_argument("--reports", required=True, help="report directory (reports/pretrain)")
-    parser.add_argument("--params", help="read this params.yaml instead of asking DVC (tests, benchmarks)")
-    parser.add_argument("--check-params", action="store_true", help="only check the parameters, then exit (the check_params stage)")
+    add_params_options(parser)
     args = parser.parse_args(argv)
     for path in (args.out, args.reports):
         check_output_path(path, directory=True)

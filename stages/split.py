@@ -26,7 +26,7 @@ from pathlib import Path
 
 from wenyan.errors import get_logger, PipelineError, run_main
 from wenyan.files import atomic_outputs, check_paths, read_pairs, write_json
-from wenyan.params import check_params, Float, Int, ListOf, load_params
+from wenyan.params import add_params_options, check_params, Float, Int, ListOf, load_params
 
 log = get_logger("split")
 
@@ -86,8 +86,7 @@ def main(argv=None) -> None:
     parser.add_argument("--pairs", required=True, help="clean pairs parquet")
     parser.add_argument("--out", required=True, help="directory for train/valid/test.parquet")
     parser.add_argument("--report", required=True, help="JSON report to write")
-    parser.add_argument("--params", default=None, help="params.yaml to read instead of DVC's (tests, benchmarks)")
-    parser.add_argument("--check-params", action="store_true", help="only check the parameters, then exit (the check_params stage)")
+    add_params_options(parser)
     args = parser.parse_args(argv)
     check_paths({"--pairs": args.pairs, "--params": args.params},
                 {**{f"--out {s}.parquet": Path(args.out) / f"{s}.parquet" for s in SPLITS}, "--report": args.report})

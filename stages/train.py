@@ -59,7 +59,7 @@ from wenyan.errors import get_logger, PipelineError, run_main
 from wenyan.checkpoints import run_identity
 from wenyan.files import (check_output_path, check_owned_dir, check_paths, read_jsonl, staged_dir, staging_path,
                           write_json, write_manifest)
-from wenyan.params import Bool, check_params, Float, Int, ListOf, load_sections, OneOf, Param, Str
+from wenyan.params import add_params_options, Bool, check_params, Float, Int, ListOf, load_sections, OneOf, Param, Str
 
 log = get_logger("train")
 
@@ -483,8 +483,7 @@ def main(argv=None) -> None:
     parser.add_argument("--reports", required=True, help="report directory (reports/train)")
     parser.add_argument("--base", help="the pretrain stage's output (models/pretrain): train starts from its model, "
                                        "or from train.model where it is a pass-through; without it, from train.model")
-    parser.add_argument("--params", help="read this params.yaml instead of asking DVC (tests, benchmarks)")
-    parser.add_argument("--check-params", action="store_true", help="only check the parameters, then exit (the check_params stage)")
+    add_params_options(parser)
     args = parser.parse_args(argv)
     for path in (args.out, args.checkpoints, args.reports):
         check_output_path(path, directory=True)  # before training, not after

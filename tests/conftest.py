@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import sys
 import tarfile
 import zipfile
@@ -129,3 +130,33 @@ def full_disk(request, tmp_path, monkeypatch):
     finally:
         monkeypatch.undo()
         disk.unmount()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module's tests and its module fixtures (`pytestmark =
+    pytest.mark.usefixtures("one_torch_thread")`): tiny models gain nothing from threads, and on a busy shared
+    CPU every op of two threads waits for the other."""
+    from tiny import one_thread
+
+    with one_thread():
+        yield
+
+
+def spelled(src: Path, spelling: str, tmp_path: Path) -> Path:
+    """src under another name: "same" (itself), "dotdot" (through a sibling folder `sub` and ..), "symlink"
+    (a link to it), "hard link" (a second name of the same inode). The link names are made in tmp_path."""
+    if spelling == "same":
+        return src
+    if spelling == "dotdot":
+        (src.parent / "sub").mkdir(exist_ok=True)
+        return src.parent / "sub" / ".." / src.name
+    if spelling == "symlink":
+        link = tmp_path / "link.txt"
+        link.symlink_to(src)
+        return link
+    if spelling == "hard link":
+        link = tmp_path / "hard.txt"
+        os.link(src, link)
+        return link
+    raise ValueError(spelling)

@@ -25,6 +25,8 @@ from wenyan.errors import PipelineError
 from wenyan.files import write_jsonl
 from wenyan.prompt import CHAT_TEMPLATES
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny tensors gain nothing from threads
+
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEM = "你是一位精通古汉语的翻译家。"
 PAIRS = [  # (book, chapter, source, target), after the clean stage's t2s
@@ -68,15 +70,6 @@ def make_tokenizer():
 
 def make_model(tokenizer, seed=0):
     return tiny_llama(tokenizer, seed, initializer_range=0.2, tie_word_embeddings=False, bos_token_id=None)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and spinning threads are slow on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -15,17 +15,9 @@ from test_translate import make_tiny_model
 from stages import export
 from wenyan.errors import PipelineError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny tensors gain nothing from threads
+
 EXPORT_PARAMS = {"dtype": "bf16", "gguf": False, "gguf_outtype": "auto", "gguf_quantize": [], "check_samples": 0}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def write_params(path: Path, **export_params) -> Path:

@@ -19,6 +19,8 @@ from wenyan import gguf
 from wenyan.errors import PipelineError
 from wenyan.prompt import end_of_turn_ids, prompt_ids
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny tensors gain nothing from threads
+
 
 
 @pytest.fixture
@@ -35,16 +37,6 @@ SENTENCES = ["黄帝者，少典之子，姓公孙，名曰轩辕。", "子曰�
 SYSTEM = "你是翻译家。"
 NEW_TOKENS = 12
 N_ADDED = 7500
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def smollm2_tokenizer():

@@ -22,6 +22,8 @@ from wenyan.errors import PipelineError
 from wenyan.files import PAIR_COLUMNS
 from tiny import byte_tokenizer, tiny_llama
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny tensors gain nothing from threads
+
 # the parallel data: train, valid and test sentences (valid/test must never be pretrained on)
 TRAIN = [("学而时习之，不亦说乎？", "学了又时常温习，不是很愉快吗？"), ("有朋自远方来，不亦乐乎？", "有志同道合的人从远方来，不是很令人高兴的吗？")]
 VALID = [("温故而知新，可以为师矣。", "温习旧的知识从而得到新的理解，就可以做老师了。")]
@@ -38,14 +40,6 @@ SYSTEM = "你是翻译家。"
 PROMPT = {"format": {"system_prompt": SYSTEM, "user_template": "翻译：\n{classical}", "context_sentences": 0,
                      "context_template": "上文：{context}\n"}, "clean": {"opencc": "t2s"}}
 HELD_OUT_IN_MONO = 3  # 三人行… (test source), 温故而知新… (valid source), 知道就是知道… (test target)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_split(split_dir):

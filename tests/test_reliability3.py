@@ -14,10 +14,11 @@ that read or write that kind of thing.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
+from conftest import spelled
+from test_translate import tiny_adapter  # noqa: F401  (a fixture: a tiny adapter for the translate tests)
 
 from wenyan.errors import PipelineError
 from wenyan import artifacts, checkpoints
@@ -42,19 +43,11 @@ def test_relation_of_every_spelling(tmp_path, spelling, monkeypatch):
     src = tmp_path / "d" / "in.txt"
     src.write_text("x")
     expected = "is"
-    if spelling == "same":
-        out = src
-    elif spelling == "dotdot":
-        out = tmp_path / "d" / "sub" / ".." / "in.txt"
+    if spelling in ("same", "dotdot", "symlink", "hard link"):
+        out = spelled(src, spelling, tmp_path)
     elif spelling == "relative":
         monkeypatch.chdir(tmp_path / "d" / "sub")
         out = Path("../in.txt")
-    elif spelling == "symlink":
-        out = tmp_path / "link.txt"
-        out.symlink_to(src)
-    elif spelling == "hard link":
-        out = tmp_path / "hard.txt"
-        os.link(src, out)
     elif spelling == "inside":
         out, src, expected = tmp_path / "d" / "sub" / "new" / "out.txt", tmp_path / "d", "inside"
     elif spelling == "contains":
@@ -273,13 +266,6 @@ def test_write_json_on_a_full_disk_names_the_output_not_its_temporary(full_disk)
 
 # ----------------------------------------------------------------------------------------------
 # 8. translate as a tool (3: its output on a full disk; 1: never into the model)
-
-
-@pytest.fixture(scope="module")
-def tiny_adapter(tmp_path_factory):
-    from test_translate import make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture

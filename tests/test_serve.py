@@ -16,6 +16,9 @@ import pytest
 from conftest import REPO
 
 from tools import serve
+from tools.plots import requested_urls
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny tensors gain nothing from threads
 
 TWO = "子曰：学而时习之，不亦说乎？有朋自远方来，不亦乐乎？"
 RUN = "h200-cjk-vocab-full-2ep"  # a committed run: reports/runs/<RUN>/metrics.json
@@ -28,16 +31,6 @@ def tiny_model(tmp_path_factory):
     from test_translate import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("serve"))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def expected_pieces(model: Path, text: str) -> list[str]:
@@ -160,16 +153,6 @@ def browser(tmp_path):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-
-
-def requested_urls(driver) -> list[str]:
-    """Every URL the page asked for (the DevTools Network.requestWillBeSent events of the performance log)."""
-    urls = []
-    for entry in driver.get_log("performance"):
-        message = json.loads(entry["message"])["message"]
-        if message["method"] == "Network.requestWillBeSent":
-            urls.append(message["params"]["request"]["url"])
-    return urls
 
 
 def not_local(urls: list[str], address: str) -> list[str]:

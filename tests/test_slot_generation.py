@@ -11,6 +11,8 @@ import torch
 from wenyan import generation, models, prompt
 from tiny import char_tokenizer, tiny_llama
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny tensors gain nothing from threads
+
 SYSTEM = "你是一位精通古汉语的翻译家。"
 SOURCES = [  # very different lengths: 3 to 64 characters
     "项梁怒之。", "学剑，又不成。", "此何以称焉？", "得道者多助，失道者寡助。", "天时不如地利，地利不如人和。",
@@ -19,14 +21,6 @@ SOURCES = [  # very different lengths: 3 to 64 characters
     "老吾老，以及人之老；幼吾幼，以及人之幼。天下可运于掌。诗云：刑于寡妻，至于兄弟，以御于家邦。言举斯心加诸彼而已。",
     "王", "学而时习之，不亦说乎？",
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,8 @@ from wenyan.errors import PipelineError
 from conftest import shipped
 from tiny import bpe_tokenizer, byte_tokenizer, tiny_llama
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny tensors gain nothing from threads
+
 REPO = Path(__file__).resolve().parents[1]
 PAIRS = [
     ("学而时习之，不亦说乎？", "学了又时常温习，不是很愉快吗？"),
@@ -36,15 +38,6 @@ SYSTEM = "你是翻译家。"
 PROMPT = {"format": {"system_prompt": SYSTEM, "user_template": "翻译：\n{classical}", "context_sentences": 0,
                      "context_template": "上文：{context}\n"}, "clean": {"opencc": "t2s"}}
 CHATML = CHAT_TEMPLATES["chatml"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy machine every op would wait for the other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def rows(n: int) -> list[dict]:

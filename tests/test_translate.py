@@ -20,6 +20,8 @@ from wenyan.prompt import build_messages
 from conftest import BASE_PARAMS
 from tiny import byte_tokenizer, tiny_llama
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny tensors gain nothing from threads
+
 # Two lines, every sentence end (。！？；), a closing quote after a question mark, and an empty line between.
 PASSAGE = "子曰：“学而时习之，不亦说乎？”有朋自远方来；不亦乐乎！\n\n人不知而不愠，不亦君子乎。"
 PASSAGE_SENTENCES = [["子曰：“学而时习之，不亦说乎？”", "有朋自远方来；", "不亦乐乎！"], [], ["人不知而不愠，不亦君子乎。"]]
@@ -62,17 +64,6 @@ def make_tiny_model(root: Path, max_seq_length: int = 256, trainable_tokens: boo
 @pytest.fixture(scope="module")
 def tiny_adapter(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two torch threads on a busy 2-core machine make generate() 100x slower; one is plenty here."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

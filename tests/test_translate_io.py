@@ -12,10 +12,13 @@ import sys
 
 import pytest
 from test_cli_errors import run_cli
-from test_translate import echo_generate, make_tiny_model, one_thread  # noqa: F401  (fixtures)
+from conftest import spelled
+from test_translate import echo_generate, make_tiny_model  # noqa: F401  (fixtures)
 
 from tools import translate
 from wenyan.errors import PipelineError, run_main
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny tensors gain nothing from threads
 
 TEXT = "学而时习之。\n有朋自远方来。\n"
 
@@ -47,16 +50,8 @@ def refused(tmp_path, argv, match):
 def test_output_that_is_the_input_is_refused_before_anything(tmp_path, src, spelling, monkeypatch):
     (tmp_path / "sub").mkdir()
     argv = ["--input", str(src)]
-    if spelling == "same path":
-        out = src
-    elif spelling == "other spelling":
-        out = tmp_path / "sub" / ".." / "." / "in.txt"
-    elif spelling == "symlink":
-        out = tmp_path / "link.txt"
-        out.symlink_to(src)
-    elif spelling == "hard link":
-        out = tmp_path / "hard.txt"
-        os.link(src, out)
+    if spelling != "stdin redirected":
+        out = spelled(src, {"same path": "same", "other spelling": "dotdot"}.get(spelling, spelling), tmp_path)
     else:
         monkeypatch.setattr(sys, "stdin", open(src, encoding="utf-8"))
         argv, out = [], src

@@ -17,6 +17,8 @@ from wenyan.prompt import end_of_turn_token, fix_special_tokens
 from stages import train as train_stage
 from wenyan.errors import PipelineError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny tensors gain nothing from threads
+
 REPO = Path(__file__).resolve().parents[1]
 SHIJI = REPO / "data/corpus/classical-modern/双语数据/史记"
 SYSTEM = "你是翻译家。"
@@ -28,14 +30,6 @@ SYNTHETIC = [
     "emoji 🙂🐉 and 龘 and 𠀀 (extension B), 〔按〕「引号」『书名』【注】—— end",
     "ＡＢＣ１２３　全角空格和半角 space",
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 from pathlib import Path
@@ -161,6 +160,7 @@ def browser():
 
 
 def requested_urls(drv) -> list[str]:
+    """Every URL the page asked for (the DevTools Network.requestWillBeSent events of the performance log)."""
     urls = []
     for entry in drv.get_log("performance"):
         message = json.loads(entry["message"])["message"]

@@ -9,7 +9,6 @@ named with why.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -18,6 +17,7 @@ import zipfile
 from pathlib import Path
 
 from wenyan.errors import PipelineError
+from wenyan.files import sha256_file
 
 # train: params that change what a run computes (the others: logging, eval, save cadence, num_gpus since the
 # batch is global, resume itself, do not)
@@ -27,14 +27,6 @@ IDENTITY_PARAMS = (
     "gradient_accumulation_steps", "padding_free", "gradient_checkpointing", "warmup_steps", "max_steps", "epochs",
     "learning_rate", "lr_scheduler", "weight_decay", "optim", "seed", "fsdp", "extend_vocab",
 )
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def model_fingerprint(location: str) -> str:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
 import json
 import os
 import re
@@ -41,7 +40,7 @@ import time
 from pathlib import Path
 
 from wenyan.errors import PipelineError, get_logger
-from wenyan.files import staging_path
+from wenyan.files import sha256_file, staging_path
 
 log = get_logger("gguf")
 
@@ -259,14 +258,6 @@ def read_gguf_py_version(root: Path) -> str | None:
     path = root / "gguf-py" / "pyproject.toml"
     found = re.search(r'^version\s*=\s*"([^"]+)"', path.read_text(encoding="utf-8"), re.M) if path.is_file() else None
     return found.group(1) if found else None
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def last_line(text: str) -> str:

@@ -27,7 +27,7 @@ from typing import Any
 
 from wenyan.device import device_and_dtype, own_gpu
 from wenyan.errors import PipelineError, get_logger
-from wenyan.files import new_staging_dir, staging_path
+from wenyan.files import new_staging_dir, sha256_file, staging_path
 from wenyan import vocab
 from wenyan.distributed import world
 from wenyan.prompt import apply_chat_template_override, check_templates, fix_special_tokens
@@ -263,13 +263,7 @@ def gguf_stamp(path: str) -> dict:
     stat = os.stat(path)
     key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
     if key not in _STAMPS:
-        import hashlib
-
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        _STAMPS[key] = {"gguf": Path(path).name, "size": stat.st_size, "sha256": digest.hexdigest()}
+        _STAMPS[key] = {"gguf": Path(path).name, "size": stat.st_size, "sha256": sha256_file(path)}
     return _STAMPS[key]
 
 

@@ -35,6 +35,14 @@ def read_yaml_file(path: Path, what: str):
         raise PipelineError(f"{path}: not valid YAML: {exc}") from None
 
 
+def add_params_options(parser, *, check: bool = True) -> None:
+    """The options every stage takes besides its paths: --params (a params.yaml read directly instead of through
+    DVC: tests, benchmarks) and --check-params (check the parameters, then exit: what the check_params stage runs)."""
+    parser.add_argument("--params", type=Path, default=None, help="read this params.yaml instead of asking DVC (tests, benchmarks)")
+    if check:
+        parser.add_argument("--check-params", action="store_true", help="only check the parameters, then exit (the check_params stage)")
+
+
 def load_params(stage: str, params_file: str | os.PathLike | None = None, *, dvc_stage: str | None = None) -> dict:
     """Return the `stage:` section of params.yaml (load_sections for a stage that reads several)."""
     return load_sections(dvc_stage or stage, [stage], params_file)[stage]

@@ -315,18 +315,15 @@ def fused_lm_head_available() -> bool:
     return getattr(utils, "_ChunkedLogProbFunction", None) is not None
 
 
-def sft_config(cfg: dict, *, rows: int, padding_free: bool, dtype, optim: str, gradient_checkpointing: bool, output_dir,
-               has_valid: bool, many_examples: bool = False, model=None):
-    """The trainer's SFTConfig for these settings (model None: without FSDP's layer list, for check_trainer_settings)."""
+def schedule_arguments(cfg: dict, *, rows: int, dtype, optim: str, output_dir) -> dict:
+    """The SFTConfig arguments train and pretrain share: batch, steps or epochs, the optimizer and its schedule,
+    seeds, precision and the device, logging."""
     import torch
-    from trl import SFTConfig
 
     on_gpu = torch.cuda.is_available()
-    eval_every = cfg["eval_steps"] if has_valid else 0
-    return SFTConfig(
+    return dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=rows,
-        per_device_eval_batch_size=rows,
         gradient_accumulation_steps=cfg["gradient_accumulation_steps"],
         max_steps=cfg["max_steps"] if cfg["max_steps"] > 0 else -1,
         num_train_epochs=cfg["epochs"],
@@ -340,10 +337,22 @@ def sft_config(cfg: dict, *, rows: int, padding_free: bool, dtype, optim: str, g
         bf16=dtype == torch.bfloat16,
         fp16=on_gpu and dtype == torch.float16,
         use_cpu=not on_gpu,
-        **(fsdp_arguments(cfg, model, gradient_checkpointing) if model is not None
-           else {"gradient_checkpointing": gradient_checkpointing}),
         logging_steps=cfg["logging_steps"],
         logging_first_step=True,
+    )
+
+
+def sft_config(cfg: dict, *, rows: int, padding_free: bool, dtype, optim: str, gradient_checkpointing: bool, output_dir,
+               has_valid: bool, many_examples: bool = False, model=None):
+    """The trainer's SFTConfig for these settings (model None: without FSDP's layer list, for check_trainer_settings)."""
+    from trl import SFTConfig
+
+    eval_every = cfg["eval_steps"] if has_valid else 0
+    return SFTConfig(
+        **schedule_arguments(cfg, rows=rows, dtype=dtype, optim=optim, output_dir=output_dir),
+        per_device_eval_batch_size=rows,
+        **(fsdp_arguments(cfg, model, gradient_checkpointing) if model is not None
+           else {"gradient_checkpointing": gradient_checkpointing}),
         eval_strategy="steps" if eval_every else "no",
         eval_steps=eval_every or None,
         save_strategy="steps" if cfg["save_steps"] else "no",

@@ -55,7 +55,7 @@ from pathlib import Path
 from wenyan import archives
 from wenyan.errors import get_logger, PipelineError, run_main
 from wenyan.files import PAIR_COLUMNS, atomic_outputs, check_paths, write_json
-from wenyan.params import add_params_options, check_entry, check_params, load_params, Param, Str
+from wenyan.params import add_params_options, check_entry, named_entries, check_params, load_params, Param, Str
 
 log = get_logger("ingest")
 
@@ -532,29 +532,8 @@ def check_sources(params: dict) -> list[dict]:
     """Validate every ingest.sources entry before reading anything."""
     if params["on_misaligned"] not in ("error", "skip"):
         raise PipelineError(f"params.yaml 'ingest.on_misaligned' should be error or skip, got {params['on_misaligned']!r}")
-    given = params["sources"]
-    if isinstance(given, dict):  # {name: {path, format, ...}}: the name in pair ids; flat columns in `dvc exp show`
-        entries = []
-        for name, entry in given.items():
-            if str(name).isdigit():  # `-S ingest.sources.0.path=...` from the days of a list: it would add a source
-                raise PipelineError(f"params.yaml 'ingest.sources.{name}': sources are keyed by name (ingest.sources."
-                                    f"{next((str(k) for k in given if not str(k).isdigit()), 'NAME')}.path=...), not by "
-                                    f"list index; a number as a source name is refused")
-            if not isinstance(entry, dict) or "name" in entry:
-                raise PipelineError(f"params.yaml 'ingest.sources.{name}' should be a mapping of path, format, books, "
-                                    f"encoding (its name is the key)")
-            entries.append({**entry, "name": str(name)})
-        keys = [str(name) for name in given]
-    elif isinstance(given, list):
-        entries, keys = given, [f"[{i}]" for i in range(len(given))]
-    else:
-        entries = keys = []
-    if not entries:
-        raise PipelineError("params.yaml 'ingest.sources' should be a non-empty mapping of name: {path, format, ...} "
-                            "(or a list of {path, format, ...})")
     sources = []
-    for key, entry in zip(keys, entries):
-        where = f"ingest.sources{key}" if key.startswith("[") else f"ingest.sources.{key}"
+    for where, entry in named_entries(params["sources"], "ingest.sources"):
         src = check_entry(entry, SOURCE_DEFAULTS, where)
         if not src["path"]:
             raise PipelineError(f"params.yaml '{where}' has no path")

@@ -71,7 +71,7 @@ from wenyan.device import pick_backend
 from wenyan import archives, models, monolingual, sft, text, vocab
 from wenyan.errors import PipelineError, get_logger, run_main
 from wenyan.files import check_output_path, check_owned_dir, new_staging_dir, read_pairs, staged_dir, write_json
-from wenyan.params import add_params_options, Bool, Float, Int, ListOf, OneOf, Param, Str, check_entry, check_params, load_sections
+from wenyan.params import add_params_options, Bool, Float, Int, OneOf, Param, Str, check_entry, check_params, load_sections, named_entries
 
 log = get_logger("pretrain")
 OUT_SIGNATURE, REPORTS_SIGNATURE = "pretrain.json", "summary.json"  # what marks --out and --reports as ours
@@ -80,7 +80,7 @@ BACKENDS = ("auto", "unsloth", "hf")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 SCHEMA = {  # values and their comments: params.yaml's pretrain: section
     "enabled": Bool(),
-    "sources": ListOf(dict),  # entries: monolingual.SOURCE_DEFAULTS
+    "sources": Param((dict, list)),  # {name: {path, ...}} (or a list); entries: monolingual.SOURCE_DEFAULTS
     "include_train_split": Bool(),
     "max_seq_length": Int(above=1),
     "max_tokens": Int(min=0),  # 0 = every packed sequence
@@ -130,9 +130,8 @@ def check_sources(cfg: dict) -> list[dict]:
         raise PipelineError("params.yaml 'pretrain.sources' is empty; list at least one {path, format} "
                             "(or set pretrain.enabled: false)")
     sources = []
-    for i, entry in enumerate(cfg["sources"]):
-        src = check_entry(entry, monolingual.SOURCE_DEFAULTS, f"pretrain.sources[{i}]")
-        where = f"pretrain.sources[{i}]"
+    for where, entry in named_entries(cfg["sources"], "pretrain.sources"):
+        src = check_entry(entry, {**monolingual.SOURCE_DEFAULTS, "name": ""}, where)
         if not src["path"]:
             raise PipelineError(f"params.yaml '{where}' has no path")
         if src["format"] not in monolingual.FORMATS:
@@ -193,7 +192,8 @@ def build_corpus(cfg: dict, split_dir: Path, opencc) -> tuple[list, list[str], d
         chars_read = sum(len(s) for _, lines in read for s in lines)
         normal = monolingual.normalise_documents(read, converter, norm_counts)
         docs.extend(normal)
-        entry = {"path": src["path"], "format": src["format"], "books_filter": src["books"], **stats.report(),
+        entry = {**({"name": src["name"]} if src["name"] else {}), "path": src["path"], "format": src["format"],
+                 "books_filter": src["books"], **stats.report(),
                  "characters_read": chars_read,
                  "characters_normalised": sum(len(s) for _, lines in normal for s in lines)}
         report_sources.append(entry)

@@ -49,7 +49,7 @@ def test_every_stage_has_a_schema():
         ("pretrain", shipped("pretrain", enabled="yes"), "pretrain.enabled should be bool"),
         ("pretrain", shipped("pretrain", max_seq_length=1), "pretrain.max_seq_length must be > 1"),
         ("pretrain", shipped("pretrain", batch_tokens=0), "pretrain.batch_tokens must be > 0"),
-        ("pretrain", shipped("pretrain", sources={"path": "x"}), "pretrain.sources should be a list of dict"),
+        ("pretrain", shipped("pretrain", sources="x"), "pretrain.sources should be dict or list, got str"),
         ("pretrain", {**shipped("pretrain"), "max_token": 5}, r"'max_token' \(did you mean 'max_tokens'\?\)"),
     ],
 )

@@ -272,6 +272,9 @@ def test_archives_text_and_jsonl_sources(project, tmp_path):
 @pytest.mark.bad_input
 @pytest.mark.parametrize("overrides, message", [
     ({"batch_tokens": 48}, r"pretrain.batch_tokens 48 must be a multiple of pretrain.max_seq_length x"),
+    ({"sources": {"0": {"path": "."}}}, r"'pretrain.sources.0': sources are keyed by name"),
+    ({"sources": {"mine": "x"}}, r"'pretrain.sources.mine' should be a mapping of path, format"),
+    ({"sources": {"mine": {"path": "/nonexistent.tar.xz"}}}, r"/nonexistent.tar.xz: not found \(params.yaml pretrain.sources.mine.path\)"),
     ({"sources": []}, r"'pretrain.sources' is empty"),
     ({"sources": [{"path": "/nonexistent.tar.xz"}]}, r"/nonexistent.tar.xz: not found \(params.yaml pretrain.sources\[0\].path\)"),
     ({"sources": [{"path": ".", "format": "epub"}]}, r"pretrain.sources\[0\].format' should be one of niutrans, text, jsonl"),

@@ -243,9 +243,35 @@ def check_entry(entry: dict, defaults: dict, where: str) -> dict:
     return check_params({**defaults, **entry}, schema, where)
 
 
+def named_entries(given, section: str) -> list[tuple[str, dict]]:
+    """The entries of a list-of-sources parameter (ingest.sources, pretrain.sources) as [(where, entry)]: a
+    mapping {name: {path, ...}} (each entry gets its key as "name"; `dvc exp show` then has a flat column per
+    field and `-S section.NAME.path=...` reads well) or, as before, a list of {path, ...} ([i] in `where`)."""
+    if isinstance(given, dict):
+        out = []
+        for name, entry in given.items():
+            if str(name).isdigit():  # `-S section.0.path=...` from the days of a list: it would add a source
+                raise PipelineError(f"params.yaml '{section}.{name}': sources are keyed by name ({section}."
+                                    f"{next((str(k) for k in given if not str(k).isdigit()), 'NAME')}.path=...), not by "
+                                    f"list index; a number as a source name is refused")
+            if not isinstance(entry, dict) or "name" in entry:
+                raise PipelineError(f"params.yaml '{section}.{name}' should be a mapping of path, format, ... "
+                                    f"(its name is the key)")
+            out.append((f"{section}.{name}", {**entry, "name": str(name)}))
+    elif isinstance(given, list):
+        out = [(f"{section}[{i}]", entry) for i, entry in enumerate(given)]
+    else:
+        out = []
+    if not out:
+        raise PipelineError(f"params.yaml '{section}' should be a non-empty mapping of name: {{path, format, ...}} "
+                            "(or a list of {path, format, ...})")
+    return out
+
+
 def set_key(params: dict, dotted: str, value: str) -> None:
-    """Apply one `-S a.b.0.c=value` override; the value is parsed as YAML (numbers, lists, null). An index one past
-    the end of a list adds an entry (`pretrain.sources.2.path=x` on a two-source list: a third source)."""
+    """Apply one `-S a.b.0.c=value` override; the value is parsed as YAML (numbers, lists, null). A new key adds a
+    mapping entry (`pretrain.sources.more.path=x`: a third source); an index one past the end of a list adds an
+    entry to the list."""
     import yaml
 
     *parents, last = dotted.split(".")

@@ -22,7 +22,7 @@ mkdir -p "$work"
 t0=$(date +%s)
 note() { echo "[$(( $(date +%s) - t0 )) s] $*" | tee -a "$work/timeline.txt"; }
 common="--profile gpu -S ingest.sources.classical-modern.path=$payload/classical-modern.tar.xz -S train.model=$(ls $payload/*.gguf)"
-mono="-S pretrain.sources.0.path=$payload/classical-mono-a.tar.xz -S pretrain.sources.1.path=$payload/classical-mono-b.tar.xz"
+mono="-S pretrain.sources.classical-mono-a.path=$payload/classical-mono-a.tar.xz -S pretrain.sources.classical-mono-b.path=$payload/classical-mono-b.tar.xz"
 pre_on="-S pretrain.enabled=true $mono -S pretrain.max_tokens=$PRETRAIN_TOKENS"
 export PYTHONPATH=$PYTHONPATH:$work/src
 

@@ -3,11 +3,11 @@ itself cannot run (a GPU machine holding a copy of the working tree but no git h
 
     python benchmarks/device/run_stages.py -S train.backend=unsloth -S ingest.sources.classical-modern.path=/data/cm.tar.xz \
         ingest clean split format base train evaluate_base evaluate
-    python benchmarks/device/run_stages.py -S pretrain.enabled=true -S pretrain.sources.0.path=/data/mono-a.tar.xz \
-        -S pretrain.sources.1.path=/data/mono-b.tar.xz pretrain train       (after base; `pretrain` as in dvc.yaml)
+    python benchmarks/device/run_stages.py -S pretrain.enabled=true -S pretrain.sources.classical-mono-a.path=/data/mono-a.tar.xz \
+        -S pretrain.sources.classical-mono-b.path=/data/mono-b.tar.xz pretrain train       (after base; `pretrain` as in dvc.yaml)
 
-An index one past the end of a list adds an entry (`-S pretrain.sources.2.path=x`: a third source, with the
-stage's defaults for its other keys).
+A new name adds a source (`-S pretrain.sources.more.path=x`: a third source, with the stage's defaults for its
+other keys).
 
 Writes the resolved parameters to params.run.yaml (beside params.yaml, or --params-out) and passes
 `--params params.run.yaml` to each stage's command, so the run is what `dvc exp run -S ...` would run.

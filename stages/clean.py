@@ -85,6 +85,7 @@ def check_clean_params(params: dict) -> None:
         raise PipelineError(f"params.yaml 'clean.max_ratio' should be >= 1, got {params['max_ratio']}")
 
 
+# Long (~60 lines): the stage read top to bottom: arguments and checks, the filters in order, the report.
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pairs", required=True, help="ingest's pairs parquet")

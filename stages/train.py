@@ -346,6 +346,7 @@ def run_summary(cfg: dict, resolved: dict, plan: dict, run: dict, trainer, stats
     }
 
 
+# Long (~65 lines): one training run read top to bottom: checks, data, model, trainer, run, save, reports.
 def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callbacks=(), *, prompt: dict) -> dict:
     """Run the stage; returns the summary also written to reports/summary.json. `prompt`: resolve_prompt's,
     saved with the model. `callbacks`: extra TrainerCallbacks (tests use one to kill a run half-way)."""

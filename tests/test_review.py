@@ -153,3 +153,18 @@ def test_no_metrics_and_bad_revision(repo):
 def test_fmt_delta():
     assert review.fmt_delta(1.0, 1.5) == "+0.50" and review.fmt_delta(2.0, 0.5) == "**-1.50**"
     assert review.fmt_delta(3, 5) == "+2" and review.fmt_delta(None, 1.0) == "" and review.fmt_delta(1.0, 1.0) == "0"
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("target", ["reports/metrics.json", "reports/evaluate/by_book.csv", "reports/evaluate/scores.csv"])
+def test_out_onto_a_file_it_compares_is_refused_and_kept(repo, target):
+    """--out may not be one of the workspace files the review reads (any spelling): it would overwrite them."""
+    path = repo / target
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("kept\n", encoding="utf-8")
+    before = path.read_bytes()
+    spelled = repo / "reports" / ".." / target
+    with pytest.raises(PipelineError, match="--out"):
+        review.main(["--old", "HEAD", "--out", str(spelled), "--repo", str(repo)])
+    assert path.read_bytes() == before

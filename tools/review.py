@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from wenyan.errors import PipelineError, run_main
-from wenyan.files import check_output_path, write_text
+from wenyan.files import check_output_path, check_paths, write_text
 
 # Metrics in the order a reviewer reads them; any other metric follows in dvc's order.
 FIRST = ["bleu", "bleu_ci95.low", "bleu_ci95.high", "chrf", "n_sentences", "hit_max_new_tokens"]
@@ -208,6 +208,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.out:
         check_output_path(args.out)
+        # the workspace files it compares (--new unset reads them from the working tree) are never its output
+        check_paths({flag: args.repo / path for flag, path in (("--metrics", args.metrics), ("--by-book", args.by_book),
+                     ("--by-length", args.by_length), ("--scores", args.scores))}, {"--out": args.out})
 
     old = resolve_rev(args.old, args.repo)
     new = resolve_rev(args.new, args.repo) if args.new else None

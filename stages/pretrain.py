@@ -70,7 +70,7 @@ from pathlib import Path
 from wenyan.device import pick_backend
 from wenyan import archives, models, monolingual, sft, text, vocab
 from wenyan.errors import PipelineError, get_logger, run_main
-from wenyan.files import check_output_path, check_owned_dir, new_staging_dir, read_pairs, staged_dir, write_json
+from wenyan.files import check_output_path, check_owned_dir, check_paths, new_staging_dir, read_pairs, staged_dir, write_json
 from wenyan.params import add_params_options, Bool, Float, Int, OneOf, Param, Str, check_entry, check_params, load_sections, named_entries
 
 log = get_logger("pretrain")
@@ -441,6 +441,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     for path in (args.out, args.reports):
         check_output_path(path, directory=True)
+    inputs = {"--base": args.base, "--split-dir": args.split_dir, "--params": args.params}
+    outputs = {"--out": args.out, "--reports": args.reports}
+    check_paths(inputs, outputs, dirs=["--base", "--split-dir"])  # never an output onto an input or the other output
     check_owned_dir(args.out, "--out", "pretrain", signature=OUT_SIGNATURE)  # before anything is read or trained
     check_owned_dir(args.reports, "--reports", "pretrain", signature=REPORTS_SIGNATURE)
     params = load_sections("pretrain", ["pretrain", "clean.opencc"], args.params)
@@ -456,6 +459,9 @@ def main(argv=None) -> None:
     if reason:
         passthrough(reason, Path(args.out), Path(args.reports))
         return
+    sources = {f"pretrain.sources{'.' + src['name'] if src['name'] else f'[{i}]'}": src["path"]
+               for i, src in enumerate(check_sources(cfg))}
+    check_paths(sources, outputs, dirs=list(sources))  # nor onto a source of the text
     pretrain(cfg, params["clean"]["opencc"], args.base, args.split_dir, args.out, args.reports)
 
 

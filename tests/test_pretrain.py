@@ -7,6 +7,7 @@ train.* that does not re-run pretrain) is in tests/test_pipeline_e2e.py."""
 from __future__ import annotations
 
 import json
+import shutil
 import math
 import os
 import tarfile
@@ -324,3 +325,31 @@ def test_check_params_fails_like_the_run_and_writes_nothing(project, tmp_path, o
     assert not out.exists() and not reports.exists()
     # a pass-through reads no source: its sources are not checked
     run(project, tmp_path, "off", check_params=True, enabled=False, sources=[{"path": "/nonexistent.tar.xz"}])
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("case", ["--out is --base", "--reports inside --split-dir", "--out is --reports",
+                                  "a source inside --out", "--out inside a source (via ..)"])
+def test_an_output_onto_an_input_or_the_other_output_is_refused_first(project, tmp_path, case):
+    """Issue 21 class 1 in pretrain: no output may be, contain or sit inside an input (base, split, a source of
+    the text) or the other output, whatever its spelling; refused before anything is read, nothing changes."""
+    mono = tmp_path / "mono"
+    shutil.copytree(project["mono"], mono)
+    out, reports, source = tmp_path / "p", tmp_path / "r", mono
+    if case == "--out is --base":
+        out = project["base"]
+    elif case == "--reports inside --split-dir":
+        reports = project["split"] / "reports"
+    elif case == "--out is --reports":
+        reports = out
+    elif case == "a source inside --out":
+        out = tmp_path
+    else:
+        out = mono / "sub" / ".." / "inner"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params(source), allow_unicode=True), encoding="utf-8")
+    before = {p: p.read_bytes() for root in (project["base"], project["split"], mono) for p in root.rglob("*") if p.is_file()}
+    with pytest.raises(PipelineError, match=r"the output --(out|reports) (is|lies inside|contains) the (input|output) "):
+        stage.main(["--base", str(project["base"]), "--split-dir", str(project["split"]), "--out", str(out),
+                    "--reports", str(reports), "--params", str(tmp_path / "params.yaml")])
+    assert {p: p.read_bytes() for p in before} == before
+    assert not (project["split"] / "reports").exists()

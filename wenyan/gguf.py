@@ -546,7 +546,8 @@ def batched_context_size(prefix: int, needs: list[int], parallel: int) -> int:
 
 # Long (~110 lines): one llama.cpp batch loop: the shared prefix, sequences joining and leaving their slots, one llama_batch a step.
 def batched_greedy(llm, input_ids: list[list[int]], budgets: list[int], stops: list[int], *, parallel: int = 16,
-                   on_done=None, timings: dict | None = None, share_prefix: bool = True) -> list[list[int]]:
+                   on_done=None, timings: dict | None = None, share_prefix: bool = True, unified: bool = True,
+                   flash_attn: bool | None = None) -> list[list[int]]:
     """Greedy replies (without the stop token, at most budget tokens each) to all prompts at once in one llama.cpp
     context: continuous batching over `parallel` sequences that share the KV cells of the prompts' common prefix.
 
@@ -570,13 +571,19 @@ def batched_greedy(llm, input_ids: list[list[int]], budgets: list[int], stops: l
     parallel = max(1, min(parallel, n))
     prefix = shared_prefix_length(input_ids) if share_prefix else 0
     needs = [len(ids) - prefix + budget for ids, budget in zip(input_ids, budgets)]
-    n_ctx = batched_context_size(prefix, needs, parallel)
+    if unified:
+        n_ctx = batched_context_size(prefix, needs, parallel)
+    else:  # one KV stream a sequence, each n_ctx / n_seq_max cells: the prefix + the largest need
+        per_seq = -(-(prefix + max(needs) + 1) // 256) * 256
+        n_ctx = per_seq * (parallel + 1)
     biggest_step = sum(sorted((len(ids) - prefix for ids in input_ids), reverse=True)[:parallel]) + parallel
     n_batch = max(prefix, biggest_step, 1)
     threads = llm.context_params.n_threads
     params = llama_cpp.llama_context_default_params()
     params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, n_batch, min(n_batch, 512)
-    params.n_seq_max, params.kv_unified = parallel + 1, True
+    params.n_seq_max, params.kv_unified = parallel + 1, unified
+    if flash_attn is not None:
+        params.flash_attn_type = 1 if flash_attn else 0
     params.n_threads = params.n_threads_batch = threads
     started = time.perf_counter()
     try:

@@ -44,15 +44,13 @@ VARIANTS = [("a KV stream per sequence", {"unified": False}), ("flash attention 
 
 
 def cpu_info() -> dict:
-    model, flags = platform.processor() or "?", set()
+    model = platform.processor() or "?"
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
+        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), model)
     except OSError:
         pass
+    flags = gguf.cpu_flags()
     wanted = ["avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8", "amx_bf16"]
     return {"model": model, "cpus": os.cpu_count(), "flags": [f for f in wanted if f in flags]}
 

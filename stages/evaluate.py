@@ -2,11 +2,13 @@
 
     data/format/test.jsonl + models/adapter + data/evaluate/base_outputs.jsonl (stage evaluate_base)
       -> reports/metrics.json            BLEU (tokenize=zh), chrF, the baselines' BLEU/chrF, BLEU's bootstrap 95% CI
-      -> reports/evaluate/scores.csv     per system (model, copy, base): BLEU + CI, chrF, limits hit, signatures
+                                         (the chapter test; the unseen books apart, under unseen_books)
+      -> reports/evaluate/scores.csv     per system (model, copy, base; model@unseen_books ...): BLEU + CI, chrF,
+                                         limits hit, signatures
       -> reports/evaluate/by_book.csv    BLEU/chrF per book, model and baselines
       -> reports/evaluate/by_length.csv  BLEU/chrF per source-length bucket (characters)
       -> reports/evaluate/samples.md     best, worst and a spread of outputs by sentence chrF
-      -> data/evaluate/hypotheses.jsonl  every output with its provenance (id, book, chapter, line)
+      -> data/evaluate/hypotheses.jsonl  every output with its provenance (id, book, chapter, line[, unseen_book])
 
 Run it:  dvc repro evaluate
    or:   python -m stages.evaluate --test data/format/test.jsonl --model models/adapter \
@@ -17,6 +19,13 @@ Run it:  dvc repro evaluate
 The prompt of a test row is messages[:-1] (system + user, as in training); the reference is `target`.
 Outputs get the references' treatment before scoring: wenyan/text.py's normalisation and the OpenCC
 conversion the model was trained with (its training_config.json `prompt.opencc`, recorded by train).
+
+Two test groups, sampled and scored apart (wenyan.metrics.select_evaluated: up to evaluate.num_samples each):
+the chapter test (test chapters of books train has too: the headline numbers of metrics.json and scores.csv's
+`model`, `copy`, `base`) and the unseen books (rows with unseen_book true, stages/format.py: books without a
+train or valid row, e.g. split.test_books: metrics.json's `unseen_books`, scores.csv's `<system>@unseen_books`).
+by_book.csv, by_length.csv, samples.md and hypotheses.jsonl cover both. Without unseen-book rows every output is
+what it was before the groups existed.
 
 Baselines (params evaluate.baselines) are scored on the same sentences:
   copy  the classical source unchanged (how far modern Chinese is from the classical text)
@@ -50,7 +59,7 @@ from wenyan import distributed, generation, models, text
 from wenyan.errors import PipelineError, get_logger, run_main
 from wenyan.files import atomic_outputs, check_output_path, read_jsonl, write_json, write_jsonl, write_text
 from wenyan.metrics import (EVALUATE_SCHEMA, KNOWN_BASELINES, breakdown, check_test_rows, length_bucket, score,
-                            select_rows, sentence_chrf, to_csv)
+                            select_evaluated, sentence_chrf, to_csv, unseen_book)
 from wenyan.params import add_params_options, check_params, load_params
 from wenyan.prompt import end_of_turn_ids
 from wenyan import artifacts
@@ -60,6 +69,7 @@ log = get_logger("evaluate")
 
 OUT_DIR_FILES = ("by_book.csv", "by_length.csv", "scores.csv", "samples.md")  # what evaluate writes into --out-dir
 SCHEMA = EVALUATE_SCHEMA  # values and their comments: params.yaml; evaluate_base reads some of its keys too
+UNSEEN = "unseen_books"  # the unseen-book group: its key in metrics.json, its systems' suffix in scores.csv
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,6 +139,7 @@ def render_samples(rows: list[dict], systems: dict[str, list[str]], chrf: dict[s
         for i in picks[part]:
             row = rows[i]
             where = " · ".join(str(row[k]) for k in ("book", "chapter", "line") if row.get(k) not in (None, ""))
+            where += " (unseen book)" if unseen_book(row) else ""
             scores = f"chrF {chrf['model'][i]:.1f}" + (f" (base {chrf['base'][i]:.1f})" if "base" in chrf else "")
             out += [f"### {where or row.get('id', i)} — {scores}", "", f"- **id:** `{row.get('id', i)}`"]
             out.append(f"- **Source:** {line(row['source'])}")
@@ -143,9 +154,17 @@ def render_samples(rows: list[dict], systems: dict[str, list[str]], chrf: dict[s
 # ----------------------------------------------------------------------------------------------
 
 
-def metrics_json(scores: dict[str, dict], limits: dict[str, int], n_sentences: int, baselines: list[str]) -> dict:
-    """reports/metrics.json: the numbers runs are compared by (dvc metrics diff, dvc exp show), in the order a reader
-    wants them; the BLEU/chrF signatures, the baselines' CIs and limits are in reports/evaluate/scores.csv."""
+def group_scores(systems: dict[str, list[str]], references: list[str], hits: dict[str, list[bool]], idx: list[int],
+                 n_bootstrap: int) -> tuple[dict[str, dict], dict[str, int]]:
+    """Each system's score() and limits hit on the evaluated rows idx (the chapter test, or the unseen books)."""
+    refs = [references[i] for i in idx]
+    scores = {name: score([hyps[i] for i in idx], refs, n_bootstrap) for name, hyps in systems.items()}
+    return scores, {name: sum(hit[i] for i in idx) for name, hit in hits.items()}
+
+
+def group_metrics(scores: dict[str, dict], n_sentences: int, baselines: list[str]) -> dict:
+    """One group's numbers: the model's BLEU and chrF, the baselines' (evaluate.baselines' order), BLEU's CI (with
+    bootstrap) and the sentences scored."""
     model_scores = scores["model"]
     metrics = {
         "bleu": model_scores["bleu"],
@@ -154,18 +173,43 @@ def metrics_json(scores: dict[str, dict], limits: dict[str, int], n_sentences: i
                       for name in baselines if name in scores},
         "bleu_ci95": model_scores.get("bleu_ci95"),
         "n_sentences": n_sentences,
-        "hit_max_new_tokens": limits["model"],
     }
     if metrics["bleu_ci95"] is None:
         del metrics["bleu_ci95"]
     return metrics
 
 
+def metrics_json(scores: dict[str, dict], limits: dict[str, int], n_sentences: int, baselines: list[str],
+                 unseen: tuple[dict[str, dict], int, list[str]] | None = None) -> dict:
+    """reports/metrics.json: the numbers runs are compared by (dvc metrics diff, dvc exp show), in the order a reader
+    wants them; the BLEU/chrF signatures, the baselines' CIs and limits are in reports/evaluate/scores.csv. scores
+    are the chapter test's; unseen, (scores, n_sentences, books) of the unseen-book rows, goes under "unseen_books"."""
+    metrics = {**group_metrics(scores, n_sentences, baselines), "hit_max_new_tokens": limits["model"]}
+    if unseen is not None:
+        unseen_scores, unseen_n, books = unseen
+        metrics[UNSEEN] = {**group_metrics(unseen_scores, unseen_n, baselines), "books": books}
+    return metrics
+
+
+def score_rows(scores: dict[str, dict], limits: dict[str, int], n_sentences: int, suffix: str = "") -> list:
+    """scores.csv's rows of one group, a system a row (its name + suffix): BLEU with its CI, chrF, limits hit,
+    signatures."""
+    return [(f"{name}{suffix}", {"n": n_sentences, "bleu": s["bleu"], "bleu_low": (s.get("bleu_ci95") or {}).get("low", ""),
+                                 "bleu_high": (s.get("bleu_ci95") or {}).get("high", ""), "chrf": s["chrf"],
+                                 "hit_max_new_tokens": limits.get(name, ""), "bleu_signature": s["bleu_signature"],
+                                 "chrf_signature": s["chrf_signature"]})
+            for name, s in scores.items()]
+
+
 def hypotheses_with_provenance(rows: list[dict], systems: dict[str, list[str]], chrf: dict[str, list[float]]) -> list[dict]:
-    """data/evaluate/hypotheses.jsonl: every output with its provenance, reference and sentence chrF."""
+    """data/evaluate/hypotheses.jsonl: every output with its provenance, reference and sentence chrF; where some rows
+    are of unseen books, every row says whether it is (unseen_book)."""
     out_rows = []
+    with_unseen = any(unseen_book(r) for r in rows)
     for i, row in enumerate(rows):
         out = {k: row.get(k) for k in ("id", "book", "chapter", "line")}
+        if with_unseen:
+            out["unseen_book"] = unseen_book(row)
         out |= {"source": row["source"], "reference": row["target"], "hypothesis": systems["model"][i],
                 "chrf": chrf["model"][i]}
         if "base" in systems:
@@ -174,7 +218,7 @@ def hypotheses_with_provenance(rows: list[dict], systems: dict[str, list[str]], 
     return out_rows
 
 
-# Long (~90 lines): the stage read top to bottom: inputs and checks, generation, scores, the five outputs at once.
+# Long (~110 lines): the stage read top to bottom: inputs and checks, generation, scores, the five outputs at once.
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -201,9 +245,16 @@ def main(argv=None) -> None:
         return
     all_rows, lines = read_jsonl(args.test, with_lines=True)
     check_test_rows(all_rows, args.test, lines)
-    rows = select_rows(all_rows, p["num_samples"], p["seed"])
+    rows = select_evaluated(all_rows, p["num_samples"], p["seed"])
+    chapter = [i for i, r in enumerate(rows) if not unseen_book(r)]  # the two groups, as indices into rows
+    unseen = [i for i, r in enumerate(rows) if unseen_book(r)]
     books = sorted({str(r.get("book", "")) for r in rows})
+    unseen_books = sorted({str(rows[i].get("book", "")) for i in unseen})
     log.info("scoring %d of %d test sentences (%d books)", len(rows), len(all_rows), len(books))
+    if unseen:
+        n_unseen = sum(unseen_book(r) for r in all_rows)
+        log.info("  chapter test %d of %d; unseen books %d of %d (%s)", len(chapter), len(all_rows) - n_unseen,
+                 len(unseen), n_unseen, ", ".join(unseen_books))
     trained = models.load_trained(args.model, model=False)  # config, prompt, tokenizer: cheap checks first
     cfg, tokenizer, backend = trained.config, trained.tokenizer, trained.backend
     opencc = trained.prompt["opencc"]  # the references' OpenCC conversion, as recorded by train
@@ -213,7 +264,7 @@ def main(argv=None) -> None:
     references = [r["target"] for r in rows]
     prompts = [r["messages"][:-1] for r in rows]
     systems: dict[str, list[str]] = {}
-    limits: dict[str, int] = {}
+    hits: dict[str, list[bool]] = {}
     gen = dict(batch_size=p["batch_size"], num_beams=p["num_beams"], factor=p["max_new_tokens_factor"],
                extra=p["max_new_tokens_extra"], eos_token_ids=end_of_turn_ids(tokenizer))
 
@@ -231,31 +282,37 @@ def main(argv=None) -> None:
     if not distributed.is_main():
         return
     log.info("fine-tuned: %d sentences in %.0f s", len(rows), time.perf_counter() - started)
-    systems["model"], limits["model"] = postprocess(raw, opencc), sum(hit)
+    systems["model"], hits["model"] = postprocess(raw, opencc), list(hit)
     if base_raw is not None:
-        systems["base"], limits["base"] = postprocess(base_raw, opencc), sum(base_hit)
+        systems["base"], hits["base"] = postprocess(base_raw, opencc), list(base_hit)
     if "copy" in p["baselines"]:
         systems["copy"] = list(sources)  # already through the clean stage
 
-    scores = {name: score(hyps, references, p["bootstrap_resamples"]) for name, hyps in systems.items()}
-    metrics = metrics_json(scores, limits, len(rows), p["baselines"])
-    score_rows = [(name, {"n": len(rows), "bleu": s["bleu"], "bleu_low": (s.get("bleu_ci95") or {}).get("low", ""),
-                          "bleu_high": (s.get("bleu_ci95") or {}).get("high", ""), "chrf": s["chrf"],
-                          "hit_max_new_tokens": limits.get(name, ""), "bleu_signature": s["bleu_signature"],
-                          "chrf_signature": s["chrf_signature"]})
-                  for name, s in scores.items()]
+    scores, limits = group_scores(systems, references, hits, chapter, p["bootstrap_resamples"])
+    csv_rows = score_rows(scores, limits, len(chapter))
+    unseen_scores = unseen_metrics = None
+    if unseen:
+        unseen_scores, unseen_limits = group_scores(systems, references, hits, unseen, p["bootstrap_resamples"])
+        csv_rows += score_rows(unseen_scores, unseen_limits, len(unseen), f"@{UNSEEN}")
+        unseen_metrics = (unseen_scores, len(unseen), unseen_books)
+    metrics = metrics_json(scores, limits, len(chapter), p["baselines"], unseen_metrics)
     for name, s in scores.items():
-        log.info("%-5s BLEU %6.2f  chrF %6.2f", name, s["bleu"], s["chrf"])
+        u = unseen_scores[name] if unseen_scores else None
+        log.info("%-5s BLEU %6.2f  chrF %6.2f%s", name, s["bleu"], s["chrf"],
+                 f"   unseen books: BLEU {u['bleu']:6.2f}  chrF {u['chrf']:6.2f}" if u else "")
 
     book_rows = breakdown([str(r.get("book", "")) for r in rows], references, systems)
     order = [length_bucket(b, p["length_buckets"]) for b in [*p["length_buckets"], p["length_buckets"][-1] + 1]]
     length_rows = breakdown([length_bucket(len(s), p["length_buckets"]) for s in sources], references, systems, order)
     chrf = {name: sentence_chrf(hyps, references) for name, hyps in systems.items() if name != "copy"}
+    corpus = f"Corpus BLEU {metrics['bleu']:.2f}, chrF {metrics['chrf']:.2f}"
+    if unseen:
+        corpus += (f" on the {len(chapter)} sentences of the chapter test; on the {len(unseen)} of unseen books "
+                   f"({', '.join(unseen_books)}) BLEU {metrics[UNSEEN]['bleu']:.2f}, chrF {metrics[UNSEEN]['chrf']:.2f}")
     header = (
         f"{len(rows)} of {len(all_rows)} test sentences (evaluate.num_samples={p['num_samples']}, seed={p['seed']}); "
         f"model `{args.model}` on `{cfg['model']}`; num_beams={p['num_beams']}; outputs after the clean "
-        f"stage's normalisation and OpenCC. Sentence chrF: sacrebleu `sentence_chrf`. "
-        f"Corpus BLEU {metrics['bleu']:.2f}, chrF {metrics['chrf']:.2f}."
+        f"stage's normalisation and OpenCC. Sentence chrF: sacrebleu `sentence_chrf`. {corpus}."
     )
     samples = render_samples(rows, systems, chrf, pick_examples(chrf["model"], p["num_examples"]), header)
 
@@ -267,7 +324,7 @@ def main(argv=None) -> None:
         write_jsonl(hypotheses_tmp, hypothesis_rows)
         write_text(book_tmp, to_csv("book", book_rows))
         write_text(length_tmp, to_csv("length", length_rows))
-        write_text(scores_tmp, to_csv("system", score_rows))
+        write_text(scores_tmp, to_csv("system", csv_rows))
         write_text(samples_tmp, samples)
         write_json(metrics_tmp, metrics)
     log.info("wrote %s, %s/{by_book.csv,by_length.csv,scores.csv,samples.md}, %s", args.metrics, args.out_dir,

@@ -9,8 +9,9 @@ Run it:  dvc repro evaluate_base
 
 These outputs depend only on the base model, the test sample, the prompt and the generation settings, never on
 the fine-tuned model, so they are a stage of their own that DVC skips (or restores from its run cache) while only
-train.* params change. The sample (wenyan.metrics.select_rows), prompts, generation and several GPUs
-(evaluate.num_gpus) are those of the evaluate stage; without `base` in evaluate.baselines it writes an empty file.
+train.* params change. The sample (wenyan.metrics.select_evaluated: the chapter test and the unseen books, each
+sampled), prompts, generation and several GPUs (evaluate.num_gpus) are those of the evaluate stage; without `base`
+in evaluate.baselines it writes an empty file.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 from wenyan import distributed, generation, models
 from wenyan.errors import PipelineError, get_logger, run_main
 from wenyan.files import check_output_path, check_paths, read_jsonl, write_jsonl
-from wenyan.metrics import EVALUATE_SCHEMA, check_test_rows, select_rows
+from wenyan.metrics import EVALUATE_SCHEMA, check_test_rows, select_evaluated
 from wenyan.params import add_params_options, check_params, load_sections
 from wenyan.prompt import end_of_turn_ids
 
@@ -66,7 +67,7 @@ def main(argv=None) -> None:
     if "base" in p["baselines"]:
         all_rows, lines = read_jsonl(args.test, with_lines=True)
         check_test_rows(all_rows, args.test, lines)
-        rows = select_rows(all_rows, p["num_samples"], p["seed"])
+        rows = select_evaluated(all_rows, p["num_samples"], p["seed"])
     out_rows = []
     if rows:
         backend = "hf"  # generation runs on plain transformers (models.inference_backend)

@@ -5,9 +5,14 @@ Outputs: data/format/{train,valid,test}.jsonl, one object a line:
            {"id", "book", "chapter", "line", "source", "target",
             "messages": [{"role": "system", "content": system_prompt}      (only if system_prompt is set)
                          {"role": "user", "content": [context_template] + user_template},
-                         {"role": "assistant", "content": target}]}
+                         {"role": "assistant", "content": target}],
+            "unseen_book": true/false}                                      (test.jsonl only)
          train fine-tunes on messages; evaluate prompts with messages[:-1] and scores against `target`.
-         reports/data/format.json: rows per split, mean prompt length, with-context counts, an example.
+         unseen_book: the row's book has no row in train or valid (a book of split.test_books, or one whose
+         chapters all drew test); evaluate scores those rows apart from the chapter test. A book is its name,
+         whatever its corpus, as in split.test_books.
+         reports/data/format.json: rows per split, mean prompt length, with-context counts, the test rows of
+         unseen books, an example.
 Run:     python -m stages.format --split-dir data/split --out data/format --report reports/data/format.json
          (what `dvc repro format` runs; tests add --params FILE)
 
@@ -33,10 +38,16 @@ SCHEMA = PROMPT_SCHEMA  # wenyan.prompt's: train records these values with the m
 SPLITS = ("train", "valid", "test")
 
 
-def format_rows(df, params: dict, stats: dict | None = None):
-    """Yield one JSONL object per row of df, in (corpus, book, chapter, line) order; stats gets sums."""
+def seen_books(frames: dict) -> set[str]:
+    """The books with a row in train or valid: the model saw them (test rows of other books are unseen)."""
+    return {book for s in ("train", "valid") for book in frames[s]["book"].tolist()}
+
+
+def format_rows(df, params: dict, stats: dict | None = None, seen: set[str] | None = None):
+    """Yield one JSONL object per row of df, in (corpus, book, chapter, line) order; stats gets sums. With seen
+    (the test split) each row gets unseen_book: its book is not in seen."""
     stats = {} if stats is None else stats
-    for key in ("prompt_chars", "user_chars", "target_chars", "with_context"):
+    for key in ("prompt_chars", "user_chars", "target_chars", "with_context", "unseen_book"):
         stats.setdefault(key, 0)
     n = params["context_sentences"]
     df = df.sort_values(["corpus", "book", "chapter", "line"], kind="stable")
@@ -59,6 +70,9 @@ def format_rows(df, params: dict, stats: dict | None = None):
         stats["target_chars"] += len(target)
         stats["with_context"] += bool(context)
         row = {"id": id_, "book": book, "chapter": chapter, "line": line, "source": source, "target": target, "messages": messages}
+        if seen is not None:
+            row["unseen_book"] = book not in seen
+            stats["unseen_book"] += row["unseen_book"]
         if "example" not in stats and (context or not n):
             stats["example"] = row  # the first row, or with context_sentences the first that has context
         yield row
@@ -83,11 +97,13 @@ def main(argv=None) -> None:
     frames = {s: read_pairs(Path(args.split_dir) / f"{s}.parquet", "split") for s in SPLITS}
     report = {}
     example = None
+    seen = seen_books(frames)
     outputs = [Path(args.out) / f"{s}.jsonl" for s in SPLITS] + [args.report]
     with atomic_outputs(*outputs) as (*split_tmps, report_tmp):  # all change together, or none
         for s, tmp in zip(SPLITS, split_tmps):
             stats: dict = {}
-            rows = tqdm(format_rows(frames[s], params, stats), total=len(frames[s]), desc=f"format {s}", unit="row", disable=None)
+            rows = format_rows(frames[s], params, stats, seen if s == "test" else None)
+            rows = tqdm(rows, total=len(frames[s]), desc=f"format {s}", unit="row", disable=None)
             n = write_jsonl(tmp, rows)
             example = example or stats.get("example")
             report[s] = {
@@ -97,9 +113,12 @@ def main(argv=None) -> None:
                 "mean_target_chars": round(stats["target_chars"] / n, 2) if n else 0,
                 "with_context": stats["with_context"],
             }
+            if s == "test":
+                report[s]["unseen_book_rows"] = stats["unseen_book"]
             log.info(
-                "%s: %s rows, mean prompt %s chars (system + user), %s with context",
+                "%s: %s rows, mean prompt %s chars (system + user), %s with context%s",
                 s, f"{n:,}", report[s]["mean_prompt_chars"], f"{stats['with_context']:,}",
+                f", {stats['unseen_book']:,} of unseen books" if s == "test" else "",
             )
         write_json(
             report_tmp,

@@ -52,7 +52,7 @@ import time
 from pathlib import Path
 
 from wenyan.device import pick_backend
-from wenyan import distributed, models, sft, vocab
+from wenyan import distributed, models, sft, trim, vocab
 from wenyan.prompt import CHAT_TEMPLATES, PROMPT_SCHEMA, check_templates, end_of_turn_token
 from wenyan.distributed import barrier, pin_one_gpu, summed, world
 from wenyan.errors import get_logger, PipelineError, run_main
@@ -104,6 +104,7 @@ SCHEMA = {  # values and their comments: params.yaml's train: section
     "num_gpus": Int(above=0),
     "fsdp": Bool(),  # shard the model over the num_gpus processes: check_fsdp
     "extend_vocab": Param((str, int)),  # auto | none | a minimum count: vocab.parse_setting (resolve_config)
+    "trim_vocab": Str("auto", "none", "always"),  # wenyan/trim.py: auto trims a vocabulary over 100k tokens
 }
 # Keys that define what a checkpoint is: train.resume refuses a checkpoint made with other values of these, of the
 # train and valid data (sha256), of the base model's files or of the prompt (wenyan.checkpoints.run_identity).
@@ -292,6 +293,7 @@ def resolved_config(cfg: dict, prompt: dict, backend: str, dtype, plan: dict, lo
         "base_model_path": models.materialize(cfg["model"]), "vocab_size": len(tokenizer),
         "added_tokens": loaded["added_tokens"], "end_of_turn_token": end_of_turn_token(tokenizer),
         "extend_vocab": loaded["vocab"],  # what train.extend_vocab decided: tokens added, tokens per character
+        "trim_vocab": loaded["trim"],  # what train.trim_vocab decided: trimmed or not, vocabulary sizes
         "saved": "model" if cfg["method"] == "full" else "adapter",
         "prompt": prompt,  # what evaluate, translate and export build their prompts from
     }
@@ -398,7 +400,7 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
     resolved = resolved_config(cfg, prompt, backend, dtype, plan, loaded, tokenizer)
     state_dict = sft.full_state_dict(trainer.model) if cfg["fsdp"] else None  # every process takes part
     if world()[0] == 0:
-        save_output(trainer.model, tokenizer, resolved, out, state_dict)
+        save_output(trainer.model, tokenizer, resolved, out, state_dict, kept=loaded.get("kept_ids"))
     summary = run_summary(cfg, resolved, plan, run, trainer, (train_stats, valid_stats), resume_from, start)
     live.end()
     if world()[0] == 0:
@@ -446,16 +448,19 @@ def headline_metrics(live_summary: Path, summary: dict) -> dict:
                                        "wall_time_s", "peak_memory_mib", "peak_memory_kind", "device")}}
 
 
-def save_output(model, tokenizer, resolved: dict, out: Path, state_dict: dict | None = None) -> None:
+def save_output(model, tokenizer, resolved: dict, out: Path, state_dict: dict | None = None, kept=None) -> None:
     """Adapter (or full model) + tokenizer + training_config.json into a temporary directory, then renamed.
     state_dict: the weights gathered from FSDP shards (full_state_dict), else the model's own."""
     kwargs = {}
-    if resolved["added_tokens"] and resolved["saved"] == "adapter":
-        # the adapter's trainable_token_indices hold the rows of the added tokens: no need for whole embeddings
+    if (resolved["added_tokens"] or kept is not None) and resolved["saved"] == "adapter":
+        # the adapter's trainable_token_indices hold the rows of the added tokens, and a trimmed base is trimmed
+        # again from trimmed_vocab.json when it loads: no need for whole embeddings
         kwargs["save_embedding_layers"] = False
     if state_dict is not None:
         kwargs["state_dict"] = state_dict
     with staged_dir(out, "train", signature=OUT_SIGNATURE) as tmp:
+        if kept is not None:  # an adapter's base is trimmed to these ids again when it loads (models.load_trained_model)
+            trim.write_kept(tmp, kept, resolved["trim_vocab"]["vocab_size_before"])
         model.save_pretrained(str(tmp), **kwargs)
         sort_adapter_config(tmp / "adapter_config.json")
         tokenizer.save_pretrained(str(tmp))

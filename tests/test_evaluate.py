@@ -18,7 +18,7 @@ import yaml
 from wenyan import generation, models
 from wenyan.prompt import end_of_turn_ids, prompt_ids, token_budgets
 from stages import evaluate, evaluate_base
-from wenyan.metrics import length_bucket, score, select_rows
+from wenyan.metrics import check_test_rows, length_bucket, score, select_evaluated, select_rows
 from conftest import BASE_PARAMS, shipped
 from tiny import char_tokenizer, tiny_llama
 from wenyan.errors import PipelineError
@@ -296,6 +296,31 @@ def test_select_rows_is_deterministic_spread_and_keeps_file_order():
     assert select_rows(rows, 0, seed=0) == rows and select_rows(rows, 10_000, seed=0) == rows
 
 
+def test_select_evaluated_samples_the_chapter_test_and_the_unseen_books_apart():
+    chapter = [{"id": f"{b}-{i}", "book": b, "unseen_book": False} for b in ("论语", "史记") for i in range(200)]
+    unseen = [{"id": f"孟子-{i}", "book": "孟子", "unseen_book": True} for i in range(100)]
+    rows = chapter[:200] + unseen[:50] + chapter[200:] + unseen[50:]  # the groups interleaved in the file
+    picked = select_evaluated(rows, 60, seed=0)
+    # each group sampled on its own, up to num_samples each, with the same seed; all in file order
+    assert [r for r in picked if not r["unseen_book"]] == select_rows(chapter, 60, seed=0)
+    assert [r for r in picked if r["unseen_book"]] == select_rows(unseen, 60, seed=0)
+    assert len(picked) == 120 and [rows.index(r) for r in picked] == sorted(rows.index(r) for r in picked)
+    assert select_evaluated(rows, 0, seed=0) == rows and len(select_evaluated(rows, 80, seed=0)) == 160
+    # without unseen-book rows: exactly select_rows, with the field false or absent
+    for sample in (chapter, [{k: v for k, v in r.items() if k != "unseen_book"} for r in chapter]):
+        for n in (0, 7, 60, 10_000):
+            assert select_evaluated(sample, n, seed=3) == select_rows(sample, n, seed=3)
+
+
+@pytest.mark.bad_input
+def test_a_test_file_of_unseen_books_only_is_a_clear_error():
+    rows = [{**r, "unseen_book": True} for r in make_rows()]
+    with pytest.raises(PipelineError, match="test.jsonl: all 16 test rows have unseen_book true.*split.test_fraction"):
+        check_test_rows(rows, "test.jsonl")
+    with pytest.raises(PipelineError, match="test.jsonl:2: field 'unseen_book' should be true or false"):
+        check_test_rows([rows[0], {**rows[1], "unseen_book": "yes"}], "test.jsonl", [1, 2])
+
+
 def test_score_has_zh_signature_and_bootstrap_ci():
     refs = [t for *_, t in PAIRS]
     perfect = score(refs, refs, n_bootstrap=50)
@@ -375,6 +400,59 @@ def test_stage_writes_metrics_breakdowns_samples_and_hypotheses(tiny, tmp_path):
     assert samples.count("- **Source:**") == 8 and samples.count("- **Base output:**") == 8
     best = max(hyps, key=lambda h: (h["chrf"], -hyps.index(h)))
     assert samples.index(best["source"]) < samples.index("## Worst")
+
+
+def unseen_rows(unseen=("孟子",)) -> list[dict]:
+    """make_rows() as the format stage writes test.jsonl: unseen_book true for the books in unseen."""
+    return [{**r, "unseen_book": r["book"] in unseen} for r in make_rows()]
+
+
+def test_stage_scores_unseen_books_apart_from_the_chapter_test(tiny, tmp_path):
+    """The headline numbers are the chapter test's; the unseen books (孟子, 3 rows) get their own block in
+    metrics.json and their own rows in scores.csv; the breakdowns, samples and hypotheses cover both. Both stages
+    sample each group on its own (num_samples=4: 4 of the 13 chapter-test rows and all 3 unseen)."""
+    rows = unseen_rows()
+    out = run_stage(tmp_path, tiny["adapter"], rows=rows, num_samples=4)
+    metrics = json.loads((out / "metrics.json").read_text())
+    hyps = [json.loads(line) for line in (out / "hypotheses.jsonl").read_text().splitlines()]
+    base_ids = [json.loads(line)["id"] for line in (out / "base_outputs.jsonl").read_text().splitlines()]
+    assert [h["id"] for h in hyps] == base_ids == [r["id"] for r in select_evaluated(rows, 4, shipped("evaluate")["seed"])]
+    assert [h["unseen_book"] for h in hyps] == [h["book"] == "孟子" for h in hyps]
+    chapter, unseen = [h for h in hyps if not h["unseen_book"]], [h for h in hyps if h["unseen_book"]]
+    assert (len(chapter), len(unseen)) == (4, 3)
+
+    assert list(metrics) == ["bleu", "chrf", "baselines", "bleu_ci95", "n_sentences", "hit_max_new_tokens", "unseen_books"]
+    block = metrics["unseen_books"]
+    assert list(block) == ["bleu", "chrf", "baselines", "bleu_ci95", "n_sentences", "books"]
+    assert metrics["n_sentences"] == 4 and block["n_sentences"] == 3 and block["books"] == ["孟子"]
+    for group, got in ((chapter, metrics), (unseen, block)):
+        refs = [h["reference"] for h in group]
+        assert (got["bleu"], got["chrf"]) == tuple(score([h["hypothesis"] for h in group], refs)[k] for k in ("bleu", "chrf"))
+        assert got["baselines"]["copy"]["chrf"] == score([h["source"] for h in group], refs)["chrf"]
+        assert got["baselines"]["base"]["bleu"] == score([h["base"] for h in group], refs)["bleu"]
+
+    scores = {r["system"]: r for r in read_csv(out / "evaluate" / "scores.csv")}
+    assert list(scores) == ["model", "base", "copy", "model@unseen_books", "base@unseen_books", "copy@unseen_books"]
+    assert [int(scores[s]["n"]) for s in scores] == [4, 4, 4, 3, 3, 3]
+    assert float(scores["model@unseen_books"]["bleu"]) == block["bleu"] and float(scores["model"]["bleu"]) == metrics["bleu"]
+    assert scores["copy@unseen_books"]["hit_max_new_tokens"] == "" and "tok:zh" in scores["base@unseen_books"]["bleu_signature"]
+    by_book = {r["book"]: int(r["n"]) for r in read_csv(out / "evaluate" / "by_book.csv")}
+    assert by_book == {b: sum(h["book"] == b for h in hyps) for b in {h["book"] for h in hyps}} and by_book["孟子"] == 3
+    assert sum(int(r["n"]) for r in read_csv(out / "evaluate" / "by_length.csv")) == 7
+    samples = (out / "evaluate" / "samples.md").read_text()
+    assert samples.count("- **Source:**") == 7 and "(unseen book)" in samples and "unseen books (孟子)" in samples
+
+
+def test_without_unseen_rows_the_outputs_are_those_of_a_test_file_without_the_field(tiny, tmp_path):
+    """Test rows that all have unseen_book false (what format writes for a corpus without held-out books) give
+    byte for byte the outputs of rows without the field: no unseen_books block, no extra scores.csv rows."""
+    plain = run_stage(tmp_path, tiny["adapter"], tag="plain", num_samples=6)
+    marked = run_stage(tmp_path, tiny["adapter"], rows=unseen_rows(unseen=()), tag="marked", num_samples=6,
+                       base_outputs=plain / "base_outputs.jsonl")
+    for name in ("metrics.json", "hypotheses.jsonl", *(f"evaluate/{f}" for f in evaluate.OUT_DIR_FILES)):
+        assert (marked / name).read_bytes() == (plain / name).read_bytes(), name
+    assert "unseen_books" not in json.loads((plain / "metrics.json").read_text())
+    assert [r["system"] for r in read_csv(plain / "evaluate" / "scores.csv")] == ["model", "base", "copy"]
 
 
 def test_stage_converts_hypotheses_with_clean_opencc(tiny, tmp_path):

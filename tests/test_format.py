@@ -101,3 +101,36 @@ def test_main_writes_splits_and_report(tmp_path, write_params):
 def test_missing_split_says_which_stage(tmp_path, write_params):
     with pytest.raises(PipelineError, match="train.parquet: not found; run the split stage first"):
         fmt.main(["--split-dir", str(tmp_path), "--out", str(tmp_path / "o"), "--report", str(tmp_path / "r.json"), "--params", str(write_params())])
+
+
+def test_test_rows_of_books_held_out_by_split_are_unseen():
+    """split.test_books sends 论语 to test whole: its test rows are unseen_book true; 史记's test chapters (the
+    chapter test of a book train has) false; train and valid rows carry no such field."""
+    from stages.split import assign_splits
+
+    df = frame([(b, f"篇{c}", 1, f"{b}{c}。") for b, n in (("史记", 30), ("论语", 4)) for c in range(n)])
+    assigned = assign_splits(df, 42, 0.2, 0.2, ["论语"])
+    frames = {s: df[[a == s for a in assigned]] for s in fmt.SPLITS}
+    seen = fmt.seen_books(frames)
+    assert seen == {"史记"}
+    test = list(fmt.format_rows(frames["test"], PARAMS, seen=seen))
+    assert {r["book"]: r["unseen_book"] for r in test} == {"史记": False, "论语": True}  # both books have test rows
+    assert [r["unseen_book"] for r in test] == [r["book"] == "论语" for r in test]
+    assert not any("unseen_book" in r for r in fmt.format_rows(frames["train"], PARAMS))
+
+
+def test_main_marks_test_rows_whose_book_has_no_train_or_valid_row(tmp_path, write_params):
+    split_dir = tmp_path / "split"
+    split_dir.mkdir()
+    frame([("史记", "篇一", 1, "甲。")]).to_parquet(split_dir / "train.parquet", index=False)
+    frame([("孟子", "篇一", 1, "乙。")]).to_parquet(split_dir / "valid.parquet", index=False)  # seen through valid
+    frame([("史记", "篇二", 1, "丙。"), ("孟子", "篇二", 1, "丁。"), ("论语", "学而", 1, "戊。"), ("论语", "学而", 2, "己。")]
+          ).to_parquet(split_dir / "test.parquet", index=False)
+    out, report = tmp_path / "format", tmp_path / "format.json"
+    fmt.main(["--split-dir", str(split_dir), "--out", str(out), "--report", str(report), "--params", str(write_params())])
+    test = read_jsonl(out / "test.jsonl")
+    assert {r["id"]: r["unseen_book"] for r in test} == {
+        "c/孟子/篇二#1": False, "c/史记/篇二#1": False, "c/论语/学而#1": True, "c/论语/学而#2": True}
+    assert not any("unseen_book" in r for s in ("train", "valid") for r in read_jsonl(out / f"{s}.jsonl"))
+    rep = json.loads(report.read_text(encoding="utf-8"))
+    assert rep["splits"]["test"]["unseen_book_rows"] == 2 and "unseen_book_rows" not in rep["splits"]["train"]

@@ -196,6 +196,7 @@ TEST_ROW = {  # data/format/test.jsonl as evaluate and export read it
     "book": Optional((str, int, None)),
     "chapter": Optional((str, int, None)),
     "line": Optional((int, str, None)),
+    "unseen_book": Optional(bool),  # true: a book with no train or valid row, scored apart (stages/format.py)
 }
 TRAIN_ROW = {  # data/format/{train,valid}.jsonl as train reads them
     "messages": Check([MESSAGE], lambda m: len(m) >= 2 and m[-1]["role"] == "assistant" and m[-2]["role"] == "user",

@@ -26,6 +26,7 @@ IDENTITY_PARAMS = (
     "target_modules", "lora_bias", "use_rslora", "max_seq_length", "max_train_samples", "batch_tokens", "batch_size",
     "gradient_accumulation_steps", "padding_free", "gradient_checkpointing", "warmup_steps", "max_steps", "epochs",
     "learning_rate", "lr_scheduler", "weight_decay", "optim", "seed", "fsdp", "extend_vocab",
+    "trim_vocab",
 )
 
 

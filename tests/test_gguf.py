@@ -230,6 +230,48 @@ def test_extended_vocabulary_converts_and_tokenizes_like_transformers(converter,
     assert llm.detokenize(ids).decode("utf-8") == text == tokenizer.decode(ids)
 
 
+@needs_llama_cpp
+@pytest.mark.parametrize("trimmed", [False, True], ids=["gemma", "gemma-trimmed"])
+def test_gemma_with_a_unigram_tokenizer_converts_and_decodes_like_transformers(converter, tmp_path, trimmed):
+    """Gemma as transformers loads it from GGUF (and as train.trim_vocab leaves it) has only a Unigram tokenizer.json:
+    the converter gets a tokenizer.model made from it (gguf.sentencepiece_model), and llama.cpp decodes as
+    transformers does."""
+    import gguf as gguf_py
+    import torch
+
+    from wenyan import trim
+    from wenyan.prompt import apply_chat_template_override, fix_special_tokens
+    from tiny import gemma_like_tokenizer, tiny_gemma
+
+    tokenizer = gemma_like_tokenizer("".join(SENTENCES) + SYSTEM + "翻译：\n")
+    apply_chat_template_override(tokenizer, "gemma-3")
+    fix_special_tokens(tokenizer)
+    model = tiny_gemma(tokenizer, seed=3, hidden_size=64, intermediate_size=128, initializer_range=0.2)
+    if trimmed:
+        kept = trim.kept_ids(tokenizer, [tokenizer.apply_chat_template(messages(s) + [{"role": "assistant", "content": s}],
+                                                                      tokenize=False) for s in SENTENCES])
+        tokenizer = trim.trim_tokenizer(tokenizer, kept)
+        trim.trim_model(model, kept)
+    for config in (model.config, model.generation_config):
+        config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    model_dir = tmp_path / "hf"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    assert not (model_dir / "tokenizer.model").exists()
+    expected = hf_greedy(model_dir, tokenizer)
+
+    gguf.convert(model_dir, tmp_path / "model-f32.gguf", "f32")
+    reader = gguf_py.GGUFReader(str(tmp_path / "model-f32.gguf"))
+    assert len(reader.fields["tokenizer.ggml.tokens"].data) == len(tokenizer.get_vocab())
+    types = reader.fields["tokenizer.ggml.token_type"]
+    assert types.contents(tokenizer.convert_tokens_to_ids("<end_of_turn>")) == gguf_py.TokenType.CONTROL
+    assert types.contents(tokenizer.convert_tokens_to_ids("<0xE4>")) == gguf_py.TokenType.BYTE
+    llm, result = llama_greedy(tmp_path / "model-f32.gguf", tokenizer)
+    assert result["token_ids"] == expected
+    for sentence in SENTENCES:  # llama.cpp's own tokenizer agrees with transformers' on the corpus's text
+        assert gguf.tokenize(llm, sentence) == tokenizer(sentence, add_special_tokens=False).input_ids
+
+
 # ----------------------------------------------------------------------------------------------
 # Errors
 

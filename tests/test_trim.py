@@ -19,7 +19,7 @@ from wenyan.prompt import (CHAT_TEMPLATES, apply_chat_template_override, encode_
                            fix_special_tokens)
 from stages import train as train_stage
 from conftest import shipped
-from tiny import bpe_tokenizer
+from tiny import bpe_tokenizer, gemma_like_tokenizer, tiny_gemma
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -33,6 +33,7 @@ SYSTEM = "你是翻译家。"
 PROMPT = {"format": {"system_prompt": SYSTEM, "user_template": "翻译：\n{classical}", "context_sentences": 0,
                      "context_template": "上文：{context}\n"}, "clean": {"opencc": "t2s"}}
 OTHER = "天下大乱，豪杰并起。hello"  # characters of no training pair (and Latin letters): not in the train texts
+TEXT = "".join(s + t for s, t in PAIRS) + SYSTEM + "翻译：\n" + OTHER  # what the tokenizer has pieces for
 
 
 def conversation(src: str, tgt: str | None = None) -> list[dict]:
@@ -40,43 +41,11 @@ def conversation(src: str, tgt: str | None = None) -> list[dict]:
     return messages + ([{"role": "assistant", "content": tgt}] if tgt is not None else [])
 
 
-def gemma_like_tokenizer():
-    """Unigram over single characters, a few two-character pieces and bytes, Gemma's specials and turn markers as
-    plain pieces (as transformers builds Gemma's GGUF tokenizer), no chat template; ~1 token a character."""
-    from tokenizers import Tokenizer, decoders, models as tmodels, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    text = "".join(s + t for s, t in PAIRS) + SYSTEM + "翻译：\n" + OTHER + "usermodel"
-    chars = sorted(set(text) - {" "})
-    pieces = [("<pad>", 0.0), ("<eos>", 0.0), ("<bos>", 0.0), ("<unk>", 0.0), ("<mask>", 0.0),
-              ("<start_of_turn>", 0.0), ("<end_of_turn>", 0.0), ("<unused0>", 0.0)]
-    pieces += [(f"<0x{b:02X}>", -20.0) for b in range(256)]
-    pieces += [(c, -5.0) for c in chars] + [("不亦", -6.0), ("君子", -6.0), ("大乱", -6.0), ("\u2581", -5.0)]
-    backend = Tokenizer(tmodels.Unigram(pieces, unk_id=3, byte_fallback=True))
-    backend.normalizer = normalizers.Replace(" ", "\u2581")
-    backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
-    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   unk_token="<unk>", mask_token="<mask>")
-
-
-def tiny_gemma(tokenizer, seed: int = 0):
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(seed)
-    config = Gemma3TextConfig(vocab_size=len(tokenizer.get_vocab()), hidden_size=32, intermediate_size=64,
-                              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                              max_position_embeddings=256, sliding_window=16, tie_word_embeddings=True,
-                              layer_types=["sliding_attention", "full_attention"],
-                              pad_token_id=0, eos_token_id=1, bos_token_id=2)
-    return Gemma3ForCausalLM(config).eval()
-
-
 @pytest.fixture(scope="module")
 def gemma_dir(tmp_path_factory):
     """A tiny Gemma 3 base model directory whose tokenizer has no chat template, and formatted JSONL data."""
     root = tmp_path_factory.mktemp("gemma")
-    tok = gemma_like_tokenizer()
+    tok = gemma_like_tokenizer(TEXT)
     model_dir = root / "tiny-gemma"
     tiny_gemma(tok).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
@@ -94,7 +63,7 @@ def gemma_dir(tmp_path_factory):
 
 
 def test_gemma_template_marks_its_turn_tokens_without_new_ids_and_stops_on_both():
-    tok = gemma_like_tokenizer()
+    tok = gemma_like_tokenizer(TEXT)
     before = len(tok.get_vocab())
     assert tok.chat_template is None
     added = apply_chat_template_override(tok, "gemma-3")
@@ -160,7 +129,7 @@ print('ok')
 
 
 def test_unigram_trim_keeps_tokenization_and_logits():
-    tok = gemma_like_tokenizer()
+    tok = gemma_like_tokenizer(TEXT)
     apply_chat_template_override(tok, "gemma-3")
     fix_special_tokens(tok)
     model = tiny_gemma(tok)
@@ -236,7 +205,7 @@ def test_train_trims_saves_and_loads_back(gemma_dir, tmp_path, method):
 
     out = run_train(gemma_dir, tmp_path, method=method, learning_rate=0.01 if method == "lora" else 0.001)
     cfg = json.loads((out / "training_config.json").read_text())
-    full_vocab = len(gemma_like_tokenizer().get_vocab())
+    full_vocab = len(gemma_like_tokenizer(TEXT).get_vocab())
     assert cfg["trim_vocab"]["trimmed"] is True and cfg["trim_vocab"]["vocab_size_before"] == full_vocab
     assert cfg["trim_vocab"]["vocab_size"] == cfg["vocab_size"] < full_vocab
     kept = trim.read_kept(out)

@@ -4,6 +4,8 @@
     bpe_tokenizer(texts, vocab_size)          byte-level BPE trained on texts + ChatML specials (like SmolLM2's)
     byte_tokenizer()                          byte-level, no merges (any text, ~3 tokens a Chinese character)
     char_tokenizer(text)                      one token a character of text (word level), ChatML
+    gemma_like_tokenizer(text)                Unigram with byte fallback and Gemma's specials, no chat template
+    tiny_gemma(tokenizer, seed=0, **config)   a 2-layer Gemma 3 (hidden 32) sized to the tokenizer, eval mode
     one_thread()                              a context: torch on one thread (tiny tensors gain nothing from two)
 """
 
@@ -93,3 +95,37 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def gemma_like_tokenizer(text: str):
+    """Unigram over the single characters of text, a few two-character pieces and bytes, Gemma's specials and turn
+    markers as plain pieces (as transformers builds Gemma's GGUF tokenizer), no chat template; ~1 token a character."""
+    from tokenizers import Tokenizer, decoders, models as tmodels, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set(text + "usermodel") - {" "})
+    pieces = [("<pad>", 0.0), ("<eos>", 0.0), ("<bos>", 0.0), ("<unk>", 0.0), ("<mask>", 0.0),
+              ("<start_of_turn>", 0.0), ("<end_of_turn>", 0.0), ("<unused0>", 0.0)]
+    pieces += [(f"<0x{b:02X}>", -20.0) for b in range(256)]
+    pieces += [(c, -5.0) for c in chars] + [("不亦", -6.0), ("君子", -6.0), ("大乱", -6.0), ("\u2581", -5.0)]
+    backend = Tokenizer(tmodels.Unigram(pieces, unk_id=3, byte_fallback=True))
+    backend.normalizer = normalizers.Replace(" ", "\u2581")
+    backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>", mask_token="<mask>")
+
+
+def tiny_gemma(tokenizer, seed: int = 0, **config):
+    """Gemma3ForCausalLM (hidden 32, 2 layers: a sliding and a full attention layer, tied embeddings) over the
+    tokenizer; `config` overrides any Gemma3TextConfig field."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    settings = dict(vocab_size=len(tokenizer.get_vocab()), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
+                    sliding_window=16, tie_word_embeddings=True, layer_types=["sliding_attention", "full_attention"],
+                    pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    settings.update(config)
+    return Gemma3ForCausalLM(Gemma3TextConfig(**settings)).eval()

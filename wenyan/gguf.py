@@ -315,21 +315,82 @@ def plain_byte_level(tokenizer_json: dict) -> dict | None:
     return fixed
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, kind: int, payload) -> bytes:
+    """One protobuf field: kind 0 varint (payload an int), 2 length-delimited (bytes), 5 fixed32 (float)."""
+    import struct
+
+    key = _varint(number << 3 | kind)
+    if kind == 0:
+        return key + _varint(payload)
+    if kind == 5:
+        return key + struct.pack("<f", payload)
+    return key + _varint(len(payload)) + payload
+
+
+SP_NORMAL, SP_UNKNOWN, SP_CONTROL, SP_BYTE = 1, 2, 3, 6  # sentencepiece_model.proto SentencePiece.Type
+
+
+def sentencepiece_model(tokenizer_json: dict) -> bytes | None:
+    """A SentencePiece model (tokenizer.model, the protobuf that sentencepiece reads) with the pieces, scores and
+    types of a Unigram tokenizer.json, or None for any other kind. transformers writes only tokenizer.json for Gemma
+    loaded from GGUF (and for a trimmed vocabulary, train.trim_vocab), and convert_hf_to_gguf.py reads Gemma's vocabulary
+    from tokenizer.model alone (without it, it takes the tokenizer for a GPT-2 BPE and fails): the GGUF gets the
+    same pieces in the same order (its "llama" tokenizer). Special tokens are control pieces, <unk> the unknown
+    piece, <0xNN> byte pieces; no normalisation (Gemma's: spaces are ▁ already, no dummy prefix)."""
+    model = tokenizer_json.get("model") or {}
+    if model.get("type") != "Unigram":
+        return None
+    special = {t["id"] for t in tokenizer_json.get("added_tokens", []) if t.get("special")}
+    unk = model.get("unk_id")
+    pieces, has_bytes = b"", False
+    for i, (piece, score) in enumerate(model["vocab"]):
+        if i == unk:
+            kind = SP_UNKNOWN
+        elif i in special:
+            kind = SP_CONTROL
+        elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            kind, has_bytes = SP_BYTE, True
+        else:
+            kind = SP_NORMAL
+        pieces += _field(1, 2, _field(1, 2, piece.encode("utf-8")) + _field(2, 5, float(score)) + _field(3, 0, kind))
+    trainer = _field(3, 0, 2) + _field(4, 0, len(model["vocab"]))  # model_type BPE (Gemma's), vocab_size
+    if has_bytes:
+        trainer += _field(35, 0, 1)  # byte_fallback: sentencepiece refuses byte pieces without it
+    normalizer = _field(1, 2, b"identity") + _field(3, 0, 0) + _field(4, 0, 0) + _field(5, 0, 1)
+    return pieces + _field(2, 2, trainer) + _field(3, 2, normalizer)
+
+
 def stage_model_dir(hf_dir: Path, staged: Path) -> Path:
     """The directory the converter reads: links to hf_dir's files, and tokenizer.json as plain byte-level
-    BPE where plain_byte_level says so (hf_dir itself is left as it is)."""
+    BPE where plain_byte_level says so, or a tokenizer.model beside a Unigram tokenizer.json where there is none
+    (sentencepiece_model); hf_dir itself is left as it is."""
     path = hf_dir / "tokenizer.json"
     try:
-        fixed = plain_byte_level(json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else None
+        spec = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
     except json.JSONDecodeError as exc:
         raise PipelineError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
-    if fixed is None:
+    fixed = plain_byte_level(spec) if spec is not None else None
+    sp_model = sentencepiece_model(spec) if spec is not None and not (hf_dir / "tokenizer.model").exists() else None
+    if fixed is None and sp_model is None:
         return hf_dir
     for item in hf_dir.iterdir():
-        if item.name != "tokenizer.json":
+        if not (item.name == "tokenizer.json" and fixed is not None):
             os.symlink(item.resolve(), staged / item.name)
-    (staged / "tokenizer.json").write_text(json.dumps(fixed, ensure_ascii=False), encoding="utf-8")
-    log.info("%s: byte-level BPE with byte_fallback on; the converter reads it with byte_fallback off", path)
+    if fixed is not None:
+        (staged / "tokenizer.json").write_text(json.dumps(fixed, ensure_ascii=False), encoding="utf-8")
+        log.info("%s: byte-level BPE with byte_fallback on; the converter reads it with byte_fallback off", path)
+    if sp_model is not None:
+        (staged / "tokenizer.model").write_bytes(sp_model)
+        log.info("%s: a Unigram vocabulary; the converter reads it from a tokenizer.model made from it", path)
     return staged
 
 

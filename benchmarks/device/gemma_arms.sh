@@ -5,10 +5,10 @@
 # Every stage runs exactly as dvc.yaml declares it (run_stages.py) with profiles/gpu.yaml and the overrides below, each
 # arm in its own copy of the tree:
 #   speed  N: the full 262,144-token vocabulary, 16384 x 4 tokens a step (as the issue's run), SPEED_STEPS steps
-#          T: the same with train.trim_vocab auto;  T64: trimmed, 65536 x 1 (the profile's batch)
-#   then, side by side on the one GPU, one SFT epoch each on the whole train split, scored on the 2,000-sentence
-#   chapter test and the 4 held-out books (greedy):
-#          M1: the profile (trimmed, lr 1e-4);  M2: lr M2_LR (default 3e-4)
+#          T: the same with train.trim_vocab auto
+#   then one SFT epoch on the whole train split, scored on the 2,000-sentence chapter test and the 4 held-out books
+#   (greedy): M1 the profile (trimmed, 65536 x 1, lr 1e-4), alone on the GPU; then M2 (lr M2_LR, default 3e-4)
+#   trains beside M1's base outputs and evaluation
 # Started detached:  setsid nohup bash benchmarks/device/gemma_arms.sh > /tmp/arms/driver.log 2>&1 &
 # and polled by later calls (benchmarks/device/poll.sh copies what is there to $OUT). Where DVC and a GPU are local, an
 # arm is `python -m tools.profile gpu -S ...` (the same overrides).
@@ -17,7 +17,7 @@ export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFF
 payload=${PAYLOAD:-/tmp/payload}
 work=${WORK:-/tmp/arms}
 RS=${RS:-benchmarks/device/run_stages.py}
-SPEED_STEPS=${SPEED_STEPS:-30}
+SPEED_STEPS=${SPEED_STEPS:-20}
 M2_LR=${M2_LR:-0.0003}
 mkdir -p "$work"
 t0=$(date +%s)
@@ -42,34 +42,35 @@ stage() {  # stage DIR LOG ARGS...: run stages in DIR; unsloth failing -> the hf
 copy_tree() { mkdir -p "$2" && (cd "$1" && tar --exclude=./models/checkpoints -cf - .) | tar -xf - -C "$2"; }
 tps() { python3 -c "import json;m=json.load(open('$1/reports/train/metrics.json'));print(m.get('tokens_per_s'), 'tok/s', m.get('peak_memory_mib'), 'MiB', m.get('train_time_s'), 's', m.get('device'))" 2>&1 | tail -1; }
 
-# speed arms, one at a time (clean timings)
+# speed arms, one at a time (clean timings): the same batch shape with and without trimming
 short="-S train.max_steps=$SPEED_STEPS -S train.warmup_steps=5 -S train.eval_steps=0 -S train.eval_samples=0 -S train.logging_steps=5"
-for arm in N T T64; do
+for arm in N T; do
   case $arm in
     N) extra="-S train.trim_vocab=none -S train.batch_tokens=16384 -S train.gradient_accumulation_steps=4";;
     T) extra="-S train.batch_tokens=16384 -S train.gradient_accumulation_steps=4";;
-    T64) extra="";;
   esac
   copy_tree "$work/src" "$work/$arm"
   stage "$work/$arm" "$work/$arm.log" $short $extra train && note "speed $arm: $(tps "$work/$arm")" || note "speed $arm failed"
 done
 
-# base outputs once (both arms share the base model, prompts and sample), beside the two SFT arms
-( stage "$work/src" "$work/base.log" evaluate_base && touch "$work/base.done"; note "base outputs done" ) &
-arm_sft() {  # arm_sft NAME ARGS...
+evaluate_arm() {  # evaluate_arm NAME ARGS...: the base outputs (once), then the arm's evaluate
   local name=$1 d=$work/$1; shift
-  copy_tree "$work/src" "$d"
-  note "$name: train"; stage "$d" "$work/$name.log" "$@" train || { note "$name train failed"; return 1; }
-  note "$name trained: $(tps "$d")"
   while [ ! -e "$work/base.done" ]; do sleep 5; done
   mkdir -p "$d/data/evaluate"; cp "$work/src/data/evaluate/base_outputs.jsonl" "$d/data/evaluate/"
   stage "$d" "$work/$name.log" "$@" evaluate
   note "$name evaluated: $(python3 -c "import json;m=json.load(open('$d/reports/metrics.json'));u=m.get('unseen_books',{});print('dev', m.get('bleu'), m.get('chrf'), m.get('baselines'), '| unseen', u.get('bleu'), u.get('chrf'), u.get('baselines'))" 2>&1 | tail -1)"
   touch "$work/$name.done"
 }
-arm_sft M1 &
-sleep 20
-arm_sft M2 -S train.learning_rate=$M2_LR &
+train_arm() {  # train_arm NAME ARGS...
+  local name=$1 d=$work/$1; shift
+  copy_tree "$work/src" "$d"
+  note "$name: train"; stage "$d" "$work/$name.log" "$@" train || { note "$name train failed"; return 1; }
+  note "$name trained: $(tps "$d")"
+}
+# M1 alone on the GPU (its tokens/s is the profile's speed); then its base outputs and evaluation beside M2's training
+train_arm M1
+( stage "$work/src" "$work/base.log" evaluate_base && touch "$work/base.done"; note "base outputs done"; evaluate_arm M1 ) &
+( train_arm M2 -S train.learning_rate=$M2_LR && evaluate_arm M2 -S train.learning_rate=$M2_LR ) &
 wait
 note "all arms done"
 touch "$work/all.done"

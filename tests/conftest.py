@@ -51,10 +51,15 @@ SHIPPED = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))  # 
 
 
 def shipped(section: str, **overrides) -> dict:
-    """The shipped params.yaml's `section:` with some keys changed: stages take no defaults, every key is given."""
+    """The shipped params.yaml's `section:` with some keys changed: stages take no defaults, every key is given.
+    train: with another model, the chat template is that model's own unless given too (the shipped gemma-3 belongs
+    to the shipped base model, Gemma 3, which has none)."""
     unknown = set(overrides) - set(SHIPPED[section])
     assert not unknown, f"not keys of params.yaml {section}: {unknown}"
-    return {**copy.deepcopy(SHIPPED[section]), **overrides}
+    values = copy.deepcopy(SHIPPED[section])
+    if section == "train" and overrides.get("model", values["model"]) != values["model"]:
+        values["chat_template"] = None
+    return {**values, **overrides}
 
 
 def write_chapters(books_root: Path, chapters: dict, line_end: str = "\n") -> None:

@@ -66,7 +66,7 @@ def make_project(tmp_path: Path, train: dict | None = None, evaluate: dict | Non
     params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     params["split"].update(valid_fraction=0.2, test_fraction=0.25)
     params["format"]["system_prompt"] = "翻译。"
-    params["train"].update(model=str(model), max_steps=3, warmup_steps=0, batch_tokens=0, batch_size=4,
+    params["train"].update(model=str(model), chat_template=None, max_steps=3, warmup_steps=0, batch_tokens=0, batch_size=4,
                            eval_steps=2, eval_samples=4, save_steps=2, logging_steps=1, learning_rate=0.01)
     params["train"].update(train or {})
     params["evaluate"].update(num_samples=6, batch_size=6, bootstrap_resamples=50, num_examples=4)

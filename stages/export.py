@@ -131,6 +131,9 @@ def save_hf(model, tokenizer, cfg: dict, dtype_name: str, model_dir: Path, out: 
         config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
+    notice = models.terms_notice(cfg)
+    if notice:  # Gemma's terms travel with the model and everything made from it
+        (out / models.NOTICE_FILE).write_text(notice + "\n", encoding="utf-8")
     exported = {"from": str(model_dir), "dtype": dtype_name}
     write_json(out / "training_config.json", {**cfg, "exported": exported})  # the prompt travels on
     return {
@@ -163,10 +166,13 @@ def export_gguf(hf_dir: Path, out: Path, p: dict, tokenizer, cfg: dict) -> list[
     fmt = cfg["prompt"]["format"]  # Ollama gets one sentence at a time: no context sentences
     for f in files:
         name = "Modelfile" if f["file"] == "model.gguf" else f"Modelfile.{f['type']}"
-        (out / name).write_text(gguf.render_modelfile(f["file"], tokenizer, fmt["system_prompt"], fmt["user_template"]), encoding="utf-8")
+        (out / name).write_text(gguf.render_modelfile(f["file"], tokenizer, fmt["system_prompt"], fmt["user_template"],
+                                                      license_text=models.terms_notice(cfg)), encoding="utf-8")
         f["modelfile"] = name
     tokenizer.save_pretrained(str(out))
     shutil.copy(hf_dir / "training_config.json", out / "training_config.json")
+    if (hf_dir / models.NOTICE_FILE).is_file():
+        shutil.copy(hf_dir / models.NOTICE_FILE, out / models.NOTICE_FILE)
     return files
 
 

@@ -464,6 +464,9 @@ def save_output(model, tokenizer, resolved: dict, out: Path, state_dict: dict | 
         model.save_pretrained(str(tmp), **kwargs)
         sort_adapter_config(tmp / "adapter_config.json")
         tokenizer.save_pretrained(str(tmp))
+        notice = models.terms_notice(resolved)
+        if notice:  # Gemma's terms travel with the model
+            (tmp / models.NOTICE_FILE).write_text(notice + "\n", encoding="utf-8")
         write_json(tmp / OUT_SIGNATURE, resolved)
     log.info("saved the %s to %s", resolved["saved"], out)
 

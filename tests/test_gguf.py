@@ -318,7 +318,7 @@ def render_go_template(template: str, values: dict) -> str:
     return re.sub(r"\{\{ \.(\w+) \}\}", lambda m: values[m.group(1)], out)
 
 
-@pytest.mark.parametrize("template", [None, "chatml", "llama-3.1"])
+@pytest.mark.parametrize("template", [None, "chatml", "llama-3.1", "gemma-3"])
 def test_modelfile_template_renders_the_chat_template(template):
     from wenyan.prompt import CHAT_TEMPLATES, TEMPLATE_SPECIAL_TOKENS
 

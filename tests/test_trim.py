@@ -210,6 +210,7 @@ def test_train_trims_saves_and_loads_back(gemma_dir, tmp_path, method):
     assert cfg["trim_vocab"]["vocab_size"] == cfg["vocab_size"] < full_vocab
     kept = trim.read_kept(out)
     assert kept is not None and len(kept) == cfg["vocab_size"]
+    assert "Gemma Terms of Use" in (out / models.NOTICE_FILE).read_text()  # the base's terms travel with the model
     if method == "lora":  # the base's rows are re-derived from the kept ids, not saved again
         from safetensors.torch import load_file
 

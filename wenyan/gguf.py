@@ -816,18 +816,26 @@ def ollama_template(tokenizer) -> str:
     head, rest = text.split(system)
     between, tail = rest.split(user)
     eot = end_of_turn_token(tokenizer)
-    if not eot or not between.startswith(eot):
+    if eot and between.startswith(eot):  # a system turn of its own (ChatML, Llama 3.1)
+        cut = len(eot) + (len(between) - len(eot) - len(between[len(eot):].lstrip("\n")))
+        system_end, user_start = between[:cut], between[cut:]
+        template = "{{ if .System }}" + head + "{{ .System }}" + system_end + "{{ end }}" + user_start + "{{ .Prompt }}" + tail
+    elif eot and eot not in between:  # the system text opens the user turn (Gemma): the same turn without it
+        template = head + "{{ if .System }}{{ .System }}" + between + "{{ end }}{{ .Prompt }}" + tail
+        if tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True,
+                                         tokenize=False) != head + user + tail:
+            raise PipelineError("the chat template renders a user message without a system one differently; no Ollama template")
+    else:
         raise PipelineError(f"the chat template does not end the system turn with its end-of-turn token {eot!r}")
-    cut = len(eot) + (len(between) - len(eot) - len(between[len(eot):].lstrip("\n")))
-    system_end, user_start = between[:cut], between[cut:]
-    template = "{{ if .System }}" + head + "{{ .System }}" + system_end + "{{ end }}" + user_start + "{{ .Prompt }}" + tail
     if "{{" in text.replace(system, "").replace(user, "") or '"""' in template:
         raise PipelineError('the chat template renders "{{" or \'"""\', which a Modelfile TEMPLATE cannot hold')
     return template
 
 
-def render_modelfile(gguf_name: str, tokenizer, system_prompt: str, user_template: str = "{classical}") -> str:
-    """An Ollama Modelfile: FROM the GGUF, the chat template as TEMPLATE, stop at end of turn, greedy, SYSTEM.
+def render_modelfile(gguf_name: str, tokenizer, system_prompt: str, user_template: str = "{classical}",
+                     license_text: str | None = None) -> str:
+    """An Ollama Modelfile: FROM the GGUF, the chat template as TEMPLATE, stop at end of turn, greedy, SYSTEM, and
+    LICENSE where the base model's terms travel with it (Gemma).
     user_template (format.user_template the model was trained with) wraps what the user types, so
     `ollama run` sends the training prompt for a bare sentence."""
     if '"""' in system_prompt + user_template:
@@ -839,4 +847,6 @@ def render_modelfile(gguf_name: str, tokenizer, system_prompt: str, user_templat
     lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""']
     lines += [f'PARAMETER stop "{s}"' for s in stops]
     lines += ["PARAMETER temperature 0", "PARAMETER top_k 1", f'SYSTEM """{system_prompt}"""']
+    if license_text:
+        lines.append(f'LICENSE """{license_text}"""')
     return "\n".join(lines) + "\n"

@@ -59,6 +59,23 @@ GEMMA_TERMS = ("Gemma is provided under and subject to the Gemma Terms of Use fo
                "(the Gemma Prohibited Use Policy) pass on to everyone who receives it.")
 
 
+NOTICE_FILE = "NOTICE.md"  # beside a trained or exported model whose base's terms travel with it
+
+
+def terms_notice(cfg: dict) -> str | None:
+    """The notice a model trained from cfg["model"] (a training_config.json) must carry: Gemma's terms, else None.
+    A pretrained base (models/pretrain) keeps its own base's name in cfg["pretrained"]["base_model"]."""
+    names = [cfg.get("model"), (cfg.get("pretrained") or {}).get("base_model"), cfg.get("base_model_path")]
+    config = Path(str(cfg.get("base_model_path") or "")) / "config.json"
+    try:  # a Gemma saved under another name
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type", "") if config.is_file() else ""
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        model_type = ""
+    if not any(isinstance(n, str) and is_gemma(n) for n in names) and "gemma" not in str(model_type):
+        return None
+    return ("# Gemma Terms of Use\n\nThis model is fine-tuned from Gemma 3 (google/gemma-3-270m). " + GEMMA_TERMS)
+
+
 def is_gemma(spec_or_config) -> bool:
     """Whether a train.model value or a model config is Gemma (whose terms travel with what is made from it)."""
     if isinstance(spec_or_config, str):

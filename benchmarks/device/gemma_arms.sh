@@ -19,7 +19,7 @@ work=${WORK:-/tmp/arms}
 RS=${RS:-benchmarks/device/run_stages.py}
 SPEED_STEPS=${SPEED_STEPS:-20}
 M2_LR=${M2_LR:-0.0003}
-mkdir -p "$work"
+rm -f "$work"/*.done "$work/timeline.txt"; mkdir -p "$work"
 t0=$(date +%s)
 note() { echo "[$(( $(date +%s) - t0 )) s] $*" | tee -a "$work/timeline.txt"; }
 common="--profile gpu -S ingest.sources.classical-modern.path=$payload/classical-modern.tar.xz -S train.model=$(ls $payload/*.gguf)"
@@ -29,7 +29,9 @@ tar --exclude=./.git --exclude=./.carry --exclude=./.gpu -cf - . | tar -xf - -C 
 cd "$work/src"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$work/gpu.txt"
 note "data stages + base"
-python3 $RS $common ingest clean split format base > "$work/data.log" 2>&1 || { note "data stages failed"; touch "$work/all.done"; exit 1; }
+data="ingest clean split format base"
+[ -e data/format/test.jsonl ] && [ -e models/base/base.json ] && data=""  # a rerun on the same machine: data kept
+python3 $RS $common $data pretrain > "$work/data.log" 2>&1 || { note "data stages failed"; touch "$work/all.done"; exit 1; }
 note "data done: $(python3 -c "import json;r=json.load(open('reports/data/split.json'));print({s: v['pairs'] for s, v in r['splits'].items()})")"
 cp reports/data/*.json "$work/" 2>/dev/null
 

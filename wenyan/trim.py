@@ -24,7 +24,8 @@ renumbered 0..N-1; the model directory train saves holds the trimmed tokenizer a
     trim.trim_model(model, kept)
 
 auto trims a vocabulary of more than AUTO_MIN_VOCAB tokens (Gemma's; SmolLM2's 49,152 stay as they are).
-Measured: reports/benchmarks/trim_vocab.md (python benchmarks/trim_vocab.py).
+Measured: reports/benchmarks/trim_vocab.md (CPU, python benchmarks/trim_vocab.py), reports/runs/h100-gemma-trim-speed/
+(one H100, unsloth full fine-tuning: peak memory 68.9 -> 3.6 GB, steady tokens/s 1.3x).
 """
 
 from __future__ import annotations

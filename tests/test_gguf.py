@@ -231,8 +231,9 @@ def test_extended_vocabulary_converts_and_tokenizes_like_transformers(converter,
 
 
 @needs_llama_cpp
-@pytest.mark.parametrize("trimmed", [False, True], ids=["gemma", "gemma-trimmed"])
-def test_gemma_with_a_unigram_tokenizer_converts_and_decodes_like_transformers(converter, tmp_path, trimmed):
+@pytest.mark.parametrize("trimmed, gemma_class", [(False, False), (True, False), (True, True)],
+                         ids=["gemma", "gemma-trimmed", "gemma-tokenizer-class"])
+def test_gemma_with_a_unigram_tokenizer_converts_and_decodes_like_transformers(converter, tmp_path, trimmed, gemma_class):
     """Gemma as transformers loads it from GGUF (and as train.trim_vocab leaves it) has only a Unigram tokenizer.json:
     the converter gets a tokenizer.model made from it (gguf.sentencepiece_model), and llama.cpp decodes as
     transformers does."""
@@ -244,9 +245,18 @@ def test_gemma_with_a_unigram_tokenizer_converts_and_decodes_like_transformers(c
     from tiny import gemma_like_tokenizer, tiny_gemma
 
     tokenizer = gemma_like_tokenizer("".join(SENTENCES) + SYSTEM + "翻译：\n")
+    if gemma_class:  # as the pipeline has it: transformers' GemmaTokenizer reads a saved Unigram back as a BPE
+        from transformers import AutoTokenizer
+
+        tokenizer.save_pretrained(tmp_path / "tok")
+        config = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
+        (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "GemmaTokenizer"}))
+        tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tok")
+        assert type(tokenizer.backend_tokenizer.model).__name__ == "BPE"
     apply_chat_template_override(tokenizer, "gemma-3")
     fix_special_tokens(tokenizer)
-    model = tiny_gemma(tokenizer, seed=3, hidden_size=64, intermediate_size=128, initializer_range=0.2)
+    model = tiny_gemma(tokenizer, seed=3, hidden_size=64, intermediate_size=128, initializer_range=0.2,
+                       sliding_window=512)  # as Gemma 3 270M: a window longer than any sentence here
     if trimmed:
         kept = trim.kept_ids(tokenizer, [tokenizer.apply_chat_template(messages(s) + [{"role": "assistant", "content": s}],
                                                                       tokenize=False) for s in SENTENCES])
@@ -262,7 +272,7 @@ def test_gemma_with_a_unigram_tokenizer_converts_and_decodes_like_transformers(c
 
     gguf.convert(model_dir, tmp_path / "model-f32.gguf", "f32")
     reader = gguf_py.GGUFReader(str(tmp_path / "model-f32.gguf"))
-    assert len(reader.fields["tokenizer.ggml.tokens"].data) == len(tokenizer.get_vocab())
+    assert len(reader.fields["tokenizer.ggml.tokens"].data) == max(tokenizer.get_vocab().values()) + 1
     types = reader.fields["tokenizer.ggml.token_type"]
     assert types.contents(tokenizer.convert_tokens_to_ids("<end_of_turn>")) == gguf_py.TokenType.CONTROL
     assert types.contents(tokenizer.convert_tokens_to_ids("<0xE4>")) == gguf_py.TokenType.BYTE

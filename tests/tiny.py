@@ -108,6 +108,7 @@ def gemma_like_tokenizer(text: str):
               ("<start_of_turn>", 0.0), ("<end_of_turn>", 0.0), ("<unused0>", 0.0)]
     pieces += [(f"<0x{b:02X}>", -20.0) for b in range(256)]
     pieces += [(c, -5.0) for c in chars] + [("不亦", -6.0), ("君子", -6.0), ("大乱", -6.0), ("\u2581", -5.0)]
+    pieces += [("\t", -5.0), ("\t", -5.0)]  # one piece twice, as in Gemma's GGUF: get_vocab() is one short of the rows
     backend = Tokenizer(tmodels.Unigram(pieces, unk_id=3, byte_fallback=True))
     backend.normalizer = normalizers.Replace(" ", "\u2581")
     backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
@@ -123,7 +124,7 @@ def tiny_gemma(tokenizer, seed: int = 0, **config):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(seed)
-    settings = dict(vocab_size=len(tokenizer.get_vocab()), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    settings = dict(vocab_size=max(tokenizer.get_vocab().values()) + 1, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                     num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
                     sliding_window=16, tie_word_embeddings=True, layer_types=["sliding_attention", "full_attention"],
                     pad_token_id=0, eos_token_id=1, bos_token_id=2)

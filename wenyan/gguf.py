@@ -336,33 +336,63 @@ def _field(number: int, kind: int, payload) -> bytes:
     return key + _varint(len(payload)) + payload
 
 
-SP_NORMAL, SP_UNKNOWN, SP_CONTROL, SP_BYTE = 1, 2, 3, 6  # sentencepiece_model.proto SentencePiece.Type
+SP_NORMAL, SP_UNKNOWN, SP_CONTROL, SP_UNUSED, SP_BYTE = 1, 2, 3, 5, 6  # sentencepiece_model.proto SentencePiece.Type
+
+
+def is_byte_piece(piece: str) -> bool:
+    return len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")
 
 
 def sentencepiece_model(tokenizer_json: dict) -> bytes | None:
     """A SentencePiece model (tokenizer.model, the protobuf that sentencepiece reads) with the pieces, scores and
-    types of a Unigram tokenizer.json, or None for any other kind. transformers writes only tokenizer.json for Gemma
+    types of a Unigram tokenizer.json or of a SentencePiece-style BPE one (byte fallback, no byte-level
+    pre-tokenizer: what transformers' GemmaTokenizer saves), or None for any other kind. transformers writes only tokenizer.json for Gemma
     loaded from GGUF (and for a trimmed vocabulary, train.trim_vocab), and convert_hf_to_gguf.py reads Gemma's vocabulary
     from tokenizer.model alone (without it, it takes the tokenizer for a GPT-2 BPE and fails): the GGUF gets the
     same pieces in the same order (its "llama" tokenizer). Special tokens are control pieces, <unk> the unknown
     piece, <0xNN> byte pieces; no normalisation (Gemma's: spaces are ▁ already, no dummy prefix)."""
     model = tokenizer_json.get("model") or {}
-    if model.get("type") != "Unigram":
+    if model.get("type") == "Unigram":
+        vocab, unk = [(piece, float(score)) for piece, score in model["vocab"]], model.get("unk_id")
+    elif model.get("type") == "BPE" and model.get("byte_fallback") and '"ByteLevel"' not in json.dumps(
+            tokenizer_json.get("pre_tokenizer")):  # SentencePiece-style BPE (what transformers' GemmaTokenizer saves)
+        by_id = {i: t for t, i in model["vocab"].items()}
+        for t in tokenizer_json.get("added_tokens", []):
+            by_id.setdefault(t["id"], t["content"])
+        size = max(by_id) + 1 if by_id else 0
+        # a missing id (a piece spelt twice) becomes an unused piece; scores rank earlier ids first, as merges do
+        vocab = [(by_id.get(i, f"<unused_gap_{i}>"), -float(i)) for i in range(size)]
+        unk = model["vocab"].get(model.get("unk_token") or "<unk>")
+    else:
         return None
     special = {t["id"] for t in tokenizer_json.get("added_tokens", []) if t.get("special")}
-    unk = model.get("unk_id")
-    pieces, has_bytes = b"", False
-    for i, (piece, score) in enumerate(model["vocab"]):
-        if i == unk:
+    # sentencepiece wants all 256 byte pieces or none; a byte spelt as its character (Gemma's GGUF has "\t" where
+    # <0x09> belongs) is that byte's piece again, the first such piece
+    names = {piece for piece, _ in vocab}
+    if any(is_byte_piece(p) for p in names):
+        for b in range(256):
+            if f"<0x{b:02X}>" not in names:
+                i = next((i for i, (piece, _) in enumerate(vocab) if piece == chr(b)), None)
+                if i is not None:
+                    vocab[i] = (f"<0x{b:02X}>", vocab[i][1])
+    all_bytes = all(f"<0x{b:02X}>" in {piece for piece, _ in vocab} for b in range(256))
+    pieces, has_bytes, seen = b"", False, set()
+    for i, (piece, score) in enumerate(vocab):
+        if piece in seen:  # a piece spelt twice (Gemma's "\t"): sentencepiece refuses it; the id stays, never produced
+            piece, kind = f"<unused_duplicate_{i}>", SP_UNUSED
+        elif piece.startswith("<unused_gap_"):
+            kind = SP_UNUSED
+        elif i == unk:
             kind = SP_UNKNOWN
         elif i in special:
             kind = SP_CONTROL
-        elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        elif is_byte_piece(piece) and all_bytes:  # with some bytes missing, sentencepiece takes none as bytes
             kind, has_bytes = SP_BYTE, True
         else:
             kind = SP_NORMAL
+        seen.add(piece)
         pieces += _field(1, 2, _field(1, 2, piece.encode("utf-8")) + _field(2, 5, float(score)) + _field(3, 0, kind))
-    trainer = _field(3, 0, 2) + _field(4, 0, len(model["vocab"]))  # model_type BPE (Gemma's), vocab_size
+    trainer = _field(3, 0, 2) + _field(4, 0, len(vocab))  # model_type BPE (Gemma's), vocab_size
     if has_bytes:
         trainer += _field(35, 0, 1)  # byte_fallback: sentencepiece refuses byte pieces without it
     normalizer = _field(1, 2, b"identity") + _field(3, 0, 0) + _field(4, 0, 0) + _field(5, 0, 1)
@@ -390,7 +420,7 @@ def stage_model_dir(hf_dir: Path, staged: Path) -> Path:
         log.info("%s: byte-level BPE with byte_fallback on; the converter reads it with byte_fallback off", path)
     if sp_model is not None:
         (staged / "tokenizer.model").write_bytes(sp_model)
-        log.info("%s: a Unigram vocabulary; the converter reads it from a tokenizer.model made from it", path)
+        log.info("%s: a SentencePiece-style vocabulary without tokenizer.model; the converter reads one made from it", path)
     return staged
 
 

@@ -641,6 +641,15 @@ def trim_vocabulary(cfg: dict, model, tokenizer, texts: list[str], train_rows: l
     return trim.apply(setting, model, tokenizer, texts + rendered)
 
 
+def new_template_ids(tokenizer, chat_template: str | None) -> list[int]:
+    """train.chat_template set on the tokenizer; the ids it added (its special tokens missing from the vocabulary).
+    By ids, not by the vocabulary's size: a vocabulary may spell one piece twice (Gemma's GGUF has two "\\t"), so
+    len(get_vocab()) is below the embedding's rows and a size would take the last real token for a new one."""
+    before = set(tokenizer.get_vocab().values())
+    apply_chat_template_override(tokenizer, chat_template)
+    return sorted(set(tokenizer.get_vocab().values()) - before)
+
+
 def load_unsloth(cfg: dict, dtype, texts: list[str], train_rows: list[dict] = ()):
     """unsloth's FastLanguageModel: fused kernels, "unsloth" gradient checkpointing, 4-bit via bitsandbytes;
     the vocabulary extended from `texts` (train.extend_vocab) before LoRA wraps the model."""
@@ -663,10 +672,9 @@ def load_unsloth(cfg: dict, dtype, texts: list[str], train_rows: list[dict] = ()
     )
     # the same named templates as the hf path (prompt.CHAT_TEMPLATES), so both backends train on the same text;
     # a base model without a template and none named: one error
-    vocab_before = len(tokenizer.get_vocab())
-    apply_chat_template_override(tokenizer, cfg["chat_template"])
-    if len(tokenizer.get_vocab()) > vocab_before:
-        model.resize_token_embeddings(len(tokenizer))
+    added = new_template_ids(tokenizer, cfg["chat_template"])
+    if added and max(added) >= model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(max(added) + 1)
     fix_special_tokens(tokenizer)
     check_chat_template(tokenizer, f"train.model {cfg['model']}")
     tokenizer, kept, trim_stats = trim_vocabulary(cfg, model, tokenizer, texts, list(train_rows))
@@ -690,11 +698,9 @@ def load_hf(cfg: dict, dtype, on_gpu: bool, texts: list[str], train_rows: list[d
     # the model's own template or train.chat_template (a base model may have none: the override comes first),
     # eos = end of turn, a pad token; a named template's special tokens missing from the vocabulary are added
     tokenizer = AutoTokenizer.from_pretrained(materialize(cfg["model"]))
-    vocab_before = len(tokenizer.get_vocab())
-    apply_chat_template_override(tokenizer, cfg["chat_template"])
+    added = new_template_ids(tokenizer, cfg["chat_template"])
     fix_special_tokens(tokenizer)
     check_chat_template(tokenizer, f"train.model {cfg['model']}")
-    added = sorted(i for i in tokenizer.get_vocab().values() if i >= vocab_before)
     gc = cfg["gradient_checkpointing"]
     gc = False if gc == "auto" else bool(gc)  # "unsloth" means plain checkpointing here
     if cfg["load_in_4bit"]:
@@ -715,12 +721,12 @@ def load_hf(cfg: dict, dtype, on_gpu: bool, texts: list[str], train_rows: list[d
         # full fine-tuning keeps fp32 master weights (bf16/fp16 autocast); LoRA freezes a half-precision base
         load_dtype = torch.float32 if cfg["method"] == "full" else dtype
         model = load_model(cfg["model"], dtype=load_dtype, device="cuda" if on_gpu else "cpu")
-    if added:
+    if added and max(added) >= model.get_input_embeddings().num_embeddings:
         log.info("chat template %s added %d token(s): resizing the embeddings", cfg["chat_template"], len(added))
-        model.resize_token_embeddings(len(tokenizer))
+        model.resize_token_embeddings(max(added) + 1)
     tokenizer, kept, trim_stats = trim_vocabulary(cfg, model, tokenizer, texts, list(train_rows))
     if kept is not None:  # the template's added rows are kept rows too: renumbered
-        added = [i for i, old in enumerate(kept) if old >= vocab_before]
+        added = [i for i, old in enumerate(kept) if old in set(added)]
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.eos_token_id = tokenizer.eos_token_id
     new_ids, vocab_stats = extend_vocabulary(cfg, model, tokenizer, texts, "hf")

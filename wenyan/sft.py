@@ -17,6 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
+from wenyan import token_cache
 from wenyan.distributed import world
 from wenyan.errors import PipelineError, get_logger
 from wenyan.checkpoints import identity_difference, last_complete_checkpoint, read_identity
@@ -103,7 +104,10 @@ def tokenize_rows(tokenizer, rows: list[dict], max_seq_length: int, source: str)
     eot_id = end_of_turn_id(tokenizer)
     names = [f"{source} id {row.get('id', i)}" for i, row in enumerate(rows)]
     out = []
-    for ids, mask, retokenized in tokenize_in_parallel(tokenizer, [row["messages"] for row in rows], eot_id, names):
+    conversations = [row["messages"] for row in rows]
+    tokenized = token_cache.cached(tokenizer, conversations, eot_id,  # tokenise once: wenyan/token_cache.py
+                                   lambda c: tokenize_in_parallel(tokenizer, c, eot_id, names))
+    for ids, mask, retokenized in tokenized:
         truncated = len(ids) > max_seq_length
         if truncated:
             ids, mask = ids[:max_seq_length], mask[:max_seq_length]

@@ -84,6 +84,10 @@ def kept_ids(tokenizer, texts: list[str]) -> list[int]:
             keep.add(i)
         elif len(text) == 1 and (not byte_fallback or CJK_CHAR_RE.fullmatch(text)):
             keep.add(i)
+    if byte_fallback:  # a byte spelt as its character (Gemma's GGUF has "\t" where <0x09> belongs) is kept as well
+        for b in range(256):
+            if f"<0x{b:02X}>" not in vocab and chr(b) in vocab:
+                keep.add(vocab[chr(b)])
     if kind == "BPE":
         keep |= _merge_closure(spec["model"], {i: t for t, i in vocab.items()}, keep)
     return sorted(i for i in keep if i is not None)

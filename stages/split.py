@@ -13,8 +13,9 @@ valid_fraction -> valid, else train. Each chapter's draw depends only on its own
 adding or removing a book never moves another book's chapters. Books in split.test_books go to test whole.
 The fractions are of chapters, not of pairs; chapters vary in size, so the pair shares vary around them.
 
-Leakage check: a classical sentence is compared after dropping everything but letters and digits
-(punctuation, spaces); train/valid pairs whose sentence occurs in test are dropped, and counted.
+Leakage check: a classical sentence is compared in NFKC (a compatibility form, full-width letters and digits or a
+Kangxi radical, is its plain character) after dropping everything but letters and digits (punctuation, spaces);
+train/valid pairs whose sentence occurs in test are dropped, and counted.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import re
+import unicodedata
 from pathlib import Path
 
 from wenyan.errors import get_logger, PipelineError, run_main
@@ -52,8 +54,9 @@ def chapter_split(chapter_id: str, seed: int, valid_fraction: float, test_fracti
 
 
 def leakage_keys(sentences: list[str]) -> list[str]:
-    """Sentences with punctuation and spaces removed: `王曰：善。` and `王曰 善` both give `王曰善`."""
-    text = "\n".join(s.replace("\n", " ") for s in sentences)
+    """Sentences in NFKC with punctuation and spaces removed: `王曰：善。` and `王曰 善` both give `王曰善`, and a
+    compatibility form counts as its character (full-width `ＡＢ１` as `AB1`, the Kangxi radical `⼈` as `人`)."""
+    text = "\n".join(unicodedata.normalize("NFKC", s).replace("\n", " ") for s in sentences)
     return _NOT_WORD.sub("", text).split("\n")
 
 

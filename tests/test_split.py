@@ -116,6 +116,8 @@ def test_leakage_check_drops_train_and_valid_copies_of_test_sentences(tmp_path, 
 
 def test_leakage_keys():
     assert leakage_keys(["王曰：善。", "王曰 善", "。。", "A, b_c"]) == ["王曰善", "王曰善", "", "Abc"]
+    # compatibility forms (issue 29, class 5): full-width letters and digits, Kangxi radicals, compatibility ideographs
+    assert leakage_keys(["ＡＢ１２曰", "⼈之初", "\uf900"]) == leakage_keys(["AB12曰", "人之初", "\u8c48"])
 
 
 @pytest.mark.bad_input

@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import re
-import unicodedata
 from pathlib import Path
 
 from wenyan.errors import get_logger, PipelineError, run_main
+from wenyan.text import leakage_keys
 from wenyan.files import atomic_outputs, check_paths, read_pairs, write_json
 from wenyan.params import add_params_options, check_params, Float, Int, ListOf, load_params
 
@@ -39,7 +38,6 @@ SCHEMA = {  # values and their comments: params.yaml
     "test_books": ListOf(str),
 }
 SPLITS = ("train", "valid", "test")
-_NOT_WORD = re.compile(r"[^\w\n]|_")  # punctuation, symbols, spaces; keeps CJK, Latin letters and digits
 
 
 def chapter_split(chapter_id: str, seed: int, valid_fraction: float, test_fraction: float) -> str:
@@ -51,13 +49,6 @@ def chapter_split(chapter_id: str, seed: int, valid_fraction: float, test_fracti
     if u < test_fraction + valid_fraction:
         return "valid"
     return "train"
-
-
-def leakage_keys(sentences: list[str]) -> list[str]:
-    """Sentences in NFKC with punctuation and spaces removed: `王曰：善。` and `王曰 善` both give `王曰善`, and a
-    compatibility form counts as its character (full-width `ＡＢ１` as `AB1`, the Kangxi radical `⼈` as `人`)."""
-    text = "\n".join(unicodedata.normalize("NFKC", s).replace("\n", " ") for s in sentences)
-    return _NOT_WORD.sub("", text).split("\n")
 
 
 def assign_splits(df, seed: int, valid_fraction: float, test_fraction: float, test_books: list[str]) -> list[str]:

@@ -124,6 +124,19 @@ def test_overlap_removal_cuts_the_held_out_sentences_and_counts_them():
     assert monolingual.sentences("甲。乙？“丙！”丁") == ["甲。", "乙？", "“丙！”", "丁"]
 
 
+def test_overlap_removal_counts_compatibility_forms_as_their_characters():
+    """Issue 29, class 5, in pretrain's valid/test removal too (one leakage key, wenyan.text): a held-out sentence
+    spelt with a Kangxi radical, full-width digits or a compatibility ideograph is still the held-out sentence."""
+    import collections
+
+    import pandas as pd
+
+    keys = monolingual.held_out_keys([pd.DataFrame({"source": ["人之初，性本善。", "第１２卷"], "target": ["豈有此理。", "x"]})])
+    docs = [("a", ["⼈之初，性本善。", "第12卷。", "\uf900有此理。", "苟不教，性乃迁。"])]  # ⼈ U+2F08, 豈 U+F900
+    out = monolingual.remove_overlap(docs, keys, collections.Counter())
+    assert out == [("a", ["苟不教，性乃迁。"])]
+
+
 def test_pretrain_then_train_starts_from_it_with_its_vocabulary(project, tmp_path):
     model_dir, reports = run(project, tmp_path, include_train_split=True, extend_vocab=1)
     info = json.loads((model_dir / "pretrain.json").read_text())

@@ -20,19 +20,12 @@ from wenyan.files import staging_path
 from stages import train as train_stage
 from wenyan.errors import PipelineError
 from conftest import shipped
-from tiny import bpe_tokenizer, byte_tokenizer, tiny_llama
+from tiny import LUNYU_PAIRS, bpe_tokenizer, byte_tokenizer, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny tensors gain nothing from threads
 
 REPO = Path(__file__).resolve().parents[1]
-PAIRS = [
-    ("学而时习之，不亦说乎？", "学了又时常温习，不是很愉快吗？"),
-    ("有朋自远方来，不亦乐乎？", "有志同道合的人从远方来，不是很令人高兴的吗？"),
-    ("人不知而不愠，不亦君子乎？", "人家不了解我，我也不怨恨，不也是一个有德的君子吗？"),
-    ("温故而知新，可以为师矣。", "温习旧的知识从而得到新的理解，就可以做老师了。"),
-    ("三人行，必有我师焉。", "几个人一起走，其中必定有可以做我老师的人。"),
-    ("知之为知之，不知为不知，是知也。", "知道就是知道，不知道就是不知道，这才是聪明。"),
-]
+PAIRS = LUNYU_PAIRS
 SYSTEM = "你是翻译家。"
 # the params train records as the model's prompt (format:, clean.opencc), as in the rows below
 PROMPT = {"format": {"system_prompt": SYSTEM, "user_template": "翻译：\n{classical}", "context_sentences": 0,

@@ -19,16 +19,11 @@ from wenyan.prompt import (CHAT_TEMPLATES, apply_chat_template_override, encode_
                            fix_special_tokens)
 from stages import train as train_stage
 from conftest import shipped
-from tiny import bpe_tokenizer, gemma_like_tokenizer, tiny_gemma
+from tiny import LUNYU_PAIRS, bpe_tokenizer, gemma_like_tokenizer, tiny_gemma
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-PAIRS = [
-    ("学而时习之，不亦说乎？", "学了又时常温习，不是很愉快吗？"),
-    ("有朋自远方来，不亦乐乎？", "有志同道合的人从远方来，不是很令人高兴的吗？"),
-    ("人不知而不愠，不亦君子乎？", "人家不了解我，我也不怨恨，不也是一个有德的君子吗？"),
-    ("温故而知新，可以为师矣。", "温习旧的知识从而得到新的理解，就可以做老师了。"),
-]
+PAIRS = LUNYU_PAIRS[:4]
 SYSTEM = "你是翻译家。"
 PROMPT = {"format": {"system_prompt": SYSTEM, "user_template": "翻译：\n{classical}", "context_sentences": 0,
                      "context_template": "上文：{context}\n"}, "clean": {"opencc": "t2s"}}

@@ -375,7 +375,8 @@ def sentencepiece_model(tokenizer_json: dict) -> bytes | None:
                 i = next((i for i, (piece, _) in enumerate(vocab) if piece == chr(b)), None)
                 if i is not None:
                     vocab[i] = (f"<0x{b:02X}>", vocab[i][1])
-    all_bytes = all(f"<0x{b:02X}>" in {piece for piece, _ in vocab} for b in range(256))
+    names = {piece for piece, _ in vocab}
+    all_bytes = all(f"<0x{b:02X}>" in names for b in range(256))
     pieces, has_bytes, seen = b"", False, set()
     for i, (piece, score) in enumerate(vocab):
         if piece in seen:  # a piece spelt twice (Gemma's "\t"): sentencepiece refuses it; the id stays, never produced

@@ -726,7 +726,8 @@ def load_hf(cfg: dict, dtype, on_gpu: bool, texts: list[str], train_rows: list[d
         model.resize_token_embeddings(max(added) + 1)
     tokenizer, kept, trim_stats = trim_vocabulary(cfg, model, tokenizer, texts, list(train_rows))
     if kept is not None:  # the template's added rows are kept rows too: renumbered
-        added = [i for i, old in enumerate(kept) if old in set(added)]
+        template_ids = set(added)
+        added = [i for i, old in enumerate(kept) if old in template_ids]
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.eos_token_id = tokenizer.eos_token_id
     new_ids, vocab_stats = extend_vocabulary(cfg, model, tokenizer, texts, "hf")

@@ -1,6 +1,6 @@
 """Monolingual text for pretraining (the pretrain stage): reading sources with the archive rules of ingest
 (wenyan/archives.py), HTML tags stripped, lines normalised as the clean stage does, every valid/test sentence
-removed (split's leakage key), documents tokenized and packed into full-length sequences. The stage's
+removed (split's leakage key, wenyan.text.leakage_key), documents tokenized and packed into full-length sequences. The stage's
 docstring (stages/pretrain.py) states the rules."""
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ _TAG = re.compile(r"</?[A-Za-z][^<>\n]{0,300}>")
 _BR = re.compile(r"<br\s*/?>", re.IGNORECASE)
 # a sentence ends after a run of 。！？； (and ! ? ;) and the closing quotes/brackets right after it
 _SENTENCE = re.compile(r"[^。！？；!?;]*[。！？；!?;]+[”’」』）)》]*|[^。！？；!?;]+$")
-_NOT_WORD = re.compile(r"[^\w\n]|_")  # split's leakage key: punctuation, symbols, spaces dropped
 
 
 
@@ -274,18 +273,14 @@ def sentences(line: str) -> list[str]:
     return _SENTENCE.findall(line)
 
 
-def leakage_key(text_: str) -> str:
-    return _NOT_WORD.sub("", text_)
-
-
 def held_out_keys(frames) -> set[str]:
     """Keys of every valid/test line and sentence, both sides."""
     keys = set()
     for df in frames:
         for column in ("source", "target"):
             for line in df[column].tolist():
-                keys.add(leakage_key(line))
-                keys.update(leakage_key(s) for s in sentences(line))
+                keys.add(text.leakage_key(line))
+                keys.update(text.leakage_key(s) for s in sentences(line))
     keys.discard("")
     return keys
 
@@ -297,7 +292,7 @@ def remove_overlap(docs, keys: set[str], counts: collections.Counter):
         kept_lines = []
         for line in lines:
             parts = sentences(line)
-            keep = [s for s in parts if leakage_key(s) not in keys or not leakage_key(s)]
+            keep = [s for s, key in zip(parts, map(text.leakage_key, parts)) if not key or key not in keys]
             counts["sentences"] += len(parts)
             if len(keep) != len(parts):
                 counts["sentences_removed"] += len(parts) - len(keep)

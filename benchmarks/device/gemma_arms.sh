@@ -6,9 +6,11 @@
 # arm in its own copy of the tree:
 #   speed  N: the full 262,144-token vocabulary, 16384 x 4 tokens a step (as the issue's run), SPEED_STEPS steps
 #          T: the same with train.trim_vocab auto
+#   (SPEED_ARMS="N T" runs them; default none: measured in reports/runs/h100-gemma-trim-speed/)
 #   then one SFT epoch on the whole train split, scored on the 2,000-sentence chapter test and the 4 held-out books
-#   (greedy): M1 the profile (trimmed, 65536 x 1, lr 1e-4), alone on the GPU; then M2 (lr M2_LR, default 3e-4)
-#   trains beside M1's base outputs and evaluation
+#   (greedy): M1 the profile (trimmed, 65536 x 1, lr 1e-4) and M2 (lr M2_LR, default 3e-4; M2_LR= skips it) side by
+#   side on the one GPU, the base's outputs beside them (SEQUENTIAL=1: M1 alone first, for its clean tokens/s)
+# The code is a committed snapshot (SRC_TAR, from `git archive HEAD`), so uncommitted edits never travel.
 # Started detached:  setsid nohup bash benchmarks/device/gemma_arms.sh > /tmp/arms/driver.log 2>&1 &
 # and polled by later calls (benchmarks/device/poll.sh copies what is there to $OUT). Where DVC and a GPU are local, an
 # arm is `python -m tools.profile gpu -S ...` (the same overrides).
@@ -18,14 +20,18 @@ payload=${PAYLOAD:-/tmp/payload}
 work=${WORK:-/tmp/arms}
 RS=${RS:-benchmarks/device/run_stages.py}
 SPEED_STEPS=${SPEED_STEPS:-20}
-M2_LR=${M2_LR:-0.0003}
+SPEED_ARMS=${SPEED_ARMS-}
+M2_LR=${M2_LR-0.0003}
+SEQUENTIAL=${SEQUENTIAL:-0}
+SRC_TAR=${SRC_TAR:-}
 rm -f "$work"/*.done "$work/timeline.txt"; mkdir -p "$work"
 t0=$(date +%s)
 note() { echo "[$(( $(date +%s) - t0 )) s] $*" | tee -a "$work/timeline.txt"; }
 common="--profile gpu -S ingest.sources.classical-modern.path=$payload/classical-modern.tar.xz -S train.model=$(ls $payload/*.gguf)"
 export PYTHONPATH=$PYTHONPATH:$work/src
 mkdir -p "$work/src"
-tar --exclude=./.git --exclude=./.carry --exclude=./.gpu -cf - . | tar -xf - -C "$work/src"
+if [ -n "$SRC_TAR" ]; then tar -xf "$SRC_TAR" -C "$work/src"
+else tar --exclude=./.git --exclude=./.carry --exclude=./.gpu -cf - . | tar -xf - -C "$work/src"; fi
 cd "$work/src"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$work/gpu.txt"
 note "data stages + base"
@@ -46,7 +52,7 @@ tps() { python3 -c "import json;m=json.load(open('$1/reports/train/metrics.json'
 
 # speed arms, one at a time (clean timings): the same batch shape with and without trimming
 short="-S train.max_steps=$SPEED_STEPS -S train.warmup_steps=5 -S train.eval_steps=0 -S train.eval_samples=0 -S train.logging_steps=5"
-for arm in N T; do
+for arm in $SPEED_ARMS; do
   case $arm in
     N) extra="-S train.trim_vocab=none -S train.batch_tokens=16384 -S train.gradient_accumulation_steps=4";;
     T) extra="-S train.batch_tokens=16384 -S train.gradient_accumulation_steps=4";;
@@ -63,16 +69,17 @@ evaluate_arm() {  # evaluate_arm NAME ARGS...: the base outputs (once), then the
   note "$name evaluated: $(python3 -c "import json;m=json.load(open('$d/reports/metrics.json'));u=m.get('unseen_books',{});print('dev', m.get('bleu'), m.get('chrf'), m.get('baselines'), '| unseen', u.get('bleu'), u.get('chrf'), u.get('baselines'))" 2>&1 | tail -1)"
   touch "$work/$name.done"
 }
-train_arm() {  # train_arm NAME ARGS...
+train_arm() {  # train_arm NAME ARGS... (its tree copied before)
   local name=$1 d=$work/$1; shift
-  copy_tree "$work/src" "$d"
   note "$name: train"; stage "$d" "$work/$name.log" "$@" train || { note "$name train failed"; return 1; }
   note "$name trained: $(tps "$d")"
 }
-# M1 alone on the GPU (its tokens/s is the profile's speed); then its base outputs and evaluation beside M2's training
-train_arm M1
-( stage "$work/src" "$work/base.log" evaluate_base && touch "$work/base.done"; note "base outputs done"; evaluate_arm M1 ) &
-( train_arm M2 -S train.learning_rate=$M2_LR && evaluate_arm M2 -S train.learning_rate=$M2_LR ) &
+copy_tree "$work/src" "$work/M1"; [ -n "$M2_LR" ] && copy_tree "$work/src" "$work/M2"
+# base outputs beside the arms' training (generation on the base model: small next to two trainings)
+( stage "$work/src" "$work/base.log" evaluate_base && touch "$work/base.done"; note "base outputs done" ) &
+if [ "$SEQUENTIAL" = 1 ]; then train_arm M1; ( evaluate_arm M1 ) &
+else ( train_arm M1 && evaluate_arm M1 ) & fi
+[ -n "$M2_LR" ] && ( train_arm M2 -S train.learning_rate=$M2_LR && evaluate_arm M2 -S train.learning_rate=$M2_LR ) &
 wait
 note "all arms done"
 touch "$work/all.done"

@@ -27,7 +27,8 @@ SRC_TAR=${SRC_TAR:-}
 rm -f "$work"/*.done "$work/timeline.txt"; mkdir -p "$work"
 t0=$(date +%s)
 note() { echo "[$(( $(date +%s) - t0 )) s] $*" | tee -a "$work/timeline.txt"; }
-common="--profile gpu -S ingest.sources.classical-modern.path=$payload/classical-modern.tar.xz -S train.model=$(ls $payload/*.gguf)"
+EXTRA=${EXTRA:-}  # more -S overrides for every stage, e.g. "-S train.eval_steps=0"
+common="$EXTRA --profile gpu -S ingest.sources.classical-modern.path=$payload/classical-modern.tar.xz -S train.model=$(ls $payload/*.gguf)"
 export PYTHONPATH=$PYTHONPATH:$work/src
 mkdir -p "$work/src"
 if [ -n "$SRC_TAR" ]; then tar -xf "$SRC_TAR" -C "$work/src"

@@ -7,8 +7,10 @@ A GGUF model (the built-in SmolLM2 default, or a .gguf file) is dequantised into
 GGUF-loaded model and unsloth wants a plain directory. A model directory or a hub id is loaded where it is;
 models/base/base.json records what train.model resolved to either way. A DVC output, so DVC caches it,
 restores it with `dvc checkout`, and nothing else writes under models/base inside the pipeline. Built in
-models/.base.tmp and put in place whole (with the manifest of what it wrote); an --out that holds files this
-stage did not write, or that is (or holds, or lies inside) the model it reads, is refused before anything runs.
+a directory of its own beside it (models/.base.<pid>-<random>.tmp) and put in place whole, with the manifest of
+what it wrote (naming this stage); an --out that another stage wrote (models/adapter, models/pretrain: their
+manifests say so), that holds files this stage did not write, that is a symbolic link, or that is (or holds, or
+lies inside) the model it reads, is refused before anything runs.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from wenyan import models
 from wenyan.errors import get_logger, PipelineError, run_main
-from wenyan.files import check_output_path, check_owned_dir, check_paths, staged_dir, write_json
+from wenyan.files import check_output_path, check_owned_dir, check_paths, staged_dir, with_path_errors, write_json
 from wenyan.params import add_params_options, load_sections
 
 log = get_logger("base")
@@ -50,4 +52,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(with_path_errors(main))

@@ -63,7 +63,7 @@ from wenyan.metrics import (EVALUATE_SCHEMA, KNOWN_BASELINES, breakdown, check_t
 from wenyan.params import add_params_options, check_params, load_params
 from wenyan.prompt import end_of_turn_ids
 from wenyan import artifacts
-from wenyan.files import check_paths
+from wenyan.files import check_paths, with_path_errors
 
 log = get_logger("evaluate")
 
@@ -233,9 +233,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     for path, directory in ((args.metrics, False), (args.hypotheses, False), (args.out_dir, True)):
         check_output_path(path, directory=directory)  # before the model runs, not after
-    check_paths({"--test": args.test, "--model": args.model, "--base-outputs": args.base_outputs, "--params": args.params},
+    model_inputs = models.model_inputs(args.model)
+    inputs = {**model_inputs, "--test": args.test, "--base-outputs": args.base_outputs,
+              "--params": args.params}  # the base behind an adapter is read too: never an output
+    check_paths(inputs,
                 {"--metrics": args.metrics, "--hypotheses": args.hypotheses,
-                 **{f"--out-dir {name}": args.out_dir / name for name in OUT_DIR_FILES}}, dirs=["--model"])
+                 **{f"--out-dir {name}": args.out_dir / name for name in OUT_DIR_FILES}}, dirs=list(model_inputs))
 
     p = check_evaluate_params(load_params("evaluate", args.params))
     if args.check_params:
@@ -332,4 +335,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(with_path_errors(main))

@@ -17,13 +17,14 @@ in evaluate.baselines it writes an empty file.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
 from wenyan import distributed, generation, models
 from wenyan.errors import PipelineError, get_logger, run_main
-from wenyan.files import check_output_path, check_paths, read_jsonl, write_jsonl
+from wenyan.files import check_output_path, check_paths, read_jsonl, with_path_errors, write_jsonl
 from wenyan.metrics import EVALUATE_SCHEMA, check_test_rows, select_evaluated
 from wenyan.params import add_params_options, check_params, load_sections
 from wenyan.prompt import end_of_turn_ids
@@ -42,6 +43,16 @@ def base_tokenizer(model: str, chat_template: str | None):
     return tokenizer
 
 
+def base_location(base: Path) -> dict:
+    """The model models/base/base.json points at (where train.model resolved to), when it lies elsewhere."""
+    try:
+        info = json.loads((base / "base.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    location = info.get("location") if isinstance(info, dict) else None
+    return {"--base's base.json location": Path(location)} if isinstance(location, str) and Path(location).exists() else {}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--test", required=True, type=Path, help="data/format/test.jsonl")
@@ -50,7 +61,8 @@ def main(argv=None) -> None:
     add_params_options(parser)
     args = parser.parse_args(argv)
     check_output_path(args.out)  # before the model runs, not after
-    check_paths({"--test": args.test, "--base": args.base, "--params": args.params}, {"--out": args.out}, dirs=["--base"])
+    inputs = {"--test": args.test, "--base": args.base, "--params": args.params, **base_location(args.base)}
+    check_paths(inputs, {"--out": args.out}, dirs=["--base", *base_location(args.base)])  # nor onto the model base.json points at
     names = [f"evaluate.{k}" for k in BASE_KEYS] + ["train.model", "train.chat_template", "train.backend"]
     params = load_sections("evaluate_base", names, args.params)
     p = check_params({k: params["evaluate"][k] for k in BASE_KEYS}, {k: EVALUATE_SCHEMA[k] for k in BASE_KEYS}, "evaluate")
@@ -88,4 +100,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(with_path_errors(main))

@@ -42,7 +42,8 @@ from pathlib import Path
 from wenyan.errors import get_logger, PipelineError, run_main
 from wenyan.metrics import bleu
 from wenyan import artifacts
-from wenyan.files import atomic_outputs, check_output_path, check_owned_dir, check_paths, read_jsonl, staged_dir, write_json
+from wenyan.files import (atomic_outputs, check_output_path, check_owned_dir, check_paths, read_jsonl, staged_dir,
+                          with_path_errors, write_json)
 from wenyan.params import add_params_options, Bool, check_params, Int, load_params, Param, Str
 from wenyan import generation, gguf, models
 from wenyan.prompt import prompt_ids
@@ -235,8 +236,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     check_output_path(args.out, directory=True)  # before the merge, not after
     check_output_path(args.report)
-    check_paths({"--model": args.model, "--test": args.test, "--params": args.params},
-                {"--out": args.out, "--report": args.report}, dirs=["--model"])
+    model_inputs = models.model_inputs(args.model)
+    inputs = {**model_inputs, "--test": args.test, "--params": args.params}  # the base is read too
+    check_paths(inputs, {"--out": args.out, "--report": args.report}, dirs=list(model_inputs))
     check_owned_dir(args.out, "--out", "export", signature=SIGNATURE)
 
     p = check_export_params(load_params("export", args.params, dvc_stage=PIPELINE_STAGE))
@@ -285,4 +287,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(with_path_errors(main))

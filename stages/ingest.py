@@ -34,7 +34,7 @@ from pathlib import Path
 from wenyan import archives
 from wenyan.corpora import corpus_name, read_lines_file, read_niutrans
 from wenyan.errors import get_logger, PipelineError, run_main
-from wenyan.files import PAIR_COLUMNS, atomic_outputs, check_paths, write_json
+from wenyan.files import PAIR_COLUMNS, atomic_outputs, check_paths, with_path_errors, write_json
 from wenyan.params import add_params_options, check_entry, named_entries, check_params, load_params, Param, Str
 
 log = get_logger("ingest")
@@ -203,4 +203,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(with_path_errors(main))

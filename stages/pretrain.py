@@ -48,7 +48,12 @@ counted from the pretraining text + the train split, never valid/test), so train
 ~1 token a character and adds nothing. One optimizer step sees pretrain.batch_tokens tokens
 (batch_tokens / max_seq_length sequences, split into gradient_accumulation_steps micro-batches). No
 checkpoints: a killed run starts again; the loss curve is written as training goes (dvclive, in
-reports/.pretrain.tmp until the end).
+a directory of its own beside reports/pretrain until the end).
+
+Outputs are this stage's own: --out and --reports carry a manifest naming the stage; a directory another stage
+wrote (models/adapter, models/base: their manifests say so), one holding files this stage did not write, a
+symbolic link, or a path that is, holds or lies inside an input (--base, --split-dir, a source) is refused,
+one line naming it, before anything is read.
 
 Pass-through: pretrain.enabled false, or pretrain.max_steps 0 with pretrain.epochs 0 (zero tokens), writes
 models/pretrain/pretrain.json {"passthrough": true} and small reports in well under a second, reads no
@@ -62,15 +67,17 @@ import collections
 import json
 import os
 import random
+import tempfile
 
 import shutil
 import time
 from pathlib import Path
 
 from wenyan.device import pick_backend
-from wenyan import archives, models, monolingual, sft, text, vocab
+from wenyan import archives, corpora, models, monolingual, sft, text, vocab
 from wenyan.errors import PipelineError, get_logger, run_main
-from wenyan.files import check_output_path, check_owned_dir, check_paths, new_staging_dir, read_pairs, staged_dir, write_json
+from wenyan.files import (check_output_path, check_owned_dir, check_paths, new_staging_dir, read_pairs, staged_dir,
+                          with_path_errors, write_json)
 from wenyan.params import add_params_options, Bool, Float, Int, OneOf, Param, Str, check_entry, check_params, load_sections, named_entries
 
 log = get_logger("pretrain")
@@ -255,6 +262,15 @@ def base_location(base_dir: Path) -> tuple[str, dict]:
     return info["location"], info
 
 
+def base_read(base_dir: Path) -> dict:
+    """The model base.json points at, where it exists: an input too (never an output target)."""
+    try:
+        location = json.loads((base_dir / "base.json").read_text(encoding="utf-8")).get("location")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return {}
+    return {"--base's model": Path(location)} if isinstance(location, str) and Path(location).exists() else {}
+
+
 def loader_config(cfg: dict, location: str) -> dict:
     """The train-section keys train's loaders read, for full fine-tuning of `location`."""
     return {"model": location, "max_seq_length": cfg["max_seq_length"], "load_in_4bit": False, "method": "full",
@@ -347,7 +363,8 @@ def pretrain(cfg: dict, opencc, base_dir, split_dir, out, reports, callbacks=())
     live = sft.open_live(staging)
     trainer_ref = {}
     live_callback = sft.make_live_callback(live, trainer_ref)
-    scratch = out.with_name(f".{out.name}.trainer.tmp")  # the Trainer's output_dir: nothing is saved there
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.trainer-", suffix=".tmp", dir=out.parent))  # the Trainer's output_dir: nothing is saved there
     trainer = trainer_ref["trainer"] = build_trainer(
         model, tokenizer, dataset, cfg, rows=rows, dtype=dtype, optim=optim,
         gradient_checkpointing=backend == "hf" and bool(loaded["gradient_checkpointing"]), output_dir=scratch,
@@ -441,9 +458,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     for path in (args.out, args.reports):
         check_output_path(path, directory=True)
-    inputs = {"--base": args.base, "--split-dir": args.split_dir, "--params": args.params}
+    inputs = {"--base": args.base, "--split-dir": args.split_dir, "--params": args.params, **base_read(Path(args.base))}
     outputs = {"--out": args.out, "--reports": args.reports}
-    check_paths(inputs, outputs, dirs=["--base", "--split-dir"])  # never an output onto an input or the other output
+    check_paths(inputs, outputs, dirs=["--base", "--split-dir", "--base's model"])  # never an output onto an input (the base model too) or the other output
     check_owned_dir(args.out, "--out", "pretrain", signature=OUT_SIGNATURE)  # before anything is read or trained
     check_owned_dir(args.reports, "--reports", "pretrain", signature=REPORTS_SIGNATURE)
     params = load_sections("pretrain", ["pretrain", "clean.opencc"], args.params)
@@ -459,11 +476,15 @@ def main(argv=None) -> None:
     if reason:
         passthrough(reason, Path(args.out), Path(args.reports))
         return
+    checked = check_sources(cfg)
+    for src in checked:  # a thousand-level directory tree: one error, not a RecursionError in the walk
+        if os.path.isdir(src["path"]):
+            corpora.check_depth(Path(src["path"]))
     sources = {f"pretrain.sources{'.' + src['name'] if src['name'] else f'[{i}]'}": src["path"]
-               for i, src in enumerate(check_sources(cfg))}
+               for i, src in enumerate(checked)}
     check_paths(sources, outputs, dirs=list(sources))  # nor onto a source of the text
     pretrain(cfg, params["clean"]["opencc"], args.base, args.split_dir, args.out, args.reports)
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(with_path_errors(main))

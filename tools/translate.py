@@ -32,12 +32,16 @@ In order:
      input file (under any name), inside the model, a directory, or a place that cannot be written.
 
 The input is read, translated and written CHUNK_LINES lines at a time, so memory stays bounded whatever its
-length. To stdout (or a device such as /dev/null, a pipe) each chunk is written as it is done. To a file: into
-<output>.partial beside it (the file's mode kept; through a symlink to its target), renamed onto the output
-at the end, so the output changes once, whole; if the run is interrupted (Ctrl-C, kill, an error at line
-90,000), <output>.partial keeps the lines done and <output>.partial.json which input lines they are, and
-the same command run again continues from the next line (same model and settings, an --input file whose
-first lines are unchanged). A full disk is one error: no partial file is kept, the output is as it was.
+length. To stdout (or a device such as /dev/null, a pipe) each chunk is written as it is done. To a file: into a
+temporary file of this run's own beside it (mkstemp; the file's mode kept; through a symlink --output to its
+target), renamed onto the output at the end, so the output changes once, whole, and two runs to one output each
+leave it whole. While it runs the same file is hard-linked at <output>.partial (by rename: a link planted there is
+replaced, never followed; an --input or stdin of that name is refused before the model loads); if the run is
+interrupted (Ctrl-C, kill, an error at line 90,000), <output>.partial keeps the lines done and
+<output>.partial.json which input lines they are, and the same command run again continues from the next line
+(same model and settings, an --input file whose first lines are unchanged), from a copy of them. A full disk is
+one error: no partial file is kept, the output is as it was. Standard input or output closed, a path the system
+refuses (a name too long, a link loop): one error line naming it.
 
 Device: CUDA when available (bf16 or fp16; unsloth's inference for a model trained with unsloth), else
 CPU in fp32. Everything is local: no network.
@@ -46,6 +50,7 @@ CPU in fp32. Everything is local: no network.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -61,9 +66,12 @@ from wenyan.translation import (  # noqa: F401 - re-exported: the splitting is t
     CLAUSE_END, CLOSERS, SENTENCE_END, Plan, Translator, assemble, build_prompts, fit_sentence, has_text, plan_lines,
     prompt_messages, split_clauses, split_input_lines, split_sentences,
 )
-from wenyan import gguf
+from wenyan import gguf, models
 from wenyan.errors import get_logger, PipelineError, run_main
-from wenyan.files import check_paths, file_kind, nearest_existing, write_json
+from wenyan import files
+from wenyan.files import (TEMP_SUFFIX, check_paths, file_kind, nearest_existing, shown_path,
+                          with_path_errors,
+                          write_failure, write_json)
 
 log = get_logger("translate")
 
@@ -146,6 +154,8 @@ def read_input(text: str | None, input_path: str | None) -> Source:
     if input_path is not None and input_path != "-":
         check_input_file(input_path)
         return Source(input_path, path=input_path)
+    if sys.stdin is None:  # started with standard input closed (`<&-`)
+        raise PipelineError("standard input is closed: give a sentence, or --input FILE")
     if input_path is None and sys.stdin.isatty():
         raise PipelineError("nothing to translate: give a sentence, --input FILE, or pipe text on standard input")
     return Source("stdin")
@@ -234,67 +244,131 @@ def probe_directory(output: str, directory: Path) -> None:
 
 class Writer:
     """Translations written as they come, a chunk of lines at a time. stdout and a device or pipe: in place.
-    A file: into <output>.partial beside it (flushed each chunk), renamed onto the output at the end (the
-    output changes once, whole); <output>.partial.json records which input lines are done, so a run that was
-    interrupted (Ctrl-C, kill, a too-long clause found at line 90,000) continues where it stopped when run again
-    with the same model and the same beginning of the input. A full disk: one error, no partial file kept."""
+    A file: into a temporary file of this run's own beside it (mkstemp: a name no other run or planted link has),
+    fsynced each chunk and renamed onto the output at the end (the output changes once, whole). While it runs, the
+    same file is hard-linked at <output>.partial (put there by rename, so a link already there is replaced, never
+    followed), and <output>.partial.json records which input lines are done: a run that was interrupted (Ctrl-C,
+    kill, a too-long clause found at line 90,000) continues where it stopped when run again with the same model and
+    the same beginning of the input, from a copy of those lines (the old file is only read). Two runs to one output
+    each write their own file: each output they leave is whole. A full disk: one error, no partial file kept."""
 
     def __init__(self, output: Output, run_key: dict):
         self.output, self.run_key, self.done, self.file = output, run_key, 0, None
         self.hasher = line_hasher()
         self.can_resume = False
-        self.partial = self.state = None
+        self.partial = self.state = self.tmp = None
+        self.identity = None  # (st_dev, st_ino) of this run's file: what is ours at <output>.partial
+        self.linked = self.link_failed = False
         if output.path is not None and output.atomic:
             self.partial = output.path.with_name(output.path.name + ".partial")
             self.state = output.path.with_name(output.path.name + ".partial.json")
 
+    def check(self, input_path: str | None) -> None:
+        """The resume files, before any model loads: never the input (under any name, or stdin redirected from
+        it), never a directory or a device (a planted link is replaced, not followed; one to the input is refused)."""
+        if self.partial is None:
+            return
+        for path in (self.partial, self.state):
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise PipelineError(f"{path}: cannot use this resume file of --output ({exc.strerror})") from None
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+                raise PipelineError(f"{path}: is {file_kind(st.st_mode)}, where translate keeps the lines done of "
+                                    f"--output {self.output.path}; move it, or give another --output")
+            try:
+                target = os.stat(path)
+            except OSError:
+                continue  # a dangling link: replaced
+            if same_file(target, input_path):
+                shown = "standard input" if input_path in (None, "-") else f"the input file {input_path}"
+                raise PipelineError(f"{path}: is {shown}, and translate keeps the lines done of --output "
+                                    f"{self.output.path} under this name, which would replace it. Give another --output")
+
+    def ours(self, path: Path) -> bool:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return False
+        return self.identity is not None and (st.st_dev, st.st_ino) == self.identity
+
     def resumable(self, source: Source) -> int:
         """Input lines a previous interrupted run of this same command translated already (0 = none)."""
         self.can_resume = source.path is not None  # stdin and an argument cannot be read again
-        if self.partial is None or source.path is None or not (self.partial.is_file() and self.state.is_file()):
+        if self.partial is None or source.path is None:
             return 0
         try:
+            if not (stat.S_ISREG(os.lstat(self.partial).st_mode) and stat.S_ISREG(os.lstat(self.state).st_mode)):
+                return 0  # a link or something else there: not a resume record this command wrote
             state = json.loads(self.state.read_text(encoding="utf-8"))
             done, digest = int(state["lines"]), state["input_sha256"]
             same = state.get("run") == self.run_key
+            fd = os.open(self.partial, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+            with os.fdopen(fd, "rb") as f:
+                data = f.read()
         except (OSError, ValueError, KeyError, TypeError):
             return 0
-        data = self.partial.read_bytes()
-        if not same or data.count(b"\n") < done:
+        if not same or done < 0 or data.count(b"\n") < done:
             return 0
         lines = source.lines()
         hasher = line_hasher(itertools.islice(lines, done))
         lines.close()
         if hasher.hexdigest() != digest:  # (an input shorter than done lines hashes differently too)
             return 0
-        with open(self.partial, "r+b") as f:  # keep exactly the lines recorded as done
-            f.truncate(len(b"".join(data.splitlines(keepends=True)[:done])))
+        self.create()
+        try:  # a copy of exactly the lines recorded as done: the old file is never written
+            with open(self.tmp, "wb") as f:
+                f.write(b"".join(data.splitlines(keepends=True)[:done]))
+        except OSError as exc:
+            self.discard()
+            raise PipelineError(write_failure(self.output.path, exc)) from None
         self.done, self.hasher = done, hasher
         return done
+
+    def create(self) -> None:
+        """This run's own temporary file beside the output (the output's mode; missing directories made)."""
+        try:
+            self.tmp = files._temp_beside(self.output.path)
+            st = os.lstat(self.tmp)
+        except OSError as exc:
+            raise PipelineError(f"{self.output.path}: cannot write the output ({exc.strerror})") from None
+        self.identity = (st.st_dev, st.st_ino)
 
     def open(self) -> None:
         if self.output.path is None:
             return
-        path = self.partial if self.partial is not None else self.output.path
         try:
             if self.partial is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)  # missing directories are made
-            self.file = open(path, "ab" if self.done else "wb")
+                if self.tmp is None:
+                    self.create()
+                self.file = open(self.tmp, "ab")
+            else:
+                self.file = open(self.output.path, "wb")
         except OSError as exc:
             raise PipelineError(f"{self.output.path}: cannot write the output ({exc.strerror})") from None
-        if self.partial is not None and not self.done:
-            try:  # the output's mode, as an atomic rename would keep it
-                mode = stat.S_IMODE(self.output.path.stat().st_mode) if self.output.path.is_file() else None
-                if mode is not None:
-                    os.chmod(self.partial, mode)
-            except OSError:
-                pass
+
+    def publish(self) -> None:
+        """This run's file hard-linked at <output>.partial (by rename: whatever is there is replaced, not followed)."""
+        if self.linked or self.link_failed:
+            return
+        aside = self.tmp.with_name(self.tmp.name[: -len(TEMP_SUFFIX)] + ".link" + TEMP_SUFFIX)
+        try:
+            os.link(self.tmp, aside, follow_symlinks=False)
+            os.replace(aside, self.partial)
+            self.linked = True
+        except OSError:  # a filesystem without hard links: the file is put there when the run is interrupted
+            self.link_failed = True
+            aside.unlink(missing_ok=True)
 
     def write(self, lines: list[str], source_lines: list[str]) -> None:
         """lines: the translations of source_lines (the input lines), one each."""
         data = "".join(line + "\n" for line in lines).encode("utf-8")
         try:
             if self.output.path is None:
+                if sys.stdout is None:
+                    raise PipelineError("standard output is closed; give --output FILE")
                 sys.stdout.flush()
                 sys.stdout.buffer.write(data)
                 sys.stdout.buffer.flush()
@@ -306,6 +380,7 @@ class Writer:
                     self.done += len(lines)
                     for line in source_lines:
                         self.hasher.update(line.encode("utf-8", "surrogatepass") + b"\n")
+                    self.publish()
                     write_json(self.state, {"run": self.run_key, "lines": self.done, "input_sha256": self.hasher.hexdigest()})
         except PipelineError:
             self.discard()
@@ -319,27 +394,51 @@ class Writer:
     def finish(self) -> None:
         if self.file is not None:
             self.file.close()
-        if self.partial is not None:
-            if self.file is None:  # nothing was written at all: an empty output
-                self.open()
-                self.file.close()
-            if self.output.path.exists() and not self.output.path.is_file():
-                self.discard()
-                raise PipelineError(f"{self.output.path}: is {file_kind(self.output.path.stat().st_mode)}, but this output is a file")
-            os.replace(self.partial, self.output.path)
+            self.file = None
+        if self.partial is None:
+            return
+        if self.tmp is None:  # nothing was written at all: an empty output
+            self.open()
+            self.file.close()
+            self.file = None
+        if self.output.path.exists() and not self.output.path.is_file():
+            self.discard()
+            raise PipelineError(f"{self.output.path}: is {file_kind(self.output.path.stat().st_mode)}, but this output is a file")
+        try:
+            os.replace(self.tmp, self.output.path)
+        except OSError as exc:
+            self.discard()
+            raise PipelineError(write_failure(self.output.path, exc)) from None
+        self.tmp = None
+        if self.ours(self.partial):  # the resume record is this run's: done with
+            self.partial.unlink(missing_ok=True)
+            self.state.unlink(missing_ok=True)
+        elif not os.path.lexists(self.partial):
             self.state.unlink(missing_ok=True)
 
     def interrupted(self) -> None:
         """A run stopped before its end: a file output keeps what is done, to continue from."""
         if self.file is not None:
-            self.file.close()
+            with contextlib.suppress(OSError):
+                self.file.close()
             self.file = None
-        if self.partial is not None and self.partial.exists():
-            if self.done and self.can_resume:
-                log.warning("%d line(s) translated so far are kept in %s; run the same command again to continue "
-                            "from line %d", self.done, self.partial, self.done + 1)
-            else:
+        if self.tmp is None:
+            return
+        if self.done and self.can_resume:
+            try:
+                if self.linked and self.ours(self.partial):
+                    self.tmp.unlink(missing_ok=True)  # <output>.partial is the same file
+                else:
+                    os.replace(self.tmp, self.partial)
+                    write_json(self.state, {"run": self.run_key, "lines": self.done, "input_sha256": self.hasher.hexdigest()})
+            except (OSError, PipelineError):
                 self.discard()
+                return
+            self.tmp = None
+            log.warning("%d line(s) translated so far are kept in %s; run the same command again to continue "
+                        "from line %d", self.done, self.partial, self.done + 1)
+        else:
+            self.discard()
 
     def discard(self) -> None:
         if self.file is not None:
@@ -348,9 +447,12 @@ class Writer:
             except OSError:
                 pass
             self.file = None
-        for path in (self.partial, self.state):
-            if path is not None:
-                path.unlink(missing_ok=True)
+        if self.partial is not None and self.ours(self.partial):
+            self.partial.unlink(missing_ok=True)
+            self.state.unlink(missing_ok=True)
+        if self.tmp is not None:
+            self.tmp.unlink(missing_ok=True)
+            self.tmp = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,9 +485,21 @@ def main(argv=None) -> None:
     # 1. what to translate, with what (cheap checks first: no model is loaded before they pass)
     source = read_input(args.text, args.input)
     total = source.count_lines()  # a file that is not UTF-8 fails here, before anything loads
+    if args.output in (None, "-") and sys.stdout is None:
+        raise PipelineError("standard output is closed: give --output FILE")
+    check_model_path(args.model)
     output = check_output(args.output, args.input if args.text is None else "")
-    if output.path is not None:  # never into the model it reads (nor the input: check_output)
-        check_paths({"--model": args.model}, {"--output": output.path}, dirs=["--model"])
+    if output.path is not None:  # never into the model it reads, nor its base (nor the input: check_output)
+        inputs = models.model_inputs(args.model)
+        model_labels = list(inputs)
+        outputs = {"--output": output.path}
+        if output.atomic:
+            outputs |= {"--output's resume file": output.path.with_name(output.path.name + ".partial"),
+                        "--output's resume record": output.path.with_name(output.path.name + ".partial.json")}
+            if args.text is None and args.input not in (None, "-"):
+                inputs["--input"] = args.input
+        check_paths(inputs, outputs, dirs=model_labels)
+        Writer(output, {}).check(args.input if args.text is None else "")  # the resume files: never the input
     translator = Translator(args.model, factor=args.max_new_tokens_factor, batch_size=args.batch_size,
                             parallel=args.parallel)
     run_key = {"model": os.path.realpath(args.model), "config": translator.cfg, "batch_size": args.batch_size,
@@ -403,6 +517,16 @@ def main(argv=None) -> None:
     )
     if args.output:
         log.info("wrote %d line(s) to %s", counts["lines"], args.output)
+
+
+def check_model_path(model: Path) -> None:
+    """--model names something this process can look at (a name too long, a link loop, no permission: one line)."""
+    try:
+        os.stat(model)
+    except FileNotFoundError:
+        return  # the loader says what is missing, and how to get it
+    except OSError as exc:
+        raise PipelineError(f"{shown_path(model)}: cannot read --model ({exc.strerror})") from None
 
 
 def translate_chunks(translator: Translator, source: Source, writer: Writer, skip: int, total: int | None) -> dict:
@@ -439,7 +563,7 @@ def translate_chunks(translator: Translator, source: Source, writer: Writer, ski
 def cli() -> None:
     """Entry point of the `wenyan-translate` console script."""
     gguf.quiet_openmp()
-    run_main(main)
+    run_main(with_path_errors(main))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 from pathlib import Path
 
 from wenyan import archives
@@ -45,6 +46,7 @@ BILINGUAL_DIR = "双语数据"  # the archive's top folder: 双语数据/<book>/
 PAIR_FILES = ("source.txt", "target.txt", "bitext.txt")
 CHUNK_LINES = 100  # tsv/jsonl rows without a chapter are grouped into pseudo-chapters of 100 lines,
 #                    so that split (which splits by chapter) can still spread them over train/valid/test
+MAX_DEPTH = 64  # directory levels below a niutrans source (its layout has ~6); deeper is an error, not a crash
 MAX_LISTED_SKIPS = 200  # files_skipped entries kept in the report; the counts are always complete
 
 
@@ -153,6 +155,8 @@ class NiutransReader:
 
     def read(self) -> list[tuple[str, str, list[int], list[str], list[str]]]:
         """[(book, chapter, lines, sources, targets)] sorted by (book, chapter path)."""
+        if self.path.is_dir():
+            check_depth(self.path)
         files = archives.iter_files(self.path, self.relevant, must_be_files=PAIR_FILES, what="a niutrans source")
         try:
             for rel, load, problem in files:
@@ -343,6 +347,25 @@ class NiutransReader:
                 + (f"; {why}" if why else "")
                 + f"; available books: {', '.join(sorted(self.available)) or 'none'}"
             )
+
+
+def check_depth(root: Path, limit: int = MAX_DEPTH) -> None:
+    """A directory source no deeper than limit levels, walked iteratively (a stack, links not followed): a
+    thousand-level tree is one error naming where it goes too deep, never a RecursionError or a name too long."""
+    stack = [(os.fspath(root), 0)]
+    while stack:
+        directory, depth = stack.pop()
+        try:
+            with os.scandir(directory) as entries:
+                subdirs = [e.path for e in entries if e.is_dir(follow_symlinks=False)]
+        except OSError:
+            continue  # unreadable: the reader reports it, counted in the report
+        if subdirs and depth + 1 > limit:
+            shown = os.path.relpath(subdirs[0], root)
+            shown = shown if len(shown) <= 120 else f"{shown[:60]}…{shown[-40:]}"
+            raise PipelineError(f"{root}: directories nest more than {limit} levels deep ({shown}); a corpus in the "
+                                f"NiuTrans layout has a few, so this is not one: give the corpus directory itself")
+        stack.extend((d, depth + 1) for d in subdirs)
 
 
 def read_niutrans(path: Path, corpus: str, encoding: str, books: list[str], on_misaligned: str, stats: dict):

@@ -10,6 +10,7 @@ foreign-files check (check_owned_dir) and a full disk as one error.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import glob
 import hashlib
@@ -44,6 +45,40 @@ def user_cache_dir() -> Path:
     $WENYAN_MT_CACHE, else $XDG_CACHE_HOME/wenyan-mt, else ~/.cache/wenyan-mt."""
     base = os.environ.get("WENYAN_MT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wenyan-mt"
     return Path(base)
+
+
+def shown_path(path: str | os.PathLike, limit: int = 160) -> str:
+    """A path for an error line: as it is, or (a name thousands of characters long) its start and end."""
+    text = os.fsdecode(path) if isinstance(path, (bytes, os.PathLike)) else str(path)
+    return text if len(text) <= limit else f"{text[:100]}…{text[-50:]} ({len(text):,} characters)"
+
+
+def path_error(exc: OSError, what: str = "") -> PipelineError:
+    """The one line for an OSError on a user-given path: the path (shortened), what failed, and why."""
+    names = [n for n in (exc.filename, exc.filename2) if n is not None]
+    why = exc.strerror or type(exc).__name__
+    if exc.errno == errno.ENAMETOOLONG:
+        why += "; the path or one of its names is longer than the system allows, give a shorter one"
+    where = " -> ".join(shown_path(n) for n in names) or "a path"
+    return PipelineError(f"{where}: {what} ({why})" if what else f"{where}: {why}")
+
+
+def with_path_errors(main):
+    """main(argv) with an OSError that names a path (a name too long, a link loop, no permission, a path that
+    vanished meanwhile) turned into one error line naming it, for run_main to print: no traceback, for every
+    path a user can give a command. An OSError naming no path is a bug, and keeps its traceback."""
+    import functools
+
+    @functools.wraps(main)
+    def wrapped(argv=None):
+        try:
+            return main(argv)
+        except OSError as exc:
+            if exc.filename is None:
+                raise
+            raise path_error(exc) from None
+
+    return wrapped
 
 
 def nearest_existing(directory: Path) -> Path:
@@ -210,24 +245,48 @@ def staging_path(out: str | os.PathLike) -> Path:
 
 
 def new_staging_dir(out: str | os.PathLike) -> Path:
-    """staging_path(out) as an empty directory (whatever a killed run left there is removed first)."""
-    tmp = staging_path(out)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    """An empty directory of its own beside out (.<name>.<pid>-<random>.tmp, made by mkdtemp: never a fixed name, so
+    two runs to one output never build in, or delete, each other's). What a killed run left is removed first
+    (its pid is not alive), as is staging_path(out), the fixed name of earlier versions."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old = staging_path(out)
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.*.tmp"):
+        pid = stale.name[len(out.name) + 2 :].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)) and stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}-", suffix=".tmp", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700: the output directory gets what mkdir would give it
     return tmp
 
 
 def replace_dir(tmp: Path, out: Path) -> None:
-    """Put the finished tmp directory at out; the old out is removed only once the new one is in place."""
-    old = out.with_name(f".{out.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old.exists():
-        shutil.rmtree(old)
+    """Put the finished tmp directory at out; the old out is removed only once the new one is in place. The old one
+    is moved into a directory of its own first, so a concurrent run replacing out too never loses (or mixes)
+    either: the last rename wins, and out is always one run's whole output."""
+    for _ in range(20):
+        holder = None
+        if out.is_symlink() or out.exists():
+            holder = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}-", suffix=".old", dir=out.parent))
+            try:
+                os.replace(out, holder / out.name)
+            except FileNotFoundError:  # another run moved it away first
+                pass
+        try:
+            os.replace(tmp, out)
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            continue  # another run put its output there meanwhile: move that one aside and try again
+        finally:
+            if holder is not None:
+                shutil.rmtree(holder, ignore_errors=True)
+        return
+    raise PipelineError(f"{out}: other runs keep replacing this output; run one at a time")
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -404,6 +463,9 @@ def check_owned_dir(path: str | os.PathLike, label: str, stage: str, *, signatur
     checkpoint-*). A directory written before manifests existed is accepted, with a warning, when it holds
     the stage's `signature` file. Anything else is refused: the stage would delete files it did not write."""
     path = Path(path)
+    if path.is_symlink():  # replaced whole, a link would become a directory and its target stay stale (or be lost)
+        raise PipelineError(f"{path}: {label} is a symbolic link (to {os.readlink(path)}); the {stage} stage replaces "
+                            f"its output directory as a whole, so give {label} the real directory's path")
     if not path.is_dir():
         return  # absent (a file where a directory goes is check_output_path's error)
     files = _files_below(path)
@@ -412,11 +474,16 @@ def check_owned_dir(path: str | os.PathLike, label: str, stage: str, *, signatur
     manifest = path / MANIFEST
     listed: set[str] = set()
     if manifest.is_file():
+        data = None
         try:
             data = json.loads(manifest.read_text(encoding="utf-8"))
             listed = set(data["files"]) if isinstance(data, dict) and isinstance(data.get("files"), list) else set()
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             listed = set()
+        owner = data.get("stage") if isinstance(data, dict) else None
+        if isinstance(owner, str) and owner != stage:
+            raise PipelineError(f"{path}: {label} is the {owner} stage's output ({MANIFEST} says so); the {stage} "
+                                f"stage would replace it as a whole. Give {label} a path of its own")
         if not listed:
             raise PipelineError(f"{manifest}: damaged (not the list of files the {stage} stage wrote); {label} {path} "
                                 f"is replaced as a whole, so check what it holds, remove it and run again")

@@ -10,9 +10,10 @@
   - a local model directory (config.json + weights),
   - a model hub id such as `unsloth/Llama-3.2-1B-Instruct` (downloaded by transformers; needs the network).
 
-A GGUF model is dequantised once into a plain model directory under `models/base/` (transformers
-refuses `save_pretrained` on a GGUF-loaded model, and unsloth wants a plain directory), so every
-later load is a plain `from_pretrained`.
+A GGUF model is dequantised once into a plain model directory (transformers refuses `save_pretrained` on a
+GGUF-loaded model, and unsloth wants a plain directory), so every later load is a plain `from_pretrained`: the
+base stage writes its own into models/base; everything else reads that one, or writes its own copy into the
+user's cache ($WENYAN_MT_CACHE, else ~/.cache/wenyan-mt), never into the current directory.
 
 A trained model directory (the train stage's output): load_trained (config + the prompt it was trained with +
 tokenizer + model); load_base: the base model, for the `base` baseline.
@@ -31,7 +32,7 @@ from typing import Any
 
 from wenyan.device import device_and_dtype, own_gpu
 from wenyan.errors import PipelineError, get_logger
-from wenyan.files import new_staging_dir, sha256_file, staging_path
+from wenyan.files import new_staging_dir, sha256_file
 from wenyan import trim, vocab
 from wenyan.distributed import world
 from wenyan.prompt import apply_chat_template_override, check_templates, fix_special_tokens
@@ -168,35 +169,62 @@ def _slug(text: str) -> str:
 
 
 def derived_cache() -> Path:
-    """Where a GGUF base model is dequantised when no directory is given: models/base inside the project (the base
-    stage's output, where dvc.yaml is in the current directory), else the user's cache directory,
-    $WENYAN_MT_CACHE or $XDG_CACHE_HOME/wenyan-mt (~/.cache/wenyan-mt), under base/: a command run from any other
-    directory (wenyan-translate --model ...) never writes a 517 MB models/base/ into it."""
-    if Path("dvc.yaml").is_file() and Path("stages").is_dir():
-        return BASE_CACHE
+    """Where a GGUF base model is dequantised when no directory is given (everything but the base stage, which
+    writes its own output): the user's cache directory, $WENYAN_MT_CACHE or $XDG_CACHE_HOME/wenyan-mt
+    (~/.cache/wenyan-mt), under base/. Never derived from the current directory: a test or command run from the
+    checkout never writes into the base stage's DVC output models/base (nor a 517 MB models/base/ anywhere else)."""
     from wenyan.files import user_cache_dir
 
     return user_cache_dir() / "base"
 
 
+# The base stage's output in the checkout this package is in: read (never written) by materialize, so a pipeline
+# stage that loads train.model finds the directory the base stage dequantised instead of making a second copy.
+CHECKOUT_BASE = Path(__file__).resolve().parents[1] / BASE_CACHE
+
+
+def base_stage_copies(name: str) -> list[Path]:
+    """Where the base stage's dequantised `name` may already be, to read (never to write): models/base of the
+    project in the current directory (as the pipeline runs; relative, as train records it in training_config.json),
+    then that of the checkout this package is in."""
+    found = []
+    if Path("dvc.yaml").is_file() and Path("stages").is_dir():
+        found.append(BASE_CACHE / name)
+    if not found or CHECKOUT_BASE.resolve() != BASE_CACHE.resolve():
+        found.append(CHECKOUT_BASE / name)
+    return found
+
+
+def _fresh(target: Path, stamp: dict) -> bool:
+    """Whether target is a whole dequantised copy of the GGUF file stamp describes."""
+    marker = target / "gguf_source.json"
+    try:
+        return marker.is_file() and json.loads(marker.read_text(encoding="utf-8")) == stamp
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        log.warning("%s: damaged; dequantising again", marker)
+        return False
+
+
 def materialize(spec: str, cache_dir: Path | None = None) -> str:
     """Return something `from_pretrained` loads: a hub id, a model directory, or (for GGUF) a plain
-    model directory written once under `cache_dir`."""
+    model directory written once under `cache_dir` (the base stage's staging directory), else found in the base
+    stage's output models/base or written once into the user's cache (derived_cache). Built in a directory of its
+    own and renamed into place whole, so two processes dequantising at once (two first runs) never mix or delete
+    each other's files: the first rename wins and the other uses its result."""
     location, gguf_file = resolve_model(spec)
     if gguf_file is None:
         return location
-    cache_dir = Path(cache_dir) if cache_dir is not None else derived_cache()
-    target = cache_dir / _slug(Path(gguf_file).stem)
-    marker = target / "gguf_source.json"
+    name = _slug(Path(gguf_file).stem)
     source = str(Path(location) / gguf_file)
     stamp = gguf_stamp(source)
-    try:
-        if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")) == stamp:
-            return str(target)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        log.warning("%s: damaged; dequantising again", marker)
-    if target.parent.resolve() == BASE_CACHE.resolve() and Path("dvc.yaml").is_file():
-        log.warning("%s is missing or stale; in the pipeline the base stage writes it (dvc repro base)", target)
+    if cache_dir is None:
+        for found in base_stage_copies(name):
+            if _fresh(found, stamp):
+                return str(found)
+    cache_dir = Path(cache_dir) if cache_dir is not None else derived_cache()
+    target = cache_dir / name
+    if _fresh(target, stamp):
+        return str(target)
     check_gguf_file(Path(source))
     log.info("dequantising %s into a plain model directory %s (once)", source, target)
     import shutil
@@ -219,21 +247,93 @@ def materialize(spec: str, cache_dir: Path | None = None) -> str:
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    tmp = None
     try:
-        tmp = new_staging_dir(target)
+        tmp = new_staging_dir(target)  # this process's own directory (mkdtemp), beside the target
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "gguf_source.json").write_text(json.dumps(stamp) + "\n")
+        _put_in_place(tmp, target, stamp)
     except Exception as exc:
-        shutil.rmtree(staging_path(target), ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError) or "No space left" in str(exc) or "os error 28" in str(exc):
             raise PipelineError(f"{target}: cannot write the dequantised model ({getattr(exc, 'strerror', None) or exc}); "
-                                f"nothing was written. Free some space and run again") from None
+                                f"nothing was written. Free some space (or set WENYAN_MT_CACHE) and run again") from None
         raise
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
     return str(target)
+
+
+def _put_in_place(tmp: Path, target: Path, stamp: dict) -> None:
+    """Rename the finished tmp onto target. A whole copy already there (another process won the race) is used and
+    tmp dropped; a stale or damaged one is moved aside into a directory of its own, then removed."""
+    import errno
+    import shutil
+    import tempfile
+
+    for _ in range(10):
+        if _fresh(target, stamp):
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        if os.path.lexists(target):
+            holder = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}-", suffix=".old", dir=target.parent))
+            try:
+                os.replace(target, holder / target.name)
+            except FileNotFoundError:
+                pass
+            finally:
+                shutil.rmtree(holder, ignore_errors=True)
+        try:
+            os.replace(tmp, target)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+    raise PipelineError(f"{target}: other processes keep replacing the dequantised model; run one at a time")
+
+
+def model_inputs(model, label: str = "--model") -> dict[str, Path]:
+    """What a trained model (an adapter, a full model, an exported GGUF) reads when it loads: the model itself and,
+    from its training_config.json / adapter_config.json, the base behind it (a directory, a GGUF file, the
+    dequantised copy of a built-in one). All are inputs of the command: an output there is refused (check_paths)."""
+    model = Path(model)
+    found: dict[str, Path] = {label: model}
+
+    def read(name: str) -> dict:
+        try:
+            model_dir = model if model.is_dir() else model.parent
+            data = json.loads((model_dir / name).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    cfg, adapter = read("training_config.json"), read("adapter_config.json")
+    values = [cfg.get("model"), cfg.get("base_model_path"), adapter.get("base_model_name_or_path")]
+    bases: list[Path] = []
+    for value in values:
+        if not isinstance(value, str) or not value:
+            continue
+        if value in BUILTIN_MODELS:
+            package, filename = BUILTIN_MODELS[value]
+            spec = importlib.util.find_spec(package)
+            if spec is not None and spec.origin:
+                bases.append(Path(spec.origin).parent / filename)
+            name = _slug(Path(filename).stem)
+            bases += [derived_cache() / name, *base_stage_copies(name)]
+            continue
+        bases.append(Path(value).expanduser())
+        if value.endswith(".gguf"):
+            bases.append(derived_cache() / _slug(Path(value).stem))
+    n = 0
+    for base in bases:
+        try:
+            exists = base.exists()
+        except OSError:
+            exists = False
+        if exists and base not in found.values():
+            n += 1
+            found[f"{label}'s base" + (f" ({n})" if n > 1 else "")] = base
+    return found
 
 
 # Long (~75 lines): one file format's header walked in one place (magic, metadata values, tensor infos, length),
@@ -362,6 +462,14 @@ def read_training_config(model_dir: Path) -> dict:
     from wenyan import artifacts
 
     model_dir = Path(model_dir)
+    try:
+        os.stat(model_dir)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:  # a name too long, a link loop, no permission: one line naming the path
+        from wenyan.files import path_error
+
+        raise path_error(exc, "cannot read the model directory") from None
     if not model_dir.is_dir():
         raise PipelineError(f"{model_dir}: model directory not found; run the train stage first (dvc repro train)")
     path = model_dir / "training_config.json"

@@ -48,10 +48,13 @@ def expected_pieces(model: Path, text: str) -> list[str]:
 # In-process (Starlette's test client)
 
 
-def client(root: Path, models: list[Path]):
+BASE = "http://127.0.0.1:8765"  # the page's own address: its Host and Origin
+
+
+def client(root: Path, models: list[Path], **settings):
     from starlette.testclient import TestClient
 
-    return TestClient(serve.make_app(root, models))
+    return TestClient(serve.make_app(root, models, **settings), base_url=BASE)
 
 
 def test_translate_api_streams_plan_pieces_and_the_output(tiny_model):
@@ -72,10 +75,11 @@ def test_translate_api_streams_plan_pieces_and_the_output(tiny_model):
 
 
 def test_translate_api_errors_are_one_line(tmp_path):
-    with client(REPO, []) as c:
-        events = [json.loads(x) for x in c.post("/api/translate", json={"model": str(tmp_path / "nope"), "text": "子曰。"}).text.splitlines()]
-        assert events == [{"event": "error", "message": f"{tmp_path / 'nope'}: model directory not found; train one first "
-                           "(dvc repro train) or pass --model DIR (models/adapter from the train stage, models/export/hf "
+    (tmp_path / "models").mkdir()
+    with client(tmp_path, []) as c:
+        events = [json.loads(x) for x in c.post("/api/translate", json={"model": "models/nope", "text": "子曰。"}).text.splitlines()]
+        assert events == [{"event": "error", "message": f"{serve.real_path(tmp_path) / 'models' / 'nope'}: model directory not found; train one "
+                           "first (dvc repro train) or pass --model DIR (models/adapter from the train stage, models/export/hf "
                            "from the export stage)"}]
         assert c.post("/api/translate", content=b"not json").status_code == 400
 
@@ -188,6 +192,11 @@ def test_in_chromium_translate_two_sentences_then_the_runs_view(server, tiny_mod
         assert driver.find_element(By.ID, "download").is_enabled() and driver.find_element(By.ID, "copy").is_enabled()
         driver.save_screenshot(str(shots / "translate.png"))
 
+        driver.find_element(By.ID, "path").send_keys("/etc")  # refused (403): the page says why
+        driver.find_element(By.ID, "go").click()
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "error").text)
+        assert "/etc: not one of this project's models" in driver.find_element(By.ID, "error").text
+
         driver.get(server.rstrip("/") + "/runs")
         m = json.loads((REPO / "reports" / "runs" / RUN / "metrics.json").read_text(encoding="utf-8"))
         row = driver.find_element(By.CSS_SELECTOR, f"#runs tr[data-run='{RUN}']")
@@ -216,3 +225,465 @@ def test_the_bleu_signature_comes_from_scores_csv_or_an_old_metrics_json(tmp_pat
     assert serve.load_run("new", new)["bleu_signature"] == "nrefs:1|tok:zh|new"  # the model's row, not copy's
     assert serve.load_run("old", old)["bleu_signature"] == "nrefs:1|tok:zh|old"
     assert "nrefs:1|tok:zh|new" in serve.runs_page([serve.load_run("new", new), serve.load_run("old", old)])
+
+
+# ----------------------------------------------------------------------------------------------
+# Hardening (issue 29): other sites, typed paths, bodies, abandoned jobs, damaged reports, a bad --port
+
+
+def asgi(app, method: str, path: str, headers: dict | list = (), chunks: list[bytes] = (b"",)):
+    """One request straight to the ASGI app, headers exactly as given (none added): (status, body, how many
+    times the app asked for the request body)."""
+    import asyncio
+
+    headers = list(headers.items()) if isinstance(headers, dict) else list(headers)
+    chunks, sent, asked = list(chunks), [], [0]
+
+    async def call():
+        done = asyncio.Event()
+
+        async def receive():
+            asked[0] += 1
+            if chunks:
+                body = chunks.pop(0)
+                return {"type": "http.request", "body": body, "more_body": bool(chunks)}
+            await done.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                done.set()
+
+        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+                 "method": method, "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+                 "root_path": "", "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers],
+                 "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8765)}
+        await app(scope, receive, send)
+
+    asyncio.run(call())
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"), asked[0]
+
+
+def post_json(app, value, headers: dict | None = None):
+    body = json.dumps(value).encode()
+    given = {"host": "127.0.0.1:8765", "content-type": "application/json", "content-length": str(len(body)), **(headers or {})}
+    return asgi(app, "POST", "/api/translate", {k: v for k, v in given.items() if v is not None}, [body])
+
+
+LOCAL_HOSTS = ["127.0.0.1:8765", "localhost:8765", "[::1]:8765", "LocalHost:8765", "127.0.0.1", "localhost", "[::1]",
+               "localhost:1"]
+FOREIGN_HOSTS = ["evil.com", "evil.com:8765", "localhost.evil.com", "localhost.evil.com:8765", "127.0.0.1.evil.com",
+                 "127.0.0.1.nip.io:8765", "::1", "[::1", "localhost:99999", "localhost:0", "localhost:", "a@localhost:8765",
+                 "localhost:8765/x", "localhost 8765", "", "0.0.0.0:8765", "[::2]:8765"]
+
+
+@pytest.mark.parametrize("host", LOCAL_HOSTS)
+def test_the_page_answers_to_this_machines_names(tmp_path, host):
+    app = serve.make_app(tmp_path, [])
+    for url in ("/", "/runs", "/api/models", "/api/runs"):
+        assert asgi(app, "GET", url, {"host": host})[0] == 200, url
+
+
+@pytest.mark.parametrize("host", FOREIGN_HOSTS)
+def test_a_foreign_host_is_refused_dns_rebinding(tmp_path, host):
+    app = serve.make_app(tmp_path, [])
+    for url in ("/", "/runs", "/api/models", "/api/runs"):
+        status, body, _ = asgi(app, "GET", url, {"host": host})
+        assert status == 403 and "is not this machine" in json.loads(body)["error"], url
+    status, _, asked = post_json(app, {"model": "models/x", "text": "子曰。"}, {"host": host})
+    assert status == 403 and asked == 0  # refused before the body is read
+
+
+def test_a_missing_or_doubled_host_is_refused(tmp_path):
+    app = serve.make_app(tmp_path, [])
+    assert asgi(app, "GET", "/", {})[0] == 403
+    assert asgi(app, "GET", "/", [("host", "127.0.0.1:8765"), ("host", "evil.com")])[0] == 403
+
+
+def test_host_given_with_host_is_allowed_too(tmp_path):
+    app = serve.make_app(tmp_path, [], hosts=("192.168.1.5",))
+    assert asgi(app, "GET", "/", {"host": "192.168.1.5:8765"})[0] == 200
+    assert asgi(app, "GET", "/", {"host": "192.168.1.6:8765"})[0] == 403
+
+
+FOREIGN_ORIGINS = ["http://evil.com", "null", "http://127.0.0.1:9999", "https://127.0.0.1:8765", "http://localhost:8765",
+                   "http://127.0.0.1:8765.evil.com", "http://evil.com/http://127.0.0.1:8765", "http://127.0.0.1:8765/x",
+                   "file://", "", "http://127.0.0.1:8765@evil.com"]
+
+
+@pytest.mark.parametrize("origin", FOREIGN_ORIGINS)
+def test_a_request_from_another_origin_is_refused(tmp_path, origin):
+    app = serve.make_app(tmp_path, [])
+    status, body, asked = post_json(app, {"model": "models/x", "text": "子曰。"}, {"origin": origin})
+    assert status == 403 and "not this page's own" in json.loads(body)["error"] and asked == 0
+    assert asgi(app, "GET", "/api/runs", {"host": "127.0.0.1:8765", "origin": origin})[0] == 403
+
+
+def test_the_pages_own_origin_and_no_origin_pass(tmp_path):
+    app = serve.make_app(tmp_path, [])
+    bad_body = {"model": "", "text": "子曰。"}  # gets past the checks to the handler's own 400
+    assert post_json(app, bad_body, {"origin": "http://127.0.0.1:8765"})[0] == 400
+    assert post_json(app, bad_body, {"origin": "HTTP://127.0.0.1:8765", "host": "127.0.0.1:8765"})[0] == 400
+    assert post_json(app, bad_body, {"origin": "http://localhost", "host": "localhost:80"})[0] == 400
+    assert post_json(app, bad_body)[0] == 400  # no Origin: curl, or a same-origin GET
+    assert post_json(app, bad_body, {"sec-fetch-site": "same-origin"})[0] == 400
+    assert post_json(app, bad_body, {"sec-fetch-site": "cross-site"})[0] == 403  # a browser that left Origin out
+    assert asgi(app, "GET", "/", {"host": "127.0.0.1:8765", "sec-fetch-site": "cross-site"})[0] == 200  # a link
+
+
+def test_a_cross_site_form_cannot_post(tmp_path):
+    """A form another site submits can only be text/plain, urlencoded or multipart: refused before reading."""
+    app = serve.make_app(tmp_path, [])
+    for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+        status, _, asked = post_json(app, {"model": "models/x", "text": "子曰。"}, {"content-type": kind})
+        assert status == 400 and asked == 0, kind
+
+
+@pytest.fixture
+def project(tmp_path, tiny_model):
+    """A project whose models/adapter is a copy of the tiny model; the original stays outside it."""
+    root = tmp_path / "project"
+    shutil.copytree(tiny_model, root / "models" / "adapter")
+    (root / "models" / "export").mkdir()
+    return root
+
+
+def translate(c, model: str, text: str = TWO):
+    resp = c.post("/api/translate", json={"model": model, "text": text})
+    return resp.status_code, [json.loads(line) for line in resp.text.splitlines()] if resp.status_code == 200 else resp.json()
+
+
+def test_models_load_only_from_the_projects_models_and_those_given(project, tiny_model, tmp_path):
+    (project / "models" / "link").symlink_to(tiny_model, target_is_directory=True)  # a link out of models/
+    (project / "models" / "export" / "x.gguf").symlink_to(tmp_path / "outside.gguf")
+    (project / "elsewhere").mkdir()
+    refused = [str(tiny_model), os.path.relpath(tiny_model, project), "models/../elsewhere", "models/adapter/../..",
+               "models/link", "models/link/", str(project / "models" / "link"), "models/export/x.gguf", "/etc",
+               "/etc/passwd", "..", ".", "models/../../project/elsewhere", "models\x00/adapter", "~/models/adapter"]
+    with client(project, []) as c:
+        for spelling in refused:
+            status, body = translate(c, spelling)
+            assert status == 403 and "not" in body["error"], spelling
+        assert c.app.state.models.cache == {}
+        assert [m["path"] for m in c.get("/api/models").json()] == [str(project / "models" / "adapter")]
+    with client(project, [tiny_model]) as c:  # given with --model: allowed
+        status, events = translate(c, str(tiny_model))
+        assert status == 200 and events[-1]["event"] == "done"
+
+
+def test_every_spelling_of_a_model_is_one_loaded_model(project, tmp_path):
+    adapter = project / "models" / "adapter"
+    (tmp_path / "alias").symlink_to(adapter, target_is_directory=True)  # a link into models/: its real path is inside
+    (project / "models" / "alias").symlink_to(adapter, target_is_directory=True)
+    spellings = ["models/adapter", "models/adapter/", str(adapter), "./models/adapter", "models/x/../adapter",
+                 "models/export/../adapter", str(tmp_path / "alias"), "models/alias", str(project / "models" / "alias") + "/"]
+    with client(project, []) as c:
+        outputs = set()
+        for spelling in spellings:
+            status, events = translate(c, spelling)
+            assert status == 200 and events[-1]["event"] == "done", (spelling, events[-1])
+            outputs.add(events[-1]["output"])
+        assert list(c.app.state.models.cache) == [str(serve.real_path(adapter))]
+        assert len(outputs) == 1
+        assert [m["path"] for m in c.get("/api/models").json()] == [str(adapter)]  # not once per link
+
+
+def test_a_changed_or_deleted_model_is_dropped_from_memory(project):
+    adapter = project / "models" / "adapter"
+    with client(project, []) as c:
+        models = c.app.state.models
+        assert translate(c, "models/adapter")[1][-1]["event"] == "done"
+        first = models.cache[str(adapter)][1]
+        assert translate(c, "models/adapter")[1][-1]["event"] == "done"
+        assert models.cache[str(adapter)][1] is first  # unchanged: kept
+        config = adapter / "training_config.json"
+        os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 10**10))  # retrained
+        assert translate(c, "models/adapter")[1][-1]["event"] == "done"
+        second = models.cache[str(adapter)][1]
+        assert second is not first
+        (adapter / "extra.json").write_text("{}", encoding="utf-8")  # a file more: changed too
+        assert translate(c, "models/adapter")[1][-1]["event"] == "done"
+        assert models.cache[str(adapter)][1] is not second
+        shutil.rmtree(adapter)  # deleted: no answer from memory
+        status, events = translate(c, "models/adapter")
+        assert status == 200 and events == [{"event": "error", "message": f"{adapter}: model directory not found; train one "
+                                            "first (dvc repro train) or pass --model DIR (models/adapter from the train "
+                                            "stage, models/export/hf from the export stage)"}]
+        assert models.cache == {}
+
+
+def test_only_the_last_models_used_stay_loaded(project):
+    for name in ("b", "c"):
+        shutil.copytree(project / "models" / "adapter", project / "models" / name)
+    with client(project, []) as c:
+        for name in ("adapter", "b", "c", "b"):
+            assert translate(c, f"models/{name}")[1][-1]["event"] == "done"
+        assert [Path(k).name for k in c.app.state.models.cache] == ["c", "b"]  # MODELS_KEPT, least recently used first
+
+
+LENGTHS = [(None, 411), ("-1", 400), ("abc", 400), ("1e3", 400), ("0x10", 400), ("+5", 400), ("", 400), ("5, 6", 400),
+           (str(serve.MAX_BODY_BYTES + 1), 413), ("9" * 30, 413)]
+
+
+@pytest.mark.parametrize("length,status", LENGTHS)
+def test_a_body_without_a_sane_content_length_is_refused_before_reading(tmp_path, length, status):
+    app = serve.make_app(tmp_path, [])
+    headers = {"host": "127.0.0.1:8765", "content-type": "application/json"}
+    if length is not None:
+        headers["content-length"] = length
+    got, body, asked = asgi(app, "POST", "/api/translate", headers, [b'{"model": "models/x", "text": "a"}'])
+    assert (got, asked) == (status, 0) and json.loads(body)["error"]
+
+
+def test_two_content_lengths_are_refused(tmp_path):
+    app = serve.make_app(tmp_path, [])
+    headers = [("host", "127.0.0.1:8765"), ("content-type", "application/json"), ("content-length", "2"),
+               ("content-length", "3")]
+    assert asgi(app, "POST", "/api/translate", headers, [b"{}"])[::2] == (400, 0)
+
+
+def test_reading_stops_at_the_content_length(tmp_path):
+    app = serve.make_app(tmp_path, [])
+    headers = {"host": "127.0.0.1:8765", "content-type": "application/json", "content-length": "10"}
+    status, body, asked = asgi(app, "POST", "/api/translate", headers, [b"x" * 1000] * 1000)
+    assert status == 400 and "longer than its Content-Length" in json.loads(body)["error"] and asked == 1
+    status, body, _ = asgi(app, "POST", "/api/translate", {**headers, "content-length": "100"}, [b"{}"])
+    assert status == 400 and "shorter" in json.loads(body)["error"]
+
+
+@pytest.mark.parametrize("body", [b"[1, 2]", b'"text"', b"null", b'{"model": ["models/x"], "text": "a"}',
+                                  b'{"model": "models/x", "text": 5}', b'{"model": "models/x"}', b'{"text": "\xff"}',
+                                  b"[" * 100_000, b'{"model": {"a": 1}, "text": "a"}',
+                                  b'{"model": "models/x", "text": "\\ud800"}', b'{"model": "models/\\udfff", "text": "a"}'])
+def test_a_body_that_is_not_model_and_text_is_400(tmp_path, body):
+    app = serve.make_app(tmp_path, [])
+    headers = {"host": "127.0.0.1:8765", "content-type": "application/json", "content-length": str(len(body))}
+    status, answer, _ = asgi(app, "POST", "/api/translate", headers, [body])
+    assert status == 400 and json.loads(answer)["error"]
+
+
+def test_a_text_over_the_limit_is_413(tmp_path):
+    with client(tmp_path, []) as c:
+        resp = c.post("/api/translate", json={"model": "models/x", "text": "子" * (serve.MAX_TEXT_CHARS + 1)})
+        assert resp.status_code == 413 and "at most" in resp.json()["error"]
+
+
+MANY = (TWO + "\n") * 2000  # 4,000 sentences: ~40 s for the tiny model, far longer than any test waits
+
+
+def test_a_cancelled_job_stops_at_the_next_token_and_frees_the_model(project):
+    path = serve.real_path(project / "models" / "adapter")
+    models = serve.Models(16, None)
+    with models.lock:
+        model = models.get(path).load()
+    job, events, forwards = serve.Job(600), [], []
+
+    def page_closed(module, args):  # runs before the job's own hook: the page goes away during the first token
+        forwards.append(1)
+        job.cancel("the page was closed")
+
+    mine = model.register_forward_pre_hook(page_closed)
+    try:
+        serve.run_job(models, path, MANY, job, events.append)
+    finally:
+        mine.remove()
+    assert events[0]["event"] == "plan" and events[-1] is None
+    assert events[-2] == {"event": "error", "message": "translation stopped: the page was closed"}
+    assert forwards == [1] and not any(e["event"] == "piece" for e in events[:-1])  # not even the first batch's end
+    assert not models.lock.locked() and not model._forward_pre_hooks  # the lock and the job's hook are gone with it
+
+    job, events = serve.Job(600), []  # cancelled between sentences (as llama.cpp is): stops at the next one
+    serve.run_job(models, path, TWO, job, lambda e: (events.append(e), e and e["event"] == "plan" and job.cancel("gone")))
+    assert [e and e["event"] for e in events] == ["plan", "error", None] and not models.lock.locked()
+
+
+def test_a_job_waiting_for_the_model_gives_up_when_cancelled_or_timed_out(project):
+    models = serve.Models(16, None)
+    path = serve.real_path(project / "models" / "adapter")
+    models.lock.acquire()  # another job holds the model
+    try:
+        job, events = serve.Job(0.3), []
+        serve.run_job(models, path, TWO, job, events.append)
+        assert events == [{"event": "error", "message": "translation stopped: it ran past 0.3 s (--timeout)"}, None]
+        job, events = serve.Job(600), []
+        job.cancel("the page was closed")
+        serve.run_job(models, path, TWO, job, events.append)
+        assert events[0]["message"] == "translation stopped: the page was closed"
+        assert models.lock.locked()  # still the other job's: a job that never got it releases nothing
+    finally:
+        models.lock.release()
+
+
+def test_a_job_past_its_timeout_stops(project):
+    import time
+
+    with client(project, [], timeout=2.0) as c:
+        started = time.monotonic()
+        status, events = translate(c, "models/adapter", MANY)
+        assert status == 200 and time.monotonic() - started < 30
+        assert events[0]["event"] == "plan" and events[-1] == {
+            "event": "error", "message": "translation stopped: it ran past 2 s (--timeout)"}
+        assert sum(e["event"] == "piece" for e in events) < events[0]["total"]
+        assert not c.app.state.models.lock.locked()
+        assert translate(c, "models/adapter")[1][-1]["event"] == "done"  # the next job gets the model
+
+
+@pytest.fixture
+def live(project):
+    """The app on a real uvicorn server in a thread (client disconnects are real): yields (app, port)."""
+    import threading
+    import time
+
+    import uvicorn
+
+    app = serve.make_app(project, [])
+    sock = serve.bind("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield app, sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(20)
+
+
+def test_a_client_that_goes_away_frees_the_model(live):
+    import http.client
+    import socket
+    import time
+
+    app, port = live
+    body = json.dumps({"model": "models/adapter", "text": MANY}).encode()
+    conn = socket.create_connection(("127.0.0.1", port), timeout=30)
+    conn.sendall(f"POST /api/translate HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    seen = b""
+    while b'"event": "piece"' not in seen:  # the job is translating
+        chunk = conn.recv(65536)
+        assert chunk, seen[-500:]
+        seen += chunk
+    assert app.state.models.lock.locked()
+    conn.close()  # the page closed
+    started = time.monotonic()
+    while app.state.models.lock.locked() and time.monotonic() - started < 20:
+        time.sleep(0.05)
+    assert not app.state.models.lock.locked()
+    assert time.monotonic() - started < 10  # ~40 s of sentences were left
+
+    other = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    other.request("POST", "/api/translate", json.dumps({"model": "models/adapter", "text": TWO}),
+                  {"Content-Type": "application/json"})
+    events = [json.loads(line) for line in other.getresponse().read().decode().splitlines()]
+    assert events[-1]["event"] == "done"
+
+
+def write(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
+
+
+GOOD = {"bleu": 21.5, "chrf": 20.25, "n_sentences": 8, "bleu_ci95": {"low": 19.0, "high": 24.0},
+        "baselines": {"copy": {"bleu": 13.5, "chrf": 15.0}, "base": {"bleu": 8.0, "chrf": 12.0}}}
+DAMAGED = {  # run name: metrics.json bytes
+    "string-bleu": json.dumps({**GOOD, "bleu": "abc"}),
+    "nan-bleu": '{"bleu": NaN, "chrf": 1.0}',
+    "inf-ci": json.dumps({**GOOD, "bleu_ci95": {"low": float("-inf"), "high": 2.0}}),
+    "list-chrf": json.dumps({**GOOD, "chrf": [1.0]}),
+    "bool-bleu": json.dumps({**GOOD, "bleu": True}),
+    "string-baseline": json.dumps({**GOOD, "baselines": {"copy": "13.5"}}),
+    "nan-elsewhere": '{"bleu": 1.0, "hit_max_new_tokens": NaN}',
+    "huge": '{"bleu": 1' + "0" * 400 + "}",
+    "negative-n": json.dumps({**GOOD, "n_sentences": -3}),
+    "top-list": "[1, 2]",
+    "not-json": '{"bleu": 21.5,',
+    "not-utf8": b'{"bleu": 21.5, "note": "\xff\xfe"}',
+    "deep": "[" * 100_000 + "]" * 100_000,
+}
+
+
+@pytest.fixture
+def reports(tmp_path):
+    root = tmp_path / "project"
+    reports = root / "reports"
+    write(reports / "metrics.json", json.dumps(GOOD))
+    for name, data in DAMAGED.items():
+        write(reports / "runs" / name / "metrics.json", data)
+    (reports / "runs" / "a-directory" / "metrics.json").mkdir(parents=True)  # unreadable as a file
+    partly = reports / "runs" / "partly"
+    write(partly / "metrics.json", json.dumps({**GOOD, "bleu": 30.0}))
+    write(partly / "train" / "metrics.json", '{"step": "thirty", "eval": {"loss": 1.0}}')
+    write(partly / "train" / "summary.json", '{"steps": 30, "final_train_loss": NaN}')
+    write(partly / "evaluate" / "by_book.csv", "book,n,bleu,chrf,base_bleu,base_chrf,copy_bleu,copy_chrf\n"
+          "史记,60,22.0,20.0,8.0,10.0,16.0,17.0\n论语,ten,1,1,1,1,1,1\n孟子,5,nan,1,1,1,1,1\n庄子,5,1,1,1,1,inf,1\n"
+          "老子,5,abc,1,1,1,1,1\n荀子,5,1,1,1,1,1,1,extra\n")
+    write(partly / "evaluate" / "scores.csv", b"system,bleu_signature\nmodel,\xff\n")
+    write(partly / "train" / "plots" / "metrics" / "train" / "loss.tsv", "step\tloss\n1\t4.5\n2\tnan\n3\tinf\n4\tx\n5\t3.5\n")
+    write(partly / "train" / "plots" / "metrics" / "eval" / "loss.tsv", b"step\tloss\n1\t\xff\n")
+    return root
+
+
+def test_a_damaged_report_is_marked_on_its_run_not_a_broken_page(reports):
+    with client(reports, []) as c:
+        page = c.get("/runs")
+        api = c.get("/api/runs")
+    assert page.status_code == 200 and api.status_code == 200
+    runs = {r["name"]: r for r in json.loads(api.text, parse_constant=lambda c: pytest.fail(f"{c} in /api/runs"))}
+    assert set(runs) == {"current (reports/)", "partly", "a-directory"} | set(DAMAGED)
+    assert "<strong>21.50</strong>" in page.text and "<strong>30.00</strong>" in page.text  # the good ones still shown
+    for name in set(DAMAGED) | {"a-directory"}:
+        error = runs[name]["error"]
+        assert "metrics.json" in error and name in error and "\n" not in error, name
+        assert f"<tr data-run='{name}' class='damaged'>" in page.text
+    assert "field 'bleu'" in runs["string-bleu"]["error"] and "field 'bleu_ci95.low'" in runs["inf-ci"]["error"]
+    assert "field 'hit_max_new_tokens'" in runs["nan-elsewhere"]["error"] and "not UTF-8" in runs["not-utf8"]["error"]
+    assert "not valid JSON" in runs["not-json"]["error"] and "cannot read it" in runs["a-directory"]["error"]
+
+    partly = runs["partly"]
+    assert [row["book"] for row in partly["by_book"]] == ["史记"]  # the other rows left out, each said why
+    assert partly["train"] == {} and partly["summary"] == {} and partly["bleu_signature"] == ""
+    problems = "\n".join(partly["problems"])
+    for what in ("train/metrics.json: field 'step'", "summary.json: field 'final_train_loss'", "by_book.csv:3: field 'n'",
+                 "by_book.csv:4: field 'bleu'", "by_book.csv:5: field 'copy_bleu'", "by_book.csv:6: field 'bleu'",
+                 "by_book.csv:7: not the header's columns", "scores.csv: not UTF-8", "eval/loss.tsv: not UTF-8"):
+        assert what in problems, what
+    assert serve.load_run("partly", reports / "reports" / "runs" / "partly")["curves"]["train loss"] == [(1.0, 4.5), (5.0, 3.5)]
+    import re
+
+    charts = re.findall(r"<svg.*?</svg>", page.text)
+    assert charts and not any(w in chart.lower() for chart in charts for w in ("nan", "inf"))  # no NaN coordinate
+
+
+@pytest.mark.parametrize("port", ["abc", "-1", "65536", "70000", "1.5", "", " ", "80x", "99999999999999999999", "0x50"])
+def test_a_bad_port_is_one_error(tmp_path, port):
+    from wenyan.errors import PipelineError
+
+    with pytest.raises(PipelineError, match=r"^--port must be a whole number from 0 to 65535"):
+        serve.main(["--root", str(tmp_path), "--port", port])
+
+
+def test_a_port_in_use_is_one_error(tmp_path):
+    import socket
+
+    from wenyan.errors import PipelineError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(PipelineError, match=rf"^cannot listen on 127.0.0.1:{port} \(in use by another program\)"):
+            serve.main(["--root", str(tmp_path), "--port", str(port)])
+
+
+@pytest.mark.parametrize("args", [["--port", "abc"], ["--port", "70000"], ["--timeout", "0"], ["--timeout", "nan"],
+                                  ["--threads", "0"], ["--host", "no.such.host.invalid", "--port", "0"]])
+def test_bad_arguments_are_one_error_line_and_exit_1(tmp_path, args):
+    proc = subprocess.run([sys.executable, "-m", "tools.serve", "--root", str(tmp_path), *args], capture_output=True,
+                          text=True, cwd=REPO, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("error: "), proc.stderr

@@ -7,36 +7,60 @@ Two views, both server-rendered HTML with inline CSS, JS and SVG: nothing is fet
 server, so the page works offline (no fonts, scripts or plots from the network).
 
 - Translate (/): paste text or pick a .txt file (read in the browser), choose a model (a train/export directory
-  or a GGUF the export stage wrote; those under models/ and those given with --model are listed, any other path
-  can be typed), and the sentence-by-sentence translation appears as each sentence is done (a progress bar),
-  each source sentence beside its translation; copy or download the result (one output line per input line,
-  as `wenyan-translate` writes it). The work is tools.translate's Translator: the same splitting, prompts and
-  decoding as the command.
+  or a GGUF the export stage wrote; those under models/ and those given with --model are listed, and a path can
+  be typed: it is loaded only if its real path is inside models/ or a --model), and the sentence-by-sentence
+  translation appears as each sentence is done (a progress bar), each source sentence beside its translation;
+  copy or download the result (one output line per input line, as `wenyan-translate` writes it). The work is
+  tools.translate's Translator: the same splitting, prompts and decoding as the command.
 - Runs (/runs): the committed runs (reports/runs/*/) and the current reports/ side by side: BLEU (95% CI) and
   chrF with the copy-the-source and untuned-base baselines, per-book BLEU bars with the baselines beside the
-  model, and the training and eval loss curves.
+  model, and the training and eval loss curves. A damaged report is marked on its run, never a broken page.
 
 Starlette (ASGI) served by uvicorn on 127.0.0.1 only. Translation streams as NDJSON from POST /api/translate.
+
+What a page on this machine is exposed to, and what it does about it:
+- Other sites the user visits (cross-origin requests, DNS rebinding): a request whose Host is not this machine
+  (localhost, 127.0.0.1, [::1] or --host, any port) or whose Origin is not this page's own is refused (403);
+  a POST must be JSON (Content-Type application/json: a cross-site form cannot send it without a preflight).
+- Paths typed as the model: resolved to their real path ('..', symlinks) and loaded only from models/ or a
+  --model; one loaded model per real path (the last MODELS_KEPT used), dropped when its files change or vanish.
+- Request bodies: Content-Length required and at most MAX_BODY_BYTES, checked before reading; reading stops there.
+- Jobs: one translation at a time; a job stops at its next sentence (or, with transformers, its next token) when
+  its client goes away or it runs past --timeout, and frees the model for the next one.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import collections
 import csv
+import errno
+import gc
 import html
+import io
 import json
-import queue
+import math
+import os
+import re
 import socket
 import threading
 import time
 from pathlib import Path
 
+from wenyan.artifacts import Check, Optional, check
+from wenyan.artifacts import read_json as read_artifact
 from wenyan.errors import PipelineError, get_logger, run_main
 
 log = get_logger("serve")
 
 DEFAULT_PORT = 8765
 MAX_TEXT_CHARS = 200_000
+MAX_BODY_BYTES = 6 * MAX_TEXT_CHARS + 65_536  # the text JSON-escaped at worst (\uXXXX a character) + the model path
+JOB_TIMEOUT_S = 3600.0  # a page's text (200,000 characters) takes ~20 min on a laptop's CPU with a GGUF
+MODELS_KEPT = 2  # loaded models kept: two to compare, not one per model ever used
+POLL_S = 0.25  # how often a waiting job or a quiet stream looks for a cancel or a gone client
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 BOOKS_SHOWN = 12
 
 
@@ -44,78 +68,246 @@ BOOKS_SHOWN = 12
 # Models and runs on disk
 
 
+def real_path(path: Path) -> Path:
+    """The path with '..' and every symlink resolved (the file that would be opened)."""
+    return Path(os.path.realpath(path))
+
+
+def model_roots(root: Path, given: list[Path]) -> list[Path]:
+    """Where a model may be loaded from: the project's models/ and each --model (real paths)."""
+    return [real_path(root / "models")] + [real_path(Path(p)) for p in given]
+
+
+def allowed_model(spelling: str | Path, root: Path, roots: list[Path]) -> Path:
+    """The real path of a model spelled relative to root or absolute, if it is inside one of roots; else
+    PipelineError. Any spelling of one model ('..', a trailing slash, a symlink to it) gives the same path."""
+    path = Path(spelling)
+    try:
+        real = real_path(path if path.is_absolute() else root / path)
+    except (OSError, ValueError) as exc:  # a NUL byte, a name too long
+        raise PipelineError(f"{spelling!r}: not a usable path ({exc})") from None
+    if not any(real == r or real.is_relative_to(r) for r in roots):
+        raise PipelineError(f"{spelling}: not one of this project's models; the page loads models only from "
+                            f"{roots[0]}/ and those given with --model (restart it with --model PATH to add one)")
+    return real
+
+
 def find_models(root: Path, given: list[Path]) -> list[dict]:
-    """Models to offer: those given, then the train stage's adapter, the export's merged model and GGUF files."""
+    """Models to offer: those given, then the train stage's adapter, the export's merged model and GGUF files
+    (one entry per real path; only those the page would load, see allowed_model)."""
     candidates = list(given)
     candidates += [root / "models" / "adapter", root / "models" / "export" / "hf"]
     candidates += sorted((root / "models" / "export").glob("*.gguf"))
+    roots = model_roots(root, given)
     seen, out = set(), []
     for path in candidates:
         path = Path(path)
         ok = path.is_file() and path.suffix == ".gguf" and (path.parent / "training_config.json").is_file() or \
             path.is_dir() and (path / "training_config.json").is_file()
-        key = str(path.resolve()) if path.exists() else str(path)
-        if ok and key not in seen:
+        if not ok:
+            continue
+        try:
+            key = str(allowed_model(path, root, roots))
+        except PipelineError:  # e.g. models/adapter a symlink to somewhere else
+            continue
+        if key not in seen:
             seen.add(key)
             out.append({"path": str(path), "kind": "GGUF (llama.cpp)" if path.suffix == ".gguf" else "transformers"})
     return out
 
 
-def read_json(path: Path) -> dict | None:
+# The reports the runs view reads, checked as every artifact is (wenyan.artifacts): a damaged one is one line
+# naming the file and the field, shown on its run.
+REPORT_FIX = "rerun the stage that writes it, or remove the run folder"
+
+
+def _finite(value) -> bool:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float (1e400 written as digits)
+        return False
+
+
+NUMBER = Check(float, _finite, "a finite number")
+SCORES = Optional({"bleu": Optional(NUMBER), "chrf": Optional(NUMBER)})
+METRICS = {  # reports/metrics.json (evaluate), as the table shows it; a null is as good as absent (shown as -)
+    "bleu": Optional(NUMBER),
+    "chrf": Optional(NUMBER),
+    "n_sentences": Optional(Check(int, lambda v: v >= 0, "an integer >= 0")),
+    "bleu_ci95": Optional({"low": Optional(NUMBER), "high": Optional(NUMBER)}),
+    "baselines": Optional({"base": SCORES, "copy": SCORES}),
+    "bleu_signature": Optional(str),
+}
+TRAIN_METRICS = {"step": Optional(NUMBER), "eval": Optional({"loss": Optional(NUMBER)})}  # train/metrics.json
+SUMMARY = {}  # train/summary.json: any mapping, shown as it is (in /api/runs)
+BOOK_NUMBERS = ("bleu", "chrf", "base_bleu", "base_chrf", "copy_bleu", "copy_chrf")  # evaluate/by_book.csv
+
+
+def non_finite(value, field: str = "") -> str | None:
+    """The field path of the first NaN, infinity or too-large number anywhere in a JSON value, or None
+    (JSON from Python may hold NaN and Infinity, which no report means and /api/runs cannot send)."""
+    if isinstance(value, float) or isinstance(value, int) and not isinstance(value, bool):
+        return None if _finite(value) else field or "(the value)"
+    if isinstance(value, dict):
+        items = ((f"{field}.{key}" if field else str(key), item) for key, item in value.items())
+    elif isinstance(value, list):
+        items = ((f"{field}[{i}]", item) for i, item in enumerate(value))
+    else:
         return None
+    for where, item in items:
+        found = non_finite(item, where)
+        if found:
+            return found
+    return None
 
 
-def read_csv(path: Path) -> list[dict]:
+def without_nulls(value):
+    """A JSON value with its null-valued keys left out (the page shows a null as it shows an absent value)."""
+    if isinstance(value, dict):
+        return {k: without_nulls(v) for k, v in value.items() if v is not None}
+    return [without_nulls(v) for v in value] if isinstance(value, list) else value
+
+
+def read_report(path: Path, spec) -> dict | None:
+    """A JSON report checked against spec, every number finite; None when it is absent, PipelineError (one line
+    naming the file and field) when it is damaged: unreadable, not UTF-8, not JSON, wrong types."""
+    if not path.exists():
+        return None
     try:
-        with open(path, encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f))
-    except OSError:
+        value = read_artifact(path, dict, REPORT_FIX)
+        check(without_nulls(value), spec, str(path), REPORT_FIX)
+        bad = non_finite(value)
+    except RecursionError:
+        raise PipelineError(f"{path}: nested too deeply to be a report; {REPORT_FIX}") from None
+    if bad:
+        raise PipelineError(f"{path}: field '{bad}' should be a finite number; {REPORT_FIX}")
+    return without_nulls(value)
+
+
+def read_table(path: Path, delimiter: str = ",") -> list[tuple[int, dict]]:
+    """(line number, row) of a CSV/TSV report; [] when it is absent; PipelineError when it is unreadable, not
+    UTF-8 or not CSV."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
         return []
+    except OSError as exc:
+        raise PipelineError(f"{path}: cannot read it ({exc.strerror}); {REPORT_FIX}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise PipelineError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start}); {REPORT_FIX}") from None
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+        return [(reader.line_num, row) for row in reader]
+    except csv.Error as exc:
+        kind = "TSV" if delimiter == "\t" else "CSV"
+        raise PipelineError(f"{path}: not a valid {kind} file ({exc}); {REPORT_FIX}") from None
 
 
-def read_curve(path: Path) -> list[tuple[float, float]]:
-    """A DVCLive TSV (step<TAB>value) as (step, value) points."""
-    points = []
-    for row in _read_tsv(path):
+def csv_number(row: dict, key: str, where: str, integer: bool = False):
+    """row[key] as a finite number (None when empty or absent), or PipelineError naming the line and field."""
+    raw = row.get(key)
+    if raw is None or raw == "":
+        return None
+    try:
+        if not isinstance(raw, str):
+            raise ValueError
+        value = int(raw) if integer else float(raw)
+        if not _finite(value) or integer and value < 0:
+            raise ValueError
+    except ValueError:
+        wanted = "a whole number >= 0" if integer else "a finite number"
+        raise PipelineError(f"{where}: field '{key}' should be {wanted}, got {raw!r}") from None
+    return value
+
+
+def read_by_book(path: Path, problems: list[str]) -> list[dict]:
+    """evaluate/by_book.csv's rows whose numbers are numbers; each other row is left out with a line in problems."""
+    try:
+        table = read_table(path)
+    except PipelineError as exc:
+        problems.append(str(exc))
+        return []
+    rows = []
+    for line, row in table:
         try:
-            points.append((float(row["step"]), float(next(v for k, v in row.items() if k != "step" and k is not None))))
+            if None in row or not isinstance(row.get("book"), str):
+                raise PipelineError(f"{path}:{line}: not the header's columns")
+            csv_number(row, "n", f"{path}:{line}", integer=True)
+            for key in BOOK_NUMBERS:
+                csv_number(row, key, f"{path}:{line}")
+        except PipelineError as exc:
+            problems.append(f"{exc}; row left out")
+            continue
+        rows.append(row)
+    return rows
+
+
+def read_curve(path: Path, problems: list[str] | None = None) -> list[tuple[float, float]]:
+    """A DVCLive TSV (step<TAB>value) as (step, value) points; rows without two finite numbers are left out."""
+    try:
+        table = read_table(path, delimiter="\t")
+    except PipelineError as exc:
+        if problems is not None:
+            problems.append(str(exc))
+        return []
+    points = []
+    for _, row in table:
+        try:
+            point = (float(row["step"]), float(next(v for k, v in row.items() if k != "step" and k is not None)))
         except (KeyError, ValueError, StopIteration, TypeError):
             continue
+        if all(map(math.isfinite, point)):
+            points.append(point)
     return points
 
 
-def _read_tsv(path: Path) -> list[dict]:
+def optional_report(path: Path, spec, problems: list[str]) -> dict:
+    """A report a run may lack ({} when absent); a damaged one is {} with a line in problems."""
     try:
-        with open(path, encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f, delimiter="\t"))
-    except OSError:
-        return []
+        return read_report(path, spec) or {}
+    except PipelineError as exc:
+        problems.append(str(exc))
+        return {}
 
 
 def load_run(name: str, folder: Path) -> dict | None:
-    """One run's figures: reports/metrics.json-style metrics, by_book.csv, training curves and summary."""
-    metrics = read_json(folder / "metrics.json")
+    """One run's figures: reports/metrics.json-style metrics, by_book.csv, training curves and summary. None when
+    the folder has no metrics.json; a damaged metrics.json gives the run with its "error" (shown on the page);
+    a damaged train/ or evaluate/ report is left out, with a line in "problems"."""
+    empty = {"name": name, "folder": str(folder), "metrics": {}, "train": {}, "summary": {}, "by_book": [],
+             "curves": {"train loss": [], "eval loss": []}, "bleu_signature": "", "problems": []}
+    try:
+        metrics = read_report(folder / "metrics.json", METRICS)
+    except PipelineError as exc:
+        return {**empty, "error": str(exc), "problems": [str(exc)]}
     if not metrics:
         return None
-    train = read_json(folder / "train" / "metrics.json") or {}
-    summary = read_json(folder / "train" / "summary.json") or {}
+    problems: list[str] = []
+    train = optional_report(folder / "train" / "metrics.json", TRAIN_METRICS, problems)
+    summary = optional_report(folder / "train" / "summary.json", SUMMARY, problems)
     curves = {
-        "train loss": read_curve(folder / "train" / "plots" / "metrics" / "train" / "loss.tsv"),
-        "eval loss": read_curve(folder / "train" / "plots" / "metrics" / "eval" / "loss.tsv"),
+        "train loss": read_curve(folder / "train" / "plots" / "metrics" / "train" / "loss.tsv", problems),
+        "eval loss": read_curve(folder / "train" / "plots" / "metrics" / "eval" / "loss.tsv", problems),
     }
-    return {"name": name, "folder": str(folder), "metrics": metrics, "train": train, "summary": summary,
-            "by_book": read_csv(folder / "evaluate" / "by_book.csv"), "curves": curves,
-            "bleu_signature": bleu_signature(folder, metrics)}
+    by_book = read_by_book(folder / "evaluate" / "by_book.csv", problems)
+    signature = bleu_signature(folder, metrics, problems)
+    return {**empty, "metrics": metrics, "train": train, "summary": summary, "by_book": by_book, "curves": curves,
+            "bleu_signature": signature, "problems": problems}
 
 
-def bleu_signature(folder: Path, metrics: dict) -> str:
+def bleu_signature(folder: Path, metrics: dict, problems: list[str] | None = None) -> str:
     """The model's BLEU signature: its row of evaluate/scores.csv, or, for a run from before scores.csv, the
     bleu_signature its metrics.json still had ("" when neither has one)."""
-    for row in read_csv(folder / "evaluate" / "scores.csv"):
-        if row.get("system") == "model" and row.get("bleu_signature"):
+    try:
+        table = read_table(folder / "evaluate" / "scores.csv")
+    except PipelineError as exc:
+        if problems is not None:
+            problems.append(str(exc))
+        table = []
+    for _, row in table:
+        if row.get("system") == "model" and isinstance(row.get("bleu_signature"), str) and row["bleu_signature"]:
             return row["bleu_signature"]
     return metrics.get("bleu_signature") or ""
 
@@ -127,7 +319,7 @@ def load_runs(reports: Path) -> list[dict]:
     if current:
         runs.append(current)
     for folder in sorted((reports / "runs").glob("*/")):
-        run = load_run(folder.name, folder)
+        run = load_run(folder.name, folder) if folder.is_dir() else None
         if run:
             runs.append(run)
     return runs
@@ -261,13 +453,18 @@ async function run() {
   try {
     const resp = await fetch("/api/translate", {method: "POST", headers: {"Content-Type": "application/json"},
                                                 body: JSON.stringify({model: model, text: $("text").value})});
+    if (!resp.ok) {  // refused (400, 403, 413, ...): the server says why in {"error": ...}
+      let why = `${resp.status} ${resp.statusText}`;
+      try { why = (await resp.json()).error || why; } catch (e) {}
+      throw why;
+    }
     const reader = resp.body.getReader(); const dec = new TextDecoder(); let buf = "";
     for (;;) {
       const {value, done} = await reader.read(); if (done) break;
       buf += dec.decode(value, {stream: true}); let nl;
       while ((nl = buf.indexOf("\n")) >= 0) { handle(JSON.parse(buf.slice(0, nl))); buf = buf.slice(nl + 1); }
     }
-  } catch (e) { $("error").textContent = "error: " + e; }
+  } catch (e) { $("error").textContent = "error: " + e; $("status").textContent = ""; }
   $("go").disabled = false;
 }
 function handle(m) {
@@ -345,6 +542,10 @@ def runs_page(runs: list[dict]) -> str:
             "<th>base BLEU / chrF</th><th>BLEU − copy</th><th>train steps</th><th>eval loss</th></tr>")
     rows = []
     for run in runs:
+        if run.get("error"):
+            rows.append(f"<tr data-run='{esc(run['name'])}' class='damaged'><td>{esc(run['name'])}</td>"
+                        f"<td colspan='9' class='err'>damaged report: {esc(run['error'])}</td></tr>")
+            continue
         m = run["metrics"]
         base, copy = (m.get("baselines") or {}).get("base") or {}, (m.get("baselines") or {}).get("copy") or {}
         ci = m.get("bleu_ci95") or {}
@@ -361,8 +562,10 @@ def runs_page(runs: list[dict]) -> str:
     sig = next((r["bleu_signature"] for r in runs if r["bleu_signature"]), "")
     cards = "".join(
         f"<div class='run'><h3>{esc(run['name'])}</h3><p class='muted'>{esc(run['folder'])}</p>"
-        f"<h4>BLEU by book (model, base, copy)</h4>{book_bars(run['by_book'])}"
-        f"<h4>Loss</h4>{loss_curves(run['curves'])}</div>" for run in runs)
+        + "".join(f"<p class='err problem'>{esc(problem)}</p>" for problem in run.get("problems", []))
+        + ("" if run.get("error") else f"<h4>BLEU by book (model, base, copy)</h4>{book_bars(run['by_book'])}"
+                                       f"<h4>Loss</h4>{loss_curves(run['curves'])}")
+        + "</div>" for run in runs)
     body = (f"<h2>Runs</h2><table id='runs'>{head}{''.join(rows)}</table>"
             f"<p class='muted'>sacrebleu {esc(sig)}. copy = the source sentence as its own translation; base = the untuned "
             f"model with the same prompts. From metrics.json, evaluate/scores.csv and by_book.csv and train/ of each folder.</p>"
@@ -374,55 +577,140 @@ def runs_page(runs: list[dict]) -> str:
 # The app
 
 
-class Models:
-    """Translators by model path, loaded once; one translation at a time (the CPU is the limit)."""
+def fingerprint(path: Path) -> tuple | None:
+    """What a model's files are now, to notice a model changed or removed since it was loaded: the identity of
+    its directory and each entry's (name, size, mtime, inode): all of a model directory's, or a GGUF's own and
+    those beside it that are not another GGUF (its tokenizer, training_config.json). None when it is gone."""
+    gguf_file = path.suffix == ".gguf"
+    model_dir = path.parent if gguf_file else path
+    try:
+        if gguf_file:
+            os.stat(path)
+        where = os.stat(model_dir)
+        entries = []
+        with os.scandir(model_dir) as found:
+            for entry in found:
+                if gguf_file and entry.name.endswith(".gguf") and entry.name != path.name:
+                    continue
+                try:
+                    st = entry.stat()
+                    entries.append((entry.name, st.st_size, st.st_mtime_ns, st.st_ino))
+                except OSError:  # a broken link
+                    entries.append((entry.name, -1, -1, -1))
+    except OSError:
+        return None
+    return where.st_dev, where.st_ino, tuple(sorted(entries))
 
-    def __init__(self, parallel: int, threads: int | None):
-        self.parallel, self.threads = parallel, threads
-        self.cache: dict[str, object] = {}
+
+class Models:
+    """Translators by the model's real path, loaded once and kept while its files stay as they were (at most
+    `keep`, the least recently used dropped first); one translation at a time (the CPU is the limit)."""
+
+    def __init__(self, parallel: int, threads: int | None, keep: int = MODELS_KEPT):
+        self.parallel, self.threads, self.keep = parallel, threads, keep
+        self.cache: collections.OrderedDict[str, tuple[tuple, object]] = collections.OrderedDict()
         self.lock = threading.Lock()
 
-    def get(self, path: str):
+    def get(self, path: Path):
+        """The Translator of a model (its real path, allowed_model's); call it holding self.lock."""
         from wenyan.translation import Translator
 
-        if path not in self.cache:
-            self.cache[path] = Translator(Path(path), parallel=self.parallel, threads=self.threads)
-        return self.cache[path]
+        for key, (seen, _) in list(self.cache.items()):  # a model retrained, re-exported or deleted since
+            if fingerprint(Path(key)) != seen:
+                log.info("%s changed or was removed since it was loaded; dropped from memory", key)
+                self.drop(key)
+        key = str(path)
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            return self.cache[key][1]
+        seen = fingerprint(path)  # before loading: a change while it loads shows next time
+        translator = Translator(path, parallel=self.parallel, threads=self.threads)
+        self.cache[key] = (seen, translator)
+        while len(self.cache) > self.keep:
+            self.drop(next(iter(self.cache)))
+        return translator
+
+    def drop(self, key: str) -> None:
+        _, translator = self.cache.pop(key)
+        model, translator.model = getattr(translator, "model", None), None
+        if model is not None and callable(getattr(model, "close", None)):
+            model.close()  # llama.cpp frees its memory now, not at some later collection
+        del model, translator
+        gc.collect()
 
 
-def translate_events(models: Models, model: str, text: str):
-    """NDJSON lines: plan (the aligned layout), one piece per translated sentence as it is done, then done."""
-    events: queue.Queue = queue.Queue()
+class Cancelled(Exception):
+    """A job's client went away or it ran past its time: it stops at its next sentence (or token)."""
 
-    def work():
-        started = time.perf_counter()
+
+class Job:
+    """One request's translation: cancel(why) from the request's side, check() from the worker's (raises
+    Cancelled once cancelled or past its deadline)."""
+
+    def __init__(self, timeout: float):
+        self.timeout, self.deadline = timeout, time.monotonic() + timeout
+        self.cancelled, self.why = threading.Event(), ""
+
+    def cancel(self, why: str) -> None:
+        if not self.cancelled.is_set():
+            self.why = why
+            self.cancelled.set()
+
+    def check(self) -> None:
+        if time.monotonic() > self.deadline:
+            self.cancel(f"it ran past {self.timeout:g} s (--timeout)")
+        if self.cancelled.is_set():
+            raise Cancelled(self.why)
+
+
+def run_job(models: Models, path: Path, text: str, job: Job, put) -> None:
+    """One request's translation, in a worker thread: put(event) for the plan (the aligned layout), one piece per
+    translated sentence as it is done, then done or error, and put(None) at the end. It waits for the model lock
+    only while the job lives, and a cancelled job stops at its next sentence, or with transformers at its next
+    token (a forward pre-hook), and frees the lock."""
+    started, held = time.perf_counter(), False
+    try:
+        while not models.lock.acquire(timeout=POLL_S):
+            job.check()
+        held = True
+        translator = models.get(path)
+        plan = translator.plan(text, "text")
+        k = iter(range(len(plan.pieces)))
+        lines = [[{"source": p, "i": next(k) if translator_has_text(p) else None} for p in pieces]
+                 for pieces in plan.planned]
+        put({"event": "plan", "lines": lines, "total": len(plan.pieces)})
+        done = [0]
+
+        def on_result(i, translation):
+            job.check()
+            done[0] += 1
+            put({"event": "piece", "i": i, "text": translation, "done": done[0], "total": len(plan.pieces)})
+
+        job.check()
+        hook = None
+        if plan.pieces and translator.gguf_file is None:  # llama.cpp has no hook: it stops at the next sentence
+            model = translator.load()
+            if callable(getattr(model, "register_forward_pre_hook", None)):
+                hook = model.register_forward_pre_hook(lambda module, args: job.check())
         try:
-            with models.lock:
-                translator = models.get(model)
-                plan = translator.plan(text, "text")
-                k = iter(range(len(plan.pieces)))
-                lines = [[{"source": p, "i": next(k) if translator_has_text(p) else None} for p in pieces]
-                         for pieces in plan.planned]
-                events.put({"event": "plan", "lines": lines, "total": len(plan.pieces)})
-                done = [0]
-
-                def on_result(i, translation):
-                    done[0] += 1
-                    events.put({"event": "piece", "i": i, "text": translation, "done": done[0], "total": len(plan.pieces)})
-
-                out = translator.translate(plan, on_result)
-            events.put({"event": "done", "output": "".join(line + "\n" for line in out), "total": len(plan.pieces),
-                        "seconds": time.perf_counter() - started, "model": model})
-        except PipelineError as exc:
-            events.put({"event": "error", "message": str(exc)})
-        except Exception as exc:  # noqa: BLE001 - shown on the page, logged in full here
-            log.exception("translation failed")
-            events.put({"event": "error", "message": f"{type(exc).__name__}: {exc}"})
-        events.put(None)
-
-    threading.Thread(target=work, daemon=True).start()
-    while (item := events.get()) is not None:
-        yield json.dumps(item, ensure_ascii=False) + "\n"
+            out = translator.translate(plan, on_result)
+        finally:
+            if hook is not None:
+                hook.remove()
+        put({"event": "done", "output": "".join(line + "\n" for line in out), "total": len(plan.pieces),
+             "seconds": time.perf_counter() - started, "model": str(path)})
+    except Cancelled as exc:
+        log.info("translation with %s stopped after %.1f s: %s", path, time.perf_counter() - started, exc)
+        put({"event": "error", "message": f"translation stopped: {exc}"})
+    except PipelineError as exc:
+        put({"event": "error", "message": str(exc)})
+    except Exception as exc:  # noqa: BLE001 - shown on the page, logged in full here
+        log.exception("translation failed")
+        put({"event": "error", "message": f"{type(exc).__name__}: {exc}"})
+    finally:
+        if held:
+            models.lock.release()
+        put(None)
 
 
 def translator_has_text(piece: str) -> bool:
@@ -431,14 +719,162 @@ def translator_has_text(piece: str) -> bool:
     return has_text(piece)
 
 
-def make_app(root: Path, given: list[Path], parallel: int = 16, threads: int | None = None):
+# ----------------------------------------------------------------------------------------------
+# What a request must be
+
+
+class Refused(Exception):
+    """A request the page answers with status and {"error": message} instead of a translation."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def host_port(value: str) -> tuple[str, int | None] | None:
+    """'name', 'name:port', '[v6]' or '[v6]:port' as (lower-case name, port or None); None for anything else."""
+    m = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::([0-9]{1,5}))?", value)
+    if not m or m[2] and not 0 < int(m[2]) <= 65535:
+        return None
+    return m[1].strip("[]").lower(), int(m[2]) if m[2] else None
+
+
+def refusal(method: str, headers: list[tuple[bytes, bytes]], hosts: set[str]) -> str | None:
+    """Why a request may not reach the page (None when it may): its Host must name this machine (a site whose
+    name an attacker points at 127.0.0.1, DNS rebinding, sends its own); an Origin, when sent, must be this page's
+    own (a foreign site's request, or 'null' from a sandbox, file: or a redirect); a cross-site POST without one
+    (Sec-Fetch-Site) is refused too."""
+    values: dict[str, list[str]] = {}
+    for key, value in headers:
+        values.setdefault(key.decode("latin-1").lower(), []).append(value.decode("latin-1").strip())
+    given = values.get("host", [])
+    host = host_port(given[0]) if len(given) == 1 else None
+    if host is None or host[0] not in hosts:
+        return (f"Host {given[0] if len(given) == 1 else given!r} is not this machine; open the page at "
+                f"http://127.0.0.1:PORT/ or http://localhost:PORT/")
+    origins = values.get("origin", [])
+    if origins:
+        origin = origins[0]
+        own = len(origins) == 1 and origin[:7].lower() == "http://" and host_port(origin[7:])
+        if not own or (own[0], own[1] or 80) != (host[0], host[1] or 80):
+            return f"Origin {origin!r} is not this page's own (http://{given[0]}); another site cannot use it"
+    elif method not in ("GET", "HEAD") and \
+            values.get("sec-fetch-site", ["same-origin"])[0].lower() not in ("same-origin", "none"):
+        return "a request from another site cannot use this page"
+    return None
+
+
+class LocalOnly:
+    """ASGI middleware: a request refusal() names gets 403 {"error": why} and reaches no route."""
+
+    def __init__(self, app, hosts: set[str]):
+        self.app, self.hosts = app, hosts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            why = refusal(scope["method"], scope.get("headers", []), self.hosts)
+            if why is not None:
+                from starlette.responses import JSONResponse
+
+                log.warning("refused %s %s: %s", scope["method"], scope.get("path"), why)
+                await JSONResponse({"error": why}, status_code=403)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def read_body(request, limit: int) -> bytes:
+    """The body of a JSON request, refused (Refused) before a byte is read when it is not JSON or its
+    Content-Length is missing, not a number or over limit, and read no further than its Content-Length."""
+    from starlette.requests import ClientDisconnect
+
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise Refused(400, "the request body must be JSON {model, text} (Content-Type: application/json)")
+    lengths = [v for k, v in request.scope.get("headers", []) if k.lower() == b"content-length"]
+    if not lengths:
+        raise Refused(411, f"the request needs a Content-Length (a JSON body of at most {limit:,} bytes)")
+    if len(set(lengths)) != 1 or not re.fullmatch(rb"[0-9]+", lengths[0].strip()):
+        raise Refused(400, f"Content-Length must be one number of bytes; got {b', '.join(lengths).decode('latin-1')!r}")
+    length = int(lengths[0])
+    if length > limit:
+        raise Refused(413, f"the request body is {length:,} bytes; the page takes at most {limit:,} "
+                           f"(use wenyan-translate --input for a whole book)")
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > length:
+                raise Refused(400, f"the request body is longer than its Content-Length ({length:,} bytes)")
+    except ClientDisconnect:
+        raise Refused(400, "the client went away before it sent the whole body") from None
+    if len(body) < length:
+        raise Refused(400, f"the request body is shorter than its Content-Length ({len(body):,} of {length:,} bytes)")
+    return bytes(body)
+
+
+def translate_request(body: bytes) -> tuple[str, str]:
+    """(model, text) of a request body, or Refused."""
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, nested too deeply
+        value = None
+    if not isinstance(value, dict):
+        raise Refused(400, "the request body must be JSON {model, text}")
+    model, text = value.get("model"), value.get("text")
+    if not isinstance(model, str) or not model.strip() or not isinstance(text, str):
+        raise Refused(400, "give a model path and a text")
+    try:
+        (model + text).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (\ud800 in the JSON): no reply could carry it back
+        raise Refused(400, "the model path and the text must be valid Unicode (no lone surrogates)") from None
+    if len(text) > MAX_TEXT_CHARS:
+        raise Refused(413, f"the text has {len(text)} characters; the page takes at most {MAX_TEXT_CHARS} "
+                           f"(use wenyan-translate --input for a whole book)")
+    return model.strip(), text
+
+
+async def stream_job(request, models: Models, path: Path, text: str, timeout: float):
+    """NDJSON lines of run_job, started here (so that it runs only while someone reads it); however the stream
+    ends (done, the client gone, the server stopping) the job is cancelled, which frees the model lock."""
+    job, loop, events = Job(timeout), asyncio.get_running_loop(), asyncio.Queue()
+    gone = "the page was closed or its connection lost"
+
+    def put(item) -> None:
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, item)
+        except RuntimeError:  # the server's loop is closed: nobody reads any more
+            job.cancel("the server stopped")
+
+    threading.Thread(target=run_job, args=(models, path, text, job, put), daemon=True, name="translate").start()
+    try:
+        while True:
+            try:
+                item = await asyncio.wait_for(events.get(), POLL_S)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    job.cancel(gone)
+                    return
+                continue
+            if item is None:
+                return
+            yield (json.dumps(item, ensure_ascii=False) + "\n").encode("utf-8")
+    finally:
+        job.cancel(gone)  # nothing when the job is done
+
+
+def make_app(root: Path, given: list[Path], parallel: int = 16, threads: int | None = None, *,
+             hosts: tuple[str, ...] = (), timeout: float = JOB_TIMEOUT_S):
+    """The page's app: root is the project (models/, reports/), given the --model paths, hosts names this machine
+    is reached by besides LOCAL_HOSTS (--host), timeout the seconds a translation may run."""
     from starlette.applications import Starlette
+    from starlette.middleware import Middleware
     from starlette.requests import Request
     from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
     from starlette.routing import Route
 
     models = Models(parallel, threads)
     reports = root / "reports"
+    allowed_hosts = {h.lower() for h in LOCAL_HOSTS} | {h.strip("[]").lower() for h in hosts if h}
 
     async def index(request: Request):
         return HTMLResponse(translate_page(find_models(root, given)))
@@ -454,38 +890,68 @@ def make_app(root: Path, given: list[Path], parallel: int = 16, threads: int | N
 
     async def api_translate(request: Request):
         try:
-            body = await request.json()
-        except ValueError:
-            return JSONResponse({"error": "the request body must be JSON {model, text}"}, status_code=400)
-        model, text = str(body.get("model") or "").strip(), body.get("text")
-        if not model or not isinstance(text, str):
-            return JSONResponse({"error": "give a model path and a text"}, status_code=400)
-        if len(text) > MAX_TEXT_CHARS:
-            return JSONResponse({"error": f"the text has {len(text)} characters; the page takes at most {MAX_TEXT_CHARS} "
-                                          f"(use wenyan-translate --input for a whole book)"}, status_code=413)
-        path = Path(model) if Path(model).is_absolute() else root / model
-        return StreamingResponse(translate_events(models, str(path), text), media_type="application/x-ndjson")
+            model, text = translate_request(await read_body(request, MAX_BODY_BYTES))
+            try:
+                path = allowed_model(model, root, model_roots(root, given))
+            except PipelineError as exc:
+                raise Refused(403, str(exc)) from None
+        except Refused as exc:
+            return JSONResponse({"error": exc.message}, status_code=exc.status)
+        return StreamingResponse(stream_job(request, models, path, text, timeout), media_type="application/x-ndjson")
 
-    return Starlette(routes=[Route("/", index), Route("/runs", runs), Route("/api/models", api_models),
-                             Route("/api/runs", api_runs), Route("/api/translate", api_translate, methods=["POST"])])
+    app = Starlette(routes=[Route("/", index), Route("/runs", runs), Route("/api/models", api_models),
+                            Route("/api/runs", api_runs), Route("/api/translate", api_translate, methods=["POST"])],
+                    middleware=[Middleware(LocalOnly, hosts=allowed_hosts)])
+    app.state.models = models
+    return app
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (IPv6 for a host with ':'), or PipelineError saying why not."""
+    try:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise PipelineError(f"cannot listen on {host} ({exc.strerror or exc}); give another --host") from None
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except (OSError, OverflowError) as exc:  # in use, no such address; OverflowError: a port out of 0-65535
+        sock.close()
+        why = "in use by another program" if getattr(exc, "errno", None) == errno.EADDRINUSE else \
+            getattr(exc, "strerror", None) or str(exc)
+        raise PipelineError(f"cannot listen on {host}:{port} ({why}); give another --port (0 = any free one)") from None
+    return sock
 
 
 def serve(app, host: str, port: int, ready=None) -> None:
     """Run uvicorn on an already bound socket, so that port 0 gives a free port and the address printed is real."""
     import uvicorn
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        raise PipelineError(f"cannot listen on {host}:{port} ({exc.strerror}); give another --port (0 = any free one)") from None
-    address = f"http://{host}:{sock.getsockname()[1]}/"
+    sock = bind(host, port)
+    shown = f"[{host}]" if ":" in host else host
+    address = f"http://{shown}:{sock.getsockname()[1]}/"
     print(f"wenyan-mt page: {address}  (Ctrl+C stops it)", flush=True)
     if ready is not None:
         ready(address)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
     server.run(sockets=[sock])
+
+
+def parse_port(value: str) -> int:
+    """--port as a number from 0 to 65535, or PipelineError (one line, not argparse's usage and traceback)."""
+    if not re.fullmatch(r"[0-9]{1,5}", value.strip()) or int(value) > 65535:
+        raise PipelineError(f"--port must be a whole number from 0 to 65535 (0 = any free one); got {value!r}")
+    return int(value)
+
+
+def parse_timeout(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise PipelineError(f"--timeout must be a number of seconds > 0; got {value!r}")
+    return seconds
 
 
 def main(argv=None) -> None:
@@ -494,12 +960,17 @@ def main(argv=None) -> None:
                         help="a trained model directory or exported .gguf to offer first (repeatable)")
     parser.add_argument("--root", type=Path, default=Path("."), help="the project directory (models/, reports/)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = a free one)")
+    parser.add_argument("--port", default=str(DEFAULT_PORT), help=f"port (default {DEFAULT_PORT}; 0 = a free one)")
     parser.add_argument("--parallel", type=int, default=16, help="GGUF: sentences llama.cpp decodes at once")
     parser.add_argument("--threads", type=int, default=None, help="GGUF: CPU threads (default: all)")
+    parser.add_argument("--timeout", default=str(JOB_TIMEOUT_S),
+                        help=f"seconds a translation may run before it is stopped (default {JOB_TIMEOUT_S:g})")
     args = parser.parse_args(argv)
+    port, timeout = parse_port(args.port), parse_timeout(args.timeout)
     if args.parallel < 1:
         raise PipelineError(f"--parallel must be >= 1; got {args.parallel}")
+    if args.threads is not None and args.threads < 1:
+        raise PipelineError(f"--threads must be >= 1; got {args.threads}")
     for path in args.model:
         if not path.exists():
             raise PipelineError(f"{path}: model not found (a trained model directory or an exported .gguf)")
@@ -508,7 +979,9 @@ def main(argv=None) -> None:
         import uvicorn  # noqa: F401
     except ImportError as exc:
         raise PipelineError(f"the web page needs {exc.name}: pip install -e .") from None
-    serve(make_app(args.root.resolve(), args.model, args.parallel, args.threads), args.host, args.port)
+    given = [path.absolute() for path in args.model]  # the page sends back what it lists: not relative to --root
+    app = make_app(args.root.resolve(), given, args.parallel, args.threads, hosts=(args.host,), timeout=timeout)
+    serve(app, args.host, port)
 
 
 def cli() -> None:

@@ -10,7 +10,10 @@ anything else. It runs each stage of dvc.yaml as DVC would, with `--check-params
 reads and checks its parameters exactly as in a real run (types, ranges, names, templates, paths, transformers'
 optimizer and scheduler names) and exits before reading any input; two at a time, a few seconds in all.
 Checks that need the inputs (a model's module names for train.target_modules, the books of the corpus) stay in
-the stages themselves.
+the stages themselves. Before the stages, the values this machine cannot run (wenyan.params.machine_problems:
+train.method qlora or load_in_4bit, a bitsandbytes optim, backend unsloth without CUDA; a num_gpus above the visible
+GPUs) are refused, each in one line naming the key and what to set: they would otherwise fail late, after DVC (and
+train, of its checkpoints) deleted the outputs.
 
 Its output holds only the names of the stages checked: the same for any valid params, so a params change
 reruns the stages that read them and no other. Its code deps are its own (the rule of tests/test_layout.py);
@@ -28,7 +31,7 @@ from pathlib import Path
 
 from wenyan.errors import PipelineError, get_logger, run_main
 from wenyan.files import write_json
-from wenyan.params import read_yaml_file
+from wenyan.params import check_machine, read_yaml_file
 
 log = get_logger("check_params")
 SELF = "check_params"
@@ -62,6 +65,8 @@ def main(argv=None) -> None:
     parser.add_argument("--pipeline", type=Path, default=Path("dvc.yaml"), help="the dvc.yaml whose stages to check")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="the params file the stages read")
     args = parser.parse_args(argv)
+    params = read_yaml_file(args.params, "parameters file")
+    check_machine(params if isinstance(params, dict) else {})  # the stages' own checks name a malformed file
     commands = stage_commands(args.pipeline)
     if not commands:
         raise PipelineError(f"{args.pipeline}: no `python -m stages.X` stage to check")

@@ -366,3 +366,50 @@ def test_an_output_onto_an_input_or_the_other_output_is_refused_first(project, t
                     "--reports", str(reports), "--params", str(tmp_path / "params.yaml")])
     assert {p: p.read_bytes() for p in before} == before
     assert not (project["split"] / "reports").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Archives by ingest's rules (issue 29, class 4): the same reader (wenyan.archives.iter_files), so the same limits;
+# tests/test_archives.py runs each bomb through both readers
+
+
+@pytest.mark.bad_input
+def test_a_link_bomb_is_one_error_not_gigabytes(project, tmp_path):
+    """~10 kB of .tar.xz: one 3 MB chapter and 3,000 hard links to it (9 GB of text in memory once decoded)."""
+    import io
+
+    chapter = ("学而时习之，不亦说乎。" * 3000 + "\n").encode("utf-8") * 30
+    bomb = tmp_path / "bomb.tar.xz"
+    with tarfile.open(bomb, "w:xz") as tar:
+        info = tarfile.TarInfo("mono/古文原文/论语/学而/text.txt")
+        info.size = len(chapter)
+        tar.addfile(info, io.BytesIO(chapter))
+        for i in range(3000):
+            link = tarfile.TarInfo(f"mono/古文原文/论语/第{i}/text.txt")
+            link.type, link.linkname = tarfile.LNKTYPE, "mono/古文原文/论语/学而/text.txt"
+            tar.addfile(link)
+    assert bomb.stat().st_size < 20_000
+    with pytest.raises(PipelineError, match=rf"^{bomb}: expands to more than 134,217,728 bytes as it is read"):
+        run(project, tmp_path, "bomb", source=bomb)
+
+
+@pytest.mark.bad_input
+def test_a_chapter_given_twice_in_an_archive_is_read_once_the_later_as_ingest_does(project, tmp_path):
+    from wenyan import archives
+
+    archive = tmp_path / "twice.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(project["mono"], arcname="classical-mono")
+    newer = "孟子见梁惠王。王曰：叟不远千里而来。\n".encode("utf-8")
+    with tarfile.open(archive, "a") as tar:  # appended, as `tar rf` does
+        import io
+
+        info = tarfile.TarInfo("classical-mono/古文原文/孟子/梁惠王上/text.txt")
+        info.size = len(newer)
+        tar.addfile(info, io.BytesIO(newer))
+    stats = monolingual.Stats()
+    docs = monolingual.read_source({"path": str(archive), "format": "niutrans", "books": [], "encoding": "utf-8",
+                                    "field": "text"}, stats)
+    assert dict(docs)["孟子/梁惠王上"] == [newer.decode().strip()] and len(docs) == 3
+    assert stats.report()["not_used_by_reason"] == {archives.REPLACED: 1}
+    assert stats.files_read == 4  # both copies were read; the earlier is counted, not used

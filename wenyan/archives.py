@@ -11,10 +11,21 @@ a tar, symlinks in a tar, a zip or a directory, also to directories); nothing ou
 only regular files are opened at all (a FIFO would block for ever, a device file never ends). A file over
 MAX_FILE_BYTES is not read. A cut or damaged archive is one PipelineError naming it, wherever the damage is (gzip,
 xz and bz2 CRCs are checked; a plain .tar has none). File and member names stored in GBK are decoded as such.
+
+Bombs (a few kB that would expand to gigabytes in memory): an archive may expand, as it is read, to at most
+expansion_budget(its size) bytes: every member of a tar stream (read or not: the stream decompresses it), every read
+of a zip member, every read through a link (a thousand hard links to one member are a thousand copies of its text
+in the reader's hands), all counted; past it the archive is one PipelineError. Links may make at most
+MAX_LINK_PATHS paths (directory links nested in each other multiply). Zip entries whose data overlap (two entries
+on one local header, or a header inside another entry's data: the non-recursive zip bomb, which no zip tool
+writes) are refused before any is read, as newer Pythons' zipfile does. A member name given twice is yielded twice,
+in archive order: the readers (ingest's NiutransReader, pretrain's monolingual.read_tree) use the later one, as
+`tar x` does, and count the earlier as REPLACED.
 """
 
 from __future__ import annotations
 
+import bisect
 import bz2
 import codecs
 import contextlib
@@ -36,6 +47,11 @@ ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".
 MAX_FILE_BYTES = 1 << 30  # a file or archive member is read whole: one larger than 1 GiB is skipped (niutrans)
 #                           or refused (tsv/jsonl); 史记's largest chapter file is ~100 kB
 MAX_LINK_HOPS = 40  # links followed in one path, as Linux's limit (ELOOP)
+MAX_EXPANSION = 100  # an archive expands to at most 100 x its size as it is read: text compresses 3-5x (xz), a bomb
+#                      1,000x and more (a 9 kB archive reached 3.3 GB in pretrain)
+MIN_EXPANSION_BYTES = 128 << 20  # ... and to 128 MiB whatever its size (a small archive of real text stays far below)
+MAX_LINK_PATHS = 1_000_000  # paths links may make in one archive (the monolingual corpus has ~10k chapter files)
+REPLACED = "replaced by a later archive member of the same name (as tar x)"  # why an earlier member is not used
 
 
 def archive_kind(path: Path) -> str | None:
@@ -89,6 +105,32 @@ class _Entry(NamedTuple):
     size: int = 0
 
 
+def expansion_budget(size: int) -> int:
+    """The bytes an archive of `size` bytes may expand to as it is read (the module docstring)."""
+    return max(MIN_EXPANSION_BYTES, MAX_EXPANSION * size)
+
+
+class _Budget:
+    """What an archive has expanded to so far, against expansion_budget."""
+
+    def __init__(self, path: Path):
+        self.path, self.size = path, path.stat().st_size
+        self.limit, self.used = expansion_budget(self.size), 0
+
+    def spend(self, n: int) -> None:
+        self.used += n
+        if self.used > self.limit:
+            raise PipelineError(
+                f"{self.path}: expands to more than {self.limit:,} bytes as it is read (the limit for an archive of "
+                f"{self.size:,} bytes: {MAX_EXPANSION}x its size, at least {MIN_EXPANSION_BYTES:,}; members given many "
+                f"times, links to one member, data far more compressible than text): a zip or tar bomb? Unpack it "
+                f"with a tool you trust and give the directory as the source")
+
+    def read(self, size: int, load: Callable[[], bytes]) -> bytes:
+        self.spend(size)
+        return load()
+
+
 def size_problem(size: int) -> str | None:
     if size > MAX_FILE_BYTES:
         return f"too large: {size:,} bytes (limit {MAX_FILE_BYTES:,} a file)"
@@ -127,14 +169,26 @@ def _resolve(path: str, entries: dict[str, _Entry], dirs: set[str], hops: int = 
     return "problem", f"not a regular file: {path} is a {entry.kind.removeprefix('other: ')}"
 
 
-def _link_files(entries: dict[str, _Entry]) -> list[tuple[str, str | None, str | None]]:
+def _link_files(entries: dict[str, _Entry], path: Path) -> list[tuple[str, str | None, str | None]]:
     """Every path a link makes readable: [(path, target member or None, problem or None)].
 
-    A link to a directory makes every file below it readable below the link, as a filesystem would."""
+    A link to a directory makes every file below it readable below the link, as a filesystem would. More than
+    MAX_LINK_PATHS paths (links to directories that hold links to directories multiply) is one PipelineError."""
     dirs = {"/".join(name.split("/")[:i]) for name in entries for i in range(1, name.count("/") + 1)}
+    names = sorted(entries)  # the members below a directory d: the names from d + "/" up to d + "0" ("/" + 1)
     found = []
+    visits = 0
+
+    def count() -> None:
+        if visits + len(found) > MAX_LINK_PATHS:
+            raise PipelineError(f"{path}: its links make more than {MAX_LINK_PATHS:,} paths (links to directories that "
+                                f"hold links to directories multiply): a link bomb? Unpack it with a tool you trust "
+                                f"and give the directory as the source")
 
     def visit(rel: str, depth: int) -> None:
+        nonlocal visits
+        visits += 1
+        count()
         kind, value = _resolve(rel, entries, dirs)
         if kind == "file":
             found.append((rel, value, size_problem(entries[value].size)))
@@ -143,9 +197,10 @@ def _link_files(entries: dict[str, _Entry]) -> list[tuple[str, str | None, str |
         elif depth >= MAX_LINK_HOPS or not value or rel == value or rel.startswith(value + "/"):
             found.append((rel, None, f"link loop: {rel} -> {value}"))
         else:
-            for name in sorted(n for n in entries if n.startswith(value + "/")):
+            for name in names[bisect.bisect_left(names, value + "/") : bisect.bisect_left(names, value + "0")]:
                 if entries[name].kind == "file":
                     found.append((rel + name[len(value) :], name, size_problem(entries[name].size)))
+                    count()
                 elif entries[name].kind != "dir":
                     visit(rel + name[len(value) :], depth + 1)
 
@@ -216,7 +271,7 @@ class _CountingReader(io.RawIOBase):
         return n
 
 
-def _iter_tar(path: Path, wanted, show_progress: bool):
+def _iter_tar(path: Path, wanted, show_progress: bool, budget: _Budget):
     from tqdm import tqdm
 
     entries: dict[str, _Entry] = {}
@@ -231,6 +286,7 @@ def _iter_tar(path: Path, wanted, show_progress: bool):
     with tqdm(total=size, desc=f"read {path.name}", unit="B", unit_scale=True, disable=None if show_progress else True) as bar:
         with stream(bar) as tar:
             for member in tar:
+                budget.spend(tarfile.BLOCKSIZE + member.size)  # its header and data, before the data is decompressed
                 name = _member_path(text_name(member.name))
                 if name is None:
                     yield text_name(member.name), None, f"member path outside the archive: {member.name}"
@@ -245,11 +301,11 @@ def _iter_tar(path: Path, wanted, show_progress: bool):
                 elif kind.startswith("other"):
                     yield name, None, f"not a regular file: {kind[len('other: '):]}"
             # A cut in the tar's zero padding loses no member but is still a broken download.
-            while tar.fileobj.read(1 << 20):
-                pass
+            while chunk := tar.fileobj.read(1 << 20):
+                budget.spend(len(chunk))
             if tar.fileobj.tell() % tarfile.BLOCKSIZE:
                 raise tarfile.ReadError("unexpected end of data (the archive's length is not a whole number of blocks)")
-    links = _link_files(entries)
+    links = _link_files(entries, path)
     needed = {target for rel, target, problem in links if target and not problem and wanted(rel)}
     data: dict[str, bytes] = {}
     if needed:  # a second pass reads the members that links point to (a stream cannot go back)
@@ -258,8 +314,9 @@ def _iter_tar(path: Path, wanted, show_progress: bool):
                 name = _member_path(text_name(member.name))
                 if name in needed and member.isfile():
                     data[name] = tar.extractfile(member).read()
-    for rel, target, problem in links:
-        yield rel, (None if problem or target not in data else (lambda target=target: data[target])), problem
+    for rel, target, problem in links:  # each read through a link is one more copy in the reader's hands
+        yield rel, (None if problem or target not in data
+                    else (lambda target=target: budget.read(len(data[target]), lambda: data[target]))), problem
 
 
 def _zip_kind(info: zipfile.ZipInfo) -> str:
@@ -273,12 +330,31 @@ def _zip_kind(info: zipfile.ZipInfo) -> str:
     return f"other: {mode_name(mode)}"
 
 
-def _iter_zip(path: Path, wanted, show_progress: bool):
+def _overlap(infos: list[zipfile.ZipInfo]) -> tuple[zipfile.ZipInfo, zipfile.ZipInfo] | None:
+    """Two entries whose data overlap: one local header shared by two entries, or an entry's header inside the data
+    before it. Each entry is taken to span at least its 30-byte local header and its compressed data (its name and
+    extra field only add to that), so an ordinary zip never counts as overlapping."""
+    ordered = sorted(infos, key=lambda i: i.header_offset)
+    for before, after in zip(ordered, ordered[1:]):
+        if before.header_offset + 30 + before.compress_size > after.header_offset:
+            return before, after
+    return None
+
+
+def _iter_zip(path: Path, wanted, show_progress: bool, budget: _Budget):
     from tqdm import tqdm
 
     entries: dict[str, _Entry] = {}
     infos: dict[str, zipfile.ZipInfo] = {}
     with zipfile.ZipFile(path) as zf:
+        overlap = _overlap(zf.infolist())
+        if overlap:
+            first, second = (_zip_name(i) for i in overlap)
+            how = ("share one local header" if overlap[0].header_offset == overlap[1].header_offset
+                   else "overlap (the second one's header lies inside the first one's data)")
+            raise PipelineError(f"{path}: zip entries {first!r} and {second!r} {how}: how a zip bomb is made, not "
+                                f"what a zip tool writes; unpack it with a tool you trust and give the directory as the "
+                                f"source")
         for info in tqdm(zf.infolist(), desc=f"read {path.name}", unit="file", disable=None if show_progress else True):
             raw_name = _zip_name(info)
             name = _member_path(raw_name)
@@ -293,11 +369,14 @@ def _iter_zip(path: Path, wanted, show_progress: bool):
             entries[name], infos[name] = _Entry(kind, link, info.file_size), info
             if kind == "file":
                 problem = size_problem(info.file_size)
-                yield name, (None if problem else (lambda info=info: zf.read(info))), problem
+                yield name, (None if problem else
+                             (lambda info=info: budget.read(info.file_size, lambda: zf.read(info)))), problem
             elif kind.startswith("other"):
                 yield name, None, f"not a regular file: {kind[len('other: '):]}"
-        for rel, target, problem in _link_files(entries):
-            yield rel, (None if problem else (lambda target=target: zf.read(infos[target]))), problem
+        for rel, target, problem in _link_files(entries, path):
+            info = infos.get(target)
+            yield rel, (None if problem else
+                        (lambda info=info: budget.read(info.file_size, lambda: zf.read(info)))), problem
 
 
 def mode_name(mode: int) -> str:
@@ -414,8 +493,9 @@ def iter_files(path: Path, wanted: Callable[[str], bool] = lambda rel: True, sho
                 raise _corrupt(path, exc) from None
         return read
 
+    budget = _Budget(path)  # what the archive may expand to (the module docstring's bombs)
     try:
-        for rel, load, problem in (_iter_zip if kind == "zip" else _iter_tar)(path, wanted, show_progress):
+        for rel, load, problem in (_iter_zip if kind == "zip" else _iter_tar)(path, wanted, show_progress, budget):
             yield rel, (guarded(load) if load else None), problem
     except CORRUPT as exc:
         raise _corrupt(path, exc) from None

@@ -1,7 +1,9 @@
 """Monolingual text for pretraining (the pretrain stage): reading sources with the archive rules of ingest
-(wenyan/archives.py), HTML tags stripped, lines normalised as the clean stage does, every valid/test sentence
-removed (split's leakage key, wenyan.text.leakage_key), documents tokenized and packed into full-length sequences. The stage's
-docstring (stages/pretrain.py) states the rules."""
+(wenyan/archives.py's iter_files, the reader ingest's NiutransReader uses: the same size limits a file and an
+archive, the same bomb checks, links and damage; a member name given twice: the later one is read, as `tar x` and
+ingest do, the earlier counted in not_used_by_reason), HTML tags stripped, lines normalised as the clean stage does,
+every valid/test sentence removed (split's leakage key, wenyan.text.leakage_key), documents tokenized and packed into
+full-length sequences. The stage's docstring (stages/pretrain.py) states the rules."""
 
 from __future__ import annotations
 
@@ -50,6 +52,8 @@ class Stats:
         self.documents = 0
         self.lines = 0
         self.html_tags_removed = 0
+        self.not_used_by_reason = collections.Counter()  # read but not used, by rule (as ingest's report)
+        self.not_used_examples: list[dict] = []
 
     def skip(self, file: str, reason: str) -> None:
         self.files_skipped += 1
@@ -59,11 +63,19 @@ class Stats:
         # an empty chapter is common in the corpus (本草纲目 has dozens): counted, listed, not one warning each
         (log.debug if reason == "empty file" else log.warning)("skipped %s: %s", file, reason)
 
+    def not_used(self, file: str, reason: str) -> None:
+        """A file read but not used, by a documented rule (archives.REPLACED): counted, the first ones listed."""
+        self.not_used_by_reason[reason] += 1
+        if len(self.not_used_examples) < MAX_LISTED_SKIPS:
+            self.not_used_examples.append({"file": file, "reason": reason})
+        log.warning("not used: %s: %s", file, reason)
+
     def report(self) -> dict:
         return {"files_read": self.files_read, "files_skipped": self.files_skipped,
                 "skipped_by_reason": dict(self.skipped_by_reason), "skipped_files": self.skipped_files,
                 "files_ignored": self.files_ignored, "documents": self.documents, "lines": self.lines,
-                "html_tags_removed": self.html_tags_removed}
+                "html_tags_removed": self.html_tags_removed, "not_used_by_reason": dict(self.not_used_by_reason),
+                "not_used_examples": self.not_used_examples}
 
 
 def strip_tags(lines: list[str], stats: Stats) -> list[str]:
@@ -106,9 +118,10 @@ def blocks(lines: list[str]) -> list[list[str]]:
     return docs
 
 
-# Long (~80 lines): one walk of a directory or archive with the layout's rules (book filter, chapter files, skips).
+# Long (~85 lines): one walk of a directory or archive with the layout's rules (book filter, chapter files, skips).
 def read_tree(path: Path, fmt: str, encoding: str, books: list[str], stats: Stats):
-    """Documents [(name, lines)] of a directory or archive: niutrans text.txt chapters, or every *.txt (text)."""
+    """Documents [(name, lines)] of a directory or archive: niutrans text.txt chapters, or every *.txt (text). An
+    archive member given twice: the later one's documents replace the earlier's (archives.REPLACED, counted)."""
     wanted, found = set(books), set()
     unreadable: dict[str, str] = {}
     is_dir = path.is_dir()
@@ -132,8 +145,15 @@ def read_tree(path: Path, fmt: str, encoding: str, books: list[str], stats: Stat
         parts = book_parts(rel)
         return bool(parts) and len(parts) >= 2 and parts[-1] == CHAPTER_FILE and (not wanted or parts[0] in wanted)
 
-    docs = []
-    files = archives.iter_files(path, relevant)
+    of_file: dict[str, list] = {}  # a file's documents; a later member of the same name replaces them
+
+    def put(rel: str, documents: list) -> None:
+        if rel in of_file:
+            stats.not_used(where(rel), archives.REPLACED)
+        of_file[rel] = documents
+
+    # a directory named text.txt is reported, not walked, as ingest reports one named source.txt
+    files = archives.iter_files(path, relevant, must_be_files=(CHAPTER_FILE,) if fmt == "niutrans" else ())
     try:
         for rel, load, problem in files:
             if fmt == "text":
@@ -142,13 +162,15 @@ def read_tree(path: Path, fmt: str, encoding: str, books: list[str], stats: Stat
                     continue
                 if problem:
                     stats.skip(where(rel), problem)
+                    if rel in of_file:  # an unreadable later member still replaces the earlier, as tar x
+                        put(rel, [])
                     continue
                 lines = text_lines(load(), where(rel), encoding, stats)
                 stats.files_read += 1
                 parts = blocks(lines)
                 if not parts:
                     stats.skip(where(rel), "empty file")
-                docs.extend((f"{rel}#{i + 1}", block) for i, block in enumerate(parts))
+                put(rel, [(f"{rel}#{i + 1}", block) for i, block in enumerate(parts)])
                 continue
             parts = book_parts(rel)
             if parts is None or len(parts) < 2 or parts[-1] != CHAPTER_FILE:
@@ -165,14 +187,15 @@ def read_tree(path: Path, fmt: str, encoding: str, books: list[str], stats: Stat
             if problem:
                 unreadable.setdefault(book, problem)
                 stats.skip(where(rel), problem)
+                if rel in of_file:  # an unreadable later member still replaces the earlier, as tar x
+                    put(rel, [])
                 continue
             found.add(book)
             lines = [line for line in text_lines(load(), where(rel), encoding, stats) if line.strip()]
             stats.files_read += 1
             if not lines:
                 stats.skip(where(rel), "empty file")
-                continue
-            docs.append(("/".join(parts[:-1]), lines))
+            put(rel, [("/".join(parts[:-1]), lines)] if lines else [])
     except PipelineError:
         if not is_dir:  # bad text in an archive may be a damaged download: let the archive check itself first
             for _ in files:
@@ -186,6 +209,7 @@ def read_tree(path: Path, fmt: str, encoding: str, books: list[str], stats: Stat
         why = "; ".join(f"{b} was skipped ({unreadable[b]})" for b in missing if b in unreadable)
         raise PipelineError(f"{path}: book(s) {', '.join(missing)} not found (pretrain.sources books filter)"
                             + (f"; {why}" if why else ""))
+    docs = [doc for documents in of_file.values() for doc in documents]
     docs.sort(key=lambda d: d[0].split("/"))
     return docs
 

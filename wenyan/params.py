@@ -2,6 +2,9 @@
 
 params.yaml holds the values (one source of truth); a stage holds a schema: for each key its type and, where it
 matters, its choices and range (Int, Float, Str, Bool, ListOf, OneOf). Missing, unknown and misspelled keys are errors.
+Every number has an upper bound: the schema's own, else UPPER_BOUNDS here (a typo such as 1e9 resamples or new tokens
+is an error naming the key, not a run that never ends). GPU-only values on a machine without the GPUs they need
+(machine_problems: 4-bit loading, bitsandbytes optimizers, unsloth, num_gpus) are refused before any stage runs.
 """
 
 from __future__ import annotations
@@ -125,8 +128,9 @@ class Param:
 
     kinds: Python types accepted (int is accepted where float is; bool is never an int here);
     choices: the allowed values (any kind); min/max: inclusive bounds; above/below: exclusive bounds;
-    items: the type of each element of a list; null: None accepted. NaN and infinities are never accepted, nor
-    an int of 2**53 or more in size where no max is given (no count or seed here is that large)."""
+    items: the type of each element of a list (the bounds then hold for each number of it); null: None accepted. NaN
+    and infinities are never accepted, nor an int of 2**53 or more in size (no count or seed here is that large).
+    check_params adds UPPER_BOUNDS' max where a number has no upper bound of its own."""
 
     kinds: tuple
     choices: tuple = ()
@@ -149,8 +153,18 @@ class Param:
             return f"should be {self.describe()}, got {type(value).__name__} {value!r}"
         if isinstance(value, float) and not math.isfinite(value):
             return f"must be a finite number, got {value!r}"
-        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**53 and self.max is None:
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**53:
             return f"is out of range ({value}); a count or seed here is well below 2**53"
+        if self.items is not None and not all(_is_kind(v, self.items) for v in value):
+            return f"should be a list of {self.items.__name__}, got {value!r}"
+        for number in (value if self.items is not None else [value]):  # a list of numbers: each item in range
+            if _is_kind(number, float):  # (str, int) keys: the bounds are the int's
+                problem = self.out_of_range(number)
+                if problem:
+                    return problem if self.items is None else f"item {problem}"
+        return None
+
+    def out_of_range(self, value) -> str | None:
         if self.min is not None and value < self.min:
             return f"must be >= {_show(self.min)}; got {value!r}"
         if self.max is not None and value > self.max:
@@ -159,9 +173,11 @@ class Param:
             return f"must be > {_show(self.above)}; got {value!r}"
         if self.below is not None and value >= self.below:
             return f"must be < {_show(self.below)}; got {value!r}"
-        if self.items is not None and not all(_is_kind(v, self.items) for v in value):
-            return f"should be a list of {self.items.__name__}, got {value!r}"
         return None
+
+    def is_number(self) -> bool:
+        """A key that holds a number (or a list of numbers), so it needs an upper bound."""
+        return not self.choices and (int in self.kinds or float in self.kinds or self.items in (int, float))
 
     def describe(self) -> str:
         return " or ".join(("a list of " + self.items.__name__) if k is list and self.items else k.__name__ for k in self.kinds)
@@ -205,6 +221,67 @@ def OneOf(*choices, null: bool = False) -> Param:
     return Param((), choices=choices, null=null)
 
 
+# Upper bounds of the numeric keys whose schema (in the stage's module) gives none: every number of params.yaml has
+# a range, so a typo (`-S evaluate.bootstrap_resamples=1000000000`, a missing decimal point) fails in check_params
+# instead of running for days. A schema's own max or below wins. Each bound is far above any value this project
+# runs (the shipped params, profiles/*.yaml, reports/runs/*) and says what a larger value would mean.
+STEPS = 10**7  # optimizer steps, warmup and logging/eval/save cadences: 10M steps is months of a GPU's time
+SEED = 2**32 - 1  # numpy's seed range (transformers.set_seed seeds numpy too); the train and pretrain schemas use it
+UPPER_BOUNDS = {
+    "clean.min_chars": 100_000,  # characters a side: no sentence of a corpus is a whole book
+    "clean.max_chars": 100_000,  # (史记's longest lines are ~500)
+    "clean.max_ratio": 1000,  # long side / short side: 1000 keeps every pair; the shipped 4 drops misalignments
+    "split.seed": SEED,
+    "pretrain.max_seq_length": 131_072,  # tokens a sequence: 128k, the longest context of models this size
+    "pretrain.max_tokens": 10**11,  # 100B tokens: 2,000x the monolingual corpus (51M characters)
+    "pretrain.max_steps": STEPS,
+    "pretrain.epochs": 1000,  # passes over the data
+    "pretrain.batch_tokens": 1 << 24,  # 16M tokens a step: the largest LLM pretraining batches (~4-16M)
+    "pretrain.gradient_accumulation_steps": 4096,  # micro-batches a step
+    "pretrain.warmup_steps": STEPS,
+    "pretrain.weight_decay": 10,  # AdamW's decoupled decay: 0.01-0.1 is usual; lr x decay >= 1 zeroes a weight a step
+    "pretrain.logging_steps": STEPS,
+    "pretrain.extend_vocab": 10**9,  # a minimum count (as train.extend_vocab); the int of auto | none | N
+    "train.max_seq_length": 131_072,
+    "train.max_train_samples": 10**9,  # 0 = all; 1e9 pairs is 35,000x the 史记 train split
+    "train.lora_r": 8192,  # LoRA rank: above a model's hidden size (SmolLM2 576, Gemma 3 270M 640) it adds nothing
+    "train.lora_alpha": 65_536,  # the scale is alpha / r: 65536 / 8192 = 8 at the largest rank
+    "train.batch_tokens": 1 << 24,  # real tokens a micro-batch (the gpu profile: 65,536)
+    "train.batch_size": 65_536,  # rows a micro-batch when batch_tokens is 0 (evaluate's GPU batch: 512)
+    "train.gradient_accumulation_steps": 4096,
+    "train.warmup_steps": STEPS,
+    "train.max_steps": STEPS,
+    "train.epochs": 1000,
+    "train.weight_decay": 10,
+    "train.logging_steps": STEPS,
+    "train.eval_steps": STEPS,
+    "train.eval_samples": 10**6,  # valid pairs for the eval loss (a CPU forward pass of 32 takes ~15 s)
+    "train.save_steps": STEPS,
+    "train.save_total_limit": 10_000,  # checkpoints kept, each a copy of the trainable weights and optimizer state
+    "train.num_gpus": 64,  # GPUs of one host (torchrun --standalone launches on this machine only; hosts hold <= 16)
+    "train.extend_vocab": 10**9,  # a minimum count of a character in the train split
+    "evaluate.num_samples": 10**7,  # 0 = all; test sentences scored (the gpu profile: 2,000)
+    "evaluate.seed": SEED,
+    "evaluate.batch_size": 65_536,  # sentences a generation batch (the gpu profile: 512)
+    "evaluate.num_beams": 64,  # beam search keeps num_beams x batch_size sequences in memory
+    "evaluate.max_new_tokens_extra": 4096,  # tokens a sentence may run past factor x its length: a reply that never
+    #                                         ends its turn runs to it, for each of the test sentences
+    "evaluate.bootstrap_resamples": 100_000,  # sacrebleu's paired bootstrap: 1,000 gives the 95% CI; each resample
+    #                                           scores the whole test set again
+    "evaluate.length_buckets": 100_000,  # each bucket's upper edge, in source characters (clean.max_chars at most)
+    "evaluate.num_examples": 100_000,  # sentences in reports/evaluate/samples.md
+    "evaluate.num_gpus": 64,
+    "export.check_samples": 100_000,  # test sentences translated by transformers and by each GGUF
+}
+
+
+def bounded(param: Param, name: str) -> Param:
+    """The Param with UPPER_BOUNDS[name] ("stage.key") as its max where its schema gives no upper bound."""
+    if param.is_number() and param.max is None and param.below is None and name in UPPER_BOUNDS:
+        return dataclasses.replace(param, max=UPPER_BOUNDS[name])
+    return param
+
+
 def check_params(section: dict, schema: dict[str, Param], stage: str) -> dict:
     """Validate a params section against the stage's schema: every key present, none unknown, each value fits.
 
@@ -228,7 +305,7 @@ def check_params(section: dict, schema: dict[str, Param], stage: str) -> dict:
             f"params.yaml '{stage}:' lacks key(s) {', '.join(missing)}; params.yaml holds every value (see the shipped one)"
         )
     for key, param in schema.items():
-        problem = param.problem(section[key])
+        problem = bounded(param, f"{stage}.{key}").problem(section[key])
         if problem:
             raise PipelineError(f"params.yaml: {stage}.{key} {problem}")
     return dict(section)
@@ -291,3 +368,73 @@ def set_key(params: dict, dotted: str, value: str) -> None:
             node[int(last)] = parsed
     else:
         node[last] = parsed
+
+
+# ----------------------------------------------------------------------------------------------
+# Values this machine cannot run: checked by check_params (every section, before any stage runs) and by train before
+# it touches its outputs, so that `method: qlora` on a laptop is one line at the start, not a failure after the data
+# is read and the old checkpoints are cleared.
+
+# transformers' optimizers that are bitsandbytes' (trainer_optimizer._BITSANDBYTES_OPTIMIZERS; galore's 8-bit ones
+# use bitsandbytes too): CUDA kernels, so no CPU run. tests/test_bounds.py keeps this list equal to transformers'.
+BITSANDBYTES_OPTIMIZERS = (
+    "adamw_bnb_8bit", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit", "ademamix", "ademamix_8bit",
+    "paged_ademamix_32bit", "paged_ademamix_8bit", "lion_8bit", "lion_32bit", "paged_lion_32bit", "paged_lion_8bit",
+    "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit", "galore_adamw_8bit", "galore_adamw_8bit_layerwise",
+)
+GPU_SECTIONS = ("pretrain", "train", "evaluate")  # the sections with GPU-only values
+
+
+def machine_problems(params: dict, gpus: int, *, launched: bool = False) -> list[str]:
+    """One line for each value of params ({section: {key: value}}) that a machine with `gpus` visible CUDA GPUs
+    cannot run, naming the key and what to set instead. launched: the process runs under torchrun, which gave it
+    its processes (num_gpus is not counted against the GPUs then: tests run 2 processes on CPU with gloo).
+    Values of the wrong type are left to the schemas."""
+    out = []
+    for section in GPU_SECTIONS:
+        values = params.get(section)
+        if not isinstance(values, dict):
+            continue
+        key = f"{section}."
+        if not gpus:
+            if values.get("method") == "qlora":
+                out.append(f"{key}method qlora loads the base in 4 bits (bitsandbytes), which needs a CUDA GPU and none "
+                           f"is visible; set {key}method: lora (or full)")
+            elif values.get("load_in_4bit") is True:
+                out.append(f"{key}load_in_4bit loads the base in 4 bits (bitsandbytes), which needs a CUDA GPU and none "
+                           f"is visible; set {key}load_in_4bit: false")
+            if values.get("optim") in BITSANDBYTES_OPTIMIZERS:
+                what = "is a bitsandbytes optimizer, which needs" if installed("bitsandbytes") else \
+                    "needs a package that is not installed (bitsandbytes) and"
+                out.append(f"{key}optim {values['optim']} {what} a CUDA GPU, and none is visible; set {key}optim: auto "
+                           f"(adamw_torch on CPU) or adamw_torch")
+            if values.get("backend") == "unsloth":
+                out.append(f"{key}backend unsloth needs a CUDA GPU and none is visible; set {key}backend: auto "
+                           f"(plain transformers on CPU) or hf")
+        wanted = values.get("num_gpus")
+        if not launched and isinstance(wanted, int) and not isinstance(wanted, bool) and wanted > max(gpus, 1):
+            shown = os.environ.get("CUDA_VISIBLE_DEVICES")  # as wenyan.distributed.check_gpus says it
+            where = f" (CUDA_VISIBLE_DEVICES={shown})" if shown is not None else ""
+            out.append(f"{key}num_gpus is {wanted} but {gpus} CUDA GPU(s) are visible{where}; set {key}num_gpus to at "
+                       f"most {max(gpus, 1)}")
+    return out
+
+
+def installed(package: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(package) is not None
+
+
+def visible_gpus() -> int:
+    """CUDA GPUs this process sees (CUDA_VISIBLE_DEVICES applies); 0 without CUDA."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_machine(params: dict, *, launched: bool = False) -> None:
+    """machine_problems on this machine: one PipelineError, the problems joined with '; '."""
+    problems = machine_problems(params, visible_gpus(), launched=launched)
+    if problems:
+        raise PipelineError("; ".join(problems))

@@ -135,7 +135,7 @@ def apply_chat_template_override(tokenizer, name: str | None) -> bool:
 PROMPT_SCHEMA = {  # params.yaml format: (values and comments there)
     "system_prompt": Str(),  # "" = no system message (SmolLM2's template then adds its own)
     "user_template": Str(),  # with {classical}: check_templates
-    "context_sentences": Int(min=0),
+    "context_sentences": Int(min=0, max=100),  # previous sentences a prompt: 100 already overflow max_seq_length 512
     "context_template": Str(),  # with {context} when context_sentences > 0
 }
 
@@ -143,21 +143,39 @@ PROMPT_SCHEMA = {  # params.yaml format: (values and comments there)
 PROMPT_KEYS = tuple(PROMPT_SCHEMA)
 
 
+TEMPLATE_FIELDS = {"user_template": "classical", "context_template": "context"}  # each template's one placeholder
+
+
 def check_templates(params: dict) -> None:
-    """Each template must format with exactly its one field, so a typo fails before any work."""
-    for key, field in (("user_template", "classical"), ("context_template", "context")):
+    """Each template holds its one placeholder, plain: `{classical}` (user_template), `{context}` (context_template),
+    once or more, and no other. A conversion, format spec, attribute or index (`{classical!r}`, `{classical:>9}`,
+    `{classical.__class__}`, `{classical[0]}`) is refused: str.format would run it on every sentence (a width of 1e8
+    is 100 MB a prompt; an attribute reads Python internals into the prompt). Literal braces are written {{ and }}.
+    context_template is checked where context_sentences > 0 (it is used only then)."""
+    import string
+
+    for key, field in TEMPLATE_FIELDS.items():
         template = params[key]
         if key == "context_template" and params["context_sentences"] == 0:
             continue
-        if "{" + field + "}" not in template:
-            raise PipelineError(f"params.yaml 'format.{key}' should contain {{{field}}}, got {template!r}")
+        where = f"params.yaml 'format.{key}' {template!r} does not format with only {{{field}}}"
         try:
-            template.format(**{field: "x"})
-        except (KeyError, IndexError, ValueError) as exc:
-            raise PipelineError(
-                f"params.yaml 'format.{key}' {template!r} does not format with only {{{field}}} ({exc!r}); "
-                f"write literal braces as {{{{ and }}}}"
-            ) from None
+            parsed = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                      if name is not None]  # (None: literal text only)
+        except ValueError as exc:  # a lone { or }
+            raise PipelineError(f"{where} ({exc}); write literal braces as {{{{ and }}}}") from None
+        def named(name: str) -> str:  # classical of classical.x, classical[0]
+            return name.split(".")[0].split("[")[0]
+
+        if not any(named(name) == field for name, _, _ in parsed):
+            raise PipelineError(f"params.yaml 'format.{key}' should contain {{{field}}}, got {template!r}")
+        bad = sorted((p for p in parsed if p != (field, "", None)), key=lambda p: named(p[0]) != field)
+        if bad:  # {classical!r}, {classical.x}, {classical[0]} named first, then any other placeholder
+            name, spec, conversion = bad[0]
+            shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise PipelineError(f"{where}: {shown} is not allowed (its one placeholder is {{{field}}}, plain: no "
+                                f"!conversion, :format spec, .attribute or [index]); write literal braces as "
+                                f"{{{{ and }}}}")
     if params["context_sentences"] < 0:
         raise PipelineError(f"params.yaml 'format.context_sentences' should be >= 0, got {params['context_sentences']}")
 

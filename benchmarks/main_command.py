@@ -78,7 +78,7 @@ def timed_repro(clone: Path, log_path: Path) -> tuple[int, float, dict, list[str
 def variant_metrics(clone: Path) -> dict:
     metrics = json.loads((clone / "reports" / "metrics.json").read_text(encoding="utf-8"))
     summary = {**json.loads((clone / "reports" / "train" / "summary.json").read_text(encoding="utf-8")),  # + measurements:
-               **json.loads((clone / "reports" / "train" / "metrics.json").read_text(encoding="utf-8"))}
+               **json.loads((clone / "reports" / "timings" / "train.json").read_text(encoding="utf-8"))}
     return {
         "sentences": metrics["n_sentences"], "bleu": metrics["bleu"], "bleu_ci95": metrics.get("bleu_ci95"),
         "chrf": metrics["chrf"], "hit_max_new_tokens": metrics.get("hit_max_new_tokens"),

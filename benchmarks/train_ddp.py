@@ -36,7 +36,6 @@ Writes <out>.json and <out>.md, with the card's name.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
@@ -96,11 +95,11 @@ def gpu_names() -> list[str]:
         return []
 
 
-def steady_rate(reports: Path, warmup_steps: int) -> float | None:
-    tsv = reports / "plots" / "metrics" / "train" / "tokens_per_s.tsv"
-    if not tsv.is_file():
+def steady_rate(timings: Path, warmup_steps: int) -> float | None:
+    """The mean per-interval tokens/s after warmup_steps, from the train stage's --timings curve."""
+    if not timings.is_file():
         return None
-    rows = list(csv.DictReader(tsv.open(), delimiter="\t"))
+    rows = json.loads(timings.read_text(encoding="utf-8"))["curve"]
     rates = [float(r["tokens_per_s"]) for r in rows if int(r["step"]) > warmup_steps]
     return round(sum(rates) / len(rates), 1) if rates else None
 
@@ -119,7 +118,7 @@ def run_one(n: int, args, train_params: dict, work: Path) -> dict:
     (base / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
     argv = ["--train", args.train, "--valid", args.valid, "--out", str(base / "adapter"),
             "--checkpoints", str(base / "checkpoints"), "--reports", str(base / "reports"),
-            "--params", str(base / "params.yaml")]
+            "--params", str(base / "params.yaml"), "--timings", str(base / "timings.json")]
     if n > 1 and not torch.cuda.is_available():  # CPU smoke test: gloo processes, started as the stage would
         cmd = distributed.launch_command("stages.train", n, argv)
     else:
@@ -130,8 +129,8 @@ def run_one(n: int, args, train_params: dict, work: Path) -> dict:
     wall = time.time() - start
     if proc.returncode != 0:
         return {"method": method, "num_gpus": n, "error": f"exit {proc.returncode}", "wall_s": round(wall, 1)}
-    # summary.json: what the run did; metrics.json: its measurements (times, tokens/s, memory, device)
-    s = {**json.loads((base / "reports" / "summary.json").read_text()), **json.loads((base / "reports" / "metrics.json").read_text())}
+    # summary.json: what the run did; --timings: its measurements (times, tokens/s, memory, device)
+    s = {**json.loads((base / "reports" / "summary.json").read_text()), **json.loads((base / "timings.json").read_text())}
     return {
         "num_gpus": n,
         "processes": s["processes"],
@@ -146,7 +145,7 @@ def run_one(n: int, args, train_params: dict, work: Path) -> dict:
         "tokens_seen": s["tokens_seen"],
         "train_time_s": s["train_time_s"],
         "tokens_per_s": s["tokens_per_s"],
-        "steady_tokens_per_s": steady_rate(base / "reports", args.warmup_steps),
+        "steady_tokens_per_s": steady_rate(base / "timings.json", args.warmup_steps),
         "final_train_loss": s["final_train_loss"],
         "final_eval_loss": s["final_eval_loss"],
         "peak_memory_mib_per_gpu": s["peak_memory_mib"],

@@ -73,12 +73,13 @@ def train(name: str, params_path: Path, fmt: Path, work: Path, threads: int) -> 
     if not summary_path.exists():
         wall, cpu = run([sys.executable, "-m", "stages.train", "--train", str(fmt / "train.jsonl"), "--valid",
                     str(fmt / "valid.jsonl"), "--out", str(folder / "adapter"), "--checkpoints",
-                    str(folder / "checkpoints"), "--reports", str(folder / "reports"), "--params", str(params_path)],
+                    str(folder / "checkpoints"), "--reports", str(folder / "reports"), "--params", str(params_path),
+                    "--timings", str(folder / "timings.json")],
                    folder / "train.log", threads)
         (folder / "train_times.json").write_text(json.dumps({"wall_s": wall, "cpu_s": cpu}))
-    # summary.json: what the run did; metrics.json beside it: its measurements (train_time_s, tokens_per_s, ...)
+    # summary.json: what the run did; --timings: its measurements (train_time_s, tokens_per_s, ...)
     s = {**json.loads(summary_path.read_text(encoding="utf-8")),
-         **json.loads((folder / "reports" / "metrics.json").read_text(encoding="utf-8"))}
+         **json.loads((folder / "timings.json").read_text(encoding="utf-8"))}
     return {"steps": s["steps"], "rows_per_batch": s["rows_per_batch"], "examples_seen": s["steps"] * s["rows_per_batch"],
             "mean_example_tokens": s["mean_example_tokens"], "tokens_seen": s["tokens_seen"],
             "final_train_loss": s["final_train_loss"], "final_eval_loss": s["final_eval_loss"],

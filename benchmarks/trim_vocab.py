@@ -35,14 +35,14 @@ def arm(name: str, setting: str, steps: int, work: Path) -> dict:
     (d / "pre" / "pretrain.json").write_text('{"passthrough": true}\n')
     cmd = [sys.executable, "-m", "stages.train", "--train", "data/format/train.jsonl", "--valid", "data/format/valid.jsonl",
            "--base", str(d / "pre"), "--out", str(d / "adapter"), "--checkpoints", str(d / "ckpt"),
-           "--reports", str(d / "reports"), "--params", str(d / "params.yaml")]
+           "--reports", str(d / "reports"), "--params", str(d / "params.yaml"), "--timings", str(d / "timings.json")]
     started = time.perf_counter()
     with (d / "train.log").open("w", encoding="utf-8") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
         _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status):
         raise SystemExit(f"error: arm {name} failed; see {d / 'train.log'}")
-    metrics = json.loads((d / "reports" / "metrics.json").read_text())
+    metrics = {**json.loads((d / "reports" / "metrics.json").read_text()), **json.loads((d / "timings.json").read_text())}
     config = json.loads((d / "adapter" / "training_config.json").read_text())
     return {"arm": name, "trim_vocab": setting, "vocab_size": config["vocab_size"], "steps": metrics["step"],
             "tokens_per_s": metrics["tokens_per_s"], "train_time_s": metrics["train_time_s"],

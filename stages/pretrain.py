@@ -314,7 +314,7 @@ def make_dataset(sequences):
 
 
 # Long (~90 lines): the stage's run read top to bottom: corpus, vocabulary, model, trainer, training, summary.
-def pretrain(cfg: dict, opencc, base_dir, split_dir, out, reports, callbacks=()) -> dict:
+def pretrain(cfg: dict, opencc, base_dir, split_dir, out, reports, callbacks=(), timings=None) -> dict:
     """Run the stage (not a pass-through); returns the summary also written to reports/summary.json."""
     start = time.perf_counter()
     out, reports, split_dir = Path(out), Path(reports), Path(split_dir)
@@ -352,7 +352,7 @@ def pretrain(cfg: dict, opencc, base_dir, split_dir, out, reports, callbacks=())
     data.update(tokens=stream_tokens, tokens_per_character=round(stream_tokens / data["characters"], 4),
                 sequences=packed_rows, sequence_length=cfg["max_seq_length"], tail_tokens_dropped=tail,
                 sequences_used=len(sequences), eos_token=tokenizer.convert_ids_to_tokens(eos_id),
-                tokenize_seconds=round(tokenize_s, 1), vocabulary=loaded["vocab"])
+                vocabulary=loaded["vocab"])
     log.info("packed %s tokens (%.3f a character) into %s sequences of %d (%d tail tokens dropped)%s",
              f"{stream_tokens:,}", data["tokens_per_character"], f"{packed_rows:,}", cfg["max_seq_length"], tail,
              f"; pretrain.max_tokens keeps {len(sequences):,}" if chosen is not None else "")
@@ -400,10 +400,11 @@ def pretrain(cfg: dict, opencc, base_dir, split_dir, out, reports, callbacks=())
         "first_loss": losses[0] if losses else None, "mean_loss": result.training_loss,
         "peak_memory_mib": round(peak, 1), "peak_memory_kind": peak_kind, "optim": optim,
         "gradient_checkpointing": loaded["gradient_checkpointing"], "added_tokens": loaded["vocab"].get("added"),
-        "data": data, "history": live_callback.history,
+        "data": data, "history": live_callback.history, "tokenize_seconds": round(tokenize_s, 1),
     }
     live.end()
     write_reports(staging, reports, summary, data)
+    sft.write_timings(timings, summary, MEASUREMENTS, live_callback.history)
     log.info("done: %d steps, %s tokens in %.0f s = %.0f tokens/s; loss %s -> %s; %s %.0f MiB",
              summary["steps"], f"{tokens:,}", train_time, summary["tokens_per_s"], summary["first_loss"],
              summary["final_loss"], peak_kind, peak)
@@ -418,10 +419,15 @@ def save_model(model, tokenizer, info: dict, out: Path) -> None:
     log.info("saved the pretrained model to %s", out)
 
 
+# The run's measurements: reports/timings/pretrain.json (--timings: git-ignored, no DVC output), never summary.json
+# or metrics.json, so that every DVC output hashes the same in every clone and rerun (the curve: in the same file).
+MEASUREMENTS = ("device", "train_time_s", "wall_time_s", "tokens_per_s", "peak_memory_mib", "peak_memory_kind",
+                "tokenize_seconds")
+
+
 def headline(summary: dict) -> dict:
-    """reports/pretrain/metrics.json: what `dvc metrics diff` compares."""
-    return {"tokens": summary["tokens"], "tokens_per_s": summary["tokens_per_s"], "loss": summary["final_loss"],
-            "steps": summary["steps"], "wall_time_s": summary["wall_time_s"]}
+    """reports/pretrain/metrics.json: what `dvc metrics diff` compares (nothing measured: reports/timings/)."""
+    return {"tokens": summary["tokens"], "loss": summary["final_loss"], "steps": summary["steps"]}
 
 
 def write_reports(staging: Path, reports: Path, summary: dict, data: dict) -> None:
@@ -432,7 +438,7 @@ def write_reports(staging: Path, reports: Path, summary: dict, data: dict) -> No
         if not any(plots.rglob("*.tsv")):  # a pass-through (or no dvclive): an empty curve, not an empty directory,
             (plots / "train").mkdir(parents=True, exist_ok=True)  # which git would not keep: a clone would lack it
             (plots / "train" / "loss.tsv").write_text("step\tloss\n", encoding="utf-8")
-        write_json(staging / REPORTS_SIGNATURE, summary)
+        write_json(staging / REPORTS_SIGNATURE, {k: v for k, v in summary.items() if k not in (*MEASUREMENTS, "history")})
         write_json(staging / "metrics.json", headline(summary))
         write_json(staging / "data.json", data)
 
@@ -443,8 +449,7 @@ def passthrough(reason: str, out: Path, reports: Path) -> None:
     with staged_dir(out, "pretrain", signature=OUT_SIGNATURE) as tmp:
         write_json(tmp / OUT_SIGNATURE, {"passthrough": True, "reason": reason})
     staging = new_staging_dir(reports)
-    summary = {"passthrough": True, "reason": reason, "tokens": 0, "tokens_per_s": 0.0, "final_loss": None,
-               "steps": 0, "wall_time_s": 0.0}
+    summary = {"passthrough": True, "reason": reason, "tokens": 0, "final_loss": None, "steps": 0}
     write_reports(staging, reports, summary, {"passthrough": True, "reason": reason})
 
 
@@ -454,12 +459,16 @@ def main(argv=None) -> None:
     parser.add_argument("--split-dir", required=True, help="train/valid/test.parquet (data/split)")
     parser.add_argument("--out", required=True, help="model directory to write (models/pretrain)")
     parser.add_argument("--reports", required=True, help="report directory (reports/pretrain)")
+    parser.add_argument("--timings", help="the run's measurements (reports/timings/pretrain.json: tokens/s, times, "
+                                          "memory, device; git-ignored, no DVC output)")
     add_params_options(parser)
     args = parser.parse_args(argv)
     for path in (args.out, args.reports):
         check_output_path(path, directory=True)
+    if args.timings:
+        check_output_path(args.timings)
     inputs = {"--base": args.base, "--split-dir": args.split_dir, "--params": args.params, **base_read(Path(args.base))}
-    outputs = {"--out": args.out, "--reports": args.reports}
+    outputs = {"--out": args.out, "--reports": args.reports, "--timings": args.timings}
     check_paths(inputs, outputs, dirs=["--base", "--split-dir", "--base's model"])  # never an output onto an input (the base model too) or the other output
     check_owned_dir(args.out, "--out", "pretrain", signature=OUT_SIGNATURE)  # before anything is read or trained
     check_owned_dir(args.reports, "--reports", "pretrain", signature=REPORTS_SIGNATURE)
@@ -483,7 +492,7 @@ def main(argv=None) -> None:
     sources = {f"pretrain.sources{'.' + src['name'] if src['name'] else f'[{i}]'}": src["path"]
                for i, src in enumerate(checked)}
     check_paths(sources, outputs, dirs=list(sources))  # nor onto a source of the text
-    pretrain(cfg, params["clean"]["opencc"], args.base, args.split_dir, args.out, args.reports)
+    pretrain(cfg, params["clean"]["opencc"], args.base, args.split_dir, args.out, args.reports, timings=args.timings)
 
 
 if __name__ == "__main__":

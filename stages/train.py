@@ -59,7 +59,8 @@ from wenyan.errors import get_logger, PipelineError, run_main
 from wenyan.checkpoints import run_identity
 from wenyan.files import (check_output_path, check_owned_dir, check_paths, read_jsonl, staged_dir, staging_path,
                           write_json, write_manifest)
-from wenyan.params import add_params_options, Bool, check_params, Float, Int, ListOf, load_sections, OneOf, Param, Str
+from wenyan.params import (add_params_options, Bool, check_machine, check_params, Float, Int, ListOf, load_sections, OneOf,
+                           Param, Str)
 
 log = get_logger("train")
 
@@ -349,7 +350,8 @@ def run_summary(cfg: dict, resolved: dict, plan: dict, run: dict, trainer, stats
 
 
 # Long (~65 lines): one training run read top to bottom: checks, data, model, trainer, run, save, reports.
-def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callbacks=(), *, prompt: dict) -> dict:
+def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callbacks=(), *, prompt: dict,
+          timings=None) -> dict:
     """Run the stage; returns the summary also written to reports/summary.json. `prompt`: resolve_prompt's,
     saved with the model. `callbacks`: extra TrainerCallbacks (tests use one to kill a run half-way)."""
     start = time.perf_counter()
@@ -363,8 +365,6 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
     on_gpu = torch.cuda.is_available()
     distributed.init_distributed(on_gpu, quiet=[log])
     train_rows, valid_rows = read_rows(cfg, train_path, valid_path)
-    identity = run_identity(cfg, train_path, valid_path, models.materialize(cfg["model"]), prompt)
-    resume_from = resume_point(cfg, checkpoints, identity)
 
     dtype = models.resolve_dtype(cfg, backend)
     model, tokenizer, loaded = models.load_for_training(cfg, backend, dtype, on_gpu, train_rows)
@@ -373,6 +373,9 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
     valid_examples, valid_stats = (
         sft.build_examples(tokenizer, valid_rows, cfg["max_seq_length"], str(valid_path)) if valid_rows else ([], None))
     plan = batch_plan(cfg, backend, model, train_examples, dtype, on_gpu, global_rows)
+    # only now, with the params, the data and the model checked, does a fresh run clear the old checkpoints
+    identity = run_identity(cfg, train_path, valid_path, models.materialize(cfg["model"]), prompt)
+    resume_from = resume_point(cfg, checkpoints, identity)
 
     # this run's reports grow there (dvclive writes as training goes) until they replace `reports` at the end
     staging = staging_path(reports)
@@ -405,6 +408,7 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
     live.end()
     if world()[0] == 0:
         write_reports(staging, reports, summary)
+        sft.write_timings(timings, summary, MEASUREMENTS, live_callback.history)
     barrier()  # the adapter is on disk before any process returns
     summary["history"] = live_callback.history  # returned (benchmarks), not written: dvclive has the plots
     if world()[0] == 0:  # one line for the run, not one per process
@@ -418,16 +422,16 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
 
 
 # The run's measurements: how long, how fast, how much memory, on what. They are the one part of a run that is
-# not a function of its deps and params, so they go into metrics.json only (`cache: false`, nothing depends on
-# it), never into summary.json or the model (DVC-cached outputs that must hash the same in every clone).
+# not a function of its deps and params, so they go into reports/timings/train.json (--timings: git-ignored, no DVC
+# output), never into a DVC output: dvc.lock, metrics.json and summary.json hash the same in every clone and rerun.
 MEASUREMENTS = ("device", "train_time_s", "train_time_with_evals_s", "wall_time_s", "tokens_per_s",
                 "completion_tokens_per_s", "peak_memory_mib", "peak_memory_kind")
 
 
 def write_reports(staging: Path, reports: Path, summary: dict) -> None:
-    """summary.json (what the run did: a function of its inputs) and metrics.json (the headline numbers and the
-    measurements) beside dvclive's plots, then the staging directory replaces reports/train: a run that failed
-    before this point leaves the last good reports as they were."""
+    """summary.json (what the run did: a function of its inputs) and metrics.json (the headline numbers) beside
+    dvclive's plots, then the staging directory replaces reports/train: a run that failed before this point leaves
+    the last good reports as they were."""
     with staged_dir(reports, "train", "--reports", signature=REPORTS_SIGNATURE, staging=staging):
         write_json(staging / REPORTS_SIGNATURE, {k: v for k, v in summary.items() if k not in MEASUREMENTS})
         write_json(staging / "metrics.json", headline_metrics(staging / "metrics.json", summary))
@@ -435,17 +439,14 @@ def write_reports(staging: Path, reports: Path, summary: dict) -> None:
 
 def headline_metrics(live_summary: Path, summary: dict) -> dict:
     """reports/train/metrics.json, what `dvc metrics diff` and `dvc exp show` compare: the final train and eval
-    loss (dvclive's last values) and the step, then the run's measurements (MEASUREMENTS: tokens/s, training and
-    wall time, peak memory (peak_memory_kind: max RSS on CPU, torch's peak allocation per GPU), the device). The learning rate and the
-    per-interval tokens/s stay in the plots (a metric train.learning_rate would also crowd out the param of
-    that name in `dvc exp show`); everything else is in summary.json."""
+    loss (dvclive's last values) and the step, nothing measured (tokens/s, times, memory: reports/timings/train.json).
+    The learning rate stays in the plots (a metric train.learning_rate would also crowd out the param of that name
+    in `dvc exp show`); everything else is in summary.json."""
     live = json.loads(live_summary.read_text(encoding="utf-8")) if live_summary.is_file() else {}
     metrics = {"train": {"loss": summary["final_train_loss"]}}
     if summary["final_eval_loss"] is not None:
         metrics["eval"] = {"loss": summary["final_eval_loss"]}
-    return {**metrics, "step": live.get("step", summary["steps"]),
-            **{k: summary[k] for k in ("tokens_per_s", "completion_tokens_per_s", "train_time_s", "train_time_with_evals_s",
-                                       "wall_time_s", "peak_memory_mib", "peak_memory_kind", "device")}}
+    return {**metrics, "step": live.get("step", summary["steps"])}
 
 
 def save_output(model, tokenizer, resolved: dict, out: Path, state_dict: dict | None = None, kept=None) -> None:
@@ -467,8 +468,65 @@ def save_output(model, tokenizer, resolved: dict, out: Path, state_dict: dict | 
         notice = models.terms_notice(resolved)
         if notice:  # Gemma's terms travel with the model
             (tmp / models.NOTICE_FILE).write_text(notice + "\n", encoding="utf-8")
+        (tmp / "README.md").write_text(model_card(resolved, out.name, notice is not None), encoding="utf-8")  # over peft's
         write_json(tmp / OUT_SIGNATURE, resolved)
     log.info("saved the %s to %s", resolved["saved"], out)
+
+
+def public_base(resolved: dict) -> str | None:
+    """The hub id of the model this one was fine-tuned from, for the model card's base_model: a built-in's id
+    (models.BUILTIN_HUB_IDS), through the pretrain stage's base too; a hub id as given; None for a local path (a
+    model card's base_model names a model others can fetch, never a path on the trainer's disk)."""
+    for name in ((resolved.get("pretrained") or {}).get("base_model"), resolved.get("model")):
+        if not isinstance(name, str) or not name:
+            continue
+        if name in models.BUILTIN_HUB_IDS:
+            return models.BUILTIN_HUB_IDS[name]
+        if name.count("/") == 1 and not Path(name).exists() and not name.startswith((".", "/")):
+            return name
+    return None
+
+
+def model_card(resolved: dict, name: str, gemma: bool) -> str:
+    """README.md of the trained model, in the hub's model-card form (peft writes a blank template with the local
+    path of the base as base_model): what it was fine-tuned from, how, with which prompt, and how to run it.
+    Only what training knows, nothing measured: the scores are the evaluate stage's (reports/metrics.json)."""
+    base = public_base(resolved)
+    fmt = resolved["prompt"]["format"]
+    meta = ["---"]
+    if base:
+        meta.append(f"base_model: {base}")
+    meta += [f"library_name: {'peft' if resolved['saved'] == 'adapter' else 'transformers'}",
+             f"license: {'gemma' if gemma else 'apache-2.0' if base == models.BUILTIN_HUB_IDS['smollm2-135m-instruct'] else 'other'}",
+             "language:", "- lzh", "- zh", "pipeline_tag: translation",
+             "tags:", "- wenyan-mt", "- classical-chinese", f"- {resolved['method']}", "- sft", "---", ""]
+    how = (f"{resolved['method']} (r={resolved['lora_r']}, alpha={resolved['lora_alpha']})" if resolved["method"] != "full"
+           else "full fine-tuning")
+    steps = f"{resolved['max_steps']} steps" if resolved["max_steps"] else f"{resolved['epochs']} epoch(s)"
+    body = [
+        f"# {name}: 文言文 → 现代汉语",
+        "",
+        f"Translates Classical Chinese into modern Chinese. Fine-tuned from {base or 'a local base model'} with "
+        f"wenyan-mt ({how}, {steps}, learning rate {resolved['learning_rate']}, "
+        f"{resolved['backend']} backend; loss on the translation only). Every setting is in `training_config.json`.",
+        "",
+        "Prompt it was trained with (`training_config.json` → `prompt`; translate and evaluate read it from there):",
+        "",
+        f"- system: {fmt['system_prompt'] or '(none)'}",
+        f"- user: `{fmt['user_template']}`",
+        "",
+        "Run it:",
+        "",
+        "```bash",
+        f"python -m tools.translate --model {name} \"学而时习之，不亦说乎？\"",
+        "```",
+        "",
+        "Scores (BLEU/chrF against copying the source and against the base model): the evaluate stage's "
+        "`reports/metrics.json` of the run that trained it.",
+    ]
+    if gemma:
+        body += ["", "Gemma is provided under the Gemma Terms of Use: see `NOTICE.md` beside this file."]
+    return "\n".join(meta + body) + "\n"
 
 
 def sort_adapter_config(path: Path) -> None:
@@ -490,17 +548,24 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, help="adapter / model directory (models/adapter)")
     parser.add_argument("--checkpoints", required=True, help="checkpoint directory (models/checkpoints)")
     parser.add_argument("--reports", required=True, help="report directory (reports/train)")
+    parser.add_argument("--timings", help="the run's measurements (reports/timings/train.json: tokens/s, times, "
+                                          "memory, device; git-ignored, no DVC output)")
     parser.add_argument("--base", help="the pretrain stage's output (models/pretrain): train starts from its model, "
                                        "or from train.model where it is a pass-through; without it, from train.model")
     add_params_options(parser)
     args = parser.parse_args(argv)
     for path in (args.out, args.checkpoints, args.reports):
         check_output_path(path, directory=True)  # before training, not after
-    outputs = {"--out": args.out, "--checkpoints": args.checkpoints, "--reports": args.reports}
+    if args.timings:
+        check_output_path(args.timings)
+    outputs = {"--out": args.out, "--checkpoints": args.checkpoints, "--reports": args.reports, "--timings": args.timings}
     check_paths({"--train": args.train, "--valid": args.valid, "--base": args.base, "--params": args.params}, outputs,
                 dirs=["--base"])
     params = load_sections("train", ["train", "format", "clean.opencc"], args.params)
     cfg = resolve_config(params["train"])
+    # what this machine cannot run (qlora without CUDA, more GPUs than it has): here, before anything is read or
+    # deleted (a fresh run clears --checkpoints before loading the model, where a 4-bit base would fail)
+    check_machine({"train": cfg}, launched=world()[2] > 1)
     if args.check_params:
         resolve_prompt(params["format"], params["clean"]["opencc"])
         sft.check_trainer_names(cfg, "train")  # transformers' scheduler and optimizer names (this process ends here)
@@ -522,7 +587,7 @@ def main(argv=None) -> None:
         return
     if cfg["num_gpus"] == 1:
         pin_one_gpu()
-    train(cfg, args.train, args.valid, args.out, args.checkpoints, args.reports, prompt=prompt)
+    train(cfg, args.train, args.valid, args.out, args.checkpoints, args.reports, prompt=prompt, timings=args.timings)
     distributed.finish()
 
 

@@ -26,9 +26,6 @@ import yaml
 from test_pipeline_e2e import slice_corpus, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
-# The run's measurements (times, tokens/s, memory, device): `cache: false` outputs nothing depends on, the only
-# ones allowed to differ between two runs of the same stage (README "What DVC hashes").
-MEASURED = {"reports/train/metrics.json", "reports/train/plots/metrics"}
 DVC = [sys.executable, "-m", "dvc"]
 
 
@@ -106,15 +103,16 @@ def test_lock_matches_code_and_params():
     env = environment()
     proc = run(DVC + ["status", "--json"], REPO, env)
     status = json.loads(proc.stdout or "{}")
-    pipeline = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    status.update(json.loads(run(DVC + ["status", "--json", "export/dvc.yaml"], REPO, env).stdout or "{}"))
     written = set()
-    for spec in pipeline.values():
-        for kind in ("outs", "metrics", "plots"):
-            written |= {next(iter(o)) if isinstance(o, dict) else o for o in spec.get(kind, [])}
+    for dvc_yaml, prefix in ((REPO / "dvc.yaml", ""), (REPO / "export" / "dvc.yaml", "export/")):
+        for spec in yaml.safe_load(dvc_yaml.read_text(encoding="utf-8"))["stages"].values():
+            for kind in ("outs", "metrics", "plots"):  # export's paths are relative to export/ (wdir: ..  or not)
+                for o in spec.get(kind, []):
+                    path = next(iter(o)) if isinstance(o, dict) else o
+                    written |= {path, os.path.normpath(prefix + path)}
     stale = {}
-    for stage, changes in status.items():
-        if stage.startswith("export/"):  # on request only (README "Export"): never run by `dvc repro`
-            continue
+    for stage, changes in status.items():  # export/dvc.yaml too: run on request, its committed lock matches the code
         for change in changes:
             if isinstance(change, str):  # "changed command", "always changed", ...
                 stale.setdefault(stage, []).append(change)
@@ -138,7 +136,8 @@ def test_lock_matches_code_and_params():
 @pytest.mark.slow
 def test_outputs_hash_the_same_in_two_clones(built):
     """The data stages, base and train (tiny model) in a clone at another path: every output hash in dvc.lock is
-    the same as in the first clone, except the run's measurements."""
+    the same as in the first clone, metrics and plots included: the run's measurements are in reports/timings/,
+    which neither DVC nor git tracks (README "What DVC hashes"), so a clone reproduces dvc.lock."""
     env = built["env"]
     other = built["root"] / "b" / "deeper" / "path" / "repo"
     other.parent.mkdir(parents=True)
@@ -149,11 +148,12 @@ def test_outputs_hash_the_same_in_two_clones(built):
     compared = []
     for stage in ("check_params", "ingest", "clean", "split", "format", "base", "train"):
         for path, md5 in second[stage].items():
-            if path in MEASURED:
-                continue
             assert first[stage][path] == md5, f"{stage}: {path} hashes differently in two clones"
             compared.append(path)
-    assert {"models/base", "models/adapter", "reports/train/summary.json", "data/format"} <= set(compared)
+    assert {"models/base", "models/adapter", "reports/train/summary.json", "reports/train/metrics.json",
+            "reports/train/plots/metrics", "data/format"} <= set(compared)
+    assert json.loads((other / "reports/timings/train.json").read_text(encoding="utf-8"))["tokens_per_s"] > 0
+    assert "reports/timings" not in run(["git", "status", "--porcelain", "--ignored=no"], other, env).stdout
 
 
 @pytest.mark.slow

@@ -76,19 +76,20 @@ def run(tiny, tmp_path, name="run", callbacks=(), subprocess=False, **overrides)
     `python -m stages.train` in a fresh interpreter, for unsloth, which must be imported first)."""
     params = {**tiny_train_params(tiny["model"]), **overrides}
     base = tmp_path / name
-    paths = {"out": base / "adapter", "checkpoints": base / "checkpoints", "reports": base / "reports"}
+    paths = {"out": base / "adapter", "checkpoints": base / "checkpoints", "reports": base / "reports",
+             "timings": base / "timings" / "train.json"}
     if callbacks:
         cfg = train_stage.resolve_config(params)
         prompt = train_stage.resolve_prompt(PROMPT["format"], PROMPT["clean"]["opencc"])
         train_stage.train(cfg, tiny["train"], tiny["valid"], paths["out"], paths["checkpoints"], paths["reports"], callbacks,
-                          prompt=prompt)
+                          prompt=prompt, timings=paths["timings"])
     else:
         base.mkdir(parents=True, exist_ok=True)
         (base / "params.yaml").write_text(yaml.safe_dump({"train": params, **PROMPT}, allow_unicode=True), encoding="utf-8")
         argv = [
             "--train", str(tiny["train"]), "--valid", str(tiny["valid"]), "--out", str(paths["out"]),
             "--checkpoints", str(paths["checkpoints"]), "--reports", str(paths["reports"]),
-            "--params", str(base / "params.yaml"),
+            "--params", str(base / "params.yaml"), "--timings", str(paths["timings"]),
         ]
         if subprocess:
             import subprocess as sp
@@ -99,8 +100,9 @@ def run(tiny, tmp_path, name="run", callbacks=(), subprocess=False, **overrides)
         else:
             train_stage.main(argv)
     summary = json.loads((paths["reports"] / "summary.json").read_text())
-    # the run's measurements (times, tokens/s, memory, device) are in metrics.json only (cache: false)
+    # the run's measurements (times, tokens/s, memory, device) are in --timings only (git-ignored, no DVC output)
     summary.update(json.loads((paths["reports"] / "metrics.json").read_text()))
+    summary.update(json.loads(paths["timings"].read_text()))
     return summary, paths
 
 
@@ -141,10 +143,13 @@ def test_lora_trains_saves_and_loads_like_evaluate(tiny, tmp_path):
     assert loss_tsv[0] == "step\tloss" and len(loss_tsv) == 1 + 4
     eval_tsv = (paths["reports"] / "plots" / "metrics" / "eval" / "loss.tsv").read_text().splitlines()
     assert [line.split("\t")[0] for line in eval_tsv] == ["step", "0", "2", "4"]  # from before the first step: a curve
-    # what the run measured is in metrics.json (cache: false) only, never in the DVC-cached summary.json
-    written = json.loads((paths["reports"] / "summary.json").read_text())
-    assert not set(train_stage.MEASUREMENTS) & set(written) and "tokens_per_s" in json.loads((paths["reports"] / "metrics.json").read_text())
-    assert (paths["reports"] / "plots" / "metrics" / "train" / "tokens_per_s.tsv").is_file()
+    # what the run measured is in --timings only, never in a DVC output (summary.json, metrics.json, the plots)
+    for name in ("summary.json", "metrics.json"):
+        assert not set(train_stage.MEASUREMENTS) & set(json.loads((paths["reports"] / name).read_text())), name
+    assert sorted(p.name for p in (paths["reports"] / "plots" / "metrics" / "train").iterdir()) == ["learning_rate.tsv", "loss.tsv"]
+    timings = json.loads(paths["timings"].read_text())
+    assert set(train_stage.MEASUREMENTS) <= set(timings) and timings["tokens_per_s"] > 0
+    assert [point["step"] for point in timings["curve"]] == [1, 2, 3, 4] and all(p["tokens_per_s"] > 0 for p in timings["curve"])
 
 
 def test_full_fine_tuning_changes_the_weights(tiny, tmp_path):
@@ -371,3 +376,19 @@ def test_parallel_tokenizing_gives_the_serial_examples_in_order(tiny, monkeypatc
     monkeypatch.setattr(sft.os, "cpu_count", lambda: 3)
     parallel, parallel_stats = sft.build_examples(tokenizer, data, 128, "train")
     assert parallel == serial and parallel_stats == serial_stats
+
+
+def test_model_card_names_a_public_base_never_a_local_path(tiny, tmp_path):
+    """models/adapter/README.md (over peft's blank card, whose base_model was the local models/base/... path): the
+    hub id of a built-in base (through the pretrain stage too), a hub id as given, none for a local directory."""
+    _, paths = run(tiny, tmp_path)
+    card = (paths["out"] / "README.md").read_text(encoding="utf-8")
+    meta = card.split("---")[1]
+    assert "base_model" not in meta and str(tiny["model"]) not in card  # a local base: no base_model line at all
+    assert "pipeline_tag: translation" in meta and "library_name: peft" in meta
+    assert "{classical}" in card and "tools.translate --model adapter" in card
+    assert train_stage.public_base({"model": "gemma-3-270m"}) == "google/gemma-3-270m"
+    assert train_stage.public_base({"model": "models/pretrain", "pretrained": {"base_model": "smollm2-135m-instruct"}}) \
+        == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert train_stage.public_base({"model": "unsloth/Llama-3.2-1B-Instruct"}) == "unsloth/Llama-3.2-1B-Instruct"
+    assert train_stage.public_base({"model": str(tmp_path)}) is None

@@ -570,7 +570,7 @@ def make_live_callback(live, trainer_ref: dict):
                 live.log_metric("train/loss", float(logs["loss"]))
                 if logs.get("learning_rate") is not None:
                     live.log_metric("train/learning_rate", float(logs["learning_rate"]))
-                live.log_metric("train/tokens_per_s", round(rate, 1))
+                # tokens/s is a measurement, not a function of deps and params: write_timings, not dvclive's plots
             if "eval_loss" in logs:
                 entry["eval_loss"] = logs["eval_loss"]
                 live.log_metric("eval/loss", float(logs["eval_loss"]))
@@ -591,6 +591,17 @@ def count_parameters(model) -> tuple[int, int]:
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total
+
+
+def write_timings(path, summary: dict, keys, history) -> None:
+    """A run's measurements (how long, how fast, how much memory, on what) and its per-interval tokens/s, into path
+    (reports/timings/<stage>.json): git-ignored and declared nowhere in dvc.yaml, so a rerun or a clone leaves git,
+    dvc.lock and `dvc metrics diff` alone (they compare quality); `python -m tools.results` and the benchmarks
+    read it. None: not written."""
+    if path is None:
+        return
+    curve = [{"step": e["step"], "tokens_per_s": round(e["tokens_per_s"], 1)} for e in history if "tokens_per_s" in e]
+    write_json(Path(path), {**{k: summary[k] for k in keys if k in summary}, "curve": curve})
 
 
 def peak_memory_mib() -> tuple[float, str]:

@@ -49,7 +49,7 @@ stage() {  # stage DIR LOG ARGS...: run stages in DIR; unsloth failing -> the hf
   (cd "$dir" && python3 $RS $common -S train.backend=hf "$@") >> "$log" 2>&1
 }
 copy_tree() { mkdir -p "$2" && (cd "$1" && tar --exclude=./models/checkpoints -cf - .) | tar -xf - -C "$2"; }
-tps() { python3 -c "import json;m=json.load(open('$1/reports/train/metrics.json'));print(m.get('tokens_per_s'), 'tok/s', m.get('peak_memory_mib'), 'MiB', m.get('train_time_s'), 's', m.get('device'))" 2>&1 | tail -1; }
+tps() { python3 -c "import json;m=json.load(open('$1/reports/timings/train.json'));print(m.get('tokens_per_s'), 'tok/s', m.get('peak_memory_mib'), 'MiB', m.get('train_time_s'), 's', m.get('device'))" 2>&1 | tail -1; }
 
 # speed arms, one at a time (clean timings): the same batch shape with and without trimming
 short="-S train.max_steps=$SPEED_STEPS -S train.warmup_steps=5 -S train.eval_steps=0 -S train.eval_samples=0 -S train.logging_steps=5"

@@ -1,6 +1,8 @@
 """The local web page (tools/serve.py): its pages and API in-process, and end to end in a real headless Chromium
 (Selenium + the system's chromium and chromedriver): translate two sentences with a tiny model, the aligned output,
-the runs view's numbers from a committed metrics.json, and no request to anything but the page's own server."""
+the runs view's numbers from a committed metrics.json, and no request to anything but the page's own server;
+the runs view's nested runs (reports/runs/<run>/<arm>), its DVC experiments (a tiny git + DVC project made in the
+test, two `dvc exp run -S`) and its model/copy/base colours (those of .dvc/plots/*.json)."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny tenso
 
 TWO = "子曰：学而时习之，不亦说乎？有朋自远方来，不亦乐乎？"
 RUN = "h200-cjk-vocab-full-2ep"  # a committed run: reports/runs/<RUN>/metrics.json
+ARM = "h200-pretrain-arms/C"  # a committed nested run: reports/runs/<run>/<arm>/metrics.json
 # Screenshots go to the test's tmp_path, or to WENYAN_SCREENSHOTS (reports/screenshots/ holds the committed ones)
 SCREENSHOTS_ENV = "WENYAN_SCREENSHOTS"
 
@@ -84,21 +87,42 @@ def test_translate_api_errors_are_one_line(tmp_path):
         assert c.post("/api/translate", content=b"not json").status_code == 400
 
 
+def committed_runs() -> list[str]:
+    """Every folder under reports/runs/ with a metrics.json, by its path there, but a run's own train/ (or
+    evaluate/, pretrain/) report; in the page's order: the top-level runs, then each parent folder's arms."""
+    runs = REPO / "reports" / "runs"
+    folders = {p.parent.relative_to(runs).as_posix() for p in runs.rglob("metrics.json")}
+    found = [f for f in folders if not (f.rpartition("/")[2] in ("train", "evaluate", "pretrain") and f.rpartition("/")[0] in folders)]
+    return sorted(found, key=lambda f: (f.split("/")[:-1], f))
+
+
 def test_runs_view_has_every_committed_run_with_its_numbers():
-    with client(REPO, []) as c:
+    with client(REPO, [], experiments=False) as c:  # no dvc exp show in this repository (the tiny repo below has it)
         page = c.get("/runs").text
         runs = c.get("/api/runs").json()
-    committed = sorted(p.parent.name for p in (REPO / "reports" / "runs").glob("*/metrics.json"))
+    committed = committed_runs()
+    assert ARM in committed and f"{ARM}/train" not in committed  # nested arms, not their own train/ reports
     assert [r["name"] for r in runs] == ["current (reports/)"] + committed
+    assert [r["group"] for r in runs] == [""] + [n.rpartition("/")[0] for n in committed]
+    by_book = curves = 0
     for folder in [REPO / "reports"] + [REPO / "reports" / "runs" / n for n in committed]:
         m = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+        if "bleu" not in m:  # a pretrain run or a speed arm: its row says so
+            assert f"<tr data-run='{folder.relative_to(REPO / 'reports' / 'runs').as_posix()}' class='other'>" in page
+            continue
         assert f"<strong>{m['bleu']:.2f}</strong>" in page
         assert f"{m['baselines']['copy']['bleu']:.2f} / {m['baselines']['copy']['chrf']:.2f}" in page
-    assert page.count("aria-label='BLEU by book'") == len(runs) and page.count("aria-label='loss curves'") == len(runs)
+        by_book += (folder / "evaluate" / "by_book.csv").is_file()
+    for folder in [REPO / "reports"] + [REPO / "reports" / "runs" / n for n in committed]:
+        curves += any((folder / p).is_file() for p in ("train/plots/metrics/train/loss.tsv", "plots/metrics/train/loss.tsv",
+                                                       "loss.tsv", "train/plots/metrics/eval/loss.tsv"))
+    assert page.count("aria-label='BLEU by book'") == by_book and page.count("aria-label='loss curves'") == curves
+    for group in {r["group"] for r in runs} - {""}:
+        assert page.count(f"<tr class='group' data-group='{group}'>") == 1, group  # each parent's arms together
 
 
 def test_pages_reference_nothing_outside_the_server(tiny_model):
-    with client(REPO, [tiny_model]) as c:
+    with client(REPO, [tiny_model], experiments=False) as c:
         for url in ("/", "/runs"):
             text = c.get(url).text
             assert "://" not in text, url  # no absolute URL at all: fonts, scripts and plots are inline
@@ -133,8 +157,9 @@ def server(tiny_model, tmp_path):
     """python -m tools.serve on a free port, in a subprocess; yields its address."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
            "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "tools.serve", "--port", "0", "--root", str(REPO), "--model", str(tiny_model)],
-                            stdout=subprocess.PIPE, stderr=open(tmp_path / "serve.log", "wb"), env=env, cwd=REPO)
+    cmd = [sys.executable, "-m", "tools.serve", "--port", "0", "--root", str(REPO), "--model", str(tiny_model),
+           "--no-experiments"]  # no dvc exp show in this repository
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(tmp_path / "serve.log", "wb"), env=env, cwd=REPO)
     try:
         line = proc.stdout.readline().decode()
         assert "http://127.0.0.1:" in line, (tmp_path / "serve.log").read_text()
@@ -204,6 +229,9 @@ def test_in_chromium_translate_two_sentences_then_the_runs_view(server, tiny_mod
         assert row.find_element(By.CSS_SELECTOR, "td.chrf").text == f"{m['chrf']:.2f}"
         assert f"{m['baselines']['copy']['bleu']:.2f} / {m['baselines']['copy']['chrf']:.2f}" in row.text
         assert len(driver.find_elements(By.CSS_SELECTOR, "svg.chart")) >= 2
+        arm = json.loads((REPO / "reports" / "runs" / ARM / "metrics.json").read_text(encoding="utf-8"))
+        nested = driver.find_element(By.CSS_SELECTOR, f"#runs tr[data-run='{ARM}']")
+        assert nested.find_element(By.CSS_SELECTOR, "td.bleu").text == f"{arm['bleu']:.2f}"
         driver.save_screenshot(str(shots / "runs.png"))
         urls = requested_urls(driver)
     finally:
@@ -282,14 +310,14 @@ FOREIGN_HOSTS = ["evil.com", "evil.com:8765", "localhost.evil.com", "localhost.e
 @pytest.mark.parametrize("host", LOCAL_HOSTS)
 def test_the_page_answers_to_this_machines_names(tmp_path, host):
     app = serve.make_app(tmp_path, [])
-    for url in ("/", "/runs", "/api/models", "/api/runs"):
+    for url in ("/", "/runs", "/api/models", "/api/runs", "/api/experiments"):
         assert asgi(app, "GET", url, {"host": host})[0] == 200, url
 
 
 @pytest.mark.parametrize("host", FOREIGN_HOSTS)
 def test_a_foreign_host_is_refused_dns_rebinding(tmp_path, host):
     app = serve.make_app(tmp_path, [])
-    for url in ("/", "/runs", "/api/models", "/api/runs"):
+    for url in ("/", "/runs", "/api/models", "/api/runs", "/api/experiments"):
         status, body, _ = asgi(app, "GET", url, {"host": host})
         assert status == 403 and "is not this machine" in json.loads(body)["error"], url
     status, _, asked = post_json(app, {"model": "models/x", "text": "子曰。"}, {"host": host})
@@ -657,6 +685,218 @@ def test_a_damaged_report_is_marked_on_its_run_not_a_broken_page(reports):
 
     charts = re.findall(r"<svg.*?</svg>", page.text)
     assert charts and not any(w in chart.lower() for chart in charts for w in ("nan", "inf"))  # no NaN coordinate
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 30: nested runs, DVC experiments, the dvc plots colours
+
+
+def test_nested_runs_are_listed_by_path_under_their_parent(tmp_path):
+    root = tmp_path / "project"
+    runs = root / "reports" / "runs"
+    outside = tmp_path / "outside"
+    write(outside / "metrics.json", json.dumps({**GOOD, "bleu": 99.0}))
+    write(runs / "top" / "metrics.json", json.dumps(GOOD))
+    write(runs / "top" / "train" / "metrics.json", '{"step": 5}')  # the run's own train report: not a run
+    write(runs / "arms" / "notes.txt", "a folder of arms, itself no run")
+    write(runs / "arms" / "A" / "metrics.json", json.dumps({**GOOD, "bleu": 31.0}))
+    write(runs / "arms" / "C" / "metrics.json", json.dumps({**GOOD, "bleu": 32.0}))
+    write(runs / "arms" / "C" / "evaluate" / "metrics.json", json.dumps(GOOD))  # C's own report folder
+    write(runs / "arms" / "C" / "beam4" / "metrics.json", json.dumps({**GOOD, "bleu": 33.0}))  # an arm of an arm
+    write(runs / "arms" / "P" / "metrics.json", '{"tokens": 4000, "loss": 4.5, "steps": 611}')  # a pretrain run
+    write(runs / "arms" / "P" / "plots" / "metrics" / "train" / "loss.tsv", "step\tloss\n1\t5.0\n2\t4.5\n")
+    write(runs / "a" / "b" / "c" / "d" / "metrics.json", json.dumps(GOOD))  # RUNS_DEPTH (4) deep: listed
+    write(runs / "a" / "b" / "c" / "d" / "e" / "metrics.json", json.dumps(GOOD))  # deeper: not looked in
+    (runs / "linked").symlink_to(outside, target_is_directory=True)  # a folder link: not followed
+    (runs / "arms" / "L").mkdir()
+    (runs / "arms" / "L" / "metrics.json").symlink_to(outside / "metrics.json")  # a file link out: not read
+    (runs / "arms" / "A" / "train").mkdir()
+    (runs / "arms" / "A" / "train" / "metrics.json").symlink_to(outside / "metrics.json")
+    assert serve.RUNS_DEPTH == 4
+
+    with client(root, []) as c:
+        page = c.get("/runs").text
+        got = c.get("/api/runs").json()
+    names = ["top", "a/b/c/d", "arms/A", "arms/C", "arms/L", "arms/P", "arms/C/beam4"]  # each parent's arms together
+    assert [r["name"] for r in got] == names
+    assert [r["group"] for r in got] == ["", "a/b/c", "arms", "arms", "arms", "arms", "arms/C"]
+    runs_by = {r["name"]: r for r in got}
+    assert [runs_by[n]["metrics"]["bleu"] for n in ("arms/A", "arms/C", "arms/C/beam4")] == [31.0, 32.0, 33.0]
+    assert "a link out of" in runs_by["arms/L"]["error"] and "not read" in runs_by["arms/L"]["error"]
+    assert any("train/metrics.json: a link out of" in p for p in runs_by["arms/A"]["problems"])
+    assert runs_by["arms/A"]["train"] == {}
+    assert "99.0" not in page and "99.0" not in json.dumps(got)  # nothing outside reports/runs was read
+    for group in ("a/b/c", "arms", "arms/C"):
+        assert page.count(f"<tr class='group' data-group='{group}'>") == 1, group
+    assert page.index("data-group='arms'") < page.index("data-run='arms/A'") < page.index("data-group='arms/C'") \
+        < page.index("data-run='arms/C/beam4'")
+    assert "<tr data-run='arms/L' class='damaged'>" in page
+    assert "<tr data-run='arms/P' class='other'>" in page and "loss 4.5, steps 611" in page  # not an evaluation
+    assert serve.load_run("arms/P", runs / "arms" / "P")["curves"]["train loss"] == [(1.0, 5.0), (2.0, 4.5)]
+
+
+def template_scales() -> dict[str, dict[str, str]]:
+    """{template file: {system: colour}} of every colour scale over model/copy/base in .dvc/plots/*.json."""
+    found = {}
+    for path in sorted((REPO / ".dvc" / "plots").glob("*.json")):
+        stack = [json.loads(path.read_text(encoding="utf-8"))]
+        while stack:
+            value = stack.pop()
+            if isinstance(value, dict):
+                if "model" in value.get("domain", []):
+                    found[path.name] = dict(zip(value["domain"], value["range"]))
+                stack.extend(value.values())
+            elif isinstance(value, list):
+                stack.extend(value)
+    return found
+
+
+def test_model_copy_base_have_the_colours_of_the_dvc_plots_templates(reports):
+    scales = template_scales()
+    assert set(scales) == {"scores_by_group.json", "scores_overall.json"}
+    for name, colours in scales.items():
+        assert {s: colours[s] for s in ("model", "copy", "base")} == {s: serve.COLORS[s] for s in ("model", "copy", "base")}, name
+    assert len({serve.COLORS[s] for s in ("model", "copy", "base")}) == 3
+    with client(reports, []) as c:
+        page = c.get("/runs").text
+    for system, score in (("model", 22.0), ("copy", 16.0), ("base", 8.0)):  # partly's 史记 row; the bars' fill
+        assert f"fill='{serve.COLORS[system]}'><title>史记 (60) {system}: BLEU {score:.2f}</title>" in page, system
+        assert f"<i class='key' style='background:{serve.COLORS[system]}'></i>" in page  # its columns' heading
+    assert page.index("史记 (60) model:") < page.index("史记 (60) copy:") < page.index("史记 (60) base:")  # dvc plots' order
+
+
+def test_colours_come_from_the_template_or_say_it_is_missing(tmp_path):
+    from wenyan.errors import PipelineError
+
+    assert serve.plot_colors(serve.PLOT_TEMPLATE) == {s: serve.COLORS[s] for s in serve.SYSTEMS}
+    template = tmp_path / "t.json"
+    write(template, json.dumps({"spec": {"encoding": {"color": {"scale": {"domain": ["base", "copy", "model"],
+                                                                            "range": ["#000001", "#000002", "#000003"]}}}}}))
+    assert serve.plot_colors(template) == {"model": "#000003", "copy": "#000002", "base": "#000001"}
+    write(template, json.dumps({"encoding": {"color": {"scale": {"domain": ["a", "b"], "range": ["#1", "#2"]}}}}))
+    with pytest.raises(PipelineError, match="no colour scale"):
+        serve.plot_colors(template)
+    with pytest.raises(PipelineError, match="cannot read it"):
+        serve.plot_colors(tmp_path / "absent.json")
+
+
+DVC = [sys.executable, "-m", "dvc"]
+EXP_STAGE = """import json, yaml
+p = yaml.safe_load(open("params.yaml"))["train"]
+json.dump({"bleu": float(p["lr"]) * 100,  # float("nan"): a NaN BLEU
+           "chrf": p["steps"] * 1.5, "n_sentences": 8,
+           "baselines": {"copy": {"bleu": 1.5, "chrf": 2.5}, "base": {"bleu": 3.5, "chrf": 4.5}}},
+          open("reports/metrics.json", "w"))
+"""
+
+
+def git_dvc(cmd: list, cwd: Path) -> None:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+           "DVC_NO_ANALYTICS": "1"}
+    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"{cmd}: {proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+
+
+@pytest.fixture(scope="module")
+def exp_repo(tmp_path_factory):
+    """A git + DVC project with one trivial stage writing reports/metrics.json from params.yaml, committed, and two
+    experiments: lr2 (train.lr=0.2) and broken (train.lr=nan: a NaN BLEU); ~3 s."""
+    repo = tmp_path_factory.mktemp("exp") / "project"
+    write(repo / "params.yaml", "train:\n  lr: 0.1\n  steps: 3\n  prompt: 翻译。\n")
+    write(repo / "stage.py", EXP_STAGE)
+    write(repo / "dvc.yaml", "stages:\n  evaluate:\n    cmd: python stage.py\n    deps: [stage.py]\n    params: [train]\n"
+                             "    metrics:\n      - reports/metrics.json:\n          cache: false\n")
+    (repo / "reports").mkdir()
+    git_dvc(["git", "init", "-q"], repo)
+    git_dvc(DVC + ["init", "-q"], repo)
+    git_dvc(DVC + ["repro", "-q"], repo)
+    git_dvc(["git", "add", "-A"], repo)
+    git_dvc(["git", "commit", "-qm", "base"], repo)
+    git_dvc(DVC + ["exp", "run", "-q", "-n", "lr2", "-S", "train.lr=0.2"], repo)
+    git_dvc(DVC + ["exp", "run", "-q", "-n", "broken", "-S", "train.lr=nan"], repo)
+    return repo
+
+
+def test_dvc_experiments_are_listed_with_their_changed_params_and_scores(exp_repo):
+    with client(exp_repo, []) as c:
+        page = c.get("/runs")
+        api = c.get("/api/experiments")
+    assert page.status_code == 200 and api.status_code == 200
+    got = json.loads(api.text, parse_constant=lambda c: pytest.fail(f"{c} in /api/experiments"))
+    assert got["note"] == ""
+    rows = {r["name"]: r for r in got["experiments"]}
+    assert [r["kind"] for r in got["experiments"]][:2] == ["workspace", "baseline"]
+    assert sorted(n for n, r in rows.items() if r["kind"] == "experiment") == ["broken", "lr2"]
+    baseline = next(r for r in got["experiments"] if r["kind"] == "baseline")
+    assert baseline["changed"] == [] and baseline["metrics"]["bleu"] == 10.0 and baseline["metrics"]["chrf"] == 4.5
+    lr2 = rows["lr2"]
+    assert lr2["changed"] == ["train.lr=0.2"] and lr2["baseline"] == baseline["name"] and lr2["error"] == ""
+    assert lr2["metrics"] == {"bleu": 20.0, "chrf": 4.5, "n_sentences": 8,
+                              "baselines": {"copy": {"bleu": 1.5, "chrf": 2.5}, "base": {"bleu": 3.5, "chrf": 4.5}}}
+    assert rows["broken"]["changed"] == ["train.lr=NaN"] and rows["broken"]["metrics"] == {}
+    assert "field 'bleu' should be a finite number" in rows["broken"]["error"]  # checked as a run's metrics are
+    assert rows["workspace"]["changed"] == ["train.lr=NaN"]  # the last experiment is applied to the workspace
+
+    html = page.text
+    assert "<h2>DVC experiments</h2>" in html and "<table id='experiments'>" in html
+    assert "<tr data-exp='lr2' class='experiment'>" in html and "<tr data-exp='broken' class='experiment damaged'>" in html
+    start = html.index("<tr data-exp='lr2'")
+    lr2_row = html[start:html.index("</tr>", start)]
+    assert "train.lr=0.2" in lr2_row and "<strong>20.00</strong>" in lr2_row and "1.50 / 2.50" in lr2_row \
+        and "3.50 / 4.50" in lr2_row and "+18.50" in lr2_row
+    assert f"fill='{serve.COLORS['copy']}'><title>lr2 copy: BLEU 1.50</title>" in html  # the BLEU by experiment bars
+    assert "aria-label='BLEU by experiment'" in html
+
+
+def test_experiments_without_dvc_or_git_or_any_experiment_are_a_note(tmp_path, exp_repo):
+    assert serve.load_experiments(tmp_path) == {
+        "experiments": [], "note": f"no DVC experiments: {tmp_path} is not a DVC project (no .dvc/)"}
+    no_git = tmp_path / "no-git"
+    no_git.mkdir()
+    git_dvc(DVC + ["init", "-q", "--no-scm"], no_git)
+    got = serve.load_experiments(no_git)
+    assert got["experiments"] == [] and got["note"].startswith("no DVC experiments: dvc exp show failed: ")
+    assert "\n" not in got["note"] and "Git" in got["note"]
+    with client(no_git, []) as c:
+        page = c.get("/runs")
+        assert page.status_code == 200 and "dvc exp show failed" in page.text
+        assert c.get("/api/experiments").json() == got
+
+    plain = tmp_path / "plain"  # git + DVC, one commit, no experiment yet
+    plain.mkdir()
+    git_dvc(["git", "init", "-q"], plain)
+    git_dvc(DVC + ["init", "-q"], plain)
+    git_dvc(["git", "commit", "-qm", "init"], plain)
+    got = serve.load_experiments(plain)
+    assert [r["kind"] for r in got["experiments"]] == ["workspace", "baseline"]
+    assert got["note"] == "no DVC experiments yet (dvc exp run -S KEY=VALUE runs one)"
+
+    assert "took over" in serve.load_experiments(exp_repo, timeout=0.01)["note"]  # a stuck dvc: stopped, a note
+    with client(exp_repo, [], experiments=False) as c:  # --no-experiments: dvc is not run at all
+        assert c.get("/api/experiments").json() == {
+            "experiments": [], "note": "DVC experiments are not looked up (--no-experiments)"}
+
+
+def test_experiment_rows_take_only_what_fits(tmp_path):
+    entry = {"rev": "a" * 40, "name": "main", "data": {"params": {"params.yaml": {"data": {"train": {"lr": 0.1, "x": 1}}},
+                                                                  "other.yaml": {"data": {"k": "v"}}},
+                                                       "metrics": {"reports/metrics.json": {"data": {"bleu": 10.0}}}},
+             "experiments": [
+                 {"name": "gone", "revs": [{"rev": "b" * 40, "data": {"params": {"params.yaml": {"data": {"train": {"lr": 0.1}}}},
+                                                                     "metrics": {"reports/metrics.json": {"data": {"bleu": "high"}}}}}]},
+                 {"name": "queued", "executor": {"state": "queued"}, "revs": [{"rev": "c" * 40, "data": None,
+                                                                              "error": {"type": "X", "msg": "not run yet"}}]},
+                 {"revs": []}, "junk"]}
+    rows = serve.experiment_rows([entry, "junk", {"rev": "workspace", "data": {}}])
+    assert [(r["name"], r["kind"], r["state"]) for r in rows] == [
+        ("main", "baseline", ""), ("gone", "experiment", ""), ("queued", "experiment", "queued"),
+        ("workspace", "workspace", "")]
+    gone = rows[1]
+    assert gone["changed"] == ["train.x (removed)", "other.yaml:k (removed)"] and "field 'bleu' should be" in gone["error"]
+    assert rows[2]["error"] == "queued: reports/metrics.json: not run yet" and rows[0]["metrics"] == {"bleu": 10.0}
+    assert serve.changed_params({}, {"p": "长" * 100})[0] == "p=" + "长" * (serve.VALUE_CHARS - 1) + "…"
+    json.dumps(rows, allow_nan=False)  # what /api/experiments sends: no NaN anywhere
 
 
 @pytest.mark.parametrize("port", ["abc", "-1", "65536", "70000", "1.5", "", " ", "80x", "99999999999999999999", "0x50"])

@@ -2,6 +2,7 @@
 
     python -m tools.serve                       # http://127.0.0.1:8765/ (printed); models found under models/
     python -m tools.serve --model models/export/model-Q8_0.gguf --port 0    # a free port
+    python -m tools.serve --no-experiments      # the runs view without `dvc exp show` (run each time it loads)
 
 Two views, both server-rendered HTML with inline CSS, JS and SVG: nothing is fetched from anywhere but this
 server, so the page works offline (no fonts, scripts or plots from the network).
@@ -12,11 +13,15 @@ server, so the page works offline (no fonts, scripts or plots from the network).
   translation appears as each sentence is done (a progress bar), each source sentence beside its translation;
   copy or download the result (one output line per input line, as `wenyan-translate` writes it). The work is
   tools.translate's Translator: the same splitting, prompts and decoding as the command.
-- Runs (/runs): the committed runs (reports/runs/*/) and the current reports/ side by side: BLEU (95% CI) and
-  chrF with the copy-the-source and untuned-base baselines, per-book BLEU bars with the baselines beside the
-  model, and the training and eval loss curves. A damaged report is marked on its run, never a broken page.
+- Runs (/runs): the current reports/ and every committed run under reports/runs/ (any folder with a metrics.json,
+  nested arms such as h200-pretrain-arms/C listed by their path under their parent) side by side: BLEU (95% CI)
+  and chrF with the copy-the-source and untuned-base baselines, per-book BLEU bars with the baselines beside the
+  model (the colours of the dvc plots templates, .dvc/plots/), and the training and eval loss curves; then the
+  DVC experiments (`dvc exp show`: the workspace, the commit, its experiments, each with the params it changed
+  and its scores), or a note saying why there are none. A damaged report is marked on its run, never a broken page.
 
-Starlette (ASGI) served by uvicorn on 127.0.0.1 only. Translation streams as NDJSON from POST /api/translate.
+Starlette (ASGI) served by uvicorn on 127.0.0.1 only. Translation streams as NDJSON from POST /api/translate;
+GET /api/runs and /api/experiments give the runs view's figures as JSON.
 
 What a page on this machine is exposed to, and what it does about it:
 - Other sites the user visits (cross-origin requests, DNS rebinding): a request whose Host is not this machine
@@ -24,6 +29,9 @@ What a page on this machine is exposed to, and what it does about it:
   a POST must be JSON (Content-Type application/json: a cross-site form cannot send it without a preflight).
 - Paths typed as the model: resolved to their real path ('..', symlinks) and loaded only from models/ or a
   --model; one loaded model per real path (the last MODELS_KEPT used), dropped when its files change or vanish.
+- Run folders: looked for under reports/runs/ at most RUNS_DEPTH deep, never through a symlinked folder; a report
+  whose real path is outside reports/runs/ (a link out) is not read, and says so on its run.
+- DVC experiments: `dvc exp show --json` in the project, stopped after EXPERIMENTS_TIMEOUT_S; DVC's analytics off.
 - Request bodies: Content-Length required and at most MAX_BODY_BYTES, checked before reading; reading stops there.
 - Jobs: one translation at a time; a job stops at its next sentence (or, with transformers, its next token) when
   its client goes away or it runs past --timeout, and frees the model for the next one.
@@ -44,6 +52,8 @@ import math
 import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -141,6 +151,12 @@ METRICS = {  # reports/metrics.json (evaluate), as the table shows it; a null is
 TRAIN_METRICS = {"step": Optional(NUMBER), "eval": Optional({"loss": Optional(NUMBER)})}  # train/metrics.json
 SUMMARY = {}  # train/summary.json: any mapping, shown as it is (in /api/runs)
 BOOK_NUMBERS = ("bleu", "chrf", "base_bleu", "base_chrf", "copy_bleu", "copy_chrf")  # evaluate/by_book.csv
+CURVES = {  # each curve from the first of these a run has: an evaluated run's train/, a pretrain run, a speed arm
+    "train loss": ("train/plots/metrics/train/loss.tsv", "plots/metrics/train/loss.tsv", "loss.tsv"),
+    "eval loss": ("train/plots/metrics/eval/loss.tsv",),
+}
+RUNS_DEPTH = 4  # reports/runs/<run>/<arm>/<variant>/<one more>: deeper folders are not looked in
+RUN_PARTS = ("benchmarks", "data", "evaluate", "export", "plots", "pretrain", "screenshots", "train")  # as in reports/
 
 
 def non_finite(value, field: str = "") -> str | None:
@@ -168,6 +184,19 @@ def without_nulls(value):
     return [without_nulls(v) for v in value] if isinstance(value, list) else value
 
 
+def check_report(value, spec, where: str, fix: str = REPORT_FIX) -> dict:
+    """A report's JSON value checked against spec, every number finite, its nulls left out; PipelineError (one
+    line naming where and the field) when it does not fit."""
+    try:
+        check(without_nulls(value), spec, where, fix)
+        bad = non_finite(value)
+    except RecursionError:
+        raise PipelineError(f"{where}: nested too deeply to be a report; {fix}") from None
+    if bad:
+        raise PipelineError(f"{where}: field '{bad}' should be a finite number; {fix}")
+    return without_nulls(value)
+
+
 def read_report(path: Path, spec) -> dict | None:
     """A JSON report checked against spec, every number finite; None when it is absent, PipelineError (one line
     naming the file and field) when it is damaged: unreadable, not UTF-8, not JSON, wrong types."""
@@ -175,13 +204,9 @@ def read_report(path: Path, spec) -> dict | None:
         return None
     try:
         value = read_artifact(path, dict, REPORT_FIX)
-        check(without_nulls(value), spec, str(path), REPORT_FIX)
-        bad = non_finite(value)
     except RecursionError:
         raise PipelineError(f"{path}: nested too deeply to be a report; {REPORT_FIX}") from None
-    if bad:
-        raise PipelineError(f"{path}: field '{bad}' should be a finite number; {REPORT_FIX}")
-    return without_nulls(value)
+    return check_report(value, spec, str(path))
 
 
 def read_table(path: Path, delimiter: str = ",") -> list[tuple[int, dict]]:
@@ -272,27 +297,47 @@ def optional_report(path: Path, spec, problems: list[str]) -> dict:
         return {}
 
 
-def load_run(name: str, folder: Path) -> dict | None:
+def escapes(path: Path, top: Path | None) -> bool:
+    """True when path exists (a link counts, even a broken one) and its real path is outside top (None: no bound)."""
+    return top is not None and os.path.lexists(path) and not real_path(path).is_relative_to(top)
+
+
+def load_run(name: str, folder: Path, top: Path | None = None) -> dict | None:
     """One run's figures: reports/metrics.json-style metrics, by_book.csv, training curves and summary. None when
     the folder has no metrics.json; a damaged metrics.json gives the run with its "error" (shown on the page);
-    a damaged train/ or evaluate/ report is left out, with a line in "problems"."""
-    empty = {"name": name, "folder": str(folder), "metrics": {}, "train": {}, "summary": {}, "by_book": [],
-             "curves": {"train loss": [], "eval loss": []}, "bleu_signature": "", "problems": []}
+    a damaged train/ or evaluate/ report is left out, with a line in "problems". With top (the real reports/runs),
+    a file whose real path is outside it (a link out) is not read: an error for metrics.json, a problem for others."""
+    empty = {"name": name, "group": "", "folder": str(folder), "metrics": {}, "train": {}, "summary": {},
+             "by_book": [], "curves": {"train loss": [], "eval loss": []}, "bleu_signature": "", "problems": []}
+    problems: list[str] = []
+
+    def readable(path: Path) -> bool:
+        if escapes(path, top):
+            problems.append(f"{path}: a link out of {top}; not read")
+            return False
+        return True
+
+    if not readable(folder / "metrics.json"):
+        return {**empty, "error": problems[0], "problems": problems}
     try:
         metrics = read_report(folder / "metrics.json", METRICS)
     except PipelineError as exc:
         return {**empty, "error": str(exc), "problems": [str(exc)]}
     if not metrics:
         return None
-    problems: list[str] = []
-    train = optional_report(folder / "train" / "metrics.json", TRAIN_METRICS, problems)
-    summary = optional_report(folder / "train" / "summary.json", SUMMARY, problems)
-    curves = {
-        "train loss": read_curve(folder / "train" / "plots" / "metrics" / "train" / "loss.tsv", problems),
-        "eval loss": read_curve(folder / "train" / "plots" / "metrics" / "eval" / "loss.tsv", problems),
-    }
-    by_book = read_by_book(folder / "evaluate" / "by_book.csv", problems)
-    signature = bleu_signature(folder, metrics, problems)
+    train, summary = {}, {}
+    if readable(folder / "train" / "metrics.json"):
+        train = optional_report(folder / "train" / "metrics.json", TRAIN_METRICS, problems)
+    if readable(folder / "train" / "summary.json"):
+        summary = optional_report(folder / "train" / "summary.json", SUMMARY, problems)
+    curves = {}
+    for curve, places in CURVES.items():
+        path = next((folder / p for p in places if os.path.lexists(folder / p)), folder / places[0])
+        curves[curve] = read_curve(path, problems) if readable(path) else []
+    by_book = read_by_book(folder / "evaluate" / "by_book.csv", problems) if readable(
+        folder / "evaluate" / "by_book.csv") else []
+    signature = bleu_signature(folder, metrics, problems) if readable(folder / "evaluate" / "scores.csv") else \
+        metrics.get("bleu_signature") or ""
     return {**empty, "metrics": metrics, "train": train, "summary": summary, "by_book": by_book, "curves": curves,
             "bleu_signature": signature, "problems": problems}
 
@@ -312,23 +357,201 @@ def bleu_signature(folder: Path, metrics: dict, problems: list[str] | None = Non
     return metrics.get("bleu_signature") or ""
 
 
+def find_runs(runs: Path, depth: int = RUNS_DEPTH) -> list[str]:
+    """The folders under runs that hold a metrics.json, as paths relative to it ('h200-pretrain-arms/C'), in
+    path order (a parent before its arms): looked for up to `depth` folders deep, never through a symlinked
+    folder; a run's own report folders (RUN_PARTS: train/, evaluate/, ...) are part of it, not runs."""
+    found = []
+    stack = [(runs, "", 0)]  # (folder, its path relative to runs, how deep)
+    while stack:
+        folder, rel, level = stack.pop()
+        try:
+            with os.scandir(folder) as scan:
+                entries = sorted(scan, key=lambda e: e.name)
+        except OSError:  # unreadable, or gone meanwhile: nothing to list
+            continue
+        is_run = rel != "" and any(e.name == "metrics.json" for e in entries)
+        if is_run:
+            found.append(rel)
+        if level >= depth:
+            continue
+        below = [e for e in entries if e.is_dir(follow_symlinks=False) and e.name != "metrics.json"
+                 and not (is_run and e.name in RUN_PARTS)]
+        stack.extend((Path(e.path), f"{rel}/{e.name}" if rel else e.name, level + 1) for e in reversed(below))
+    return found
+
+
 def load_runs(reports: Path) -> list[dict]:
-    """The current reports/ first, then each committed run under reports/runs/ (by name)."""
+    """The current reports/ first, then each committed run under reports/runs/, at any depth (find_runs): those
+    directly under it by name, then each parent folder's arms together ('h200-pretrain-arms/A', '.../C', then
+    '.../C/beam4' under h200-pretrain-arms/C)."""
     runs = []
     current = load_run("current (reports/)", reports)
     if current:
         runs.append(current)
-    for folder in sorted((reports / "runs").glob("*/")):
-        run = load_run(folder.name, folder) if folder.is_dir() else None
+    top = real_path(reports / "runs")
+    for rel in sorted(find_runs(reports / "runs"), key=lambda rel: (rel.split("/")[:-1], rel)):
+        run = load_run(rel, reports / "runs" / rel, top)
         if run:
-            runs.append(run)
+            runs.append({**run, "group": rel.rpartition("/")[0]})  # an arm is listed under its parent folder
     return runs
+
+
+# ----------------------------------------------------------------------------------------------
+# DVC experiments: `dvc exp show --json` of the project, run as a command (a timeout stops a slow or stuck one;
+# DVC's logging, locks and signal handlers stay out of the server)
+
+METRICS_FILE = "reports/metrics.json"  # evaluate's metrics, as dvc.yaml declares them: an experiment's scores
+EXPERIMENTS_TIMEOUT_S = 60.0  # dvc exp show: ~1 s on a small project; git or a lock held by `dvc exp run` may stall it
+EXPERIMENTS_FIX = "see dvc exp show"
+VALUE_CHARS = 40  # a changed param's value is cut to this many characters on the page (a system prompt is long)
+
+
+def no_experiments(note: str) -> dict:
+    return {"experiments": [], "note": note}
+
+
+def load_experiments(root: Path, timeout: float = EXPERIMENTS_TIMEOUT_S) -> dict:
+    """{"experiments": rows (experiment_rows), "note": "" or why there are none}: never an exception, so the
+    page shows a note where there is no git/DVC project, no experiment, or DVC fails."""
+    if not (root / ".dvc").is_dir():
+        return no_experiments(f"no DVC experiments: {root} is not a DVC project (no .dvc/)")
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_TERMINAL_PROMPT": "0"}  # nothing leaves the machine
+    cmd = [sys.executable, "-m", "dvc", "exp", "show", "--json"]
+    try:
+        done = subprocess.run(cmd, cwd=root, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                              encoding="utf-8", errors="replace", timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return no_experiments(f"no DVC experiments: dvc exp show took over {timeout:g} s and was stopped")
+    except OSError as exc:
+        return no_experiments(f"no DVC experiments: cannot run dvc ({exc.strerror or exc})")
+    if done.returncode != 0:
+        said = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+        why = said[-1].strip() if said else f"exit status {done.returncode}"
+        return no_experiments(f"no DVC experiments: dvc exp show failed: {why}")
+    try:
+        entries = json.loads(done.stdout)
+    except (ValueError, RecursionError):
+        return no_experiments("no DVC experiments: dvc exp show --json gave no JSON")
+    rows = experiment_rows(entries if isinstance(entries, list) else [])
+    none = not any(r["kind"] == "experiment" for r in rows)
+    return {"experiments": rows, "note": "no DVC experiments yet (dvc exp run -S KEY=VALUE runs one)" if none else ""}
+
+
+def experiment_rows(entries: list) -> list[dict]:
+    """`dvc exp show --json` as rows: the workspace, each baseline commit, then that commit's experiments. Each row
+    has its reports/metrics.json (checked as a run's metrics are; a damaged one is its "error") and the params it
+    changed against its baseline (the workspace's: against the first commit listed, HEAD)."""
+    rows = []
+    entries = [e for e in entries if isinstance(e, dict)]
+    head = next((e for e in entries if e.get("rev") != "workspace"), None)
+    for entry in entries:
+        if entry.get("rev") == "workspace":
+            rows.append(experiment_row(entry, "workspace", "workspace", head))
+            continue
+        rows.append(experiment_row(entry, entry.get("name") or str(entry.get("rev"))[:7], "baseline", None))
+        for group in entry.get("experiments") or []:
+            revs = group.get("revs") if isinstance(group, dict) else None
+            if not revs or not isinstance(revs[0], dict):
+                continue
+            name = group.get("name") or revs[0].get("name") or str(revs[0].get("rev"))[:7]
+            state = (group.get("executor") or {}).get("state") or ""
+            rows.append(experiment_row(revs[0], name, "experiment", entry, state))
+    return rows
+
+
+def experiment_row(entry: dict, name: str, kind: str, baseline: dict | None, state: str = "") -> dict:
+    data = entry.get("data") if isinstance(entry.get("data"), dict) else {}
+    row = {"name": str(name), "rev": "" if entry.get("rev") == "workspace" else str(entry.get("rev"))[:7],
+           "kind": kind, "baseline": "" if baseline is None else str(baseline.get("name") or baseline.get("rev"))[:40],
+           "state": str(state), "metrics": {}, "changed": [], "error": ""}
+    where = f"{name}: {METRICS_FILE}"
+    found = (data.get("metrics") or {}).get(METRICS_FILE) or {}
+    error = entry.get("error") or (found.get("error") if isinstance(found, dict) else None)
+    if error:
+        row["error"] = f"{where}: {error.get('msg') or error.get('type') if isinstance(error, dict) else error}"
+    elif isinstance(found, dict) and found.get("data") is not None:
+        try:
+            row["metrics"] = check_report(found["data"], METRICS, where, EXPERIMENTS_FIX)
+        except PipelineError as exc:
+            row["error"] = str(exc)
+    if baseline is not None:
+        row["changed"] = changed_params(flat_params(baseline), flat_params(entry))
+    return row
+
+
+def flat_params(entry: dict) -> dict[str, object]:
+    """An entry's params as {'train.learning_rate': 0.0002, 'other.yaml:key': ...} (params.yaml's keys bare)."""
+    out: dict[str, object] = {}
+
+    def walk(value, key: str) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        else:
+            out[key] = value
+
+    data = entry.get("data") if isinstance(entry.get("data"), dict) else {}
+    for file, found in (data.get("params") or {}).items():
+        if isinstance(found, dict) and isinstance(found.get("data"), dict):
+            for k, v in found["data"].items():
+                walk(v, f"{k}" if file == "params.yaml" else f"{file}:{k}")
+    return out
+
+
+def changed_params(before: dict, after: dict) -> list[str]:
+    """'key=value' for each param after has and before has not (or otherwise), 'key (removed)' for each gone."""
+    def shown(value) -> str:
+        text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value
+        return text if len(text) <= VALUE_CHARS else text[:VALUE_CHARS - 1] + "…"
+
+    def same(a, b) -> bool:
+        return a == b or a != a and b != b  # NaN (a param `nan`) is itself
+
+    out = [f"{k}={shown(v)}" for k, v in after.items() if k not in before or not same(before[k], v)]
+    return out + [f"{k} (removed)" for k in before if k not in after]
 
 
 # ----------------------------------------------------------------------------------------------
 # SVG charts (server-side, no plotting library in the browser)
 
-COLORS = {"model": "#2b6cb0", "base": "#a0aec0", "copy": "#ed8936", "train loss": "#2b6cb0", "eval loss": "#c53030"}
+# The model, copy and base colours are the dvc plots templates' (.dvc/plots/*.json: scores_overall, scores_by_group),
+# read from there, so the page and `dvc plots show` draw each system alike.
+PLOT_TEMPLATE = Path(__file__).resolve().parents[1] / ".dvc" / "plots" / "scores_by_group.json"
+SYSTEMS = ("model", "copy", "base")  # the templates' order (their colour domain and yOffset sort)
+NO_TEMPLATE_COLOR = "#718096"  # every system, when the template cannot be read (a warning says so)
+
+
+def plot_colors(template: Path) -> dict[str, str]:
+    """{system: colour} of a dvc plots template: the colour scale whose domain names model, copy and base."""
+    try:
+        spec = json.loads(template.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"{template}: cannot read it as a dvc plots template ({exc})") from None
+    stack = [spec]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, dict):
+            scale = (value.get("color") or {}).get("scale") if isinstance(value.get("color"), dict) else None
+            if isinstance(scale, dict) and isinstance(scale.get("domain"), list) and isinstance(scale.get("range"), list):
+                colors = {str(k): str(v) for k, v in zip(scale["domain"], scale["range"])}
+                if set(SYSTEMS) <= set(colors):
+                    return {name: colors[name] for name in SYSTEMS}
+            stack.extend(value.values())
+    raise PipelineError(f"{template}: no colour scale with the domain {list(SYSTEMS)}")
+
+
+def system_colors() -> dict[str, str]:
+    try:
+        return plot_colors(PLOT_TEMPLATE)
+    except PipelineError as exc:
+        log.warning("%s; the runs view draws model, copy and base alike", exc)
+        return dict.fromkeys(SYSTEMS, NO_TEMPLATE_COLOR)
+
+
+COLORS = {**system_colors(), "train loss": "#2b6cb0", "eval loss": "#c53030"}
 
 
 def esc(value) -> str:
@@ -340,31 +563,59 @@ def number(value, digits: int = 2) -> str:
 
 
 def book_bars(rows: list[dict], width: int = 640) -> str:
-    """Grouped horizontal bars: per book (most sentences first), BLEU of the model, the base model and copying."""
+    """Per book (most sentences first), BLEU of the model, copying and the base model."""
     rows = sorted(rows, key=lambda r: -int(r.get("n") or 0))[:BOOKS_SHOWN]
     if not rows:
         return "<p class='muted'>no per-book scores (evaluate/by_book.csv)</p>"
-    series = [("model", "bleu"), ("base", "base_bleu"), ("copy", "copy_bleu")]
-    top = max([float(r.get(key) or 0) for r in rows for _, key in series] + [1.0])
+    keys = {"model": "bleu", "copy": "copy_bleu", "base": "base_bleu"}
+    groups = [(f"{row.get('book')} ({row.get('n')})", {name: as_number(row.get(key)) for name, key in keys.items()})
+              for row in rows]
+    return grouped_bars(groups, "BLEU by book", "BLEU", width)
+
+
+def as_number(value) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def system_scores(metrics: dict, metric: str) -> dict[str, float | None]:
+    """{model, copy, base: metrics.json's BLEU or chrF} (None where it has none)."""
+    baselines = metrics.get("baselines") or {}
+    return {"model": metrics.get(metric), **{name: (baselines.get(name) or {}).get(metric) for name in SYSTEMS[1:]}}
+
+
+def grouped_bars(groups: list[tuple[str, dict]], aria: str, what: str, width: int = 640) -> str:
+    """Grouped horizontal bars: per label, the value of each of SYSTEMS (model, copy, base: the order and colours
+    of the dvc plots templates); a system without a value has no bar."""
+    top = max([v for _, values in groups for v in values.values() if v is not None] + [1.0])
     label_w, bar_h, gap = 130, 8, 10
-    group_h = bar_h * len(series) + gap
-    height = group_h * len(rows) + 30
+    group_h = bar_h * len(SYSTEMS) + gap
+    height = group_h * len(groups) + 30
     scale = (width - label_w - 60) / top
     parts = [f"<svg class='chart' width='{width}' height='{height}' viewBox='0 0 {width} {height}' role='img' "
-             f"aria-label='BLEU by book'>"]
-    for k, row in enumerate(rows):
+             f"aria-label='{esc(aria)}'>"]
+    for k, (label, values) in enumerate(groups):
         y0 = 20 + k * group_h
-        parts.append(f"<text x='{label_w - 6}' y='{y0 + bar_h * 1.8}' text-anchor='end' class='lbl'>"
-                     f"{esc(row.get('book'))} ({esc(row.get('n'))})</text>")
-        for j, (name, key) in enumerate(series):
-            value = float(row.get(key) or 0)
+        parts.append(f"<text x='{label_w - 6}' y='{y0 + bar_h * 1.8}' text-anchor='end' class='lbl'>{esc(label)}</text>")
+        for j, name in enumerate(SYSTEMS):
+            value = values.get(name)
+            if value is None:
+                continue
             y = y0 + j * bar_h
             parts.append(f"<rect x='{label_w}' y='{y}' width='{max(value * scale, 0.5):.1f}' height='{bar_h - 1}' "
-                         f"fill='{COLORS[name]}'><title>{esc(row.get('book'))} {name}: BLEU {value:.2f}</title></rect>")
+                         f"fill='{COLORS[name]}'><title>{esc(label)} {name}: {what} {value:.2f}</title></rect>")
             parts.append(f"<text x='{label_w + value * scale + 4:.1f}' y='{y + bar_h - 1}' class='val'>{value:.1f}</text>")
-    parts.append(legend([name for name, _ in series], width - 210, 12))
+    parts.append(legend(list(SYSTEMS), width - 210, 12))
     parts.append("</svg>")
     return "".join(parts)
+
+
+def swatch(name: str) -> str:
+    """A small square of a system's colour, before its column's heading."""
+    return f"<i class='key' style='background:{COLORS[name]}'></i>"
 
 
 def legend(names: list[str], x: int, y: int) -> str:
@@ -432,6 +683,8 @@ th{background:#edf2f7;text-align:left}td.num{text-align:right;font-variant-numer
 #aligned td.pending{color:#a0aec0}#aligned td.pass{color:#718096;font-style:italic}
 .muted{color:#718096}.err{color:#c53030;font-weight:600}.row{margin:10px 0}
 .chart text.lbl{font-size:12px}.chart text.val{font-size:10px;fill:#4a5568}.chart .axis{stroke:#718096}
+td.arm{padding-left:22px}tr.group th{background:#f7fafc;font-weight:600}
+.key{display:inline-block;width:10px;height:10px;margin-right:5px}td.params{font-size:12px}
 .runs{display:flex;flex-wrap:wrap;gap:18px}.run{background:#fff;border:1px solid #e2e8f0;padding:10px;flex:1 1 560px}
 progress{width:360px}
 """
@@ -535,42 +788,107 @@ def translate_page(models: list[dict]) -> str:
     return page("wenyan-mt: translate", "translate", body, TRANSLATE_JS)
 
 
-def runs_page(runs: list[dict]) -> str:
-    if not runs:
-        return page("wenyan-mt: runs", "runs", "<p>No runs: reports/metrics.json and reports/runs/*/metrics.json are missing.</p>")
-    head = ("<tr><th>run</th><th>test sentences</th><th>BLEU</th><th>95% CI</th><th>chrF</th><th>copy BLEU / chrF</th>"
-            "<th>base BLEU / chrF</th><th>BLEU − copy</th><th>train steps</th><th>eval loss</th></tr>")
-    rows = []
-    for run in runs:
-        if run.get("error"):
-            rows.append(f"<tr data-run='{esc(run['name'])}' class='damaged'><td>{esc(run['name'])}</td>"
-                        f"<td colspan='9' class='err'>damaged report: {esc(run['error'])}</td></tr>")
-            continue
-        m = run["metrics"]
-        base, copy = (m.get("baselines") or {}).get("base") or {}, (m.get("baselines") or {}).get("copy") or {}
-        ci = m.get("bleu_ci95") or {}
-        gain = None if m.get("bleu") is None or copy.get("bleu") is None else m["bleu"] - copy["bleu"]
-        rows.append(
-            f"<tr data-run='{esc(run['name'])}'><td>{esc(run['name'])}</td><td class='num'>{esc(m.get('n_sentences', '-'))}</td>"
-            f"<td class='num bleu'><strong>{number(m.get('bleu'))}</strong></td>"
+SCORE_HEAD = (f"<th>{swatch('model')}BLEU</th><th>95% CI</th><th>chrF</th><th>{swatch('copy')}copy BLEU / chrF</th>"
+              f"<th>{swatch('base')}base BLEU / chrF</th><th>BLEU − copy</th>")
+FIGURES_SHOWN = 6
+
+
+def score_cells(m: dict) -> str:
+    """The six score cells of SCORE_HEAD for a metrics.json."""
+    base, copy = (m.get("baselines") or {}).get("base") or {}, (m.get("baselines") or {}).get("copy") or {}
+    ci = m.get("bleu_ci95") or {}
+    gain = None if m.get("bleu") is None or copy.get("bleu") is None else m["bleu"] - copy["bleu"]
+    return (f"<td class='num bleu'><strong>{number(m.get('bleu'))}</strong></td>"
             f"<td class='num'>{number(ci.get('low'))}–{number(ci.get('high'))}</td><td class='num chrf'>{number(m.get('chrf'))}</td>"
             f"<td class='num'>{number(copy.get('bleu'))} / {number(copy.get('chrf'))}</td>"
             f"<td class='num'>{number(base.get('bleu'))} / {number(base.get('chrf'))}</td>"
-            f"<td class='num'>{'-' if gain is None else f'{gain:+.2f}'}</td>"
-            f"<td class='num'>{esc(run['train'].get('step', '-'))}</td>"
+            f"<td class='num'>{'-' if gain is None else f'{gain:+.2f}'}</td>")
+
+
+def evaluated(m: dict) -> bool:
+    return m.get("bleu") is not None or m.get("chrf") is not None
+
+
+def figures(m: dict) -> str:
+    """A metrics.json without BLEU (a pretrain run, a speed arm): its first numbers, 'loss 4.471, steps 611'."""
+    found = []
+    for key, value in m.items():
+        inner = value.items() if isinstance(value, dict) else [(None, value)]
+        for sub, v in inner:
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                found.append(f"{key if sub is None else f'{key}.{sub}'} {v:.4g}")
+    return ", ".join(found[:FIGURES_SHOWN]) + (", …" if len(found) > FIGURES_SHOWN else "")
+
+
+def runs_page(runs: list[dict], experiments: dict | None = None) -> str:
+    """The runs table (the current reports/, then reports/runs/ at any depth, each arm under its parent folder),
+    the DVC experiments table, and a card per run with its charts."""
+    exp_part = experiments_part(experiments or no_experiments("DVC experiments are not looked up (--no-experiments)"))
+    if not runs:
+        return page("wenyan-mt: runs", "runs", "<p>No runs: reports/metrics.json and reports/runs/**/metrics.json "
+                                               "are missing.</p>" + exp_part)
+    head = f"<tr><th>run</th><th>test sentences</th>{SCORE_HEAD}<th>train steps</th><th>eval loss</th></tr>"
+    rows, group = [], ""
+    for run in runs:
+        if run.get("group", "") != group:
+            group = run.get("group", "")
+            if group:
+                rows.append(f"<tr class='group' data-group='{esc(group)}'><th colspan='10'>{esc(group)}/</th></tr>")
+        cell = f"<td class='{'arm' if run.get('group') else 'name'}'>{esc(run['name'])}</td>"
+        if run.get("error"):
+            rows.append(f"<tr data-run='{esc(run['name'])}' class='damaged'>{cell}"
+                        f"<td colspan='9' class='err'>damaged report: {esc(run['error'])}</td></tr>")
+            continue
+        m = run["metrics"]
+        if not evaluated(m):
+            rows.append(f"<tr data-run='{esc(run['name'])}' class='other'>{cell}<td colspan='9' class='muted'>"
+                        f"no BLEU (not an evaluation): {esc(figures(m))}</td></tr>")
+            continue
+        rows.append(
+            f"<tr data-run='{esc(run['name'])}'>{cell}<td class='num'>{esc(m.get('n_sentences', '-'))}</td>"
+            f"{score_cells(m)}<td class='num'>{esc(run['train'].get('step', '-'))}</td>"
             f"<td class='num'>{number((run['train'].get('eval') or {}).get('loss'), 3)}</td></tr>")
     sig = next((r["bleu_signature"] for r in runs if r["bleu_signature"]), "")
     cards = "".join(
         f"<div class='run'><h3>{esc(run['name'])}</h3><p class='muted'>{esc(run['folder'])}</p>"
         + "".join(f"<p class='err problem'>{esc(problem)}</p>" for problem in run.get("problems", []))
-        + ("" if run.get("error") else f"<h4>BLEU by book (model, base, copy)</h4>{book_bars(run['by_book'])}"
-                                       f"<h4>Loss</h4>{loss_curves(run['curves'])}")
+        + ("" if run.get("error") or not evaluated(run["metrics"]) else
+           "<h4>BLEU and chrF (model, copy, base)</h4>"
+           + grouped_bars([(label, system_scores(run["metrics"], key)) for label, key in (("BLEU", "bleu"), ("chrF", "chrf"))],
+                          "scores", "score")
+           + f"<h4>BLEU by book (model, copy, base)</h4>{book_bars(run['by_book'])}")
+        + ("" if run.get("error") else f"<h4>Loss</h4>{loss_curves(run['curves'])}")
         + "</div>" for run in runs)
     body = (f"<h2>Runs</h2><table id='runs'>{head}{''.join(rows)}</table>"
             f"<p class='muted'>sacrebleu {esc(sig)}. copy = the source sentence as its own translation; base = the untuned "
-            f"model with the same prompts. From metrics.json, evaluate/scores.csv and by_book.csv and train/ of each folder.</p>"
-            f"<div class='runs'>{cards}</div>")
+            f"model with the same prompts. From metrics.json, evaluate/scores.csv and by_book.csv and train/ of each folder; "
+            f"the colours are those of dvc plots (.dvc/plots/).</p>"
+            f"{exp_part}<div class='runs'>{cards}</div>")
     return page("wenyan-mt: runs", "runs", body)
+
+
+def experiments_part(experiments: dict) -> str:
+    """The DVC experiments table (load_experiments): the workspace, each baseline commit and its experiments with
+    the params they changed, and their BLEU beside the baselines as bars; or the note saying why there are none."""
+    rows_in = experiments.get("experiments") or []
+    note = f"<p class='muted note'>{esc(experiments['note'])}</p>" if experiments.get("note") else ""
+    if not rows_in:
+        return f"<h2>DVC experiments</h2>{note}"
+    head = f"<tr><th>experiment</th><th>rev</th><th>params changed (against its baseline)</th>{SCORE_HEAD}</tr>"
+    rows = []
+    for row in rows_in:
+        name = ("└ " if row["kind"] == "experiment" else "") + row["name"] + (f" ({row['state']})" if row["state"] else "")
+        changed = "<br>".join(esc(c) for c in row["changed"]) or "-"
+        start = (f"<tr data-exp='{esc(row['name'])}' class='{esc(row['kind'])}{' damaged' if row['error'] else ''}'>"
+                 f"<td>{esc(name)}</td><td><code>{esc(row['rev'])}</code></td><td class='params'>{changed}</td>")
+        if row["error"]:
+            rows.append(f"{start}<td colspan='6' class='err'>{esc(row['error'])}</td></tr>")
+        else:
+            rows.append(f"{start}{score_cells(row['metrics'])}</tr>")
+    scored = [(row["name"], system_scores(row["metrics"], "bleu")) for row in rows_in if row["metrics"].get("bleu") is not None]
+    chart = grouped_bars(scored[:BOOKS_SHOWN], "BLEU by experiment", "BLEU") if scored else ""
+    return (f"<h2>DVC experiments</h2>{note}<table id='experiments'>{head}{''.join(rows)}</table>"
+            f"<p class='muted'>dvc exp show: {esc(METRICS_FILE)} of each; the workspace is what reports/ holds now.</p>{chart}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -863,9 +1181,10 @@ async def stream_job(request, models: Models, path: Path, text: str, timeout: fl
 
 
 def make_app(root: Path, given: list[Path], parallel: int = 16, threads: int | None = None, *,
-             hosts: tuple[str, ...] = (), timeout: float = JOB_TIMEOUT_S):
+             hosts: tuple[str, ...] = (), timeout: float = JOB_TIMEOUT_S, experiments: bool = True):
     """The page's app: root is the project (models/, reports/), given the --model paths, hosts names this machine
-    is reached by besides LOCAL_HOSTS (--host), timeout the seconds a translation may run."""
+    is reached by besides LOCAL_HOSTS (--host), timeout the seconds a translation may run, experiments whether the
+    runs view lists DVC experiments (dvc exp show in root, each time it is loaded; --no-experiments)."""
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
     from starlette.requests import Request
@@ -879,14 +1198,24 @@ def make_app(root: Path, given: list[Path], parallel: int = 16, threads: int | N
     async def index(request: Request):
         return HTMLResponse(translate_page(find_models(root, given)))
 
-    async def runs(request: Request):
-        return HTMLResponse(runs_page(load_runs(reports)))
+    def find_experiments() -> dict:
+        if not experiments:
+            return no_experiments("DVC experiments are not looked up (--no-experiments)")
+        return load_experiments(root)
+
+    async def runs(request: Request):  # in threads: reading reports and dvc exp show must not stall a translation
+        found, exps = await asyncio.gather(asyncio.to_thread(load_runs, reports), asyncio.to_thread(find_experiments))
+        return HTMLResponse(runs_page(found, exps))
 
     async def api_models(request: Request):
         return JSONResponse(find_models(root, given))
 
     async def api_runs(request: Request):
-        return JSONResponse([{k: v for k, v in r.items() if k != "curves"} for r in load_runs(reports)])
+        found = await asyncio.to_thread(load_runs, reports)
+        return JSONResponse([{k: v for k, v in r.items() if k != "curves"} for r in found])
+
+    async def api_experiments(request: Request):
+        return JSONResponse(await asyncio.to_thread(find_experiments))
 
     async def api_translate(request: Request):
         try:
@@ -900,7 +1229,8 @@ def make_app(root: Path, given: list[Path], parallel: int = 16, threads: int | N
         return StreamingResponse(stream_job(request, models, path, text, timeout), media_type="application/x-ndjson")
 
     app = Starlette(routes=[Route("/", index), Route("/runs", runs), Route("/api/models", api_models),
-                            Route("/api/runs", api_runs), Route("/api/translate", api_translate, methods=["POST"])],
+                            Route("/api/runs", api_runs), Route("/api/experiments", api_experiments),
+                            Route("/api/translate", api_translate, methods=["POST"])],
                     middleware=[Middleware(LocalOnly, hosts=allowed_hosts)])
     app.state.models = models
     return app
@@ -965,6 +1295,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="GGUF: CPU threads (default: all)")
     parser.add_argument("--timeout", default=str(JOB_TIMEOUT_S),
                         help=f"seconds a translation may run before it is stopped (default {JOB_TIMEOUT_S:g})")
+    parser.add_argument("--no-experiments", action="store_true",
+                        help="leave DVC experiments out of the runs view (it runs `dvc exp show` each time it loads)")
     args = parser.parse_args(argv)
     port, timeout = parse_port(args.port), parse_timeout(args.timeout)
     if args.parallel < 1:
@@ -980,7 +1312,8 @@ def main(argv=None) -> None:
     except ImportError as exc:
         raise PipelineError(f"the web page needs {exc.name}: pip install -e .") from None
     given = [path.absolute() for path in args.model]  # the page sends back what it lists: not relative to --root
-    app = make_app(args.root.resolve(), given, args.parallel, args.threads, hosts=(args.host,), timeout=timeout)
+    app = make_app(args.root.resolve(), given, args.parallel, args.threads, hosts=(args.host,), timeout=timeout,
+                   experiments=not args.no_experiments)
     serve(app, args.host, port)
 
 

@@ -77,3 +77,46 @@ def test_dvc_reads_the_overrides_back_as_written(tmp_path):
     out = yaml.safe_load((repo / "out.yaml").read_text(encoding="utf-8"))
     for key, value in {**profile, "train.learning_rate": 0.0005}.items():
         assert lookup(out, key) == value, key
+
+
+def documented_extra_flags(path: Path) -> list[str]:
+    """The -S flags after the profile's name in its `#   python -m tools.profile NAME ...` comment line."""
+    import shlex
+
+    lines = [line[1:].strip() for line in path.read_text(encoding="utf-8").splitlines()
+             if line.startswith("#") and f"python -m tools.profile {path.stem}" in line]
+    assert lines, f"{path.name}: no `python -m tools.profile {path.stem}` line in its comments"
+    words = shlex.split(lines[0])
+    return [words[i + 1] for i, word in enumerate(words) if word == "-S"]
+
+
+def test_smollm2_profile_pretrains_on_the_clones_classical_text(tmp_path, monkeypatch):
+    """profiles/gpu-smollm2.yaml with the flags its comment gives leaves one pretrain source, the upstream clone's
+    古文原文/ folder (no data/mono archive a user cannot get), and the pretrain reader reads such a directory."""
+    from dvc.utils.hydra import apply_overrides  # what `dvc exp run -S` applies to params.yaml
+
+    from stages.pretrain import check_sources
+    from tools.profile import override
+    from wenyan import monolingual
+
+    path = REPO / "profiles" / "gpu-smollm2.yaml"
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    flags = [override(k, v) for k, v in read_profile(str(path)).items()] + documented_extra_flags(path)
+    apply_overrides(tmp_path / "params.yaml", flags)
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text(encoding="utf-8"))
+    assert params["pretrain"]["enabled"] is True
+    assert params["pretrain"]["sources"] == {"classical-mono-a": {"path": "data/Classical-Modern/古文原文",
+                                                                  "format": "niutrans"}}
+    # a tiny clone: 古文原文/<book>/.../<chapter>/text.txt beside the parallel 双语数据/ (never read here)
+    clone = tmp_path / "data" / "Classical-Modern"
+    chapters = {"古文原文/论语/学而篇/text.txt": "学而时习之，不亦说乎？\n有朋自远方来，不亦乐乎？\n",
+                "古文原文/史记/本纪/五帝本纪/text.txt": "黄帝者，少典之子。\n\n",
+                "双语数据/论语/学而篇/source.txt": "学而时习之，不亦说乎？\n"}
+    for rel, body in chapters.items():
+        (clone / rel).parent.mkdir(parents=True, exist_ok=True)
+        (clone / rel).write_text(body, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)  # the profile's path is relative to the repository, as DVC runs the stage
+    [src] = check_sources({"sources": params["pretrain"]["sources"]})
+    docs = monolingual.read_source(src, monolingual.Stats())
+    assert docs == [("史记/本纪/五帝本纪", ["黄帝者，少典之子。"]),
+                    ("论语/学而篇", ["学而时习之，不亦说乎？", "有朋自远方来，不亦乐乎？"])]

@@ -27,7 +27,7 @@ import argparse
 import collections
 from pathlib import Path
 
-from wenyan.prompt import build_messages, check_templates, PROMPT_SCHEMA
+from wenyan.prompt import build_messages, check_templates, join_templates, PROMPT_SCHEMA
 from wenyan.errors import get_logger, run_main
 from wenyan.files import atomic_outputs, check_paths, read_pairs, write_json, write_jsonl
 from wenyan.params import add_params_options, check_params, load_params
@@ -88,7 +88,7 @@ def main(argv=None) -> None:
     check_paths({**{f"--split-dir {s}.parquet": Path(args.split_dir) / f"{s}.parquet" for s in SPLITS}, "--params": args.params},
                 {**{f"--out {s}.jsonl": Path(args.out) / f"{s}.jsonl" for s in SPLITS}, "--report": args.report})
 
-    params = check_params(load_params("format", args.params), SCHEMA, "format")
+    params = join_templates(check_params(load_params("format", args.params), SCHEMA, "format"))
     check_templates(params)
     if args.check_params:
         return

@@ -53,7 +53,7 @@ from pathlib import Path
 
 from wenyan.device import pick_backend
 from wenyan import distributed, models, sft, trim, vocab
-from wenyan.prompt import CHAT_TEMPLATES, PROMPT_SCHEMA, check_templates, end_of_turn_token
+from wenyan.prompt import CHAT_TEMPLATES, PROMPT_SCHEMA, check_templates, end_of_turn_token, join_templates
 from wenyan.distributed import barrier, pin_one_gpu, summed, world
 from wenyan.errors import get_logger, PipelineError, run_main
 from wenyan.checkpoints import run_identity
@@ -159,7 +159,7 @@ def resolve_prompt(fmt: dict, opencc) -> dict:
     export read it from the model, never from a params.yaml edited since: params format: and clean.opencc."""
     from wenyan import text
 
-    fmt = check_params(fmt, PROMPT_SCHEMA, "format")
+    fmt = join_templates(check_params(fmt, PROMPT_SCHEMA, "format"))
     check_templates(fmt)
     text.make_converter(opencc)  # an unknown OpenCC config fails before training, not in evaluate
     return {"format": fmt, "opencc": opencc}

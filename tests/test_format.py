@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import yaml
 
 import pandas as pd
 import pytest
@@ -10,6 +11,8 @@ import pytest
 from stages import format as fmt
 from wenyan.errors import PipelineError
 from wenyan.files import read_jsonl
+
+from conftest import REPO
 
 PARAMS = {"system_prompt": "你是翻译家。", "user_template": "翻译：\n{classical}", "context_sentences": 0, "context_template": "上文：{context}\n"}
 
@@ -134,3 +137,30 @@ def test_main_marks_test_rows_whose_book_has_no_train_or_valid_row(tmp_path, wri
     assert not any("unseen_book" in r for s in ("train", "valid") for r in read_jsonl(out / f"{s}.jsonl"))
     rep = json.loads(report.read_text(encoding="utf-8"))
     assert rep["splits"]["test"]["unseen_book_rows"] == 2 and "unseen_book_rows" not in rep["splits"]["train"]
+
+
+def test_no_shipped_param_holds_a_newline_and_listed_lines_make_the_same_prompt():
+    """`dvc exp show` prints a param value as it is: a newline in one (the templates had one) took every row two
+    lines. params.yaml lists a template's lines instead; joined, they are the prompt the string gave."""
+    from wenyan.prompt import build_messages, check_templates, join_templates
+
+    shipped_params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+
+    def values(node):
+        if isinstance(node, dict):
+            for v in node.values():
+                yield from values(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from values(v)
+        else:
+            yield node
+
+    assert not [v for v in values(shipped_params) if isinstance(v, str) and "\n" in v]
+    fmt = shipped_params["format"]
+    assert isinstance(fmt["user_template"], list)
+    as_string = {**fmt, "user_template": "将下面的文言文翻译成现代汉语：\n{classical}", "context_template": "上文：{context}\n"}
+    check_templates(fmt)
+    joined = join_templates(fmt)
+    assert joined == join_templates(as_string) == as_string
+    assert build_messages("学而", "学习", [], joined) == build_messages("学而", "学习", [], as_string)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 
 from wenyan.errors import PipelineError
-from wenyan.params import Int, Str
+from wenyan.params import Int, Param, Str
 
 
 # Chat templates selectable by name (train.chat_template). On GPU unsloth's get_chat_template is
@@ -134,9 +134,11 @@ def apply_chat_template_override(tokenizer, name: str | None) -> bool:
 
 PROMPT_SCHEMA = {  # params.yaml format: (values and comments there)
     "system_prompt": Str(),  # "" = no system message (SmolLM2's template then adds its own)
-    "user_template": Str(),  # with {classical}: check_templates
+    # a template is a string or the list of its lines, joined with newlines (join_templates): params.yaml lists them,
+    # so that no param value holds a newline (`dvc exp show` would print every row on two lines)
+    "user_template": Param((str, list), items=str),  # with {classical}: check_templates
     "context_sentences": Int(min=0, max=100),  # previous sentences a prompt: 100 already overflow max_seq_length 512
-    "context_template": Str(),  # with {context} when context_sentences > 0
+    "context_template": Param((str, list), items=str),  # with {context} when context_sentences > 0
 }
 
 
@@ -144,6 +146,13 @@ PROMPT_KEYS = tuple(PROMPT_SCHEMA)
 
 
 TEMPLATE_FIELDS = {"user_template": "classical", "context_template": "context"}  # each template's one placeholder
+
+
+def join_templates(params: dict) -> dict:
+    """The format section with each template as one string: a list of lines joined with newlines (the form
+    params.yaml uses), a string as it is. Run right after the section's check_params, so that what is recorded with
+    the model (training_config.json) and every prompt built from it is the same string either way."""
+    return {**params, **{key: "\n".join(params[key]) for key in TEMPLATE_FIELDS if isinstance(params.get(key), list)}}
 
 
 def check_templates(params: dict) -> None:
@@ -154,6 +163,7 @@ def check_templates(params: dict) -> None:
     context_template is checked where context_sentences > 0 (it is used only then)."""
     import string
 
+    params = join_templates(params)
     for key, field in TEMPLATE_FIELDS.items():
         template = params[key]
         if key == "context_template" and params["context_sentences"] == 0:

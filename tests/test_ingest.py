@@ -801,3 +801,23 @@ def test_zip_windows_separators_absolute_and_climbing_member_names(tmp_path, wri
     df, report = run_ingest(tmp_path, write_params, [niutrans(zip_with_links(tmp_path / "corp.zip", files, {}))])
     assert df["id"].tolist() == ["corp/孟子/篇#1", "corp/论语/学而篇#1"]
     assert report["sources"][0]["skipped_by_reason"] == {"member path outside the archive": 1, "partner skipped": 1}
+
+
+@pytest.mark.parametrize("order", [("source.txt", "target.txt"), ("target.txt", "source.txt")])
+def test_a_newer_pair_appended_to_a_tar_is_read_whole_never_new_with_old(tmp_path, make_corpus, write_params, order):
+    """`tar rf` of a newer source.txt, then a newer target.txt, of one chapter (one line more than before): the chapter
+    is read once the walk is over, as `tar x` leaves it, so on_misaligned: error never sees the new source beside the
+    old target (that pairing used to fail the whole ingest)."""
+    archive = make_archive(make_corpus(), tmp_path / "corp.tar")
+    src, tgt = CHAPTERS["论语/学而篇"]
+    newer = {"source.txt": [*src, "新增"], "target.txt": [*tgt, "新加的一句"]}
+    with tarfile.open(archive, "a") as tar:
+        for name in order:
+            data = ("\n".join(newer[name]) + "\n").encode()
+            info = tarfile.TarInfo(f"双语数据/论语/学而篇/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    df, report = run_ingest(tmp_path, write_params, [{"path": str(archive), "format": "niutrans"}], on_misaligned="error")
+    rows = df[df["book"] == "论语"]
+    assert rows["source"].tolist() == newer["source.txt"] and rows["target"].tolist() == newer["target.txt"]
+    assert report["sources"][0]["not_used_by_reason"]["replaced by a later archive member of the same name (as tar x)"] == 2

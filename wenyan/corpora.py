@@ -237,11 +237,9 @@ class NiutransReader:
         if name in chapter_files:  # a later archive member of the same name replaces the earlier one, as `tar x` does
             self.not_used(chapter_files[name][0], "replaced by a later archive member of the same name (as tar x)")
             chapter_files[name] = entry
-            if key in self.done:
-                self.chapters.pop(key, None)
+            if key in self.done:  # read again once the walk is over (its partner may be replaced later too: a newer
+                self.chapters.pop(key, None)  # source.txt, then a newer target.txt, must not pair new with old)
                 self.done.discard(key)
-                if self.finish(key, chapter_files, final=True):
-                    self.done.add(key)
             return
         chapter_files[name] = entry
         if key in self.done:  # a bitext.txt after its chapter's source.txt + target.txt

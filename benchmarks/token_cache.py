@@ -1,4 +1,4 @@
-"""Tokenise once, measured: the train stage's tokenization of N train rows (sft.tokenize_rows: chat template, ids,
+"""Tokenise once, measured: the train stage's tokenization of N train rows (examples.tokenize_rows: chat template, ids,
 reply-only mask, in parallel processes) against reading the same examples back from wenyan/token_cache.py.
 
     python benchmarks/token_cache.py --train data/format/train.jsonl --model gemma-3-270m --chat-template gemma-3 \
@@ -28,7 +28,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["WENYAN_MT_CACHE"] = tmp
-        from wenyan import models, sft
+        from wenyan import models
+        from wenyan.training import examples
 
         tokenizer = models.load_tokenizer(args.model, args.chat_template)
         rows = []
@@ -40,7 +41,7 @@ def main() -> None:
         times = {}
         for name in ("tokenize", "from the cache"):
             started = time.perf_counter()
-            out = sft.tokenize_rows(tokenizer, rows, args.max_seq_length, str(args.train))
+            out = examples.tokenize_rows(tokenizer, rows, args.max_seq_length, str(args.train))
             times[name] = round(time.perf_counter() - started, 2)
             if name == "tokenize":
                 first = out
@@ -53,7 +54,7 @@ def main() -> None:
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     text = (f"# Tokenise once\n\n`{result['command']}` ({result['cpus']} CPUs, load average "
             f"{', '.join(f'{x:.2f}' for x in result['load_average'])})\n\n| | seconds |\n| --- | ---: |\n"
-            f"| tokenize {len(rows):,} train rows ({args.model}, sft.tokenize_rows) | {times['tokenize']} |\n"
+            f"| tokenize {len(rows):,} train rows ({args.model}, examples.tokenize_rows) | {times['tokenize']} |\n"
             f"| the same examples from the cache | {times['from the cache']} |\n\n"
             f"{result['speedup']}x; the cache file {size / 1e6:.1f} MB; the examples identical.\n")
     args.out.with_suffix(".md").write_text(text, encoding="utf-8")

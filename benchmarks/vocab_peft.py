@@ -22,7 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from wenyan import models, sft, vocab
+from wenyan import models, vocab
+from wenyan.training import examples as training_examples
 from wenyan.files import write_json
 
 SHIJI = Path("data/corpus/classical-modern/双语数据/史记")  # the built-in corpus, relative to the repository root
@@ -44,7 +45,7 @@ def batch_of(tokenizer, pairs) -> dict:
     rows = [{"messages": [{"role": "system", "content": "你是翻译家。"},
                           {"role": "user", "content": f"将下面的文言文翻译成现代汉语：\n{s}"},
                           {"role": "assistant", "content": t}]} for s, t in pairs]
-    examples, _ = sft.build_examples(tokenizer, rows, 256, "bench")
+    examples, _ = training_examples.build_examples(tokenizer, rows, 256, "bench")
     n = max(len(e["input_ids"]) for e in examples)
     ids = torch.tensor([e["input_ids"] + [tokenizer.pad_token_id] * (n - len(e["input_ids"])) for e in examples])
     mask = torch.tensor([e["completion_mask"] + [0] * (n - len(e["input_ids"])) for e in examples])

@@ -82,9 +82,8 @@ def main(argv=None) -> None:
         rows = select_evaluated(all_rows, p["num_samples"], p["seed"])
     out_rows = []
     if rows:
-        backend = "hf"  # generation runs on plain transformers (models.inference_backend)
         tokenizer = base_tokenizer(train["model"], train["chat_template"])
-        model = models.load_base({"model": train["model"]}, tokenizer, backend)
+        model = models.load_base({"model": train["model"]}, tokenizer)  # plain transformers (models.inference_backend)
         started = time.perf_counter()
         raw, hit = generation.generate_sharded(
             model, tokenizer, [r["messages"][:-1] for r in rows], [r["source"] for r in rows], desc="base",

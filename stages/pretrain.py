@@ -42,7 +42,9 @@ stream, cut into sequences of exactly pretrain.max_seq_length tokens; the tail s
 ordinary LM pretraining. pretrain.max_tokens > 0 keeps a seeded random choice of that many tokens' sequences.
 
 Training: all weights (full causal-LM loss on every token, no chat template), through train's own loaders
-(models.load_unsloth with full_finetuning on GPU, models.load_hf on CPU; pretrain.backend as train.backend),
+(wenyan/training/loaders.py: load_unsloth with full_finetuning on GPU, load_hf on CPU, given a Loading of this
+section's values; pretrain.backend as train.backend), train's trainer and run (wenyan/training/: one
+build_trainer, one training_run),
 the vocabulary extended there first (pretrain.extend_vocab, the semantics of train.extend_vocab; characters
 counted from the pretraining text + the train split, never valid/test), so train's own extend_vocab finds
 ~1 token a character and adds nothing. One optimizer step sees pretrain.batch_tokens tokens
@@ -74,46 +76,29 @@ import time
 from pathlib import Path
 
 from wenyan.device import pick_backend
-from wenyan import archives, corpora, models, monolingual, sft, text, vocab
+from wenyan import archives, corpora, monolingual, text, vocab
 from wenyan.errors import PipelineError, get_logger, run_main
 from wenyan.files import (check_output_path, check_owned_dir, check_paths, new_staging_dir, read_pairs, staged_dir,
                           with_path_errors, write_json)
-from wenyan.params import add_params_options, Bool, Float, Int, OneOf, Param, Str, check_entry, check_params, load_sections, named_entries
+from wenyan.params import add_params_options, check_entry, load_sections, named_entries, schema_of
+from wenyan.training import loaders, trainer as training
+from wenyan.training.config import PretrainConfig
+from wenyan.training.run import device_name, peak_memory_mib, training_run, write_reports
 
 log = get_logger("pretrain")
 OUT_SIGNATURE, REPORTS_SIGNATURE = "pretrain.json", "summary.json"  # what marks --out and --reports as ours
 
-BACKENDS = ("auto", "unsloth", "hf")
-DTYPES = ("auto", "bf16", "fp16", "fp32")
-SCHEMA = {  # values and their comments: params.yaml's pretrain: section
-    "enabled": Bool(),
-    "sources": Param((dict, list)),  # {name: {path, ...}} (or a list); entries: monolingual.SOURCE_DEFAULTS
-    "include_train_split": Bool(),
-    "max_seq_length": Int(above=1),
-    "max_tokens": Int(min=0),  # 0 = every packed sequence
-    "max_steps": Int(min=0),  # > 0 wins over epochs
-    "epochs": Float(min=0),  # max_steps 0 and epochs 0 = zero tokens = pass-through
-    "batch_tokens": Int(above=0),  # tokens an optimizer step; a multiple of max_seq_length x gradient_accumulation_steps
-    "gradient_accumulation_steps": Int(above=0),
-    "learning_rate": Float(above=0, max=1),
-    "warmup_steps": Int(min=0),
-    "lr_scheduler": Str(),  # a transformers SchedulerType: sft.check_trainer_names
-    "weight_decay": Float(min=0),
-    "optim": Str(),  # auto (adamw_torch_fused on GPU, adamw_torch on CPU) or a transformers OptimizerNames
-    "seed": Int(min=0, max=2**32 - 1),
-    "logging_steps": Int(above=0),
-    "backend": Str(*BACKENDS),
-    "dtype": Str(*DTYPES),
-    "gradient_checkpointing": OneOf("auto", "unsloth", True, False),
-    "extend_vocab": Param((str, int)),  # auto | none | a minimum count: vocab.parse_setting
-}
+SCHEMA = schema_of(PretrainConfig)  # params.yaml's pretrain: section: the fields of wenyan/training/config.py
+
+
 # ----------------------------------------------------------------------------------------------
 # Parameters
 
 
 def resolve_config(section: dict) -> dict:
     """Validate pretrain: params before anything is read; sources are checked only when the stage runs."""
-    cfg = check_params(section, SCHEMA, "pretrain")
+    values = PretrainConfig.from_section(section).as_dict()  # checked against the typed section
+    cfg = {key: values[key] for key in section}  # in the section's order (pretrain.json records it)
     try:
         vocab.parse_setting(cfg["extend_vocab"])
     except PipelineError as exc:
@@ -271,21 +256,22 @@ def base_read(base_dir: Path) -> dict:
     return {"--base's model": Path(location)} if isinstance(location, str) and Path(location).exists() else {}
 
 
-def loader_config(cfg: dict, location: str) -> dict:
-    """The train-section keys train's loaders read, for full fine-tuning of `location`."""
-    return {"model": location, "max_seq_length": cfg["max_seq_length"], "load_in_4bit": False, "method": "full",
-            "gradient_checkpointing": cfg["gradient_checkpointing"], "seed": cfg["seed"], "chat_template": None,
-            "extend_vocab": cfg["extend_vocab"], "dtype": cfg["dtype"]}
+def loading(cfg: dict, location: str) -> loaders.Loading:
+    """What train's loaders read, from this section: full fine-tuning of `location` (all weights, no LoRA, not 4-bit),
+    no chat template (plain text), no trimming, the vocabulary extended as pretrain.extend_vocab says."""
+    return loaders.Loading(model=location, max_seq_length=cfg["max_seq_length"], method="full", load_in_4bit=False,
+                           gradient_checkpointing=cfg["gradient_checkpointing"], seed=cfg["seed"], chat_template=None,
+                           extend_vocab=cfg["extend_vocab"])
 
 
-def build_trainer(model, tokenizer, dataset, cfg: dict, *, rows: int, dtype, optim: str, gradient_checkpointing: bool,
-                  output_dir, callbacks=()):
-    """The SFTTrainer train uses (unsloth's, once unsloth is imported), counting tokens, on the packed sequences:
-    no completion mask, so the loss is on every token; every row is max_seq_length long, so no padding."""
-    from trl import SFTConfig, SFTTrainer
+def trainer_arguments(cfg: dict, *, rows: int, dtype, optim: str, gradient_checkpointing: bool, output_dir):
+    """The SFTConfig of training.build_trainer for the packed sequences: train's schedule (schedule_arguments), no
+    eval and no checkpoints, no completion mask (so the loss is on every token), no padding (every row is
+    max_seq_length long)."""
+    from trl import SFTConfig
 
-    args = SFTConfig(
-        **sft.schedule_arguments(cfg, rows=rows, dtype=dtype, optim=optim, output_dir=output_dir),
+    return SFTConfig(
+        **training.schedule_arguments(cfg, rows=rows, dtype=dtype, optim=optim, output_dir=output_dir),
         gradient_checkpointing=gradient_checkpointing,
         eval_strategy="no",
         save_strategy="no",
@@ -299,8 +285,6 @@ def build_trainer(model, tokenizer, dataset, cfg: dict, *, rows: int, dtype, opt
         train_sampling_strategy="random",
         dataset_num_proc=None,
     )
-    return sft.make_trainer_class(SFTTrainer)(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                                          callbacks=list(callbacks))
 
 
 def make_dataset(sequences):
@@ -321,18 +305,17 @@ def pretrain(cfg: dict, opencc, base_dir, split_dir, out, reports, callbacks=(),
     location, base_info = base_location(Path(base_dir))
     rows = micro_batch_rows(cfg)
     backend = pick_backend(cfg["backend"])  # imports unsloth (if used) before transformers
-    sft.check_trainer_names(cfg, "pretrain")
+    training.check_trainer_names(cfg, "pretrain")
     import torch
 
     on_gpu = torch.cuda.is_available()
     corpus, vocab_texts, data = build_corpus(cfg, split_dir, opencc)
 
-    lcfg = loader_config(cfg, location)
-    dtype = models.resolve_dtype(lcfg, backend)
+    dtype = loaders.resolve_dtype(cfg["dtype"], backend)
     if backend == "unsloth":  # train's loaders: full fine-tuning, the vocabulary extended from vocab_texts
-        model, tokenizer, loaded = models.load_unsloth(lcfg, dtype, vocab_texts)
+        model, tokenizer, loaded = loaders.load_unsloth(loading(cfg, location), dtype, vocab_texts)
     else:
-        model, tokenizer, loaded = models.load_hf(lcfg, dtype, on_gpu, vocab_texts)
+        model, tokenizer, loaded = loaders.load_hf(loading(cfg, location), dtype, on_gpu, vocab_texts)
     del vocab_texts
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
@@ -359,55 +342,52 @@ def pretrain(cfg: dict, opencc, base_dir, split_dir, out, reports, callbacks=(),
     dataset = make_dataset(sequences)
     optim = cfg["optim"] if cfg["optim"] != "auto" else ("adamw_torch_fused" if on_gpu else "adamw_torch")
 
-    staging = new_staging_dir(reports)
-    live = sft.open_live(staging)
-    trainer_ref = {}
-    live_callback = sft.make_live_callback(live, trainer_ref)
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.trainer-", suffix=".tmp", dir=out.parent))  # the Trainer's output_dir: nothing is saved there
-    trainer = trainer_ref["trainer"] = build_trainer(
-        model, tokenizer, dataset, cfg, rows=rows, dtype=dtype, optim=optim,
-        gradient_checkpointing=backend == "hf" and bool(loaded["gradient_checkpointing"]), output_dir=scratch,
-        callbacks=[live_callback, *callbacks])
-    trainable, total = sft.count_parameters(trainer.model)
-    log.info("backend %s on %s, %s, full (%s / %s parameters trained); %d sequences a micro-batch x %d = %d tokens a step",
-             backend, sft.device_name(), str(dtype).replace("torch.", ""), f"{trainable:,}", f"{total:,}", rows,
-             cfg["gradient_accumulation_steps"], cfg["batch_tokens"])
-    if on_gpu:
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    result = trainer.train()
-    trainer_time = time.perf_counter() - t0
-    if scratch.exists():
-        shutil.rmtree(scratch)
-
-    tokens = trainer.tokens_seen
-    losses = [h["loss"] for h in live_callback.history if "loss" in h]
-    peak, peak_kind = sft.peak_memory_mib()
+    gradient_checkpointing = backend == "hf" and bool(loaded["gradient_checkpointing"])
     pretrained = {
         "passthrough": False, "base_model": base_info.get("model"), "base_location": location, "backend": backend,
         "dtype": str(dtype).replace("torch.", ""), "vocab_size": len(tokenizer), "extend_vocab": loaded["vocab"],
         "params": cfg, "opencc": opencc,
     }
-    save_model(trainer.model, tokenizer, pretrained, out)
-    train_time = live_callback.train_seconds or trainer_time
-    summary = {
-        "backend": backend, "device": sft.device_name(), "dtype": pretrained["dtype"], "base_model": base_info.get("model"),
-        "trainable_params": trainable, "total_params": total, "steps": trainer.state.global_step,
-        "sequences_a_step": rows * cfg["gradient_accumulation_steps"], "tokens": tokens,
-        "train_time_s": round(train_time, 1), "wall_time_s": round(time.perf_counter() - start, 1),
-        "tokens_per_s": round(tokens / max(train_time, 1e-9), 1), "final_loss": losses[-1] if losses else None,
-        "first_loss": losses[0] if losses else None, "mean_loss": result.training_loss,
-        "peak_memory_mib": round(peak, 1), "peak_memory_kind": peak_kind, "optim": optim,
-        "gradient_checkpointing": loaded["gradient_checkpointing"], "added_tokens": loaded["vocab"].get("added"),
-        "data": data, "history": live_callback.history, "tokenize_seconds": round(tokenize_s, 1),
-    }
-    live.end()
-    write_reports(staging, reports, summary, data)
-    sft.write_timings(timings, summary, MEASUREMENTS, live_callback.history)
+
+    def make_trainer(live_callback):
+        args = trainer_arguments(cfg, rows=rows, dtype=dtype, optim=optim, gradient_checkpointing=gradient_checkpointing,
+                                 output_dir=scratch)
+        trainer = training.build_trainer(model, tokenizer, args, dataset, callbacks=[live_callback, *callbacks])
+        trainable, total = training.count_parameters(trainer.model)
+        log.info("backend %s on %s, %s, full (%s / %s parameters trained); %d sequences a micro-batch x %d = %d tokens a step",
+                 backend, device_name(), str(dtype).replace("torch.", ""), f"{trainable:,}", f"{total:,}", rows,
+                 cfg["gradient_accumulation_steps"], cfg["batch_tokens"])
+        return trainer
+
+    def save(trainer, run):
+        if scratch.exists():
+            shutil.rmtree(scratch)
+        save_model(trainer.model, tokenizer, pretrained, out)
+
+    def summarize(trainer, run):
+        tokens, losses = trainer.tokens_seen, run["train_losses"]
+        trainable, total = training.count_parameters(trainer.model)
+        peak, peak_kind = peak_memory_mib()
+        train_time = run["train_time"] or run["trainer_time"]
+        return {
+            "backend": backend, "device": device_name(), "dtype": pretrained["dtype"], "base_model": base_info.get("model"),
+            "trainable_params": trainable, "total_params": total, "steps": trainer.state.global_step,
+            "sequences_a_step": rows * cfg["gradient_accumulation_steps"], "tokens": tokens,
+            "train_time_s": round(train_time, 1), "wall_time_s": round(time.perf_counter() - start, 1),
+            "tokens_per_s": round(tokens / max(train_time, 1e-9), 1), "final_loss": losses[-1] if losses else None,
+            "first_loss": losses[0] if losses else None, "mean_loss": run["result"].training_loss,
+            "peak_memory_mib": round(peak, 1), "peak_memory_kind": peak_kind, "optim": optim,
+            "gradient_checkpointing": loaded["gradient_checkpointing"], "added_tokens": loaded["vocab"].get("added"),
+            "data": data, "tokenize_seconds": round(tokenize_s, 1),
+        }
+
+    summary = training_run("pretrain", reports, make_trainer, save=save, summarize=summarize, headline=headline,
+                           measurements=MEASUREMENTS, timings=timings, extra_reports={"data.json": data})
     log.info("done: %d steps, %s tokens in %.0f s = %.0f tokens/s; loss %s -> %s; %s %.0f MiB",
-             summary["steps"], f"{tokens:,}", train_time, summary["tokens_per_s"], summary["first_loss"],
-             summary["final_loss"], peak_kind, peak)
+             summary["steps"], f"{summary['tokens']:,}", summary["train_time_s"], summary["tokens_per_s"],
+             summary["first_loss"], summary["final_loss"], summary["peak_memory_kind"], summary["peak_memory_mib"])
     return summary
 
 
@@ -425,22 +405,9 @@ MEASUREMENTS = ("device", "train_time_s", "wall_time_s", "tokens_per_s", "peak_m
                 "tokenize_seconds")
 
 
-def headline(summary: dict) -> dict:
+def headline(summary: dict, live: dict | None = None) -> dict:
     """reports/pretrain/metrics.json: what `dvc metrics diff` compares (nothing measured: reports/timings/)."""
     return {"tokens": summary["tokens"], "loss": summary["final_loss"], "steps": summary["steps"]}
-
-
-def write_reports(staging: Path, reports: Path, summary: dict, data: dict) -> None:
-    """summary.json, metrics.json and data.json beside dvclive's plots, then the staging directory replaces
-    reports/pretrain (a failed run leaves the last good reports as they were)."""
-    with staged_dir(reports, "pretrain", "--reports", signature=REPORTS_SIGNATURE, staging=staging):
-        plots = staging / "plots" / "metrics"
-        if not any(plots.rglob("*.tsv")):  # a pass-through (or no dvclive): an empty curve, not an empty directory,
-            (plots / "train").mkdir(parents=True, exist_ok=True)  # which git would not keep: a clone would lack it
-            (plots / "train" / "loss.tsv").write_text("step\tloss\n", encoding="utf-8")
-        write_json(staging / REPORTS_SIGNATURE, {k: v for k, v in summary.items() if k not in (*MEASUREMENTS, "history")})
-        write_json(staging / "metrics.json", headline(summary))
-        write_json(staging / "data.json", data)
 
 
 def passthrough(reason: str, out: Path, reports: Path) -> None:
@@ -450,7 +417,8 @@ def passthrough(reason: str, out: Path, reports: Path) -> None:
         write_json(tmp / OUT_SIGNATURE, {"passthrough": True, "reason": reason})
     staging = new_staging_dir(reports)
     summary = {"passthrough": True, "reason": reason, "tokens": 0, "final_loss": None, "steps": 0}
-    write_reports(staging, reports, summary, {"passthrough": True, "reason": reason})
+    write_reports(staging, reports, "pretrain", summary, headline, MEASUREMENTS,
+                  {"data.json": {"passthrough": True, "reason": reason}})
 
 
 def main(argv=None) -> None:
@@ -480,7 +448,7 @@ def main(argv=None) -> None:
         if not reason:  # a pass-through reads no source and trains nothing: its sources and names are not used
             check_sources(cfg)
             micro_batch_rows(cfg)  # batch_tokens a multiple of max_seq_length x gradient_accumulation_steps
-            sft.check_trainer_names(cfg, "pretrain")  # transformers' scheduler and optimizer names
+            training.check_trainer_names(cfg, "pretrain")  # transformers' scheduler and optimizer names
         return
     if reason:
         passthrough(reason, Path(args.out), Path(args.reports))

@@ -12,11 +12,12 @@ Outputs: models/adapter       the LoRA adapter (or, for method full, the whole m
 
 Backends (train.backend): `unsloth` (GPU; imported lazily and before transformers/peft/trl) or `hf`
 (transformers + peft + trl SFTTrainer; the CPU path). `auto` picks unsloth when CUDA is there and it imports.
-Loading for training, one function per backend: wenyan/models.py (load_for_training); the SFT data and the
-trainer pieces (callbacks, checkpoints, FSDP): wenyan/sft.py. This script reads the params, calls them in
-order and writes the outputs.
+The library is wenyan/training/: the typed train: section (config.py), loading for training, one function per
+backend (loaders.py), the SFT examples (examples.py), the trainer, callbacks, checkpoints and FSDP, and the run
+itself (run.training_run, which pretrain runs too). This script reads the params, calls them in order and writes
+the outputs.
 
-Loss on the reply only, the same for both backends: each conversation is tokenized (wenyan/sft.py) with the chat
+Loss on the reply only, the same for both backends: each conversation is tokenized (wenyan/training/examples.py) with the chat
 template, prompt = template(messages[:-1], generation prompt), full = template(messages); the completion
 mask is 1 on exactly the assistant text plus its end-of-turn token (found from the template, not hard-coded)
 and 0 on the prompt and anything the template adds after the end-of-turn token. SFTTrainer gets a
@@ -24,7 +25,7 @@ pre-tokenized dataset {input_ids, completion_mask} with completion_only_loss=Tru
 labels (-100 elsewhere); unsloth's dataset preparation does the same with the same columns.
 
 Batches are sized in tokens (train.batch_tokens / mean example length = rows a micro-batch) and grouped
-by length, so padding stays small; train.padding_free flattens them instead (see sft.choose_padding_free).
+by length, so padding stays small; train.padding_free flattens them instead (see trainer.choose_padding_free).
 On CPU the loss is the model's own (trl 1.15's fused LM-head loss needs Triton, i.e. a GPU).
 
 Several GPUs (train.num_gpus > 1): the stage launches itself again through torchrun (data-parallel DDP,
@@ -45,71 +46,34 @@ weights as DDP.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
 
 from wenyan.device import pick_backend
-from wenyan import distributed, models, sft, trim, vocab
+from wenyan import distributed, models, trim, vocab
 from wenyan.prompt import CHAT_TEMPLATES, PROMPT_SCHEMA, check_templates, end_of_turn_token, join_templates
 from wenyan.distributed import barrier, pin_one_gpu, summed, world
 from wenyan.errors import get_logger, PipelineError, run_main
-from wenyan.checkpoints import run_identity
-from wenyan.files import (check_output_path, check_owned_dir, check_paths, read_jsonl, staged_dir, staging_path,
-                          write_json, write_manifest)
-from wenyan.params import (add_params_options, Bool, check_machine, check_params, Float, Int, ListOf, load_sections, OneOf,
-                           Param, Str)
+from wenyan.training import loaders, trainer as training
+from wenyan.training.callbacks import make_progress_callback
+from wenyan.training.checkpoints import (CHECKPOINT_FILES, CHECKPOINTS_SIGNATURE, IDENTITY_PARAMS, last_checkpoint,
+                                         prepare_checkpoints, run_identity)
+from wenyan.training.examples import PARALLEL_ROWS, build_examples, rows_per_batch, tokenize_rows
+from wenyan.training.config import TrainConfig
+from wenyan.training.run import device_name, peak_memory_mib, training_run
+from wenyan.files import check_output_path, check_owned_dir, check_paths, read_jsonl, staged_dir, write_json, write_manifest
+from wenyan.params import add_params_options, check_machine, check_params, load_sections, schema_of
 
 log = get_logger("train")
 
-METHODS = ("lora", "qlora", "full")
-BACKENDS = ("auto", "unsloth", "hf")
-DTYPES = ("auto", "bf16", "fp16", "fp32")
-LORA_BIASES = ("none", "all", "lora_only")
-SCHEMA = {  # values and their comments: params.yaml's train: section
-    "model": Str(),  # built-in name, hub id, directory or .gguf: models.resolve_model
-    "backend": Str(*BACKENDS),
-    "chat_template": Str(null=True),  # null or a name in CHAT_TEMPLATES
-    "max_seq_length": Int(above=0),
-    "max_train_samples": Int(min=0),
-    "load_in_4bit": Bool(),
-    "dtype": Str(*DTYPES),
-    "method": Str(*METHODS),
-    "lora_r": Int(above=0),
-    "lora_alpha": Float(above=0),
-    "lora_dropout": Float(min=0, below=1),
-    "target_modules": ListOf(str),  # not empty; names of the model's modules: check_target_modules
-    "lora_bias": Str(*LORA_BIASES),
-    "use_rslora": Bool(),
-    "gradient_checkpointing": OneOf("auto", "unsloth", True, False),
-    "padding_free": OneOf("auto", True, False),
-    "batch_tokens": Int(min=0),
-    "batch_size": Int(above=0),
-    "gradient_accumulation_steps": Int(above=0),
-    "warmup_steps": Int(min=0),
-    "max_steps": Int(min=0),
-    "epochs": Float(min=0),  # > 0 when max_steps is 0
-    "learning_rate": Float(above=0, max=1),
-    "lr_scheduler": Str(),  # a transformers SchedulerType: sft.check_trainer_names
-    "weight_decay": Float(min=0),
-    "optim": Str(),  # auto or a transformers OptimizerNames: sft.check_trainer_names
-    "seed": Int(min=0, max=2**32 - 1),  # numpy's range (transformers.set_seed seeds numpy too)
-    "logging_steps": Int(above=0),
-    "eval_steps": Int(min=0),
-    "eval_samples": Int(min=0),
-    "save_steps": Int(min=0),
-    "save_total_limit": Int(min=0),
-    "resume": Bool(),
-    "num_gpus": Int(above=0),
-    "fsdp": Bool(),  # shard the model over the num_gpus processes: check_fsdp
-    "extend_vocab": Param((str, int)),  # auto | none | a minimum count: vocab.parse_setting (resolve_config)
-    "trim_vocab": Str("auto", "none", "always"),  # wenyan/trim.py: auto trims a vocabulary over 100k tokens
-}
-# Keys that define what a checkpoint is: train.resume refuses a checkpoint made with other values of these, of the
-# train and valid data (sha256), of the base model's files or of the prompt (wenyan.checkpoints.run_identity).
-from wenyan.checkpoints import IDENTITY_PARAMS as RUN_IDENTITY  # noqa: E402
+SCHEMA = schema_of(TrainConfig)  # params.yaml's train: section: the fields of wenyan/training/config.py
+# Keys that define what a checkpoint is (TrainConfig's identity fields): train.resume refuses a checkpoint made with
+# other values of these, of the train and valid data (sha256), of the base model's files or of the prompt
+# (checkpoints.run_identity).
+RUN_IDENTITY = IDENTITY_PARAMS
 OUT_SIGNATURE, REPORTS_SIGNATURE = "training_config.json", "summary.json"  # what marks --out and --reports as ours
 
 
@@ -118,28 +82,30 @@ OUT_SIGNATURE, REPORTS_SIGNATURE = "training_config.json", "summary.json"  # wha
 
 
 def resolve_config(section: dict) -> dict:
-    """Validate train: params (unknown keys, types, values, model path) before anything heavy runs."""
-    cfg = check_params(section, SCHEMA, "train")
-    name = cfg["chat_template"]
+    """Validate train: params (unknown keys, types, values, model path) before anything heavy runs; the section as
+    a dict in its own key order (what training_config.json records), its values checked as a TrainConfig."""
+    cfg = TrainConfig.from_section(section)
+    name = cfg.chat_template
     if name is not None and name not in CHAT_TEMPLATES:
         raise PipelineError(
             f"train.chat_template '{name}' is unknown; choose one of: {', '.join(CHAT_TEMPLATES)} (or null)"
         )
-    modules = cfg["target_modules"]
+    modules = cfg.target_modules
     if not modules or not all(m.strip() for m in modules) or len(set(modules)) != len(modules):
         raise PipelineError(f"train.target_modules must be a list of distinct module names (LoRA trains those), got {modules!r}")
-    vocab.parse_setting(cfg["extend_vocab"])  # auto | none | a minimum count >= 1
-    if cfg["max_steps"] == 0 and cfg["epochs"] <= 0:
+    vocab.parse_setting(cfg.extend_vocab)  # auto | none | a minimum count >= 1
+    if cfg.max_steps == 0 and cfg.epochs <= 0:
         raise PipelineError("train.max_steps is 0, so train.epochs must be > 0")
-    if cfg["method"] == "qlora":
-        cfg["load_in_4bit"] = True  # qlora = LoRA on a 4-bit base
-    if cfg["method"] == "full" and cfg["load_in_4bit"]:
+    if cfg.method == "qlora":
+        cfg = dataclasses.replace(cfg, load_in_4bit=True)  # qlora = LoRA on a 4-bit base
+    if cfg.method == "full" and cfg.load_in_4bit:
         raise PipelineError("train.method full cannot train a 4-bit base; set load_in_4bit: false (or method qlora)")
-    if cfg["resume"] and cfg["save_steps"] == 0:
+    if cfg.resume and cfg.save_steps == 0:
         raise PipelineError("train.resume needs checkpoints: set train.save_steps > 0")
-    sft.check_fsdp(cfg)
-    models.resolve_model(cfg["model"])  # a missing file or directory fails here, before any loading
-    return cfg
+    values = cfg.as_dict()
+    training.check_fsdp(values)
+    models.resolve_model(cfg.model)  # a missing file or directory fails here, before any loading
+    return {key: values[key] for key in section}
 
 
 def use_pretrained(cfg: dict, pretrain_dir) -> dict:
@@ -190,13 +156,13 @@ def read_rows(cfg: dict, train_path, valid_path) -> tuple[list[dict], list[dict]
 
 
 def resume_point(cfg: dict, checkpoints: Path, identity: dict | None = None) -> str | None:
-    """Rank 0 clears or checks the checkpoints (sft.prepare_checkpoints); the other ranks follow it. identity:
-    wenyan.checkpoints.run_identity's (default: the RUN_IDENTITY params alone)."""
+    """Rank 0 clears or checks the checkpoints (prepare_checkpoints); the other ranks follow it. identity:
+    run_identity's (default: the RUN_IDENTITY params alone)."""
     identity = identity if identity is not None else {k: cfg[k] for k in RUN_IDENTITY if k in cfg}
-    resume_from = sft.prepare_checkpoints(cfg["resume"], checkpoints, identity) if world()[0] == 0 else None
+    resume_from = prepare_checkpoints(cfg["resume"], checkpoints, identity) if world()[0] == 0 else None
     barrier()
     if world()[0] != 0:
-        resume_from = sft.last_checkpoint(checkpoints) if cfg["resume"] else None
+        resume_from = last_checkpoint(checkpoints) if cfg["resume"] else None
     return resume_from
 
 
@@ -216,7 +182,7 @@ def steps_examples(tokenizer, cfg: dict, rows: list[dict], source: str) -> tuple
     import random
 
     if cfg["max_steps"] <= 0:
-        examples, stats = sft.build_examples(tokenizer, rows, cfg["max_seq_length"], source)
+        examples, stats = build_examples(tokenizer, rows, cfg["max_seq_length"], source)
         if not examples:
             raise PipelineError(f"{source}: every example was dropped by truncation; raise train.max_seq_length")
         return examples, stats, None
@@ -225,13 +191,13 @@ def steps_examples(tokenizer, cfg: dict, rows: list[dict], source: str) -> tuple
     results: dict[int, tuple] = {}
 
     def tokenize(indices: list[int]) -> None:
-        for i, result in zip(indices, sft.tokenize_rows(tokenizer, [rows[i] for i in indices], cfg["max_seq_length"], source)):
+        for i, result in zip(indices, tokenize_rows(tokenizer, [rows[i] for i in indices], cfg["max_seq_length"], source)):
             results[i] = result
 
     position = min(len(order), SAMPLE_ROWS) if cfg["batch_tokens"] > 0 else 0
     tokenize(order[:position])
     lengths = [len(r[0]["input_ids"]) for r in results.values() if r[0] is not None]
-    global_rows = sft.rows_per_batch(lengths, cfg["batch_tokens"], cfg["batch_size"])
+    global_rows = rows_per_batch(lengths, cfg["batch_tokens"], cfg["batch_size"])
     processes = world()[2]
     needed = cfg["max_steps"] * cfg["gradient_accumulation_steps"] * -(-global_rows // processes) * processes
     kept = [i for i in order[:position] if results[i][0] is not None]
@@ -271,14 +237,14 @@ def batch_plan(cfg: dict, backend: str, model, examples: list[dict], dtype, on_g
     lengths = [len(e["input_ids"]) for e in examples]
     mean_length = sum(lengths) / len(lengths)
     if global_rows is None:
-        global_rows = sft.rows_per_batch(lengths, cfg["batch_tokens"], cfg["batch_size"])
+        global_rows = rows_per_batch(lengths, cfg["batch_tokens"], cfg["batch_size"])
     rows = -(-global_rows // processes)
     plan = {"rows": rows, "processes": processes, "mean_length": mean_length,
-            "padding_free": sft.choose_padding_free(cfg, backend, model),
+            "padding_free": training.choose_padding_free(cfg, backend, model),
             "optim": cfg["optim"] if cfg["optim"] != "auto" else ("adamw_8bit" if on_gpu else "adamw_torch")}
     log.info(
         "backend %s on %s%s, %s, %s; %d rows a micro-batch (~%d tokens; mean example %.0f tokens), %s",
-        backend, sft.device_name(), f" x {processes} processes ({rows} rows each)" if processes > 1 else "",
+        backend, device_name(), f" x {processes} processes ({rows} rows each)" if processes > 1 else "",
         cfg["method"], str(dtype).replace("torch.", ""), rows * processes, rows * processes * mean_length,
         mean_length, "padding-free" if plan["padding_free"] else "padded, grouped by length",
     )
@@ -303,17 +269,17 @@ def resolved_config(cfg: dict, prompt: dict, backend: str, dtype, plan: dict, lo
 def run_summary(cfg: dict, resolved: dict, plan: dict, run: dict, trainer, stats: tuple, resume_from, start: float) -> dict:
     """reports/train/summary.json: everything about the run; headline_metrics picks what DVC compares."""
     train_stats, valid_stats = stats
-    trainable, total = sft.count_parameters(trainer.model)
+    trainable, total = training.count_parameters(trainer.model)
     tokens_seen, completion_tokens_seen = summed(trainer.tokens_seen), summed(trainer.completion_tokens_seen)
     train_time = run["train_time"]  # training steps only: periodic evals excluded
-    peak, peak_kind = sft.peak_memory_mib()
+    peak, peak_kind = peak_memory_mib()
     return {
         "backend": resolved["backend"],
         "model": cfg["model"],
         "method": cfg["method"],
         "load_in_4bit": cfg["load_in_4bit"],
         "dtype": resolved["dtype"],
-        "device": sft.device_name(),
+        "device": device_name(),
         "processes": plan["processes"],  # DDP processes (GPUs); 1 = a plain run
         "fsdp": cfg["fsdp"],  # the model sharded over the processes (FSDP2) instead of copied (DDP)
         "trainable_params": trainable,
@@ -357,8 +323,8 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
     start = time.perf_counter()
     out, checkpoints, reports = Path(out), Path(checkpoints), Path(reports)
     backend = pick_backend("hf" if cfg["fsdp"] else cfg["backend"])  # imports unsloth (if used) first
-    sft.check_trainer_names(cfg, "train")
-    sft.check_trainer_settings(cfg, models.resolve_dtype(cfg, backend), valid_path, checkpoints)  # before data and weights
+    training.check_trainer_names(cfg, "train")
+    training.check_trainer_settings(cfg, loaders.resolve_dtype(cfg["dtype"], backend), valid_path, checkpoints)  # before data and weights
     models.check_target_modules(cfg, models.model_modules(cfg["model"]))  # from the config alone, before data and weights
     import torch
 
@@ -366,51 +332,49 @@ def train(cfg: dict, train_path, valid_path, out, checkpoints, reports, callback
     distributed.init_distributed(on_gpu, quiet=[log])
     train_rows, valid_rows = read_rows(cfg, train_path, valid_path)
 
-    dtype = models.resolve_dtype(cfg, backend)
-    model, tokenizer, loaded = models.load_for_training(cfg, backend, dtype, on_gpu, train_rows)
-    sft.check_fsdp_tokens(cfg, loaded["added_tokens"])
+    dtype = loaders.resolve_dtype(cfg["dtype"], backend)
+    model, tokenizer, loaded = loaders.load_for_training(cfg, backend, dtype, on_gpu, train_rows)
+    training.check_fsdp_tokens(cfg, loaded["added_tokens"])
     train_examples, train_stats, global_rows = steps_examples(tokenizer, cfg, train_rows, str(train_path))
     valid_examples, valid_stats = (
-        sft.build_examples(tokenizer, valid_rows, cfg["max_seq_length"], str(valid_path)) if valid_rows else ([], None))
+        build_examples(tokenizer, valid_rows, cfg["max_seq_length"], str(valid_path)) if valid_rows else ([], None))
     plan = batch_plan(cfg, backend, model, train_examples, dtype, on_gpu, global_rows)
     # only now, with the params, the data and the model checked, does a fresh run clear the old checkpoints
     identity = run_identity(cfg, train_path, valid_path, models.materialize(cfg["model"]), prompt)
     resume_from = resume_point(cfg, checkpoints, identity)
 
-    # this run's reports grow there (dvclive writes as training goes) until they replace `reports` at the end
-    staging = staging_path(reports)
-    if world()[0] == 0 and staging.exists():
-        shutil.rmtree(staging)  # what a killed run left
-    live = sft.open_live(staging)
-    trainer_ref = {}
-    live_callback = sft.make_live_callback(live, trainer_ref)
-    if cfg["fsdp"] and not on_gpu:
-        sft.allow_fsdp_on_cpu()
-    trainer = trainer_ref["trainer"] = sft.build_trainer(
-        model, tokenizer, train_examples, valid_examples, cfg, rows=plan["rows"], padding_free=plan["padding_free"],
-        dtype=dtype, optim=plan["optim"], gradient_checkpointing=backend == "hf" and bool(loaded["gradient_checkpointing"]),
-        output_dir=checkpoints, callbacks=[live_callback, sft.make_progress_callback(), *callbacks],
-    )
-    if cfg["fsdp"] and not trainer.is_fsdp_enabled:  # never a silent DDP run in its place
-        raise PipelineError("train.fsdp is true but accelerate did not turn FSDP on")
-    trainable, total = sft.count_parameters(trainer.model)
-    log.info("trainable parameters %s / %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
-    run = sft.run_training(trainer, live_callback, resume_from, evaluate_at_end=bool(valid_examples), plots=staging,
-                           kept=(out, reports))  # a full disk: one error naming the checkpoints
-    if world()[0] == 0:
-        write_manifest(checkpoints, "train")  # what the Trainer wrote there is the stage's too
-
     resolved = resolved_config(cfg, prompt, backend, dtype, plan, loaded, tokenizer)
-    state_dict = sft.full_state_dict(trainer.model) if cfg["fsdp"] else None  # every process takes part
-    if world()[0] == 0:
-        save_output(trainer.model, tokenizer, resolved, out, state_dict, kept=loaded.get("kept_ids"))
-    summary = run_summary(cfg, resolved, plan, run, trainer, (train_stats, valid_stats), resume_from, start)
-    live.end()
-    if world()[0] == 0:
-        write_reports(staging, reports, summary)
-        sft.write_timings(timings, summary, MEASUREMENTS, live_callback.history)
+    if cfg["fsdp"] and not on_gpu:
+        training.allow_fsdp_on_cpu()
+
+    def make_trainer(live_callback):
+        args = training.sft_config(
+            cfg, rows=plan["rows"], padding_free=plan["padding_free"], dtype=dtype, optim=plan["optim"],
+            gradient_checkpointing=backend == "hf" and bool(loaded["gradient_checkpointing"]), output_dir=checkpoints,
+            has_valid=bool(valid_examples), many_examples=len(train_examples) >= 2 * PARALLEL_ROWS, model=model)
+        trainer = training.build_trainer(model, tokenizer, args, training.example_dataset(train_examples),
+                                         training.example_dataset(valid_examples),
+                                         callbacks=[live_callback, make_progress_callback(), *callbacks])
+        if cfg["fsdp"] and not trainer.is_fsdp_enabled:  # never a silent DDP run in its place
+            raise PipelineError("train.fsdp is true but accelerate did not turn FSDP on")
+        trainable, total = training.count_parameters(trainer.model)
+        log.info("trainable parameters %s / %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+        return trainer
+
+    def save(trainer, run):
+        if world()[0] == 0:
+            write_manifest(checkpoints, "train")  # what the Trainer wrote there is the stage's too
+        state_dict = training.full_state_dict(trainer.model) if cfg["fsdp"] else None  # every process takes part
+        if world()[0] == 0:
+            save_output(trainer.model, tokenizer, resolved, out, state_dict, kept=loaded.get("kept_ids"))
+
+    def summarize(trainer, run):
+        return run_summary(cfg, resolved, plan, run, trainer, (train_stats, valid_stats), resume_from, start)
+
+    summary = training_run("train", reports, make_trainer, save=save, summarize=summarize, headline=headline_metrics,
+                           measurements=MEASUREMENTS, timings=timings, resume_from=resume_from,
+                           evaluate_at_end=bool(valid_examples), kept=(out, reports))  # a full disk: one error
     barrier()  # the adapter is on disk before any process returns
-    summary["history"] = live_callback.history  # returned (benchmarks), not written: dvclive has the plots
     if world()[0] == 0:  # one line for the run, not one per process
         log.info(
             "done: %d steps, %s tokens (%s trained) in %.0f s = %.0f tokens/s; final loss %s, eval loss %s; %s %.0f MiB",
@@ -428,21 +392,11 @@ MEASUREMENTS = ("device", "train_time_s", "train_time_with_evals_s", "wall_time_
                 "completion_tokens_per_s", "peak_memory_mib", "peak_memory_kind")
 
 
-def write_reports(staging: Path, reports: Path, summary: dict) -> None:
-    """summary.json (what the run did: a function of its inputs) and metrics.json (the headline numbers) beside
-    dvclive's plots, then the staging directory replaces reports/train: a run that failed before this point leaves
-    the last good reports as they were."""
-    with staged_dir(reports, "train", "--reports", signature=REPORTS_SIGNATURE, staging=staging):
-        write_json(staging / REPORTS_SIGNATURE, {k: v for k, v in summary.items() if k not in MEASUREMENTS})
-        write_json(staging / "metrics.json", headline_metrics(staging / "metrics.json", summary))
-
-
-def headline_metrics(live_summary: Path, summary: dict) -> dict:
+def headline_metrics(summary: dict, live: dict) -> dict:
     """reports/train/metrics.json, what `dvc metrics diff` and `dvc exp show` compare: the final train and eval
-    loss (dvclive's last values) and the step, nothing measured (tokens/s, times, memory: reports/timings/train.json).
-    The learning rate stays in the plots (a metric train.learning_rate would also crowd out the param of that name
-    in `dvc exp show`); everything else is in summary.json."""
-    live = json.loads(live_summary.read_text(encoding="utf-8")) if live_summary.is_file() else {}
+    loss (dvclive's last values, `live`) and the step, nothing measured (tokens/s, times, memory:
+    reports/timings/train.json). The learning rate stays in the plots (a metric train.learning_rate would also crowd
+    out the param of that name in `dvc exp show`); everything else is in summary.json."""
     metrics = {"train": {"loss": summary["final_train_loss"]}}
     if summary["final_eval_loss"] is not None:
         metrics["eval"] = {"loss": summary["final_eval_loss"]}
@@ -568,7 +522,7 @@ def main(argv=None) -> None:
     check_machine({"train": cfg}, launched=world()[2] > 1)
     if args.check_params:
         resolve_prompt(params["format"], params["clean"]["opencc"])
-        sft.check_trainer_names(cfg, "train")  # transformers' scheduler and optimizer names (this process ends here)
+        training.check_trainer_names(cfg, "train")  # transformers' scheduler and optimizer names (this process ends here)
         return
     if args.base:
         cfg = use_pretrained(cfg, args.base)
@@ -577,8 +531,8 @@ def main(argv=None) -> None:
     check_paths({"train.model": model_path if model_path.exists() else None}, outputs, dirs=["train.model"])
     check_owned_dir(args.out, "--out", "train", signature=OUT_SIGNATURE)
     check_owned_dir(args.reports, "--reports", "train", signature=REPORTS_SIGNATURE)
-    check_owned_dir(args.checkpoints, "--checkpoints", "train", signature=sft.CHECKPOINTS_SIGNATURE,
-                    allowed=sft.CHECKPOINT_FILES)
+    check_owned_dir(args.checkpoints, "--checkpoints", "train", signature=CHECKPOINTS_SIGNATURE,
+                    allowed=CHECKPOINT_FILES)
     prompt = resolve_prompt(params["format"], params["clean"]["opencc"])
     if cfg["num_gpus"] > 1 and world()[2] == 1:  # relaunch under torchrun, one process per GPU
         distributed.check_gpus("train.num_gpus", cfg["num_gpus"])

@@ -30,11 +30,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from wenyan.device import device_and_dtype, own_gpu
+from wenyan.device import device_and_dtype
 from wenyan.errors import PipelineError, get_logger
 from wenyan.files import new_staging_dir, sha256_file
-from wenyan import trim, vocab
-from wenyan.distributed import world
+from wenyan import trim
 from wenyan.prompt import apply_chat_template_override, check_templates, fix_special_tokens
 
 log = get_logger("models")
@@ -582,18 +581,6 @@ def load_trained(model_dir: Path, *, model: bool = True, backend: str | None = N
 def load_trained_model(trained: Trained, device=None, dtype=None, merge: bool = True):
     """The fine-tuned model, ready to generate: base + PeftModel for an adapter, else the full model."""
     model_dir, cfg, tokenizer = trained.path, trained.config, trained.tokenizer
-    if trained.backend == "unsloth":
-        try:
-            from unsloth import FastLanguageModel
-
-            model, _ = FastLanguageModel.from_pretrained(
-                model_name=str(model_dir), max_seq_length=cfg.get("max_seq_length") or 2048, dtype=None,
-                load_in_4bit=bool(cfg.get("load_in_4bit", False)), **own_gpu(),
-            )
-            FastLanguageModel.for_inference(model)
-            return model
-        except Exception as exc:
-            log.warning("unsloth could not load %s (%s); falling back to transformers", model_dir, exc)
     auto_device, auto_dtype = device_and_dtype()
     device, dtype = device or auto_device, dtype or auto_dtype
     if not trained.is_adapter:
@@ -622,21 +609,10 @@ def load_trained_model(trained: Trained, device=None, dtype=None, merge: bool = 
     return model.eval()
 
 
-def load_base(cfg: dict, tokenizer, backend: str):
+def load_base(cfg: dict, tokenizer):
     """The base model cfg["model"] as released (16-bit, not 4-bit) with the tokenizer's vocabulary (a named
-    chat template may add tokens): the `base` baseline, ready to generate."""
-    if backend == "unsloth":
-        try:
-            from unsloth import FastLanguageModel
-
-            model, _ = FastLanguageModel.from_pretrained(
-                model_name=materialize(cfg["model"]), max_seq_length=cfg.get("max_seq_length") or 2048,
-                dtype=None, load_in_4bit=False, **own_gpu(),
-            )
-            FastLanguageModel.for_inference(model)
-            return model
-        except Exception as exc:
-            log.warning("unsloth could not load the base model (%s); falling back to transformers", exc)
+    chat template may add tokens): the `base` baseline, ready to generate (on plain transformers, as every
+    generation: inference_backend)."""
     device, dtype = device_and_dtype()
     base = load_model(cfg["model"], dtype=dtype, device=device)
     if len(tokenizer) > base.get_input_embeddings().num_embeddings:
@@ -645,7 +621,7 @@ def load_base(cfg: dict, tokenizer, backend: str):
 
 
 # ----------------------------------------------------------------------------------------------
-# Loading a base model for training (the train stage), one function per backend
+# train.target_modules against the model's layers (loading for training: wenyan/training/loaders.py)
 
 LORA_LAYERS = ("Linear", "Embedding", "Conv1d", "Conv2d", "Conv1D")  # module classes peft's LoRA wraps
 
@@ -684,185 +660,3 @@ def check_target_modules(cfg: dict, modules: dict[str, str]) -> None:
             f"train.target_modules: {', '.join(map(repr, unknown))} match(es) no layer of {cfg['model']}; its linear "
             f"modules are: {', '.join(linear)}"
         )
-
-
-def resolve_dtype(cfg: dict, backend: str):
-    import torch
-
-    if not torch.cuda.is_available():
-        if cfg["dtype"] == "bf16":  # CPU autocast; fast only where the CPU has bf16 instructions (AVX512-BF16, AMX)
-            return torch.bfloat16
-        if cfg["dtype"] == "fp16":
-            log.warning("train.dtype fp16 ignored on CPU: training in fp32")
-        return torch.float32
-    if cfg["dtype"] == "auto":
-        if backend == "unsloth":
-            from unsloth import is_bfloat16_supported
-
-            bf16 = is_bfloat16_supported()
-        else:
-            bf16 = torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16 else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg["dtype"]]
-
-
-def lora_kwargs(cfg: dict) -> dict:
-    return dict(
-        r=cfg["lora_r"],
-        lora_alpha=cfg["lora_alpha"],
-        lora_dropout=cfg["lora_dropout"],
-        target_modules=list(cfg["target_modules"]),
-        bias=cfg["lora_bias"],
-        use_rslora=cfg["use_rslora"],
-    )
-
-
-def training_texts(rows: list[dict]) -> list[str]:
-    """Every message of the training rows, each distinct text once (the system prompt is in every row)."""
-    return list(dict.fromkeys(m["content"] for row in rows for m in row["messages"] if isinstance(m, dict)
-                              and isinstance(m.get("content"), str)))
-
-
-def load_for_training(cfg: dict, backend: str, dtype, on_gpu: bool, train_rows: list[dict]):
-    """(model ready to train (vocabulary extended from the train rows if so set, LoRA wrapped unless method
-    full), tokenizer, what loading decided)."""
-    texts = training_texts(train_rows)  # the train split only: never a character seen only in valid or test
-    if backend == "unsloth":
-        return load_unsloth(cfg, dtype, texts, train_rows)
-    return load_hf(cfg, dtype, on_gpu, texts, train_rows)
-
-
-TRIM_RENDERED = 2000  # train conversations rendered whole for train.trim_vocab (the template's tokens, boundaries)
-
-
-def trim_vocabulary(cfg: dict, model, tokenizer, texts: list[str], train_rows: list[dict]):
-    """train.trim_vocab (wenyan/trim.py): the vocabulary cut to the tokens of the train split's texts (each message,
-    and a spread of whole rendered conversations) + single CJK characters, bytes and specials; (tokenizer, kept ids
-    or None, stats)."""
-    from wenyan import trim
-
-    setting = cfg.get("trim_vocab", "none")
-    if not trim.wanted(setting, tokenizer):
-        return tokenizer, None, {"setting": setting, "trimmed": False, "vocab_size": len(tokenizer)}
-    step = max(1, len(train_rows) // TRIM_RENDERED)
-    rendered = [tokenizer.apply_chat_template(row["messages"], tokenize=False) for row in train_rows[::step]]
-    return trim.apply(setting, model, tokenizer, texts + rendered)
-
-
-def new_template_ids(tokenizer, chat_template: str | None) -> list[int]:
-    """train.chat_template set on the tokenizer; the ids it added (its special tokens missing from the vocabulary).
-    By ids, not by the vocabulary's size: a vocabulary may spell one piece twice (Gemma's GGUF has two "\\t"), so
-    len(get_vocab()) is below the embedding's rows and a size would take the last real token for a new one."""
-    before = set(tokenizer.get_vocab().values())
-    apply_chat_template_override(tokenizer, chat_template)
-    return sorted(set(tokenizer.get_vocab().values()) - before)
-
-
-def load_unsloth(cfg: dict, dtype, texts: list[str], train_rows: list[dict] = ()):
-    """unsloth's FastLanguageModel: fused kernels, "unsloth" gradient checkpointing, 4-bit via bitsandbytes;
-    the vocabulary extended from `texts` (train.extend_vocab) before LoRA wraps the model."""
-    from unsloth import FastLanguageModel
-
-    gc = cfg["gradient_checkpointing"]
-    gc = "unsloth" if gc in ("auto", "unsloth") else bool(gc)
-    extra = {}
-    if world()[2] > 1:  # DDP: each process loads its copy onto its own GPU
-        extra["device_map"] = {"": world()[1]}
-    model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=materialize(cfg["model"]),
-        max_seq_length=cfg["max_seq_length"],
-        dtype=dtype,
-        load_in_4bit=cfg["load_in_4bit"],
-        full_finetuning=cfg["method"] == "full",
-        use_gradient_checkpointing=gc,
-        random_state=cfg["seed"],
-        **extra,
-    )
-    # the same named templates as the hf path (prompt.CHAT_TEMPLATES), so both backends train on the same text;
-    # a base model without a template and none named: one error
-    added = new_template_ids(tokenizer, cfg["chat_template"])
-    if added and max(added) >= model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(max(added) + 1)
-    fix_special_tokens(tokenizer)
-    check_chat_template(tokenizer, f"train.model {cfg['model']}")
-    tokenizer, kept, trim_stats = trim_vocabulary(cfg, model, tokenizer, texts, list(train_rows))
-    new_ids, vocab_stats = extend_vocabulary(cfg, model, tokenizer, texts, "unsloth")
-    if cfg["method"] != "full":
-        model = FastLanguageModel.get_peft_model(
-            model, **lora_kwargs(cfg), use_gradient_checkpointing=gc, random_state=cfg["seed"],
-            max_seq_length=cfg["max_seq_length"], **vocab.lora_vocab_kwargs(model, new_ids, cfg["method"], "unsloth"),
-        )
-    return model, tokenizer, {"gradient_checkpointing": gc, "added_tokens": [], "vocab": vocab_stats,
-                              "trim": trim_stats, "kept_ids": kept}
-
-
-def load_hf(cfg: dict, dtype, on_gpu: bool, texts: list[str], train_rows: list[dict] = ()):
-    """transformers + peft: the CPU path, and the GPU baseline of benchmarks/train_backends.py; the vocabulary
-    extended from `texts` (train.extend_vocab) before LoRA wraps the model."""
-    import torch
-
-    from transformers import AutoTokenizer
-
-    # the model's own template or train.chat_template (a base model may have none: the override comes first),
-    # eos = end of turn, a pad token; a named template's special tokens missing from the vocabulary are added
-    tokenizer = AutoTokenizer.from_pretrained(materialize(cfg["model"]))
-    added = new_template_ids(tokenizer, cfg["chat_template"])
-    fix_special_tokens(tokenizer)
-    check_chat_template(tokenizer, f"train.model {cfg['model']}")
-    gc = cfg["gradient_checkpointing"]
-    gc = False if gc == "auto" else bool(gc)  # "unsloth" means plain checkpointing here
-    if cfg["load_in_4bit"]:
-        if not on_gpu:
-            raise PipelineError("train.load_in_4bit / method qlora needs a CUDA GPU (bitsandbytes); use method lora on CPU")
-        from peft import prepare_model_for_kbit_training
-        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-        quant = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
-        )
-        model = AutoModelForCausalLM.from_pretrained(
-            materialize(cfg["model"]), quantization_config=quant, dtype=dtype,
-            device_map={"": world()[1]},
-        )
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc)
-    else:
-        # full fine-tuning keeps fp32 master weights (bf16/fp16 autocast); LoRA freezes a half-precision base
-        load_dtype = torch.float32 if cfg["method"] == "full" else dtype
-        model = load_model(cfg["model"], dtype=load_dtype, device="cuda" if on_gpu else "cpu")
-    if added and max(added) >= model.get_input_embeddings().num_embeddings:
-        log.info("chat template %s added %d token(s): resizing the embeddings", cfg["chat_template"], len(added))
-        model.resize_token_embeddings(max(added) + 1)
-    tokenizer, kept, trim_stats = trim_vocabulary(cfg, model, tokenizer, texts, list(train_rows))
-    if kept is not None:  # the template's added rows are kept rows too: renumbered
-        template_ids = set(added)
-        added = [i for i, old in enumerate(kept) if old in template_ids]
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.config.eos_token_id = tokenizer.eos_token_id
-    new_ids, vocab_stats = extend_vocabulary(cfg, model, tokenizer, texts, "hf")
-    if cfg["method"] != "full":
-        from peft import LoraConfig, get_peft_model
-        from transformers import set_seed
-
-        set_seed(cfg["seed"])  # LoRA's A matrices start random: seed them, or two runs differ from step 1
-
-        # new rows (template tokens, whole characters) start untrained: LoRA trains exactly those rows too
-        extra = vocab.lora_vocab_kwargs(model, added + new_ids, cfg["method"])
-        peft_config = LoraConfig(task_type="CAUSAL_LM", **lora_kwargs(cfg), **extra)
-        model = get_peft_model(model, peft_config)
-    return model, tokenizer, {"gradient_checkpointing": gc, "added_tokens": added + new_ids, "vocab": vocab_stats,
-                              "trim": trim_stats, "kept_ids": kept}
-
-
-def extend_vocabulary(cfg: dict, model, tokenizer, texts: list[str], backend: str) -> tuple[list[int], dict]:
-    """train.extend_vocab: the training texts' frequent CJK characters become whole tokens (wenyan/vocab.py),
-    each new embedding row the mean of its byte pieces; (new ids, stats for training_config and the summary).
-    The extended tokenizer is saved with the model, so evaluate, translate and export load exactly it."""
-    new_tokens, stats = vocab.decide(cfg["extend_vocab"], tokenizer, texts)
-    if not new_tokens:
-        return [], stats
-    if backend == "unsloth" and cfg["method"] != "full":  # unsloth's add_new_tokens flags embed/lm_head to train
-        return vocab.extend_unsloth(model, tokenizer, new_tokens), stats
-    pieces = vocab.piece_ids(tokenizer, new_tokens)  # the base vocabulary's byte pieces, before adding
-    vocab.extend_tokenizer(tokenizer, new_tokens)
-    return vocab.extend_embeddings(model, tokenizer, new_tokens, pieces), stats
-

@@ -221,6 +221,23 @@ def OneOf(*choices, null: bool = False) -> Param:
     return Param((), choices=choices, null=null)
 
 
+def setting(param: Param, *, identity: bool = False):
+    """A field of a section's config dataclass (wenyan/training/config.py): its Param (type, choices, range) and
+    whether it is part of the run's identity (train.resume refuses checkpoints made with another value). No default:
+    params.yaml holds every value."""
+    return dataclasses.field(metadata={"param": param, "identity": identity})
+
+
+def schema_of(config: type) -> dict[str, Param]:
+    """{key: Param} of a config dataclass, in field order: what check_params checks a section against."""
+    return {f.name: f.metadata["param"] for f in dataclasses.fields(config)}
+
+
+def identity_keys(config: type) -> tuple[str, ...]:
+    """The keys of a config dataclass marked identity=True."""
+    return tuple(f.name for f in dataclasses.fields(config) if f.metadata.get("identity"))
+
+
 # Upper bounds of the numeric keys whose schema (in the stage's module) gives none: every number of params.yaml has
 # a range, so a typo (`-S evaluate.bootstrap_resamples=1000000000`, a missing decimal point) fails in check_params
 # instead of running for days. A schema's own max or below wins. Each bound is far above any value this project

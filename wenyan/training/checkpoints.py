@@ -1,10 +1,12 @@
-"""Resuming never mixes runs (issue #21, class 5): what identifies a run, and which checkpoint is whole.
+"""Checkpoints of the train stage (train.resume); resuming never mixes runs (issue #21, class 5): what identifies a
+run, and which checkpoint is whole.
 
 run_identity: everything that changes the result of a run (data hashes, model, vocabulary, optimiser and
 schedule settings, batch, prompt); train.resume refuses checkpoints made with another identity, naming the
 keys. last_complete_checkpoint: the newest checkpoint whose files are all there and whole (a kill -9 in the
 middle of a save, a truncated optimizer.pt), older ones after skipping those that are not, each skipped one
-named with why.
+named with why. prepare_checkpoints: a fresh run clears --checkpoints and writes its identity there; a resumed
+one checks the identity and returns the checkpoint to continue from.
 """
 
 from __future__ import annotations
@@ -12,22 +14,21 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import struct
 import zipfile
 from pathlib import Path
 
-from wenyan.errors import PipelineError
-from wenyan.files import sha256_file
+from wenyan.errors import PipelineError, get_logger
+from wenyan.files import check_owned_dir, sha256_file, write_json, write_manifest
+from wenyan.params import identity_keys
+from wenyan.training.config import TrainConfig
 
-# train: params that change what a run computes (the others: logging, eval, save cadence, num_gpus since the
-# batch is global, resume itself, do not)
-IDENTITY_PARAMS = (
-    "model", "chat_template", "backend", "method", "load_in_4bit", "dtype", "lora_r", "lora_alpha", "lora_dropout",
-    "target_modules", "lora_bias", "use_rslora", "max_seq_length", "max_train_samples", "batch_tokens", "batch_size",
-    "gradient_accumulation_steps", "padding_free", "gradient_checkpointing", "warmup_steps", "max_steps", "epochs",
-    "learning_rate", "lr_scheduler", "weight_decay", "optim", "seed", "fsdp", "extend_vocab",
-    "trim_vocab",
-)
+log = get_logger("training")
+
+# train: params that change what a run computes: the TrainConfig fields marked identity=True (the others: logging,
+# eval, save cadence, num_gpus since the batch is global, resume itself, do not)
+IDENTITY_PARAMS = identity_keys(TrainConfig)
 
 
 def model_fingerprint(location: str) -> str:
@@ -185,3 +186,58 @@ def read_identity(marker: Path) -> dict | None:
         raise PipelineError(f"{marker}: should be a mapping of the run's settings, got {type(data).__name__}; "
                             f"set train.resume: false to start again")
     return data
+
+
+# ----------------------------------------------------------------------------------------------
+# The checkpoint directory (train.resume)
+
+
+CHECKPOINTS_SIGNATURE = "run_identity.json"  # what marks a directory as the train stage's checkpoints
+CHECKPOINT_FILES = ("checkpoint-*", "README.md")  # what the Trainer writes into --checkpoints as it goes
+
+
+def last_checkpoint(checkpoints: Path) -> str | None:
+    """The newest whole checkpoint (last_complete_checkpoint), or None."""
+    found, _ = last_complete_checkpoint(checkpoints)
+    return str(found) if found is not None else None
+
+
+def prepare_checkpoints(resume: bool, checkpoints: Path, identity: dict) -> str | None:
+    """Return the checkpoint to resume from, or None after clearing old checkpoints for a fresh run.
+
+    identity (run_identity: the params that change the result, the data's and the model's
+    hashes, the prompt) must equal the one the checkpoints were made with; a mismatch names the keys. A
+    checkpoint that is not whole (a kill -9 during its save, a truncated optimizer.pt) is removed with a
+    warning and the last whole one is used. A directory holding files this stage did not write is refused."""
+    marker = checkpoints / CHECKPOINTS_SIGNATURE
+    check_owned_dir(checkpoints, "--checkpoints", "train", signature=CHECKPOINTS_SIGNATURE, allowed=CHECKPOINT_FILES)
+    if resume:
+        found, skipped = last_complete_checkpoint(checkpoints)
+        for path, why in skipped:
+            log.warning("train.resume: %s is incomplete (%s); removed, resuming from %s instead", path, why,
+                        found.name if found else "the start")
+            shutil.rmtree(path)
+        if found is None:
+            log.info("train.resume: no checkpoint in %s; starting from scratch", checkpoints)
+        else:
+            previous = read_identity(marker)
+            if previous is None:
+                raise PipelineError(
+                    f"train.resume: {marker} is missing, so the checkpoints in {checkpoints} cannot be matched to this "
+                    f"run; set train.resume: false to start again"
+                )
+            diff = identity_difference(previous, identity)
+            if diff:
+                names = [k if k.endswith(("_sha256", "fingerprint")) or k == "prompt" else f"train.{k}" for k in diff]
+                raise PipelineError(
+                    f"train.resume: the checkpoints in {checkpoints} were made with other values of "
+                    f"{', '.join(names)}; set them back, or resume: false to start again"
+                )
+            log.info("train.resume: continuing from %s", found)
+            return str(found)
+    if checkpoints.exists():
+        shutil.rmtree(checkpoints)
+    checkpoints.mkdir(parents=True)
+    write_json(marker, identity)
+    write_manifest(checkpoints, "train")
+    return None

@@ -1,9 +1,12 @@
-"""Fixtures for the data stages: tiny NiuTrans-layout corpora, archives of them, params files."""
+"""Shared fixtures and helpers: tiny NiuTrans-layout corpora, archives of them, params files; the tiny DVC project
+reproduced once a session (`reproduced`, and `project_copy` for a test that changes it: tests/project.py); a tiny
+adapter and a fake generation for the translate tests; `python -m stages.X` run as a user runs it (run_cli)."""
 
 from __future__ import annotations
 
 import copy
 import os
+import subprocess
 import sys
 import tarfile
 import zipfile
@@ -123,6 +126,59 @@ def niutrans(path, **extra) -> dict:
     return {"path": str(path), "format": "niutrans", **extra}
 
 
+def pairs_frame(rows, book="书"):
+    """ingest's pairs (a pandas DataFrame) of (source, target) rows, chapter i for row i, in one book."""
+    import pandas as pd
+
+    return pd.DataFrame([
+        {"id": f"c/{book}/篇{i}#{i}", "corpus": "c", "book": book, "chapter": f"篇{i}", "line": i, "source": s, "target": t}
+        for i, (s, t) in enumerate(rows, 1)
+    ])
+
+
+def jsonl_row(i=1):
+    """One row of format's JSONL (the schema evaluate and train read)."""
+    return {"id": f"c/书/篇#{i}", "book": "书", "chapter": "篇", "line": i, "source": "学而时习之。", "target": "学了又时常温习。",
+            "messages": [{"role": "user", "content": "翻译：学而时习之。"}, {"role": "assistant", "content": "学了又时常温习。"}]}
+
+
+def params_file(tmp_path, **sections):
+    """tmp_path/params.yaml: BASE_PARAMS with the shipped evaluate: and export:, each given section updated."""
+    params = copy.deepcopy(BASE_PARAMS)
+    params.update(evaluate=shipped("evaluate"), export=shipped("export"))
+    for name, values in sections.items():
+        params[name] = {**params[name], **values}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return path
+
+
+EXPORT_PARAMS = {"dtype": "bf16", "gguf": False, "gguf_outtype": "auto", "gguf_quantize": [], "check_samples": 0}
+
+
+def export_params_file(path: Path, **export_params) -> Path:
+    """A params.yaml at path: BASE_PARAMS with an export: section (no GGUF, no check samples unless given)."""
+    params = copy.deepcopy(BASE_PARAMS)
+    params["export"] = {**EXPORT_PARAMS, **export_params}
+    path.write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def run_cli(stage, *args):
+    """The last stderr line of a failing `python -m stages.<stage>` (or tools.<command>), checked to be the only
+    `error:` line."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    package = "tools" if (REPO / "tools" / f"{stage}.py").is_file() else "stages"
+    proc = subprocess.run([sys.executable, "-m", f"{package}.{stage}", *map(str, args)], cwd=REPO, env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = proc.stderr.rstrip("\n").splitlines()
+    assert lines and lines[-1].startswith("error: "), proc.stderr[-2000:]
+    assert [line for line in lines if line.startswith("error:")] == [lines[-1]], proc.stderr[-2000:]
+    return lines[-1]
+
+
 @pytest.fixture(params=["tmpfs", "patched"])
 def full_disk(request, tmp_path, monkeypatch):
     """diskfull.FullDisk on tmp_path/full: a real small tmpfs (root) or temporary files linked to /dev/full."""
@@ -165,3 +221,84 @@ def spelled(src: Path, spelling: str, tmp_path: Path) -> Path:
         os.link(src, link)
         return link
     raise ValueError(spelling)
+
+
+# ----------------------------------------------------------------------------------------------
+# The tiny DVC project (tests/project.py), reproduced once a session
+
+
+@pytest.fixture(scope="session")
+def reproduced(tmp_path_factory):
+    """The tiny project reproduced in full (`dvc repro`) and committed (git-tracked reports, dvc.lock), once a
+    session: {"root", "repo", "model", "env", "repro": the repro's CompletedProcess}. Read it, never change it: a
+    test that runs a stage, an experiment or a git command that writes works on `project_copy`."""
+    import shutil
+
+    from project import DVC, environment, make_project, run
+
+    if shutil.which("git") is None:
+        pytest.fail("the end-to-end tests need git on PATH")
+    root = tmp_path_factory.mktemp("project")
+    env = environment()
+    repo = root / "repo"
+    repo.mkdir()
+    make_project(repo, root / "tiny-llama", env)
+    proc = run(DVC + ["repro"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "reproduced"], repo, env)
+    return {"root": root, "repo": repo, "model": root / "tiny-llama", "env": env, "repro": proc}
+
+
+@pytest.fixture
+def project_copy(reproduced, tmp_path):
+    """A copy of the reproduced project at tmp_path/repo (history, dvc.lock, DVC cache, outputs): change it freely."""
+    from project import copy_project
+
+    return copy_project(reproduced["repo"], tmp_path / "repo")
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny models, built once a session (read only: a test that writes works in its tmp_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tmp_path_factory):
+    """A tiny adapter and its base (tiny.make_tiny_model): what translate, export and the output guards load."""
+    from tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-adapter"))
+
+
+@pytest.fixture
+def echo_generate(monkeypatch):
+    """Replace generation with '译' + the piece, recording the prompts it was given."""
+    from wenyan import generation
+
+    calls = []
+
+    def fake(model, tokenizer, prompts, sources, **kwargs):
+        calls.append({"prompts": prompts, "sources": list(sources)})
+        return ["译" + s for s in sources], [False] * len(sources)
+
+    monkeypatch.setattr(generation, "generate", fake)
+    return calls
+
+
+@pytest.fixture(scope="session")
+def tiny_train(tmp_path_factory):
+    """train_run.tiny_project with a BPE tokenizer trained on its rows: {"model", "train", "valid"}."""
+    from tiny import bpe_tokenizer
+    from train_run import TOKENIZER_TEXTS, tiny_project
+
+    return tiny_project(tmp_path_factory.mktemp("tiny-train"), bpe_tokenizer(TOKENIZER_TEXTS, vocab_size=400),
+                        max_positions=256)
+
+
+@pytest.fixture(scope="session")
+def tiny_train_bytes(tmp_path_factory):
+    """The tiny train data with a byte-level tokenizer without merges (~3 tokens a Chinese character, like a small
+    English model's BPE): train.extend_vocab auto extends it."""
+    from tiny import byte_tokenizer
+    from train_run import tiny_project
+
+    return tiny_project(tmp_path_factory.mktemp("tiny-train-bytes"), byte_tokenizer(), max_positions=512)

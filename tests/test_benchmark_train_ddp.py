@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 
-from test_train import REPO, tiny  # noqa: F401  (tiny: the module-scoped fixture: train/valid JSONL)
+from train_run import REPO
 
 
 def test_llama_1b_shape_is_llama_3_2_1b():
@@ -24,9 +24,9 @@ def test_llama_1b_shape_is_llama_3_2_1b():
     assert config.rope_parameters["rope_type"] == "llama3" and config.rope_parameters["rope_theta"] == 500000.0
 
 
-def test_tiny_benchmark_runs_lora_and_full_on_one_and_two_processes(tiny, tmp_path):  # noqa: F811
+def test_tiny_benchmark_runs_lora_and_full_on_one_and_two_processes(tiny_train, tmp_path):
     out = tmp_path / "train_ddp"
-    cmd = [sys.executable, "benchmarks/train_ddp.py", "--train", str(tiny["train"]), "--valid", str(tiny["valid"]),
+    cmd = [sys.executable, "benchmarks/train_ddp.py", "--train", str(tiny_train["train"]), "--valid", str(tiny_train["valid"]),
            "--tiny", "--methods", "lora,full", "--gpus", "1,2", "--out", str(out), "--warmup-steps", "1",
            "-S", "backend=hf", "-S", "max_steps=3", "-S", "batch_tokens=0", "-S", "batch_size=8", "-S", "eval_samples=8",
            "-S", "eval_steps=0", "-S", "logging_steps=1", "-S", "warmup_steps=0", "-S", "max_seq_length=128"]

@@ -4,48 +4,13 @@ to do, no traceback, and nothing written. (ingest, clean and train: tests/test_r
 
 from __future__ import annotations
 
-import copy
 import json
-import os
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
-import yaml
-from conftest import BASE_PARAMS, REPO, shipped
+from conftest import jsonl_row, params_file, run_cli
 
 pytestmark = pytest.mark.bad_input
-
-
-def run_cli(stage, *args):
-    """The last stderr line of a failing `python -m stages.<stage>` (or tools.<command>), checked to be the only
-    `error:` line."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    package = "tools" if (REPO / "tools" / f"{stage}.py").is_file() else "stages"
-    proc = subprocess.run([sys.executable, "-m", f"{package}.{stage}", *map(str, args)], cwd=REPO, env=env,
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    lines = proc.stderr.rstrip("\n").splitlines()
-    assert lines and lines[-1].startswith("error: "), proc.stderr[-2000:]
-    assert [line for line in lines if line.startswith("error:")] == [lines[-1]], proc.stderr[-2000:]
-    return lines[-1]
-
-
-def params_file(tmp_path, **sections):
-    params = copy.deepcopy(BASE_PARAMS)
-    params.update(evaluate=shipped("evaluate"), export=shipped("export"))
-    for name, values in sections.items():
-        params[name] = {**params[name], **values}
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
-    return path
-
-
-def jsonl_row(i=1):
-    return {"id": f"c/书/篇#{i}", "book": "书", "chapter": "篇", "line": i, "source": "学而时习之。", "target": "学了又时常温习。",
-            "messages": [{"role": "user", "content": "翻译：学而时习之。"}, {"role": "assistant", "content": "学了又时常温习。"}]}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,10 +9,9 @@ import os
 import stat
 
 import pytest
-from test_cli_errors import jsonl_row, params_file, run_cli
+from conftest import jsonl_row, params_file, run_cli
 
 from wenyan.errors import PipelineError
-from wenyan.files import atomic_outputs
 from tools.profile import read_profile
 
 pytestmark = pytest.mark.bad_input
@@ -103,22 +102,6 @@ def test_cli_review_bad_out(tmp_path, out):
     error = run_cli("review", "--old", "HEAD", "--out", target)
     assert error.startswith(f"error: {target}: is {'a directory' if out == 'dir' else 'a character device'}, but this output is a file")
     assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
-
-
-def test_atomic_outputs_never_replace_a_device_or_directory(tmp_path):
-    good, folder = tmp_path / "good.txt", tmp_path / "folder"
-    good.write_text("old")
-    folder.mkdir()
-    for bad in (folder, "/dev/null"):
-        with pytest.raises(PipelineError, match="but this output is a file"):
-            with atomic_outputs(good, bad) as (a, b):
-                a.write_text("new")
-                b.write_text("new")
-        assert good.read_text() == "old" and folder.is_dir() and stat.S_ISCHR(os.stat("/dev/null").st_mode)
-    with pytest.raises(PipelineError, match=f"^{good / 'x'}: {good} is a file, not a directory"):
-        with atomic_outputs(good / "x"):
-            pass
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "good.txt"]
 
 
 @pytest.mark.parametrize("text, message", [

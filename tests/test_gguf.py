@@ -459,8 +459,8 @@ def test_translate_and_export_gguf_errors(tmp_path, monkeypatch):
     with pytest.raises(PipelineError, match="GGUF file not found; the export stage writes them"):
         translate.main(["--model", str(tmp_path / "nope.gguf"), "学而时习之。"])
     monkeypatch.setattr(gguf, "missing", lambda: "llama-cpp-python not installed; " + gguf.INSTALL)
-    from test_translate import make_tiny_model
-    from test_export import write_params
+    from conftest import export_params_file as write_params
+    from tiny import make_tiny_model
 
     adapter = make_tiny_model(tmp_path / "tiny")
     with pytest.raises(PipelineError, match=r"export.gguf is true but llama-cpp-python not installed; pip install -e '.\[gguf\]'"):

@@ -75,3 +75,13 @@ def test_rewrite_keeps_other_deps_and_comments():
     assert deps.rewrite(text, {"s": ["stages/s.py", "wenyan/a.py", "wenyan/b.py"]}) == (
         "stages:\n  s:\n    cmd: python -m stages.s\n    deps:\n      - stages/s.py\n"
         "      - wenyan/a.py  # why\n      - wenyan/b.py\n      - data/x\n    params:\n      - s\n")
+
+
+def test_no_test_module_imports_another():
+    """Shared fixtures and helpers live in conftest.py and the helper modules beside it (project.py, tiny.py,
+    train_run.py, diskfull.py), never in a test module: importing one runs its module fixtures twice and ties two
+    test files together."""
+    tests = {p.stem for p in (ROOT / "tests").glob("test_*.py")}
+    wrong = {p.name: sorted({m.split(".")[0] for m in deps.imported_modules(p)} & tests)
+             for p in sorted((ROOT / "tests").glob("*.py"))}
+    assert not {k: v for k, v in wrong.items() if v}

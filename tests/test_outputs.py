@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO, shipped
-from test_translate import tiny_adapter  # noqa: F401  (a fixture: a tiny adapter and its base)
 
 from tools import translate
 from wenyan import files, models
@@ -102,7 +101,7 @@ def test_pretrain_passthrough_outputs_carry_manifests_naming_the_stage(tmp_path)
     assert sorted(p.name for p in tmp_path.joinpath("models").iterdir()) == ["pretrain"]  # no staging left
 
 
-def test_base_onto_a_trained_model_is_refused_and_kept(tmp_path, tiny_adapter, capsys):  # noqa: F811
+def test_base_onto_a_trained_model_is_refused_and_kept(tmp_path, tiny_adapter, capsys):
     from stages import base
 
     model_dir = tiny_adapter.parent / "base"
@@ -130,7 +129,7 @@ def test_pretrain_out_as_a_symlink_is_refused(tmp_path, capsys):
     assert link.is_symlink() and tree(real) == before
 
 
-def test_translate_output_onto_the_models_base_is_refused(tiny_adapter, tmp_path):  # noqa: F811
+def test_translate_output_onto_the_models_base_is_refused(tiny_adapter, tmp_path):
     base = tiny_adapter.parent / "base"
     before = tree(base)
     with pytest.raises(PipelineError, match=r"the output --output lies inside the input --model's base "):
@@ -139,7 +138,7 @@ def test_translate_output_onto_the_models_base_is_refused(tiny_adapter, tmp_path
 
 
 @pytest.mark.parametrize("stage", ["evaluate", "export"])
-def test_evaluate_and_export_outputs_inside_the_models_base_are_refused(tiny_adapter, tmp_path, stage):  # noqa: F811
+def test_evaluate_and_export_outputs_inside_the_models_base_are_refused(tiny_adapter, tmp_path, stage):
     import importlib
 
     base = tiny_adapter.parent / "base"
@@ -161,7 +160,7 @@ def test_evaluate_and_export_outputs_inside_the_models_base_are_refused(tiny_ada
 # translate's resume file: never followed, never an input, two runs never lose lines
 
 
-def test_translate_replaces_a_planted_partial_link_and_never_writes_through_it(tiny_adapter, tmp_path, echo):  # noqa: F811
+def test_translate_replaces_a_planted_partial_link_and_never_writes_through_it(tiny_adapter, tmp_path, echo):
     victim, out = tmp_path / "victim.txt", tmp_path / "out.txt"
     victim.write_text("precious\n")
     (tmp_path / "out.txt.partial").symlink_to(victim)
@@ -177,7 +176,7 @@ def test_translate_replaces_a_planted_partial_link_and_never_writes_through_it(t
 
 
 @pytest.mark.parametrize("how", ["--input", "stdin"])
-def test_translate_input_named_like_the_resume_file_is_refused_and_kept(tiny_adapter, tmp_path, echo, how, monkeypatch):  # noqa: F811
+def test_translate_input_named_like_the_resume_file_is_refused_and_kept(tiny_adapter, tmp_path, echo, how, monkeypatch):
     src, out = tmp_path / "out.txt.partial", tmp_path / "out.txt"
     src.write_text("学而时习之。\n", encoding="utf-8")
     if how == "--input":
@@ -237,7 +236,7 @@ def test_translate_writer_interrupted_beside_another_run_keeps_both_whole(tmp_pa
 # Class 6: limits of the system are one line
 
 
-def test_translate_with_stdin_closed_is_one_line(tiny_adapter):  # noqa: F811
+def test_translate_with_stdin_closed_is_one_line(tiny_adapter):
     proc = subprocess.run(["bash", "-c", f'"{sys.executable}" -m tools.translate --model "{tiny_adapter}" <&-'],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr
@@ -253,7 +252,7 @@ def test_a_5000_character_model_path_is_one_line(tmp_path, name, capsys):
 
 @pytest.mark.parametrize("stage", ["evaluate", "export"])
 def test_a_5000_character_model_path_in_a_stage_is_one_line(tmp_path, stage):
-    from test_cli_errors import jsonl_row
+    from conftest import jsonl_row
 
     test = tmp_path / "test.jsonl"
     test.write_text(json.dumps(jsonl_row(), ensure_ascii=False) + "\n", encoding="utf-8")
@@ -266,20 +265,6 @@ def test_a_5000_character_model_path_in_a_stage_is_one_line(tmp_path, stage):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "File name too long" in last and len(last) < 400
-
-
-def test_with_path_errors_turns_an_os_error_on_a_path_into_one_line():
-    def main(argv=None):
-        raise OSError(40, "Too many levels of symbolic links", "/x/loop")
-
-    with pytest.raises(PipelineError, match=r"^/x/loop: Too many levels of symbolic links$"):
-        files.with_path_errors(main)([])
-
-    def bug(argv=None):
-        raise OSError("no path")
-
-    with pytest.raises(OSError):  # a bug keeps its traceback
-        files.with_path_errors(bug)([])
 
 
 def deep_tree(root: Path, levels: int) -> Path:

@@ -1,12 +1,13 @@
 """Every params key x bad values (NaN, infinities, negatives, zero where it must be positive, wrong types, a
 bool for an int, huge integers, a string where YAML should give a number): each is a clear error naming the
 key, raised by the stage's own parameter checks (what its main() runs before reading data or loading a
-model). The params file itself: a key given twice, `1e-4` read as a number as DVC reads it."""
+model): one parametrized case per kind of key and bad value, one loop over every key. The params file itself: a key given twice, `1e-4` read as a number as DVC reads it."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import yaml
@@ -56,26 +57,71 @@ def is_number(param: Param) -> bool:
     return not param.choices and (int in param.kinds or float in param.kinds)
 
 
-# Every key of every stage: values no key takes (a mapping; null where null is not allowed), and for numbers
-# NaN, infinities, a string, a bool and integers beyond any count.
-GENERIC = []
-for _stage, _schema in SCHEMAS.items():
-    for _key, _param in _schema.items():
-        GENERIC.append((_stage, _key, {"a": 1}))
-        if not _param.null:
-            GENERIC.append((_stage, _key, None))
-        if is_number(_param):
-            GENERIC += [(_stage, _key, v) for v in (math.nan, math.inf, -math.inf, "2", True, False, 2**64, -2**64, 10**100)]
-        if _param.kinds == (int,):
-            GENERIC.append((_stage, _key, 1.5))
-        if list in _param.kinds:  # a string where a list goes (but a template is a string or its lines)
-            GENERIC += [(_stage, _key, v) for v in ([] if str in _param.kinds else ["q_proj"]) + [[None]]]
+def bad_values(param: Param) -> list:
+    """Values no key of this kind takes: a mapping; null where null is not allowed; for numbers NaN, infinities, a
+    string, a bool and integers beyond any count; a float for an int; a string or a list of null for a list."""
+    values = [{"a": 1}]
+    if not param.null:
+        values.append(None)
+    if is_number(param):
+        values += [math.nan, math.inf, -math.inf, "2", True, False, 2**64, -2**64, 10**100]
+    if param.kinds == (int,):
+        values.append(1.5)
+    if list in param.kinds:  # a string where a list goes (but a template is a string or its lines)
+        values += ([] if str in param.kinds else ["q_proj"]) + [[None]]
+    return values
+
+
+def kind(param: Param) -> tuple:
+    """What decides which bad values a key refuses and how: its types, list items, null, choices or not."""
+    return (param.kinds, param.items, param.null, bool(param.choices))
+
+
+KEYS = [(stage, key) for stage, schema in SCHEMAS.items() for key in schema]
+# One key of each Param kind (the first in stage order) takes every bad value of its kind through the stage's checks;
+# test_every_key_refuses_the_bad_values_of_its_kind holds every other key of the kind to the same values.
+KINDS: dict[tuple, tuple[str, str]] = {}
+for _stage, _key in KEYS:
+    KINDS.setdefault(kind(SCHEMAS[_stage][_key]), (_stage, _key))
+GENERIC = [(stage, key, v) for stage, key in KINDS.values() for v in bad_values(SCHEMAS[stage][key])]
 
 
 @pytest.mark.parametrize("stage, key, value", GENERIC, ids=[f"{s}.{k}={v!r}" for s, k, v in GENERIC])
-def test_every_key_refuses_values_of_no_use(stage, key, value, model_dir):
+def test_each_kind_of_key_refuses_values_of_no_use(stage, key, value, model_dir):
     with pytest.raises(PipelineError, match=rf"{stage}\.{key}\b"):
         stage_checks(stage, shipped(stage, **{key: value}), model_dir)
+
+
+def test_every_key_refuses_the_bad_values_of_its_kind(model_dir):
+    """Every key of every stage, every bad value of its kind: check_params (the schema check every stage's checks
+    start with) refuses it naming the key. The few values the schema lets through (ingest.sources is a mapping by
+    name or a list, checked entry by entry; train.extend_vocab's strings are words) are refused by the stage's own
+    checks; those run for them only, so the whole matrix takes a moment."""
+    wrong, by_stage = [], []
+    for stage, key in KEYS:
+        for value in bad_values(SCHEMAS[stage][key]):
+            section = shipped(stage, **{key: value})
+            try:
+                check_params(section, SCHEMAS[stage], stage)
+                by_stage.append((f"{stage}.{key}", repr(value)))
+                stage_checks(stage, section, model_dir)
+            except PipelineError as err:
+                if not re.search(rf"{stage}\.{key}\b", str(err)):
+                    wrong.append((f"{stage}.{key}", value, str(err)))
+            else:
+                wrong.append((f"{stage}.{key}", value, "accepted"))
+    assert not wrong, wrong
+    assert by_stage == [("ingest.sources", "{'a': 1}"), ("ingest.sources", "[None]"), ("train.extend_vocab", "'2'")]
+    assert len(KINDS) < len(KEYS) / 4  # a handful of kinds for the stages' keys: what the parametrized test runs
+
+
+@pytest.mark.parametrize("stage", SCHEMAS)
+def test_every_key_is_checked_by_its_stage(stage, model_dir):
+    """Each key of the stage, one value no key takes (a mapping), through all the checks its main() runs: no key
+    is left out of the stage's checks (a stage that checked a copy without it would pass it through)."""
+    for key in SCHEMAS[stage]:
+        with pytest.raises(PipelineError, match=rf"{stage}\.{key}\b"):
+            stage_checks(stage, shipped(stage, **{key: {"a": 1}}), model_dir)
 
 
 # Out of range, key by key: what each value would do if it went through (in the comment).
@@ -235,7 +281,7 @@ def test_target_modules_match_as_peft_matches(tiny_model):
 
 
 def test_cli_lora_alpha_zero_one_error_line_nothing_written(tmp_path, tiny_model):
-    from test_cli_errors import run_cli
+    from conftest import run_cli
 
     error = run_cli("train", *train_argv(tmp_path, tiny_model, lora_alpha=0))
     assert error == "error: params.yaml: train.lora_alpha must be > 0; got 0"

@@ -1,5 +1,5 @@
-"""A failed `dvc repro` must not corrupt the last good reports/: in a fresh git + DVC repo (as in
-test_pipeline_e2e.py), a good run, then a bad parameter (refused by check_params before anything is deleted), a
+"""A failed `dvc repro` must not corrupt the last good reports/: in a copy of the tiny project reproduced
+once a session (tests/project.py, conftest's `reproduced`: a good run, committed), then a bad parameter (refused by check_params before anything is deleted), a
 middle stage failing (train, on a LoRA target the model lacks) and the first data stage failing (ingest, on a
 line appended to one side of a corpus chapter).
 
@@ -12,16 +12,15 @@ restores them.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from test_pipeline_e2e import make_project, run
+from project import run
 
-pytestmark = [pytest.mark.slow, pytest.mark.bad_input, pytest.mark.skipif(shutil.which("git") is None, reason="needs git")]
+pytestmark = [pytest.mark.slow, pytest.mark.bad_input]
 
 
 def snapshot(directory: Path) -> dict:
@@ -54,18 +53,12 @@ def check_reports_kept(repo: Path, env: dict, before: dict, failed_stage: str, o
     assert run(["git", "status", "--porcelain", "--", "reports"], repo, env).stdout == ""
 
 
-def test_failed_repro_keeps_the_last_good_reports(tmp_path):
-    repo, env, dvc = make_project(
-        tmp_path,
-        train=dict(max_steps=2, eval_steps=0, eval_samples=2, save_steps=0),
-        evaluate=dict(num_samples=3, batch_size=3, baselines=["copy"], bootstrap_resamples=0, num_examples=2),
-    )
+def test_failed_repro_keeps_the_last_good_reports(reproduced, project_copy):
+    repo, env = project_copy, reproduced["env"]
     corpus = repo / "data/corpus/classical-modern"
     params_path = repo / "params.yaml"
     params = yaml.safe_load(params_path.read_text(encoding="utf-8"))
-    run(dvc + ["repro"], repo, env)
-    run(["git", "add", "-A"], repo, env)
-    run(["git", "commit", "-qm", "good run"], repo, env)
+    assert run(["git", "status", "--porcelain"], repo, env).stdout == ""  # the good run, committed
     before = snapshot(repo / "reports")
     assert {"reports/data/ingest.json", "reports/data/clean.json", "reports/train/summary.json", "reports/metrics.json",
             "reports/evaluate/samples.md"} <= set(before)

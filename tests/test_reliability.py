@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import BASE_PARAMS, CHAPTERS, N_PAIRS, REPO, niutrans, shipped
+from conftest import BASE_PARAMS, CHAPTERS, N_PAIRS, REPO, niutrans, pairs_frame, shipped
 
 from stages import clean, ingest, split
 from stages import format as format_stage
@@ -31,13 +31,6 @@ def run_ingest(tmp_path, write_params, sources):
 def clean_argv(pairs, out_dir, params):
     return ["--pairs", str(pairs), "--out", str(out_dir / "pairs.parquet"), "--report", str(out_dir / "clean.json"),
             "--params", str(params)]
-
-
-def pairs_frame(rows, book="书"):
-    return pd.DataFrame([
-        {"id": f"c/{book}/篇{i}#{i}", "corpus": "c", "book": book, "chapter": f"篇{i}", "line": i, "source": s, "target": t}
-        for i, (s, t) in enumerate(rows, 1)
-    ])
 
 
 def snapshot(directory: Path) -> dict:

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 from conftest import spelled
-from test_translate import tiny_adapter  # noqa: F401  (a fixture: a tiny adapter for the translate tests)
 
 from wenyan.errors import PipelineError
-from wenyan import artifacts, checkpoints
+from wenyan import artifacts
+from wenyan.training import checkpoints
 from wenyan import files as relations
 
 bad_input = pytest.mark.bad_input
@@ -430,7 +430,7 @@ def test_prompt_text_never_becomes_control_tokens(which):
 @bad_input
 @pytest.mark.parametrize("which", [0, 1])
 def test_training_target_holding_end_of_turn_is_trained_whole(which):
-    from wenyan import sft
+    from wenyan.training import examples as sft
 
     tok = chatml_tokenizers()[which]
     eot = tok.convert_tokens_to_ids("<|im_end|>")
@@ -605,7 +605,7 @@ def test_settings_only_transformers_rejects_fail_before_data_and_model(tmp_path,
     """The train file does not even exist: the error must come before it (and the model) is read."""
     import yaml
     from conftest import BASE_PARAMS, shipped
-    from test_train import tiny_project
+    from train_run import tiny_project
     from tiny import bpe_tokenizer
 
     from stages import train
@@ -650,7 +650,7 @@ def test_empty_validation_file_with_eval_samples_is_an_error_before_the_model():
 ])
 def test_split_leaving_test_empty_is_an_error_not_a_warning(tmp_path, write_params, split_params, message):
     import pandas as pd
-    from test_reliability import pairs_frame
+    from conftest import pairs_frame
 
     from stages import split
 
@@ -910,26 +910,23 @@ def test_staged_dir_on_a_full_disk_keeps_the_last_good_directory(full_disk):
 # ----------------------------------------------------------------------------------------------
 # 5. in the train stage: resume never mixes runs
 
-from test_train import tiny  # noqa: E402,F401  (the tiny model and data fixture)
-
-
 @bad_input
-def test_train_resume_skips_an_incomplete_checkpoint_and_refuses_another_run(tiny, tmp_path, caplog):  # noqa: F811
-    from test_train import run
+def test_train_resume_skips_an_incomplete_checkpoint_and_refuses_another_run(tiny_train, tmp_path, caplog):
+    from train_run import run_train as run
 
     common = dict(max_steps=4, save_steps=2, eval_steps=0)
-    run(tiny, tmp_path, "a", **common)
+    run(tiny_train, tmp_path, "a", **common)
     ckpt = tmp_path / "a" / "checkpoints"
     optimizer = ckpt / "checkpoint-4" / "optimizer.pt"
     optimizer.write_bytes(optimizer.read_bytes()[:100])  # a truncated optimizer.pt (kill -9 during the save)
-    summary, _ = run(tiny, tmp_path, "a", resume=True, **common)
+    summary, _ = run(tiny_train, tmp_path, "a", resume=True, **common)
     assert summary["resumed_from_step"] == 2 and summary["steps"] == 4
     assert "checkpoint-4 is incomplete (optimizer.pt is damaged or cut short" in caplog.text
 
     with pytest.raises(PipelineError, match=r"other values of train.learning_rate; set them back"):
-        run(tiny, tmp_path, "a", resume=True, **{**common, "learning_rate": 0.02})
-    other = dict(tiny, train=tmp_path / "other.jsonl")
-    other["train"].write_text(tiny["train"].read_text(encoding="utf-8").replace("翻译", "翻譯", 1), encoding="utf-8")
+        run(tiny_train, tmp_path, "a", resume=True, **{**common, "learning_rate": 0.02})
+    other = dict(tiny_train, train=tmp_path / "other.jsonl")
+    other["train"].write_text(tiny_train["train"].read_text(encoding="utf-8").replace("翻译", "翻譯", 1), encoding="utf-8")
     with pytest.raises(PipelineError, match=r"other values of train_data_sha256"):
         run(other, tmp_path, "a", resume=True, **common)
 
@@ -940,7 +937,7 @@ def test_train_full_disk_while_training_is_one_line_naming_the_checkpoints(tmp_p
     import errno
     import types
 
-    from wenyan import sft
+    from wenyan.training import run as sft
 
     def train(resume_from_checkpoint=None):
         raise OSError(errno.ENOSPC, "No space left on device")

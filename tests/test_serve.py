@@ -31,7 +31,7 @@ SCREENSHOTS_ENV = "WENYAN_SCREENSHOTS"
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from test_translate import make_tiny_model
+    from tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("serve"))
 

@@ -5,21 +5,22 @@ better one kept (`dvc exp branch`, `dvc exp apply`) and the other removed (`dvc 
 
 Queued experiments run in copies of the last commit under .dvc/tmp/exps, through celery workers started
 as `dvc` from PATH: the project is committed first, the tiny model sits at an absolute path outside the repo,
-and the venv's bin directory leads PATH (tests/test_pipeline_e2e.py's make_project does all three).
+and the venv's bin directory leads PATH (tests/project.py does all three). The sweep runs in a copy of the
+project reproduced once a session (conftest's `reproduced`): the data stages and base come from DVC's cache,
+only train and evaluate run.
 
-    python -m pytest tests/test_sweeps.py -s      # ~1.5 minutes on 2 CPU cores
+    python -m pytest tests/test_sweeps.py -s      # ~1.5 minutes on 2 CPU cores with the project's own repro
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import time
 
 import pytest
-from test_pipeline_e2e import make_project, run
+from project import DVC, run, update_params
 
 SWEEP_TIMEOUT_S = 900  # two tiny experiments take ~1.5 minutes on 2 CPU cores; the rest is slack for a busy CI
 NAMES = ("lr-1", "lr-2")  # -n lr with a two-value sweep names the experiments lr-1 and lr-2, in order
@@ -56,14 +57,12 @@ def exp_rows(show: list[dict]) -> dict[str, dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
-def test_queued_sweep_runs_two_at_a_time_then_exp_show_and_diff_compare(tmp_path):
-    # Cheaper than the end-to-end run: 2 steps, no checkpoints, 4 test sentences, only the copy baseline.
-    repo, env, dvc = make_project(
-        tmp_path,
-        train={"max_steps": 2, "eval_steps": 0, "save_steps": 0},
-        evaluate={"num_samples": 4, "batch_size": 4, "baselines": ["copy"], "bootstrap_resamples": 0},
-    )
+def test_queued_sweep_runs_two_at_a_time_then_exp_show_and_diff_compare(reproduced, project_copy):
+    # Cheaper than the end-to-end run: 2 steps, no checkpoints, 4 test sentences, only the copy baseline; committed.
+    repo, env, dvc = project_copy, reproduced["env"], DVC
+    update_params(repo, train={"max_steps": 2, "eval_steps": 0, "save_steps": 0},
+                  evaluate={"num_samples": 4, "batch_size": 4, "baselines": ["copy"], "bootstrap_resamples": 0})
+    run(["git", "commit", "-qam", "sweep settings"], repo, env)
     queued = run(dvc + ["exp", "run", "--queue", "-S", "train.learning_rate=0.05,0.001", "-n", "lr"], repo, env)
     for name in NAMES:
         assert f"Queued experiment '{name}'" in queued.stdout, queued.stdout

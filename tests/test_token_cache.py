@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from wenyan import sft, token_cache
+from wenyan import token_cache
+from wenyan.training import examples
 from wenyan.prompt import CHAT_TEMPLATES, end_of_turn_id
 from tiny import bpe_tokenizer
 
@@ -32,7 +33,7 @@ def tokenizer():
 def test_the_second_run_reads_what_the_first_tokenized(cache):
     tok, convs = tokenizer(), conversations(12)
     eot = end_of_turn_id(tok)
-    first = token_cache.cached(tok, convs, eot, lambda c: sft.tokenize_conversations(tok, c, eot))
+    first = token_cache.cached(tok, convs, eot, lambda c: examples.tokenize_conversations(tok, c, eot))
     assert len(list(cache.glob("*.npz"))) == 1
 
     def fail(_):
@@ -41,25 +42,25 @@ def test_the_second_run_reads_what_the_first_tokenized(cache):
     assert token_cache.cached(tok, convs, eot, fail) == first  # same ids, masks and flags, in order
     other = tokenizer()
     other.chat_template = CHAT_TEMPLATES["qwen-2.5"]  # another tokenizer (its template): another key
-    token_cache.cached(other, convs, end_of_turn_id(other), lambda c: sft.tokenize_conversations(other, c, eot))
-    token_cache.cached(tok, convs[:-1], eot, lambda c: sft.tokenize_conversations(tok, c, eot))  # other data
+    token_cache.cached(other, convs, end_of_turn_id(other), lambda c: examples.tokenize_conversations(other, c, eot))
+    token_cache.cached(tok, convs[:-1], eot, lambda c: examples.tokenize_conversations(tok, c, eot))  # other data
     assert len(list(cache.glob("*.npz"))) == 3
 
 
 def test_a_damaged_file_is_tokenized_again(cache):
     tok, convs = tokenizer(), conversations(6)
     eot = end_of_turn_id(tok)
-    first = token_cache.cached(tok, convs, eot, lambda c: sft.tokenize_conversations(tok, c, eot))
+    first = token_cache.cached(tok, convs, eot, lambda c: examples.tokenize_conversations(tok, c, eot))
     [path] = cache.glob("*.npz")
     path.write_bytes(path.read_bytes()[:40])
-    assert token_cache.cached(tok, convs, eot, lambda c: sft.tokenize_conversations(tok, c, eot)) == first
+    assert token_cache.cached(tok, convs, eot, lambda c: examples.tokenize_conversations(tok, c, eot)) == first
     assert token_cache.load(path, len(convs)) == first  # replaced by a whole file
 
 
 def test_tokenize_rows_gives_the_same_examples_from_the_cache(cache, monkeypatch):
     tok = tokenizer()
     rows = [{"id": i, "messages": c} for i, c in enumerate(conversations(9))]
-    fresh = sft.tokenize_rows(tok, rows, 24, "train.jsonl")
-    again = sft.tokenize_rows(tok, rows, 24, "train.jsonl")  # from the cache, then truncated at 24 as before
+    fresh = examples.tokenize_rows(tok, rows, 24, "train.jsonl")
+    again = examples.tokenize_rows(tok, rows, 24, "train.jsonl")  # from the cache, then truncated at 24 as before
     monkeypatch.setattr(token_cache, "MIN_ROWS", 10**9)
-    assert fresh == again == sft.tokenize_rows(tok, rows, 24, "train.jsonl")
+    assert fresh == again == examples.tokenize_rows(tok, rows, 24, "train.jsonl")

@@ -14,7 +14,8 @@ import yaml
 
 from pathlib import Path
 
-from wenyan import generation, models, sft
+from wenyan import generation, models
+from wenyan.training import examples
 from wenyan.prompt import CHAT_TEMPLATES, build_messages
 from wenyan.files import staging_path
 from stages import train as train_stage
@@ -254,9 +255,9 @@ def test_bad_params_fail_before_any_loading(tiny, tmp_path, monkeypatch, overrid
 
 
 def test_rows_per_batch_follows_the_token_budget():
-    assert sft.rows_per_batch([100, 300], 4096, 8) == 20
-    assert sft.rows_per_batch([5000], 4096, 8) == 1
-    assert sft.rows_per_batch([100], 0, 8) == 8
+    assert examples.rows_per_batch([100, 300], 4096, 8) == 20
+    assert examples.rows_per_batch([5000], 4096, 8) == 1
+    assert examples.rows_per_batch([100], 0, 8) == 8
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA + unsloth")
@@ -371,10 +372,10 @@ def test_parallel_tokenizing_gives_the_serial_examples_in_order(tiny, monkeypatc
 
     tokenizer = AutoTokenizer.from_pretrained(tiny["model"])
     data = rows(40)
-    serial, serial_stats = sft.build_examples(tokenizer, data, 128, "train")
-    monkeypatch.setattr(sft, "PARALLEL_ROWS", 10)
-    monkeypatch.setattr(sft.os, "cpu_count", lambda: 3)
-    parallel, parallel_stats = sft.build_examples(tokenizer, data, 128, "train")
+    serial, serial_stats = examples.build_examples(tokenizer, data, 128, "train")
+    monkeypatch.setattr(examples, "PARALLEL_ROWS", 10)
+    monkeypatch.setattr(examples.os, "cpu_count", lambda: 3)
+    parallel, parallel_stats = examples.build_examples(tokenizer, data, 128, "train")
     assert parallel == serial and parallel_stats == serial_stats
 
 

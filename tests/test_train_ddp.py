@@ -19,7 +19,7 @@ from wenyan import distributed
 from stages import train as train_stage
 from wenyan.errors import PipelineError
 from conftest import shipped
-from test_train import PROMPT, REPO, run, tiny, tiny_bytes, tiny_train_params  # noqa: F401  (tiny*: module-scoped fixtures)
+from train_run import PROMPT, REPO, run_train as run, tiny_train_params
 
 
 def test_launch_command_is_torchrun_with_the_same_arguments():
@@ -30,28 +30,28 @@ def test_launch_command_is_torchrun_with_the_same_arguments():
 
 
 @pytest.mark.parametrize("value", [0, -2])
-def test_num_gpus_must_be_positive(tiny, value):  # noqa: F811
+def test_num_gpus_must_be_positive(tiny_train, value):
     with pytest.raises(PipelineError, match="train.num_gpus must be > 0"):
-        train_stage.resolve_config(shipped("train", model=tiny["model"], num_gpus=value))
+        train_stage.resolve_config(shipped("train", model=tiny_train["model"], num_gpus=value))
 
 
-def test_more_gpus_than_visible_is_a_clear_error(tiny, tmp_path, monkeypatch):  # noqa: F811
+def test_more_gpus_than_visible_is_a_clear_error(tiny_train, tmp_path, monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     with pytest.raises(PipelineError, match=r"train.num_gpus is 2 but 0 CUDA GPU\(s\) are visible"):
-        run(tiny, tmp_path, num_gpus=2)
+        run(tiny_train, tmp_path, num_gpus=2)
 
 
-def test_two_processes_train_like_one_with_the_same_global_batch(tiny, tmp_path):  # noqa: F811
+def test_two_processes_train_like_one_with_the_same_global_batch(tiny_train, tmp_path):
     common = dict(max_steps=6, batch_size=8, eval_steps=0, save_steps=3, learning_rate=0.003, method="full")
-    one, _ = run(tiny, tmp_path, "one", **common)
+    one, _ = run(tiny_train, tmp_path, "one", **common)
 
     base = tmp_path / "two"
     base.mkdir()
-    params = tiny_train_params(tiny["model"], **common)
+    params = tiny_train_params(tiny_train["model"], **common)
     (base / "params.yaml").write_text(yaml.safe_dump({"train": params, **PROMPT}, allow_unicode=True), encoding="utf-8")
-    argv = ["--train", str(tiny["train"]), "--valid", str(tiny["valid"]), "--out", str(base / "adapter"),
+    argv = ["--train", str(tiny_train["train"]), "--valid", str(tiny_train["valid"]), "--out", str(base / "adapter"),
             "--checkpoints", str(base / "checkpoints"), "--reports", str(base / "reports"),
             "--params", str(base / "params.yaml")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -110,17 +110,17 @@ def test_a_torchrun_worker_keeps_its_gpus(monkeypatch):
     (dict(num_gpus=2, method="qlora"), r"train.fsdp shards 16/32-bit weights: method full or lora, not qlora"),
     (dict(num_gpus=2, method="lora", load_in_4bit=True), r"method full or lora, not lora with load_in_4bit"),
 ])
-def test_fsdp_needs_several_processes_hf_and_16_bit_weights(tiny, overrides, message):  # noqa: F811
+def test_fsdp_needs_several_processes_hf_and_16_bit_weights(tiny_train, overrides, message):
     with pytest.raises(PipelineError, match=message):
-        train_stage.resolve_config(shipped("train", model=tiny["model"], fsdp=True, **overrides))
+        train_stage.resolve_config(shipped("train", model=tiny_train["model"], fsdp=True, **overrides))
 
 
-def run_two(tiny, base, **params) -> tuple[dict, subprocess.CompletedProcess]:  # noqa: F811
+def run_two(tiny_train, base, **params) -> tuple[dict, subprocess.CompletedProcess]:
     """The stage over two gloo processes, exactly the command train.num_gpus=2 launches on two GPUs."""
     base.mkdir()
-    params = tiny_train_params(tiny["model"], num_gpus=2, **params)
+    params = tiny_train_params(tiny_train["model"], num_gpus=2, **params)
     (base / "params.yaml").write_text(yaml.safe_dump({"train": params, **PROMPT}, allow_unicode=True), encoding="utf-8")
-    argv = ["--train", str(tiny["train"]), "--valid", str(tiny["valid"]), "--out", str(base / "adapter"),
+    argv = ["--train", str(tiny_train["train"]), "--valid", str(tiny_train["valid"]), "--out", str(base / "adapter"),
             "--checkpoints", str(base / "checkpoints"), "--reports", str(base / "reports"),
             "--params", str(base / "params.yaml")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -131,7 +131,7 @@ def run_two(tiny, base, **params) -> tuple[dict, subprocess.CompletedProcess]:  
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_fsdp_over_two_processes_trains_like_ddp_and_one_and_saves_one_model(tiny, tmp_path, method):  # noqa: F811
+def test_fsdp_over_two_processes_trains_like_ddp_and_one_and_saves_one_model(tiny_train, tmp_path, method):
     """FSDP2 changes where the weights live, not the arithmetic: the same run as DDP over the same processes
     (same batches) to float precision, and as one process (other batch order) within the DDP test's margin."""
     import torch
@@ -140,9 +140,9 @@ def test_fsdp_over_two_processes_trains_like_ddp_and_one_and_saves_one_model(tin
 
     common = dict(max_steps=6, batch_size=8, eval_steps=0, save_steps=0, learning_rate=0.003 if method == "full" else 0.03,
                   method=method)
-    one, _ = run(tiny, tmp_path, "one", **common)
-    ddp, _ = run_two(tiny, tmp_path / "ddp", **common)
-    two, proc = run_two(tiny, tmp_path / "fsdp", fsdp=True, **common)
+    one, _ = run(tiny_train, tmp_path, "one", **common)
+    ddp, _ = run_two(tiny_train, tmp_path / "ddp", **common)
+    two, proc = run_two(tiny_train, tmp_path / "fsdp", fsdp=True, **common)
     assert two["fsdp"] is True and ddp["fsdp"] is False and two["processes"] == 2 and two["steps"] == 6
     assert two["tokens_seen"] == ddp["tokens_seen"] == one["tokens_seen"]
     assert two["final_eval_loss"] == pytest.approx(ddp["final_eval_loss"], rel=1e-4)
@@ -157,7 +157,7 @@ def test_fsdp_over_two_processes_trains_like_ddp_and_one_and_saves_one_model(tin
     saved = tmp_path / "fsdp" / "adapter"
     if method == "full":
         weights = load_file(saved / "model.safetensors")
-        reference = AutoModelForCausalLM.from_pretrained(tiny["model"]).state_dict()
+        reference = AutoModelForCausalLM.from_pretrained(tiny_train["model"]).state_dict()
         assert {k: tuple(v.shape) for k, v in weights.items()} == {k: tuple(reference[k].shape) for k in weights}
         ddp_weights = load_file(tmp_path / "ddp" / "adapter" / "model.safetensors")
         assert "lm_head.weight" not in weights  # tied to the embeddings, saved once as transformers does
@@ -178,12 +178,12 @@ def test_fsdp_over_two_processes_trains_like_ddp_and_one_and_saves_one_model(tin
         assert trained.is_adapter and trained.model is not None
 
 
-def test_fsdp_with_an_extended_vocabulary_saves_a_model_that_loads(tiny_bytes, tmp_path):  # noqa: F811
+def test_fsdp_with_an_extended_vocabulary_saves_a_model_that_loads(tiny_train_bytes, tmp_path):
     """train.extend_vocab adds the train split's characters as tokens (full: resized embeddings); sharded, the
     saved model holds them and loads back through models.load_trained."""
     from wenyan import models
 
-    summary, _ = run_two(tiny_bytes, tmp_path / "fsdp", fsdp=True, method="full", extend_vocab="auto",
+    summary, _ = run_two(tiny_train_bytes, tmp_path / "fsdp", fsdp=True, method="full", extend_vocab="auto",
                          max_seq_length=512, max_steps=2, eval_steps=0, save_steps=0)
     assert summary["fsdp"] is True and summary["added_tokens"] > 0
     trained = models.load_trained(tmp_path / "fsdp" / "adapter", backend="hf")
@@ -191,13 +191,13 @@ def test_fsdp_with_an_extended_vocabulary_saves_a_model_that_loads(tiny_bytes, t
 
 
 @pytest.mark.bad_input
-def test_fsdp_lora_with_added_tokens_is_one_clear_error(tiny_bytes, tmp_path):  # noqa: F811
+def test_fsdp_lora_with_added_tokens_is_one_clear_error(tiny_train_bytes, tmp_path):
     base = tmp_path / "lora"
     base.mkdir()
-    params = tiny_train_params(tiny_bytes["model"], num_gpus=2, fsdp=True, method="lora", extend_vocab="auto",
+    params = tiny_train_params(tiny_train_bytes["model"], num_gpus=2, fsdp=True, method="lora", extend_vocab="auto",
                                max_seq_length=512, max_steps=2, eval_steps=0, save_steps=0)
     (base / "params.yaml").write_text(yaml.safe_dump({"train": params, **PROMPT}, allow_unicode=True), encoding="utf-8")
-    argv = ["--train", str(tiny_bytes["train"]), "--valid", str(tiny_bytes["valid"]), "--out", str(base / "adapter"),
+    argv = ["--train", str(tiny_train_bytes["train"]), "--valid", str(tiny_train_bytes["valid"]), "--out", str(base / "adapter"),
             "--checkpoints", str(base / "checkpoints"), "--reports", str(base / "reports"), "--params", str(base / "params.yaml")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(distributed.launch_command("stages.train", 2, argv), cwd=REPO, env=env, capture_output=True,

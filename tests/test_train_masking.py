@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from wenyan.prompt import CHAT_TEMPLATES, apply_chat_template_override, end_of_turn_id, end_of_turn_token
-from wenyan import sft, models
+from wenyan import models
+from wenyan.training import examples as training_examples
+from wenyan.training.trainer import build_trainer, example_dataset, sft_config
 from stages import train as train_stage
 from wenyan.errors import PipelineError
 from conftest import shipped
@@ -105,10 +107,10 @@ def trainer_for(tok, examples, padding_free: bool, tmp_path):
     model = tiny_llama(tok, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                        tie_word_embeddings=False).train()  # the same tiny model every call (seed 0)
     cfg = shipped("train", max_steps=1, eval_steps=0, save_steps=0)
-    return sft.build_trainer(
-        model, tok, examples, [], cfg, rows=len(examples), padding_free=padding_free,
-        dtype=torch.float32, optim="adamw_torch", gradient_checkpointing=False, output_dir=tmp_path / "ckpt",
-    )
+    args = sft_config(cfg, rows=len(examples), padding_free=padding_free, dtype=torch.float32,
+                       optim="adamw_torch", gradient_checkpointing=False, output_dir=tmp_path / "ckpt",
+                       has_valid=False, model=model)
+    return build_trainer(model, tok, args, example_dataset(examples))
 
 
 @pytest.mark.parametrize("name", list(TEMPLATES))
@@ -116,7 +118,7 @@ def test_template_masks_exactly_the_reply_and_end_of_turn(name):
     tok = make_tokenizer(name)
     eot_id = end_of_turn_id(tok)
     for conversation, (ids, mask, retokenized) in zip(
-        CONVERSATIONS, sft.tokenize_conversations(tok, CONVERSATIONS, eot_id)
+        CONVERSATIONS, training_examples.tokenize_conversations(tok, CONVERSATIONS, eot_id)
     ):
         assert not retokenized
         assert ids == tok(tok.apply_chat_template(conversation, tokenize=False), add_special_tokens=False).input_ids
@@ -133,7 +135,7 @@ def test_collator_labels_are_the_reply_only(name, padding_free, tmp_path):
     """The labels that reach the model: after the trainer's dataset preparation and its data collator."""
     tok = make_tokenizer(name)
     rows = [{"id": str(i), "messages": c} for i, c in enumerate(CONVERSATIONS)]
-    examples, stats = sft.build_examples(tok, rows, 512, "test")
+    examples, stats = training_examples.build_examples(tok, rows, 512, "test")
     assert stats["examples"] == len(CONVERSATIONS) and stats["dropped_truncation"] == 0
     trainer = trainer_for(tok, examples, padding_free, tmp_path)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
@@ -158,7 +160,7 @@ def test_padding_free_batches_give_the_padded_loss_with_sdpa(tmp_path):
     """Flattened batches are only right if attention stays within each sequence: transformers builds a
     block-diagonal mask from position_ids (sdpa/eager) when no cache is used, which the CPU loss path ensures."""
     tok = make_tokenizer("chatml")
-    examples, _ = sft.build_examples(tok, [{"messages": c} for c in CONVERSATIONS], 512, "test")
+    examples, _ = training_examples.build_examples(tok, [{"messages": c} for c in CONVERSATIONS], 512, "test")
     losses = {}
     for padding_free in (False, True):
         trainer = trainer_for(tok, examples, padding_free, tmp_path)
@@ -173,7 +175,7 @@ def test_padding_free_batches_give_the_padded_loss_with_sdpa(tmp_path):
 def test_a_whole_dataloader_batch_has_no_prompt_labels(tmp_path):
     tok = make_tokenizer("chatml")
     rows = [{"id": str(i), "messages": c} for i, c in enumerate(CONVERSATIONS * 4)]
-    examples, _ = sft.build_examples(tok, rows, 512, "test")
+    examples, _ = training_examples.build_examples(tok, rows, 512, "test")
     trainer = trainer_for(tok, examples, False, tmp_path)
     batch = next(iter(trainer.get_train_dataloader()))
     im_start = tok.convert_tokens_to_ids("<|im_start|>")
@@ -188,10 +190,10 @@ def test_a_whole_dataloader_batch_has_no_prompt_labels(tmp_path):
 def test_truncation_drops_examples_with_no_reply_left_and_counts_them(tmp_path):
     tok = make_tokenizer("chatml")
     rows = [{"id": str(i), "messages": c} for i, c in enumerate(CONVERSATIONS)]
-    full = sft.tokenize_conversations(tok, CONVERSATIONS, end_of_turn_id(tok))
+    full = training_examples.tokenize_conversations(tok, CONVERSATIONS, end_of_turn_id(tok))
     prompt_lengths = [m.index(1) for _, m, _ in full]
     limit = sorted(prompt_lengths)[1]  # the longest prompt(s) fill it: no reply token left
-    examples, stats = sft.build_examples(tok, rows, limit, "test")
+    examples, stats = training_examples.build_examples(tok, rows, limit, "test")
     n_dropped = sum(p >= limit for p in prompt_lengths)
     assert n_dropped >= 1
     assert stats["dropped_truncation"] == n_dropped
@@ -210,7 +212,7 @@ def test_tokens_merging_across_the_reply_boundary_follow_inference():
     before the reply. The prompt keeps its inference tokens; the reply is tokenized after them."""
     tok = make_tokenizer("llama-3.1", split=GPT2)
     eot = end_of_turn_token(tok)
-    results = sft.tokenize_conversations(tok, CONVERSATIONS, end_of_turn_id(tok))
+    results = training_examples.tokenize_conversations(tok, CONVERSATIONS, end_of_turn_id(tok))
     assert any(r for _, _, r in results)
     for conversation, (ids, mask, _) in zip(CONVERSATIONS, results):
         prompt = tok.apply_chat_template(conversation[:-1], tokenize=False, add_generation_prompt=True)
@@ -230,7 +232,7 @@ def test_prompt_that_is_not_a_prefix_is_an_error():
     )
     assert CHATML_BROKEN != CHAT_TEMPLATES["chatml"]
     with pytest.raises(PipelineError, match="renders the prompt"):
-        sft.tokenize_conversations(tok, CONVERSATIONS, end_of_turn_id(tok))
+        training_examples.tokenize_conversations(tok, CONVERSATIONS, end_of_turn_id(tok))
 
 
 @pytest.mark.bad_input
@@ -241,7 +243,7 @@ def test_template_without_end_of_turn_is_an_error():
         "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
     )
     with pytest.raises(PipelineError, match="no end-of-turn token"):
-        sft.build_examples(tok, [{"id": "a", "messages": CONVERSATIONS[0]}], 512, "test")
+        training_examples.build_examples(tok, [{"id": "a", "messages": CONVERSATIONS[0]}], 512, "test")
 
 
 @pytest.mark.bad_input
@@ -249,4 +251,4 @@ def test_bad_messages_are_named():
     tok = make_tokenizer("chatml")
     rows = [{"id": "x1", "messages": CONVERSATIONS[0][:-1]}]  # no reply
     with pytest.raises(PipelineError, match="x1.*assistant"):
-        sft.build_examples(tok, rows, 512, "train.jsonl")
+        training_examples.build_examples(tok, rows, 512, "train.jsonl")

@@ -8,75 +8,21 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from conftest import REPO
 
-from wenyan import generation, models
+from wenyan import models
 from tools import translate
 from wenyan.errors import PipelineError, run_main
 from wenyan.prompt import build_messages
 from conftest import BASE_PARAMS
-from tiny import byte_tokenizer, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny tensors gain nothing from threads
 
 # Two lines, every sentence end (。！？；), a closing quote after a question mark, and an empty line between.
 PASSAGE = "子曰：“学而时习之，不亦说乎？”有朋自远方来；不亦乐乎！\n\n人不知而不愠，不亦君子乎。"
 PASSAGE_SENTENCES = [["子曰：“学而时习之，不亦说乎？”", "有朋自远方来；", "不亦乐乎！"], [], ["人不知而不愠，不亦君子乎。"]]
-
-
-# ----------------------------------------------------------------------------------------------
-# A tiny model laid out as the train stage writes models/adapter (also used by test_export.py)
-
-
-make_tokenizer = byte_tokenizer
-
-
-def make_tiny_model(root: Path, max_seq_length: int = 256, trainable_tokens: bool = False, seed: int = 0) -> Path:
-    """root/base (tiny Llama, tied embeddings like SmolLM2) + root/adapter (LoRA with non-zero B weights,
-    tokenizer, training_config.json). Returns the adapter directory."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = make_tokenizer()
-    base_dir, adapter_dir = root / "base", root / "adapter"
-    tiny_llama(tokenizer, seed, max_position_embeddings=1024, bos_token_id=None).save_pretrained(base_dir)
-    tokenizer.save_pretrained(base_dir)
-    extra = {"trainable_token_indices": {"embed_tokens": [tokenizer.convert_tokens_to_ids("<|im_start|>")]}} if trainable_tokens else {}
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False,
-                      task_type="CAUSAL_LM", **extra)
-    model = get_peft_model(LlamaForCausalLM.from_pretrained(base_dir), lora)
-    with torch.no_grad():  # a large adapter effect, so that "merged == base + adapter" means something
-        for name, param in model.named_parameters():
-            if "lora_B" in name or "trainable_tokens_delta" in name:
-                param.normal_(0, 0.5)
-    model.save_pretrained(adapter_dir)
-    tokenizer.save_pretrained(adapter_dir)
-    cfg = {"model": str(base_dir), "chat_template": None, "max_seq_length": max_seq_length, "backend": "hf",
-           "prompt": {"format": BASE_PARAMS["format"], "opencc": BASE_PARAMS["clean"]["opencc"]}}
-    (adapter_dir / "training_config.json").write_text(json.dumps(cfg), encoding="utf-8")
-    return adapter_dir
-
-
-@pytest.fixture(scope="module")
-def tiny_adapter(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture
-def echo_generate(monkeypatch):
-    """Replace generation with '译' + the piece, recording the prompts it was given."""
-    calls = []
-
-    def fake(model, tokenizer, prompts, sources, **kwargs):
-        calls.append({"prompts": prompts, "sources": list(sources)})
-        return ["译" + s for s in sources], [False] * len(sources)
-
-    monkeypatch.setattr(generation, "generate", fake)
-    return calls
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,9 +11,7 @@ import stat
 import sys
 
 import pytest
-from test_cli_errors import run_cli
-from conftest import spelled
-from test_translate import echo_generate, make_tiny_model  # noqa: F401  (fixtures)
+from conftest import run_cli, spelled
 
 from tools import translate
 from wenyan.errors import PipelineError, run_main
@@ -21,11 +19,6 @@ from wenyan.errors import PipelineError, run_main
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny tensors gain nothing from threads
 
 TEXT = "学而时习之。\n有朋自远方来。\n"
-
-
-@pytest.fixture(scope="module")
-def tiny_adapter(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture

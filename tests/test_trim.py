@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from wenyan import models, trim
+from wenyan.training import loaders
 from wenyan.errors import PipelineError
 from wenyan.prompt import (CHAT_TEMPLATES, apply_chat_template_override, encode_messages, end_of_turn_ids,
                            fix_special_tokens)
@@ -79,14 +80,14 @@ def test_gemma_template_marks_its_turn_tokens_without_new_ids_and_stops_on_both(
 def test_a_base_without_a_template_and_none_named_is_one_clear_error(gemma_dir):
     cfg = {**shipped("train"), "model": gemma_dir["model"], "chat_template": None, "method": "lora"}
     with pytest.raises(PipelineError, match="no chat template; set train.chat_template .*gemma-3"):
-        models.load_hf(cfg, torch.float32, False, [])
+        loaders.load_hf(loaders.Loading.for_train(cfg), torch.float32, False, [])
 
 
 def test_hf_path_loads_a_base_without_a_template_when_one_is_named(gemma_dir):
     """The bug of issue 35: load_hf checked the model's own template before train.chat_template was applied."""
     cfg = {**shipped("train"), "model": gemma_dir["model"], "chat_template": "gemma-3", "method": "lora",
            "target_modules": ["q_proj", "v_proj"], "trim_vocab": "none"}
-    model, tokenizer, loaded = models.load_hf(cfg, torch.float32, False, [])
+    model, tokenizer, loaded = loaders.load_hf(loaders.Loading.for_train(cfg), torch.float32, False, [])
     assert tokenizer.chat_template == CHAT_TEMPLATES["gemma-3"] and loaded["added_tokens"] == []
     # no row added or lost: the vocabulary spells "\t" twice, so it counts one entry fewer than the embedding's rows
     assert len(tokenizer.get_vocab()) < model.get_input_embeddings().num_embeddings == max(tokenizer.get_vocab().values()) + 1
@@ -108,12 +109,12 @@ def test_unsloth_path_loads_a_base_without_a_template_when_one_is_named(gemma_di
 import sys
 sys.path[:0] = [{str(here)!r}, {str(here.parent)!r}]
 import unsloth, torch
-from wenyan import models
+from wenyan.training import loaders
 from wenyan.prompt import CHAT_TEMPLATES
 from conftest import shipped
 cfg = {{**shipped('train'), 'model': {gemma_dir['model']!r}, 'chat_template': 'gemma-3', 'method': 'lora',
        'target_modules': ['q_proj', 'v_proj'], 'trim_vocab': 'always'}}
-model, tokenizer, loaded = models.load_unsloth(cfg, torch.bfloat16, ['学而时习之'], [])
+model, tokenizer, loaded = loaders.load_unsloth(loaders.Loading.for_train(cfg), torch.bfloat16, ['学而时习之'], [])
 assert tokenizer.chat_template == CHAT_TEMPLATES['gemma-3'] and loaded['trim']['trimmed']
 print('ok')
 """

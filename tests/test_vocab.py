@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from wenyan import models, sft, vocab
+from wenyan import models, vocab
+from wenyan.training import examples as training_examples
 from wenyan.prompt import end_of_turn_token, fix_special_tokens
 from stages import train as train_stage
 from wenyan.errors import PipelineError
@@ -193,7 +194,7 @@ def test_reply_mask_stays_exact_with_the_extended_vocabulary(extended, pairs):
     positions found from character offsets, independently of the code under test."""
     tok, _, _ = extended
     rows = rows_of(pairs[:40])
-    examples, stats = sft.build_examples(tok, rows, 512, "test")
+    examples, stats = training_examples.build_examples(tok, rows, 512, "test")
     assert stats["examples"] == len(rows) and stats["retokenized_at_reply"] == 0
     eot = end_of_turn_token(tok)
     for row, example in zip(rows, examples):
@@ -325,7 +326,7 @@ def test_a_tiny_model_trains_with_the_extended_vocabulary(base, extended, pairs,
     from peft import LoraConfig, get_peft_model
 
     tok, new_tokens, _ = extended
-    examples, _ = sft.build_examples(tok, rows_of(pairs[:8]), 256, "test")
+    examples, _ = training_examples.build_examples(tok, rows_of(pairs[:8]), 256, "test")
     assert any(i >= len(base) for e in examples for i in e["input_ids"])  # the new tokens are in the data
     model = tiny_llama(len(base), tied)
     ids = vocab.extend_embeddings(model, tok, new_tokens, base)

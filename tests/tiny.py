@@ -7,6 +7,7 @@
     gemma_like_tokenizer(text)                Unigram with byte fallback and Gemma's specials, no chat template
     tiny_gemma(tokenizer, seed=0, **config)   a 2-layer Gemma 3 (hidden 32) sized to the tokenizer, eval mode
     one_thread()                              a context: torch on one thread (tiny tensors gain nothing from two)
+    make_tiny_model(root)                     root/base + root/adapter laid out as the train stage writes models/adapter
 """
 
 from __future__ import annotations
@@ -139,3 +140,34 @@ def tiny_gemma(tokenizer, seed: int = 0, **config):
                     pad_token_id=0, eos_token_id=1, bos_token_id=2)
     settings.update(config)
     return Gemma3ForCausalLM(Gemma3TextConfig(**settings)).eval()
+
+
+def make_tiny_model(root, max_seq_length: int = 256, trainable_tokens: bool = False, seed: int = 0):
+    """root/base (tiny Llama, tied embeddings like SmolLM2) + root/adapter (LoRA with non-zero B weights,
+    tokenizer, training_config.json), laid out as the train stage writes models/adapter. Returns the adapter
+    directory."""
+    import json
+
+    import torch
+    from conftest import BASE_PARAMS
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    tokenizer = byte_tokenizer()
+    base_dir, adapter_dir = root / "base", root / "adapter"
+    tiny_llama(tokenizer, seed, max_position_embeddings=1024, bos_token_id=None).save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    extra = {"trainable_token_indices": {"embed_tokens": [tokenizer.convert_tokens_to_ids("<|im_start|>")]}} if trainable_tokens else {}
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False,
+                      task_type="CAUSAL_LM", **extra)
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(base_dir), lora)
+    with torch.no_grad():  # a large adapter effect, so that "merged == base + adapter" means something
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "trainable_tokens_delta" in name:
+                param.normal_(0, 0.5)
+    model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    cfg = {"model": str(base_dir), "chat_template": None, "max_seq_length": max_seq_length, "backend": "hf",
+           "prompt": {"format": BASE_PARAMS["format"], "opencc": BASE_PARAMS["clean"]["opencc"]}}
+    (adapter_dir / "training_config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    return adapter_dir

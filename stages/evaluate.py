@@ -44,7 +44,7 @@ Several GPUs (evaluate.num_gpus > 1, both stages): the command starts itself aga
 process per GPU (wenyan/distributed.py, as train.num_gpus does); each process generates every
 num_gpus-th batch of the length-sorted sentences, the outputs are gathered in their original order and
 rank 0 alone scores and writes, so the reports are byte for byte those of one process
-(tests/test_evaluate_ddp.py: two gloo processes on CPU). `torchrun --nproc_per_node N -m stages.evaluate ...`
+(tests/test_evaluate.py, evaluate.num_gpus: two gloo processes on CPU). `torchrun --nproc_per_node N -m stages.evaluate ...`
 by hand works too.
 """
 

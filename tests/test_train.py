@@ -1,4 +1,4 @@
-"""The train stage end to end on a tiny Llama (hidden 32, 2 layers) and a tiny tokenizer built here:
+"""The train stage end to end on a tiny Llama (hidden 32, 2 layers) and a tiny tokenizer (conftest: tiny_train, tiny_train_bytes):
 LoRA and full fine-tuning save what evaluate loads, the loss is finite and the weights move, a run killed
 half-way and resumed ends where an uninterrupted run ends, and bad params fail before any loading.
 GPU tests (unsloth, QLoRA) skip visibly without CUDA."""
@@ -10,9 +10,7 @@ import math
 
 import pytest
 import torch
-import yaml
 
-from pathlib import Path
 
 from wenyan import generation, models
 from wenyan.training import examples
@@ -20,91 +18,19 @@ from wenyan.prompt import CHAT_TEMPLATES, build_messages
 from wenyan.files import staging_path
 from stages import train as train_stage
 from wenyan.errors import PipelineError
-from conftest import shipped
-from tiny import LUNYU_PAIRS, bpe_tokenizer, byte_tokenizer, tiny_llama
+from train_run import PROMPT, rows, tiny_train_params
+from train_run import run_train as run
+from tiny import byte_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny tensors gain nothing from threads
 
-REPO = Path(__file__).resolve().parents[1]
-PAIRS = LUNYU_PAIRS
-SYSTEM = "你是翻译家。"
-# the params train records as the model's prompt (format:, clean.opencc), as in the rows below
-PROMPT = {"format": {"system_prompt": SYSTEM, "user_template": "翻译：\n{classical}", "context_sentences": 0,
-                     "context_template": "上文：{context}\n"}, "clean": {"opencc": "t2s"}}
 CHATML = CHAT_TEMPLATES["chatml"]
 
 
-def rows(n: int) -> list[dict]:
-    out = []
-    for i in range(n):
-        src, tgt = PAIRS[i % len(PAIRS)]
-        out.append({
-            "id": f"论语-{i}", "book": "论语", "chapter": "学而", "line": i, "source": src, "target": tgt,
-            "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "翻译：\n" + src},
-                         {"role": "assistant", "content": tgt}],
-        })
-    return out
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny model directory (config.json + weights + tokenizer with a ChatML template) and JSONL data."""
-    tok = bpe_tokenizer([SYSTEM] + [s + t for s, t in PAIRS] + ["system user assistant 翻译：\n"] * 3, vocab_size=400)
-    return tiny_project(tmp_path_factory.mktemp("tiny"), tok, max_positions=256)
-
-
-def tiny_project(root, tok, max_positions: int) -> dict:
-    """A tiny Llama with this tokenizer saved under root, and 48 train / 8 valid rows of formatted JSONL."""
-    model_dir = root / "tiny-llama"
-    tiny_llama(tok, max_position_embeddings=max_positions).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    data = root / "format"
-    data.mkdir()
-    for name, n in (("train", 48), ("valid", 8)):
-        (data / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows(n)), encoding="utf-8")
-    return {"model": str(model_dir), "train": data / "train.jsonl", "valid": data / "valid.jsonl"}
-
-
-def tiny_train_params(model: str, **overrides) -> dict:
-    """The shipped train: section, sized for the tiny model (4 steps of 4 rows, eval and checkpoint every 2)."""
-    tiny = dict(model=model, backend="hf", max_seq_length=128, batch_tokens=0, batch_size=4, max_steps=4, warmup_steps=0,
-                learning_rate=0.01, logging_steps=1, eval_steps=2, eval_samples=8, save_steps=2, lora_r=4, lora_alpha=8)
-    return shipped("train", **{**tiny, **overrides})
-
-
-def run(tiny, tmp_path, name="run", callbacks=(), subprocess=False, **overrides) -> tuple[dict, dict]:
-    """Run the stage through main() with a params.yaml (or train() when callbacks are given; or
-    `python -m stages.train` in a fresh interpreter, for unsloth, which must be imported first)."""
-    params = {**tiny_train_params(tiny["model"]), **overrides}
-    base = tmp_path / name
-    paths = {"out": base / "adapter", "checkpoints": base / "checkpoints", "reports": base / "reports",
-             "timings": base / "timings" / "train.json"}
-    if callbacks:
-        cfg = train_stage.resolve_config(params)
-        prompt = train_stage.resolve_prompt(PROMPT["format"], PROMPT["clean"]["opencc"])
-        train_stage.train(cfg, tiny["train"], tiny["valid"], paths["out"], paths["checkpoints"], paths["reports"], callbacks,
-                          prompt=prompt, timings=paths["timings"])
-    else:
-        base.mkdir(parents=True, exist_ok=True)
-        (base / "params.yaml").write_text(yaml.safe_dump({"train": params, **PROMPT}, allow_unicode=True), encoding="utf-8")
-        argv = [
-            "--train", str(tiny["train"]), "--valid", str(tiny["valid"]), "--out", str(paths["out"]),
-            "--checkpoints", str(paths["checkpoints"]), "--reports", str(paths["reports"]),
-            "--params", str(base / "params.yaml"), "--timings", str(paths["timings"]),
-        ]
-        if subprocess:
-            import subprocess as sp
-            import sys
-
-            proc = sp.run([sys.executable, "-m", "stages.train", *argv], cwd=REPO, capture_output=True, text=True)
-            assert proc.returncode == 0, proc.stderr[-3000:]
-        else:
-            train_stage.main(argv)
-    summary = json.loads((paths["reports"] / "summary.json").read_text())
-    # the run's measurements (times, tokens/s, memory, device) are in --timings only (git-ignored, no DVC output)
-    summary.update(json.loads((paths["reports"] / "metrics.json").read_text()))
-    summary.update(json.loads(paths["timings"].read_text()))
-    return summary, paths
+def tiny(tiny_train):
+    """A tiny model directory (config.json + weights + tokenizer with a ChatML template) and JSONL data (conftest)."""
+    return tiny_train
 
 
 def test_lora_trains_saves_and_loads_like_evaluate(tiny, tmp_path):
@@ -322,10 +248,9 @@ def test_first_losses_are_pinned(tiny, tmp_path, method):
 
 
 @pytest.fixture(scope="module")
-def tiny_bytes(tmp_path_factory):
-    """The tiny data with a byte-level tokenizer without merges (~3 tokens a Chinese character, like a small
-    English model's BPE): train.extend_vocab auto extends it."""
-    return tiny_project(tmp_path_factory.mktemp("tiny-bytes"), byte_tokenizer(), max_positions=512)
+def tiny_bytes(tiny_train_bytes):
+    """The tiny data with a byte-level tokenizer without merges (conftest): train.extend_vocab auto extends it."""
+    return tiny_train_bytes
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

@@ -60,6 +60,7 @@ from pathlib import Path
 
 from wenyan.artifacts import Check, Optional, check
 from wenyan.artifacts import read_json as read_artifact
+from wenyan.artifacts import read_text
 from wenyan.errors import PipelineError, get_logger, run_main
 
 log = get_logger("serve")
@@ -212,16 +213,9 @@ def read_report(path: Path, spec) -> dict | None:
 def read_table(path: Path, delimiter: str = ",") -> list[tuple[int, dict]]:
     """(line number, row) of a CSV/TSV report; [] when it is absent; PipelineError when it is unreadable, not
     UTF-8 or not CSV."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
+    text = read_text(path, REPORT_FIX, missing_ok=True)
+    if text is None:
         return []
-    except OSError as exc:
-        raise PipelineError(f"{path}: cannot read it ({exc.strerror}); {REPORT_FIX}") from None
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise PipelineError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start}); {REPORT_FIX}") from None
     try:
         reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
         return [(reader.line_num, row) for row in reader]

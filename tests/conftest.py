@@ -231,14 +231,42 @@ def spelled(src: Path, spelling: str, tmp_path: Path) -> Path:
 def reproduced(tmp_path_factory):
     """The tiny project reproduced in full (`dvc repro`) and committed (git-tracked reports, dvc.lock), once a
     session: {"root", "repo", "model", "env", "repro": the repro's CompletedProcess}. Read it, never change it: a
-    test that runs a stage, an experiment or a git command that writes works on `project_copy`."""
+    test that runs a stage, an experiment or a git command that writes works on `project_copy`.
+
+    Under pytest-xdist the workers share one build (pytest-xdist's documented pattern: the first worker to ask
+    builds it in the run's common temporary directory under a file lock, the others wait and read it), so a
+    session builds it once, not once a worker."""
+    import json
     import shutil
 
-    from project import DVC, environment, make_project, run
+    from filelock import FileLock
 
     if shutil.which("git") is None:
         pytest.fail("the end-to-end tests need git on PATH")
-    root = tmp_path_factory.mktemp("project")
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return _reproduce(tmp_path_factory.mktemp("project"))
+    root = tmp_path_factory.getbasetemp().parent / "reproduced"  # the run's directory, common to its workers
+    record = root / "repro.json"
+    with FileLock(str(root) + ".lock"):
+        if not record.is_file():
+            if root.exists():  # a build that failed in another worker: its test reported why; build again here
+                shutil.rmtree(root)
+            root.mkdir()
+            built = _reproduce(root)
+            proc = built["repro"]
+            record.write_text(json.dumps({"args": proc.args, "returncode": proc.returncode, "stdout": proc.stdout,
+                                          "stderr": proc.stderr}), encoding="utf-8")
+            return built
+    from project import environment
+
+    saved = json.loads(record.read_text(encoding="utf-8"))
+    proc = subprocess.CompletedProcess(saved["args"], saved["returncode"], saved["stdout"], saved["stderr"])
+    return {"root": root, "repo": root / "repo", "model": root / "tiny-llama", "env": environment(), "repro": proc}
+
+
+def _reproduce(root: Path) -> dict:
+    from project import DVC, environment, make_project, run
+
     env = environment()
     repo = root / "repo"
     repo.mkdir()

@@ -4,9 +4,38 @@ to the generation loop does not touch what training depends on."""
 
 from __future__ import annotations
 
+import os
+import platform
+
 from wenyan.errors import PipelineError, get_logger
 
 log = get_logger("device")
+
+CPU_KERNELS = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}, "as-is": {}}
+
+
+def pin_cpu_kernels() -> None:
+    """The same CPU kernels on every x86-64 machine, so that CPU training gives the same bits, and a clone the
+    committed dvc.lock hashes, on another CPU (README "What DVC hashes"; benchmarks/cpu_determinism.py).
+
+    torch picks its vector kernels (ATEN_CPU_CAPABILITY) and MKL its matrix-multiply code (MKL_CBWR) by the CPU:
+    AVX-512 where the CPU has it, AVX2 on most others, and the two round differently (losses apart by ~1e-6,
+    other dvc.lock hashes, the same BLEU). The thread count does not change the bits (measured: 1, 2, 4
+    threads). WENYAN_CPU_KERNELS=avx2 (the default) asks both for AVX2, which every x86-64 CPU of the last
+    decade has; `as-is` leaves the choice to them (faster on an AVX-512 CPU; other hashes there). A variable
+    the user set already is left alone. Both libraries read these at their first operation, not at import:
+    this runs when wenyan.device is imported, which every stage that computes with torch does first."""
+    choice = os.environ.get("WENYAN_CPU_KERNELS", "avx2")
+    if choice not in CPU_KERNELS:
+        log.warning("WENYAN_CPU_KERNELS=%s is not one of %s; using avx2", choice, ", ".join(CPU_KERNELS))
+        choice = "avx2"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return  # arm64 (Apple silicon, Graviton): one kernel set there, other bits than x86-64's
+    for name, value in CPU_KERNELS[choice].items():
+        os.environ.setdefault(name, value)
+
+
+pin_cpu_kernels()  # at import: before the process's first torch operation
 
 
 def pick_backend(requested: str) -> str:

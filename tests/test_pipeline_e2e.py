@@ -15,8 +15,8 @@ from project import DVC, SHIJI, run, update_params
 pytestmark = pytest.mark.slow
 
 
-def test_dvc_repro_end_to_end_then_an_experiment(reproduced, project_copy):
-    repo, env, dvc, proc = reproduced["repo"], reproduced["env"], DVC, reproduced["repro"]
+def test_dvc_repro_end_to_end(reproduced):
+    repo, proc = reproduced["repo"], reproduced["repro"]
     for stage in ("ingest", "clean", "split", "format", "base", "pretrain", "train", "evaluate_base", "evaluate"):
         assert f"Running stage '{stage}'" in proc.stdout
     assert sorted(p.name for p in (repo / "models/pretrain").iterdir()) == [".wenyan-outputs.json", "pretrain.json"]  # disabled: a marker (+ its manifest)
@@ -32,31 +32,19 @@ def test_dvc_repro_end_to_end_then_an_experiment(reproduced, project_copy):
     assert summary["backend"] == "hf" and summary["steps"] == 3
     assert (repo / "models/adapter/training_config.json").is_file()
 
-    # A second repro (in a copy, at another path) changes nothing; an experiment with another parameter shows in
-    # metrics diff.
-    repo = project_copy
-    assert run(["git", "status", "--porcelain"], repo, env).stdout == ""  # the fixture committed everything
-    assert "Running stage" not in run(dvc + ["repro"], repo, env).stdout
-    first = {p: (repo / p).read_bytes() for p in ("reports/metrics.json", "reports/train/summary.json")}
-    proc = run(dvc + ["exp", "run", "-S", "train.learning_rate=0.05", "-n", "lr05"], repo, env)
-    assert "Running stage 'train'" in proc.stdout and "Running stage 'evaluate_base'" not in proc.stdout
-    diff = run(dvc + ["exp", "show", "--csv"], repo, env).stdout
-    assert "lr05" in diff and "train.learning_rate" in diff
-
-    # Back to the first parameter set: DVC's run cache restores train's and evaluate's outputs, nothing runs
-    proc = run(dvc + ["exp", "run", "-S", "train.learning_rate=0.01", "-n", "back"], repo, env)
-    assert "Running stage" not in proc.stdout, proc.stdout
-    assert "Stage 'train' is cached - skipping run" in proc.stdout and "Stage 'evaluate' is cached" in proc.stdout
-    assert {p: (repo / p).read_bytes() for p in first} == first
-
 
 def test_pretrain_then_train_and_evaluate_and_a_train_experiment_keeps_it(reproduced, project_copy):
-    """base -> pretrain (a few kB of other 史记 chapters, the train split too) -> train -> evaluate under dvc repro
+    """A second `dvc repro` changes nothing; then base -> pretrain (a few kB of other 史记 chapters, the train split too) -> train -> evaluate under dvc repro
     (in a copy of the reproduced project: base is up to date, pretrain starts from it);
-    `dvc exp run -S train.learning_rate=...` re-runs train and evaluate, never pretrain."""
+    `dvc exp run -S train.learning_rate=...` re-runs train and evaluate, never pretrain, and shows in `dvc exp show`;
+    back to the first learning rate, DVC's run cache restores train's and evaluate's outputs byte for byte."""
     mono = "\n\n".join(c.read_text(encoding="utf-8") for c in sorted(SHIJI.rglob("source.txt"))[12:15]
                         ).replace("\n\n\n", "\n\n")[:6000]
     repo, env, dvc = project_copy, reproduced["env"], DVC
+    # A second repro (in a copy, at another path) changes nothing
+    assert run(["git", "status", "--porcelain"], repo, env).stdout == ""  # the fixture committed everything
+    assert "Running stage" not in run(dvc + ["repro"], repo, env).stdout
+
     update_params(repo, pretrain=dict(
         enabled=True, sources=[{"path": "data/mono/shiji.txt", "format": "text"}], include_train_split=True,
         max_seq_length=64, batch_tokens=256, gradient_accumulation_steps=2, max_steps=3, warmup_steps=0,
@@ -77,5 +65,15 @@ def test_pretrain_then_train_and_evaluate_and_a_train_experiment_keeps_it(reprod
 
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "pretrained"], repo, env)
+    first = {p: (repo / p).read_bytes() for p in ("reports/metrics.json", "reports/train/summary.json")}
     proc = run(dvc + ["exp", "run", "-S", "train.learning_rate=0.05", "-n", "lr05"], repo, env)
     assert "Running stage 'train'" in proc.stdout and "Running stage 'pretrain'" not in proc.stdout
+    assert "Running stage 'evaluate_base'" not in proc.stdout
+    table = run(dvc + ["exp", "show", "--csv"], repo, env).stdout
+    assert "lr05" in table and "train.learning_rate" in table
+
+    # Back to the first parameter set: DVC's run cache restores train's and evaluate's outputs, nothing runs
+    proc = run(dvc + ["exp", "run", "-S", "train.learning_rate=0.01", "-n", "back"], repo, env)
+    assert "Running stage" not in proc.stdout, proc.stdout
+    assert "Stage 'train' is cached - skipping run" in proc.stdout and "Stage 'evaluate' is cached" in proc.stdout
+    assert {p: (repo / p).read_bytes() for p in first} == first

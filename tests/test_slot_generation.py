@@ -152,7 +152,7 @@ def test_smollm2_135m_slot_loop_equals_plain_generate_in_fp32():
     prompts = [[{"role": "system", "content": "你是翻译家。"}, {"role": "user", "content": f"翻译成现代汉语：\n{s}"}]
                for s in SOURCES[:6]]
     ids = prompt.prompt_ids(tok, prompts)
-    budgets = [3, 24, 10, 24, 1, 20]
+    budgets = [3, 14, 8, 12, 1, 10]
     eos = set(prompt.end_of_turn_ids(tok))
     expected = plain_generate(model, ids, budgets, eos, tok.pad_token_id)
     assert slot(model, ids, budgets, eos, tok.pad_token_id, batch_size=3) == expected

@@ -35,7 +35,7 @@ def wait_for_queue(repo, env, dvc, timeout_s: float) -> str:
         status = run(dvc + ["queue", "status"], repo, env).stdout
         if not re.search(r"\b(Queued|Running)\b", status) or time.monotonic() > deadline:
             return status
-        time.sleep(5)
+        time.sleep(2)
 
 
 def queue_logs(repo, env, dvc) -> str:

@@ -6,8 +6,8 @@ script prints an MD5 of the losses and of the trained weights, for each kernel c
 fresh process (torch reads ATEN_CPU_CAPABILITY and MKL reads MKL_CBWR once, at start-up):
 
 - `unpinned`: what torch and MKL pick for this CPU (AVX-512 where the CPU has it, AVX2 on most others);
-- `pinned`: wenyan's choice (wenyan/__init__.py: ATEN_CPU_CAPABILITY=avx2, MKL_CBWR=AVX2), the same kernels on
-  every x86-64 CPU with AVX2;
+- `pinned`: wenyan's choice (wenyan/device.py's CPU_KERNELS: ATEN_CPU_CAPABILITY=avx2, MKL_CBWR=AVX2), the same
+  kernels on every x86-64 CPU with AVX2;
 - `default`: ATEN_CPU_CAPABILITY=default (no vector kernels), to show that the kernel choice changes the bits.
 
 Run it on two machines and compare the `pinned` rows: equal hashes = the same training bits.
@@ -25,11 +25,16 @@ import subprocess
 import sys
 import time
 
-SETTINGS = {
-    "unpinned": {"ATEN_CPU_CAPABILITY": None, "MKL_CBWR": None},
-    "pinned": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"},
-    "default": {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": None},
-}
+SETTINGS = ("unpinned", "pinned", "default")
+
+
+def setting_env(name: str) -> dict:
+    """The two variables for a setting (None: unset); `pinned` is wenyan's own choice, read from wenyan.device."""
+    from wenyan.device import CPU_KERNELS
+
+    unset = {"ATEN_CPU_CAPABILITY": None, "MKL_CBWR": None}
+    return {"unpinned": unset, "pinned": {**unset, **CPU_KERNELS["avx2"]},
+            "default": {**unset, "ATEN_CPU_CAPABILITY": "default"}}[name]
 
 
 def train_once(threads: int) -> dict:
@@ -112,7 +117,7 @@ def main() -> None:
         ap.error(f"--settings: unknown {', '.join(sorted(unknown))} (known: {', '.join(SETTINGS)})")
     rows = []
     for name in args.settings.split(","):
-        env_set = SETTINGS[name]
+        env_set = setting_env(name)
         env = {k: v for k, v in os.environ.items() if k not in env_set}
         env.update({k: v for k, v in env_set.items() if v is not None})
         env["WENYAN_CPU_KERNELS"] = "as-is"  # this script sets the choice itself

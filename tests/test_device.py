@@ -20,7 +20,7 @@ PROBE = ("import os, wenyan.device, torch; torch.ones(3).sum(); "
          "print(os.environ.get('ATEN_CPU_CAPABILITY'), os.environ.get('MKL_CBWR'), torch.backends.cpu.get_cpu_capability())")
 
 
-def probe(**env) -> list[str]:
+def probe(**env) -> tuple[list[str], str]:
     clean = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "WENYAN_CPU_KERNELS")}
     proc = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, env={**clean, "PYTHONPATH": str(REPO), **env},
                           capture_output=True, text=True, timeout=120)

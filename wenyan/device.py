@@ -22,9 +22,10 @@ def pin_cpu_kernels() -> None:
     AVX-512 where the CPU has it, AVX2 on most others, and the two round differently (losses apart by ~1e-6,
     other dvc.lock hashes, the same BLEU). The thread count does not change the bits (measured: 1, 2, 4
     threads). WENYAN_CPU_KERNELS=avx2 (the default) asks both for AVX2, which every x86-64 CPU of the last
-    decade has; `as-is` leaves the choice to them (faster on an AVX-512 CPU; other hashes there). A variable
-    the user set already is left alone. Both libraries read these at their first operation, not at import:
-    this runs when wenyan.device is imported, which every stage that computes with torch does first."""
+    decade has; `as-is` leaves the choice to them (may be faster on an AVX-512 CPU, not measured; other hashes
+    there). A variable the user set already is left alone. Both libraries read these at their first operation,
+    not at import: this runs when wenyan.device is imported, which every stage that computes with torch does
+    first."""
     choice = os.environ.get("WENYAN_CPU_KERNELS", "avx2")
     if choice not in CPU_KERNELS:
         log.warning("WENYAN_CPU_KERNELS=%s is not one of %s; using avx2", choice, ", ".join(CPU_KERNELS))
